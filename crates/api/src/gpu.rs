@@ -1,0 +1,160 @@
+//! The per-GPU record the sidecars share: who occupies the GPU, who wants it, and who
+//! is waking on it. The same shape is the `GPU` custom resource's spec and status.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Identity and capacity of one physical (or simulated) GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    pub node: String,
+    pub index: u32,
+    #[serde(default)]
+    pub uuid: String,
+    #[serde(default)]
+    pub product: String,
+    pub memory_bytes: u64,
+}
+
+/// Measured device statistics, as NVML (or the simulator) reports them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuStats {
+    pub used_memory_bytes: u64,
+    pub free_memory_bytes: u64,
+    pub utilization_percent: f64,
+    pub temperature_celsius: f64,
+    pub power_watts: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OccupantState {
+    Serving,
+    Sleeping,
+    Waking,
+}
+
+impl OccupantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serving => "serving",
+            Self::Sleeping => "sleeping",
+            Self::Waking => "waking",
+        }
+    }
+}
+
+/// One model pod's presence on a GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Occupant {
+    pub pod_name: String,
+    pub model_name: String,
+    pub state: OccupantState,
+    /// Memory claimed while serving or waking.
+    pub reserved_memory_bytes: u64,
+    /// Memory a sleeping engine still holds, as measured after it went to sleep.
+    #[serde(default)]
+    pub residual_memory_bytes: u64,
+    #[serde(default)]
+    pub popular: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_accessed: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub became_serving_at: Option<Timestamp>,
+    #[serde(with = "humantime_serde", default)]
+    pub min_runtime: Duration,
+    pub heartbeat: Timestamp,
+}
+
+/// A waker's declaration that it needs memory on this GPU and may preempt for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreemptionIntent {
+    pub pod_name: String,
+    pub model_name: String,
+    pub needed_bytes: u64,
+    pub since: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub victim_pod_name: Option<String>,
+}
+
+/// One waker per GPU at a time; the lock lapses if its holder stops heartbeating.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WakeLock {
+    pub pod_name: String,
+    pub since: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<GpuStats>,
+    #[serde(default)]
+    pub occupants: Vec<Occupant>,
+    #[serde(default)]
+    pub preemption_intents: Vec<PreemptionIntent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_lock: Option<WakeLock>,
+}
+
+impl GpuStatus {
+    pub fn occupant(&self, pod: &str) -> Option<&Occupant> {
+        self.occupants.iter().find(|o| o.pod_name == pod)
+    }
+
+    pub fn occupant_mut(&mut self, pod: &str) -> Option<&mut Occupant> {
+        self.occupants.iter_mut().find(|o| o.pod_name == pod)
+    }
+}
+
+/// A GPU record as a ledger stores it: name, spec, status and the version that a
+/// compare-and-swap must present.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gpu {
+    pub name: String,
+    pub spec: GpuSpec,
+    pub status: GpuStatus,
+    pub resource_version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_serializes_with_the_resource_field_names() {
+        let status = GpuStatus {
+            stats: None,
+            occupants: vec![Occupant {
+                pod_name: "llama-0".into(),
+                model_name: "llama".into(),
+                state: OccupantState::Serving,
+                reserved_memory_bytes: 10,
+                residual_memory_bytes: 0,
+                popular: false,
+                last_accessed: None,
+                became_serving_at: None,
+                min_runtime: Duration::from_secs(10),
+                heartbeat: "2026-01-01T00:00:00Z".parse().unwrap(),
+            }],
+            preemption_intents: vec![],
+            wake_lock: None,
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        let occ = &json["occupants"][0];
+        assert_eq!(occ["podName"], "llama-0");
+        assert_eq!(occ["state"], "serving");
+        assert_eq!(occ["reservedMemoryBytes"], 10);
+        assert_eq!(occ["minRuntime"], "10s");
+        let back: GpuStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+    }
+}

@@ -1,0 +1,9 @@
+//! Types shared by every GreenThread component: the GPU ledger records that sidecars
+//! coordinate through, and the size and duration formats accepted on the command line
+//! and in configuration files.
+
+pub mod gpu;
+pub mod units;
+
+pub use gpu::{Gpu, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent, WakeLock};
+pub use units::{ByteSize, ParseError, parse_duration};

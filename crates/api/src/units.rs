@@ -1,0 +1,103 @@
+//! Sizes (`8Gi`, `512Mi`, `1048576`) and durations (`500ms`, `30s`, `5m`).
+
+use std::{fmt, str::FromStr, time::Duration};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("invalid size {input:?}: expected bytes, optionally with a Ki, Mi, Gi or Ti suffix (e.g. 512Mi)")]
+    Size { input: String },
+    #[error("invalid duration {input:?}: expected e.g. 500ms, 30s or 5m ({reason})")]
+    Duration { input: String, reason: String },
+}
+
+/// A number of bytes that parses from plain integers or binary suffixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub const KI: u64 = 1 << 10;
+    pub const MI: u64 = 1 << 20;
+    pub const GI: u64 = 1 << 30;
+    pub const TI: u64 = 1 << 40;
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseError::Size { input: s.to_string() };
+        let t = s.trim();
+        let (digits, mult) = [("Ki", Self::KI), ("Mi", Self::MI), ("Gi", Self::GI), ("Ti", Self::TI)]
+            .iter()
+            .find_map(|(suffix, mult)| t.strip_suffix(suffix).map(|d| (d, *mult)))
+            .unwrap_or((t, 1));
+        let n: u64 = digits.trim().parse().map_err(|_| err())?;
+        n.checked_mul(mult).map(ByteSize).ok_or_else(err)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (suffix, mult) in [("Ti", Self::TI), ("Gi", Self::GI), ("Mi", Self::MI), ("Ki", Self::KI)] {
+            if n >= mult && n % mult == 0 {
+                return write!(f, "{}{}", n / mult, suffix);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h30m` into a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
+    humantime::parse_duration(s.trim()).map_err(|e| ParseError::Duration {
+        input: s.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_plain_and_binary_suffixes() {
+        let cases = [
+            ("0", 0),
+            ("1048576", 1 << 20),
+            ("1Ki", 1024),
+            ("512Mi", 512 << 20),
+            ("80Gi", 80 << 30),
+            ("2Ti", 2 << 40),
+            (" 3Gi ", 3 << 30),
+        ];
+        for (input, want) in cases {
+            assert_eq!(input.parse::<ByteSize>().unwrap().bytes(), want, "{input}");
+        }
+        for bad in ["", "Gi", "1.5Gi", "-1", "12GB", "99999999999Ti"] {
+            let err = bad.parse::<ByteSize>().unwrap_err();
+            assert!(err.to_string().contains("invalid size"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn sizes_display_round_trips() {
+        for n in [0, 1, 1023, 1024, 3 << 30, (3 << 30) + 1] {
+            let s = ByteSize(n).to_string();
+            assert_eq!(s.parse::<ByteSize>().unwrap().bytes(), n);
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        let err = parse_duration("five minutes").unwrap_err();
+        assert!(err.to_string().contains("five minutes"));
+    }
+}

@@ -1,0 +1,10 @@
+//! GPU memory as GreenThread sees it. [`SimGpu`] is a simulated device that separate
+//! engine processes allocate on (a directory with one record per process, the analogue
+//! of NVML's per-process accounting), so a leak shows in its stats as on hardware.
+//! [`MemoryProbe`] measures what one engine holds; NVML joins it behind the same trait.
+
+mod probe;
+mod sim;
+
+pub use probe::{MemoryProbe, ProbeError, SimGpuProbe};
+pub use sim::{ProcessMemory, SimGpu};

@@ -1,0 +1,10 @@
+//! The GPU ledger: the only state sidecars share. Decisions are pure functions over a
+//! GPU's status ([`decide`]); backends ([`MemoryLedger`], later the Kubernetes one) only
+//! store records, enforce compare-and-swap, and notify watchers of changes.
+
+pub mod decide;
+mod ledger;
+mod memory;
+
+pub use ledger::{Ledger, LedgerError, update};
+pub use memory::MemoryLedger;

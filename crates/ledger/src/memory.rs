@@ -1,0 +1,129 @@
+use std::{collections::BTreeMap, sync::Mutex};
+
+use async_trait::async_trait;
+use greenthread_api::{Gpu, GpuSpec, GpuStatus};
+use tokio::sync::watch;
+
+use crate::{Ledger, LedgerError};
+
+/// In-process ledger with the same semantics as the Kubernetes one: every write bumps a
+/// resource version, stale writes conflict, and watchers see every committed record.
+#[derive(Default)]
+pub struct MemoryLedger {
+    gpus: Mutex<BTreeMap<String, watch::Sender<Gpu>>>,
+    version: Mutex<u64>,
+}
+
+impl MemoryLedger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn next_version(&self) -> String {
+        let mut v = self.version.lock().unwrap();
+        *v += 1;
+        v.to_string()
+    }
+
+    /// Adds a GPU with an empty status, or leaves an existing record alone.
+    pub fn add_gpu(&self, name: &str, spec: GpuSpec) {
+        let version = self.next_version();
+        let mut gpus = self.gpus.lock().unwrap();
+        gpus.entry(name.to_string()).or_insert_with(|| {
+            watch::Sender::new(Gpu {
+                name: name.to_string(),
+                spec,
+                status: GpuStatus::default(),
+                resource_version: version,
+            })
+        });
+    }
+}
+
+#[async_trait]
+impl Ledger for MemoryLedger {
+    async fn get(&self, gpu: &str) -> Result<Gpu, LedgerError> {
+        let gpus = self.gpus.lock().unwrap();
+        gpus.get(gpu)
+            .map(|tx| tx.borrow().clone())
+            .ok_or_else(|| LedgerError::NotFound(gpu.to_string()))
+    }
+
+    async fn list(&self) -> Result<Vec<Gpu>, LedgerError> {
+        let gpus = self.gpus.lock().unwrap();
+        Ok(gpus.values().map(|tx| tx.borrow().clone()).collect())
+    }
+
+    async fn replace_status(
+        &self,
+        gpu: &str,
+        resource_version: &str,
+        status: GpuStatus,
+    ) -> Result<Gpu, LedgerError> {
+        let version = self.next_version();
+        let gpus = self.gpus.lock().unwrap();
+        let tx = gpus
+            .get(gpu)
+            .ok_or_else(|| LedgerError::NotFound(gpu.to_string()))?;
+        let mut result = Err(LedgerError::Conflict {
+            gpu: gpu.to_string(),
+            version: resource_version.to_string(),
+        });
+        tx.send_if_modified(|record| {
+            if record.resource_version != resource_version {
+                return false;
+            }
+            record.status = status;
+            record.resource_version = version;
+            result = Ok(record.clone());
+            true
+        });
+        result
+    }
+
+    fn watch(&self, gpu: &str) -> Result<watch::Receiver<Gpu>, LedgerError> {
+        let gpus = self.gpus.lock().unwrap();
+        gpus.get(gpu)
+            .map(|tx| tx.subscribe())
+            .ok_or_else(|| LedgerError::NotFound(gpu.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger() -> MemoryLedger {
+        let l = MemoryLedger::new();
+        l.add_gpu("node-0", GpuSpec { memory_bytes: 100, ..Default::default() });
+        l
+    }
+
+    #[tokio::test]
+    async fn stale_writes_conflict_and_fresh_ones_bump_the_version() {
+        let l = ledger();
+        let first = l.get("node-0").await.unwrap();
+        let written = l
+            .replace_status("node-0", &first.resource_version, GpuStatus::default())
+            .await
+            .unwrap();
+        assert_ne!(written.resource_version, first.resource_version);
+        let err = l
+            .replace_status("node-0", &first.resource_version, GpuStatus::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LedgerError::Conflict { .. }));
+        assert!(matches!(l.get("nope").await, Err(LedgerError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn watchers_see_committed_writes() {
+        let l = ledger();
+        let mut rx = l.watch("node-0").unwrap();
+        let v = l.get("node-0").await.unwrap().resource_version;
+        let status = GpuStatus { wake_lock: None, ..Default::default() };
+        l.replace_status("node-0", &v, status).await.unwrap();
+        rx.changed().await.unwrap();
+        assert_ne!(rx.borrow().resource_version, v);
+    }
+}

@@ -1,0 +1,101 @@
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use greenthread_api::{ByteSize, parse_duration};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// vLLM's sleep-mode API at `--engine-url`.
+    Vllm,
+    /// The built-in simulator, started and owned by the sidecar (speaks vLLM's API).
+    Sim,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarConfig {
+    /// Public address: inference, /health, /ready, /status.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Private address: /metrics, /metrics/engine, /admin/*.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+    /// The engine's base URL (loopback). Required unless `--engine sim` picks one.
+    #[arg(long)]
+    pub engine_url: Option<String>,
+    /// Engine API spoken at `--engine-url`.
+    #[arg(long, value_enum, default_value = "vllm")]
+    pub engine: EngineKind,
+    /// Start and own the engine with this shell command (restarted on faults).
+    #[arg(long)]
+    pub engine_command: Option<String>,
+    /// Extra arguments for the built-in simulator with `--engine sim` (repeatable).
+    #[arg(long = "engine-arg", allow_hyphen_values = true)]
+    pub engine_args: Vec<String>,
+    /// Served model id.
+    #[arg(long)]
+    pub model: String,
+    /// This sidecar's name in the GPU ledger.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Sleep after this long without inference traffic.
+    #[arg(long, default_value = "5m", value_parser = dur)]
+    pub idle_timeout: Duration,
+    /// Longest wait for in-flight requests before sleeping anyway.
+    #[arg(long, default_value = "30s", value_parser = dur)]
+    pub drain_timeout: Duration,
+    /// vLLM sleep level: 1 offloads weights to CPU, 2 discards them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub sleep_level: u8,
+    /// Serve at least this long after waking before sleeping voluntarily.
+    #[arg(long, default_value = "10s", value_parser = dur)]
+    pub min_runtime: Duration,
+    /// Popular models are never chosen as preemption victims.
+    #[arg(long)]
+    pub popular: bool,
+    /// Requests held at once while the model is not serving; more get 429.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queue: usize,
+    /// Longest a request waits for the model to serve before a 503.
+    #[arg(long, default_value = "5m", value_parser = dur)]
+    pub queue_timeout: Duration,
+    /// Longest one engine wake call may take before it counts as failed.
+    #[arg(long, default_value = "2m", value_parser = dur)]
+    pub wake_timeout: Duration,
+    /// Longest a (re)started engine may take to answer.
+    #[arg(long, default_value = "10m", value_parser = dur)]
+    pub boot_timeout: Duration,
+    /// Wake attempts before a cold restart of an owned engine.
+    #[arg(long, default_value_t = 2)]
+    pub wake_attempts: u32,
+    /// Cold restarts per wake before the queued requests fail.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
+    /// Memory to reserve per GPU when waking; measured serving memory when omitted.
+    #[arg(long, value_parser = size)]
+    pub memory_bytes: Option<u64>,
+    /// Simulated GPU directory that engines allocate on (see `sim-engine --sim-gpu-dir`).
+    #[arg(long, env = "GREENTHREAD_SIM_GPU_DIR")]
+    pub sim_gpu_dir: Option<PathBuf>,
+    /// Index of this sidecar's GPU.
+    #[arg(long, default_value_t = 0)]
+    pub gpu_index: u32,
+    /// Size of the in-memory ledger's simulated GPU.
+    #[arg(long, default_value = "80Gi", value_parser = size)]
+    pub sim_gpu_memory: u64,
+    /// How long a wake lock survives its holder's silence.
+    #[arg(long, default_value = "30s", value_parser = dur)]
+    pub wake_lock_ttl: Duration,
+}
+
+fn dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    s.parse::<ByteSize>().map(ByteSize::bytes).map_err(|e| e.to_string())
+}
+
+impl SidecarConfig {
+    pub fn pod_name(&self) -> String {
+        self.pod_name.clone().unwrap_or_else(|| format!("{}-0", self.model))
+    }
+}

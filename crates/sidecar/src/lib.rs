@@ -1,0 +1,172 @@
+//! `greenthread sidecar`: sits in front of one engine, puts it to sleep when idle and
+//! wakes it on demand, queueing requests meanwhile, with GPU memory claimed in the ledger.
+
+mod config;
+pub mod engine;
+pub mod metrics;
+mod process;
+mod proxy;
+mod server;
+mod sidecar;
+pub mod state;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use greenthread_api::GpuSpec;
+use greenthread_gpu::{MemoryProbe, SimGpu, SimGpuProbe};
+use greenthread_ledger::{Ledger, MemoryLedger};
+use tokio::{net::TcpListener, sync::mpsc};
+
+pub use config::{EngineKind, SidecarConfig};
+pub use proxy::Forwarder;
+pub use server::{AppState, api_error, private_router, public_router};
+pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
+
+use crate::{engine::VllmAdapter, process::EngineProcess};
+
+/// Assembles a sidecar from flags alone: an in-memory ledger with one simulated GPU, and
+/// with `--engine sim` a simulator it starts itself on a free loopback port.
+pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
+    // Keeps the simulated GPU directory for as long as the sidecar runs.
+    let mut _tempdir = None;
+    if cfg.engine == EngineKind::Sim && cfg.engine_command.is_none() {
+        let port = free_port()?;
+        let exe = std::env::current_exe().context("locating the greenthread binary")?;
+        let extra: Vec<String> = cfg.engine_args.iter().map(|a| shell_quote(a)).collect();
+        cfg.engine_url.get_or_insert_with(|| format!("http://127.0.0.1:{port}"));
+        let listen = cfg.engine_url.as_deref().unwrap().trim_start_matches("http://").to_string();
+        cfg.engine_command = Some(format!(
+            "{} sim-engine --listen {listen} --model {} {}",
+            shell_quote(&exe.to_string_lossy()),
+            shell_quote(&cfg.model),
+            extra.join(" ")
+        ));
+    }
+    let engine_url = cfg
+        .engine_url
+        .clone()
+        .context("--engine-url is required (or --engine sim to run the built-in simulator)")?;
+    if cfg.engine_command.is_some() && cfg.sim_gpu_dir.is_none() {
+        let dir = tempfile::Builder::new().prefix("greenthread-simgpu-").tempdir()?;
+        cfg.sim_gpu_dir = Some(dir.path().to_path_buf());
+        _tempdir = Some(dir);
+    }
+
+    let ledger = Arc::new(MemoryLedger::new());
+    let gpu = GpuRef { name: format!("local-{}", cfg.gpu_index), index: cfg.gpu_index };
+    ledger.add_gpu(
+        &gpu.name,
+        GpuSpec {
+            node: "local".into(),
+            index: cfg.gpu_index,
+            uuid: format!("GPU-sim-{}", cfg.gpu_index),
+            product: "Simulated GPU".into(),
+            memory_bytes: cfg.sim_gpu_memory,
+        },
+    );
+    let engine_listen = engine_url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let probe = cfg.sim_gpu_dir.as_ref().map(|dir| {
+        Arc::new(SimGpuProbe { gpu: SimGpu::new(dir), indices: vec![cfg.gpu_index], engine_listen }) as Arc<dyn MemoryProbe>
+    });
+    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let process = cfg.engine_command.clone().map(|command| {
+        let mut env = vec![("GREENTHREAD_SIM_GPU_INDEX".to_string(), cfg.gpu_index.to_string())];
+        if let Some(dir) = &cfg.sim_gpu_dir {
+            env.push(("GREENTHREAD_SIM_GPU_DIR".into(), dir.to_string_lossy().into_owned()));
+        }
+        EngineProcess::new(command, env, exits_tx)
+    });
+    let sidecar = Sidecar::new(
+        cfg.clone(),
+        Parts {
+            engine: Arc::new(VllmAdapter::new(&engine_url)),
+            process,
+            ledger: ledger as Arc<dyn Ledger>,
+            gpus: vec![gpu],
+            probe,
+        },
+    );
+    serve(sidecar.clone(), &engine_url, async move {
+        loop {
+            tokio::select! {
+                Some(why) = exits.recv() => sidecar.engine_lost(&why),
+                () = shutdown_signal() => return,
+            }
+        }
+    })
+    .await
+}
+
+/// Binds both ports, boots the sidecar and serves until `until` completes.
+pub async fn serve(
+    sidecar: Arc<Sidecar>,
+    engine_url: &str,
+    until: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let cfg = sidecar.cfg.clone();
+    let state = AppState { sidecar: sidecar.clone(), forwarder: Forwarder::new(engine_url)? };
+    let public = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding --listen {}", cfg.listen))?;
+    let private = TcpListener::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", cfg.metrics_listen))?;
+    tracing::info!(model = %cfg.model, public = %cfg.listen, private = %cfg.metrics_listen, engine = engine_url, "sidecar listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let public_srv = tokio::spawn(
+        axum::serve(public, public_router(state.clone()))
+            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
+            .into_future(),
+    );
+    let private_srv = tokio::spawn(
+        axum::serve(private, private_router(state))
+            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
+            .into_future(),
+    );
+    let booter = {
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sidecar.boot().await {
+                tracing::error!(model = %sidecar.cfg.model, error = %e, "boot failed");
+                return Err(e);
+            }
+            tokio::spawn(sidecar.clone().run_idle_timer());
+            tokio::spawn(sidecar.clone().run_heartbeat());
+            Ok(())
+        })
+    };
+    tokio::select! {
+        () = until => {}
+        r = booter => { if let Ok(Err(e)) = r { sidecar.shutdown().await; return Err(e) } ; std::future::pending::<()>().await }
+    }
+    tracing::info!(model = %cfg.model, "shutting down");
+    let _ = stop_tx.send(true);
+    let _ = public_srv.await;
+    let _ = private_srv.await;
+    sidecar.shutdown().await;
+    Ok(())
+}
+
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}

@@ -1,0 +1,165 @@
+//! The two ports: public (inference, health, status) and private (metrics, admin).
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::{Body, to_bytes},
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::json;
+
+use crate::{
+    proxy::{ForwardError, Forwarder},
+    sidecar::{Rejection, Sidecar},
+};
+
+/// Largest request body accepted (prompts with images or long contexts fit).
+const MAX_BODY: usize = 64 << 20;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub sidecar: Arc<Sidecar>,
+    pub forwarder: Forwarder,
+}
+
+/// An OpenAI-style error.
+pub fn api_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": kind, "param": null, "code": status.as_u16()}});
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        match self {
+            Rejection::QueueFull { depth } => {
+                let mut r = api_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    format!("request queue is full ({depth} waiting); retry later"),
+                );
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            Rejection::Deadline { waited, reason } => api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("request waited {:.1}s without being served: {reason}", waited.as_secs_f64()),
+            ),
+            Rejection::Failed(reason) => api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", reason),
+        }
+    }
+}
+
+pub fn public_router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(health))
+        .route("/status", get(status))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(|| async { StatusCode::NOT_FOUND }))
+        .fallback(infer)
+        .with_state(state)
+}
+
+pub fn private_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/metrics/engine", get(engine_metrics))
+        .route("/admin/sleep", post(admin_sleep))
+        .route("/admin/wake", post(admin_wake))
+        .route("/status", get(status))
+        .with_state(state)
+}
+
+/// Liveness and readiness: up once booted whatever the state, so that a sleeping model
+/// keeps receiving the traffic that wakes it.
+async fn health(State(s): State<AppState>) -> Response {
+    if s.sidecar.boot_ready() {
+        StatusCode::OK.into_response()
+    } else {
+        api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "engine is booting")
+    }
+}
+
+async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(s.sidecar.status_json())
+}
+
+/// Answered from the copy taken at boot: listing models never wakes one.
+async fn models(State(s): State<AppState>) -> Response {
+    match s.sidecar.cached_models() {
+        Some(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        None => api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "engine is booting"),
+    }
+}
+
+async fn infer(State(s): State<AppState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            s.sidecar.metrics.request(false);
+            return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", format!("reading request body: {e}"));
+        }
+    };
+    // A request that could not reach the engine is sent again after the engine is back.
+    for _ in 0..3 {
+        let slot = match s.sidecar.admit().await {
+            Ok(slot) => slot,
+            Err(rejection) => {
+                s.sidecar.metrics.request(false);
+                return rejection.into_response();
+            }
+        };
+        match s.forwarder.forward(&parts, body.clone(), slot).await {
+            Ok(resp) => {
+                s.sidecar.metrics.request(resp.status().as_u16() < 400);
+                return resp;
+            }
+            Err(ForwardError::Unreachable(e)) => s.sidecar.engine_lost(&e),
+            Err(ForwardError::Failed(e)) => {
+                s.sidecar.metrics.request(false);
+                return api_error(StatusCode::BAD_GATEWAY, "engine_error", e);
+            }
+        }
+    }
+    s.sidecar.metrics.request(false);
+    api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "engine unreachable after restarts")
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.sidecar.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// The engine's own metrics, re-exported for the vLLM monitor; never counts as traffic.
+async fn engine_metrics(State(s): State<AppState>) -> Response {
+    match s.sidecar.engine().metrics().await {
+        Ok((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], Body::from(body)).into_response(),
+        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", e.to_string()),
+    }
+}
+
+async fn admin_sleep(State(s): State<AppState>) -> Response {
+    match s.sidecar.deactivate("admin").await {
+        Ok(()) => Json(s.sidecar.status_json()).into_response(),
+        Err(e) => api_error(StatusCode::CONFLICT, "conflict", e),
+    }
+}
+
+async fn admin_wake(State(s): State<AppState>) -> Response {
+    match s.sidecar.admit().await {
+        Ok(slot) => {
+            drop(slot);
+            Json(s.sidecar.status_json()).into_response()
+        }
+        Err(r) => r.into_response(),
+    }
+}

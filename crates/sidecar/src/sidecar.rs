@@ -1,0 +1,799 @@
+//! The sidecar's core: one state machine, one queue, the wake and sleep paths, and the
+//! ledger claims that go with them.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use greenthread_gpu::MemoryProbe;
+use greenthread_ledger::{Ledger, LedgerError, decide};
+use jiff::Timestamp;
+use tokio::sync::{Notify, oneshot, watch};
+
+use crate::{
+    SidecarConfig,
+    engine::{EngineAdapter, EngineError},
+    metrics::SidecarMetrics,
+    process::EngineProcess,
+    state::{Event, State, transition},
+};
+
+/// A GPU this sidecar's engine uses: its ledger record name and device index.
+#[derive(Debug, Clone)]
+pub struct GpuRef {
+    pub name: String,
+    pub index: u32,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone)]
+pub enum Rejection {
+    QueueFull { depth: usize },
+    Deadline { waited: Duration, reason: String },
+    Failed(String),
+}
+
+type Admission = Result<InFlight, String>;
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Admission>,
+}
+
+struct Inner {
+    state: State,
+    boot_ready: bool,
+    queue: VecDeque<Waiter>,
+    next_waiter: u64,
+    in_flight: usize,
+    last_activity: Instant,
+    serving_since: Option<Instant>,
+    /// When the first request of the current wake arrived.
+    demand_since: Option<Instant>,
+    /// The engine must be cold-started before it can serve again.
+    engine_lost: bool,
+    /// What queued requests are waiting on, for the error they get at their deadline.
+    waiting_on: String,
+    /// Bytes per GPU to claim on the next wake.
+    reserve_bytes: u64,
+    /// Bytes per GPU claimed now (0 while sleeping).
+    claimed_bytes: u64,
+    residual_bytes: Vec<(u32, u64)>,
+    serving_bytes: Vec<(u32, u64)>,
+}
+
+pub struct Sidecar {
+    pub cfg: SidecarConfig,
+    pub pod: String,
+    pub metrics: SidecarMetrics,
+    engine: Arc<dyn EngineAdapter>,
+    process: Option<EngineProcess>,
+    ledger: Arc<dyn Ledger>,
+    gpus: Vec<GpuRef>,
+    probe: Option<Arc<dyn MemoryProbe>>,
+    inner: Mutex<Inner>,
+    state_tx: watch::Sender<State>,
+    in_flight_tx: watch::Sender<usize>,
+    /// Signalled when the queue empties while a wake waits for memory.
+    queue_emptied: Notify,
+    /// Serializes sleeps (idle, admin, preemption).
+    sleep_lock: tokio::sync::Mutex<()>,
+    models_cache: Mutex<Option<Bytes>>,
+}
+
+/// An admitted request's slot at the engine; released (and the idle clock restarted)
+/// when dropped, i.e. when the response body has been sent or abandoned.
+pub struct InFlight {
+    sidecar: Arc<Sidecar>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut inner = self.sidecar.inner.lock().unwrap();
+        inner.in_flight -= 1;
+        inner.last_activity = Instant::now();
+        self.sidecar.metrics.in_flight.set(inner.in_flight as i64);
+        self.sidecar.in_flight_tx.send_replace(inner.in_flight);
+    }
+}
+
+/// Removes a queued request when its client goes away or its deadline passes.
+struct QueuedGuard<'a> {
+    sidecar: &'a Arc<Sidecar>,
+    id: u64,
+}
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.sidecar.inner.lock().unwrap();
+        if let Some(pos) = inner.queue.iter().position(|w| w.id == self.id) {
+            inner.queue.remove(pos);
+            self.sidecar.metrics.queue_depth.set(inner.queue.len() as i64);
+            if inner.queue.is_empty() {
+                self.sidecar.queue_emptied.notify_waiters();
+            }
+        }
+    }
+}
+
+pub struct Parts {
+    pub engine: Arc<dyn EngineAdapter>,
+    pub process: Option<EngineProcess>,
+    pub ledger: Arc<dyn Ledger>,
+    pub gpus: Vec<GpuRef>,
+    pub probe: Option<Arc<dyn MemoryProbe>>,
+}
+
+impl Sidecar {
+    pub fn new(cfg: SidecarConfig, parts: Parts) -> Arc<Self> {
+        let metrics = SidecarMetrics::new();
+        for g in &parts.gpus {
+            metrics.set_reserved(g.index, 0);
+            metrics.set_serving(g.index, 0);
+            metrics.set_residual(g.index, 0);
+        }
+        Arc::new(Self {
+            pod: cfg.pod_name(),
+            metrics,
+            engine: parts.engine,
+            process: parts.process,
+            ledger: parts.ledger,
+            gpus: parts.gpus,
+            probe: parts.probe,
+            inner: Mutex::new(Inner {
+                state: State::Sleeping,
+                boot_ready: false,
+                queue: VecDeque::new(),
+                next_waiter: 0,
+                in_flight: 0,
+                last_activity: Instant::now(),
+                serving_since: None,
+                demand_since: None,
+                engine_lost: false,
+                waiting_on: "the engine is booting".into(),
+                reserve_bytes: cfg.memory_bytes.unwrap_or(0),
+                claimed_bytes: 0,
+                residual_bytes: vec![],
+                serving_bytes: vec![],
+            }),
+            state_tx: watch::Sender::new(State::Sleeping),
+            in_flight_tx: watch::Sender::new(0),
+            queue_emptied: Notify::new(),
+            sleep_lock: tokio::sync::Mutex::new(()),
+            models_cache: Mutex::new(None),
+            cfg,
+        })
+    }
+
+    pub fn state(&self) -> State {
+        self.inner.lock().unwrap().state
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<State> {
+        self.state_tx.subscribe()
+    }
+
+    pub fn cached_models(&self) -> Option<Bytes> {
+        self.models_cache.lock().unwrap().clone()
+    }
+
+    pub fn engine(&self) -> &Arc<dyn EngineAdapter> {
+        &self.engine
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let inner = self.inner.lock().unwrap();
+        serde_json::json!({
+            "model": self.cfg.model,
+            "pod": self.pod,
+            "state": inner.state.as_str(),
+            "bootReady": inner.boot_ready,
+            "queue": {
+                "depth": inner.queue.len(),
+                "inFlight": inner.in_flight,
+                "barriered": inner.state == State::Deactivating,
+            },
+            "memory": {
+                "reservedBytes": inner.claimed_bytes,
+                "servingBytes": inner.serving_bytes.iter().map(|(g, b)| serde_json::json!({"gpu": g, "bytes": b})).collect::<Vec<_>>(),
+                "residualBytes": inner.residual_bytes.iter().map(|(g, b)| serde_json::json!({"gpu": g, "bytes": b})).collect::<Vec<_>>(),
+            },
+        })
+    }
+
+    pub fn boot_ready(&self) -> bool {
+        self.inner.lock().unwrap().boot_ready
+    }
+
+    /// Applies `event` to the state machine; an illegal event is a bug, logged and ignored.
+    fn apply(&self, inner: &mut Inner, event: Event) -> bool {
+        match transition(inner.state, event) {
+            Ok(to) => {
+                let from = inner.state;
+                inner.state = to;
+                self.metrics.set_state(to);
+                self.state_tx.send_replace(to);
+                tracing::info!(model = %self.cfg.model, %from, %to, ?event, "state changed");
+                true
+            }
+            Err(e) => {
+                tracing::error!(model = %self.cfg.model, error = %e, "ignored");
+                false
+            }
+        }
+    }
+
+    fn admit_locked(self: &Arc<Self>, inner: &mut Inner) -> InFlight {
+        inner.in_flight += 1;
+        inner.last_activity = Instant::now();
+        self.metrics.in_flight.set(inner.in_flight as i64);
+        self.in_flight_tx.send_replace(inner.in_flight);
+        InFlight { sidecar: self.clone() }
+    }
+
+    /// Starts a wake if the model sleeps and is booted; the caller holds the lock.
+    fn demand_locked(self: &Arc<Self>, inner: &mut Inner) {
+        if inner.state == State::Sleeping && inner.boot_ready && !inner.queue.is_empty() {
+            inner.demand_since.get_or_insert_with(Instant::now);
+            inner.waiting_on = "waiting for GPU memory".into();
+            if self.apply(inner, Event::Demand) {
+                tokio::spawn(self.clone().run_wake());
+            }
+        }
+    }
+
+    /// Admits a request at once when serving; otherwise queues it until the model
+    /// serves, its deadline passes, or its client goes away (the future is dropped).
+    pub async fn admit(self: &Arc<Self>) -> Result<InFlight, Rejection> {
+        let arrived = Instant::now();
+        let (id, rx) = {
+            let mut inner = self.inner.lock().unwrap();
+            if inner.state == State::Serving && inner.queue.is_empty() {
+                return Ok(self.admit_locked(&mut inner));
+            }
+            if inner.queue.len() >= self.cfg.max_queue {
+                return Err(Rejection::QueueFull { depth: inner.queue.len() });
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = inner.next_waiter;
+            inner.next_waiter += 1;
+            inner.queue.push_back(Waiter { id, tx });
+            self.metrics.queue_depth.set(inner.queue.len() as i64);
+            match inner.state {
+                State::Sleeping if inner.boot_ready => {
+                    inner.demand_since = Some(arrived);
+                    self.demand_locked(&mut inner);
+                }
+                State::Pending | State::Waking => {
+                    self.metrics.wake_dedups.inc();
+                }
+                // Held by the barrier (or boot) and served after the next wake.
+                _ => {}
+            }
+            (id, rx)
+        };
+        let _queued = QueuedGuard { sidecar: self, id };
+        match tokio::time::timeout(self.cfg.queue_timeout, rx).await {
+            Ok(Ok(Ok(slot))) => Ok(slot),
+            Ok(Ok(Err(reason))) => Err(Rejection::Failed(reason)),
+            Ok(Err(_)) => Err(Rejection::Failed("the sidecar is shutting down".into())),
+            Err(_) => {
+                let inner = self.inner.lock().unwrap();
+                Err(Rejection::Deadline {
+                    waited: arrived.elapsed(),
+                    reason: format!("model {} is {}: {}", self.cfg.model, inner.state, inner.waiting_on),
+                })
+            }
+        }
+    }
+
+    /// Releases every queued request in arrival order (the model serves now).
+    fn release_queue_locked(self: &Arc<Self>, inner: &mut Inner) {
+        while let Some(w) = inner.queue.pop_front() {
+            let slot = self.admit_locked(inner);
+            // A waiter that left drops its slot with the unsent value.
+            let _ = w.tx.send(Ok(slot));
+        }
+        self.metrics.queue_depth.set(0);
+    }
+
+    fn fail_queue_locked(&self, inner: &mut Inner, reason: &str) {
+        while let Some(w) = inner.queue.pop_front() {
+            let _ = w.tx.send(Err(reason.to_string()));
+        }
+        self.metrics.queue_depth.set(0);
+    }
+
+    // ----- ledger -----
+
+    fn claim_for(&self, bytes: u64) -> decide::Claim {
+        decide::Claim {
+            pod: self.pod.clone(),
+            model: self.cfg.model.clone(),
+            bytes,
+            popular: self.cfg.popular,
+            min_runtime: self.cfg.min_runtime,
+        }
+    }
+
+    async fn ledger_update<T: Send>(
+        &self,
+        gpu: &str,
+        decide: impl FnMut(&greenthread_api::Gpu) -> Result<(Option<greenthread_api::GpuStatus>, T), ClaimError> + Send,
+    ) -> Result<T, ClaimError> {
+        let conflicts = &self.metrics.cas_conflicts;
+        greenthread_ledger::update(&*self.ledger, gpu, &|| {
+            conflicts.inc();
+        }, decide)
+        .await
+    }
+
+    /// Takes the wake lock and claims `bytes` on every GPU, waiting for ledger changes
+    /// while it does not fit. `None` if nobody waits any more (when `abandonable`).
+    async fn claim_all(&self, bytes: u64, abandonable: bool) -> Result<Option<()>, ClaimError> {
+        let mut claimed: Vec<&GpuRef> = Vec::new();
+        for gpu in &self.gpus {
+            let mut changes = self.ledger.watch(&gpu.name)?;
+            loop {
+                let claim = self.claim_for(bytes);
+                let ttl = self.cfg.wake_lock_ttl;
+                let pod = self.pod.clone();
+                let result = self
+                    .ledger_update(&gpu.name, |g| {
+                        let now = Timestamp::now();
+                        let locked = decide::acquire_wake_lock(&decide::register(&g.status, &claim, now), &pod, ttl, now)?;
+                        Ok((Some(decide::claim(&g.spec, &locked, &claim, now)?), ()))
+                    })
+                    .await;
+                match result {
+                    Ok(()) => break,
+                    Err(ClaimError::Refused(why)) => {
+                        self.inner.lock().unwrap().waiting_on = format!("gpu {}: {why}", gpu.index);
+                        let emptied = self.queue_emptied.notified();
+                        tokio::pin!(emptied);
+                        emptied.as_mut().enable();
+                        if abandonable && self.inner.lock().unwrap().queue.is_empty() {
+                            for g in claimed {
+                                self.release_gpu(g, 0).await;
+                            }
+                            return Ok(None);
+                        }
+                        tokio::select! {
+                            _ = changes.changed() => {}
+                            _ = &mut emptied => {}
+                            // A silent lock holder's lock lapses with time, not with a change.
+                            _ = tokio::time::sleep(ttl) => {}
+                        }
+                    }
+                    Err(e) => {
+                        for g in claimed {
+                            self.release_gpu(g, 0).await;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            claimed.push(gpu);
+        }
+        Ok(Some(()))
+    }
+
+    async fn release_gpu(&self, gpu: &GpuRef, residual: u64) {
+        let pod = self.pod.clone();
+        let r = self
+            .ledger_update(&gpu.name, |g| Ok((Some(decide::release(&g.status, &pod, residual, Timestamp::now())), ())))
+            .await;
+        if let Err(e) = r {
+            tracing::error!(gpu = %gpu.name, error = %e, "could not release reservation");
+        }
+    }
+
+    async fn release_all(&self, residual: &[(u32, u64)]) {
+        for gpu in &self.gpus {
+            let r = residual.iter().find(|(i, _)| *i == gpu.index).map_or(0, |(_, b)| *b);
+            self.release_gpu(gpu, r).await;
+            self.metrics.set_reserved(gpu.index, 0);
+            self.metrics.set_residual(gpu.index, r);
+        }
+        let mut inner = self.inner.lock().unwrap();
+        inner.claimed_bytes = 0;
+        inner.residual_bytes = residual.to_vec();
+    }
+
+    async fn mark_serving(&self) {
+        let pod = self.pod.clone();
+        for gpu in &self.gpus {
+            let r = self
+                .ledger_update(&gpu.name, |g| {
+                    let now = Timestamp::now();
+                    let serving = decide::mark_serving(&g.status, &pod, now)?;
+                    Ok((Some(decide::release_wake_lock(&serving, &pod)), ()))
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(gpu = %gpu.name, error = %e, "could not mark serving");
+            }
+        }
+    }
+
+    /// What the engine holds per GPU, as measured (never assumed).
+    async fn measure(&self) -> Option<Vec<(u32, u64)>> {
+        let probe = self.probe.as_ref()?;
+        match probe.engine_memory().await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not measure engine memory");
+                None
+            }
+        }
+    }
+
+    // ----- engine -----
+
+    async fn wait_engine_up(&self) -> Result<(), String> {
+        let start = Instant::now();
+        let mut last_report = start;
+        loop {
+            match self.engine.health().await {
+                Ok(()) => return Ok(()),
+                Err(e) if start.elapsed() > self.cfg.boot_timeout => {
+                    return Err(format!("engine did not come up within {:?}: {e}", self.cfg.boot_timeout));
+                }
+                Err(_) => {
+                    if last_report.elapsed() > Duration::from_secs(10) {
+                        tracing::info!(model = %self.cfg.model, elapsed = ?start.elapsed(), "engine still booting");
+                        last_report = Instant::now();
+                    }
+                    // The engine offers no readiness notification; its port opens when ready.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// Stops (if owned) and starts the engine, and waits until it answers.
+    async fn cold_start(&self) -> Result<(), String> {
+        if let Some(p) = &self.process {
+            p.restart(Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        }
+        self.wait_engine_up().await?;
+        if let Ok(models) = self.engine.models().await {
+            *self.models_cache.lock().unwrap() = Some(models);
+        }
+        self.inner.lock().unwrap().engine_lost = false;
+        Ok(())
+    }
+
+    async fn verify_awake(&self) -> Result<(), String> {
+        match self.engine.is_sleeping().await {
+            Ok(false) => Ok(()),
+            Ok(true) => Err("engine still reports is_sleeping=true after waking".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Wakes the engine: retries the wake call, then cold restarts; the restart budget
+    /// bounds how long queued requests wait on a broken engine.
+    async fn bring_engine_up(&self) -> Result<(), String> {
+        let mut attempts = 0;
+        let mut restarts = 0;
+        let mut last_error = String::from("engine was lost");
+        loop {
+            let lost = self.inner.lock().unwrap().engine_lost;
+            if lost || attempts >= self.cfg.wake_attempts {
+                if restarts >= self.cfg.max_restarts {
+                    return Err(format!("engine failed to wake after {restarts} cold restarts: {last_error}"));
+                }
+                restarts += 1;
+                self.metrics.engine_restarts.inc();
+                tracing::warn!(model = %self.cfg.model, restarts, error = %last_error, "cold restart of the engine");
+                self.inner.lock().unwrap().waiting_on = format!("engine cold restart #{restarts} after: {last_error}");
+                match self.cold_start().await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        last_error = e;
+                        continue;
+                    }
+                }
+                attempts = 0;
+                // A fresh vLLM boots awake; one that booted asleep still needs a wake.
+                match self.engine.is_sleeping().await {
+                    Ok(false) => return Ok(()),
+                    Ok(true) => {}
+                    Err(e) => {
+                        last_error = e.to_string();
+                        continue;
+                    }
+                }
+            }
+            attempts += 1;
+            self.inner.lock().unwrap().waiting_on = "the engine is waking".into();
+            let woke = match tokio::time::timeout(self.cfg.wake_timeout, self.engine.wake(self.cfg.sleep_level)).await {
+                Ok(Ok(())) => self.verify_awake().await,
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(EngineError::Timeout("wake_up").to_string()),
+            };
+            match woke {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.metrics.wake_failures.inc();
+                    tracing::warn!(model = %self.cfg.model, attempt = attempts, error = %e, "wake failed");
+                    last_error = e;
+                }
+            }
+        }
+    }
+
+    async fn run_wake(self: Arc<Self>) {
+        let bytes = self.inner.lock().unwrap().reserve_bytes;
+        match self.claim_all(bytes, true).await {
+            Ok(Some(())) => {}
+            Ok(None) => {
+                let mut inner = self.inner.lock().unwrap();
+                inner.demand_since = None;
+                self.apply(&mut inner, Event::Abandoned);
+                return;
+            }
+            Err(e) => {
+                let mut inner = self.inner.lock().unwrap();
+                let reason = format!("could not claim GPU memory: {e}");
+                self.fail_queue_locked(&mut inner, &reason);
+                inner.demand_since = None;
+                self.apply(&mut inner, Event::Abandoned);
+                return;
+            }
+        }
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.claimed_bytes = bytes;
+            self.apply(&mut inner, Event::Claimed);
+        }
+        for g in &self.gpus {
+            self.metrics.set_reserved(g.index, bytes);
+            self.metrics.set_residual(g.index, 0);
+        }
+        match self.bring_engine_up().await {
+            Ok(()) => {
+                self.mark_serving().await;
+                {
+                    let mut inner = self.inner.lock().unwrap();
+                    if let Some(since) = inner.demand_since.take() {
+                        self.metrics.wake_duration.observe(since.elapsed().as_secs_f64());
+                    }
+                    inner.serving_since = Some(Instant::now());
+                    inner.last_activity = Instant::now();
+                    inner.residual_bytes.clear();
+                    inner.waiting_on = String::new();
+                    self.apply(&mut inner, Event::Awake);
+                    self.release_queue_locked(&mut inner);
+                }
+                if let Some(m) = self.measure().await {
+                    self.record_serving(&m);
+                }
+            }
+            Err(reason) => {
+                tracing::error!(model = %self.cfg.model, %reason, "wake failed for good");
+                // The engine is in an unknown state: stop it so it holds nothing.
+                if let Some(p) = &self.process {
+                    p.stop(Duration::from_secs(5)).await;
+                }
+                self.release_all(&[]).await;
+                let mut inner = self.inner.lock().unwrap();
+                inner.engine_lost = self.process.is_some();
+                inner.demand_since = None;
+                self.fail_queue_locked(&mut inner, &reason);
+                self.apply(&mut inner, Event::WakeFailed);
+            }
+        }
+    }
+
+    fn record_serving(&self, measured: &[(u32, u64)]) {
+        for (gpu, bytes) in measured {
+            self.metrics.set_serving(*gpu, *bytes);
+        }
+        let mut inner = self.inner.lock().unwrap();
+        inner.serving_bytes = measured.to_vec();
+        if self.cfg.memory_bytes.is_none()
+            && let Some(max) = measured.iter().map(|(_, b)| *b).max()
+            && max > 0
+        {
+            inner.reserve_bytes = max;
+        }
+    }
+
+    /// Raises the barrier, drains (at most `drainTimeout`), puts the engine to sleep,
+    /// measures what it still holds and releases the reservation.
+    pub async fn deactivate(self: &Arc<Self>, why: &str) -> Result<(), String> {
+        let _one_at_a_time = self.sleep_lock.lock().await;
+        let started = Instant::now();
+        {
+            let mut inner = self.inner.lock().unwrap();
+            if inner.state != State::Serving {
+                return Err(format!("model is {}, not serving", inner.state));
+            }
+            inner.waiting_on = "the model is going to sleep; held until the next wake".into();
+            self.apply(&mut inner, Event::Deactivate);
+        }
+        tracing::info!(model = %self.cfg.model, why, "deactivating");
+        let mut in_flight = self.in_flight_tx.subscribe();
+        let drained = tokio::time::timeout(self.cfg.drain_timeout, in_flight.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
+        if !drained {
+            self.metrics.barrier_timeouts.inc();
+            tracing::warn!(model = %self.cfg.model, timeout = ?self.cfg.drain_timeout, "drain timed out; sleeping anyway");
+        }
+        let slept = tokio::time::timeout(self.cfg.wake_timeout, self.engine.sleep(self.cfg.sleep_level)).await;
+        if let Err(e) = slept.map_err(|_| EngineError::Timeout("sleep")).and_then(|r| r) {
+            // An engine that cannot sleep cannot be trusted with memory: stop it.
+            tracing::error!(model = %self.cfg.model, error = %e, "engine sleep failed; stopping it");
+            if let Some(p) = &self.process {
+                p.stop(Duration::from_secs(5)).await;
+            }
+            self.inner.lock().unwrap().engine_lost = true;
+        }
+        let residual = self.measure().await.unwrap_or_default();
+        self.release_all(&residual).await;
+        let mut inner = self.inner.lock().unwrap();
+        inner.serving_since = None;
+        self.metrics.sleep_duration.observe(started.elapsed().as_secs_f64());
+        self.apply(&mut inner, Event::Slept);
+        self.demand_locked(&mut inner);
+        Ok(())
+    }
+
+    /// The engine died (process exit) or stopped answering connections.
+    pub fn engine_lost(self: &Arc<Self>, why: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.engine_lost {
+            return;
+        }
+        inner.engine_lost = true;
+        tracing::warn!(model = %self.cfg.model, state = %inner.state, why, "engine lost");
+        if inner.state == State::Serving && self.apply(&mut inner, Event::EngineLost) {
+            inner.serving_since = None;
+            drop(inner);
+            let me = self.clone();
+            tokio::spawn(async move {
+                // A dead process holds nothing; measure anyway rather than assume.
+                let residual = me.measure().await.unwrap_or_default();
+                me.release_all(&residual).await;
+                let mut inner = me.inner.lock().unwrap();
+                me.demand_locked(&mut inner);
+            });
+        }
+    }
+
+    /// Boot: claim memory under the wake lock, start the engine, measure it serving,
+    /// put it to sleep, measure what it keeps, release. Then `sleeping` and ready.
+    pub async fn boot(self: &Arc<Self>) -> anyhow::Result<()> {
+        let boot_bytes = match self.cfg.memory_bytes {
+            Some(b) => b,
+            None => {
+                // Unknown until measured: reserve what is free, as vLLM takes its share.
+                let mut free = u64::MAX;
+                for g in &self.gpus {
+                    let rec = self.ledger.get(&g.name).await?;
+                    free = free.min(decide::available_bytes(&rec.spec, &rec.status, Some(&self.pod)));
+                }
+                free
+            }
+        };
+        self.claim_all(boot_bytes, false).await?;
+        let engine_up = async {
+            if let Some(p) = &self.process {
+                p.start().await.map_err(|e| e.to_string())?;
+            }
+            self.wait_engine_up().await
+        };
+        if let Err(e) = engine_up.await {
+            self.release_all(&[]).await;
+            anyhow::bail!("{e}");
+        }
+        if let Ok(models) = self.engine.models().await {
+            *self.models_cache.lock().unwrap() = Some(models);
+        }
+        if !self.engine.is_sleeping().await? {
+            if let Some(m) = self.measure().await {
+                self.record_serving(&m);
+            }
+            self.engine.sleep(self.cfg.sleep_level).await?;
+        }
+        let residual = self.measure().await.unwrap_or_default();
+        self.release_all(&residual).await;
+        let mut inner = self.inner.lock().unwrap();
+        if inner.reserve_bytes == 0 {
+            tracing::warn!(model = %self.cfg.model, "no memory probe and no --memory-bytes: wakes reserve nothing");
+        }
+        inner.boot_ready = true;
+        inner.last_activity = Instant::now();
+        tracing::info!(model = %self.cfg.model, reserve = inner.reserve_bytes, "booted; sleeping until the first request");
+        self.demand_locked(&mut inner);
+        Ok(())
+    }
+
+    /// Sleeps the model after `idleTimeout` without inference (and `minRuntime` served).
+    pub async fn run_idle_timer(self: Arc<Self>) {
+        let mut states = self.subscribe();
+        let mut in_flight = self.in_flight_tx.subscribe();
+        loop {
+            let (state, busy, deadline) = {
+                let inner = self.inner.lock().unwrap();
+                let idle_at = inner.last_activity + self.cfg.idle_timeout;
+                let deadline = inner.serving_since.map_or(idle_at, |s| idle_at.max(s + self.cfg.min_runtime));
+                (inner.state, inner.in_flight > 0 || !inner.queue.is_empty(), deadline)
+            };
+            if state != State::Serving {
+                if states.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            if busy {
+                tokio::select! {
+                    _ = in_flight.wait_for(|n| *n == 0) => {}
+                    _ = states.changed() => {}
+                }
+                continue;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.deactivate("idle").await;
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = states.changed() => {}
+            }
+        }
+    }
+
+    /// Keeps this pod's ledger records alive (a silent holder's wake lock lapses).
+    pub async fn run_heartbeat(self: Arc<Self>) {
+        let period = (self.cfg.wake_lock_ttl / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(period).await;
+            let accessed = {
+                let inner = self.inner.lock().unwrap();
+                let ago = inner.last_activity.elapsed();
+                Timestamp::now().checked_sub(jiff::SignedDuration::try_from(ago).unwrap_or_default()).ok()
+            };
+            for gpu in &self.gpus {
+                let pod = self.pod.clone();
+                let _ = self
+                    .ledger_update(&gpu.name, |g| {
+                        if g.status.occupant(&pod).is_none() {
+                            return Ok((None, ()));
+                        }
+                        Ok((Some(decide::touch(&g.status, &pod, accessed, Timestamp::now())), ()))
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Shutdown: release the ledger and stop an owned engine.
+    pub async fn shutdown(&self) {
+        if let Some(p) = &self.process {
+            p.stop(Duration::from_secs(10)).await;
+        }
+        for gpu in &self.gpus {
+            let pod = self.pod.clone();
+            let _ = self
+                .ledger_update(&gpu.name, |g| Ok((Some(decide::remove_pod(&g.status, &pod)), ())))
+                .await;
+        }
+        let mut inner = self.inner.lock().unwrap();
+        self.fail_queue_locked(&mut inner, "the sidecar is shutting down");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Refused(#[from] decide::Refusal),
+}

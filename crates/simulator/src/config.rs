@@ -1,0 +1,103 @@
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use greenthread_api::{ByteSize, parse_duration};
+
+/// What a sleeping engine does when sent inference anyway (real vLLM versions differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum AsleepBehavior {
+    /// Answer 500 at once.
+    #[default]
+    Error,
+    /// Never answer.
+    Hang,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimConfig {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    pub listen: SocketAddr,
+    /// Model id served (`/v1/models`, the `model` field of requests).
+    #[arg(long)]
+    pub model: String,
+    /// Bytes of weights held on the GPU while awake.
+    #[arg(long, default_value = "2Gi", value_parser = parse_size)]
+    pub weights_bytes: u64,
+    /// Bytes of KV cache held on the GPU while awake.
+    #[arg(long, default_value = "1Gi", value_parser = parse_size)]
+    pub kv_cache_bytes: u64,
+    /// Host-to-device bandwidth in bytes per second (level 1 wake copies weights back).
+    #[arg(long, default_value = "24Gi", value_parser = parse_size)]
+    pub h2d_bandwidth: u64,
+    /// Device-to-host bandwidth in bytes per second (level 1 sleep offloads weights).
+    #[arg(long, default_value = "24Gi", value_parser = parse_size)]
+    pub d2h_bandwidth: u64,
+    /// Disk bandwidth in bytes per second (boot and level 2 wake load weights from disk).
+    #[arg(long, default_value = "2Gi", value_parser = parse_size)]
+    pub disk_bandwidth: u64,
+    /// Fixed start-up cost before weights load (process start, compilation, graphs).
+    #[arg(long, default_value = "500ms", value_parser = parse_dur)]
+    pub boot_time: Duration,
+    /// Time to first token.
+    #[arg(long, default_value = "20ms", value_parser = parse_dur)]
+    pub ttft: Duration,
+    /// Output tokens per second per request.
+    #[arg(long, default_value_t = 1000.0)]
+    pub tokens_per_second: f64,
+    /// Output tokens when a request sets no `max_tokens`.
+    #[arg(long, default_value_t = 16)]
+    pub default_max_tokens: u32,
+    /// Requests run at once; the rest wait (`vllm:num_requests_waiting`).
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Directory of the simulated GPU this engine allocates on.
+    #[arg(long, env = "GREENTHREAD_SIM_GPU_DIR")]
+    pub sim_gpu_dir: Option<PathBuf>,
+    /// Index of the simulated GPU.
+    #[arg(long, env = "GREENTHREAD_SIM_GPU_INDEX", default_value_t = 0)]
+    pub sim_gpu_index: u32,
+
+    /// Fault: the first N wake-up calls fail with 500.
+    #[arg(long, default_value_t = 0)]
+    pub fail_wakes: u32,
+    /// Fault: wake-up calls never return.
+    #[arg(long)]
+    pub wake_hang: bool,
+    /// Fault: the process exits right after answering its Nth inference request.
+    #[arg(long)]
+    pub crash_after_requests: Option<u64>,
+    /// Fault: bytes still held on the GPU after sleep.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub leak_on_sleep: u64,
+    /// What inference sent to a sleeping engine gets.
+    #[arg(long, value_enum, default_value_t)]
+    pub asleep_behavior: AsleepBehavior,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<ByteSize>().map(ByteSize::bytes).map_err(|e| e.to_string())
+}
+
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl SimConfig {
+    /// A fast engine for tests, with everything else at its defaults.
+    pub fn for_model(model: &str) -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            cfg: SimConfig,
+        }
+        Wrapper::parse_from(["sim", "--model", model]).cfg
+    }
+
+    pub fn transfer_time(bytes: u64, bandwidth: u64) -> Duration {
+        if bandwidth == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(bytes as f64 / bandwidth as f64)
+    }
+}

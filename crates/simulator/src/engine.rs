@@ -1,0 +1,266 @@
+//! The simulated engine's state: where its weights and KV cache are, what that costs in
+//! time (bytes ÷ bandwidth) and in simulated GPU memory, and the faults it injects.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use greenthread_gpu::{ProcessMemory, SimGpu};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::{SimConfig, metrics::Metrics};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    /// 0 awake, 1 weights offloaded to CPU, 2 everything discarded.
+    pub level: u8,
+    pub weights_on_gpu: bool,
+    /// False after a level-2 wake until `reload_weights`.
+    pub weights_valid: bool,
+    pub kv_on_gpu: bool,
+    /// Bytes held while asleep that should have been freed (fault injection).
+    pub leaked: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub struct SimEngine {
+    pub cfg: SimConfig,
+    state: Mutex<State>,
+    pub(crate) metrics: Metrics,
+    gpu: Option<SimGpu>,
+    /// Serializes sleep, wake and reload, as vLLM does.
+    transition: tokio::sync::Mutex<()>,
+    /// Bumped when running requests must be aborted (sleep with `mode=abort`).
+    abort: watch::Sender<u64>,
+    seqs: Arc<Semaphore>,
+    running: AtomicUsize,
+    idle: Notify,
+    wake_failures_left: AtomicU32,
+    served: AtomicU64,
+    next_id: AtomicU64,
+}
+
+/// Held by every running request; releases its sequence slot when dropped.
+pub struct RunGuard {
+    engine: Arc<SimEngine>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        let now = self.engine.running.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.engine.metrics.running.set(now as i64);
+        self.engine.update_cache_usage(now);
+        self.engine.idle.notify_waiters();
+    }
+}
+
+impl SimEngine {
+    pub fn new(cfg: SimConfig) -> Arc<Self> {
+        let gpu = cfg.sim_gpu_dir.clone().map(SimGpu::new);
+        Arc::new(Self {
+            metrics: Metrics::new(&cfg.model),
+            state: Mutex::new(State { level: 0, weights_on_gpu: true, weights_valid: true, kv_on_gpu: true, leaked: 0 }),
+            gpu,
+            transition: tokio::sync::Mutex::new(()),
+            abort: watch::Sender::new(0),
+            seqs: Arc::new(Semaphore::new(cfg.max_num_seqs.max(1))),
+            running: AtomicUsize::new(0),
+            idle: Notify::new(),
+            wake_failures_left: AtomicU32::new(cfg.fail_wakes),
+            served: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            cfg,
+        })
+    }
+
+    pub fn state(&self) -> State {
+        *self.state.lock().unwrap()
+    }
+
+    pub fn is_sleeping(&self) -> bool {
+        self.state().level != 0
+    }
+
+    pub fn held_bytes(&self) -> u64 {
+        let s = self.state();
+        let mut held = s.leaked;
+        if s.weights_on_gpu {
+            held += self.cfg.weights_bytes;
+        }
+        if s.kv_on_gpu {
+            held += self.cfg.kv_cache_bytes;
+        }
+        held
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn set_state(&self, f: impl FnOnce(&mut State)) {
+        let state = {
+            let mut s = self.state.lock().unwrap();
+            f(&mut s);
+            *s
+        };
+        self.metrics.set_sleep_state(crate::metrics::SLEEP_STATES[state.level as usize]);
+        self.publish_memory();
+    }
+
+    /// Writes what this process holds to the simulated GPU.
+    pub fn publish_memory(&self) {
+        let Some(gpu) = &self.gpu else { return };
+        let record = ProcessMemory {
+            pid: std::process::id(),
+            listen: self.cfg.listen.to_string(),
+            model: self.cfg.model.clone(),
+            bytes: self.held_bytes(),
+        };
+        if let Err(e) = gpu.record(self.cfg.sim_gpu_index, &record) {
+            tracing::warn!(error = %e, "could not record memory on the simulated gpu");
+        }
+    }
+
+    pub fn forget_memory(&self) {
+        if let Some(gpu) = &self.gpu {
+            let _ = gpu.remove(self.cfg.sim_gpu_index, std::process::id());
+        }
+    }
+
+    /// Start-up: fixed cost, then the weights come from disk.
+    pub async fn boot(&self) {
+        let load = SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.disk_bandwidth);
+        tokio::time::sleep(self.cfg.boot_time + load).await;
+        self.publish_memory();
+    }
+
+    pub async fn sleep(&self, level: u8, wait: bool) -> Result<(), EngineError> {
+        if !(1..=2).contains(&level) {
+            return Err(EngineError::Failed(format!("invalid sleep level {level}: expected 1 or 2")));
+        }
+        let _t = self.transition.lock().await;
+        if self.is_sleeping() {
+            return Ok(());
+        }
+        if wait {
+            self.wait_idle().await;
+        } else {
+            self.abort.send_modify(|n| *n += 1);
+        }
+        if level == 1 {
+            tokio::time::sleep(SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.d2h_bandwidth)).await;
+        }
+        let leak = self.cfg.leak_on_sleep.min(self.cfg.weights_bytes + self.cfg.kv_cache_bytes);
+        self.set_state(|s| {
+            s.level = level;
+            s.weights_on_gpu = false;
+            s.kv_on_gpu = false;
+            s.weights_valid = level == 1;
+            s.leaked = leak;
+        });
+        Ok(())
+    }
+
+    pub async fn wake(&self, tags: &[String]) -> Result<(), EngineError> {
+        if self.cfg.wake_hang {
+            std::future::pending::<()>().await;
+        }
+        let _t = self.transition.lock().await;
+        let left = self.wake_failures_left.load(Ordering::SeqCst);
+        if left > 0 {
+            self.wake_failures_left.store(left - 1, Ordering::SeqCst);
+            return Err(EngineError::Failed("CUDA error: out of memory (simulated wake failure)".into()));
+        }
+        let all = tags.is_empty();
+        let want_weights = all || tags.iter().any(|t| t == "weights");
+        let want_kv = all || tags.iter().any(|t| t == "kv_cache");
+        if let Some(bad) = tags.iter().find(|t| *t != "weights" && *t != "kv_cache") {
+            return Err(EngineError::Failed(format!("unknown wake_up tag {bad:?}")));
+        }
+        let s = self.state();
+        if want_weights && !s.weights_on_gpu {
+            if s.level == 1 {
+                tokio::time::sleep(SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.h2d_bandwidth)).await;
+            }
+            self.set_state(|s| {
+                s.weights_on_gpu = true;
+                // Level 2 discarded the weights: the buffers come back uninitialized.
+                s.weights_valid = s.level == 1;
+            });
+        }
+        if want_kv {
+            self.set_state(|s| s.kv_on_gpu = true);
+        }
+        self.set_state(|s| {
+            if s.weights_on_gpu && s.kv_on_gpu {
+                s.level = 0;
+                s.leaked = 0;
+            }
+        });
+        Ok(())
+    }
+
+    pub async fn reload_weights(&self) -> Result<(), EngineError> {
+        let _t = self.transition.lock().await;
+        if !self.state().weights_on_gpu {
+            return Err(EngineError::Failed("reload_weights: weights are not allocated; wake_up(tags=[\"weights\"]) first".into()));
+        }
+        tokio::time::sleep(SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.disk_bandwidth)).await;
+        self.set_state(|s| s.weights_valid = true);
+        Ok(())
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn update_cache_usage(&self, running: usize) {
+        self.metrics.cache_usage.set(running as f64 / self.cfg.max_num_seqs.max(1) as f64);
+    }
+
+    /// Waits for a sequence slot, counting the wait as vLLM does.
+    pub async fn admit(self: &Arc<Self>) -> RunGuard {
+        self.metrics.waiting.inc();
+        let permit = self.seqs.clone().acquire_owned().await.expect("semaphore is never closed");
+        self.metrics.waiting.dec();
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.metrics.running.set(now as i64);
+        self.update_cache_usage(now);
+        RunGuard { engine: self.clone(), _permit: permit }
+    }
+
+    pub fn abort_signal(&self) -> watch::Receiver<u64> {
+        self.abort.subscribe()
+    }
+
+    /// A request finished; the crash fault fires after the configured count.
+    pub fn finished(&self) {
+        let n = self.served.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.cfg.crash_after_requests.is_some_and(|limit| n >= limit) {
+            tracing::warn!(requests = n, "simulated crash");
+            tokio::spawn(async {
+                // Let the last response reach the client before dying.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                std::process::exit(70);
+            });
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! `greenthread sim-engine`: a vLLM-compatible server whose timings follow bytes and
+//! bandwidths, whose memory lives on a simulated GPU, and which can misbehave on purpose.
+
+mod config;
+mod engine;
+mod metrics;
+mod openai;
+mod server;
+
+pub use config::{AsleepBehavior, SimConfig};
+pub use server::{bind_and_serve, router};
+pub use engine::SimEngine;

@@ -1,0 +1,132 @@
+//! OpenAI request and response shapes, and the simulator's deterministic "model": the
+//! same prompt always yields the same tokens.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InferenceRequest {
+    pub model: Option<String>,
+    #[serde(default)]
+    pub messages: Vec<Value>,
+    #[serde(default)]
+    pub prompt: Option<Value>,
+    #[serde(default)]
+    pub stream: bool,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+}
+
+impl InferenceRequest {
+    pub fn prompt_text(&self) -> String {
+        let mut text = String::new();
+        for m in &self.messages {
+            match &m["content"] {
+                Value::String(s) => text.push_str(s),
+                other => text.push_str(&other.to_string()),
+            }
+            text.push('\n');
+        }
+        match &self.prompt {
+            Some(Value::String(s)) => text.push_str(s),
+            Some(other) => text.push_str(&other.to_string()),
+            None => {}
+        }
+        text
+    }
+
+    pub fn max_tokens(&self, default: u32) -> u32 {
+        self.max_completion_tokens.or(self.max_tokens).unwrap_or(default)
+    }
+}
+
+const WORDS: [&str; 16] = [
+    "green", "thread", "sleeps", "wakes", "gpu", "memory", "model", "token", "fast", "fair",
+    "queue", "serve", "engine", "ledger", "swap", "light",
+];
+
+pub fn count_tokens(text: &str) -> u32 {
+    text.split_whitespace().count().max(1) as u32
+}
+
+/// Token `i` of the answer to `prompt`: a pure function of both.
+pub fn token(prompt: &str, i: u32) -> &'static str {
+    // FNV-1a over the prompt, then mixed with the position.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in prompt.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    h ^= u64::from(i).wrapping_mul(0x9e3779b97f4a7c15);
+    h = h.wrapping_mul(0x100000001b3);
+    WORDS[(h >> 60) as usize]
+}
+
+pub fn completion_body(kind: Kind, id: &str, model: &str, text: &str, prompt_tokens: u32, completion_tokens: u32) -> Value {
+    let choice = match kind {
+        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}),
+        Kind::Completion => json!({"index": 0, "text": text, "finish_reason": "length"}),
+    };
+    json!({
+        "id": id,
+        "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": created(),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    })
+}
+
+pub fn chunk(kind: Kind, id: &str, model: &str, text: Option<&str>, finish: Option<&str>) -> Value {
+    let choice = match kind {
+        Kind::Chat => {
+            let delta = match text {
+                Some(t) => json!({"content": t}),
+                None => json!({}),
+            };
+            json!({"index": 0, "delta": delta, "finish_reason": finish})
+        }
+        Kind::Completion => json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish}),
+    };
+    json!({
+        "id": id,
+        "object": if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": created(),
+        "model": model,
+        "choices": [choice],
+    })
+}
+
+pub fn error_body(message: &str, kind: &str, code: u16) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+}
+
+fn created() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_deterministic_per_prompt() {
+        let a: Vec<_> = (0..8).map(|i| token("hello", i)).collect();
+        let b: Vec<_> = (0..8).map(|i| token("hello", i)).collect();
+        let c: Vec<_> = (0..8).map(|i| token("goodbye", i)).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,260 @@
+//! The HTTP surface: OpenAI inference, vLLM's sleep API, health and metrics.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::{RawQuery, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::{
+    AsleepBehavior, SimConfig,
+    engine::{EngineError, SimEngine},
+    openai::{self, InferenceRequest, Kind},
+};
+
+type Shared = Arc<SimEngine>;
+
+pub fn router(engine: Shared) -> Router {
+    Router::new()
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/version", get(|| async { Json(json!({"version": "greenthread-sim"})) }))
+        .route("/v1/models", get(models))
+        .route("/is_sleeping", get(is_sleeping))
+        .route("/sleep", post(sleep))
+        .route("/wake_up", post(wake_up))
+        .route("/collective_rpc", post(collective_rpc))
+        .route("/reset_prefix_cache", post(|| async { StatusCode::OK }))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/metrics", get(metrics))
+        .with_state(engine)
+}
+
+/// Boots (weights load before the port opens, as in vLLM), then serves until Ctrl-C or
+/// SIGTERM, releasing its simulated GPU memory on the way out.
+pub async fn bind_and_serve(cfg: SimConfig) -> anyhow::Result<()> {
+    let engine = SimEngine::new(cfg.clone());
+    tracing::info!(model = %cfg.model, weights = cfg.weights_bytes, "sim engine loading");
+    engine.boot().await;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, model = %cfg.model, "sim engine ready");
+    let app = router(engine.clone());
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    engine.forget_memory();
+    result.map_err(Into::into)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn error(status: StatusCode, message: impl AsRef<str>) -> Response {
+    let kind = if status.is_client_error() { "BadRequestError" } else { "InternalServerError" };
+    (status, Json(openai::error_body(message.as_ref(), kind, status.as_u16()))).into_response()
+}
+
+impl IntoResponse for EngineError {
+    fn into_response(self) -> Response {
+        error(StatusCode::INTERNAL_SERVER_ERROR, self.to_string())
+    }
+}
+
+async fn models(State(e): State<Shared>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": e.cfg.model, "object": "model", "owned_by": "greenthread-sim", "max_model_len": 8192}],
+    }))
+}
+
+async fn is_sleeping(State(e): State<Shared>) -> Json<Value> {
+    Json(json!({"is_sleeping": e.is_sleeping()}))
+}
+
+fn query_values<'a>(query: &'a Option<String>, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(move |kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+async fn sleep(State(e): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let level = match query_values(&q, "level").next().map(str::parse::<u8>) {
+        None => 1,
+        Some(Ok(l)) => l,
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "level must be 1 or 2"),
+    };
+    let wait = query_values(&q, "mode").next() == Some("wait");
+    match e.sleep(level, wait).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn wake_up(State(e): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let tags: Vec<String> = query_values(&q, "tags").map(str::to_string).collect();
+    match e.wake(&tags).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn collective_rpc(State(e): State<Shared>, body: Bytes) -> Response {
+    let method = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["method"].as_str().map(str::to_string));
+    match method.as_deref() {
+        Some("reload_weights") => match e.reload_weights().await {
+            Ok(()) => Json(json!({"results": [null]})).into_response(),
+            Err(err) => err.into_response(),
+        },
+        other => error(StatusCode::BAD_REQUEST, format!("unsupported collective_rpc method {other:?}")),
+    }
+}
+
+async fn tokenize(State(e): State<Shared>, body: Bytes) -> Response {
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body must be JSON");
+    };
+    let text = v["prompt"].as_str().unwrap_or("");
+    let tokens: Vec<usize> = text.split_whitespace().map(str::len).collect();
+    Json(json!({"count": tokens.len(), "max_model_len": 8192, "tokens": tokens, "model": e.cfg.model})).into_response()
+}
+
+async fn detokenize(body: Bytes) -> Response {
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body must be JSON");
+    };
+    let n = v["tokens"].as_array().map_or(0, Vec::len);
+    Json(json!({"prompt": vec!["tok"; n].join(" ")})).into_response()
+}
+
+async fn metrics(State(e): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        e.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn chat(State(e): State<Shared>, body: Bytes) -> Response {
+    infer(e, Kind::Chat, body).await
+}
+
+async fn completions(State(e): State<Shared>, body: Bytes) -> Response {
+    infer(e, Kind::Completion, body).await
+}
+
+async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
+    let req: InferenceRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(err) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {err}")),
+    };
+    if let Some(m) = &req.model
+        && m != &e.cfg.model
+    {
+        return error(StatusCode::NOT_FOUND, format!("The model `{m}` does not exist."));
+    }
+    if e.is_sleeping() {
+        match e.cfg.asleep_behavior {
+            AsleepBehavior::Error => {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "engine is sleeping; wake it up first");
+            }
+            AsleepBehavior::Hang => std::future::pending::<()>().await,
+        }
+    }
+    if !e.state().weights_valid {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "model weights are not loaded (woken from level 2 without reload_weights)");
+    }
+
+    let start = Instant::now();
+    let guard = e.admit().await;
+    let prompt = req.prompt_text();
+    let prompt_tokens = openai::count_tokens(&prompt);
+    let n = req.max_tokens(e.cfg.default_max_tokens);
+    let id = format!("{}-sim-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, e.next_id());
+    let per_token = if e.cfg.tokens_per_second > 0.0 { 1.0 / e.cfg.tokens_per_second } else { 0.0 };
+    let first_token = tokio::time::Instant::from_std(start) + e.cfg.ttft;
+    let token_at = move |i: u32| first_token + std::time::Duration::from_secs_f64(per_token * f64::from(i));
+    let mut abort = e.abort_signal();
+    abort.mark_unchanged();
+    e.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
+
+    if !req.stream {
+        let done = token_at(n);
+        tokio::select! {
+            _ = tokio::time::sleep_until(done) => {}
+            _ = abort.changed() => return error(StatusCode::INTERNAL_SERVER_ERROR, "request aborted: engine is going to sleep"),
+        }
+        let text: String = (0..n).map(|i| format!("{} ", openai::token(&prompt, i))).collect();
+        record_finished(&e, start, n);
+        drop(guard);
+        return Json(openai::completion_body(kind, &id, &e.cfg.model, &text, prompt_tokens, n)).into_response();
+    }
+
+    let model = e.cfg.model.clone();
+    let stream = futures_util::stream::unfold(
+        (0u32, Some(guard), abort),
+        move |(i, guard, mut abort)| {
+            let (e, prompt, id, model) = (e.clone(), prompt.clone(), id.clone(), model.clone());
+            async move {
+                let guard = guard?;
+                if i > n {
+                    return None;
+                }
+                if i == n {
+                    let last = openai::chunk(kind, &id, &model, None, Some("length"));
+                    record_finished(&e, start, n);
+                    drop(guard);
+                    let frame = format!("data: {last}\n\ndata: [DONE]\n\n");
+                    return Some((Ok::<_, std::io::Error>(Bytes::from(frame)), (i + 1, None, abort)));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(token_at(i)) => {}
+                    _ = abort.changed() => {
+                        // vLLM aborts running requests when put to sleep without mode=wait.
+                        return Some((Err(std::io::Error::other("aborted: engine is going to sleep")), (n + 1, None, abort)));
+                    }
+                }
+                let chunk = openai::chunk(kind, &id, &model, Some(&format!("{} ", openai::token(&prompt, i))), None);
+                Some((Ok(Bytes::from(format!("data: {chunk}\n\n"))), (i + 1, Some(guard), abort)))
+            }
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid")
+}
+
+fn record_finished(e: &SimEngine, start: Instant, n: u32) {
+    let elapsed = start.elapsed().as_secs_f64();
+    e.metrics.request_duration.observe(elapsed);
+    e.metrics.e2e_latency.observe(elapsed);
+    e.metrics.ttft.observe(e.cfg.ttft.as_secs_f64());
+    if n > 1 {
+        e.metrics.tpot.observe(1.0 / e.cfg.tokens_per_second.max(f64::MIN_POSITIVE));
+    }
+    e.metrics.generation_tokens.inc_by(u64::from(n));
+    e.metrics.success("length");
+    e.finished();
+}
