@@ -5,5 +5,7 @@
 pub mod gpu;
 pub mod units;
 
-pub use gpu::{Gpu, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent, WakeLock};
+pub use gpu::{
+    Gpu, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent, WakeLock,
+};
 pub use units::{ByteSize, ParseError, parse_duration};

@@ -4,7 +4,9 @@ use std::{fmt, str::FromStr, time::Duration};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("invalid size {input:?}: expected bytes, optionally with a Ki, Mi, Gi or Ti suffix (e.g. 512Mi)")]
+    #[error(
+        "invalid size {input:?}: expected bytes, optionally with a Ki, Mi, Gi or Ti suffix (e.g. 512Mi)"
+    )]
     Size { input: String },
     #[error("invalid duration {input:?}: expected e.g. 500ms, 30s or 5m ({reason})")]
     Duration { input: String, reason: String },
@@ -29,12 +31,19 @@ impl FromStr for ByteSize {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseError::Size { input: s.to_string() };
+        let err = || ParseError::Size {
+            input: s.to_string(),
+        };
         let t = s.trim();
-        let (digits, mult) = [("Ki", Self::KI), ("Mi", Self::MI), ("Gi", Self::GI), ("Ti", Self::TI)]
-            .iter()
-            .find_map(|(suffix, mult)| t.strip_suffix(suffix).map(|d| (d, *mult)))
-            .unwrap_or((t, 1));
+        let (digits, mult) = [
+            ("Ki", Self::KI),
+            ("Mi", Self::MI),
+            ("Gi", Self::GI),
+            ("Ti", Self::TI),
+        ]
+        .iter()
+        .find_map(|(suffix, mult)| t.strip_suffix(suffix).map(|d| (d, *mult)))
+        .unwrap_or((t, 1));
         let n: u64 = digits.trim().parse().map_err(|_| err())?;
         n.checked_mul(mult).map(ByteSize).ok_or_else(err)
     }
@@ -43,8 +52,13 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        for (suffix, mult) in [("Ti", Self::TI), ("Gi", Self::GI), ("Mi", Self::MI), ("Ki", Self::KI)] {
-            if n >= mult && n % mult == 0 {
+        for (suffix, mult) in [
+            ("Ti", Self::TI),
+            ("Gi", Self::GI),
+            ("Mi", Self::MI),
+            ("Ki", Self::KI),
+        ] {
+            if n >= mult && n.is_multiple_of(mult) {
                 return write!(f, "{}{}", n / mult, suffix);
             }
         }

@@ -68,7 +68,9 @@ impl SimGpu {
             }
             // A record may vanish between listing and reading when its process exits.
             let Ok(bytes) = fs::read(&path) else { continue };
-            let Ok(record) = serde_json::from_slice::<ProcessMemory>(&bytes) else { continue };
+            let Ok(record) = serde_json::from_slice::<ProcessMemory>(&bytes) else {
+                continue;
+            };
             if process_alive(record.pid) {
                 out.push(record);
             }
@@ -83,7 +85,9 @@ impl SimGpu {
 }
 
 fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     // SAFETY: signal 0 only checks that the process exists and may be signalled.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -98,7 +102,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gpu = SimGpu::new(dir.path());
         let me = std::process::id();
-        let rec = |pid, bytes| ProcessMemory { pid, listen: "127.0.0.1:1".into(), model: "m".into(), bytes };
+        let rec = |pid, bytes| ProcessMemory {
+            pid,
+            listen: "127.0.0.1:1".into(),
+            model: "m".into(),
+            bytes,
+        };
         gpu.record(0, &rec(me, 100)).unwrap();
         gpu.record(0, &rec(me, 300)).unwrap(); // replaces
         gpu.record(1, &rec(me, 7)).unwrap();

@@ -9,7 +9,11 @@ use jiff::Timestamp;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("needs {need} bytes but only {available} of {total} are available")]
-    DoesNotFit { need: u64, available: u64, total: u64 },
+    DoesNotFit {
+        need: u64,
+        available: u64,
+        total: u64,
+    },
     #[error("wake lock is held by {holder}")]
     LockHeld { holder: String },
     #[error("{pod} has no occupant record on this gpu")]
@@ -57,7 +61,11 @@ pub fn fits(spec: &GpuSpec, status: &GpuStatus, pod: &str, need: u64) -> Result<
     if need <= available {
         Ok(())
     } else {
-        Err(Refusal::DoesNotFit { need, available, total: spec.memory_bytes })
+        Err(Refusal::DoesNotFit {
+            need,
+            available,
+            total: spec.memory_bytes,
+        })
     }
 }
 
@@ -109,7 +117,9 @@ pub fn mark_serving(status: &GpuStatus, pod: &str, now: Timestamp) -> Result<Gpu
     let mut next = status.clone();
     let o = next
         .occupant_mut(pod)
-        .ok_or_else(|| Refusal::NotAnOccupant { pod: pod.to_string() })?;
+        .ok_or_else(|| Refusal::NotAnOccupant {
+            pod: pod.to_string(),
+        })?;
     o.state = OccupantState::Serving;
     o.became_serving_at = Some(now);
     o.last_accessed = Some(now);
@@ -125,14 +135,16 @@ pub fn set_reserved(
     pod: &str,
     bytes: u64,
 ) -> Result<GpuStatus, Refusal> {
-    let current = status
-        .occupant(pod)
-        .ok_or_else(|| Refusal::NotAnOccupant { pod: pod.to_string() })?;
+    let current = status.occupant(pod).ok_or_else(|| Refusal::NotAnOccupant {
+        pod: pod.to_string(),
+    })?;
     if bytes > current.reserved_memory_bytes {
         fits(spec, status, pod, bytes)?;
     }
     let mut next = status.clone();
-    next.occupant_mut(pod).expect("checked above").reserved_memory_bytes = bytes;
+    next.occupant_mut(pod)
+        .expect("checked above")
+        .reserved_memory_bytes = bytes;
     Ok(next)
 }
 
@@ -154,7 +166,12 @@ pub fn release(status: &GpuStatus, pod: &str, residual: u64, now: Timestamp) -> 
 }
 
 /// Heartbeat, and the access time used for least-recently-used victim choice.
-pub fn touch(status: &GpuStatus, pod: &str, accessed: Option<Timestamp>, now: Timestamp) -> GpuStatus {
+pub fn touch(
+    status: &GpuStatus,
+    pod: &str,
+    accessed: Option<Timestamp>,
+    now: Timestamp,
+) -> GpuStatus {
     let mut next = status.clone();
     if let Some(o) = next.occupant_mut(pod) {
         o.heartbeat = now;
@@ -185,10 +202,15 @@ pub fn acquire_wake_lock(
         && lock.pod_name != pod
         && !lock_expired(status, lock, ttl, now)
     {
-        return Err(Refusal::LockHeld { holder: lock.pod_name.clone() });
+        return Err(Refusal::LockHeld {
+            holder: lock.pod_name.clone(),
+        });
     }
     let mut next = status.clone();
-    next.wake_lock = Some(WakeLock { pod_name: pod.to_string(), since: now });
+    next.wake_lock = Some(WakeLock {
+        pod_name: pod.to_string(),
+        since: now,
+    });
     Ok(next)
 }
 
@@ -218,7 +240,12 @@ mod tests {
     }
 
     fn spec(mem: u64) -> GpuSpec {
-        GpuSpec { node: "n".into(), index: 0, memory_bytes: mem, ..Default::default() }
+        GpuSpec {
+            node: "n".into(),
+            index: 0,
+            memory_bytes: mem,
+            ..Default::default()
+        }
     }
 
     fn mk_claim(pod: &str, bytes: u64) -> Claim {
@@ -270,11 +297,21 @@ mod tests {
         let s = spec(80 * GI);
         let status = claim(&s, &GpuStatus::default(), &mk_claim("a", 50 * GI), t(0)).unwrap();
         let o = status.occupant("a").unwrap();
-        assert_eq!((o.state, o.reserved_memory_bytes), (OccupantState::Waking, 50 * GI));
+        assert_eq!(
+            (o.state, o.reserved_memory_bytes),
+            (OccupantState::Waking, 50 * GI)
+        );
 
         assert!(claim(&s, &status, &mk_claim("b", 30 * GI), t(1)).is_ok());
         let err = claim(&s, &status, &mk_claim("b", 30 * GI + 1), t(1)).unwrap_err();
-        assert_eq!(err, Refusal::DoesNotFit { need: 30 * GI + 1, available: 30 * GI, total: 80 * GI });
+        assert_eq!(
+            err,
+            Refusal::DoesNotFit {
+                need: 30 * GI + 1,
+                available: 30 * GI,
+                total: 80 * GI
+            }
+        );
     }
 
     #[test]
@@ -299,7 +336,10 @@ mod tests {
         assert_eq!(o.became_serving_at, Some(t(1)));
         let status = release(&status, "a", GI, t(2));
         let o = status.occupant("a").unwrap();
-        assert_eq!((o.state, o.reserved_memory_bytes, o.residual_memory_bytes), (OccupantState::Sleeping, 0, GI));
+        assert_eq!(
+            (o.state, o.reserved_memory_bytes, o.residual_memory_bytes),
+            (OccupantState::Sleeping, 0, GI)
+        );
         assert_eq!(available_bytes(&s, &status, None), 79 * GI);
         assert!(mark_serving(&status, "ghost", t(3)).is_err());
     }

@@ -95,7 +95,13 @@ mod tests {
 
     fn ledger() -> MemoryLedger {
         let l = MemoryLedger::new();
-        l.add_gpu("node-0", GpuSpec { memory_bytes: 100, ..Default::default() });
+        l.add_gpu(
+            "node-0",
+            GpuSpec {
+                memory_bytes: 100,
+                ..Default::default()
+            },
+        );
         l
     }
 
@@ -121,7 +127,10 @@ mod tests {
         let l = ledger();
         let mut rx = l.watch("node-0").unwrap();
         let v = l.get("node-0").await.unwrap().resource_version;
-        let status = GpuStatus { wake_lock: None, ..Default::default() };
+        let status = GpuStatus {
+            wake_lock: None,
+            ..Default::default()
+        };
         l.replace_status("node-0", &v, status).await.unwrap();
         rx.changed().await.unwrap();
         assert_ne!(rx.borrow().resource_version, v);

@@ -91,11 +91,15 @@ fn dur(s: &str) -> Result<Duration, String> {
 }
 
 fn size(s: &str) -> Result<u64, String> {
-    s.parse::<ByteSize>().map(ByteSize::bytes).map_err(|e| e.to_string())
+    s.parse::<ByteSize>()
+        .map(ByteSize::bytes)
+        .map_err(|e| e.to_string())
 }
 
 impl SidecarConfig {
     pub fn pod_name(&self) -> String {
-        self.pod_name.clone().unwrap_or_else(|| format!("{}-0", self.model))
+        self.pod_name
+            .clone()
+            .unwrap_or_else(|| format!("{}-0", self.model))
     }
 }

@@ -34,8 +34,14 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         let port = free_port()?;
         let exe = std::env::current_exe().context("locating the greenthread binary")?;
         let extra: Vec<String> = cfg.engine_args.iter().map(|a| shell_quote(a)).collect();
-        cfg.engine_url.get_or_insert_with(|| format!("http://127.0.0.1:{port}"));
-        let listen = cfg.engine_url.as_deref().unwrap().trim_start_matches("http://").to_string();
+        cfg.engine_url
+            .get_or_insert_with(|| format!("http://127.0.0.1:{port}"));
+        let listen = cfg
+            .engine_url
+            .as_deref()
+            .unwrap()
+            .trim_start_matches("http://")
+            .to_string();
         cfg.engine_command = Some(format!(
             "{} sim-engine --listen {listen} --model {} {}",
             shell_quote(&exe.to_string_lossy()),
@@ -48,13 +54,18 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         .clone()
         .context("--engine-url is required (or --engine sim to run the built-in simulator)")?;
     if cfg.engine_command.is_some() && cfg.sim_gpu_dir.is_none() {
-        let dir = tempfile::Builder::new().prefix("greenthread-simgpu-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("greenthread-simgpu-")
+            .tempdir()?;
         cfg.sim_gpu_dir = Some(dir.path().to_path_buf());
         _tempdir = Some(dir);
     }
 
     let ledger = Arc::new(MemoryLedger::new());
-    let gpu = GpuRef { name: format!("local-{}", cfg.gpu_index), index: cfg.gpu_index };
+    let gpu = GpuRef {
+        name: format!("local-{}", cfg.gpu_index),
+        index: cfg.gpu_index,
+    };
     ledger.add_gpu(
         &gpu.name,
         GpuSpec {
@@ -65,15 +76,28 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
             memory_bytes: cfg.sim_gpu_memory,
         },
     );
-    let engine_listen = engine_url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let engine_listen = engine_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
     let probe = cfg.sim_gpu_dir.as_ref().map(|dir| {
-        Arc::new(SimGpuProbe { gpu: SimGpu::new(dir), indices: vec![cfg.gpu_index], engine_listen }) as Arc<dyn MemoryProbe>
+        Arc::new(SimGpuProbe {
+            gpu: SimGpu::new(dir),
+            indices: vec![cfg.gpu_index],
+            engine_listen,
+        }) as Arc<dyn MemoryProbe>
     });
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
     let process = cfg.engine_command.clone().map(|command| {
-        let mut env = vec![("GREENTHREAD_SIM_GPU_INDEX".to_string(), cfg.gpu_index.to_string())];
+        let mut env = vec![(
+            "GREENTHREAD_SIM_GPU_INDEX".to_string(),
+            cfg.gpu_index.to_string(),
+        )];
         if let Some(dir) = &cfg.sim_gpu_dir {
-            env.push(("GREENTHREAD_SIM_GPU_DIR".into(), dir.to_string_lossy().into_owned()));
+            env.push((
+                "GREENTHREAD_SIM_GPU_DIR".into(),
+                dir.to_string_lossy().into_owned(),
+            ));
         }
         EngineProcess::new(command, env, exits_tx)
     });
@@ -105,8 +129,13 @@ pub async fn serve(
     until: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let cfg = sidecar.cfg.clone();
-    let state = AppState { sidecar: sidecar.clone(), forwarder: Forwarder::new(engine_url)? };
-    let public = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding --listen {}", cfg.listen))?;
+    let state = AppState {
+        sidecar: sidecar.clone(),
+        forwarder: Forwarder::new(engine_url)?,
+    };
+    let public = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", cfg.listen))?;
     let private = TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", cfg.metrics_listen))?;
@@ -137,9 +166,16 @@ pub async fn serve(
             Ok(())
         })
     };
+    tokio::pin!(until);
     tokio::select! {
-        () = until => {}
-        r = booter => { if let Ok(Err(e)) = r { sidecar.shutdown().await; return Err(e) } ; std::future::pending::<()>().await }
+        () = &mut until => {}
+        booted = booter => {
+            if let Ok(Err(e)) = booted {
+                sidecar.shutdown().await;
+                return Err(e);
+            }
+            until.await;
+        }
     }
     tracing::info!(model = %cfg.model, "shutting down");
     let _ = stop_tx.send(true);
@@ -164,7 +200,9 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn shell_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))

@@ -13,8 +13,9 @@ use crate::state::State;
 type Labels = Vec<(&'static str, String)>;
 
 /// Buckets from 10 ms to 2 minutes: a warm wake to a cold boot.
-pub const DURATION_BUCKETS: [f64; 15] =
-    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0];
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0,
+];
 
 pub struct SidecarMetrics {
     registry: Registry,
@@ -65,21 +66,81 @@ impl SidecarMetrics {
             wake_failures: Counter::default(),
         };
         let r = &mut registry;
-        r.register("gthread_sidecar_state", "Current sidecar state; exactly one state is 1", m.state.clone());
-        r.register("gthread_sidecar_wake_duration_seconds", "Time to wake a model from sleeping to serving", m.wake_duration.clone());
-        r.register("gthread_sidecar_sleep_duration_seconds", "Time to sleep a model (drain + GPU release)", m.sleep_duration.clone());
-        r.register("gthread_sidecar_requests", "Total requests processed", m.requests.clone());
-        r.register("gthread_sidecar_queue_depth", "Current request queue depth", m.queue_depth.clone());
-        r.register("gthread_sidecar_in_flight_requests", "Number of requests currently being processed", m.in_flight.clone());
-        r.register("gthread_sidecar_gpu_memory_reserved_bytes", "Reserved GPU memory in bytes per GPU index", m.reserved.clone());
-        r.register("gthread_sidecar_gpu_memory_serving_bytes", "Measured serving GPU memory in bytes per GPU index", m.serving.clone());
-        r.register("gthread_sidecar_gpu_memory_residual_bytes", "Measured GPU memory a sleeping engine still holds, per GPU index", m.residual.clone());
-        r.register("gthread_sidecar_preemptions", "Preemption events by role", m.preemptions.clone());
-        r.register("gthread_sidecar_preemption_barrier_timeouts", "Drain timeouts during preemption barrier", m.barrier_timeouts.clone());
-        r.register("gthread_sidecar_wake_deduplications", "Times a wake request was coalesced with an in-flight wake", m.wake_dedups.clone());
-        r.register("gthread_sidecar_gpu_cas_conflicts", "Optimistic CAS conflicts on GPU CRD updates", m.cas_conflicts.clone());
-        r.register("gthread_sidecar_engine_restarts", "Cold restarts of the engine after a failed wake or a crash", m.engine_restarts.clone());
-        r.register("gthread_sidecar_wake_failures", "Engine wake attempts that failed", m.wake_failures.clone());
+        r.register(
+            "gthread_sidecar_state",
+            "Current sidecar state; exactly one state is 1",
+            m.state.clone(),
+        );
+        r.register(
+            "gthread_sidecar_wake_duration_seconds",
+            "Time to wake a model from sleeping to serving",
+            m.wake_duration.clone(),
+        );
+        r.register(
+            "gthread_sidecar_sleep_duration_seconds",
+            "Time to sleep a model (drain + GPU release)",
+            m.sleep_duration.clone(),
+        );
+        r.register(
+            "gthread_sidecar_requests",
+            "Total requests processed",
+            m.requests.clone(),
+        );
+        r.register(
+            "gthread_sidecar_queue_depth",
+            "Current request queue depth",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "gthread_sidecar_in_flight_requests",
+            "Number of requests currently being processed",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_memory_reserved_bytes",
+            "Reserved GPU memory in bytes per GPU index",
+            m.reserved.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_memory_serving_bytes",
+            "Measured serving GPU memory in bytes per GPU index",
+            m.serving.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_memory_residual_bytes",
+            "Measured GPU memory a sleeping engine still holds, per GPU index",
+            m.residual.clone(),
+        );
+        r.register(
+            "gthread_sidecar_preemptions",
+            "Preemption events by role",
+            m.preemptions.clone(),
+        );
+        r.register(
+            "gthread_sidecar_preemption_barrier_timeouts",
+            "Drain timeouts during preemption barrier",
+            m.barrier_timeouts.clone(),
+        );
+        r.register(
+            "gthread_sidecar_wake_deduplications",
+            "Times a wake request was coalesced with an in-flight wake",
+            m.wake_dedups.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_cas_conflicts",
+            "Optimistic CAS conflicts on GPU CRD updates",
+            m.cas_conflicts.clone(),
+        );
+        r.register(
+            "gthread_sidecar_engine_restarts",
+            "Cold restarts of the engine after a failed wake or a crash",
+            m.engine_restarts.clone(),
+        );
+        r.register(
+            "gthread_sidecar_wake_failures",
+            "Engine wake attempts that failed",
+            m.wake_failures.clone(),
+        );
         for status in ["success", "error"] {
             let _ = m.requests.get_or_create(&one("status", status));
         }
@@ -87,7 +148,9 @@ impl SidecarMetrics {
             let _ = m.preemptions.get_or_create(&one("role", role));
         }
         for s in State::ALL {
-            m.state.get_or_create(&one("state", s.as_str())).set(i64::from(s == State::Sleeping));
+            m.state
+                .get_or_create(&one("state", s.as_str()))
+                .set(i64::from(s == State::Sleeping));
         }
         Self { registry, ..m }
     }
@@ -95,7 +158,9 @@ impl SidecarMetrics {
     pub fn set_state(&self, to: State) {
         let _g = self.state_lock.lock().unwrap();
         for s in State::ALL {
-            self.state.get_or_create(&one("state", s.as_str())).set(i64::from(s == to));
+            self.state
+                .get_or_create(&one("state", s.as_str()))
+                .set(i64::from(s == to));
         }
     }
 
@@ -109,15 +174,21 @@ impl SidecarMetrics {
     }
 
     pub fn set_reserved(&self, gpu: u32, bytes: u64) {
-        self.reserved.get_or_create(&one("gpu", gpu.to_string())).set(bytes as i64);
+        self.reserved
+            .get_or_create(&one("gpu", gpu.to_string()))
+            .set(bytes as i64);
     }
 
     pub fn set_serving(&self, gpu: u32, bytes: u64) {
-        self.serving.get_or_create(&one("gpu", gpu.to_string())).set(bytes as i64);
+        self.serving
+            .get_or_create(&one("gpu", gpu.to_string()))
+            .set(bytes as i64);
     }
 
     pub fn set_residual(&self, gpu: u32, bytes: u64) {
-        self.residual.get_or_create(&one("gpu", gpu.to_string())).set(bytes as i64);
+        self.residual
+            .get_or_create(&one("gpu", gpu.to_string()))
+            .set(bytes as i64);
     }
 
     pub fn encode(&self) -> String {

@@ -32,7 +32,11 @@ pub struct EngineProcess {
 
 impl EngineProcess {
     /// `exits` receives a description each time the engine dies without being asked to.
-    pub fn new(command: String, env: Vec<(String, String)>, exits: mpsc::UnboundedSender<String>) -> Self {
+    pub fn new(
+        command: String,
+        env: Vec<(String, String)>,
+        exits: mpsc::UnboundedSender<String>,
+    ) -> Self {
         Self {
             command,
             env,
@@ -95,12 +99,17 @@ impl EngineProcess {
     /// SIGTERM to the group, SIGKILL after `grace`; returns once the engine is reaped.
     pub async fn stop(&self, grace: Duration) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        let Some(mut running) = self.running.lock().await.take() else { return };
+        let Some(mut running) = self.running.lock().await.take() else {
+            return;
+        };
         if *running.exited.borrow() {
             return;
         }
         signal_group(running.pid, libc::SIGTERM);
-        if tokio::time::timeout(grace, running.exited.wait_for(|e| *e)).await.is_err() {
+        if tokio::time::timeout(grace, running.exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
             tracing::warn!(pid = running.pid, "engine ignored SIGTERM; killing it");
             signal_group(running.pid, libc::SIGKILL);
             let _ = running.exited.wait_for(|e| *e).await;

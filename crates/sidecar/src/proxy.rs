@@ -54,7 +54,9 @@ impl Forwarder {
             .parse()
             .map_err(|e| anyhow::anyhow!("--engine-url {engine_url:?}: {e}"))?;
         if uri.scheme_str() != Some("http") {
-            anyhow::bail!("--engine-url {engine_url:?}: the engine is reached over plain http on loopback");
+            anyhow::bail!(
+                "--engine-url {engine_url:?}: the engine is reached over plain http on loopback"
+            );
         }
         let authority = uri
             .authority()
@@ -95,16 +97,29 @@ impl Forwarder {
             if e.is_connect() {
                 ForwardError::Unreachable(e.to_string())
             } else {
-                ForwardError::Failed(format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()))
+                ForwardError::Failed(format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                ))
             }
         })?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if is_event_stream(&parts.headers) {
             // Tell buffering proxies in front of us (nginx) to pass events through.
-            parts.headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            parts
+                .headers
+                .insert("x-accel-buffering", HeaderValue::from_static("no"));
         }
-        Ok(Response::from_parts(parts, Body::new(Guarded { inner: body, _guard: guard })))
+        Ok(Response::from_parts(
+            parts,
+            Body::new(Guarded {
+                inner: body,
+                _guard: guard,
+            }),
+        ))
     }
 }
 

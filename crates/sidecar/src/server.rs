@@ -41,15 +41,23 @@ impl IntoResponse for Rejection {
                     "rate_limit_exceeded",
                     format!("request queue is full ({depth} waiting); retry later"),
                 );
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
             Rejection::Deadline { waited, reason } => api_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "timeout",
-                format!("request waited {:.1}s without being served: {reason}", waited.as_secs_f64()),
+                format!(
+                    "request waited {:.1}s without being served: {reason}",
+                    waited.as_secs_f64()
+                ),
             ),
-            Rejection::Failed(reason) => api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", reason),
+            Rejection::Failed(reason) => api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                reason,
+            ),
         }
     }
 }
@@ -81,7 +89,11 @@ async fn health(State(s): State<AppState>) -> Response {
     if s.sidecar.boot_ready() {
         StatusCode::OK.into_response()
     } else {
-        api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "engine is booting")
+        api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "engine is booting",
+        )
     }
 }
 
@@ -93,7 +105,11 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
 async fn models(State(s): State<AppState>) -> Response {
     match s.sidecar.cached_models() {
         Some(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        None => api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "engine is booting"),
+        None => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "engine is booting",
+        ),
     }
 }
 
@@ -103,7 +119,11 @@ async fn infer(State(s): State<AppState>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => {
             s.sidecar.metrics.request(false);
-            return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", format!("reading request body: {e}"));
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("reading request body: {e}"),
+            );
         }
     };
     // A request that could not reach the engine is sent again after the engine is back.
@@ -128,12 +148,19 @@ async fn infer(State(s): State<AppState>, req: Request) -> Response {
         }
     }
     s.sidecar.metrics.request(false);
-    api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "engine unreachable after restarts")
+    api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        "engine unreachable after restarts",
+    )
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.sidecar.metrics.encode(),
     )
         .into_response()
@@ -142,8 +169,14 @@ async fn metrics(State(s): State<AppState>) -> Response {
 /// The engine's own metrics, re-exported for the vLLM monitor; never counts as traffic.
 async fn engine_metrics(State(s): State<AppState>) -> Response {
     match s.sidecar.engine().metrics().await {
-        Ok((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], Body::from(body)).into_response(),
-        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", e.to_string()),
+        Ok((content_type, body)) => {
+            ([(header::CONTENT_TYPE, content_type)], Body::from(body)).into_response()
+        }
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            e.to_string(),
+        ),
     }
 }
 

@@ -111,7 +111,10 @@ impl Drop for QueuedGuard<'_> {
         let mut inner = self.sidecar.inner.lock().unwrap();
         if let Some(pos) = inner.queue.iter().position(|w| w.id == self.id) {
             inner.queue.remove(pos);
-            self.sidecar.metrics.queue_depth.set(inner.queue.len() as i64);
+            self.sidecar
+                .metrics
+                .queue_depth
+                .set(inner.queue.len() as i64);
             if inner.queue.is_empty() {
                 self.sidecar.queue_emptied.notify_waiters();
             }
@@ -231,7 +234,9 @@ impl Sidecar {
         inner.last_activity = Instant::now();
         self.metrics.in_flight.set(inner.in_flight as i64);
         self.in_flight_tx.send_replace(inner.in_flight);
-        InFlight { sidecar: self.clone() }
+        InFlight {
+            sidecar: self.clone(),
+        }
     }
 
     /// Starts a wake if the model sleeps and is booted; the caller holds the lock.
@@ -255,7 +260,9 @@ impl Sidecar {
                 return Ok(self.admit_locked(&mut inner));
             }
             if inner.queue.len() >= self.cfg.max_queue {
-                return Err(Rejection::QueueFull { depth: inner.queue.len() });
+                return Err(Rejection::QueueFull {
+                    depth: inner.queue.len(),
+                });
             }
             let (tx, rx) = oneshot::channel();
             let id = inner.next_waiter;
@@ -284,7 +291,10 @@ impl Sidecar {
                 let inner = self.inner.lock().unwrap();
                 Err(Rejection::Deadline {
                     waited: arrived.elapsed(),
-                    reason: format!("model {} is {}: {}", self.cfg.model, inner.state, inner.waiting_on),
+                    reason: format!(
+                        "model {} is {}: {}",
+                        self.cfg.model, inner.state, inner.waiting_on
+                    ),
                 })
             }
         }
@@ -322,12 +332,20 @@ impl Sidecar {
     async fn ledger_update<T: Send>(
         &self,
         gpu: &str,
-        decide: impl FnMut(&greenthread_api::Gpu) -> Result<(Option<greenthread_api::GpuStatus>, T), ClaimError> + Send,
+        decide: impl FnMut(
+            &greenthread_api::Gpu,
+        ) -> Result<(Option<greenthread_api::GpuStatus>, T), ClaimError>
+        + Send,
     ) -> Result<T, ClaimError> {
         let conflicts = &self.metrics.cas_conflicts;
-        greenthread_ledger::update(&*self.ledger, gpu, &|| {
-            conflicts.inc();
-        }, decide)
+        greenthread_ledger::update(
+            &*self.ledger,
+            gpu,
+            &|| {
+                conflicts.inc();
+            },
+            decide,
+        )
         .await
     }
 
@@ -344,7 +362,12 @@ impl Sidecar {
                 let result = self
                     .ledger_update(&gpu.name, |g| {
                         let now = Timestamp::now();
-                        let locked = decide::acquire_wake_lock(&decide::register(&g.status, &claim, now), &pod, ttl, now)?;
+                        let locked = decide::acquire_wake_lock(
+                            &decide::register(&g.status, &claim, now),
+                            &pod,
+                            ttl,
+                            now,
+                        )?;
                         Ok((Some(decide::claim(&g.spec, &locked, &claim, now)?), ()))
                     })
                     .await;
@@ -384,7 +407,12 @@ impl Sidecar {
     async fn release_gpu(&self, gpu: &GpuRef, residual: u64) {
         let pod = self.pod.clone();
         let r = self
-            .ledger_update(&gpu.name, |g| Ok((Some(decide::release(&g.status, &pod, residual, Timestamp::now())), ())))
+            .ledger_update(&gpu.name, |g| {
+                Ok((
+                    Some(decide::release(&g.status, &pod, residual, Timestamp::now())),
+                    (),
+                ))
+            })
             .await;
         if let Err(e) = r {
             tracing::error!(gpu = %gpu.name, error = %e, "could not release reservation");
@@ -393,7 +421,10 @@ impl Sidecar {
 
     async fn release_all(&self, residual: &[(u32, u64)]) {
         for gpu in &self.gpus {
-            let r = residual.iter().find(|(i, _)| *i == gpu.index).map_or(0, |(_, b)| *b);
+            let r = residual
+                .iter()
+                .find(|(i, _)| *i == gpu.index)
+                .map_or(0, |(_, b)| *b);
             self.release_gpu(gpu, r).await;
             self.metrics.set_reserved(gpu.index, 0);
             self.metrics.set_residual(gpu.index, r);
@@ -440,7 +471,10 @@ impl Sidecar {
             match self.engine.health().await {
                 Ok(()) => return Ok(()),
                 Err(e) if start.elapsed() > self.cfg.boot_timeout => {
-                    return Err(format!("engine did not come up within {:?}: {e}", self.cfg.boot_timeout));
+                    return Err(format!(
+                        "engine did not come up within {:?}: {e}",
+                        self.cfg.boot_timeout
+                    ));
                 }
                 Err(_) => {
                     if last_report.elapsed() > Duration::from_secs(10) {
@@ -457,7 +491,9 @@ impl Sidecar {
     /// Stops (if owned) and starts the engine, and waits until it answers.
     async fn cold_start(&self) -> Result<(), String> {
         if let Some(p) = &self.process {
-            p.restart(Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+            p.restart(Duration::from_secs(10))
+                .await
+                .map_err(|e| e.to_string())?;
         }
         self.wait_engine_up().await?;
         if let Ok(models) = self.engine.models().await {
@@ -485,12 +521,15 @@ impl Sidecar {
             let lost = self.inner.lock().unwrap().engine_lost;
             if lost || attempts >= self.cfg.wake_attempts {
                 if restarts >= self.cfg.max_restarts {
-                    return Err(format!("engine failed to wake after {restarts} cold restarts: {last_error}"));
+                    return Err(format!(
+                        "engine failed to wake after {restarts} cold restarts: {last_error}"
+                    ));
                 }
                 restarts += 1;
                 self.metrics.engine_restarts.inc();
                 tracing::warn!(model = %self.cfg.model, restarts, error = %last_error, "cold restart of the engine");
-                self.inner.lock().unwrap().waiting_on = format!("engine cold restart #{restarts} after: {last_error}");
+                self.inner.lock().unwrap().waiting_on =
+                    format!("engine cold restart #{restarts} after: {last_error}");
                 match self.cold_start().await {
                     Ok(()) => {}
                     Err(e) => {
@@ -511,7 +550,12 @@ impl Sidecar {
             }
             attempts += 1;
             self.inner.lock().unwrap().waiting_on = "the engine is waking".into();
-            let woke = match tokio::time::timeout(self.cfg.wake_timeout, self.engine.wake(self.cfg.sleep_level)).await {
+            let woke = match tokio::time::timeout(
+                self.cfg.wake_timeout,
+                self.engine.wake(self.cfg.sleep_level),
+            )
+            .await
+            {
                 Ok(Ok(())) => self.verify_awake().await,
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(EngineError::Timeout("wake_up").to_string()),
@@ -561,7 +605,9 @@ impl Sidecar {
                 {
                     let mut inner = self.inner.lock().unwrap();
                     if let Some(since) = inner.demand_since.take() {
-                        self.metrics.wake_duration.observe(since.elapsed().as_secs_f64());
+                        self.metrics
+                            .wake_duration
+                            .observe(since.elapsed().as_secs_f64());
                     }
                     inner.serving_since = Some(Instant::now());
                     inner.last_activity = Instant::now();
@@ -626,8 +672,15 @@ impl Sidecar {
             self.metrics.barrier_timeouts.inc();
             tracing::warn!(model = %self.cfg.model, timeout = ?self.cfg.drain_timeout, "drain timed out; sleeping anyway");
         }
-        let slept = tokio::time::timeout(self.cfg.wake_timeout, self.engine.sleep(self.cfg.sleep_level)).await;
-        if let Err(e) = slept.map_err(|_| EngineError::Timeout("sleep")).and_then(|r| r) {
+        let slept = tokio::time::timeout(
+            self.cfg.wake_timeout,
+            self.engine.sleep(self.cfg.sleep_level),
+        )
+        .await;
+        if let Err(e) = slept
+            .map_err(|_| EngineError::Timeout("sleep"))
+            .and_then(|r| r)
+        {
             // An engine that cannot sleep cannot be trusted with memory: stop it.
             tracing::error!(model = %self.cfg.model, error = %e, "engine sleep failed; stopping it");
             if let Some(p) = &self.process {
@@ -639,7 +692,9 @@ impl Sidecar {
         self.release_all(&residual).await;
         let mut inner = self.inner.lock().unwrap();
         inner.serving_since = None;
-        self.metrics.sleep_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .sleep_duration
+            .observe(started.elapsed().as_secs_f64());
         self.apply(&mut inner, Event::Slept);
         self.demand_locked(&mut inner);
         Ok(())
@@ -677,7 +732,11 @@ impl Sidecar {
                 let mut free = u64::MAX;
                 for g in &self.gpus {
                     let rec = self.ledger.get(&g.name).await?;
-                    free = free.min(decide::available_bytes(&rec.spec, &rec.status, Some(&self.pod)));
+                    free = free.min(decide::available_bytes(
+                        &rec.spec,
+                        &rec.status,
+                        Some(&self.pod),
+                    ));
                 }
                 free
             }
@@ -723,8 +782,14 @@ impl Sidecar {
             let (state, busy, deadline) = {
                 let inner = self.inner.lock().unwrap();
                 let idle_at = inner.last_activity + self.cfg.idle_timeout;
-                let deadline = inner.serving_since.map_or(idle_at, |s| idle_at.max(s + self.cfg.min_runtime));
-                (inner.state, inner.in_flight > 0 || !inner.queue.is_empty(), deadline)
+                let deadline = inner
+                    .serving_since
+                    .map_or(idle_at, |s| idle_at.max(s + self.cfg.min_runtime));
+                (
+                    inner.state,
+                    inner.in_flight > 0 || !inner.queue.is_empty(),
+                    deadline,
+                )
             };
             if state != State::Serving {
                 if states.changed().await.is_err() {
@@ -758,7 +823,9 @@ impl Sidecar {
             let accessed = {
                 let inner = self.inner.lock().unwrap();
                 let ago = inner.last_activity.elapsed();
-                Timestamp::now().checked_sub(jiff::SignedDuration::try_from(ago).unwrap_or_default()).ok()
+                Timestamp::now()
+                    .checked_sub(jiff::SignedDuration::try_from(ago).unwrap_or_default())
+                    .ok()
             };
             for gpu in &self.gpus {
                 let pod = self.pod.clone();
@@ -767,7 +834,10 @@ impl Sidecar {
                         if g.status.occupant(&pod).is_none() {
                             return Ok((None, ()));
                         }
-                        Ok((Some(decide::touch(&g.status, &pod, accessed, Timestamp::now())), ()))
+                        Ok((
+                            Some(decide::touch(&g.status, &pod, accessed, Timestamp::now())),
+                            (),
+                        ))
                     })
                     .await;
             }
@@ -782,7 +852,9 @@ impl Sidecar {
         for gpu in &self.gpus {
             let pod = self.pod.clone();
             let _ = self
-                .ledger_update(&gpu.name, |g| Ok((Some(decide::remove_pod(&g.status, &pod)), ())))
+                .ledger_update(&gpu.name, |g| {
+                    Ok((Some(decide::remove_pod(&g.status, &pod)), ()))
+                })
                 .await;
         }
         let mut inner = self.inner.lock().unwrap();

@@ -91,7 +91,9 @@ mod tests {
     use Event::*;
     use State::*;
 
-    const EVENTS: [Event; 8] = [Demand, Claimed, Abandoned, Awake, WakeFailed, Deactivate, Slept, EngineLost];
+    const EVENTS: [Event; 8] = [
+        Demand, Claimed, Abandoned, Awake, WakeFailed, Deactivate, Slept, EngineLost,
+    ];
 
     #[test]
     fn every_legal_transition() {
@@ -116,7 +118,10 @@ mod tests {
                 if legal.iter().any(|(f, e, _)| *f == from && *e == event) {
                     continue;
                 }
-                assert_eq!(transition(from, event), Err(IllegalTransition { from, event }));
+                assert_eq!(
+                    transition(from, event),
+                    Err(IllegalTransition { from, event })
+                );
                 rejected += 1;
             }
         }

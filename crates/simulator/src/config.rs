@@ -75,7 +75,9 @@ pub struct SimConfig {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<ByteSize>().map(ByteSize::bytes).map_err(|e| e.to_string())
+    s.parse::<ByteSize>()
+        .map(ByteSize::bytes)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {

@@ -69,7 +69,13 @@ impl SimEngine {
         let gpu = cfg.sim_gpu_dir.clone().map(SimGpu::new);
         Arc::new(Self {
             metrics: Metrics::new(&cfg.model),
-            state: Mutex::new(State { level: 0, weights_on_gpu: true, weights_valid: true, kv_on_gpu: true, leaked: 0 }),
+            state: Mutex::new(State {
+                level: 0,
+                weights_on_gpu: true,
+                weights_valid: true,
+                kv_on_gpu: true,
+                leaked: 0,
+            }),
             gpu,
             transition: tokio::sync::Mutex::new(()),
             abort: watch::Sender::new(0),
@@ -113,7 +119,8 @@ impl SimEngine {
             f(&mut s);
             *s
         };
-        self.metrics.set_sleep_state(crate::metrics::SLEEP_STATES[state.level as usize]);
+        self.metrics
+            .set_sleep_state(crate::metrics::SLEEP_STATES[state.level as usize]);
         self.publish_memory();
     }
 
@@ -145,8 +152,11 @@ impl SimEngine {
     }
 
     pub async fn sleep(&self, level: u8, wait: bool) -> Result<(), EngineError> {
+        self.metrics.sleep_calls.inc();
         if !(1..=2).contains(&level) {
-            return Err(EngineError::Failed(format!("invalid sleep level {level}: expected 1 or 2")));
+            return Err(EngineError::Failed(format!(
+                "invalid sleep level {level}: expected 1 or 2"
+            )));
         }
         let _t = self.transition.lock().await;
         if self.is_sleeping() {
@@ -158,9 +168,16 @@ impl SimEngine {
             self.abort.send_modify(|n| *n += 1);
         }
         if level == 1 {
-            tokio::time::sleep(SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.d2h_bandwidth)).await;
+            tokio::time::sleep(SimConfig::transfer_time(
+                self.cfg.weights_bytes,
+                self.cfg.d2h_bandwidth,
+            ))
+            .await;
         }
-        let leak = self.cfg.leak_on_sleep.min(self.cfg.weights_bytes + self.cfg.kv_cache_bytes);
+        let leak = self
+            .cfg
+            .leak_on_sleep
+            .min(self.cfg.weights_bytes + self.cfg.kv_cache_bytes);
         self.set_state(|s| {
             s.level = level;
             s.weights_on_gpu = false;
@@ -172,6 +189,7 @@ impl SimEngine {
     }
 
     pub async fn wake(&self, tags: &[String]) -> Result<(), EngineError> {
+        self.metrics.wake_calls.inc();
         if self.cfg.wake_hang {
             std::future::pending::<()>().await;
         }
@@ -179,7 +197,9 @@ impl SimEngine {
         let left = self.wake_failures_left.load(Ordering::SeqCst);
         if left > 0 {
             self.wake_failures_left.store(left - 1, Ordering::SeqCst);
-            return Err(EngineError::Failed("CUDA error: out of memory (simulated wake failure)".into()));
+            return Err(EngineError::Failed(
+                "CUDA error: out of memory (simulated wake failure)".into(),
+            ));
         }
         let all = tags.is_empty();
         let want_weights = all || tags.iter().any(|t| t == "weights");
@@ -190,7 +210,11 @@ impl SimEngine {
         let s = self.state();
         if want_weights && !s.weights_on_gpu {
             if s.level == 1 {
-                tokio::time::sleep(SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.h2d_bandwidth)).await;
+                tokio::time::sleep(SimConfig::transfer_time(
+                    self.cfg.weights_bytes,
+                    self.cfg.h2d_bandwidth,
+                ))
+                .await;
             }
             self.set_state(|s| {
                 s.weights_on_gpu = true;
@@ -213,9 +237,16 @@ impl SimEngine {
     pub async fn reload_weights(&self) -> Result<(), EngineError> {
         let _t = self.transition.lock().await;
         if !self.state().weights_on_gpu {
-            return Err(EngineError::Failed("reload_weights: weights are not allocated; wake_up(tags=[\"weights\"]) first".into()));
+            return Err(EngineError::Failed(
+                "reload_weights: weights are not allocated; wake_up(tags=[\"weights\"]) first"
+                    .into(),
+            ));
         }
-        tokio::time::sleep(SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.disk_bandwidth)).await;
+        tokio::time::sleep(SimConfig::transfer_time(
+            self.cfg.weights_bytes,
+            self.cfg.disk_bandwidth,
+        ))
+        .await;
         self.set_state(|s| s.weights_valid = true);
         Ok(())
     }
@@ -233,18 +264,28 @@ impl SimEngine {
     }
 
     fn update_cache_usage(&self, running: usize) {
-        self.metrics.cache_usage.set(running as f64 / self.cfg.max_num_seqs.max(1) as f64);
+        self.metrics
+            .cache_usage
+            .set(running as f64 / self.cfg.max_num_seqs.max(1) as f64);
     }
 
     /// Waits for a sequence slot, counting the wait as vLLM does.
     pub async fn admit(self: &Arc<Self>) -> RunGuard {
         self.metrics.waiting.inc();
-        let permit = self.seqs.clone().acquire_owned().await.expect("semaphore is never closed");
+        let permit = self
+            .seqs
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
         self.metrics.waiting.dec();
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics.running.set(now as i64);
         self.update_cache_usage(now);
-        RunGuard { engine: self.clone(), _permit: permit }
+        RunGuard {
+            engine: self.clone(),
+            _permit: permit,
+        }
     }
 
     pub fn abort_signal(&self) -> watch::Receiver<u64> {
@@ -254,7 +295,11 @@ impl SimEngine {
     /// A request finished; the crash fault fires after the configured count.
     pub fn finished(&self) {
         let n = self.served.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.cfg.crash_after_requests.is_some_and(|limit| n >= limit) {
+        if self
+            .cfg
+            .crash_after_requests
+            .is_some_and(|limit| n >= limit)
+        {
             tracing::warn!(requests = n, "simulated crash");
             tokio::spawn(async {
                 // Let the last response reach the client before dying.

@@ -8,5 +8,5 @@ mod openai;
 mod server;
 
 pub use config::{AsleepBehavior, SimConfig};
-pub use server::{bind_and_serve, router};
 pub use engine::SimEngine;
+pub use server::{bind_and_serve, router};

@@ -25,12 +25,16 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub sleep_state: Family<Labels, Gauge>,
+    /// The simulator's own counters (not vLLM's), for tests and benchmarks.
+    pub wake_calls: Counter,
+    pub sleep_calls: Counter,
+    pub inference_requests: Counter,
 }
 
 fn latency_buckets() -> Vec<f64> {
     vec![
-        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-        10.0, 20.0, 40.0, 80.0, 160.0,
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        20.0, 40.0, 80.0, 160.0,
     ]
 }
 
@@ -52,38 +56,118 @@ impl Metrics {
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             sleep_state: Family::default(),
+            wake_calls: Counter::default(),
+            sleep_calls: Counter::default(),
+            inference_requests: Counter::default(),
         };
-        registry.register("vllm:request_success", "Successful inference requests", m.request_success.clone());
-        let sub = registry.sub_registry_with_labels(labels.into_iter().map(|(k, v)| (k.into(), v.into())));
-        sub.register("vllm:request_duration_seconds", "End-to-end request duration", m.request_duration.clone());
-        sub.register("vllm:e2e_request_latency_seconds", "End-to-end request latency", m.e2e_latency.clone());
-        sub.register("vllm:time_to_first_token_seconds", "Time to first token", m.ttft.clone());
-        sub.register("vllm:time_per_output_token_seconds", "Inter-token latency", m.tpot.clone());
-        sub.register("vllm:num_requests_running", "Requests running", m.running.clone());
-        sub.register("vllm:num_requests_waiting", "Requests waiting", m.waiting.clone());
-        sub.register("vllm:gpu_cache_usage_perc", "KV cache usage (1 = 100%)", m.cache_usage.clone());
-        sub.register("vllm:prompt_tokens", "Prompt tokens processed", m.prompt_tokens.clone());
-        sub.register("vllm:generation_tokens", "Generation tokens produced", m.generation_tokens.clone());
-        registry.register("vllm:engine_sleep_state", "Engine sleep state (one-hot)", m.sleep_state.clone());
+        registry.register(
+            "vllm:request_success",
+            "Successful inference requests",
+            m.request_success.clone(),
+        );
+        let sub = registry
+            .sub_registry_with_labels(labels.into_iter().map(|(k, v)| (k.into(), v.into())));
+        sub.register(
+            "vllm:request_duration_seconds",
+            "End-to-end request duration",
+            m.request_duration.clone(),
+        );
+        sub.register(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency",
+            m.e2e_latency.clone(),
+        );
+        sub.register(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token",
+            m.ttft.clone(),
+        );
+        sub.register(
+            "vllm:time_per_output_token_seconds",
+            "Inter-token latency",
+            m.tpot.clone(),
+        );
+        sub.register(
+            "vllm:num_requests_running",
+            "Requests running",
+            m.running.clone(),
+        );
+        sub.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting",
+            m.waiting.clone(),
+        );
+        sub.register(
+            "vllm:gpu_cache_usage_perc",
+            "KV cache usage (1 = 100%)",
+            m.cache_usage.clone(),
+        );
+        sub.register(
+            "vllm:prompt_tokens",
+            "Prompt tokens processed",
+            m.prompt_tokens.clone(),
+        );
+        sub.register(
+            "vllm:generation_tokens",
+            "Generation tokens produced",
+            m.generation_tokens.clone(),
+        );
+        registry.register(
+            "vllm:engine_sleep_state",
+            "Engine sleep state (one-hot)",
+            m.sleep_state.clone(),
+        );
+        registry.register(
+            "greenthread_sim_wake_calls",
+            "wake_up calls received",
+            m.wake_calls.clone(),
+        );
+        registry.register(
+            "greenthread_sim_sleep_calls",
+            "sleep calls received",
+            m.sleep_calls.clone(),
+        );
+        registry.register(
+            "greenthread_sim_inference_requests",
+            "Inference requests received",
+            m.inference_requests.clone(),
+        );
         for s in SLEEP_STATES {
-            m.sleep_state.get_or_create(&m.sleep_labels(s)).set(i64::from(s == "awake"));
+            m.sleep_state
+                .get_or_create(&m.sleep_labels(s))
+                .set(i64::from(s == "awake"));
+        }
+        for reason in ["length", "stop"] {
+            let _ = m.request_success.get_or_create(&vec![
+                ("finished_reason", reason.into()),
+                ("model_name", m.model.clone()),
+            ]);
         }
         Self { registry, ..m }
     }
 
     fn sleep_labels(&self, state: &'static str) -> Labels {
-        vec![("engine", "0".into()), ("model_name", self.model.clone()), ("sleep_state", state.into())]
+        vec![
+            ("engine", "0".into()),
+            ("model_name", self.model.clone()),
+            ("sleep_state", state.into()),
+        ]
     }
 
     pub fn set_sleep_state(&self, state: &'static str) {
         for s in SLEEP_STATES {
-            self.sleep_state.get_or_create(&self.sleep_labels(s)).set(i64::from(s == state));
+            self.sleep_state
+                .get_or_create(&self.sleep_labels(s))
+                .set(i64::from(s == state));
         }
     }
 
     pub fn success(&self, finished_reason: &'static str) {
         self.request_success
-            .get_or_create(&vec![("finished_reason", finished_reason.into()), ("model_name", self.model.clone())])
+            .get_or_create(&vec![
+                ("finished_reason", finished_reason.into()),
+                ("model_name", self.model.clone()),
+            ])
             .inc();
     }
 

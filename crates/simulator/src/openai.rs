@@ -42,7 +42,9 @@ impl InferenceRequest {
     }
 
     pub fn max_tokens(&self, default: u32) -> u32 {
-        self.max_completion_tokens.or(self.max_tokens).unwrap_or(default)
+        self.max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(default)
     }
 }
 
@@ -67,9 +69,18 @@ pub fn token(prompt: &str, i: u32) -> &'static str {
     WORDS[(h >> 60) as usize]
 }
 
-pub fn completion_body(kind: Kind, id: &str, model: &str, text: &str, prompt_tokens: u32, completion_tokens: u32) -> Value {
+pub fn completion_body(
+    kind: Kind,
+    id: &str,
+    model: &str,
+    text: &str,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+) -> Value {
     let choice = match kind {
-        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}),
+        Kind::Chat => {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+        }
         Kind::Completion => json!({"index": 0, "text": text, "finish_reason": "length"}),
     };
     json!({
@@ -95,7 +106,9 @@ pub fn chunk(kind: Kind, id: &str, model: &str, text: Option<&str>, finish: Opti
             };
             json!({"index": 0, "delta": delta, "finish_reason": finish})
         }
-        Kind::Completion => json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish}),
+        Kind::Completion => {
+            json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish})
+        }
     };
     json!({
         "id": id,

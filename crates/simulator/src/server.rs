@@ -24,7 +24,10 @@ type Shared = Arc<SimEngine>;
 pub fn router(engine: Shared) -> Router {
     Router::new()
         .route("/health", get(|| async { StatusCode::OK }))
-        .route("/version", get(|| async { Json(json!({"version": "greenthread-sim"})) }))
+        .route(
+            "/version",
+            get(|| async { Json(json!({"version": "greenthread-sim"})) }),
+        )
         .route("/v1/models", get(models))
         .route("/is_sleeping", get(is_sleeping))
         .route("/sleep", post(sleep))
@@ -67,8 +70,16 @@ async fn shutdown_signal() {
 }
 
 fn error(status: StatusCode, message: impl AsRef<str>) -> Response {
-    let kind = if status.is_client_error() { "BadRequestError" } else { "InternalServerError" };
-    (status, Json(openai::error_body(message.as_ref(), kind, status.as_u16()))).into_response()
+    let kind = if status.is_client_error() {
+        "BadRequestError"
+    } else {
+        "InternalServerError"
+    };
+    (
+        status,
+        Json(openai::error_body(message.as_ref(), kind, status.as_u16())),
+    )
+        .into_response()
 }
 
 impl IntoResponse for EngineError {
@@ -126,7 +137,10 @@ async fn collective_rpc(State(e): State<Shared>, body: Bytes) -> Response {
             Ok(()) => Json(json!({"results": [null]})).into_response(),
             Err(err) => err.into_response(),
         },
-        other => error(StatusCode::BAD_REQUEST, format!("unsupported collective_rpc method {other:?}")),
+        other => error(
+            StatusCode::BAD_REQUEST,
+            format!("unsupported collective_rpc method {other:?}"),
+        ),
     }
 }
 
@@ -149,7 +163,10 @@ async fn detokenize(body: Bytes) -> Response {
 
 async fn metrics(State(e): State<Shared>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         e.metrics.encode(),
     )
         .into_response()
@@ -164,25 +181,40 @@ async fn completions(State(e): State<Shared>, body: Bytes) -> Response {
 }
 
 async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
+    e.metrics.inference_requests.inc();
     let req: InferenceRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(err) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {err}")),
+        Err(err) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {err}"),
+            );
+        }
     };
     if let Some(m) = &req.model
         && m != &e.cfg.model
     {
-        return error(StatusCode::NOT_FOUND, format!("The model `{m}` does not exist."));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("The model `{m}` does not exist."),
+        );
     }
     if e.is_sleeping() {
         match e.cfg.asleep_behavior {
             AsleepBehavior::Error => {
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "engine is sleeping; wake it up first");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "engine is sleeping; wake it up first",
+                );
             }
             AsleepBehavior::Hang => std::future::pending::<()>().await,
         }
     }
     if !e.state().weights_valid {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "model weights are not loaded (woken from level 2 without reload_weights)");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "model weights are not loaded (woken from level 2 without reload_weights)",
+        );
     }
 
     let start = Instant::now();
@@ -190,10 +222,23 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     let prompt = req.prompt_text();
     let prompt_tokens = openai::count_tokens(&prompt);
     let n = req.max_tokens(e.cfg.default_max_tokens);
-    let id = format!("{}-sim-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, e.next_id());
-    let per_token = if e.cfg.tokens_per_second > 0.0 { 1.0 / e.cfg.tokens_per_second } else { 0.0 };
+    let id = format!(
+        "{}-sim-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        e.next_id()
+    );
+    let per_token = if e.cfg.tokens_per_second > 0.0 {
+        1.0 / e.cfg.tokens_per_second
+    } else {
+        0.0
+    };
     let first_token = tokio::time::Instant::from_std(start) + e.cfg.ttft;
-    let token_at = move |i: u32| first_token + std::time::Duration::from_secs_f64(per_token * f64::from(i));
+    let token_at =
+        move |i: u32| first_token + std::time::Duration::from_secs_f64(per_token * f64::from(i));
     let mut abort = e.abort_signal();
     abort.mark_unchanged();
     e.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
@@ -204,10 +249,20 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
             _ = tokio::time::sleep_until(done) => {}
             _ = abort.changed() => return error(StatusCode::INTERNAL_SERVER_ERROR, "request aborted: engine is going to sleep"),
         }
-        let text: String = (0..n).map(|i| format!("{} ", openai::token(&prompt, i))).collect();
+        let text: String = (0..n)
+            .map(|i| format!("{} ", openai::token(&prompt, i)))
+            .collect();
         record_finished(&e, start, n);
         drop(guard);
-        return Json(openai::completion_body(kind, &id, &e.cfg.model, &text, prompt_tokens, n)).into_response();
+        return Json(openai::completion_body(
+            kind,
+            &id,
+            &e.cfg.model,
+            &text,
+            prompt_tokens,
+            n,
+        ))
+        .into_response();
     }
 
     let model = e.cfg.model.clone();
@@ -225,7 +280,10 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
                     record_finished(&e, start, n);
                     drop(guard);
                     let frame = format!("data: {last}\n\ndata: [DONE]\n\n");
-                    return Some((Ok::<_, std::io::Error>(Bytes::from(frame)), (i + 1, None, abort)));
+                    return Some((
+                        Ok::<_, std::io::Error>(Bytes::from(frame)),
+                        (i + 1, None, abort),
+                    ));
                 }
                 tokio::select! {
                     _ = tokio::time::sleep_until(token_at(i)) => {}
@@ -234,8 +292,17 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
                         return Some((Err(std::io::Error::other("aborted: engine is going to sleep")), (n + 1, None, abort)));
                     }
                 }
-                let chunk = openai::chunk(kind, &id, &model, Some(&format!("{} ", openai::token(&prompt, i))), None);
-                Some((Ok(Bytes::from(format!("data: {chunk}\n\n"))), (i + 1, Some(guard), abort)))
+                let chunk = openai::chunk(
+                    kind,
+                    &id,
+                    &model,
+                    Some(&format!("{} ", openai::token(&prompt, i))),
+                    None,
+                );
+                Some((
+                    Ok(Bytes::from(format!("data: {chunk}\n\n"))),
+                    (i + 1, Some(guard), abort),
+                ))
             }
         },
     );
@@ -252,7 +319,9 @@ fn record_finished(e: &SimEngine, start: Instant, n: u32) {
     e.metrics.e2e_latency.observe(elapsed);
     e.metrics.ttft.observe(e.cfg.ttft.as_secs_f64());
     if n > 1 {
-        e.metrics.tpot.observe(1.0 / e.cfg.tokens_per_second.max(f64::MIN_POSITIVE));
+        e.metrics
+            .tpot
+            .observe(1.0 / e.cfg.tokens_per_second.max(f64::MIN_POSITIVE));
     }
     e.metrics.generation_tokens.inc_by(u64::from(n));
     e.metrics.success("length");

@@ -12,7 +12,11 @@ pub enum EngineError {
     #[error("engine unreachable: {0}")]
     Unreachable(String),
     #[error("engine answered {status} to {call}: {body}")]
-    Status { call: &'static str, status: u16, body: String },
+    Status {
+        call: &'static str,
+        status: u16,
+        body: String,
+    },
     #[error("engine call {0} timed out")]
     Timeout(&'static str),
     #[error("engine misbehaved: {0}")]

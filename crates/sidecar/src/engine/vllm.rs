@@ -19,7 +19,10 @@ impl VllmAdapter {
             .no_proxy()
             .build()
             .expect("a plain http client builds");
-        Self { base: base.trim_end_matches('/').to_string(), http }
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        }
     }
 
     async fn call(
@@ -39,7 +42,11 @@ impl VllmAdapter {
             return Ok(resp);
         }
         let body = resp.text().await.unwrap_or_default();
-        Err(EngineError::Status { call, status: status.as_u16(), body })
+        Err(EngineError::Status {
+            call,
+            status: status.as_u16(),
+            body,
+        })
     }
 
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
@@ -54,11 +61,21 @@ impl VllmAdapter {
 #[async_trait]
 impl EngineAdapter for VllmAdapter {
     async fn health(&self) -> Result<(), EngineError> {
-        self.call("health", self.get("/health").timeout(Duration::from_secs(5))).await.map(drop)
+        self.call(
+            "health",
+            self.get("/health").timeout(Duration::from_secs(5)),
+        )
+        .await
+        .map(drop)
     }
 
     async fn is_sleeping(&self) -> Result<bool, EngineError> {
-        let resp = self.call("is_sleeping", self.get("/is_sleeping").timeout(Duration::from_secs(10))).await?;
+        let resp = self
+            .call(
+                "is_sleeping",
+                self.get("/is_sleeping").timeout(Duration::from_secs(10)),
+            )
+            .await?;
         let v: serde_json::Value = resp
             .json()
             .await
@@ -69,7 +86,9 @@ impl EngineAdapter for VllmAdapter {
     }
 
     async fn sleep(&self, level: u8) -> Result<(), EngineError> {
-        self.call("sleep", self.post(&format!("/sleep?level={level}"))).await.map(drop)
+        self.call("sleep", self.post(&format!("/sleep?level={level}")))
+            .await
+            .map(drop)
     }
 
     async fn wake(&self, level: u8) -> Result<(), EngineError> {
@@ -78,30 +97,50 @@ impl EngineAdapter for VllmAdapter {
         }
         // Level 2 discarded the weights: allocate them, reload from disk, then the KV
         // cache, and drop prefix-cache entries computed with the old weights.
-        self.call("wake_up(weights)", self.post("/wake_up?tags=weights")).await?;
+        self.call("wake_up(weights)", self.post("/wake_up?tags=weights"))
+            .await?;
         self.call(
             "reload_weights",
-            self.post("/collective_rpc").json(&json!({"method": "reload_weights"})),
+            self.post("/collective_rpc")
+                .json(&json!({"method": "reload_weights"})),
         )
         .await?;
-        self.call("wake_up(kv_cache)", self.post("/wake_up?tags=kv_cache")).await?;
-        self.call("reset_prefix_cache", self.post("/reset_prefix_cache")).await.map(drop)
+        self.call("wake_up(kv_cache)", self.post("/wake_up?tags=kv_cache"))
+            .await?;
+        self.call("reset_prefix_cache", self.post("/reset_prefix_cache"))
+            .await
+            .map(drop)
     }
 
     async fn models(&self) -> Result<Bytes, EngineError> {
-        let resp = self.call("models", self.get("/v1/models").timeout(Duration::from_secs(10))).await?;
-        resp.bytes().await.map_err(|e| EngineError::Protocol(format!("models: {e}")))
+        let resp = self
+            .call(
+                "models",
+                self.get("/v1/models").timeout(Duration::from_secs(10)),
+            )
+            .await?;
+        resp.bytes()
+            .await
+            .map_err(|e| EngineError::Protocol(format!("models: {e}")))
     }
 
     async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
-        let resp = self.call("metrics", self.get("/metrics").timeout(Duration::from_secs(10))).await?;
+        let resp = self
+            .call(
+                "metrics",
+                self.get("/metrics").timeout(Duration::from_secs(10)),
+            )
+            .await?;
         let content_type = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("text/plain; version=0.0.4")
             .to_string();
-        let body = resp.bytes().await.map_err(|e| EngineError::Protocol(format!("metrics: {e}")))?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| EngineError::Protocol(format!("metrics: {e}")))?;
         Ok((content_type, body))
     }
 }

@@ -1,0 +1,100 @@
+//! The queue in front of a waking model: bounded, with deadlines, and disconnect-safe.
+
+use std::time::Duration;
+
+use greenthread_test_support::{SidecarProc, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
+
+async fn queue_depth(sc: &SidecarProc) -> f64 {
+    sc.metrics()
+        .await
+        .value("gthread_sidecar_queue_depth", &[])
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    // 1 GiB at 512 MiB/s: a 2 s wake.
+    let sc = SidecarProc::start(
+        BIN,
+        "q",
+        &["--max-queue", "2"],
+        &["--h2d-bandwidth", "512Mi"],
+    )
+    .await;
+    let a = tokio::spawn(sc.chat("q", 2, false).send());
+    let b = tokio::spawn(sc.chat("q", 2, false).send());
+    wait_until("two queued", Duration::from_secs(5), || async {
+        (queue_depth(&sc).await == 2.0).then_some(())
+    })
+    .await;
+    let r = sc.chat("q", 2, false).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(a.await.unwrap().unwrap().status(), 200);
+    assert_eq!(b.await.unwrap().unwrap().status(), 200);
+    let m = sc.metrics().await;
+    assert_eq!(
+        m.value("gthread_sidecar_requests_total", &[("status", "error")]),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_503_with_a_json_reason() {
+    let sc = SidecarProc::start(
+        BIN,
+        "d",
+        &["--queue-timeout", "400ms"],
+        &["--h2d-bandwidth", "256Mi"],
+    )
+    .await;
+    let r = sc.chat("d", 2, false).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "timeout");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("model d is waking"), "{msg}");
+    assert_eq!(queue_depth(&sc).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_while_queued_never_reaches_the_engine() {
+    let sc = SidecarProc::start(BIN, "x", &[], &["--h2d-bandwidth", "512Mi"]).await;
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let err = impatient
+        .post(format!("{}/v1/chat/completions", sc.public))
+        .json(&serde_json::json!({"model": "x", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout());
+    wait_until("the queue to empty", Duration::from_secs(1), || async {
+        (queue_depth(&sc).await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        sc.state().await,
+        "waking",
+        "removed from the queue, not released by the wake"
+    );
+    sc.wait_state("serving", Duration::from_secs(10)).await;
+    let engine = sc.engine_metrics().await;
+    assert_eq!(
+        engine.value("greenthread_sim_inference_requests_total", &[]),
+        Some(0.0)
+    );
+}

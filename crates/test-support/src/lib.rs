@@ -1,0 +1,10 @@
+//! Test support: start real `greenthread` processes on loopback, read their metrics, and
+//! wait for conditions with a deadline instead of sleeping and hoping.
+
+mod exposition;
+mod procs;
+mod wait;
+
+pub use exposition::{Exposition, Sample};
+pub use procs::{Proc, SidecarProc, free_port, http, scrape, scrape_text};
+pub use wait::wait_until;

@@ -1,0 +1,198 @@
+//! Real processes on loopback, stopped (with their children) when dropped.
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{Exposition, wait_until};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// A child process, SIGTERM'd (then SIGKILL'd) when dropped.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, args: &[String]) -> Self {
+        let child = Command::new(bin)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("GT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait up to `grace` for a clean exit; true if it exited in time.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        // SAFETY: signals our own child; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate(Duration::from_secs(5));
+        }
+    }
+}
+
+/// `greenthread sidecar` owning a `greenthread sim-engine`, on free loopback ports.
+pub struct SidecarProc {
+    pub public: String,
+    pub private: String,
+    pub engine: String,
+    pub client: reqwest::Client,
+    pub proc: Proc,
+}
+
+impl SidecarProc {
+    /// Starts the sidecar with `sidecar_args` in front of a simulator with `sim_args`
+    /// (the simulator boots fast unless `sim_args` says otherwise), and waits until ready.
+    pub async fn start(bin: &str, model: &str, sidecar_args: &[&str], sim_args: &[&str]) -> Self {
+        let (public, private, engine) = (free_port(), free_port(), free_port());
+        let sim = format!(
+            "{bin} sim-engine --listen 127.0.0.1:{engine} --model {model} --boot-time 50ms --weights-bytes 1Gi --kv-cache-bytes 512Mi {}",
+            sim_args.join(" ")
+        );
+        let mut args: Vec<String> = [
+            "sidecar",
+            "--model",
+            model,
+            "--listen",
+            &format!("127.0.0.1:{public}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{private}"),
+            "--engine-url",
+            &format!("http://127.0.0.1:{engine}"),
+            "--engine-command",
+            &sim,
+            "--min-runtime",
+            "0s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(sidecar_args.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(bin, &args);
+        let me = Self {
+            public: format!("http://127.0.0.1:{public}"),
+            private: format!("http://127.0.0.1:{private}"),
+            engine: format!("http://127.0.0.1:{engine}"),
+            client: http(),
+            proc,
+        };
+        let client = me.client.clone();
+        let health = format!("{}/health", me.public);
+        wait_until("the sidecar to boot", Duration::from_secs(30), || {
+            let (client, health) = (client.clone(), health.clone());
+            async move {
+                client
+                    .get(&health)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(drop)
+            }
+        })
+        .await;
+        me
+    }
+
+    pub async fn metrics(&self) -> Exposition {
+        scrape(&self.client, &format!("{}/metrics", self.private)).await
+    }
+
+    pub async fn engine_metrics(&self) -> Exposition {
+        scrape(&self.client, &format!("{}/metrics", self.engine)).await
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        self.client
+            .get(format!("{}/status", self.public))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn state(&self) -> String {
+        self.status().await["state"].as_str().unwrap().to_string()
+    }
+
+    pub async fn wait_state(&self, state: &str, timeout: Duration) {
+        wait_until(&format!("state {state}"), timeout, || async {
+            (self.state().await == state).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn engine_sleeping(&self) -> bool {
+        let v: serde_json::Value = self
+            .client
+            .get(format!("{}/is_sleeping", self.engine))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["is_sleeping"].as_bool().unwrap()
+    }
+
+    pub fn chat(&self, model: &str, max_tokens: u32, stream: bool) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.public))
+            .json(&serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": max_tokens,
+                "stream": stream,
+            }))
+    }
+}
+
+pub async fn scrape_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+pub async fn scrape(client: &reqwest::Client, url: &str) -> Exposition {
+    let text = scrape_text(client, url).await;
+    Exposition::parse(&text).unwrap_or_else(|e| panic!("parsing {url}: {e}\n{text}"))
+}
