@@ -136,6 +136,10 @@ pub async fn serve(
     let public = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding --listen {}", cfg.listen))?;
+    // Streamed tokens are small writes: send each at once, not after the last one's ACK.
+    let public = axum::serve::ListenerExt::tap_io(public, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let private = TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", cfg.metrics_listen))?;

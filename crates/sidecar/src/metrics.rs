@@ -26,6 +26,9 @@ pub struct SidecarMetrics {
     pub wake_duration: Histogram,
     pub sleep_duration: Histogram,
     requests: Family<Labels, Counter>,
+    /// The two `requests` series, resolved once: the hot path takes no lock.
+    requests_success: Counter,
+    requests_error: Counter,
     pub queue_depth: Gauge,
     pub in_flight: Gauge,
     reserved: Family<Labels, Gauge>,
@@ -53,6 +56,8 @@ impl SidecarMetrics {
             wake_duration: Histogram::new(DURATION_BUCKETS),
             sleep_duration: Histogram::new(DURATION_BUCKETS),
             requests: Family::default(),
+            requests_success: Counter::default(),
+            requests_error: Counter::default(),
             queue_depth: Gauge::default(),
             in_flight: Gauge::default(),
             reserved: Family::default(),
@@ -141,9 +146,8 @@ impl SidecarMetrics {
             "Engine wake attempts that failed",
             m.wake_failures.clone(),
         );
-        for status in ["success", "error"] {
-            let _ = m.requests.get_or_create(&one("status", status));
-        }
+        let requests_success = m.requests.get_or_create(&one("status", "success")).clone();
+        let requests_error = m.requests.get_or_create(&one("status", "error")).clone();
         for role in ["preempted", "preemptor"] {
             let _ = m.preemptions.get_or_create(&one("role", role));
         }
@@ -152,7 +156,12 @@ impl SidecarMetrics {
                 .get_or_create(&one("state", s.as_str()))
                 .set(i64::from(s == State::Sleeping));
         }
-        Self { registry, ..m }
+        Self {
+            registry,
+            requests_success,
+            requests_error,
+            ..m
+        }
     }
 
     pub fn set_state(&self, to: State) {
@@ -165,8 +174,11 @@ impl SidecarMetrics {
     }
 
     pub fn request(&self, success: bool) {
-        let status = if success { "success" } else { "error" };
-        self.requests.get_or_create(&one("status", status)).inc();
+        if success {
+            self.requests_success.inc();
+        } else {
+            self.requests_error.inc();
+        }
     }
 
     pub fn preemption(&self, role: &'static str) {

@@ -96,7 +96,7 @@ impl Drop for InFlight {
         inner.in_flight -= 1;
         inner.last_activity = Instant::now();
         self.sidecar.metrics.in_flight.set(inner.in_flight as i64);
-        self.sidecar.in_flight_tx.send_replace(inner.in_flight);
+        self.sidecar.publish_in_flight(inner.in_flight);
     }
 }
 
@@ -211,6 +211,16 @@ impl Sidecar {
         self.inner.lock().unwrap().boot_ready
     }
 
+    /// Watchers only care whether anything is in flight: wake them on 0 ↔ busy alone,
+    /// not on every request.
+    fn publish_in_flight(&self, n: usize) {
+        self.in_flight_tx.send_if_modified(|current| {
+            let crossed = (*current == 0) != (n == 0);
+            *current = n;
+            crossed
+        });
+    }
+
     /// Applies `event` to the state machine; an illegal event is a bug, logged and ignored.
     fn apply(&self, inner: &mut Inner, event: Event) -> bool {
         match transition(inner.state, event) {
@@ -233,7 +243,7 @@ impl Sidecar {
         inner.in_flight += 1;
         inner.last_activity = Instant::now();
         self.metrics.in_flight.set(inner.in_flight as i64);
-        self.in_flight_tx.send_replace(inner.in_flight);
+        self.publish_in_flight(inner.in_flight);
         InFlight {
             sidecar: self.clone(),
         }

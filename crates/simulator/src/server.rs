@@ -53,6 +53,10 @@ pub async fn bind_and_serve(cfg: SimConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, model = %cfg.model, "sim engine ready");
     let app = router(engine.clone());
+    // Small SSE frames must leave at once, not wait for the previous segment's ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await;
@@ -246,7 +250,7 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     if !req.stream {
         let done = token_at(n);
         tokio::select! {
-            _ = tokio::time::sleep_until(done) => {}
+            _ = wait_until(done) => {}
             _ = abort.changed() => return error(StatusCode::INTERNAL_SERVER_ERROR, "request aborted: engine is going to sleep"),
         }
         let text: String = (0..n)
@@ -286,7 +290,7 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
                     ));
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep_until(token_at(i)) => {}
+                    _ = wait_until(token_at(i)) => {}
                     _ = abort.changed() => {
                         // vLLM aborts running requests when put to sleep without mode=wait.
                         return Some((Err(std::io::Error::other("aborted: engine is going to sleep")), (n + 1, None, abort)));
@@ -311,6 +315,14 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .expect("static headers are valid")
+}
+
+/// Sleeps until `deadline`, without a timer (and its millisecond rounding) when it has
+/// already passed: an engine configured to answer at once does.
+async fn wait_until(deadline: tokio::time::Instant) {
+    if deadline > tokio::time::Instant::now() {
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 fn record_finished(e: &SimEngine, start: Instant, n: u32) {

@@ -1,0 +1,443 @@
+//! Sidecar overhead, measured on loopback in one run against two baselines: the engine
+//! called directly, and nginx as a plain reverse proxy in front of the same engine.
+//!
+//!     cargo bench -p greenthread --bench sidecar            (about a minute)
+//!     BENCH_SECONDS=5 cargo bench -p greenthread --bench sidecar
+//!
+//! nginx comes from Debian's `nginx-light` (or `nginx`) package; without it that column
+//! is skipped.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use greenthread_test_support::{Proc, free_port, http, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
+
+struct Engine {
+    name: &'static str,
+    /// Flags for `sim-engine`.
+    flags: &'static [&'static str],
+    max_tokens: u32,
+}
+
+const INSTANT: Engine = Engine {
+    name: "instant",
+    flags: &["--ttft", "0s", "--tokens-per-second", "0"],
+    max_tokens: 1,
+};
+const REALISTIC: Engine = Engine {
+    name: "realistic",
+    flags: &["--ttft", "20ms", "--tokens-per-second", "1000"],
+    max_tokens: 50,
+};
+
+struct Stack {
+    direct: String,
+    sidecar: String,
+    nginx: Option<String>,
+}
+
+fn spawn_engine(model: &str, port: u16, flags: &[&str]) -> Proc {
+    let mut args: Vec<String> = [
+        "sim-engine",
+        "--model",
+        model,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--boot-time",
+        "0s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(flags.iter().map(|s| s.to_string()));
+    Proc::spawn(BIN, &args)
+}
+
+fn spawn_sidecar(model: &str, engine_port: u16, public: u16, private: u16) -> Proc {
+    let args: Vec<String> = [
+        "sidecar",
+        "--model",
+        model,
+        "--engine-url",
+        &format!("http://127.0.0.1:{engine_port}"),
+        "--listen",
+        &format!("127.0.0.1:{public}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{private}"),
+        "--idle-timeout",
+        "1h",
+        "--memory-bytes",
+        "3Gi",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Proc::spawn(BIN, &args)
+}
+
+async fn wait_http(url: &str) {
+    let client = http();
+    wait_until(url, Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(drop)
+        }
+    })
+    .await;
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// nginx with one server per upstream, keep-alive to the engine, no buffering (SSE).
+fn spawn_nginx(bin: &Path, dir: &Path, routes: &[(u16, u16)]) -> Proc {
+    let mut servers = String::new();
+    for (i, (listen, upstream)) in routes.iter().enumerate() {
+        servers.push_str(&format!(
+            "upstream u{i} {{ server 127.0.0.1:{upstream}; keepalive 256; }}\n\
+             server {{ listen 127.0.0.1:{listen}; location / {{ proxy_pass http://u{i}; proxy_http_version 1.1; \
+             proxy_set_header Connection \"\"; proxy_buffering off; proxy_request_buffering off; }} }}\n"
+        ));
+    }
+    let d = dir.display();
+    let conf = format!(
+        "daemon off; worker_processes 2; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n{servers}}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    Proc::spawn(
+        bin.to_str().unwrap(),
+        &[
+            "-p".into(),
+            d.to_string(),
+            "-c".into(),
+            dir.join("nginx.conf").display().to_string(),
+        ],
+    )
+}
+
+struct Stats {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn body(model: &str, max_tokens: u32, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "bench"}], "max_tokens": max_tokens, "stream": stream})
+}
+
+/// `concurrency` clients in closed loops for `seconds`.
+async fn load(base: &str, model: &str, max_tokens: u32, concurrency: usize, seconds: f64) -> Stats {
+    let client = http();
+    let url = format!("{base}/v1/chat/completions");
+    let payload = body(model, max_tokens, false);
+    // Warm the connection pools on both hops.
+    for _ in 0..concurrency.max(8) {
+        if let Ok(r) = client.post(&url).json(&payload).send().await {
+            let _ = r.bytes().await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, payload) = (client.clone(), url.clone(), payload.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let ok = match client.post(&url).json(&payload).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if ok {
+                        lat.push(t.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.unwrap();
+        all.extend(lat);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    Stats {
+        rps: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        errors,
+    }
+}
+
+/// Time to the first streamed event, `n` sequential requests.
+async fn ttft(base: &str, model: &str, n: usize) -> (Duration, Duration) {
+    let client = http();
+    let url = format!("{base}/v1/chat/completions");
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = client
+            .post(&url)
+            .json(&body(model, 50, true))
+            .send()
+            .await
+            .unwrap();
+        let mut s = r.bytes_stream();
+        let _first = s.next().await;
+        lat.push(t.elapsed());
+        while s.next().await.is_some() {}
+    }
+    lat.sort();
+    (percentile(&lat, 0.5), percentile(&lat, 0.99))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+async fn stack(
+    model: &str,
+    engine: &Engine,
+    nginx: Option<(&Path, &Path)>,
+    procs: &mut Vec<Proc>,
+) -> Stack {
+    let (ep, sp, sa) = (free_port(), free_port(), free_port());
+    procs.push(spawn_engine(model, ep, engine.flags));
+    wait_http(&format!("http://127.0.0.1:{ep}/health")).await;
+    procs.push(spawn_sidecar(model, ep, sp, sa));
+    wait_http(&format!("http://127.0.0.1:{sp}/ready")).await;
+    let admin = format!("http://127.0.0.1:{sa}");
+    // Awake for the throughput runs (the sidecar's boot leaves the engine asleep).
+    http()
+        .post(format!("{admin}/admin/wake"))
+        .send()
+        .await
+        .unwrap();
+    let nginx = nginx.map(|(bin, dir)| {
+        let np = free_port();
+        let dir = dir.join(model);
+        for sub in ["", "body", "proxy", "fcgi", "uwsgi", "scgi"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        procs.push(spawn_nginx(bin, &dir, &[(np, ep)]));
+        format!("http://127.0.0.1:{np}")
+    });
+    if let Some(n) = &nginx {
+        wait_http(&format!("{n}/health")).await;
+    }
+    Stack {
+        direct: format!("http://127.0.0.1:{ep}"),
+        sidecar: format!("http://127.0.0.1:{sp}"),
+        nginx,
+    }
+}
+
+/// First byte of a request to a sleeping model through the sidecar, against the engine's
+/// own wake time measured directly, `n` rounds each.
+async fn wake_overhead(n: usize) -> (Duration, Duration, Duration) {
+    let mut procs = Vec::new();
+    // 1 GiB of weights at 8 GiB/s: a 125 ms engine wake.
+    let flags = [
+        "--ttft",
+        "0s",
+        "--tokens-per-second",
+        "0",
+        "--weights-bytes",
+        "1Gi",
+        "--h2d-bandwidth",
+        "8Gi",
+    ];
+    let (ep, sp, sa) = (free_port(), free_port(), free_port());
+    procs.push(spawn_engine("wake", ep, &flags));
+    wait_http(&format!("http://127.0.0.1:{ep}/health")).await;
+    let engine = format!("http://127.0.0.1:{ep}");
+    let client = http();
+
+    let mut direct = Vec::new();
+    for _ in 0..n {
+        client
+            .post(format!("{engine}/sleep?level=1"))
+            .send()
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let r = client
+            .post(format!("{engine}/wake_up"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let r = client
+            .post(format!("{engine}/v1/chat/completions"))
+            .json(&body("wake", 1, false))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        direct.push(t.elapsed());
+    }
+
+    procs.push(spawn_sidecar("wake", ep, sp, sa));
+    wait_http(&format!("http://127.0.0.1:{sp}/ready")).await;
+    let mut through = Vec::new();
+    for _ in 0..n {
+        // The sidecar's boot (first round) or the admin sleep below leaves it asleep.
+        let state: serde_json::Value = client
+            .get(format!("http://127.0.0.1:{sp}/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if state["state"] != "sleeping" {
+            client
+                .post(format!("http://127.0.0.1:{sa}/admin/sleep"))
+                .send()
+                .await
+                .unwrap();
+        }
+        let t = Instant::now();
+        let r = client
+            .post(format!("http://127.0.0.1:{sp}/v1/chat/completions"))
+            .json(&body("wake", 1, false))
+            .send()
+            .await
+            .unwrap();
+        through.push(t.elapsed());
+        assert!(r.status().is_success());
+        let _ = r.bytes().await;
+    }
+    direct.sort();
+    through.sort();
+    let (d, s) = (percentile(&direct, 0.5), percentile(&through, 0.5));
+    (d, s, s.saturating_sub(d))
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let nginx_bin = nginx_binary();
+    let dir = tempfile::tempdir().unwrap();
+    // nginx workers run as an unprivileged user: let them write their temp files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let mut procs = Vec::new();
+    let nginx = nginx_bin.as_deref().map(|b| (b, dir.path()));
+    if nginx.is_none() {
+        eprintln!("nginx not found (apt-get install nginx-light): its column is skipped");
+    }
+    let stacks = [
+        (
+            &INSTANT,
+            stack("instant", &INSTANT, nginx, &mut procs).await,
+        ),
+        (
+            &REALISTIC,
+            stack("realistic", &REALISTIC, nginx, &mut procs).await,
+        ),
+    ];
+
+    println!(
+        "\n## Throughput and latency ({seconds:.0} s per cell, closed-loop clients, loopback)\n"
+    );
+    println!(
+        "| engine | conc | direct rps | direct p50 ms | direct p99 ms | sidecar rps | sidecar p50 ms | sidecar p99 ms | nginx rps | nginx p50 ms | nginx p99 ms | sidecar p50 added ms | sidecar/direct rps |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (engine, s) in &stacks {
+        for conc in [1, 16, 64] {
+            let d = load(&s.direct, engine.name, engine.max_tokens, conc, seconds).await;
+            let sc = load(&s.sidecar, engine.name, engine.max_tokens, conc, seconds).await;
+            let ng = match &s.nginx {
+                Some(n) => Some(load(n, engine.name, engine.max_tokens, conc, seconds).await),
+                None => None,
+            };
+            let errors = d.errors + sc.errors + ng.as_ref().map_or(0, |n| n.errors);
+            let ngs = ng.as_ref().map_or("| - | - | -".to_string(), |n| {
+                format!("| {:.0} | {} | {}", n.rps, ms(n.p50), ms(n.p99))
+            });
+            println!(
+                "| {} | {conc} | {:.0} | {} | {} | {:.0} | {} | {} {ngs} | {:+.3} | {:.1} % |{}",
+                engine.name,
+                d.rps,
+                ms(d.p50),
+                ms(d.p99),
+                sc.rps,
+                ms(sc.p50),
+                ms(sc.p99),
+                (sc.p50.as_secs_f64() - d.p50.as_secs_f64()) * 1e3,
+                100.0 * sc.rps / d.rps,
+                if errors > 0 {
+                    format!(" {errors} errors")
+                } else {
+                    String::new()
+                },
+            );
+        }
+    }
+
+    println!("\n## Streaming time to first token (realistic engine, 50 sequential requests)\n");
+    println!("| path | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    let s = &stacks[1].1;
+    let mut paths = vec![("direct", s.direct.clone()), ("sidecar", s.sidecar.clone())];
+    if let Some(n) = &s.nginx {
+        paths.push(("nginx", n.clone()));
+    }
+    for (name, base) in paths {
+        let (p50, p99) = ttft(&base, "realistic", 50).await;
+        println!("| {name} | {} | {} |", ms(p50), ms(p99));
+    }
+
+    println!("\n## Wake path (20 rounds, medians)\n");
+    let (engine, through, overhead) = wake_overhead(20).await;
+    println!(
+        "| engine wake + first answer, direct ms | first byte through the sidecar from sleeping ms | sidecar overhead ms |"
+    );
+    println!("|---|---|---|");
+    println!("| {} | {} | {} |", ms(engine), ms(through), ms(overhead));
+    drop(stacks);
+    drop(procs);
+}
