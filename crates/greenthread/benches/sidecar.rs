@@ -1,8 +1,8 @@
 //! Sidecar overhead, measured on loopback in one run against two baselines: the engine
 //! called directly, and nginx as a plain reverse proxy in front of the same engine.
 //!
-//!     cargo bench -p greenthread --bench sidecar            (about a minute)
-//!     BENCH_SECONDS=5 cargo bench -p greenthread --bench sidecar
+//!     cargo bench -p greenthread --bench sidecar            (about two minutes)
+//!     BENCH_SECONDS=3 cargo bench -p greenthread --bench sidecar   (longer cells)
 //!
 //! nginx comes from Debian's `nginx-light` (or `nginx`) package; without it that column
 //! is skipped.
@@ -138,6 +138,24 @@ struct Stats {
     p50: Duration,
     p99: Duration,
     errors: usize,
+}
+
+const ROUNDS: usize = 3;
+
+/// Per-field medians over rounds; errors are summed.
+fn median(rounds: Vec<Stats>) -> Stats {
+    let mid = rounds.len() / 2;
+    let pick = |f: fn(&Stats) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[mid]
+    };
+    Stats {
+        rps: pick(|s| s.rps),
+        p50: Duration::from_secs_f64(pick(|s| s.p50.as_secs_f64())),
+        p99: Duration::from_secs_f64(pick(|s| s.p99.as_secs_f64())),
+        errors: rounds.iter().map(|s| s.errors).sum(),
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -354,7 +372,7 @@ async fn main() {
     let seconds: f64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
+        .unwrap_or(1.0);
     let nginx_bin = nginx_binary();
     let dir = tempfile::tempdir().unwrap();
     // nginx workers run as an unprivileged user: let them write their temp files.
@@ -379,27 +397,28 @@ async fn main() {
         ),
     ];
 
-    println!(
-        "\n## Throughput and latency ({seconds:.0} s per cell, closed-loop clients, loopback)\n"
-    );
-    println!(
-        "| engine | conc | direct rps | direct p50 ms | direct p99 ms | sidecar rps | sidecar p50 ms | sidecar p99 ms | nginx rps | nginx p50 ms | nginx p99 ms | sidecar p50 added ms | sidecar/direct rps |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n## Throughput and latency ({ROUNDS} interleaved rounds of {seconds:.1} s per path and cell, medians; closed-loop clients on loopback)\n");
+    println!("| engine | conc | direct rps | direct p50 ms | direct p99 ms | sidecar rps | sidecar p50 ms | sidecar p99 ms | nginx rps | nginx p50 ms | nginx p99 ms | sidecar p50 added ms | nginx p50 added ms | sidecar/direct rps | sidecar/nginx rps |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (engine, s) in &stacks {
         for conc in [1, 16, 64] {
-            let d = load(&s.direct, engine.name, engine.max_tokens, conc, seconds).await;
-            let sc = load(&s.sidecar, engine.name, engine.max_tokens, conc, seconds).await;
-            let ng = match &s.nginx {
-                Some(n) => Some(load(n, engine.name, engine.max_tokens, conc, seconds).await),
-                None => None,
-            };
-            let errors = d.errors + sc.errors + ng.as_ref().map_or(0, |n| n.errors);
-            let ngs = ng.as_ref().map_or("| - | - | -".to_string(), |n| {
-                format!("| {:.0} | {} | {}", n.rps, ms(n.p50), ms(n.p99))
-            });
+            let mut targets = vec![s.direct.clone(), s.sidecar.clone()];
+            targets.extend(s.nginx.clone());
+            // Interleaved so that a slow moment of this shared machine hits every path.
+            let mut rounds: Vec<Vec<Stats>> = targets.iter().map(|_| Vec::new()).collect();
+            for _ in 0..ROUNDS {
+                for (i, t) in targets.iter().enumerate() {
+                    rounds[i].push(load(t, engine.name, engine.max_tokens, conc, seconds).await);
+                }
+            }
+            let med: Vec<Stats> = rounds.into_iter().map(median).collect();
+            let (d, sc) = (&med[0], &med[1]);
+            let ng = med.get(2);
+            let errors: usize = med.iter().map(|m| m.errors).sum();
+            let ngs = ng.map_or("| - | - | -".to_string(), |n| format!("| {:.0} | {} | {}", n.rps, ms(n.p50), ms(n.p99)));
+            let added = |x: &Stats| format!("{:+.3}", (x.p50.as_secs_f64() - d.p50.as_secs_f64()) * 1e3);
             println!(
-                "| {} | {conc} | {:.0} | {} | {} | {:.0} | {} | {} {ngs} | {:+.3} | {:.1} % |{}",
+                "| {} | {conc} | {:.0} | {} | {} | {:.0} | {} | {} {ngs} | {} | {} | {:.1} % | {} |{}",
                 engine.name,
                 d.rps,
                 ms(d.p50),
@@ -407,13 +426,11 @@ async fn main() {
                 sc.rps,
                 ms(sc.p50),
                 ms(sc.p99),
-                (sc.p50.as_secs_f64() - d.p50.as_secs_f64()) * 1e3,
+                added(sc),
+                ng.map_or("-".into(), added),
                 100.0 * sc.rps / d.rps,
-                if errors > 0 {
-                    format!(" {errors} errors")
-                } else {
-                    String::new()
-                },
+                ng.map_or("-".into(), |n| format!("{:.1} %", 100.0 * sc.rps / n.rps)),
+                if errors > 0 { format!(" {errors} errors") } else { String::new() },
             );
         }
     }

@@ -785,21 +785,16 @@ impl Sidecar {
     }
 
     /// Sleeps the model after `idleTimeout` without inference (and `minRuntime` served).
+    /// It wakes only at deadlines and state changes, never per request: a finishing
+    /// request moves `last_activity`, so the deadline is recomputed when it comes.
     pub async fn run_idle_timer(self: Arc<Self>) {
         let mut states = self.subscribe();
-        let mut in_flight = self.in_flight_tx.subscribe();
         loop {
             let (state, busy, deadline) = {
                 let inner = self.inner.lock().unwrap();
                 let idle_at = inner.last_activity + self.cfg.idle_timeout;
-                let deadline = inner
-                    .serving_since
-                    .map_or(idle_at, |s| idle_at.max(s + self.cfg.min_runtime));
-                (
-                    inner.state,
-                    inner.in_flight > 0 || !inner.queue.is_empty(),
-                    deadline,
-                )
+                let deadline = inner.serving_since.map_or(idle_at, |s| idle_at.max(s + self.cfg.min_runtime));
+                (inner.state, inner.in_flight > 0 || !inner.queue.is_empty(), deadline)
             };
             if state != State::Serving {
                 if states.changed().await.is_err() {
@@ -807,19 +802,15 @@ impl Sidecar {
                 }
                 continue;
             }
-            if busy {
-                tokio::select! {
-                    _ = in_flight.wait_for(|n| *n == 0) => {}
-                    _ = states.changed() => {}
-                }
-                continue;
-            }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline && !busy {
                 let _ = self.deactivate("idle").await;
                 continue;
             }
+            // Busy at the deadline: the request's end restarts the clock, look again then.
+            let next = if now >= deadline { now + self.cfg.idle_timeout } else { deadline };
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = tokio::time::sleep_until(next.into()) => {}
                 _ = states.changed() => {}
             }
         }
