@@ -397,8 +397,12 @@ async fn main() {
         ),
     ];
 
-    println!("\n## Throughput and latency ({ROUNDS} interleaved rounds of {seconds:.1} s per path and cell, medians; closed-loop clients on loopback)\n");
-    println!("| engine | conc | direct rps | direct p50 ms | direct p99 ms | sidecar rps | sidecar p50 ms | sidecar p99 ms | nginx rps | nginx p50 ms | nginx p99 ms | sidecar p50 added ms | nginx p50 added ms | sidecar/direct rps | sidecar/nginx rps |");
+    println!(
+        "\n## Throughput and latency ({ROUNDS} interleaved rounds of {seconds:.1} s per path and cell, medians; closed-loop clients on loopback)\n"
+    );
+    println!(
+        "| engine | conc | direct rps | direct p50 ms | direct p99 ms | sidecar rps | sidecar p50 ms | sidecar p99 ms | nginx rps | nginx p50 ms | nginx p99 ms | sidecar p50 added ms | nginx p50 added ms | sidecar/direct rps | sidecar/nginx rps |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (engine, s) in &stacks {
         for conc in [1, 16, 64] {
@@ -415,8 +419,11 @@ async fn main() {
             let (d, sc) = (&med[0], &med[1]);
             let ng = med.get(2);
             let errors: usize = med.iter().map(|m| m.errors).sum();
-            let ngs = ng.map_or("| - | - | -".to_string(), |n| format!("| {:.0} | {} | {}", n.rps, ms(n.p50), ms(n.p99)));
-            let added = |x: &Stats| format!("{:+.3}", (x.p50.as_secs_f64() - d.p50.as_secs_f64()) * 1e3);
+            let ngs = ng.map_or("| - | - | -".to_string(), |n| {
+                format!("| {:.0} | {} | {}", n.rps, ms(n.p50), ms(n.p99))
+            });
+            let added =
+                |x: &Stats| format!("{:+.3}", (x.p50.as_secs_f64() - d.p50.as_secs_f64()) * 1e3);
             println!(
                 "| {} | {conc} | {:.0} | {} | {} | {:.0} | {} | {} {ngs} | {} | {} | {:.1} % | {} |{}",
                 engine.name,
@@ -430,7 +437,11 @@ async fn main() {
                 ng.map_or("-".into(), added),
                 100.0 * sc.rps / d.rps,
                 ng.map_or("-".into(), |n| format!("{:.1} %", 100.0 * sc.rps / n.rps)),
-                if errors > 0 { format!(" {errors} errors") } else { String::new() },
+                if errors > 0 {
+                    format!(" {errors} errors")
+                } else {
+                    String::new()
+                },
             );
         }
     }

@@ -131,7 +131,7 @@ pub async fn serve(
     let cfg = sidecar.cfg.clone();
     let state = AppState {
         sidecar: sidecar.clone(),
-        forwarder: Forwarder::new(engine_url)?,
+        forwarder: Arc::new(Forwarder::new(engine_url)?),
     };
     let public = TcpListener::bind(cfg.listen)
         .await

@@ -3,6 +3,7 @@
 
 use std::{
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -11,10 +12,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::Full;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -25,10 +24,13 @@ pub enum ForwardError {
     Failed(String),
 }
 
+/// HTTP/1 connections to the one engine. A connection goes back to the pool only once
+/// its response body has ended, so a long stream never holds up another request.
 #[derive(Clone)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Full<Bytes>>,
+    idle: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
     authority: http::uri::Authority,
+    addr: String,
 }
 
 const HOP_BY_HOP: [header::HeaderName; 7] = [
@@ -62,12 +64,40 @@ impl Forwarder {
             .authority()
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("--engine-url {engine_url:?} has no host:port"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        Ok(Self { client, authority })
+        let addr = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
+        Ok(Self {
+            idle: Arc::default(),
+            authority,
+            addr,
+        })
+    }
+
+    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, ForwardError> {
+        loop {
+            let pooled = self.idle.lock().unwrap().pop();
+            let Some(mut conn) = pooled else { break };
+            // A connection the engine closed while idle is dropped, not used.
+            if conn.ready().await.is_ok() {
+                return Ok(conn);
+            }
+        }
+        let stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| ForwardError::Unreachable(format!("connecting to {}: {e}", self.addr)))?;
+        let _ = stream.set_nodelay(true);
+        let (conn, driver) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %e, "engine connection closed");
+            }
+        });
+        Ok(conn)
     }
 
     /// Sends `parts` + `body` to the engine; `guard` lives until the response body ends.
@@ -78,31 +108,26 @@ impl Forwarder {
         guard: G,
     ) -> Result<Response<Body>, ForwardError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = http::Uri::builder()
-            .scheme("http")
-            .authority(self.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ForwardError::Failed(e.to_string()))?;
         let mut req = Request::builder()
             .method(parts.method.clone())
-            .uri(uri)
+            .uri(path)
             .body(Full::new(body))
             .map_err(|e| ForwardError::Failed(e.to_string()))?;
         *req.headers_mut() = parts.headers.clone();
         strip_hop_by_hop(req.headers_mut());
-        req.headers_mut().remove(header::HOST);
+        req.headers_mut().insert(
+            header::HOST,
+            http::HeaderValue::from_str(self.authority.as_str())
+                .map_err(|e| ForwardError::Failed(e.to_string()))?,
+        );
         req.headers_mut().remove(header::CONTENT_LENGTH);
-        let resp = self.client.request(req).await.map_err(|e| {
-            if e.is_connect() {
+        let mut conn = self.connection().await?;
+        let resp = conn.send_request(req).await.map_err(|e| {
+            if e.is_canceled() || e.is_closed() {
+                // The engine closed the connection before reading the request.
                 ForwardError::Unreachable(e.to_string())
             } else {
-                ForwardError::Failed(format!(
-                    "{e}: {}",
-                    std::error::Error::source(&e)
-                        .map(ToString::to_string)
-                        .unwrap_or_default()
-                ))
+                ForwardError::Failed(e.to_string())
             }
         })?;
         let (mut parts, body) = resp.into_parts();
@@ -113,11 +138,13 @@ impl Forwarder {
                 .headers
                 .insert("x-accel-buffering", HeaderValue::from_static("no"));
         }
+        let pool = Some((self.idle.clone(), conn));
         Ok(Response::from_parts(
             parts,
             Body::new(Guarded {
                 inner: body,
                 _guard: guard,
+                pool,
             }),
         ))
     }
@@ -130,10 +157,15 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-/// A body that keeps `_guard` alive until it ends or is dropped.
+/// A body that keeps `_guard` alive until it ends or is dropped, and returns its
+/// engine connection to the pool when it ends.
 struct Guarded<B, G> {
     inner: B,
     _guard: G,
+    pool: Option<(
+        Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
+        SendRequest<Full<Bytes>>,
+    )>,
 }
 
 impl<B, G> HttpBody for Guarded<B, G>
@@ -148,7 +180,14 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // Servers stop polling once a sized body reports its end, so check both ways.
+        let ended = matches!(polled, Poll::Ready(None))
+            || (polled.is_ready() && self.inner.is_end_stream());
+        if ended && let Some((pool, conn)) = self.pool.take() {
+            pool.lock().unwrap().push(conn);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -23,7 +23,7 @@ const MAX_BODY: usize = 64 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub sidecar: Arc<Sidecar>,
-    pub forwarder: Forwarder,
+    pub forwarder: Arc<Forwarder>,
 }
 
 /// An OpenAI-style error.

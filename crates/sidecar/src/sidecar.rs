@@ -793,8 +793,14 @@ impl Sidecar {
             let (state, busy, deadline) = {
                 let inner = self.inner.lock().unwrap();
                 let idle_at = inner.last_activity + self.cfg.idle_timeout;
-                let deadline = inner.serving_since.map_or(idle_at, |s| idle_at.max(s + self.cfg.min_runtime));
-                (inner.state, inner.in_flight > 0 || !inner.queue.is_empty(), deadline)
+                let deadline = inner
+                    .serving_since
+                    .map_or(idle_at, |s| idle_at.max(s + self.cfg.min_runtime));
+                (
+                    inner.state,
+                    inner.in_flight > 0 || !inner.queue.is_empty(),
+                    deadline,
+                )
             };
             if state != State::Serving {
                 if states.changed().await.is_err() {
@@ -808,7 +814,11 @@ impl Sidecar {
                 continue;
             }
             // Busy at the deadline: the request's end restarts the clock, look again then.
-            let next = if now >= deadline { now + self.cfg.idle_timeout } else { deadline };
+            let next = if now >= deadline {
+                now + self.cfg.idle_timeout
+            } else {
+                deadline
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
                 _ = states.changed() => {}
