@@ -3,6 +3,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "greenthread", version, about = "Many LLMs on few GPUs")]
 struct Cli {
+    /// Runtime worker threads. The sidecar defaults to one: proxying is I/O-bound, and
+    /// one thread avoids cross-thread wake-ups (lower latency) and leaves the cores to
+    /// the engine. Other roles default to one per core.
+    #[arg(long, global = true, env = "GREENTHREAD_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,7 +29,14 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Runtime::new()?;
+    let threads = cli.worker_threads.unwrap_or(match cli.command {
+        Command::Sidecar(_) => 1,
+        _ => std::thread::available_parallelism().map_or(2, usize::from),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match cli.command {
             Command::Sidecar(cfg) => greenthread_sidecar::run(cfg).await,

@@ -24,11 +24,14 @@ pub enum ForwardError {
     Failed(String),
 }
 
+type EngineConn = SendRequest<Full<Bytes>>;
+type IdleConns = Arc<Mutex<Vec<EngineConn>>>;
+
 /// HTTP/1 connections to the one engine. A connection goes back to the pool only once
 /// its response body has ended, so a long stream never holds up another request.
 #[derive(Clone)]
 pub struct Forwarder {
-    idle: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
+    idle: IdleConns,
     authority: http::uri::Authority,
     addr: String,
 }
@@ -76,7 +79,7 @@ impl Forwarder {
         })
     }
 
-    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, ForwardError> {
+    async fn connection(&self) -> Result<EngineConn, ForwardError> {
         loop {
             let pooled = self.idle.lock().unwrap().pop();
             let Some(mut conn) = pooled else { break };
@@ -162,10 +165,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 struct Guarded<B, G> {
     inner: B,
     _guard: G,
-    pool: Option<(
-        Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
-        SendRequest<Full<Bytes>>,
-    )>,
+    pool: Option<(IdleConns, EngineConn)>,
 }
 
 impl<B, G> HttpBody for Guarded<B, G>
