@@ -33,10 +33,14 @@ fn main() -> anyhow::Result<()> {
         Command::Sidecar(_) => 1,
         _ => std::thread::available_parallelism().map_or(2, usize::from),
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build()?;
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     rt.block_on(async {
         match cli.command {
             Command::Sidecar(cfg) => greenthread_sidecar::run(cfg).await,
