@@ -84,7 +84,15 @@ impl SimGpu {
     }
 }
 
+/// Running, not exited: a zombie (exited, not yet reaped) holds no GPU memory either.
 fn process_alive(pid: u32) -> bool {
+    if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may contain spaces.
+        return stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X");
+    }
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

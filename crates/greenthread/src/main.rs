@@ -34,7 +34,9 @@ fn main() -> anyhow::Result<()> {
         _ => std::thread::available_parallelism().map_or(2, usize::from),
     });
     let rt = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)

@@ -83,3 +83,44 @@ async fn memory_an_engine_keeps_after_sleep_is_measured_and_reported() {
     );
     check(sc.status().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_that_hangs_times_out_and_is_cold_restarted() {
+    let sc = SidecarProc::start(
+        BIN,
+        "h",
+        &["--wake-timeout", "300ms", "--wake-attempts", "1"],
+        &["--wake-hang"],
+    )
+    .await;
+    let r = sc.chat("h", 2, false).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let m = sc.metrics().await;
+    assert_eq!(
+        m.value("gthread_sidecar_wake_failures_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value("gthread_sidecar_engine_restarts_total", &[]),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_never_wakes_fails_the_queue_with_a_reason_and_holds_nothing() {
+    // Every wake fails and every restart is woken again: the restart budget runs out.
+    let sc = SidecarProc::start(
+        BIN,
+        "n",
+        &["--wake-attempts", "1", "--max-restarts", "0"],
+        &["--fail-wakes", "100"],
+    )
+    .await;
+    let r = sc.chat("n", 2, false).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("failed to wake"), "{msg}");
+    assert_eq!(sc.state().await, "sleeping");
+    assert_eq!(sc.status().await["memory"]["reservedBytes"], 0);
+}
