@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use greenthread_api::{GpuSpec, GpuStatus, Occupant, OccupantState, WakeLock};
+use greenthread_api::{GpuSpec, GpuStatus, Occupant, OccupantState, PreemptionIntent, WakeLock};
 use jiff::Timestamp;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +109,8 @@ pub fn claim(
     o.state = OccupantState::Waking;
     o.reserved_memory_bytes = claim.bytes;
     o.residual_memory_bytes = 0;
+    // The claim satisfies the pod's intent, if it had one.
+    next.preemption_intents.retain(|i| i.pod_name != claim.pod);
     Ok(next)
 }
 
@@ -159,6 +161,12 @@ pub fn release(status: &GpuStatus, pod: &str, residual: u64, now: Timestamp) -> 
         o.heartbeat = now;
     }
     next.preemption_intents.retain(|i| i.pod_name != pod);
+    // A victim that slept has done its part; the waker re-chooses if still short.
+    for i in &mut next.preemption_intents {
+        if i.victim_pod_name.as_deref() == Some(pod) {
+            i.victim_pod_name = None;
+        }
+    }
     if next.wake_lock.as_ref().is_some_and(|l| l.pod_name == pod) {
         next.wake_lock = None;
     }
@@ -227,6 +235,205 @@ pub fn remove_pod(status: &GpuStatus, pod: &str) -> GpuStatus {
     let mut next = release(status, pod, 0, Timestamp::UNIX_EPOCH);
     next.occupants.retain(|o| o.pod_name != pod);
     next
+}
+
+/// Declares (or refreshes) that `pod` needs `needed` bytes here and may preempt for
+/// them. `since` is kept from an existing intent: the fairness wait counts from the first.
+pub fn write_intent(
+    status: &GpuStatus,
+    pod: &str,
+    model: &str,
+    needed: u64,
+    now: Timestamp,
+) -> GpuStatus {
+    let mut next = status.clone();
+    match next
+        .preemption_intents
+        .iter_mut()
+        .find(|i| i.pod_name == pod)
+    {
+        Some(i) => {
+            i.needed_bytes = needed;
+            i.model_name = model.to_string();
+        }
+        None => next.preemption_intents.push(PreemptionIntent {
+            pod_name: pod.to_string(),
+            model_name: model.to_string(),
+            needed_bytes: needed,
+            since: now,
+            victim_pod_name: None,
+        }),
+    }
+    next
+}
+
+pub fn clear_intent(status: &GpuStatus, pod: &str) -> GpuStatus {
+    let mut next = status.clone();
+    next.preemption_intents.retain(|i| i.pod_name != pod);
+    next
+}
+
+/// Names `victim` on `waker`'s intent (the victim's watcher acts on it).
+pub fn name_victim(status: &GpuStatus, waker: &str, victim: &str) -> GpuStatus {
+    let mut next = status.clone();
+    if let Some(i) = next
+        .preemption_intents
+        .iter_mut()
+        .find(|i| i.pod_name == waker)
+    {
+        i.victim_pod_name = Some(victim.to_string());
+    }
+    next
+}
+
+/// Whether some intent names `pod` as its victim.
+pub fn is_victim(status: &GpuStatus, pod: &str) -> bool {
+    status
+        .preemption_intents
+        .iter()
+        .any(|i| i.victim_pod_name.as_deref() == Some(pod))
+}
+
+/// Why nobody can be preempted: every request that keeps waiting is told this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoVictim {
+    #[error("nobody else serves on this gpu; waiting for memory to free")]
+    NobodyServing,
+    #[error("every serving occupant of this gpu is popular ({0})")]
+    AllPopular(String),
+    #[error("no serving occupant is eligible yet: {0}")]
+    NotEligible(String),
+    #[error(
+        "preempting every eligible occupant ({eligible}) frees {freeable} of the {deficit} bytes missing"
+    )]
+    NotEnough {
+        eligible: String,
+        freeable: u64,
+        deficit: u64,
+    },
+}
+
+/// When an occupant may be preempted: serving, not popular, served its `minRuntime`.
+fn eligible_at(o: &Occupant) -> Option<Timestamp> {
+    if o.state != OccupantState::Serving || o.popular {
+        return None;
+    }
+    let since = o.became_serving_at?;
+    let min = jiff::SignedDuration::try_from(o.min_runtime).unwrap_or(jiff::SignedDuration::MAX);
+    since.checked_add(min).ok()
+}
+
+/// The earliest future moment an occupant that is not yet eligible becomes so, if any:
+/// a waiter re-evaluates then (eligibility changes with time, not with a ledger write).
+pub fn next_eligibility(status: &GpuStatus, waker: &str, now: Timestamp) -> Option<Timestamp> {
+    status
+        .occupants
+        .iter()
+        .filter(|o| o.pod_name != waker)
+        .filter_map(eligible_at)
+        .filter(|t| *t > now)
+        .min()
+}
+
+/// Picks the fewest eligible victims whose reservations free `needed` bytes for `waker`,
+/// least recently accessed first among sets of that size. Eligible: serving, not popular,
+/// served at least its `minRuntime`, not the waker.
+pub fn choose_victims(
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    waker: &str,
+    needed: u64,
+    now: Timestamp,
+) -> Result<Vec<String>, NoVictim> {
+    let available = available_bytes(spec, status, Some(waker));
+    let deficit = needed.saturating_sub(available);
+    let others: Vec<&Occupant> = status
+        .occupants
+        .iter()
+        .filter(|o| o.pod_name != waker)
+        .collect();
+    if deficit == 0 {
+        return Ok(vec![]);
+    }
+    let serving: Vec<&&Occupant> = others
+        .iter()
+        .filter(|o| o.state == OccupantState::Serving)
+        .collect();
+    if serving.is_empty() {
+        return Err(NoVictim::NobodyServing);
+    }
+    if serving.iter().all(|o| o.popular) {
+        let names: Vec<&str> = serving.iter().map(|o| o.model_name.as_str()).collect();
+        return Err(NoVictim::AllPopular(names.join(", ")));
+    }
+    let mut eligible: Vec<&Occupant> = others
+        .iter()
+        .copied()
+        .filter(|o| eligible_at(o).is_some_and(|t| t <= now))
+        .collect();
+    if eligible.is_empty() {
+        let why: Vec<String> = serving
+            .iter()
+            .filter(|o| !o.popular)
+            .map(|o| {
+                format!(
+                    "{} has not served its minRuntime of {:?}",
+                    o.model_name, o.min_runtime
+                )
+            })
+            .collect();
+        return Err(NoVictim::NotEligible(why.join("; ")));
+    }
+    // Least recently accessed first; never accessed counts as oldest.
+    eligible.sort_by_key(|o| {
+        (
+            o.last_accessed.unwrap_or(Timestamp::MIN),
+            o.pod_name.clone(),
+        )
+    });
+    let freeable: u64 = eligible.iter().map(|o| o.reserved_memory_bytes).sum();
+    if freeable < deficit {
+        let names: Vec<&str> = eligible.iter().map(|o| o.model_name.as_str()).collect();
+        return Err(NoVictim::NotEnough {
+            eligible: names.join(", "),
+            freeable,
+            deficit,
+        });
+    }
+    // Fewest victims: the smallest k whose k largest reservations cover the deficit.
+    let mut sizes: Vec<u64> = eligible.iter().map(|o| o.reserved_memory_bytes).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let mut k = 0;
+    let mut acc = 0u64;
+    while acc < deficit {
+        acc += sizes[k];
+        k += 1;
+    }
+    // Among sets of size k, take victims in LRU order whenever the rest can still be
+    // completed from the largest remaining candidates.
+    let mut chosen: Vec<String> = Vec::with_capacity(k);
+    let mut freed = 0u64;
+    let mut remaining: Vec<&Occupant> = eligible.clone();
+    while chosen.len() < k {
+        let slots_after = k - chosen.len() - 1;
+        let pick = remaining
+            .iter()
+            .position(|c| {
+                let mut rest: Vec<u64> = remaining
+                    .iter()
+                    .filter(|o| o.pod_name != c.pod_name)
+                    .map(|o| o.reserved_memory_bytes)
+                    .collect();
+                rest.sort_unstable_by(|a, b| b.cmp(a));
+                let best_rest: u64 = rest.iter().take(slots_after).sum();
+                freed + c.reserved_memory_bytes + best_rest >= deficit
+            })
+            .expect("k was chosen so that a completion exists");
+        let c = remaining.remove(pick);
+        freed += c.reserved_memory_bytes;
+        chosen.push(c.pod_name.clone());
+    }
+    Ok(chosen)
 }
 
 #[cfg(test)]
@@ -385,5 +592,175 @@ mod tests {
         let status = remove_pod(&status, "a");
         assert!(status.occupants.is_empty());
         assert!(status.wake_lock.is_none());
+    }
+
+    fn serving(pod: &str, reserved: u64, served_since: i64, accessed: i64) -> Occupant {
+        Occupant {
+            became_serving_at: Some(t(served_since)),
+            last_accessed: Some(t(accessed)),
+            min_runtime: Duration::from_secs(10),
+            ..occupant(pod, OccupantState::Serving, reserved, 0)
+        }
+    }
+
+    fn gpu_with(occupants: Vec<Occupant>) -> GpuStatus {
+        GpuStatus {
+            occupants,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn victim_choice_table() {
+        let popular = |mut o: Occupant| {
+            o.popular = true;
+            o
+        };
+        struct Case {
+            name: &'static str,
+            occupants: Vec<Occupant>,
+            waker: &'static str,
+            needed: u64,
+            now: i64,
+            want: Result<Vec<&'static str>, &'static str>,
+        }
+        let cases = vec![
+            Case {
+                name: "fits already: nobody",
+                occupants: vec![serving("a", 40 * GI, 0, 0)],
+                waker: "w",
+                needed: 40 * GI,
+                now: 100,
+                want: Ok(vec![]),
+            },
+            Case {
+                name: "least recently accessed first",
+                occupants: vec![serving("a", 40 * GI, 0, 50), serving("b", 40 * GI, 0, 20)],
+                waker: "w",
+                needed: 40 * GI,
+                now: 100,
+                want: Ok(vec!["b"]),
+            },
+            Case {
+                name: "popular skipped even when least recently used",
+                occupants: vec![
+                    popular(serving("a", 40 * GI, 0, 1)),
+                    serving("b", 40 * GI, 0, 90),
+                ],
+                waker: "w",
+                needed: 40 * GI,
+                now: 100,
+                want: Ok(vec!["b"]),
+            },
+            Case {
+                name: "minRuntime respected",
+                occupants: vec![serving("a", 40 * GI, 95, 95), serving("b", 40 * GI, 0, 99)],
+                waker: "w",
+                needed: 40 * GI,
+                now: 100,
+                want: Ok(vec!["b"]),
+            },
+            Case {
+                name: "never itself",
+                occupants: vec![serving("w", 80 * GI, 0, 0)],
+                waker: "w",
+                needed: 80 * GI,
+                now: 100,
+                want: Ok(vec![]),
+            },
+            Case {
+                name: "fewest victims beat strict LRU",
+                occupants: vec![
+                    serving("a", 20 * GI, 0, 1),
+                    serving("b", 20 * GI, 0, 2),
+                    serving("c", 40 * GI, 0, 3),
+                ],
+                waker: "w",
+                needed: 40 * GI,
+                now: 100,
+                want: Ok(vec!["c"]),
+            },
+            Case {
+                name: "two needed: LRU among those that complete the set",
+                occupants: vec![
+                    serving("a", 10 * GI, 0, 1),
+                    serving("b", 30 * GI, 0, 2),
+                    serving("c", 30 * GI, 0, 3),
+                    serving("d", 10 * GI, 0, 4),
+                ],
+                waker: "w",
+                needed: 60 * GI,
+                now: 100,
+                want: Ok(vec!["b", "c"]),
+            },
+            Case {
+                name: "only popular: reason names them",
+                occupants: vec![popular(serving("a", 80 * GI, 0, 0))],
+                waker: "w",
+                needed: 10 * GI,
+                now: 100,
+                want: Err("every serving occupant of this gpu is popular (a)"),
+            },
+            Case {
+                name: "not yet eligible: reason names minRuntime",
+                occupants: vec![serving("a", 80 * GI, 95, 95)],
+                waker: "w",
+                needed: 10 * GI,
+                now: 100,
+                want: Err(
+                    "no serving occupant is eligible yet: a has not served its minRuntime of 10s",
+                ),
+            },
+            Case {
+                name: "sleeping residuals cannot be preempted",
+                occupants: vec![occupant("a", OccupantState::Sleeping, 0, 80 * GI)],
+                waker: "w",
+                needed: 10 * GI,
+                now: 100,
+                want: Err("nobody else serves on this gpu; waiting for memory to free"),
+            },
+        ];
+        for c in cases {
+            let status = gpu_with(c.occupants);
+            let got = choose_victims(&spec(80 * GI), &status, c.waker, c.needed, t(c.now));
+            match (got, c.want) {
+                (Ok(v), Ok(w)) => assert_eq!(v, w, "{}", c.name),
+                (Err(e), Err(w)) => {
+                    assert_eq!(e.to_string(), w, "{}", c.name)
+                }
+                (got, want) => panic!("{}: got {got:?}, want {want:?}", c.name),
+            }
+        }
+    }
+
+    #[test]
+    fn eligibility_changes_with_time_and_the_next_moment_is_known() {
+        let status = gpu_with(vec![serving("a", 80 * GI, 95, 95)]);
+        assert_eq!(next_eligibility(&status, "w", t(100)), Some(t(105)));
+        assert!(choose_victims(&spec(80 * GI), &status, "w", GI, t(104)).is_err());
+        assert_eq!(
+            choose_victims(&spec(80 * GI), &status, "w", GI, t(105)).unwrap(),
+            vec!["a"]
+        );
+        assert_eq!(next_eligibility(&status, "w", t(106)), None);
+    }
+
+    #[test]
+    fn intents_keep_their_start_and_name_victims() {
+        let s = write_intent(&GpuStatus::default(), "w", "m", GI, t(1));
+        let s = write_intent(&s, "w", "m", 2 * GI, t(5));
+        assert_eq!(s.preemption_intents.len(), 1);
+        assert_eq!(
+            (
+                s.preemption_intents[0].since,
+                s.preemption_intents[0].needed_bytes
+            ),
+            (t(1), 2 * GI)
+        );
+        let s = name_victim(&s, "w", "a");
+        assert!(is_victim(&s, "a"));
+        assert!(!is_victim(&s, "w"));
+        let s = clear_intent(&s, "w");
+        assert!(!is_victim(&s, "a"));
     }
 }

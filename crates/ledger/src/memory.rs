@@ -1,22 +1,69 @@
-use std::{collections::BTreeMap, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use async_trait::async_trait;
 use greenthread_api::{Gpu, GpuSpec, GpuStatus};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::{Ledger, LedgerError};
 
 /// In-process ledger with the same semantics as the Kubernetes one: every write bumps a
 /// resource version, stale writes conflict, and watchers see every committed record.
-#[derive(Default)]
 pub struct MemoryLedger {
     gpus: Mutex<BTreeMap<String, watch::Sender<Gpu>>>,
     version: Mutex<u64>,
+    /// Every committed record, in commit order (a watch keeps only the latest).
+    commits: broadcast::Sender<Gpu>,
+    conflicts: AtomicU64,
+    /// Simulated round trip of a remote store: a read is stale by the time it returns.
+    latency: std::time::Duration,
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self {
+            gpus: Mutex::default(),
+            version: Mutex::default(),
+            commits: broadcast::Sender::new(1 << 16),
+            conflicts: AtomicU64::new(0),
+            latency: std::time::Duration::ZERO,
+        }
+    }
 }
 
 impl MemoryLedger {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A ledger whose reads and writes take `latency`, like a store across a network, so
+    /// that concurrent read-modify-writes really interleave and conflict.
+    pub fn with_latency(latency: std::time::Duration) -> Self {
+        Self {
+            latency,
+            ..Self::default()
+        }
+    }
+
+    async fn round_trip(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+
+    /// Every record committed from now on, for observers that must see each change.
+    pub fn commits(&self) -> broadcast::Receiver<Gpu> {
+        self.commits.subscribe()
+    }
+
+    /// Stale writes refused so far.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::SeqCst)
     }
 
     fn next_version(&self) -> String {
@@ -43,10 +90,14 @@ impl MemoryLedger {
 #[async_trait]
 impl Ledger for MemoryLedger {
     async fn get(&self, gpu: &str) -> Result<Gpu, LedgerError> {
-        let gpus = self.gpus.lock().unwrap();
-        gpus.get(gpu)
-            .map(|tx| tx.borrow().clone())
-            .ok_or_else(|| LedgerError::NotFound(gpu.to_string()))
+        let record = {
+            let gpus = self.gpus.lock().unwrap();
+            gpus.get(gpu)
+                .map(|tx| tx.borrow().clone())
+                .ok_or_else(|| LedgerError::NotFound(gpu.to_string()))
+        };
+        self.round_trip().await;
+        record
     }
 
     async fn list(&self) -> Result<Vec<Gpu>, LedgerError> {
@@ -60,6 +111,7 @@ impl Ledger for MemoryLedger {
         resource_version: &str,
         status: GpuStatus,
     ) -> Result<Gpu, LedgerError> {
+        self.round_trip().await;
         let version = self.next_version();
         let gpus = self.gpus.lock().unwrap();
         let tx = gpus
@@ -78,6 +130,14 @@ impl Ledger for MemoryLedger {
             result = Ok(record.clone());
             true
         });
+        match &result {
+            Ok(record) => {
+                let _ = self.commits.send(record.clone());
+            }
+            Err(_) => {
+                self.conflicts.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         result
     }
 

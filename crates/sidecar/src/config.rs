@@ -48,6 +48,9 @@ pub struct SidecarConfig {
     /// Serve at least this long after waking before sleeping voluntarily.
     #[arg(long, default_value = "10s", value_parser = dur)]
     pub min_runtime: Duration,
+    /// How long a wake waits for memory to free by itself before preempting.
+    #[arg(long, default_value = "5s", value_parser = dur)]
+    pub max_wait_time: Duration,
     /// Popular models are never chosen as preemption victims.
     #[arg(long)]
     pub popular: bool,
@@ -97,6 +100,22 @@ fn size(s: &str) -> Result<u64, String> {
 }
 
 impl SidecarConfig {
+    /// The defaults of the command line for `model`, then `args` on top (for tests and
+    /// embedding, e.g. `["--idle-timeout", "1s"]`).
+    pub fn from_args(model: &str, args: &[&str]) -> Result<Self, clap::Error> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        #[command(args_override_self = true)]
+        struct Wrapper {
+            #[command(flatten)]
+            cfg: SidecarConfig,
+        }
+        let argv = ["sidecar", "--model", model]
+            .into_iter()
+            .chain(args.iter().copied());
+        Wrapper::try_parse_from(argv).map(|w| w.cfg)
+    }
+
     pub fn pod_name(&self) -> String {
         self.pod_name
             .clone()

@@ -165,8 +165,7 @@ pub async fn serve(
                 tracing::error!(model = %sidecar.cfg.model, error = %e, "boot failed");
                 return Err(e);
             }
-            tokio::spawn(sidecar.clone().run_idle_timer());
-            tokio::spawn(sidecar.clone().run_heartbeat());
+            sidecar.spawn_background();
             Ok(())
         })
     };

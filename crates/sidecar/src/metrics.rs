@@ -181,6 +181,10 @@ impl SidecarMetrics {
         }
     }
 
+    pub fn preemptions(&self, role: &'static str) -> u64 {
+        self.preemptions.get_or_create(&one("role", role)).get()
+    }
+
     pub fn preemption(&self, role: &'static str) {
         self.preemptions.get_or_create(&one("role", role)).inc();
     }

@@ -359,59 +359,193 @@ impl Sidecar {
         .await
     }
 
-    /// Takes the wake lock and claims `bytes` on every GPU, waiting for ledger changes
-    /// while it does not fit. `None` if nobody waits any more (when `abandonable`).
+    /// Takes the wake lock and claims `bytes` on every GPU. While it does not fit, it
+    /// declares an intent, waits up to `maxWaitTime` for memory to free by itself, then
+    /// names a victim; every wait reacts to ledger changes at once. `None` if nobody
+    /// waits any more (when `abandonable`).
     async fn claim_all(&self, bytes: u64, abandonable: bool) -> Result<Option<()>, ClaimError> {
         let mut claimed: Vec<&GpuRef> = Vec::new();
         for gpu in &self.gpus {
-            let mut changes = self.ledger.watch(&gpu.name)?;
-            loop {
-                let claim = self.claim_for(bytes);
-                let ttl = self.cfg.wake_lock_ttl;
-                let pod = self.pod.clone();
-                let result = self
-                    .ledger_update(&gpu.name, |g| {
-                        let now = Timestamp::now();
-                        let locked = decide::acquire_wake_lock(
-                            &decide::register(&g.status, &claim, now),
-                            &pod,
-                            ttl,
-                            now,
-                        )?;
-                        Ok((Some(decide::claim(&g.spec, &locked, &claim, now)?), ()))
-                    })
-                    .await;
-                match result {
-                    Ok(()) => break,
-                    Err(ClaimError::Refused(why)) => {
-                        self.inner.lock().unwrap().waiting_on = format!("gpu {}: {why}", gpu.index);
-                        let emptied = self.queue_emptied.notified();
-                        tokio::pin!(emptied);
-                        emptied.as_mut().enable();
-                        if abandonable && self.inner.lock().unwrap().queue.is_empty() {
-                            for g in claimed {
-                                self.release_gpu(g, 0).await;
-                            }
-                            return Ok(None);
-                        }
-                        tokio::select! {
-                            _ = changes.changed() => {}
-                            _ = &mut emptied => {}
-                            // A silent lock holder's lock lapses with time, not with a change.
-                            _ = tokio::time::sleep(ttl) => {}
-                        }
+            match self.claim_one(gpu, bytes, abandonable).await {
+                Ok(Some(())) => claimed.push(gpu),
+                other => {
+                    self.withdraw(gpu).await;
+                    // Undo: what the engine holds while asleep is charged again.
+                    let residual = self.inner.lock().unwrap().residual_bytes.clone();
+                    for g in claimed {
+                        let r = residual
+                            .iter()
+                            .find(|(i, _)| *i == g.index)
+                            .map_or(0, |(_, b)| *b);
+                        self.release_gpu(g, r).await;
                     }
-                    Err(e) => {
-                        for g in claimed {
-                            self.release_gpu(g, 0).await;
-                        }
-                        return Err(e);
-                    }
+                    return other;
                 }
             }
-            claimed.push(gpu);
         }
         Ok(Some(()))
+    }
+
+    async fn claim_one(
+        &self,
+        gpu: &GpuRef,
+        bytes: u64,
+        abandonable: bool,
+    ) -> Result<Option<()>, ClaimError> {
+        let mut changes = self.ledger.watch(&gpu.name)?;
+        let ttl = self.cfg.wake_lock_ttl;
+        let claim = self.claim_for(bytes);
+        let pod = self.pod.clone();
+        // When this wake started waiting for memory on this GPU (the fairness clock).
+        let mut short_since: Option<Instant> = None;
+        loop {
+            changes.borrow_and_update();
+            let result = self
+                .ledger_update(&gpu.name, |g| {
+                    let now = Timestamp::now();
+                    let locked = decide::acquire_wake_lock(
+                        &decide::register(&g.status, &claim, now),
+                        &pod,
+                        ttl,
+                        now,
+                    )?;
+                    Ok((Some(decide::claim(&g.spec, &locked, &claim, now)?), ()))
+                })
+                .await;
+            // Lock expiry is a matter of time; so is a victim's minRuntime and maxWaitTime.
+            let mut recheck = tokio::time::Instant::now() + ttl;
+            match result {
+                Ok(()) => return Ok(Some(())),
+                Err(ClaimError::Refused(decide::Refusal::DoesNotFit { .. })) => {
+                    let since = *short_since.get_or_insert_with(Instant::now);
+                    let waiting = self.preempt_or_wait(gpu, bytes, since).await?;
+                    self.inner.lock().unwrap().waiting_on =
+                        format!("gpu {}: {}", gpu.index, waiting.0);
+                    if let Some(at) = waiting.1 {
+                        recheck = recheck.min(at);
+                    }
+                }
+                Err(ClaimError::Refused(why)) => {
+                    self.inner.lock().unwrap().waiting_on = format!("gpu {}: {why}", gpu.index);
+                }
+                Err(e) => return Err(e),
+            }
+            let emptied = self.queue_emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if abandonable && self.inner.lock().unwrap().queue.is_empty() {
+                return Ok(None);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = &mut emptied => {}
+                _ = tokio::time::sleep_until(recheck) => {}
+            }
+        }
+    }
+
+    /// Declares the intent, and once `maxWaitTime` has passed names a victim. Returns what
+    /// the wake waits on, and when to look again if only time can change it.
+    async fn preempt_or_wait(
+        &self,
+        gpu: &GpuRef,
+        bytes: u64,
+        since: Instant,
+    ) -> Result<(String, Option<tokio::time::Instant>), ClaimError> {
+        let pod = self.pod.clone();
+        let model = self.cfg.model.clone();
+        let max_wait = self.cfg.max_wait_time;
+        let fairness_over = since.elapsed() >= max_wait;
+        let (named, waiting, next) = self
+            .ledger_update(&gpu.name, |g| {
+                let now = Timestamp::now();
+                let with_intent = decide::write_intent(&g.status, &pod, &model, bytes, now);
+                if !fairness_over {
+                    let msg =
+                        format!("waiting up to {max_wait:?} for memory to free before preempting");
+                    return Ok((Some(with_intent), (None, msg, None)));
+                }
+                match decide::choose_victims(&g.spec, &with_intent, &pod, bytes, now) {
+                    Ok(victims) => match victims.first() {
+                        Some(v) => {
+                            let already = with_intent.preemption_intents.iter().any(|i| {
+                                i.pod_name == pod && i.victim_pod_name.as_deref() == Some(v)
+                            });
+                            let next = decide::name_victim(&with_intent, &pod, v);
+                            let named = (!already).then(|| v.clone());
+                            Ok((Some(next), (named, format!("preempting {v}"), None)))
+                        }
+                        None => Ok((
+                            Some(with_intent),
+                            (None, "memory is free; claiming".into(), None),
+                        )),
+                    },
+                    Err(why) => {
+                        let next = decide::next_eligibility(&with_intent, &pod, now);
+                        Ok((Some(with_intent), (None, why.to_string(), next)))
+                    }
+                }
+            })
+            .await?;
+        if let Some(victim) = named {
+            self.metrics.preemption("preemptor");
+            tracing::info!(model = %self.cfg.model, gpu = %gpu.name, %victim, "preempting");
+        }
+        let deadline = if fairness_over {
+            next.map(|t: Timestamp| {
+                let wait = Timestamp::now().duration_until(t).unsigned_abs();
+                tokio::time::Instant::now() + wait
+            })
+        } else {
+            Some(tokio::time::Instant::from_std(since + max_wait))
+        };
+        Ok((waiting, deadline))
+    }
+
+    /// Sleeps this model when another sidecar names it as its victim.
+    pub async fn run_preemption_watch(self: Arc<Self>) {
+        let mut watches = Vec::new();
+        for gpu in &self.gpus {
+            match self.ledger.watch(&gpu.name) {
+                Ok(w) => watches.push(w),
+                Err(e) => tracing::error!(gpu = %gpu.name, error = %e, "cannot watch the ledger"),
+            }
+        }
+        if watches.is_empty() {
+            return;
+        }
+        loop {
+            let chosen = watches
+                .iter_mut()
+                .any(|w| decide::is_victim(&w.borrow_and_update().status, &self.pod));
+            if chosen && self.state() == State::Serving {
+                match self.deactivate("preempted").await {
+                    Ok(()) => self.metrics.preemption("preempted"),
+                    Err(e) => tracing::debug!(error = %e, "preemption found nothing to sleep"),
+                }
+                continue;
+            }
+            let changed =
+                futures_util::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())))
+                    .await;
+            if changed.0.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Gives up waiting on a GPU: drops this pod's intent and (if held) the wake lock.
+    async fn withdraw(&self, gpu: &GpuRef) {
+        let pod = self.pod.clone();
+        let r = self
+            .ledger_update(&gpu.name, |g| {
+                let next = decide::release_wake_lock(&decide::clear_intent(&g.status, &pod), &pod);
+                Ok((Some(next), ()))
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(gpu = %gpu.name, error = %e, "could not withdraw the intent");
+        }
     }
 
     async fn release_gpu(&self, gpu: &GpuRef, residual: u64) {
@@ -824,6 +958,13 @@ impl Sidecar {
                 _ = states.changed() => {}
             }
         }
+    }
+
+    /// The loops a booted sidecar runs: idle sleep, heartbeat, preemption watch.
+    pub fn spawn_background(self: &Arc<Self>) {
+        tokio::spawn(self.clone().run_idle_timer());
+        tokio::spawn(self.clone().run_heartbeat());
+        tokio::spawn(self.clone().run_preemption_watch());
     }
 
     /// Keeps this pod's ledger records alive (a silent holder's wake lock lapses).

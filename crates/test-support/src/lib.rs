@@ -2,9 +2,11 @@
 //! wait for conditions with a deadline instead of sleeping and hoping.
 
 mod exposition;
+mod fake_engine;
 mod procs;
 mod wait;
 
 pub use exposition::{Exposition, Sample};
+pub use fake_engine::FakeEngine;
 pub use procs::{Proc, SidecarProc, free_port, http, scrape, scrape_text};
 pub use wait::wait_until;

@@ -1,0 +1,325 @@
+//! Sidecars sharing GPUs through one ledger: fairness wait, victim choice on both sides,
+//! lock expiry, and a race with no over-commit. Real sidecar and ledger code, in one
+//! process, with in-process engines.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use greenthread_api::{GpuSpec, OccupantState, WakeLock};
+use greenthread_ledger::{Ledger, MemoryLedger, decide};
+use greenthread_sidecar::{GpuRef, Parts, Rejection, Sidecar, SidecarConfig};
+use greenthread_test_support::FakeEngine;
+
+const GI: u64 = 1 << 30;
+
+fn ledger(gpus: &[(&str, u64)]) -> Arc<MemoryLedger> {
+    ledger_with(MemoryLedger::new(), gpus)
+}
+
+fn ledger_with(l: MemoryLedger, gpus: &[(&str, u64)]) -> Arc<MemoryLedger> {
+    let l = Arc::new(l);
+    for (i, (name, mem)) in gpus.iter().enumerate() {
+        l.add_gpu(
+            name,
+            GpuSpec {
+                node: "n".into(),
+                index: i as u32,
+                memory_bytes: *mem,
+                ..Default::default()
+            },
+        );
+    }
+    l
+}
+
+async fn sidecar(
+    ledger: &Arc<MemoryLedger>,
+    gpu: &str,
+    model: &str,
+    bytes: u64,
+    args: &[&str],
+) -> (Arc<Sidecar>, Arc<FakeEngine>) {
+    let engine = FakeEngine::with_times(
+        model,
+        bytes,
+        Duration::from_millis(20),
+        Duration::from_millis(20),
+    );
+    let mem = bytes.to_string();
+    let mut all = vec![
+        "--memory-bytes",
+        &mem,
+        "--min-runtime",
+        "0s",
+        "--idle-timeout",
+        "1h",
+        "--wake-lock-ttl",
+        "2s",
+    ];
+    all.extend_from_slice(args);
+    let cfg = SidecarConfig::from_args(model, &all).unwrap();
+    let sc = Sidecar::new(
+        cfg,
+        Parts {
+            engine: engine.clone(),
+            process: None,
+            ledger: ledger.clone() as Arc<dyn Ledger>,
+            gpus: vec![GpuRef {
+                name: gpu.into(),
+                index: 0,
+            }],
+            probe: Some(engine.clone()),
+        },
+    );
+    sc.boot().await.unwrap();
+    sc.spawn_background();
+    (sc, engine)
+}
+
+/// One request: admitted (the model serves), then done.
+async fn request(sc: &Arc<Sidecar>) -> Result<(), Rejection> {
+    sc.admit().await.map(drop)
+}
+
+#[tokio::test]
+async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
+    let l = ledger(&[("g-0", 100 * GI)]);
+    let (a, a_engine) = sidecar(&l, "g-0", "a", 60 * GI, &["--min-runtime", "0s"]).await;
+    let (b, _) = sidecar(
+        &l,
+        "g-0",
+        "b",
+        60 * GI,
+        &["--max-wait-time", "300ms", "--min-runtime", "3s"],
+    )
+    .await;
+    request(&a).await.unwrap();
+    assert_eq!(a.state().as_str(), "serving");
+
+    let t = Instant::now();
+    request(&b).await.unwrap();
+    let took = t.elapsed();
+    // maxWaitTime + A's drain + A's sleep + B's wake, with room for scheduling.
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited the fairness time first ({took:?})"
+    );
+    assert!(
+        took < Duration::from_millis(300 + 20 + 20 + 1000),
+        "{took:?}"
+    );
+    assert_eq!(b.state().as_str(), "serving");
+    assert_eq!(a.state().as_str(), "sleeping");
+    assert!(a_engine.is_asleep());
+    assert_eq!(
+        (
+            a.metrics.preemptions("preempted"),
+            a.metrics.preemptions("preemptor")
+        ),
+        (1, 0)
+    );
+    assert_eq!(
+        (
+            b.metrics.preemptions("preempted"),
+            b.metrics.preemptions("preemptor")
+        ),
+        (0, 1)
+    );
+
+    // B has not served its minRuntime (3 s): A's next request waits, and says why.
+    let waiting = tokio::spawn({
+        let a = a.clone();
+        async move { request(&a).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "A must not preempt B before B's minRuntime"
+    );
+    assert_eq!(b.state().as_str(), "serving");
+    let status = a.status_json();
+    assert_eq!(status["state"], "pending");
+    let record = l.get("g-0").await.unwrap();
+    assert!(
+        record
+            .status
+            .preemption_intents
+            .iter()
+            .all(|i| i.victim_pod_name.is_none())
+    );
+    // Once B's minRuntime has passed, A gets its turn.
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.state().as_str(), "serving");
+    assert_eq!(b.state().as_str(), "sleeping");
+    assert_eq!(b.metrics.preemptions("preempted"), 1);
+    assert_eq!(a.metrics.preemptions("preemptor"), 1);
+}
+
+#[tokio::test]
+async fn a_voluntary_idle_sleep_inside_the_fairness_wait_is_not_a_preemption() {
+    let l = ledger(&[("g-0", 100 * GI)]);
+    let (a, _) = sidecar(&l, "g-0", "a", 60 * GI, &["--idle-timeout", "300ms"]).await;
+    let (b, _) = sidecar(&l, "g-0", "b", 60 * GI, &["--max-wait-time", "5s"]).await;
+    request(&a).await.unwrap();
+    let t = Instant::now();
+    request(&b).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "served before the fairness wait ended"
+    );
+    for sc in [&a, &b] {
+        assert_eq!(
+            sc.metrics.preemptions("preempted") + sc.metrics.preemptions("preemptor"),
+            0
+        );
+    }
+    let record = l.get("g-0").await.unwrap();
+    assert!(
+        record.status.preemption_intents.is_empty(),
+        "the claim cleared the intent"
+    );
+}
+
+#[tokio::test]
+async fn a_gpu_held_by_popular_models_makes_requests_time_out_with_the_reason() {
+    let l = ledger(&[("g-0", 100 * GI)]);
+    let (a, _) = sidecar(&l, "g-0", "a", 80 * GI, &["--popular"]).await;
+    let (b, _) = sidecar(
+        &l,
+        "g-0",
+        "b",
+        60 * GI,
+        &["--max-wait-time", "100ms", "--queue-timeout", "600ms"],
+    )
+    .await;
+    request(&a).await.unwrap();
+    let err = request(&b).await.unwrap_err();
+    let Rejection::Deadline { reason, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert!(reason.contains("popular (a)"), "{reason}");
+    assert_eq!(
+        a.state().as_str(),
+        "serving",
+        "nothing crashed, nothing preempted"
+    );
+    // Capacity appears: the popular model is put to sleep by an operator.
+    a.deactivate("admin").await.unwrap();
+    request(&b).await.unwrap();
+    assert_eq!(b.state().as_str(), "serving");
+}
+
+#[tokio::test]
+async fn a_wake_lock_held_by_a_dead_sidecar_expires() {
+    let l = ledger(&[("g-0", 100 * GI)]);
+    let (b, _) = sidecar(&l, "g-0", "b", 10 * GI, &["--wake-lock-ttl", "1s"]).await;
+    // A sidecar that took the lock and died: it never heartbeats again.
+    let g = l.get("g-0").await.unwrap();
+    let dead = decide::Claim {
+        pod: "dead-0".into(),
+        model: "dead".into(),
+        bytes: 0,
+        popular: false,
+        min_runtime: Duration::ZERO,
+    };
+    let now = jiff::Timestamp::now();
+    let mut status = decide::register(&g.status, &dead, now);
+    status.wake_lock = Some(WakeLock {
+        pod_name: "dead-0".into(),
+        since: now,
+    });
+    l.replace_status("g-0", &g.resource_version, status)
+        .await
+        .unwrap();
+
+    let t = Instant::now();
+    request(&b).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "served only after the lock lapsed ({:?})",
+        t.elapsed()
+    );
+    let record = l.get("g-0").await.unwrap();
+    assert!(record.status.wake_lock.is_none());
+    assert_eq!(
+        record.status.occupant("b-0").unwrap().state,
+        OccupantState::Serving
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_sidecars_racing_on_one_gpu_never_over_commit() {
+    // A millisecond per ledger call, as over a network: read-modify-writes interleave.
+    let l = ledger_with(
+        MemoryLedger::with_latency(Duration::from_millis(1)),
+        &[("g-0", 100 * GI)],
+    );
+    let mut commits = l.commits();
+    let observer = tokio::spawn(async move {
+        let mut seen = 0u64;
+        while let Ok(g) = commits.recv().await {
+            let committed = decide::committed_bytes(&g.status);
+            assert!(
+                committed <= g.spec.memory_bytes,
+                "over-commit: {committed} > {} in {g:?}",
+                g.spec.memory_bytes
+            );
+            seen += 1;
+        }
+        seen
+    });
+    let mut sidecars = Vec::new();
+    for i in 0..16 {
+        let (sc, _) = sidecar(
+            &l,
+            "g-0",
+            &format!("m{i}"),
+            30 * GI,
+            &[
+                "--max-wait-time",
+                "50ms",
+                "--idle-timeout",
+                "100ms",
+                "--queue-timeout",
+                "60s",
+            ],
+        )
+        .await;
+        sidecars.push(sc);
+    }
+    let mut tasks = Vec::new();
+    for (i, sc) in sidecars.iter().enumerate() {
+        let sc = sc.clone();
+        tasks.push(tokio::spawn(async move {
+            for j in 0..3 {
+                let slot = sc
+                    .admit()
+                    .await
+                    .expect("every request is served eventually");
+                tokio::time::sleep(Duration::from_millis(((i * 7 + j * 13) % 40) as u64)).await;
+                drop(slot);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let conflicts: u64 = sidecars.iter().map(|s| s.metrics.cas_conflicts.get()).sum();
+    assert_eq!(
+        conflicts,
+        l.conflicts(),
+        "every conflict the ledger refused was counted"
+    );
+    assert!(conflicts > 0, "16 racing sidecars conflict at least once");
+    let g = l.get("g-0").await.unwrap();
+    assert!(decide::committed_bytes(&g.status) <= g.spec.memory_bytes);
+    drop(l);
+    drop(sidecars);
+    observer.abort();
+}

@@ -1,0 +1,105 @@
+//! An in-process engine for tests that run many sidecars at once: it answers the sleep
+//! API at once (or after a set delay) and reports its memory through a probe, so the
+//! real sidecar and ledger code run without a process per engine.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use greenthread_gpu::{MemoryProbe, ProbeError};
+use greenthread_sidecar::engine::{EngineAdapter, EngineError};
+
+pub struct FakeEngine {
+    pub model: String,
+    pub bytes: u64,
+    pub gpu: u32,
+    pub sleep_time: Duration,
+    pub wake_time: Duration,
+    asleep: AtomicBool,
+    pub wakes: AtomicU64,
+    pub sleeps: AtomicU64,
+}
+
+impl FakeEngine {
+    pub fn new(model: &str, bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            model: model.into(),
+            bytes,
+            gpu: 0,
+            sleep_time: Duration::ZERO,
+            wake_time: Duration::ZERO,
+            asleep: AtomicBool::new(false),
+            wakes: AtomicU64::new(0),
+            sleeps: AtomicU64::new(0),
+        })
+    }
+
+    pub fn with_times(
+        model: &str,
+        bytes: u64,
+        sleep_time: Duration,
+        wake_time: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            sleep_time,
+            wake_time,
+            ..Arc::into_inner(Self::new(model, bytes)).unwrap()
+        })
+    }
+
+    pub fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl EngineAdapter for FakeEngine {
+    async fn health(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn is_sleeping(&self) -> Result<bool, EngineError> {
+        Ok(self.is_asleep())
+    }
+
+    async fn sleep(&self, _level: u8) -> Result<(), EngineError> {
+        tokio::time::sleep(self.sleep_time).await;
+        self.sleeps.fetch_add(1, Ordering::SeqCst);
+        self.asleep.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn wake(&self, _level: u8) -> Result<(), EngineError> {
+        tokio::time::sleep(self.wake_time).await;
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        self.asleep.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn models(&self) -> Result<Bytes, EngineError> {
+        Ok(Bytes::from(format!(
+            r#"{{"object":"list","data":[{{"id":"{}","object":"model"}}]}}"#,
+            self.model
+        )))
+    }
+
+    async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
+        Ok(("text/plain".into(), Bytes::new()))
+    }
+}
+
+#[async_trait]
+impl MemoryProbe for FakeEngine {
+    async fn engine_memory(&self) -> Result<Vec<(u32, u64)>, ProbeError> {
+        Ok(vec![(
+            self.gpu,
+            if self.is_asleep() { 0 } else { self.bytes },
+        )])
+    }
+}
