@@ -1,6 +1,11 @@
 //! The sidecar's metrics, named exactly as the monitoring page documents them.
+//!
+//! The families live in [`SidecarFamilies`]; each sidecar writes its series through a
+//! [`SidecarMetrics`] handle carrying its own base labels. A standalone sidecar has no
+//! base labels (Prometheus adds the pod's); in `local` mode every sidecar's series carry
+//! `model` and `pod` and all of them share one exposition.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -10,31 +15,162 @@ use prometheus_client::{
 
 use crate::state::State;
 
-type Labels = Vec<(&'static str, String)>;
+pub type Labels = Vec<(&'static str, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 /// Buckets from 10 ms to 2 minutes: a warm wake to a cold boot.
 pub const DURATION_BUCKETS: [f64; 15] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0,
 ];
 
-pub struct SidecarMetrics {
-    registry: Registry,
-    /// Held while the one-hot state gauge changes and while encoding, so that a scrape
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// The metric families of every sidecar in a process.
+pub struct SidecarFamilies {
+    /// Held while a one-hot state gauge changes and while encoding, so that a scrape
     /// never sees zero or two states at 1.
     state_lock: Mutex<()>,
     state: Family<Labels, Gauge>,
-    pub wake_duration: Histogram,
-    pub sleep_duration: Histogram,
+    wake_duration: HistogramFamily,
+    sleep_duration: HistogramFamily,
     requests: Family<Labels, Counter>,
-    /// The two `requests` series, resolved once: the hot path takes no lock.
-    requests_success: Counter,
-    requests_error: Counter,
-    pub queue_depth: Gauge,
-    pub in_flight: Gauge,
+    queue_depth: Family<Labels, Gauge>,
+    in_flight: Family<Labels, Gauge>,
     reserved: Family<Labels, Gauge>,
     serving: Family<Labels, Gauge>,
     residual: Family<Labels, Gauge>,
     preemptions: Family<Labels, Counter>,
+    barrier_timeouts: Family<Labels, Counter>,
+    wake_dedups: Family<Labels, Counter>,
+    cas_conflicts: Family<Labels, Counter>,
+    engine_restarts: Family<Labels, Counter>,
+    wake_failures: Family<Labels, Counter>,
+}
+
+impl SidecarFamilies {
+    /// Creates the families and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let f = Arc::new(Self {
+            state_lock: Mutex::new(()),
+            state: Family::default(),
+            wake_duration: Family::new_with_constructor(duration_histogram),
+            sleep_duration: Family::new_with_constructor(duration_histogram),
+            requests: Family::default(),
+            queue_depth: Family::default(),
+            in_flight: Family::default(),
+            reserved: Family::default(),
+            serving: Family::default(),
+            residual: Family::default(),
+            preemptions: Family::default(),
+            barrier_timeouts: Family::default(),
+            wake_dedups: Family::default(),
+            cas_conflicts: Family::default(),
+            engine_restarts: Family::default(),
+            wake_failures: Family::default(),
+        });
+        let r = registry;
+        r.register(
+            "gthread_sidecar_state",
+            "Current sidecar state; exactly one state is 1",
+            f.state.clone(),
+        );
+        r.register(
+            "gthread_sidecar_wake_duration_seconds",
+            "Time to wake a model from sleeping to serving",
+            f.wake_duration.clone(),
+        );
+        r.register(
+            "gthread_sidecar_sleep_duration_seconds",
+            "Time to sleep a model (drain + GPU release)",
+            f.sleep_duration.clone(),
+        );
+        r.register(
+            "gthread_sidecar_requests",
+            "Total requests processed",
+            f.requests.clone(),
+        );
+        r.register(
+            "gthread_sidecar_queue_depth",
+            "Current request queue depth",
+            f.queue_depth.clone(),
+        );
+        r.register(
+            "gthread_sidecar_in_flight_requests",
+            "Number of requests currently being processed",
+            f.in_flight.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_memory_reserved_bytes",
+            "Reserved GPU memory in bytes per GPU index",
+            f.reserved.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_memory_serving_bytes",
+            "Measured serving GPU memory in bytes per GPU index",
+            f.serving.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_memory_residual_bytes",
+            "Measured GPU memory a sleeping engine still holds, per GPU index",
+            f.residual.clone(),
+        );
+        r.register(
+            "gthread_sidecar_preemptions",
+            "Preemption events by role",
+            f.preemptions.clone(),
+        );
+        r.register(
+            "gthread_sidecar_preemption_barrier_timeouts",
+            "Drain timeouts during preemption barrier",
+            f.barrier_timeouts.clone(),
+        );
+        r.register(
+            "gthread_sidecar_wake_deduplications",
+            "Times a wake request was coalesced with an in-flight wake",
+            f.wake_dedups.clone(),
+        );
+        r.register(
+            "gthread_sidecar_gpu_cas_conflicts",
+            "Optimistic CAS conflicts on GPU CRD updates",
+            f.cas_conflicts.clone(),
+        );
+        r.register(
+            "gthread_sidecar_engine_restarts",
+            "Cold restarts of the engine after a failed wake or a crash",
+            f.engine_restarts.clone(),
+        );
+        r.register(
+            "gthread_sidecar_wake_failures",
+            "Engine wake attempts that failed",
+            f.wake_failures.clone(),
+        );
+        f
+    }
+
+    /// Encodes `registry` while no state gauge is mid-change.
+    pub fn encode(&self, registry: &Registry) -> String {
+        let mut out = String::new();
+        let _g = self.state_lock.lock().unwrap();
+        encode(&mut out, registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// One sidecar's view of the families, with its series resolved once so that the hot
+/// path takes no lock.
+pub struct SidecarMetrics {
+    families: Arc<SidecarFamilies>,
+    /// The registry this sidecar encodes on `/metrics` when it owns one (standalone).
+    registry: Option<Registry>,
+    base: Labels,
+    pub wake_duration: Histogram,
+    pub sleep_duration: Histogram,
+    requests_success: Counter,
+    requests_error: Counter,
+    pub queue_depth: Gauge,
+    pub in_flight: Gauge,
     pub barrier_timeouts: Counter,
     pub wake_dedups: Counter,
     pub cas_conflicts: Counter,
@@ -42,133 +178,74 @@ pub struct SidecarMetrics {
     pub wake_failures: Counter,
 }
 
-fn one(key: &'static str, value: impl Into<String>) -> Labels {
-    vec![(key, value.into())]
-}
-
 impl SidecarMetrics {
+    /// A standalone sidecar: its own registry, no base labels.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let m = Self {
-            registry: Registry::default(),
-            state_lock: Mutex::new(()),
-            state: Family::default(),
-            wake_duration: Histogram::new(DURATION_BUCKETS),
-            sleep_duration: Histogram::new(DURATION_BUCKETS),
-            requests: Family::default(),
-            requests_success: Counter::default(),
-            requests_error: Counter::default(),
-            queue_depth: Gauge::default(),
-            in_flight: Gauge::default(),
-            reserved: Family::default(),
-            serving: Family::default(),
-            residual: Family::default(),
-            preemptions: Family::default(),
-            barrier_timeouts: Counter::default(),
-            wake_dedups: Counter::default(),
-            cas_conflicts: Counter::default(),
-            engine_restarts: Counter::default(),
-            wake_failures: Counter::default(),
-        };
-        let r = &mut registry;
-        r.register(
-            "gthread_sidecar_state",
-            "Current sidecar state; exactly one state is 1",
-            m.state.clone(),
-        );
-        r.register(
-            "gthread_sidecar_wake_duration_seconds",
-            "Time to wake a model from sleeping to serving",
-            m.wake_duration.clone(),
-        );
-        r.register(
-            "gthread_sidecar_sleep_duration_seconds",
-            "Time to sleep a model (drain + GPU release)",
-            m.sleep_duration.clone(),
-        );
-        r.register(
-            "gthread_sidecar_requests",
-            "Total requests processed",
-            m.requests.clone(),
-        );
-        r.register(
-            "gthread_sidecar_queue_depth",
-            "Current request queue depth",
-            m.queue_depth.clone(),
-        );
-        r.register(
-            "gthread_sidecar_in_flight_requests",
-            "Number of requests currently being processed",
-            m.in_flight.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_memory_reserved_bytes",
-            "Reserved GPU memory in bytes per GPU index",
-            m.reserved.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_memory_serving_bytes",
-            "Measured serving GPU memory in bytes per GPU index",
-            m.serving.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_memory_residual_bytes",
-            "Measured GPU memory a sleeping engine still holds, per GPU index",
-            m.residual.clone(),
-        );
-        r.register(
-            "gthread_sidecar_preemptions",
-            "Preemption events by role",
-            m.preemptions.clone(),
-        );
-        r.register(
-            "gthread_sidecar_preemption_barrier_timeouts",
-            "Drain timeouts during preemption barrier",
-            m.barrier_timeouts.clone(),
-        );
-        r.register(
-            "gthread_sidecar_wake_deduplications",
-            "Times a wake request was coalesced with an in-flight wake",
-            m.wake_dedups.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_cas_conflicts",
-            "Optimistic CAS conflicts on GPU CRD updates",
-            m.cas_conflicts.clone(),
-        );
-        r.register(
-            "gthread_sidecar_engine_restarts",
-            "Cold restarts of the engine after a failed wake or a crash",
-            m.engine_restarts.clone(),
-        );
-        r.register(
-            "gthread_sidecar_wake_failures",
-            "Engine wake attempts that failed",
-            m.wake_failures.clone(),
-        );
-        let requests_success = m.requests.get_or_create(&one("status", "success")).clone();
-        let requests_error = m.requests.get_or_create(&one("status", "error")).clone();
-        for role in ["preempted", "preemptor"] {
-            let _ = m.preemptions.get_or_create(&one("role", role));
-        }
-        for s in State::ALL {
-            m.state
-                .get_or_create(&one("state", s.as_str()))
-                .set(i64::from(s == State::Sleeping));
-        }
+        let families = SidecarFamilies::register(&mut registry);
         Self {
-            registry,
-            requests_success,
-            requests_error,
-            ..m
+            registry: Some(registry),
+            ..Self::with_labels(families, vec![])
         }
     }
 
+    /// A sidecar among others sharing `families`, its series labeled with `base`.
+    pub fn with_labels(families: Arc<SidecarFamilies>, base: Labels) -> Self {
+        let with = |k: &'static str, v: &str| {
+            let mut l = base.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        // One statement per series: `get_or_create` hands out a read guard that lives to
+        // the end of its statement, and a second insert into the same family would wait
+        // for it forever.
+        let f = &families;
+        let counter =
+            |fam: &Family<Labels, Counter>, l: &Labels| -> Counter { fam.get_or_create(l).clone() };
+        let gauge =
+            |fam: &Family<Labels, Gauge>, l: &Labels| -> Gauge { fam.get_or_create(l).clone() };
+        let hist =
+            |fam: &HistogramFamily, l: &Labels| -> Histogram { fam.get_or_create(l).clone() };
+        let requests_success = counter(&f.requests, &with("status", "success"));
+        let requests_error = counter(&f.requests, &with("status", "error"));
+        let m = Self {
+            wake_duration: hist(&f.wake_duration, &base),
+            sleep_duration: hist(&f.sleep_duration, &base),
+            requests_success,
+            requests_error,
+            queue_depth: gauge(&f.queue_depth, &base),
+            in_flight: gauge(&f.in_flight, &base),
+            barrier_timeouts: counter(&f.barrier_timeouts, &base),
+            wake_dedups: counter(&f.wake_dedups, &base),
+            cas_conflicts: counter(&f.cas_conflicts, &base),
+            engine_restarts: counter(&f.engine_restarts, &base),
+            wake_failures: counter(&f.wake_failures, &base),
+            families: families.clone(),
+            registry: None,
+            base: base.clone(),
+        };
+        for role in ["preempted", "preemptor"] {
+            let _ = m
+                .families
+                .preemptions
+                .get_or_create(&m.labels("role", role));
+        }
+        m.set_state(State::Sleeping);
+        m
+    }
+
+    fn labels(&self, key: &'static str, value: impl Into<String>) -> Labels {
+        let mut l = self.base.clone();
+        l.push((key, value.into()));
+        l
+    }
+
     pub fn set_state(&self, to: State) {
-        let _g = self.state_lock.lock().unwrap();
+        let _g = self.families.state_lock.lock().unwrap();
         for s in State::ALL {
-            self.state
-                .get_or_create(&one("state", s.as_str()))
+            self.families
+                .state
+                .get_or_create(&self.labels("state", s.as_str()))
                 .set(i64::from(s == to));
         }
     }
@@ -182,36 +259,46 @@ impl SidecarMetrics {
     }
 
     pub fn preemptions(&self, role: &'static str) -> u64 {
-        self.preemptions.get_or_create(&one("role", role)).get()
+        self.families
+            .preemptions
+            .get_or_create(&self.labels("role", role))
+            .get()
     }
 
     pub fn preemption(&self, role: &'static str) {
-        self.preemptions.get_or_create(&one("role", role)).inc();
+        self.families
+            .preemptions
+            .get_or_create(&self.labels("role", role))
+            .inc();
     }
 
     pub fn set_reserved(&self, gpu: u32, bytes: u64) {
-        self.reserved
-            .get_or_create(&one("gpu", gpu.to_string()))
+        self.families
+            .reserved
+            .get_or_create(&self.labels("gpu", gpu.to_string()))
             .set(bytes as i64);
     }
 
     pub fn set_serving(&self, gpu: u32, bytes: u64) {
-        self.serving
-            .get_or_create(&one("gpu", gpu.to_string()))
+        self.families
+            .serving
+            .get_or_create(&self.labels("gpu", gpu.to_string()))
             .set(bytes as i64);
     }
 
     pub fn set_residual(&self, gpu: u32, bytes: u64) {
-        self.residual
-            .get_or_create(&one("gpu", gpu.to_string()))
+        self.families
+            .residual
+            .get_or_create(&self.labels("gpu", gpu.to_string()))
             .set(bytes as i64);
     }
 
+    /// This sidecar's own exposition (standalone); empty when it shares a registry.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _g = self.state_lock.lock().unwrap();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        match &self.registry {
+            Some(r) => self.families.encode(r),
+            None => String::new(),
+        }
     }
 }
 

@@ -132,7 +132,11 @@ pub struct Parts {
 
 impl Sidecar {
     pub fn new(cfg: SidecarConfig, parts: Parts) -> Arc<Self> {
-        let metrics = SidecarMetrics::new();
+        Self::with_metrics(cfg, parts, SidecarMetrics::new())
+    }
+
+    /// A sidecar whose series go to shared families (several sidecars in one process).
+    pub fn with_metrics(cfg: SidecarConfig, parts: Parts, metrics: SidecarMetrics) -> Arc<Self> {
         for g in &parts.gpus {
             metrics.set_reserved(g.index, 0);
             metrics.set_serving(g.index, 0);
