@@ -3,9 +3,11 @@
 //! and in configuration files.
 
 pub mod gpu;
+pub mod model;
 pub mod units;
 
 pub use gpu::{
     Gpu, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent, WakeLock,
 };
+pub use model::{EngineKind, FairnessSpec, FieldError, ModelSpec, SleepSpec, ValidModel};
 pub use units::{ByteSize, ParseError, parse_duration};

@@ -3,8 +3,10 @@
 //! of NVML's per-process accounting), so a leak shows in its stats as on hardware.
 //! [`MemoryProbe`] measures what one engine holds; NVML joins it behind the same trait.
 
+mod metrics;
 mod probe;
 mod sim;
 
+pub use metrics::GpuMetrics;
 pub use probe::{MemoryProbe, ProbeError, SimGpuProbe};
 pub use sim::{ProcessMemory, SimGpu};

@@ -1,3 +1,5 @@
+mod local;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -14,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Everything on one machine: ledger, engines, sidecars and the API server.
+    Local(local::LocalArgs),
     /// Sleep/wake proxy in front of one inference engine.
     Sidecar(greenthread_sidecar::SidecarConfig),
     /// A vLLM-compatible simulated engine.
@@ -45,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     };
     rt.block_on(async {
         match cli.command {
+            Command::Local(args) => local::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,
         }

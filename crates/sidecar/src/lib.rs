@@ -4,7 +4,7 @@
 mod config;
 pub mod engine;
 pub mod metrics;
-mod process;
+pub mod process;
 mod proxy;
 mod server;
 mod sidecar;
@@ -20,7 +20,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 
 pub use config::{EngineKind, SidecarConfig};
 pub use proxy::Forwarder;
-pub use server::{AppState, api_error, private_router, public_router};
+pub use server::{AppState, api_error, private_router, public_router, relay};
 pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
 
 use crate::{engine::VllmAdapter, process::EngineProcess};
@@ -197,12 +197,14 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A free loopback port (for engines the sidecar starts).
+pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
 
-fn shell_quote(s: &str) -> String {
+/// Quotes `s` for `/bin/sh` when it needs it.
+pub fn shell_quote(s: &str) -> String {
     if s.chars()
         .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
     {

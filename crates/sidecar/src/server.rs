@@ -126,28 +126,39 @@ async fn infer(State(s): State<AppState>, req: Request) -> Response {
             );
         }
     };
-    // A request that could not reach the engine is sent again after the engine is back.
+    relay(&s.sidecar, &s.forwarder, &parts, body).await
+}
+
+/// Admits one inference request through `sidecar` (queueing and waking as needed) and
+/// relays it to the engine. A request that could not reach the engine is sent again
+/// once the engine is back.
+pub async fn relay(
+    sidecar: &Arc<Sidecar>,
+    forwarder: &Forwarder,
+    parts: &http::request::Parts,
+    body: bytes::Bytes,
+) -> Response {
     for _ in 0..3 {
-        let slot = match s.sidecar.admit().await {
+        let slot = match sidecar.admit().await {
             Ok(slot) => slot,
             Err(rejection) => {
-                s.sidecar.metrics.request(false);
+                sidecar.metrics.request(false);
                 return rejection.into_response();
             }
         };
-        match s.forwarder.forward(&parts, body.clone(), slot).await {
+        match forwarder.forward(parts, body.clone(), slot).await {
             Ok(resp) => {
-                s.sidecar.metrics.request(resp.status().as_u16() < 400);
+                sidecar.metrics.request(resp.status().as_u16() < 400);
                 return resp;
             }
-            Err(ForwardError::Unreachable(e)) => s.sidecar.engine_lost(&e),
+            Err(ForwardError::Unreachable(e)) => sidecar.engine_lost(&e),
             Err(ForwardError::Failed(e)) => {
-                s.sidecar.metrics.request(false);
+                sidecar.metrics.request(false);
                 return api_error(StatusCode::BAD_GATEWAY, "engine_error", e);
             }
         }
     }
-    s.sidecar.metrics.request(false);
+    sidecar.metrics.request(false);
     api_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "service_unavailable",

@@ -76,6 +76,8 @@ pub struct Sidecar {
     probe: Option<Arc<dyn MemoryProbe>>,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<State>,
+    /// Every transition, in order (a watch would coalesce quick ones).
+    transitions: tokio::sync::broadcast::Sender<(State, State)>,
     in_flight_tx: watch::Sender<usize>,
     /// Signalled when the queue empties while a wake waits for memory.
     queue_emptied: Notify,
@@ -167,6 +169,7 @@ impl Sidecar {
                 serving_bytes: vec![],
             }),
             state_tx: watch::Sender::new(State::Sleeping),
+            transitions: tokio::sync::broadcast::Sender::new(256),
             in_flight_tx: watch::Sender::new(0),
             queue_emptied: Notify::new(),
             sleep_lock: tokio::sync::Mutex::new(()),
@@ -177,6 +180,11 @@ impl Sidecar {
 
     pub fn state(&self) -> State {
         self.inner.lock().unwrap().state
+    }
+
+    /// Every state transition `(from, to)` from now on.
+    pub fn transitions(&self) -> tokio::sync::broadcast::Receiver<(State, State)> {
+        self.transitions.subscribe()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<State> {
@@ -233,6 +241,7 @@ impl Sidecar {
                 inner.state = to;
                 self.metrics.set_state(to);
                 self.state_tx.send_replace(to);
+                let _ = self.transitions.send((from, to));
                 tracing::info!(model = %self.cfg.model, %from, %to, ?event, "state changed");
                 true
             }

@@ -1,0 +1,280 @@
+//! The `Model` resource's spec: what a user declares, in Kubernetes and in `local` mode
+//! alike, and its validation into typed values with messages that name the field.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::parse_duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    #[default]
+    Vllm,
+    Sglang,
+    Llamacpp,
+    Process,
+    Sim,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SleepSpec {
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: String,
+    #[serde(default = "defaults::drain_timeout")]
+    pub drain_timeout: String,
+    #[serde(default = "defaults::level")]
+    pub level: u8,
+}
+
+impl Default for SleepSpec {
+    fn default() -> Self {
+        Self {
+            idle_timeout: defaults::idle_timeout(),
+            drain_timeout: defaults::drain_timeout(),
+            level: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FairnessSpec {
+    #[serde(default = "defaults::min_runtime")]
+    pub min_runtime: String,
+    #[serde(default = "defaults::max_wait_time")]
+    pub max_wait_time: String,
+    #[serde(default)]
+    pub popular: bool,
+}
+
+impl Default for FairnessSpec {
+    fn default() -> Self {
+        Self {
+            min_runtime: defaults::min_runtime(),
+            max_wait_time: defaults::max_wait_time(),
+            popular: false,
+        }
+    }
+}
+
+/// `Model.spec`. Defaults are those of the resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The engine's model id (e.g. `Qwen/Qwen2.5-7B-Instruct`).
+    pub model_name: String,
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// For `process` engines: the command to run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default = "defaults::dtype")]
+    pub dtype: String,
+    #[serde(default = "defaults::utilization")]
+    pub gpu_memory_utilization: String,
+    #[serde(default = "defaults::one")]
+    pub tensor_parallel_size: u32,
+    #[serde(default = "defaults::one")]
+    pub replicas: u32,
+    #[serde(default)]
+    pub quantization: String,
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    #[serde(default)]
+    pub sleep: SleepSpec,
+    #[serde(default)]
+    pub fairness: FairnessSpec,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resources: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+mod defaults {
+    pub fn idle_timeout() -> String {
+        "5m".into()
+    }
+    pub fn drain_timeout() -> String {
+        "30s".into()
+    }
+    pub fn level() -> u8 {
+        1
+    }
+    pub fn min_runtime() -> String {
+        "10s".into()
+    }
+    pub fn max_wait_time() -> String {
+        "5s".into()
+    }
+    pub fn dtype() -> String {
+        "bfloat16".into()
+    }
+    pub fn utilization() -> String {
+        "0.90".into()
+    }
+    pub fn one() -> u32 {
+        1
+    }
+}
+
+/// A spec field that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// The spec's values, parsed and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidModel {
+    pub spec: ModelSpec,
+    pub gpu_memory_utilization: f64,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub min_runtime: Duration,
+    pub max_wait_time: Duration,
+}
+
+impl ModelSpec {
+    /// Checks every field; all problems are reported, each naming its field under `path`.
+    pub fn validate(&self, path: &str) -> Result<ValidModel, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: format!("{path}.{field}"),
+                message,
+            })
+        };
+        if self.model_name.trim().is_empty() {
+            err("modelName", "is required".into());
+        }
+        let utilization = match self.gpu_memory_utilization.trim().parse::<f64>() {
+            Ok(u) if u > 0.0 && u <= 1.0 => u,
+            Ok(u) => {
+                err("gpuMemoryUtilization", format!("{u} is outside (0, 1]"));
+                0.0
+            }
+            Err(_) => {
+                err(
+                    "gpuMemoryUtilization",
+                    format!(
+                        "{:?} is not a number in (0, 1]",
+                        self.gpu_memory_utilization
+                    ),
+                );
+                0.0
+            }
+        };
+        if ![1, 2, 4, 8].contains(&self.tensor_parallel_size) {
+            err(
+                "tensorParallelSize",
+                format!("{} is not one of 1, 2, 4, 8", self.tensor_parallel_size),
+            );
+        }
+        if self.replicas == 0 {
+            err("replicas", "must be at least 1".into());
+        }
+        if !(1..=2).contains(&self.sleep.level) {
+            err("sleep.level", format!("{} is not 1 or 2", self.sleep.level));
+        }
+        if self.engine == EngineKind::Process && self.command.is_empty() {
+            err("command", "is required for engine process".into());
+        }
+        let mut dur = |field: &str, value: &str| match parse_duration(value) {
+            Ok(d) => d,
+            Err(e) => {
+                err(field, e.to_string());
+                Duration::ZERO
+            }
+        };
+        let idle_timeout = dur("sleep.idleTimeout", &self.sleep.idle_timeout);
+        let drain_timeout = dur("sleep.drainTimeout", &self.sleep.drain_timeout);
+        let min_runtime = dur("fairness.minRuntime", &self.fairness.min_runtime);
+        let max_wait_time = dur("fairness.maxWaitTime", &self.fairness.max_wait_time);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(ValidModel {
+            spec: self.clone(),
+            gpu_memory_utilization: utilization,
+            idle_timeout,
+            drain_timeout,
+            min_runtime,
+            max_wait_time,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Result<ModelSpec, serde_json::Error> {
+        serde_json::from_value(json)
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_resource() {
+        let s = spec(serde_json::json!({"modelName": "m"})).unwrap();
+        let v = s.validate("spec").unwrap();
+        assert_eq!(s.engine, EngineKind::Vllm);
+        assert_eq!(
+            (s.dtype.as_str(), s.tensor_parallel_size, s.replicas),
+            ("bfloat16", 1, 1)
+        );
+        assert_eq!(v.gpu_memory_utilization, 0.9);
+        assert_eq!(
+            (v.idle_timeout, v.drain_timeout),
+            (Duration::from_secs(300), Duration::from_secs(30))
+        );
+        assert_eq!(
+            (v.min_runtime, v.max_wait_time),
+            (Duration::from_secs(10), Duration::from_secs(5))
+        );
+        assert_eq!(s.sleep.level, 1);
+        assert!(!s.fairness.popular);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let s = spec(serde_json::json!({
+            "modelName": "",
+            "gpuMemoryUtilization": "1.5",
+            "tensorParallelSize": 3,
+            "replicas": 0,
+            "sleep": {"idleTimeout": "soon", "level": 3},
+            "fairness": {"maxWaitTime": "5 parsecs"},
+        }))
+        .unwrap();
+        let errors = s.validate("models[2].spec").unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "models[2].spec.modelName",
+                "models[2].spec.gpuMemoryUtilization",
+                "models[2].spec.tensorParallelSize",
+                "models[2].spec.replicas",
+                "models[2].spec.sleep.level",
+                "models[2].spec.sleep.idleTimeout",
+                "models[2].spec.fairness.maxWaitTime",
+            ]
+        );
+        assert!(errors[1].to_string().contains("outside (0, 1]"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e =
+            spec(serde_json::json!({"modelName": "m", "gpuMemoryUtilisation": "0.5"})).unwrap_err();
+        assert!(e.to_string().contains("gpuMemoryUtilisation"), "{e}");
+    }
+}

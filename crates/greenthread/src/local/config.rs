@@ -1,0 +1,277 @@
+//! `greenthread local`'s configuration: GPUs (simulated, or `auto` for NVML) and models
+//! with exactly the fields of the `Model` resource's spec.
+
+use std::path::Path;
+
+use greenthread_api::{ByteSize, EngineKind, ModelSpec, ValidModel};
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = include_str!("default.yaml");
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalConfig {
+    pub gpus: GpusConfig,
+    pub models: Vec<LocalModel>,
+    /// Bearer keys for `/v1` (open when empty).
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Bearer token for `/api` (open when absent).
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum GpusConfig {
+    Keyword(String),
+    Simulated { simulated: Vec<SimulatedGpu> },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SimulatedGpu {
+    pub memory: String,
+    #[serde(default = "default_product")]
+    pub product: String,
+}
+
+fn default_product() -> String {
+    "Simulated GPU".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalModel {
+    pub name: String,
+    pub spec: ModelSpec,
+}
+
+/// A GPU as configured: capacity and product.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuPlan {
+    pub memory_bytes: u64,
+    pub product: String,
+}
+
+/// The checked configuration.
+#[derive(Debug)]
+pub struct Plan {
+    pub gpus: Vec<GpuPlan>,
+    pub models: Vec<(String, ValidModel)>,
+    pub api_keys: Vec<String>,
+    pub admin_token: Option<String>,
+}
+
+/// Reads and checks `path`, or the embedded default when `None`. Every message names the
+/// file and the field.
+pub fn load(path: Option<&Path>) -> anyhow::Result<Plan> {
+    let (source, text) = match path {
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?,
+        ),
+        None => ("<embedded default>".to_string(), DEFAULT_CONFIG.to_string()),
+    };
+    parse(&source, &text)
+}
+
+pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
+    let cfg: LocalConfig =
+        serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("config {source}: {e}"))?;
+    let mut errors: Vec<String> = Vec::new();
+    let gpus = match &cfg.gpus {
+        GpusConfig::Keyword(k) if k == "auto" => {
+            errors.push("gpus: `auto` needs an NVIDIA driver (NVML), and none was found on this machine; list simulated GPUs instead (gpus: {simulated: [{memory: 80Gi}]})".into());
+            vec![]
+        }
+        GpusConfig::Keyword(k) => {
+            errors.push(format!(
+                "gpus: {k:?} is neither `auto` nor `{{simulated: [...]}}`"
+            ));
+            vec![]
+        }
+        GpusConfig::Simulated { simulated } => simulated
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| match g.memory.parse::<ByteSize>() {
+                Ok(b) if b.bytes() > 0 => Some(GpuPlan {
+                    memory_bytes: b.bytes(),
+                    product: g.product.clone(),
+                }),
+                Ok(_) => {
+                    errors.push(format!("gpus.simulated[{i}].memory: must be more than 0"));
+                    None
+                }
+                Err(e) => {
+                    errors.push(format!("gpus.simulated[{i}].memory: {e}"));
+                    None
+                }
+            })
+            .collect(),
+    };
+    if matches!(&cfg.gpus, GpusConfig::Simulated { simulated } if simulated.is_empty()) {
+        errors.push("gpus.simulated: at least one GPU is needed".into());
+    }
+    if cfg.models.is_empty() {
+        errors.push("models: at least one model is needed".into());
+    }
+    let mut models = Vec::new();
+    for (i, m) in cfg.models.iter().enumerate() {
+        let valid_name = !m.name.is_empty()
+            && m.name.len() <= 63
+            && m.name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !m.name.starts_with('-')
+            && !m.name.ends_with('-');
+        if !valid_name {
+            errors.push(format!(
+                "models[{i}].name: {:?} must be lowercase letters, digits and '-' (a DNS label)",
+                m.name
+            ));
+        }
+        if cfg.models[..i].iter().any(|o| o.name == m.name) {
+            errors.push(format!("models[{i}].name: {:?} is used twice", m.name));
+        }
+        match m.spec.validate(&format!("models[{i}].spec")) {
+            Ok(v) => {
+                if v.spec.engine != EngineKind::Sim {
+                    errors.push(format!(
+                        "models[{i}].spec.engine: {:?} engines are not supported by `local` yet; use `sim`",
+                        v.spec.engine
+                    ));
+                }
+                if !gpus.is_empty() && v.spec.tensor_parallel_size as usize > gpus.len() {
+                    errors.push(format!(
+                        "models[{i}].spec.tensorParallelSize: {} is more than the {} GPUs configured",
+                        v.spec.tensor_parallel_size,
+                        gpus.len()
+                    ));
+                }
+                models.push((m.name.clone(), v));
+            }
+            Err(es) => errors.extend(es.iter().map(ToString::to_string)),
+        }
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("config {source} is invalid:\n  {}", errors.join("\n  "));
+    }
+    Ok(Plan {
+        gpus,
+        models,
+        api_keys: cfg.api_keys,
+        admin_token: cfg.admin_token,
+    })
+}
+
+/// Spreads model replicas over GPUs: each replica goes to the GPUs with the least
+/// utilization requested so far (models sharing a GPU may not fit together: that is what
+/// sleeping is for). Returns, per model, per replica, its GPU indices.
+pub fn place(plan: &Plan) -> Vec<Vec<Vec<u32>>> {
+    let mut load = vec![0.0f64; plan.gpus.len()];
+    let mut order: Vec<usize> = (0..plan.models.len()).collect();
+    // Biggest first, declaration order among equals.
+    order.sort_by(|a, b| {
+        plan.models[*b]
+            .1
+            .gpu_memory_utilization
+            .total_cmp(&plan.models[*a].1.gpu_memory_utilization)
+            .then(a.cmp(b))
+    });
+    let mut out: Vec<Vec<Vec<u32>>> = plan.models.iter().map(|_| Vec::new()).collect();
+    for i in order {
+        let m = &plan.models[i].1;
+        for _ in 0..m.spec.replicas {
+            let mut gpus: Vec<usize> = (0..load.len()).collect();
+            gpus.sort_by(|a, b| load[*a].total_cmp(&load[*b]).then(a.cmp(b)));
+            let chosen: Vec<u32> = gpus
+                .iter()
+                .take(m.spec.tensor_parallel_size as usize)
+                .map(|g| *g as u32)
+                .collect();
+            for g in &chosen {
+                load[*g as usize] += m.gpu_memory_utilization;
+            }
+            out[i].push(chosen);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid_and_cannot_serve_everything_at_once() {
+        let plan = parse("default", DEFAULT_CONFIG).unwrap();
+        assert_eq!(plan.gpus.len(), 2);
+        assert_eq!(plan.models.len(), 4);
+        assert_eq!(
+            plan.models
+                .iter()
+                .filter(|(_, m)| m.spec.fairness.popular)
+                .count(),
+            1
+        );
+        let placement = place(&plan);
+        let mut per_gpu = [0.0; 2];
+        for (m, replicas) in plan.models.iter().zip(&placement) {
+            for gpus in replicas {
+                for g in gpus {
+                    per_gpu[*g as usize] += m.1.gpu_memory_utilization;
+                }
+            }
+        }
+        assert!(
+            per_gpu.iter().any(|u| *u > 1.0),
+            "some GPU is oversubscribed: {per_gpu:?}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_field() {
+        let bad = r#"
+gpus:
+  simulated:
+    - memory: 80Gb
+models:
+  - name: Bad_Name
+    spec:
+      modelName: m
+      engine: sim
+      gpuMemoryUtilization: "2"
+"#;
+        let e = parse("cfg.yaml", bad).unwrap_err().to_string();
+        assert!(e.starts_with("config cfg.yaml is invalid"), "{e}");
+        assert!(
+            e.contains("gpus.simulated[0].memory: invalid size \"80Gb\""),
+            "{e}"
+        );
+        assert!(e.contains("models[0].name: \"Bad_Name\""), "{e}");
+        assert!(
+            e.contains("models[0].spec.gpuMemoryUtilization: 2 is outside (0, 1]"),
+            "{e}"
+        );
+
+        let unknown = "gpus: {simulated: [{memory: 1Gi}]}\nmodels:\n  - name: a\n    spec: {modelName: m, engine: sim, idleTimeout: 5m}\n";
+        let e = parse("cfg.yaml", unknown).unwrap_err().to_string();
+        assert!(e.contains("cfg.yaml") && e.contains("idleTimeout"), "{e}");
+
+        let auto = "gpus: auto\nmodels:\n  - name: a\n    spec: {modelName: m, engine: sim}\n";
+        let e = parse("cfg.yaml", auto).unwrap_err().to_string();
+        assert!(e.contains("NVML"), "{e}");
+    }
+
+    #[test]
+    fn placement_spreads_by_requested_utilization() {
+        let text = "gpus: {simulated: [{memory: 10Gi}, {memory: 10Gi}]}\nmodels:\n  - {name: a, spec: {modelName: a, engine: sim, gpuMemoryUtilization: \"0.6\"}}\n  - {name: b, spec: {modelName: b, engine: sim, gpuMemoryUtilization: \"0.5\"}}\n  - {name: c, spec: {modelName: c, engine: sim, gpuMemoryUtilization: \"0.4\", replicas: 2}}\n";
+        let plan = parse("t", text).unwrap();
+        assert_eq!(
+            place(&plan),
+            vec![vec![vec![0]], vec![vec![1]], vec![vec![1], vec![0]]]
+        );
+    }
+}

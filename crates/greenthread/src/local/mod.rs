@@ -1,0 +1,279 @@
+//! `greenthread local`: the whole platform in one process. An in-memory ledger over
+//! simulated GPUs, one simulated engine process and one sidecar per model replica, the
+//! simulated GPUs' stats kept in the ledger (the agent's job), and the API server.
+
+mod config;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use greenthread_api::GpuSpec;
+use greenthread_apiserver::{ApiServer, Auth, ModelRoute, Replica};
+use greenthread_gpu::{GpuMetrics, MemoryProbe, SimGpu, SimGpuProbe};
+use greenthread_ledger::{Ledger, MemoryLedger};
+use greenthread_sidecar::{
+    Forwarder, GpuRef, Parts, Sidecar, SidecarConfig,
+    engine::VllmAdapter,
+    free_port,
+    metrics::{SidecarFamilies, SidecarMetrics},
+    process::EngineProcess,
+    shell_quote,
+};
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+
+use config::{load, place};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalArgs {
+    /// YAML configuration (GPUs and models); the embedded default when omitted.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address of the API server.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+}
+
+fn gpu_name(index: u32) -> String {
+    format!("local-{index}")
+}
+
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    let plan = load(args.config.as_deref())?;
+    let placement = place(&plan);
+    let sim_dir = tempfile::Builder::new()
+        .prefix("greenthread-local-gpus-")
+        .tempdir()?;
+    let sim = SimGpu::new(sim_dir.path());
+    let exe = std::env::current_exe().context("locating the greenthread binary")?;
+
+    let ledger = Arc::new(MemoryLedger::new());
+    let specs: Vec<GpuSpec> = plan
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| GpuSpec {
+            node: "local".into(),
+            index: i as u32,
+            uuid: format!("GPU-sim-{i:04}"),
+            product: g.product.clone(),
+            memory_bytes: g.memory_bytes,
+        })
+        .collect();
+    for s in &specs {
+        ledger.add_gpu(&gpu_name(s.index), s.clone());
+    }
+
+    let mut registry = Registry::default();
+    let families = SidecarFamilies::register(&mut registry);
+    let gpu_metrics = Arc::new(GpuMetrics::register(&mut registry));
+
+    let mut routes = Vec::new();
+    let mut sidecars = Vec::new();
+    for ((name, model), replicas) in plan.models.iter().zip(&placement) {
+        let mut route = ModelRoute {
+            name: name.clone(),
+            model_name: model.spec.model_name.clone(),
+            replicas: vec![],
+        };
+        for (r, gpus) in replicas.iter().enumerate() {
+            let pod = format!("{name}-{r}");
+            let port = free_port()?;
+            let url = format!("http://127.0.0.1:{port}");
+            let first_gpu = gpus[0];
+            let memory = (model.gpu_memory_utilization
+                * specs[first_gpu as usize].memory_bytes as f64) as u64;
+            // vLLM takes its share of the GPU up front: weights, then KV cache.
+            let weights = memory / 5 * 3;
+            let mut command = format!(
+                "{} sim-engine --listen 127.0.0.1:{port} --model {} --weights-bytes {weights} --kv-cache-bytes {}",
+                shell_quote(&exe.to_string_lossy()),
+                shell_quote(&model.spec.model_name),
+                memory - weights,
+            );
+            for a in &model.spec.extra_args {
+                command.push(' ');
+                command.push_str(&shell_quote(a));
+            }
+            let idle = humantime::format_duration(model.idle_timeout)
+                .to_string()
+                .replace(' ', "");
+            let drain = humantime::format_duration(model.drain_timeout)
+                .to_string()
+                .replace(' ', "");
+            let min_runtime = humantime::format_duration(model.min_runtime)
+                .to_string()
+                .replace(' ', "");
+            let max_wait = humantime::format_duration(model.max_wait_time)
+                .to_string()
+                .replace(' ', "");
+            let level = model.spec.sleep.level.to_string();
+            let mem = memory.to_string();
+            let mut flags = vec![
+                "--pod-name",
+                &pod,
+                "--engine-url",
+                &url,
+                "--memory-bytes",
+                &mem,
+                "--idle-timeout",
+                &idle,
+                "--drain-timeout",
+                &drain,
+                "--sleep-level",
+                &level,
+                "--min-runtime",
+                &min_runtime,
+                "--max-wait-time",
+                &max_wait,
+            ];
+            if model.spec.fairness.popular {
+                flags.push("--popular");
+            }
+            let cfg = SidecarConfig::from_args(&model.spec.model_name, &flags)
+                .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
+            let (exits_tx, mut exits) = mpsc::unbounded_channel();
+            let env = vec![
+                (
+                    "GREENTHREAD_SIM_GPU_DIR".to_string(),
+                    sim_dir.path().to_string_lossy().into_owned(),
+                ),
+                (
+                    "GREENTHREAD_SIM_GPU_INDEX".to_string(),
+                    first_gpu.to_string(),
+                ),
+            ];
+            let probe = Arc::new(SimGpuProbe {
+                gpu: sim.clone(),
+                indices: gpus.clone(),
+                engine_listen: format!("127.0.0.1:{port}"),
+            });
+            let sidecar = Sidecar::with_metrics(
+                cfg,
+                Parts {
+                    engine: Arc::new(VllmAdapter::new(&url)),
+                    process: Some(EngineProcess::new(command, env, exits_tx)),
+                    ledger: ledger.clone() as Arc<dyn Ledger>,
+                    gpus: gpus
+                        .iter()
+                        .map(|g| GpuRef {
+                            name: gpu_name(*g),
+                            index: *g,
+                        })
+                        .collect(),
+                    probe: Some(probe as Arc<dyn MemoryProbe>),
+                },
+                SidecarMetrics::with_labels(
+                    families.clone(),
+                    vec![("model", name.clone()), ("pod", pod.clone())],
+                ),
+            );
+            {
+                let sidecar = sidecar.clone();
+                tokio::spawn(async move {
+                    while let Some(why) = exits.recv().await {
+                        sidecar.engine_lost(&why);
+                    }
+                });
+            }
+            route.replicas.push(Replica {
+                pod,
+                sidecar: sidecar.clone(),
+                forwarder: Arc::new(Forwarder::new(&url)?),
+            });
+            sidecars.push(sidecar);
+        }
+        routes.push(route);
+    }
+
+    // The agent's job: keep each GPU's measured stats in its record.
+    let refresh = {
+        let (sim, specs, metrics) = (sim.clone(), specs.clone(), gpu_metrics.clone());
+        move || {
+            for s in &specs {
+                if let Ok(stats) = sim.stats(s) {
+                    metrics.set(s, &stats);
+                }
+            }
+        }
+    };
+    refresh();
+    tokio::spawn(report_gpu_stats(ledger.clone(), sim.clone(), specs.clone()));
+
+    let auth = Auth {
+        api_keys: plan.api_keys.clone(),
+        admin_token: plan.admin_token.clone(),
+    };
+    let api = ApiServer::new(
+        routes,
+        ledger.clone(),
+        auth,
+        registry,
+        families,
+        Box::new(refresh),
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+
+    for sc in &sidecars {
+        let sc = sc.clone();
+        tokio::spawn(async move {
+            match sc.boot().await {
+                Ok(()) => sc.spawn_background(),
+                Err(e) => tracing::error!(pod = %sc.pod, error = %e, "model failed to boot"),
+            }
+        });
+    }
+
+    let base = format!("http://{}", args.listen);
+    println!(
+        "GreenThread local: {} models on {} GPUs ({})",
+        plan.models.len(),
+        specs.len(),
+        args.config
+            .as_deref()
+            .map_or("embedded default".into(), |p| p.display().to_string())
+    );
+    println!(
+        "  OpenAI API   {base}/v1        (models: {})",
+        api.known_models()
+    );
+    println!("  Admin API    {base}/api/v1/models  {base}/api/v1/gpus  {base}/api/v1/events");
+    println!("  Metrics      {base}/metrics");
+    println!(
+        "  Try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
+        plan.models[0].0
+    );
+
+    axum::serve(listener, greenthread_apiserver::router(api))
+        .with_graceful_shutdown(greenthread_sidecar::shutdown_signal())
+        .await?;
+    // In-flight requests have drained (graceful shutdown); now stop every engine.
+    tracing::info!("stopping engines");
+    futures_util::future::join_all(sidecars.iter().map(|s| s.shutdown())).await;
+    drop(sim_dir);
+    Ok(())
+}
+
+async fn report_gpu_stats(ledger: Arc<MemoryLedger>, sim: SimGpu, specs: Vec<GpuSpec>) {
+    loop {
+        for s in &specs {
+            let Ok(stats) = sim.stats(s) else { continue };
+            let r = greenthread_ledger::update(&*ledger, &gpu_name(s.index), &|| {}, |g| {
+                let mut next = g.status.clone();
+                next.stats = Some(stats.clone());
+                Ok::<_, greenthread_ledger::LedgerError>((Some(next), ()))
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(gpu = s.index, error = %e, "could not report gpu stats");
+            }
+        }
+        // Device statistics are sampled, as an agent samples NVML.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
