@@ -3,10 +3,12 @@
 
 mod exposition;
 mod fake_engine;
+mod local;
 mod procs;
 mod wait;
 
 pub use exposition::{Exposition, Sample};
 pub use fake_engine::FakeEngine;
+pub use local::{LocalProc, TEST_CONFIG};
 pub use procs::{Proc, SidecarProc, free_port, http, scrape, scrape_text};
 pub use wait::wait_until;

@@ -34,6 +34,7 @@ impl Proc {
                 std::env::var("GT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
         Self { child }

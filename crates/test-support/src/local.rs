@@ -1,0 +1,155 @@
+//! `greenthread local` as a real process with a configuration written for the test.
+
+use std::{path::PathBuf, time::Duration};
+
+use crate::{Proc, free_port, http, wait_until};
+
+/// Four small simulated models on two 10 GiB GPUs. Placement puts alpha and delta
+/// (popular) on gpu 0, where they fit together, and beta and gamma on gpu 1, where they
+/// do not.
+pub const TEST_CONFIG: &str = r#"
+gpus:
+  simulated:
+    - {memory: 10Gi}
+    - {memory: 10Gi}
+models:
+  - name: alpha
+    spec:
+      modelName: org/alpha
+      engine: sim
+      gpuMemoryUtilization: "0.6"
+      sleep: {idleTimeout: 1h}
+      fairness: {minRuntime: 0s, maxWaitTime: 200ms}
+      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 5ms]
+  - name: beta
+    spec:
+      modelName: org/beta
+      engine: sim
+      gpuMemoryUtilization: "0.55"
+      sleep: {idleTimeout: 1h}
+      fairness: {minRuntime: 0s, maxWaitTime: 200ms}
+      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 5ms]
+  - name: gamma
+    spec:
+      modelName: org/gamma
+      engine: sim
+      gpuMemoryUtilization: "0.5"
+      sleep: {idleTimeout: 1h}
+      fairness: {minRuntime: 0s, maxWaitTime: 200ms}
+      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 5ms]
+  - name: delta
+    spec:
+      modelName: org/delta
+      engine: sim
+      gpuMemoryUtilization: "0.3"
+      sleep: {idleTimeout: 1h}
+      fairness: {minRuntime: 0s, maxWaitTime: 200ms, popular: true}
+      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 5ms]
+"#;
+
+pub struct LocalProc {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub config: PathBuf,
+    _dir: tempfile_like::Dir,
+    pub proc: Proc,
+}
+
+mod tempfile_like {
+    /// A directory removed when dropped.
+    pub struct Dir(pub std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl LocalProc {
+    /// Starts `greenthread local` with `config` and waits until every model has booted.
+    pub async fn start(bin: &str, config: &str) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("gt-local-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("local.yaml");
+        std::fs::write(&path, config).unwrap();
+        let proc = Proc::spawn(
+            bin,
+            &[
+                "local".into(),
+                "--config".into(),
+                path.display().to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+            ],
+        );
+        let me = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            client: http(),
+            config: path,
+            _dir: tempfile_like::Dir(dir),
+            proc,
+        };
+        let admin = me.admin_token(config);
+        wait_until("every model to boot", Duration::from_secs(60), || async {
+            let mut req = me.client.get(format!("{}/api/v1/models", me.url));
+            if let Some(t) = &admin {
+                req = req.bearer_auth(t);
+            }
+            let v: serde_json::Value = req.send().await.ok()?.json().await.ok()?;
+            let pods: Vec<&serde_json::Value> = v["items"]
+                .as_array()?
+                .iter()
+                .flat_map(|m| m["pods"].as_array().unwrap().iter())
+                .collect();
+            (!pods.is_empty() && pods.iter().all(|p| p["bootReady"] == true)).then_some(())
+        })
+        .await;
+        me
+    }
+
+    fn admin_token(&self, config: &str) -> Option<String> {
+        config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("adminToken:"))
+            .map(|t| t.trim().trim_matches('"').to_string())
+    }
+
+    pub fn chat(&self, model: &str, max_tokens: u32) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(&serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": max_tokens,
+            }))
+    }
+
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Each model's state as `/v1/models` reports it.
+    pub async fn states(&self) -> std::collections::BTreeMap<String, String> {
+        let v = self.get_json("/v1/models").await;
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().to_string(),
+                    m["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
