@@ -13,7 +13,11 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use greenthread_test_support::{Proc, free_port, http, wait_until};
+use greenthread_test_support::{
+    Proc,
+    bench::{ROUNDS, Stats, body, load, median, ms, percentile, wait_http},
+    free_port, http,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
@@ -80,23 +84,6 @@ fn spawn_sidecar(model: &str, engine_port: u16, public: u16, private: u16) -> Pr
     Proc::spawn(BIN, &args)
 }
 
-async fn wait_http(url: &str) {
-    let client = http();
-    wait_until(url, Duration::from_secs(30), || {
-        let client = client.clone();
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(drop)
-        }
-    })
-    .await;
-}
-
 fn nginx_binary() -> Option<PathBuf> {
     ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .iter()
@@ -133,94 +120,6 @@ fn spawn_nginx(bin: &Path, dir: &Path, routes: &[(u16, u16)]) -> Proc {
     )
 }
 
-struct Stats {
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-    errors: usize,
-}
-
-const ROUNDS: usize = 3;
-
-/// Per-field medians over rounds; errors are summed.
-fn median(rounds: Vec<Stats>) -> Stats {
-    let mid = rounds.len() / 2;
-    let pick = |f: fn(&Stats) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[mid]
-    };
-    Stats {
-        rps: pick(|s| s.rps),
-        p50: Duration::from_secs_f64(pick(|s| s.p50.as_secs_f64())),
-        p99: Duration::from_secs_f64(pick(|s| s.p99.as_secs_f64())),
-        errors: rounds.iter().map(|s| s.errors).sum(),
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn body(model: &str, max_tokens: u32, stream: bool) -> serde_json::Value {
-    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "bench"}], "max_tokens": max_tokens, "stream": stream})
-}
-
-/// `concurrency` clients in closed loops for `seconds`.
-async fn load(base: &str, model: &str, max_tokens: u32, concurrency: usize, seconds: f64) -> Stats {
-    let client = http();
-    let url = format!("{base}/v1/chat/completions");
-    let payload = body(model, max_tokens, false);
-    // Warm the connection pools on both hops.
-    for _ in 0..concurrency.max(8) {
-        if let Ok(r) = client.post(&url).json(&payload).send().await {
-            let _ = r.bytes().await;
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (client, url, payload) = (client.clone(), url.clone(), payload.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0;
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let ok = match client.post(&url).json(&payload).send().await {
-                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                        Err(_) => false,
-                    };
-                    if ok {
-                        lat.push(t.elapsed());
-                    } else {
-                        errors += 1;
-                    }
-                }
-                (lat, errors)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (lat, e) = t.await.unwrap();
-        all.extend(lat);
-        errors += e;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort();
-    Stats {
-        rps: all.len() as f64 / elapsed,
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-        errors,
-    }
-}
-
 /// Time to the first streamed event, `n` sequential requests.
 async fn ttft(base: &str, model: &str, n: usize) -> (Duration, Duration) {
     let client = http();
@@ -241,10 +140,6 @@ async fn ttft(base: &str, model: &str, n: usize) -> (Duration, Duration) {
     }
     lat.sort();
     (percentile(&lat, 0.5), percentile(&lat, 0.99))
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
 async fn stack(

@@ -42,15 +42,24 @@ fn check_no_overcommit(gpus: &serde_json::Value) {
         let status: GpuStatus = serde_json::from_value(g["status"].clone()).unwrap();
         let memory = g["spec"]["memoryBytes"].as_u64().unwrap();
         let committed = decide::committed_bytes(&status);
-        assert!(committed <= memory, "over-commit on {}: {committed} > {memory}", g["metadata"]["name"]);
+        assert!(
+            committed <= memory,
+            "over-commit on {}: {committed} > {memory}",
+            g["metadata"]["name"]
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_four_models_on_two_gpus() {
-    let seconds: u64 = std::env::var("GT_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    let seconds: u64 = std::env::var("GT_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
     // Idle sleeps and preemptions both happen: short idle timeouts, short fairness waits.
-    let config = TEST_CONFIG.replace("idleTimeout: 1h", "idleTimeout: 1500ms").replace("minRuntime: 0s", "minRuntime: 300ms");
+    let config = TEST_CONFIG
+        .replace("idleTimeout: 1h", "idleTimeout: 1500ms")
+        .replace("minRuntime: 0s", "minRuntime: 300ms");
     let local = Arc::new(LocalProc::start(BIN, &config).await);
     let outcomes = Arc::new(Outcomes::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -69,7 +78,12 @@ async fn soak_four_models_on_two_gpus() {
     };
 
     // Skewed popularity: alpha most, then beta, gamma, delta.
-    let weights = [("alpha", 0.45), ("beta", 0.25), ("gamma", 0.2), ("delta", 0.1)];
+    let weights = [
+        ("alpha", 0.45),
+        ("beta", 0.25),
+        ("gamma", 0.2),
+        ("delta", 0.1),
+    ];
     let rate = 12.0; // requests per second, all models together
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let end = Instant::now() + Duration::from_secs(seconds);
@@ -128,37 +142,83 @@ async fn soak_four_models_on_two_gpus() {
         outcomes.clear_errors.load(Ordering::SeqCst),
         outcomes.bad.load(Ordering::SeqCst),
     );
-    eprintln!("soak: {sent} sent, {ok} ok, {clear} clear errors, {bad} bad; {samples} ledger samples");
+    eprintln!(
+        "soak: {sent} sent, {ok} ok, {clear} clear errors, {bad} bad; {samples} ledger samples"
+    );
     assert_eq!(ok + clear + bad, sent, "every request was accounted for");
-    assert_eq!(bad, 0, "no request lost, hung or answered without a clear error");
+    assert_eq!(
+        bad, 0,
+        "no request lost, hung or answered without a clear error"
+    );
     assert!(ok > sent * 9 / 10, "most requests are served ({ok}/{sent})");
     assert!(samples > 100);
 
     // Quiet again: the ledger is consistent with the sidecars, and nothing is left behind.
-    wait_until("every model to be serving or sleeping", Duration::from_secs(30), || async {
-        let states = local.states().await;
-        states.values().all(|s| s == "serving" || s == "sleeping").then_some(())
-    })
+    wait_until(
+        "every model to be serving or sleeping",
+        Duration::from_secs(30),
+        || async {
+            let states = local.states().await;
+            states
+                .values()
+                .all(|s| s == "serving" || s == "sleeping")
+                .then_some(())
+        },
+    )
     .await;
     let gpus = local.get_json("/api/v1/gpus").await;
     check_no_overcommit(&gpus);
     let states = local.states().await;
     for g in gpus["items"].as_array().unwrap() {
         let status: GpuStatus = serde_json::from_value(g["status"].clone()).unwrap();
-        assert!(status.wake_lock.is_none(), "stale wake lock: {:?}", status.wake_lock);
-        assert!(status.preemption_intents.is_empty(), "stale intents: {:?}", status.preemption_intents);
+        assert!(
+            status.wake_lock.is_none(),
+            "stale wake lock: {:?}",
+            status.wake_lock
+        );
+        assert!(
+            status.preemption_intents.is_empty(),
+            "stale intents: {:?}",
+            status.preemption_intents
+        );
         for o in &status.occupants {
             let model = o.pod_name.trim_end_matches("-0");
-            assert_eq!(o.state.as_str(), states[model], "ledger and sidecar agree on {}", o.pod_name);
+            assert_eq!(
+                o.state.as_str(),
+                states[model],
+                "ledger and sidecar agree on {}",
+                o.pod_name
+            );
             if o.state.as_str() == "sleeping" {
-                assert_eq!(o.reserved_memory_bytes, 0, "no reservation kept by sleeping {}", o.pod_name);
+                assert_eq!(
+                    o.reserved_memory_bytes, 0,
+                    "no reservation kept by sleeping {}",
+                    o.pod_name
+                );
             }
         }
     }
-    let metrics = local.client.get(format!("{}/metrics", local.url)).send().await.unwrap().text().await.unwrap();
+    let metrics = local
+        .client
+        .get(format!("{}/metrics", local.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let m = greenthread_test_support::Exposition::parse(&metrics).unwrap();
-    let preempted: f64 = m.find("gthread_sidecar_preemptions_total", &[("role", "preempted")]).map(|s| s.value).sum();
-    let sleeps: f64 = m.find("gthread_sidecar_sleep_duration_seconds_count", &[]).map(|s| s.value).sum();
+    let preempted: f64 = m
+        .find(
+            "gthread_sidecar_preemptions_total",
+            &[("role", "preempted")],
+        )
+        .map(|s| s.value)
+        .sum();
+    let sleeps: f64 = m
+        .find("gthread_sidecar_sleep_duration_seconds_count", &[])
+        .map(|s| s.value)
+        .sum();
     eprintln!("soak: {preempted} preemptions, {sleeps} sleeps");
     assert!(sleeps > 0.0, "models went to sleep during the soak");
 }

@@ -10,37 +10,85 @@ const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
 /// The monitoring page's example queries.
 pub const SEED_QUERIES: [(&str, &str); 8] = [
-    ("wake latency p99", "histogram_quantile(0.99, rate(gthread_sidecar_wake_duration_seconds_bucket[5m]))"),
-    ("request rate per model", r#"sum by (pod) (rate(gthread_sidecar_requests_total{status="success"}[5m]))"#),
-    ("models currently serving", r#"count(gthread_sidecar_state{state="serving"} == 1)"#),
-    ("queue depth across all models", "sum(gthread_sidecar_queue_depth)"),
-    ("preemption rate", "sum(rate(gthread_sidecar_preemptions_total[5m])) by (role)"),
-    ("gpu memory per model", "gthread_sidecar_gpu_memory_serving_bytes"),
-    ("wakes per minute", "sum(rate(gthread_sidecar_wake_duration_seconds_count[5m])) * 60"),
-    ("sleeps per minute", "sum(rate(gthread_sidecar_sleep_duration_seconds_count[5m])) * 60"),
+    (
+        "wake latency p99",
+        "histogram_quantile(0.99, rate(gthread_sidecar_wake_duration_seconds_bucket[5m]))",
+    ),
+    (
+        "request rate per model",
+        r#"sum by (pod) (rate(gthread_sidecar_requests_total{status="success"}[5m]))"#,
+    ),
+    (
+        "models currently serving",
+        r#"count(gthread_sidecar_state{state="serving"} == 1)"#,
+    ),
+    (
+        "queue depth across all models",
+        "sum(gthread_sidecar_queue_depth)",
+    ),
+    (
+        "preemption rate",
+        "sum(rate(gthread_sidecar_preemptions_total[5m])) by (role)",
+    ),
+    (
+        "gpu memory per model",
+        "gthread_sidecar_gpu_memory_serving_bytes",
+    ),
+    (
+        "wakes per minute",
+        "sum(rate(gthread_sidecar_wake_duration_seconds_count[5m])) * 60",
+    ),
+    (
+        "sleeps per minute",
+        "sum(rate(gthread_sidecar_sleep_duration_seconds_count[5m])) * 60",
+    ),
 ];
 
 fn prometheus_binary() -> &'static str {
     let bin = "/usr/bin/prometheus";
-    assert!(Path::new(bin).exists(), "Debian's prometheus package is needed (scripts/test installs it)");
+    assert!(
+        Path::new(bin).exists(),
+        "Debian's prometheus package is needed (scripts/test installs it)"
+    );
     bin
 }
 
 fn encode(q: &str) -> String {
     q.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
-async fn query(client: &reqwest::Client, prom: &str, q: &str) -> Vec<(serde_json::Map<String, Value>, f64)> {
-    let v: Value = client.get(format!("{prom}/api/v1/query?query={}", encode(q))).send().await.unwrap().json().await.unwrap();
+async fn query(
+    client: &reqwest::Client,
+    prom: &str,
+    q: &str,
+) -> Vec<(serde_json::Map<String, Value>, f64)> {
+    let v: Value = client
+        .get(format!("{prom}/api/v1/query?query={}", encode(q)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["status"], "success", "{q}: {v}");
     v["data"]["result"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| {
-            let value = r["value"][1].as_str().unwrap().parse::<f64>().unwrap_or(f64::NAN);
+            let value = r["value"][1]
+                .as_str()
+                .unwrap()
+                .parse::<f64>()
+                .unwrap_or(f64::NAN);
             (r["metric"].as_object().unwrap().clone(), value)
         })
         .collect()
@@ -62,34 +110,63 @@ async fn every_seed_query_answers_against_a_real_prometheus() {
     let _prometheus = Proc::spawn(
         prom_bin,
         &[
-            format!("--config.file={}", dir.path().join("prometheus.yml").display()),
+            format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ),
             format!("--storage.tsdb.path={}", dir.path().join("data").display()),
             format!("--web.listen-address=127.0.0.1:{port}"),
         ],
     );
     let client = local.client.clone();
-    wait_until("prometheus to scrape greenthread", Duration::from_secs(60), || async {
-        let up = client.get(format!("{prom}/api/v1/query?query=up")).send().await.ok()?;
-        let v: Value = up.json().await.ok()?;
-        (v["data"]["result"][0]["value"][1] == "1").then_some(())
-    })
+    wait_until(
+        "prometheus to scrape greenthread",
+        Duration::from_secs(60),
+        || async {
+            let up = client
+                .get(format!("{prom}/api/v1/query?query=up"))
+                .send()
+                .await
+                .ok()?;
+            let v: Value = up.json().await.ok()?;
+            (v["data"]["result"][0]["value"][1] == "1").then_some(())
+        },
+    )
     .await;
 
     // Traffic: wakes, a preemption on gpu 1 (beta ↔ gamma), sleeps.
     for round in 0..3 {
         for model in ["alpha", "beta", "gamma", "delta"] {
-            assert_eq!(local.chat(model, 2).send().await.unwrap().status(), 200, "{model} in round {round}");
+            assert_eq!(
+                local.chat(model, 2).send().await.unwrap().status(),
+                200,
+                "{model} in round {round}"
+            );
         }
-        let r = local.client.post(format!("{}/api/v1/models/alpha/sleep", local.url)).send().await.unwrap();
+        let r = local
+            .client
+            .post(format!("{}/api/v1/models/alpha/sleep", local.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let serving_now = local.states().await.values().filter(|s| *s == "serving").count() as f64;
+    let serving_now = local
+        .states()
+        .await
+        .values()
+        .filter(|s| *s == "serving")
+        .count() as f64;
 
     // Give Prometheus a few scrapes of the final state.
-    wait_until("the serving count to reach prometheus", Duration::from_secs(30), || async {
-        let r = query(&client, &prom, SEED_QUERIES[2].1).await;
-        (r.len() == 1 && r[0].1 == serving_now).then_some(())
-    })
+    wait_until(
+        "the serving count to reach prometheus",
+        Duration::from_secs(30),
+        || async {
+            let r = query(&client, &prom, SEED_QUERIES[2].1).await;
+            (r.len() == 1 && r[0].1 == serving_now).then_some(())
+        },
+    )
     .await;
 
     let mut answers = std::collections::BTreeMap::new();
@@ -98,26 +175,52 @@ async fn every_seed_query_answers_against_a_real_prometheus() {
         assert!(!r.is_empty(), "{name}: `{q}` returned nothing");
         answers.insert(name, r);
     }
-    let finite = |name: &str| -> Vec<f64> { answers[name].iter().map(|(_, v)| *v).filter(|v| v.is_finite()).collect() };
+    let finite = |name: &str| -> Vec<f64> {
+        answers[name]
+            .iter()
+            .map(|(_, v)| *v)
+            .filter(|v| v.is_finite())
+            .collect()
+    };
 
     let p99 = finite("wake latency p99");
-    assert!(p99.iter().any(|v| *v > 0.0 && *v <= 120.0), "wake p99 {p99:?}");
+    assert!(
+        p99.iter().any(|v| *v > 0.0 && *v <= 120.0),
+        "wake p99 {p99:?}"
+    );
     let rates = &answers["request rate per model"];
-    let pods: Vec<&str> = rates.iter().filter_map(|(m, _)| m.get("pod").and_then(Value::as_str)).collect();
+    let pods: Vec<&str> = rates
+        .iter()
+        .filter_map(|(m, _)| m.get("pod").and_then(Value::as_str))
+        .collect();
     for pod in ["alpha-0", "beta-0", "gamma-0", "delta-0"] {
         assert!(pods.contains(&pod), "{pod} has a request rate: {pods:?}");
     }
     assert!(rates.iter().all(|(_, v)| *v > 0.0));
     assert_eq!(answers["models currently serving"][0].1, serving_now);
-    assert_eq!(answers["queue depth across all models"][0].1, 0.0, "nothing queued when idle");
+    assert_eq!(
+        answers["queue depth across all models"][0].1, 0.0,
+        "nothing queued when idle"
+    );
     let roles: Vec<(&str, f64)> = answers["preemption rate"]
         .iter()
         .map(|(m, v)| (m["role"].as_str().unwrap(), *v))
         .collect();
-    assert!(roles.iter().any(|(r, v)| *r == "preempted" && *v > 0.0), "{roles:?}");
-    assert!(roles.iter().any(|(r, v)| *r == "preemptor" && *v > 0.0), "{roles:?}");
+    assert!(
+        roles.iter().any(|(r, v)| *r == "preempted" && *v > 0.0),
+        "{roles:?}"
+    );
+    assert!(
+        roles.iter().any(|(r, v)| *r == "preemptor" && *v > 0.0),
+        "{roles:?}"
+    );
     let memory = &answers["gpu memory per model"];
-    assert!(memory.iter().all(|(m, v)| m.contains_key("model") && m.contains_key("gpu") && *v > 0.0), "{memory:?}");
+    assert!(
+        memory
+            .iter()
+            .all(|(m, v)| m.contains_key("model") && m.contains_key("gpu") && *v > 0.0),
+        "{memory:?}"
+    );
     assert!(finite("wakes per minute")[0] > 0.0);
     assert!(finite("sleeps per minute")[0] > 0.0);
 }

@@ -1,6 +1,7 @@
 //! Test support: start real `greenthread` processes on loopback, read their metrics, and
 //! wait for conditions with a deadline instead of sleeping and hoping.
 
+pub mod bench;
 mod exposition;
 mod fake_engine;
 mod local;

@@ -1,0 +1,121 @@
+//! Load generation and statistics shared by the benchmarks (closed-loop clients on
+//! loopback, percentiles, medians over interleaved rounds).
+
+use std::time::{Duration, Instant};
+
+use crate::{http, wait_until};
+
+pub async fn wait_http(url: &str) {
+    let client = http();
+    wait_until(url, Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(drop)
+        }
+    })
+    .await;
+}
+
+pub struct Stats {
+    pub rps: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub errors: usize,
+}
+
+pub const ROUNDS: usize = 3;
+
+/// Per-field medians over rounds; errors are summed.
+pub fn median(rounds: Vec<Stats>) -> Stats {
+    let mid = rounds.len() / 2;
+    let pick = |f: fn(&Stats) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[mid]
+    };
+    Stats {
+        rps: pick(|s| s.rps),
+        p50: Duration::from_secs_f64(pick(|s| s.p50.as_secs_f64())),
+        p99: Duration::from_secs_f64(pick(|s| s.p99.as_secs_f64())),
+        errors: rounds.iter().map(|s| s.errors).sum(),
+    }
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn body(model: &str, max_tokens: u32, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "bench"}], "max_tokens": max_tokens, "stream": stream})
+}
+
+/// `concurrency` clients in closed loops for `seconds`.
+pub async fn load(
+    base: &str,
+    model: &str,
+    max_tokens: u32,
+    concurrency: usize,
+    seconds: f64,
+) -> Stats {
+    let client = http();
+    let url = format!("{base}/v1/chat/completions");
+    let payload = body(model, max_tokens, false);
+    // Warm the connection pools on both hops.
+    for _ in 0..concurrency.max(8) {
+        if let Ok(r) = client.post(&url).json(&payload).send().await {
+            let _ = r.bytes().await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, payload) = (client.clone(), url.clone(), payload.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let ok = match client.post(&url).json(&payload).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if ok {
+                        lat.push(t.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.unwrap();
+        all.extend(lat);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    Stats {
+        rps: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        errors,
+    }
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
