@@ -416,6 +416,31 @@ async fn ctrl_c_stops_every_engine() {
     };
     let engines = children();
     assert_eq!(engines.len(), 4, "one engine per model");
+    // A stream in flight when the signal comes (1500 tokens at 1000/s) is drained.
+    let resp = local
+        .client
+        .post(format!("{}/v1/chat/completions", local.url))
+        .json(&serde_json::json!({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1500, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    // SAFETY: signals our own child process.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    let mut body = String::from_utf8_lossy(&first).into_owned();
+    let rest = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = stream.next().await {
+            body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    });
+    rest.await.expect("the stream ends");
+    assert!(
+        body.ends_with("data: [DONE]\n\n"),
+        "the in-flight stream completed"
+    );
     assert!(
         local.proc.terminate(Duration::from_secs(20)),
         "exits cleanly on SIGTERM"
