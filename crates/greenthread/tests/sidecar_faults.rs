@@ -72,15 +72,7 @@ async fn memory_an_engine_keeps_after_sleep_is_measured_and_reported() {
         m.value("gthread_sidecar_gpu_memory_reserved_bytes", &[("gpu", "0")]),
         Some(((1u64 << 30) + (512 << 20)) as f64)
     );
-    assert_eq!(
-        sc.client
-            .post(format!("{}/admin/sleep", sc.private))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.admin("sleep").await.status(), 200);
     check(sc.status().await);
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use greenthread_test_support::{SidecarProc, wait_until};
+use greenthread_test_support::{SidecarProc, get_json, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
@@ -92,15 +92,7 @@ async fn concurrent_requests_share_one_wake_then_the_model_sleeps_when_idle() {
     for _ in 0..20 {
         probe().await;
     }
-    let models: serde_json::Value = sc
-        .client
-        .get(format!("{}/v1/models", sc.public))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&sc.client, &format!("{}/v1/models", sc.public)).await;
     assert_eq!(
         models["data"][0]["id"], "m",
         "model list answered from the cached copy"
@@ -140,31 +132,16 @@ async fn level_two_sleep_wakes_through_reload_weights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_wake_and_sleep() {
     let sc = SidecarProc::start(BIN, "adm", &[], &[]).await;
-    let r = sc
-        .client
-        .post(format!("{}/admin/wake", sc.private))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.admin("wake").await;
     assert_eq!(r.status(), 200);
     assert_eq!(sc.state().await, "serving");
     assert!(!sc.engine_sleeping().await);
-    let r = sc
-        .client
-        .post(format!("{}/admin/sleep", sc.private))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.admin("sleep").await;
     assert_eq!(r.status(), 200);
     assert_eq!(sc.state().await, "sleeping");
     assert!(sc.engine_sleeping().await);
     // Sleeping a sleeping model is a conflict with a JSON reason, not a crash.
-    let r = sc
-        .client
-        .post(format!("{}/admin/sleep", sc.private))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.admin("sleep").await;
     assert_eq!(r.status(), 409);
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(

@@ -152,25 +152,9 @@ async fn exactly_one_state_is_set_at_every_scrape_through_a_cycle() {
         })
     };
     assert_eq!(sc.chat("hot", 2, false).send().await.unwrap().status(), 200);
-    assert_eq!(
-        sc.client
-            .post(format!("{}/admin/sleep", sc.private))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.admin("sleep").await.status(), 200);
     assert_eq!(sc.chat("hot", 2, false).send().await.unwrap().status(), 200);
-    assert_eq!(
-        sc.client
-            .post(format!("{}/admin/sleep", sc.private))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.admin("sleep").await.status(), 200);
     stop.store(true, Ordering::SeqCst);
     let seen = scraper.await.unwrap();
     let distinct: BTreeSet<&str> = seen.iter().map(String::as_str).collect();

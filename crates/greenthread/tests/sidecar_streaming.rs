@@ -99,12 +99,7 @@ async fn a_drain_timeout_shorter_than_the_stream_sleeps_anyway_and_counts_it() {
         },
     )
     .await;
-    let r = sc
-        .client
-        .post(format!("{}/admin/sleep", sc.private))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.admin("sleep").await;
     assert_eq!(r.status(), 200);
     assert_eq!(sc.state().await, "sleeping");
     assert!(sc.engine_sleeping().await);

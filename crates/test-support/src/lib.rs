@@ -11,5 +11,5 @@ mod wait;
 pub use exposition::{Exposition, Sample};
 pub use fake_engine::FakeEngine;
 pub use local::{LocalProc, TEST_CONFIG};
-pub use procs::{Proc, SidecarProc, free_port, http, scrape, scrape_text};
+pub use procs::{Proc, SidecarProc, free_port, get_json, http, scrape, scrape_text};
 pub use wait::wait_until;

@@ -127,14 +127,7 @@ impl LocalProc {
     }
 
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        self.client
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        crate::get_json(&self.client, &format!("{}{path}", self.url)).await
     }
 
     /// Each model's state as `/v1/models` reports it.

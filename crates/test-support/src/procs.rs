@@ -143,12 +143,14 @@ impl SidecarProc {
     }
 
     pub async fn status(&self) -> serde_json::Value {
+        get_json(&self.client, &format!("{}/status", self.public)).await
+    }
+
+    /// `POST /admin/{action}` on the private port (`sleep`, `wake`).
+    pub async fn admin(&self, action: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/status", self.public))
+            .post(format!("{}/admin/{action}", self.private))
             .send()
-            .await
-            .unwrap()
-            .json()
             .await
             .unwrap()
     }
@@ -165,15 +167,7 @@ impl SidecarProc {
     }
 
     pub async fn engine_sleeping(&self) -> bool {
-        let v: serde_json::Value = self
-            .client
-            .get(format!("{}/is_sleeping", self.engine))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(&self.client, &format!("{}/is_sleeping", self.engine)).await;
         v["is_sleeping"].as_bool().unwrap()
     }
 
@@ -187,6 +181,10 @@ impl SidecarProc {
                 "stream": stream,
             }))
     }
+}
+
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 pub async fn scrape_text(client: &reqwest::Client, url: &str) -> String {
