@@ -22,6 +22,8 @@ pub fn router(api: Shared) -> Router {
     Router::new()
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/metrics", get(metrics))
+        .route("/metrics/engine/{pod}", get(engine_metrics))
+        .route("/prometheus/targets", get(scrape_targets))
         .route("/v1/models", get(list_models))
         .route("/v1/{*rest}", post(by_body))
         .route("/{model}/v1/{*rest}", post(by_prefix).get(by_prefix))
@@ -198,6 +200,57 @@ async fn metrics(State(api): State<Shared>) -> Response {
         api.families.encode(&api.registry),
     )
         .into_response()
+}
+
+/// One engine's own metrics (vLLM's names), re-exported as the sidecar does on its
+/// private port; scraping never counts as traffic.
+async fn engine_metrics(State(api): State<Shared>, Path(pod): Path<String>) -> Response {
+    let Some(replica) = api
+        .models
+        .values()
+        .flat_map(|m| m.replicas.iter())
+        .find(|r| r.pod == pod)
+    else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no pod {pod:?}"),
+        );
+    };
+    match replica.sidecar.engine().metrics().await {
+        Ok((content_type, body)) => {
+            ([(header::CONTENT_TYPE, content_type)], Body::from(body)).into_response()
+        }
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+/// Prometheus HTTP service discovery: one target per engine, labeled with its model and
+/// pod, so that the vLLM dashboard works in `local` mode as on Kubernetes.
+async fn scrape_targets(State(api): State<Shared>, headers: http::HeaderMap) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1:8000")
+        .to_string();
+    let groups: Vec<Value> = api
+        .models
+        .values()
+        .flat_map(|m| {
+            let host = host.clone();
+            m.replicas.iter().map(move |r| {
+                json!({
+                    "targets": [host],
+                    "labels": {"__metrics_path__": format!("/metrics/engine/{}", r.pod), "model": m.name, "pod": r.pod},
+                })
+            })
+        })
+        .collect();
+    Json(groups).into_response()
 }
 
 fn model_status(route: &ModelRoute) -> Value {

@@ -1,9 +1,9 @@
 //! A real Prometheus (Debian's `prometheus` package) scrapes `greenthread local` under
 //! traffic, and every example query of the monitoring page returns a plausible answer.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use greenthread_test_support::{LocalProc, Proc, TEST_CONFIG, free_port, wait_until};
+use greenthread_test_support::{LocalProc, Prometheus, TEST_CONFIG, wait_until};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
@@ -44,95 +44,15 @@ pub const SEED_QUERIES: [(&str, &str); 8] = [
     ),
 ];
 
-fn prometheus_binary() -> &'static str {
-    let bin = "/usr/bin/prometheus";
-    assert!(
-        Path::new(bin).exists(),
-        "Debian's prometheus package is needed (scripts/test installs it)"
-    );
-    bin
-}
-
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-async fn query(
-    client: &reqwest::Client,
-    prom: &str,
-    q: &str,
-) -> Vec<(serde_json::Map<String, Value>, f64)> {
-    let v: Value = client
-        .get(format!("{prom}/api/v1/query?query={}", encode(q)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["status"], "success", "{q}: {v}");
-    v["data"]["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let value = r["value"][1]
-                .as_str()
-                .unwrap()
-                .parse::<f64>()
-                .unwrap_or(f64::NAN);
-            (r["metric"].as_object().unwrap().clone(), value)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_seed_query_answers_against_a_real_prometheus() {
-    let prom_bin = prometheus_binary();
     let local = LocalProc::start(BIN, TEST_CONFIG).await;
-    let dir = tempfile::tempdir().unwrap();
     let target = local.url.trim_start_matches("http://");
-    std::fs::write(
-        dir.path().join("prometheus.yml"),
-        format!("global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: greenthread\n    static_configs: [{{targets: ['{target}']}}]\n"),
-    )
-    .unwrap();
-    let port = free_port();
-    let prom = format!("http://127.0.0.1:{port}");
-    let _prometheus = Proc::spawn(
-        prom_bin,
-        &[
-            format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ),
-            format!("--storage.tsdb.path={}", dir.path().join("data").display()),
-            format!("--web.listen-address=127.0.0.1:{port}"),
-        ],
-    );
-    let client = local.client.clone();
-    wait_until(
-        "prometheus to scrape greenthread",
-        Duration::from_secs(60),
-        || async {
-            let up = client
-                .get(format!("{prom}/api/v1/query?query=up"))
-                .send()
-                .await
-                .ok()?;
-            let v: Value = up.json().await.ok()?;
-            (v["data"]["result"][0]["value"][1] == "1").then_some(())
-        },
-    )
+    let prom = Prometheus::start(&format!(
+        "  - job_name: greenthread\n    static_configs: [{{targets: ['{target}']}}]\n"
+    ))
     .await;
+    prom.wait_up(1).await;
 
     // Traffic: wakes, a preemption on gpu 1 (beta ↔ gamma), sleeps.
     for round in 0..3 {
@@ -163,7 +83,7 @@ async fn every_seed_query_answers_against_a_real_prometheus() {
         "the serving count to reach prometheus",
         Duration::from_secs(30),
         || async {
-            let r = query(&client, &prom, SEED_QUERIES[2].1).await;
+            let r = prom.query(SEED_QUERIES[2].1).await;
             (r.len() == 1 && r[0].1 == serving_now).then_some(())
         },
     )
@@ -171,7 +91,7 @@ async fn every_seed_query_answers_against_a_real_prometheus() {
 
     let mut answers = std::collections::BTreeMap::new();
     for (name, q) in SEED_QUERIES {
-        let r = query(&client, &prom, q).await;
+        let r = prom.query(q).await;
         assert!(!r.is_empty(), "{name}: `{q}` returned nothing");
         answers.insert(name, r);
     }

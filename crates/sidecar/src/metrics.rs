@@ -47,6 +47,7 @@ pub struct SidecarFamilies {
     cas_conflicts: Family<Labels, Counter>,
     engine_restarts: Family<Labels, Counter>,
     wake_failures: Family<Labels, Counter>,
+    rejections: Family<Labels, Counter>,
 }
 
 impl SidecarFamilies {
@@ -69,6 +70,7 @@ impl SidecarFamilies {
             cas_conflicts: Family::default(),
             engine_restarts: Family::default(),
             wake_failures: Family::default(),
+            rejections: Family::default(),
         });
         let r = registry;
         r.register(
@@ -145,6 +147,11 @@ impl SidecarFamilies {
             "gthread_sidecar_wake_failures",
             "Engine wake attempts that failed",
             f.wake_failures.clone(),
+        );
+        r.register(
+            "gthread_sidecar_rejections",
+            "Requests refused without reaching the engine, by reason (queue_full, deadline, failed)",
+            f.rejections.clone(),
         );
         f
     }
@@ -230,6 +237,12 @@ impl SidecarMetrics {
                 .preemptions
                 .get_or_create(&m.labels("role", role));
         }
+        for reason in ["queue_full", "deadline", "failed"] {
+            let _ = m
+                .families
+                .rejections
+                .get_or_create(&m.labels("reason", reason));
+        }
         m.set_state(State::Sleeping);
         m
     }
@@ -256,6 +269,13 @@ impl SidecarMetrics {
         } else {
             self.requests_error.inc();
         }
+    }
+
+    pub fn rejection(&self, reason: &'static str) {
+        self.families
+            .rejections
+            .get_or_create(&self.labels("reason", reason))
+            .inc();
     }
 
     pub fn preemptions(&self, role: &'static str) -> u64 {

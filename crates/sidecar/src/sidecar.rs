@@ -283,6 +283,7 @@ impl Sidecar {
                 return Ok(self.admit_locked(&mut inner));
             }
             if inner.queue.len() >= self.cfg.max_queue {
+                self.metrics.rejection("queue_full");
                 return Err(Rejection::QueueFull {
                     depth: inner.queue.len(),
                 });
@@ -308,9 +309,16 @@ impl Sidecar {
         let _queued = QueuedGuard { sidecar: self, id };
         match tokio::time::timeout(self.cfg.queue_timeout, rx).await {
             Ok(Ok(Ok(slot))) => Ok(slot),
-            Ok(Ok(Err(reason))) => Err(Rejection::Failed(reason)),
-            Ok(Err(_)) => Err(Rejection::Failed("the sidecar is shutting down".into())),
+            Ok(Ok(Err(reason))) => {
+                self.metrics.rejection("failed");
+                Err(Rejection::Failed(reason))
+            }
+            Ok(Err(_)) => {
+                self.metrics.rejection("failed");
+                Err(Rejection::Failed("the sidecar is shutting down".into()))
+            }
             Err(_) => {
+                self.metrics.rejection("deadline");
                 let inner = self.inner.lock().unwrap();
                 Err(Rejection::Deadline {
                     waited: arrived.elapsed(),

@@ -6,10 +6,12 @@ mod exposition;
 mod fake_engine;
 mod local;
 mod procs;
+mod prometheus;
 mod wait;
 
 pub use exposition::{Exposition, Sample};
 pub use fake_engine::FakeEngine;
 pub use local::{LocalProc, TEST_CONFIG};
 pub use procs::{Proc, SidecarProc, free_port, get_json, http, scrape, scrape_text};
+pub use prometheus::{Prometheus, Series};
 pub use wait::wait_until;
