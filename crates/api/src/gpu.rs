@@ -4,10 +4,30 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Identity and capacity of one physical (or simulated) GPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Identity and capacity of one physical (or simulated) GPU: the `GPU` resource's spec,
+/// one object per GPU named `<node>-<index>`, created and reported by the agent.
+#[derive(
+    CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema,
+)]
+#[kube(
+    group = "greenthread.ai",
+    version = "v1alpha1",
+    kind = "GPU",
+    root = "GpuResource",
+    plural = "gpus",
+    namespaced,
+    status = "GpuStatus",
+    printcolumn = r#"{"name":"NODE","type":"string","jsonPath":".spec.node"}"#,
+    printcolumn = r#"{"name":"INDEX","type":"integer","jsonPath":".spec.index"}"#,
+    printcolumn = r#"{"name":"PRODUCT","type":"string","jsonPath":".spec.product"}"#,
+    printcolumn = r#"{"name":"AVAILABLE","type":"integer","format":"int64","jsonPath":".status.availableMemoryBytes"}"#,
+    printcolumn = r#"{"name":"OCCUPANTS","type":"string","jsonPath":".status.occupants[*].modelName"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuSpec {
     pub node: String,
@@ -20,7 +40,7 @@ pub struct GpuSpec {
 }
 
 /// Measured device statistics, as NVML (or the simulator) reports them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuStats {
     pub used_memory_bytes: u64,
@@ -30,7 +50,7 @@ pub struct GpuStats {
     pub power_watts: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OccupantState {
     Serving,
@@ -49,7 +69,7 @@ impl OccupantState {
 }
 
 /// One model pod's presence on a GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Occupant {
     pub pod_name: String,
@@ -63,35 +83,41 @@ pub struct Occupant {
     #[serde(default)]
     pub popular: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub last_accessed: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub became_serving_at: Option<Timestamp>,
     #[serde(with = "humantime_serde", default)]
+    #[schemars(with = "String")]
     pub min_runtime: Duration,
+    #[schemars(with = "String")]
     pub heartbeat: Timestamp,
 }
 
 /// A waker's declaration that it needs memory on this GPU and may preempt for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PreemptionIntent {
     pub pod_name: String,
     pub model_name: String,
     pub needed_bytes: u64,
+    #[schemars(with = "String")]
     pub since: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub victim_pod_name: Option<String>,
 }
 
 /// One waker per GPU at a time; the lock lapses if its holder stops heartbeating.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WakeLock {
     pub pod_name: String,
+    #[schemars(with = "String")]
     pub since: Timestamp,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,6 +128,10 @@ pub struct GpuStatus {
     pub preemption_intents: Vec<PreemptionIntent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_lock: Option<WakeLock>,
+    /// `memoryBytes` − Σ reserved (serving, waking) − Σ residual (sleeping), kept up to
+    /// date on every ledger write for `kubectl get gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_memory_bytes: Option<u64>,
 }
 
 impl GpuStatus {
@@ -147,6 +177,7 @@ mod tests {
             }],
             preemption_intents: vec![],
             wake_lock: None,
+            available_memory_bytes: None,
         };
         let json = serde_json::to_value(&status).unwrap();
         let occ = &json["occupants"][0];

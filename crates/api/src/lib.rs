@@ -7,7 +7,10 @@ pub mod model;
 pub mod units;
 
 pub use gpu::{
-    Gpu, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent, WakeLock,
+    Gpu, GpuResource, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent,
+    WakeLock,
 };
-pub use model::{EngineKind, FairnessSpec, FieldError, ModelSpec, SleepSpec, ValidModel};
+pub use model::{
+    EngineKind, FairnessSpec, FieldError, Model, ModelSpec, ModelStatus, SleepSpec, ValidModel,
+};
 pub use units::{ByteSize, ParseError, parse_duration};

@@ -3,11 +3,14 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::parse_duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     #[default]
@@ -18,7 +21,7 @@ pub enum EngineKind {
     Sim,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SleepSpec {
     #[serde(default = "defaults::idle_timeout")]
@@ -39,7 +42,7 @@ impl Default for SleepSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FairnessSpec {
     #[serde(default = "defaults::min_runtime")]
@@ -60,8 +63,33 @@ impl Default for FairnessSpec {
     }
 }
 
-/// `Model.spec`. Defaults are those of the resource.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Model.spec`: what a user declares. Defaults are those of the resource; the CEL rules
+/// are checked at admission with the messages below.
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "greenthread.ai",
+    version = "v1alpha1",
+    kind = "Model",
+    plural = "models",
+    shortname = "gtm",
+    namespaced,
+    status = "ModelStatus",
+    printcolumn = r#"{"name":"PHASE","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"REPLICAS","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"SERVING","type":"integer","jsonPath":".status.servingReplicas"}"#,
+    printcolumn = r#"{"name":"SLEEPING","type":"integer","jsonPath":".status.sleepingReplicas"}"#,
+    printcolumn = r#"{"name":"NODE","type":"string","jsonPath":".status.node"}"#,
+    printcolumn = r#"{"name":"GPUS","type":"string","jsonPath":".status.gpus"}"#,
+    printcolumn = r#"{"name":"VRAM/GPU","type":"string","jsonPath":".status.servingMemoryPerGPU"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("self.tensorParallelSize in [1, 2, 4, 8]").message("tensorParallelSize must be 1, 2, 4 or 8 (a power of two)"))]
+#[x_kube(validation = Rule::new("self.gpuMemoryUtilization.matches('^[0-9]*[.]?[0-9]+$') && double(self.gpuMemoryUtilization) > 0.0 && double(self.gpuMemoryUtilization) <= 1.0").message("gpuMemoryUtilization must be a number in (0, 1], e.g. \"0.90\""))]
+#[x_kube(validation = Rule::new("self.sleep.level in [1, 2]").message("sleep.level must be 1 (offload weights to CPU) or 2 (discard weights)"))]
+#[x_kube(validation = Rule::new("self.sleep.idleTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && self.sleep.drainTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("sleep.idleTimeout and sleep.drainTimeout must be durations such as 500ms, 30s or 5m"))]
+#[x_kube(validation = Rule::new("self.fairness.minRuntime.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && self.fairness.maxWaitTime.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("fairness.minRuntime and fairness.maxWaitTime must be durations such as 500ms, 30s or 5m"))]
+#[x_kube(validation = Rule::new("self.engine != 'process' || (has(self.command) && size(self.command) > 0)").message("engine process needs a command to run"))]
+#[x_kube(validation = Rule::new("self.replicas >= 1").message("replicas must be at least 1"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelSpec {
     /// The engine's model id (e.g. `Qwen/Qwen2.5-7B-Instruct`).
@@ -87,14 +115,46 @@ pub struct ModelSpec {
     pub sleep: SleepSpec,
     #[serde(default)]
     pub fairness: FairnessSpec,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub resources: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tolerations: Vec<serde_json::Value>,
+    pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+}
+
+/// `Model.status`, written by the controller.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// Pending | Ready | Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub serving_replicas: i32,
+    #[serde(default)]
+    pub sleeping_replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    /// Measured serving memory per GPU, e.g. `21Gi`.
+    #[serde(
+        default,
+        rename = "servingMemoryPerGPU",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub serving_memory_per_gpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 mod defaults {

@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print the CustomResourceDefinitions (Model, GPU) as YAML.
+    Crds,
     /// Everything on one machine: ledger, engines, sidecars and the API server.
     Local(local::LocalArgs),
     /// Sleep/wake proxy in front of one inference engine.
@@ -26,6 +28,10 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Crds = cli.command {
+        print!("{}", crds()?);
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -52,6 +58,21 @@ fn main() -> anyhow::Result<()> {
             Command::Local(args) => local::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,
+            Command::Crds => unreachable!("handled before the runtime starts"),
         }
     })
+}
+
+/// Both CRDs as one YAML stream, as checked in under `charts/greenthread/crds/`.
+fn crds() -> anyhow::Result<String> {
+    use kube::CustomResourceExt;
+    let mut out = String::new();
+    for crd in [
+        greenthread_api::Model::crd(),
+        greenthread_api::GpuResource::crd(),
+    ] {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd)?);
+    }
+    Ok(out)
 }

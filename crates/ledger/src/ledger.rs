@@ -48,7 +48,9 @@ where
     loop {
         let current = ledger.get(gpu).await?;
         let (next, out) = decide(&current)?;
-        let Some(next) = next else { return Ok(out) };
+        let Some(mut next) = next else { return Ok(out) };
+        next.available_memory_bytes =
+            Some(crate::decide::available_bytes(&current.spec, &next, None));
         if next == current.status {
             return Ok(out);
         }

@@ -1,0 +1,154 @@
+//! The Model CRD's CEL rules, evaluated as the API server would (kube-cel) on valid and
+//! invalid objects, and its printer columns.
+
+use greenthread_api::Model;
+use kube::CustomResourceExt;
+use serde_json::{Value, json};
+
+fn schema() -> Value {
+    let crd = Model::crd();
+    let v = &crd.spec.versions[0];
+    serde_json::to_value(
+        v.schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// A Model as `kubectl apply` would send it, after the API server's defaulting.
+fn model(spec_patch: Value) -> Value {
+    let mut spec = json!({
+        "modelName": "Qwen/Qwen2.5-7B-Instruct",
+        "engine": "vllm",
+        "dtype": "bfloat16",
+        "gpuMemoryUtilization": "0.90",
+        "tensorParallelSize": 1,
+        "replicas": 1,
+        "quantization": "",
+        "extraArgs": [],
+        "sleep": {"idleTimeout": "5m", "drainTimeout": "30s", "level": 1},
+        "fairness": {"minRuntime": "10s", "maxWaitTime": "5s", "popular": false},
+    });
+    merge(&mut spec, spec_patch);
+    json!({"apiVersion": "greenthread.ai/v1alpha1", "kind": "Model", "metadata": {"name": "m"}, "spec": spec})
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+fn errors(obj: &Value) -> Vec<String> {
+    match kube_cel::Validator::new().validate(&schema(), obj, None) {
+        Ok(()) => vec![],
+        Err(errors) => errors
+            .into_vec()
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field_path, e.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_valid_model_passes() {
+    assert_eq!(errors(&model(json!({}))), Vec::<String>::new());
+    let good = model(
+        json!({"tensorParallelSize": 8, "gpuMemoryUtilization": "1", "sleep": {"level": 2, "idleTimeout": "500ms"}}),
+    );
+    assert_eq!(errors(&good), Vec::<String>::new());
+    let process = model(json!({"engine": "process", "command": ["llama-server", "-m", "m.gguf"]}));
+    assert_eq!(errors(&process), Vec::<String>::new());
+}
+
+#[test]
+fn invalid_models_are_refused_with_a_message_a_user_understands() {
+    let cases = [
+        (
+            json!({"tensorParallelSize": 3}),
+            "tensorParallelSize must be 1, 2, 4 or 8",
+        ),
+        (
+            json!({"gpuMemoryUtilization": "1.5"}),
+            "gpuMemoryUtilization must be a number in (0, 1]",
+        ),
+        (
+            json!({"gpuMemoryUtilization": "0"}),
+            "gpuMemoryUtilization must be a number in (0, 1]",
+        ),
+        (
+            json!({"gpuMemoryUtilization": "most"}),
+            "gpuMemoryUtilization must be a number in (0, 1]",
+        ),
+        (json!({"sleep": {"level": 3}}), "sleep.level must be 1"),
+        (
+            json!({"sleep": {"idleTimeout": "soon"}}),
+            "sleep.idleTimeout and sleep.drainTimeout must be durations",
+        ),
+        (
+            json!({"fairness": {"maxWaitTime": "5 parsecs"}}),
+            "fairness.minRuntime and fairness.maxWaitTime must be durations",
+        ),
+        (
+            json!({"engine": "process"}),
+            "engine process needs a command",
+        ),
+        (json!({"replicas": 0}), "replicas must be at least 1"),
+    ];
+    for (patch, want) in cases {
+        let got = errors(&model(patch.clone()));
+        assert!(
+            got.iter().any(|m| m.contains(want)),
+            "{patch}: expected {want:?}, got {got:?}"
+        );
+    }
+}
+
+#[test]
+fn printer_columns_are_those_of_the_spec() {
+    let crd = Model::crd();
+    let names: Vec<&str> = crd.spec.versions[0]
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "PHASE", "REPLICAS", "SERVING", "SLEEPING", "NODE", "GPUS", "VRAM/GPU", "AGE"
+        ]
+    );
+    assert!(
+        crd.spec.versions[0]
+            .subresources
+            .as_ref()
+            .unwrap()
+            .status
+            .is_some()
+    );
+    let gpu = greenthread_api::GpuResource::crd();
+    let names: Vec<&str> = gpu.spec.versions[0]
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["NODE", "INDEX", "PRODUCT", "AVAILABLE", "OCCUPANTS", "AGE"]
+    );
+    assert_eq!(gpu.spec.names.kind, "GPU");
+    assert_eq!(gpu.spec.names.plural, "gpus");
+}
