@@ -55,6 +55,8 @@ struct Inner {
     demand_since: Option<Instant>,
     /// The engine must be cold-started before it can serve again.
     engine_lost: bool,
+    /// Set by `shutdown`: no engine is started again.
+    shutting_down: bool,
     /// What queued requests are waiting on, for the error they get at their deadline.
     waiting_on: String,
     /// Bytes per GPU to claim on the next wake.
@@ -162,6 +164,7 @@ impl Sidecar {
                 serving_since: None,
                 demand_since: None,
                 engine_lost: false,
+                shutting_down: false,
                 waiting_on: "the engine is booting".into(),
                 reserve_bytes: cfg.memory_bytes.unwrap_or(0),
                 claimed_bytes: 0,
@@ -683,7 +686,13 @@ impl Sidecar {
         let mut restarts = 0;
         let mut last_error = String::from("engine was lost");
         loop {
-            let lost = self.inner.lock().unwrap().engine_lost;
+            let (lost, shutting_down) = {
+                let inner = self.inner.lock().unwrap();
+                (inner.engine_lost, inner.shutting_down)
+            };
+            if shutting_down {
+                return Err("the sidecar is shutting down".into());
+            }
             if lost || attempts >= self.cfg.wake_attempts {
                 if restarts >= self.cfg.max_restarts {
                     return Err(format!(
@@ -1019,6 +1028,7 @@ impl Sidecar {
 
     /// Shutdown: release the ledger and stop an owned engine.
     pub async fn shutdown(&self) {
+        self.inner.lock().unwrap().shutting_down = true;
         if let Some(p) = &self.process {
             p.stop(Duration::from_secs(10)).await;
         }
