@@ -3,6 +3,7 @@
 
 pub mod bench;
 mod exposition;
+mod fake_apiserver;
 mod fake_engine;
 mod local;
 mod procs;
@@ -10,6 +11,7 @@ mod prometheus;
 mod wait;
 
 pub use exposition::{Exposition, Sample};
+pub use fake_apiserver::FakeApiServer;
 pub use fake_engine::FakeEngine;
 pub use local::{LocalProc, TEST_CONFIG};
 pub use procs::{Proc, SidecarProc, free_port, get_json, http, scrape, scrape_text};
