@@ -1,10 +1,12 @@
 //! The GPU ledger: the only state sidecars share. Decisions are pure functions over a
-//! GPU's status ([`decide`]); backends ([`MemoryLedger`], later the Kubernetes one) only
+//! GPU's status ([`decide`]); backends ([`MemoryLedger`], [`KubeLedger`]) only
 //! store records, enforce compare-and-swap, and notify watchers of changes.
 
 pub mod decide;
+mod kube_ledger;
 mod ledger;
 mod memory;
 
+pub use kube_ledger::KubeLedger;
 pub use ledger::{Ledger, LedgerError, update};
 pub use memory::MemoryLedger;
