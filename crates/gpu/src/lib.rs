@@ -3,10 +3,12 @@
 //! of NVML's per-process accounting), so a leak shows in its stats as on hardware.
 //! [`MemoryProbe`] measures what one engine holds; NVML joins it behind the same trait.
 
+mod discovery;
 mod metrics;
 mod probe;
 mod sim;
 
+pub use discovery::{DeviceInfo, DiscoveryError, FakeSource, GpuSource, NvmlSource};
 pub use metrics::GpuMetrics;
 pub use probe::{MemoryProbe, ProbeError, SimGpuProbe};
 pub use sim::{ProcessMemory, SimGpu};

@@ -22,7 +22,13 @@ pub struct GpuMetrics {
 }
 
 impl GpuMetrics {
+    /// Our names and the DCGM exporter's.
     pub fn register(registry: &mut Registry) -> Self {
+        Self::register_with(registry, true)
+    }
+
+    /// Our names, and the DCGM exporter's when `dcgm` (where no DCGM exporter runs).
+    pub fn register_with(registry: &mut Registry, dcgm: bool) -> Self {
         let m = Self {
             total: Family::default(),
             used: Family::default(),
@@ -43,32 +49,34 @@ impl GpuMetrics {
             "GPU memory in use (measured)",
             m.used.clone(),
         );
-        registry.register(
-            "DCGM_FI_DEV_FB_USED",
-            "Framebuffer memory used (MiB)",
-            m.fb_used.clone(),
-        );
-        registry.register(
-            "DCGM_FI_DEV_FB_FREE",
-            "Framebuffer memory free (MiB)",
-            m.fb_free.clone(),
-        );
-        registry.register(
-            "DCGM_FI_DEV_GPU_UTIL",
-            "GPU utilization (%)",
-            m.util.clone(),
-        );
-        registry.register(
-            "DCGM_FI_DEV_MEM_COPY_UTIL",
-            "Memory copy utilization (%)",
-            m.mem_copy_util.clone(),
-        );
-        registry.register(
-            "DCGM_FI_DEV_GPU_TEMP",
-            "GPU temperature (C)",
-            m.temp.clone(),
-        );
-        registry.register("DCGM_FI_DEV_POWER_USAGE", "Power draw (W)", m.power.clone());
+        if dcgm {
+            registry.register(
+                "DCGM_FI_DEV_FB_USED",
+                "Framebuffer memory used (MiB)",
+                m.fb_used.clone(),
+            );
+            registry.register(
+                "DCGM_FI_DEV_FB_FREE",
+                "Framebuffer memory free (MiB)",
+                m.fb_free.clone(),
+            );
+            registry.register(
+                "DCGM_FI_DEV_GPU_UTIL",
+                "GPU utilization (%)",
+                m.util.clone(),
+            );
+            registry.register(
+                "DCGM_FI_DEV_MEM_COPY_UTIL",
+                "Memory copy utilization (%)",
+                m.mem_copy_util.clone(),
+            );
+            registry.register(
+                "DCGM_FI_DEV_GPU_TEMP",
+                "GPU temperature (C)",
+                m.temp.clone(),
+            );
+            registry.register("DCGM_FI_DEV_POWER_USAGE", "Power draw (W)", m.power.clone());
+        }
         m
     }
 

@@ -1,0 +1,162 @@
+//! Discovering GPUs and sampling their statistics, behind one trait: NVML on a node with
+//! an NVIDIA driver, a fake source in tests. A missing driver is a clean error.
+
+use std::sync::Mutex;
+
+use greenthread_api::GpuStats;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub product: String,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(
+        "NVML is not available (is the NVIDIA driver installed and libnvidia-ml.so.1 visible?): {0}"
+    )]
+    NoDriver(String),
+    #[error("NVML: {0}")]
+    Nvml(String),
+    #[error("no GPU with index {0}")]
+    NoSuchGpu(u32),
+}
+
+pub trait GpuSource: Send + Sync + 'static {
+    fn devices(&self) -> Result<Vec<DeviceInfo>, DiscoveryError>;
+    fn stats(&self, index: u32) -> Result<GpuStats, DiscoveryError>;
+}
+
+/// The NVIDIA driver's management library.
+pub struct NvmlSource {
+    nvml: nvml_wrapper::Nvml,
+}
+
+impl NvmlSource {
+    pub fn new() -> Result<Self, DiscoveryError> {
+        nvml_wrapper::Nvml::init()
+            .map(|nvml| Self { nvml })
+            .map_err(|e| DiscoveryError::NoDriver(e.to_string()))
+    }
+}
+
+fn nvml_err(e: nvml_wrapper::error::NvmlError) -> DiscoveryError {
+    DiscoveryError::Nvml(e.to_string())
+}
+
+impl GpuSource for NvmlSource {
+    fn devices(&self) -> Result<Vec<DeviceInfo>, DiscoveryError> {
+        let count = self.nvml.device_count().map_err(nvml_err)?;
+        (0..count)
+            .map(|i| {
+                let d = self.nvml.device_by_index(i).map_err(nvml_err)?;
+                Ok(DeviceInfo {
+                    index: i,
+                    uuid: d.uuid().map_err(nvml_err)?,
+                    product: d.name().map_err(nvml_err)?,
+                    memory_bytes: d.memory_info().map_err(nvml_err)?.total,
+                })
+            })
+            .collect()
+    }
+
+    fn stats(&self, index: u32) -> Result<GpuStats, DiscoveryError> {
+        let d = self.nvml.device_by_index(index).map_err(nvml_err)?;
+        let mem = d.memory_info().map_err(nvml_err)?;
+        let util = d.utilization_rates().map_err(nvml_err)?;
+        let temp = d
+            .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+            .map_err(nvml_err)?;
+        let power_mw = d.power_usage().map_err(nvml_err)?;
+        Ok(GpuStats {
+            used_memory_bytes: mem.used,
+            free_memory_bytes: mem.free,
+            utilization_percent: f64::from(util.gpu),
+            temperature_celsius: f64::from(temp),
+            power_watts: f64::from(power_mw) / 1000.0,
+        })
+    }
+}
+
+/// Devices and statistics set by a test.
+pub struct FakeSource {
+    devices: Vec<DeviceInfo>,
+    stats: Mutex<Vec<GpuStats>>,
+}
+
+impl FakeSource {
+    pub fn new(count: u32, memory_bytes: u64) -> Self {
+        let devices: Vec<DeviceInfo> = (0..count)
+            .map(|i| DeviceInfo {
+                index: i,
+                uuid: format!("GPU-fake-{i:04}"),
+                product: "Fake GPU".into(),
+                memory_bytes,
+            })
+            .collect();
+        let stats = devices
+            .iter()
+            .map(|d| GpuStats {
+                free_memory_bytes: d.memory_bytes,
+                temperature_celsius: 30.0,
+                power_watts: 70.0,
+                ..Default::default()
+            })
+            .collect();
+        Self {
+            devices,
+            stats: Mutex::new(stats),
+        }
+    }
+
+    pub fn set_stats(&self, index: u32, stats: GpuStats) {
+        self.stats.lock().unwrap()[index as usize] = stats;
+    }
+}
+
+impl GpuSource for FakeSource {
+    fn devices(&self) -> Result<Vec<DeviceInfo>, DiscoveryError> {
+        Ok(self.devices.clone())
+    }
+
+    fn stats(&self, index: u32) -> Result<GpuStats, DiscoveryError> {
+        self.stats
+            .lock()
+            .unwrap()
+            .get(index as usize)
+            .cloned()
+            .ok_or(DiscoveryError::NoSuchGpu(index))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_driver_is_a_clean_error() {
+        // CI machines have no NVIDIA driver; where one exists, discovery must work.
+        match NvmlSource::new() {
+            Err(e) => assert!(e.to_string().contains("NVIDIA driver"), "{e}"),
+            Ok(nvml) => assert!(nvml.devices().is_ok()),
+        }
+    }
+
+    #[test]
+    fn the_fake_source_reports_what_it_is_told() {
+        let f = FakeSource::new(2, 80 << 30);
+        assert_eq!(f.devices().unwrap().len(), 2);
+        f.set_stats(
+            1,
+            GpuStats {
+                used_memory_bytes: 5,
+                ..Default::default()
+            },
+        );
+        assert_eq!(f.stats(1).unwrap().used_memory_bytes, 5);
+        assert!(matches!(f.stats(7), Err(DiscoveryError::NoSuchGpu(7))));
+    }
+}
