@@ -1,0 +1,279 @@
+//! Model → pods (engine + sidecar) and Service. Pure: no client, no clock.
+
+use std::collections::BTreeMap;
+
+use greenthread_api::{EngineKind, GpuSpec, Model};
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
+        PodSpec, Probe, Service, ServicePort, ServiceSpec,
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use kube::Resource;
+
+/// Where the engine listens: loopback only, so nothing bypasses the sidecar.
+pub const ENGINE_PORT: u16 = 8001;
+pub const HTTP_PORT: i32 = 8080;
+pub const METRICS_PORT: i32 = 9090;
+pub const MODEL_LABEL: &str = "greenthread.ai/model";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+
+/// Images and cluster settings the chart passes to the controller.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub vllm_image: String,
+    pub sidecar_image: String,
+    /// e.g. `nvidia`, where the NVIDIA container runtime is not the default.
+    pub runtime_class: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            vllm_image: "vllm/vllm-openai:v0.11.0".into(),
+            sidecar_image: "ghcr.io/greenthread/greenthread:0.1.0".into(),
+            runtime_class: None,
+        }
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn labels(model: &Model) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            MODEL_LABEL.to_string(),
+            model.metadata.name.clone().unwrap_or_default(),
+        ),
+        (COMPONENT_LABEL.to_string(), "model".to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "greenthread".to_string(),
+        ),
+    ])
+}
+
+/// vLLM's command line for the spec: sleep mode on, the spec's memory share, parallelism,
+/// dtype, quantization, then the user's extra arguments.
+pub fn vllm_args(model: &Model) -> Vec<String> {
+    let s = &model.spec;
+    let mut args = vec![
+        "serve".to_string(),
+        s.model_name.clone(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        ENGINE_PORT.to_string(),
+        "--enable-sleep-mode".into(),
+        "--gpu-memory-utilization".into(),
+        s.gpu_memory_utilization.clone(),
+        "--tensor-parallel-size".into(),
+        s.tensor_parallel_size.to_string(),
+        "--dtype".into(),
+        s.dtype.clone(),
+    ];
+    if !s.quantization.is_empty() {
+        args.extend(["--quantization".to_string(), s.quantization.clone()]);
+    }
+    args.extend(s.extra_args.iter().cloned());
+    args
+}
+
+fn sidecar_args(model: &Model, gpus: &[GpuSpec]) -> Vec<String> {
+    let s = &model.spec;
+    let gpu_names: Vec<String> = gpus
+        .iter()
+        .map(|g| format!("{}-{}", g.node, g.index))
+        .collect();
+    let mut args: Vec<String> = [
+        "sidecar",
+        "--listen",
+        &format!("0.0.0.0:{HTTP_PORT}"),
+        "--metrics-listen",
+        &format!("0.0.0.0:{METRICS_PORT}"),
+        "--engine-url",
+        &format!("http://127.0.0.1:{ENGINE_PORT}"),
+        "--model",
+        &s.model_name,
+        "--idle-timeout",
+        &s.sleep.idle_timeout,
+        "--drain-timeout",
+        &s.sleep.drain_timeout,
+        "--sleep-level",
+        &s.sleep.level.to_string(),
+        "--min-runtime",
+        &s.fairness.min_runtime,
+        "--max-wait-time",
+        &s.fairness.max_wait_time,
+        "--ledger",
+        "kube",
+        "--gpus",
+        &gpu_names.join(","),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    if s.fairness.popular {
+        args.push("--popular".into());
+    }
+    args
+}
+
+fn http_probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+/// The pod of replica `replica`, placed on `gpus` (all on one node).
+pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Settings) -> Pod {
+    let s = &model.spec;
+    let name = format!(
+        "{}-{replica}",
+        model.metadata.name.clone().unwrap_or_default()
+    );
+    let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
+    let engine_image = s.image.clone().unwrap_or_else(|| match s.engine {
+        EngineKind::Sim => settings.sidecar_image.clone(),
+        _ => settings.vllm_image.clone(),
+    });
+    let (command, args) = match s.engine {
+        EngineKind::Sim => (
+            vec!["greenthread".to_string()],
+            vec![
+                "sim-engine".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{ENGINE_PORT}"),
+                "--model".into(),
+                s.model_name.clone(),
+            ],
+        ),
+        EngineKind::Process => (s.command.clone(), s.extra_args.clone()),
+        _ => (vec!["vllm".to_string()], vllm_args(model)),
+    };
+    let engine = Container {
+        name: "engine".into(),
+        image: Some(engine_image),
+        command: Some(command),
+        args: Some(args),
+        env: Some(vec![
+            // vLLM's sleep API lives behind its development endpoints.
+            env("VLLM_SERVER_DEV_MODE", "1"),
+            // The GPUs placement chose, by UUID, for the NVIDIA container runtime.
+            env("NVIDIA_VISIBLE_DEVICES", &uuids.join(",")),
+        ]),
+        resources: s.resources.clone(),
+        ..Default::default()
+    };
+    let sidecar = Container {
+        name: "sidecar".into(),
+        image: Some(settings.sidecar_image.clone()),
+        args: Some(sidecar_args(model, gpus)),
+        env: Some(vec![
+            env_field("POD_NAME", "metadata.name"),
+            env_field("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                ..Default::default()
+            },
+        ]),
+        liveness_probe: Some(http_probe("/health", 10)),
+        // Ready once booted, whatever the state: a sleeping model keeps receiving traffic.
+        readiness_probe: Some(http_probe("/ready", 5)),
+        ..Default::default()
+    };
+    let owner = model
+        .controller_owner_ref(&())
+        .expect("a Model from the API server has a name and uid");
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: model.metadata.namespace.clone(),
+            labels: Some(labels(model)),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: gpus.first().map(|g| g.node.clone()),
+            node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
+            tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
+            runtime_class_name: settings.runtime_class.clone(),
+            containers: vec![engine, sidecar],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// One Service per Model, selecting its pods' sidecars.
+pub fn render_service(model: &Model) -> Service {
+    let name = model.metadata.name.clone().unwrap_or_default();
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: model.metadata.namespace.clone(),
+            labels: Some(labels(model)),
+            owner_references: Some(vec![
+                model
+                    .controller_owner_ref(&())
+                    .expect("a Model from the API server has a uid"),
+            ]),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([(MODEL_LABEL.to_string(), name)])),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    target_port: Some(IntOrString::String("http".into())),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: METRICS_PORT,
+                    target_port: Some(IntOrString::String("metrics".into())),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}

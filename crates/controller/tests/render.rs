@@ -1,0 +1,201 @@
+//! Rendering from Model YAML: exact engine arguments, probes, ports, GPU environment,
+//! ownership; the rendered objects pass `kubernetes-validate --strict`.
+
+use greenthread_api::{GpuSpec, Model};
+use greenthread_controller::render::{Settings, render_pod, render_service, vllm_args};
+use k8s_openapi::api::core::v1::Container;
+
+const MODEL: &str = r#"
+apiVersion: greenthread.ai/v1alpha1
+kind: Model
+metadata:
+  name: qwen
+  namespace: team-a
+  uid: 3f1c2a9e-0000-4000-8000-000000000001
+spec:
+  modelName: Qwen/Qwen2.5-7B-Instruct
+  gpuMemoryUtilization: "0.45"
+  tensorParallelSize: 2
+  quantization: awq
+  extraArgs: ["--max-model-len", "8192"]
+  sleep: {idleTimeout: 10m, drainTimeout: 20s, level: 2}
+  fairness: {minRuntime: 30s, maxWaitTime: 3s, popular: true}
+  nodeSelector: {nvidia.com/gpu.product: H100}
+"#;
+
+fn model() -> Model {
+    serde_saphyr::from_str(MODEL).unwrap()
+}
+
+fn gpus() -> Vec<GpuSpec> {
+    (0..2)
+        .map(|i| GpuSpec {
+            node: "gpu-node-1".into(),
+            index: i + 2,
+            uuid: format!("GPU-aaaa-{i}"),
+            product: "H100".into(),
+            memory_bytes: 80 << 30,
+        })
+        .collect()
+}
+
+fn container<'a>(pod: &'a k8s_openapi::api::core::v1::Pod, name: &str) -> &'a Container {
+    pod.spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap()
+}
+
+fn env<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .as_deref()
+}
+
+#[test]
+fn the_engine_gets_exactly_the_vllm_arguments_of_the_spec() {
+    assert_eq!(
+        vllm_args(&model()),
+        [
+            "serve",
+            "Qwen/Qwen2.5-7B-Instruct",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8001",
+            "--enable-sleep-mode",
+            "--gpu-memory-utilization",
+            "0.45",
+            "--tensor-parallel-size",
+            "2",
+            "--dtype",
+            "bfloat16",
+            "--quantization",
+            "awq",
+            "--max-model-len",
+            "8192",
+        ]
+    );
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let engine = container(&pod, "engine");
+    assert_eq!(engine.command.as_deref(), Some(&["vllm".to_string()][..]));
+    assert_eq!(env(engine, "VLLM_SERVER_DEV_MODE"), Some("1"));
+    assert_eq!(
+        env(engine, "NVIDIA_VISIBLE_DEVICES"),
+        Some("GPU-aaaa-0,GPU-aaaa-1")
+    );
+    assert!(
+        engine.ports.is_none(),
+        "the engine is reachable only through the sidecar"
+    );
+}
+
+#[test]
+fn the_sidecar_gets_its_ports_probes_and_gpus() {
+    let pod = render_pod(
+        &model(),
+        1,
+        &gpus(),
+        &Settings {
+            runtime_class: Some("nvidia".into()),
+            ..Settings::default()
+        },
+    );
+    assert_eq!(pod.metadata.name.as_deref(), Some("qwen-1"));
+    assert_eq!(
+        pod.metadata.labels.as_ref().unwrap()["greenthread.ai/model"],
+        "qwen"
+    );
+    let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("Model", "qwen", Some(true))
+    );
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("gpu-node-1"));
+    assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
+    assert_eq!(
+        spec.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"],
+        "H100"
+    );
+
+    let sidecar = container(&pod, "sidecar");
+    let args = sidecar.args.clone().unwrap().join(" ");
+    assert_eq!(
+        args,
+        "sidecar --listen 0.0.0.0:8080 --metrics-listen 0.0.0.0:9090 --engine-url http://127.0.0.1:8001 \
+         --model Qwen/Qwen2.5-7B-Instruct --idle-timeout 10m --drain-timeout 20s --sleep-level 2 \
+         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --popular"
+    );
+    let ports: Vec<(String, i32)> = sidecar
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        [("http".to_string(), 8080), ("metrics".to_string(), 9090)]
+    );
+    let live = sidecar
+        .liveness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    let ready = sidecar
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (live.path.as_deref(), ready.path.as_deref()),
+        (Some("/health"), Some("/ready"))
+    );
+}
+
+#[test]
+fn rendered_objects_pass_kubernetes_validate() {
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let service = render_service(&model());
+    let svc = service.spec.as_ref().unwrap();
+    assert_eq!(
+        svc.selector.as_ref().unwrap()["greenthread.ai/model"],
+        "qwen"
+    );
+    assert_eq!(svc.ports.as_ref().unwrap()[0].port, 80);
+    let dir = std::env::temp_dir().join(format!("gt-render-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut pod_json = serde_json::to_value(&pod).unwrap();
+    pod_json["apiVersion"] = "v1".into();
+    pod_json["kind"] = "Pod".into();
+    let mut svc_json = serde_json::to_value(&service).unwrap();
+    svc_json["apiVersion"] = "v1".into();
+    svc_json["kind"] = "Service".into();
+    for (name, obj) in [("pod.json", pod_json), ("service.json", svc_json)] {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(&obj).unwrap()).unwrap();
+        let out = std::process::Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict"])
+            .arg(&path)
+            .output()
+            .expect("kubernetes-validate (PyPI; scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
