@@ -150,3 +150,69 @@ async fn an_occupant_write_racing_with_stats_writes_loses_nothing() {
         );
     }
 }
+
+/// A real `greenthread sidecar` process with `--ledger kube`: it finds its GPU object,
+/// and its wake and sleep show in the object's occupants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_process_keeps_its_occupant_in_the_gpu_object() {
+    let server = FakeApiServer::start().await;
+    let agent = Agent::new(
+        server.client(),
+        "gt",
+        "node-a",
+        Arc::new(FakeSource::new(1, 80 * GI)),
+        false,
+    )
+    .await
+    .unwrap();
+    agent.sync_objects().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig, "gt");
+    let sc = greenthread_test_support::SidecarProc::start_env(
+        env!("CARGO_BIN_EXE_greenthread"),
+        "kube-model",
+        &[
+            "--ledger",
+            "kube",
+            "--namespace",
+            "gt",
+            "--gpus",
+            "node-a-0",
+            "--memory-bytes",
+            "2Gi",
+        ],
+        &[],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let api: Api<GpuResource> = Api::namespaced(server.client(), "gt");
+    let occupant_state = || async {
+        let g = api.get("node-a-0").await.unwrap();
+        g.status
+            .unwrap_or_default()
+            .occupant("kube-model-0")
+            .map(|o| (o.state, o.reserved_memory_bytes))
+    };
+    assert_eq!(occupant_state().await, Some((OccupantState::Sleeping, 0)));
+    assert_eq!(
+        sc.chat("kube-model", 2, false)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        occupant_state().await,
+        Some((OccupantState::Serving, 2 * GI))
+    );
+    assert_eq!(sc.admin("sleep").await.status(), 200);
+    assert_eq!(occupant_state().await, Some((OccupantState::Sleeping, 0)));
+    assert!(
+        server
+            .store
+            .requests("PUT apis/greenthread.ai/v1alpha1/gpus/status")
+            >= 3
+    );
+}

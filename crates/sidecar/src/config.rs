@@ -87,6 +87,23 @@ pub struct SidecarConfig {
     /// How long a wake lock survives its holder's silence.
     #[arg(long, default_value = "30s", value_parser = dur)]
     pub wake_lock_ttl: Duration,
+    /// Where the GPU ledger lives: in this process, or the GPU objects' status on Kubernetes.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub ledger: LedgerKind,
+    /// With `--ledger kube`: the GPU objects this pod's engine uses (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Vec<String>,
+    /// With `--ledger kube`: the namespace of the GPU objects.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "greenthread-system")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LedgerKind {
+    /// An in-memory ledger with one simulated GPU (`--sim-gpu-memory`).
+    Memory,
+    /// `GPU` objects through the Kubernetes API (in-cluster or `KUBECONFIG`).
+    Kube,
 }
 
 fn dur(s: &str) -> Result<Duration, String> {

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use greenthread_api::GpuSpec;
 use greenthread_gpu::{MemoryProbe, SimGpu, SimGpuProbe};
-use greenthread_ledger::{Ledger, MemoryLedger};
+use greenthread_ledger::{KubeLedger, Ledger, MemoryLedger};
 use tokio::{net::TcpListener, sync::mpsc};
 
-pub use config::{EngineKind, SidecarConfig};
+pub use config::{EngineKind, LedgerKind, SidecarConfig};
 pub use proxy::Forwarder;
 pub use server::{AppState, api_error, private_router, public_router, relay};
 pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
@@ -61,21 +61,51 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         _tempdir = Some(dir);
     }
 
-    let ledger = Arc::new(MemoryLedger::new());
-    let gpu = GpuRef {
-        name: format!("local-{}", cfg.gpu_index),
-        index: cfg.gpu_index,
+    let (ledger, gpus): (Arc<dyn Ledger>, Vec<GpuRef>) = match cfg.ledger {
+        LedgerKind::Memory => {
+            let ledger = Arc::new(MemoryLedger::new());
+            let gpu = GpuRef {
+                name: format!("local-{}", cfg.gpu_index),
+                index: cfg.gpu_index,
+            };
+            ledger.add_gpu(
+                &gpu.name,
+                GpuSpec {
+                    node: "local".into(),
+                    index: cfg.gpu_index,
+                    uuid: format!("GPU-sim-{}", cfg.gpu_index),
+                    product: "Simulated GPU".into(),
+                    memory_bytes: cfg.sim_gpu_memory,
+                },
+            );
+            (ledger, vec![gpu])
+        }
+        LedgerKind::Kube => {
+            anyhow::ensure!(
+                !cfg.gpus.is_empty(),
+                "--ledger kube needs --gpus (the GPU objects this engine uses)"
+            );
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API for --ledger kube")?;
+            let ledger = KubeLedger::new(client, &cfg.namespace).await?;
+            let mut gpus = Vec::new();
+            for name in &cfg.gpus {
+                let g = ledger.get(name).await.with_context(|| {
+                    format!(
+                        "--gpus: GPU object {name:?} in namespace {:?}",
+                        cfg.namespace
+                    )
+                })?;
+                gpus.push(GpuRef {
+                    name: name.clone(),
+                    index: g.spec.index,
+                });
+            }
+            (Arc::new(ledger), gpus)
+        }
     };
-    ledger.add_gpu(
-        &gpu.name,
-        GpuSpec {
-            node: "local".into(),
-            index: cfg.gpu_index,
-            uuid: format!("GPU-sim-{}", cfg.gpu_index),
-            product: "Simulated GPU".into(),
-            memory_bytes: cfg.sim_gpu_memory,
-        },
-    );
+    let indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
     let engine_listen = engine_url
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -83,7 +113,7 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
     let probe = cfg.sim_gpu_dir.as_ref().map(|dir| {
         Arc::new(SimGpuProbe {
             gpu: SimGpu::new(dir),
-            indices: vec![cfg.gpu_index],
+            indices: indices.clone(),
             engine_listen,
         }) as Arc<dyn MemoryProbe>
     });
@@ -106,8 +136,8 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         Parts {
             engine: Arc::new(VllmAdapter::new(&engine_url)),
             process,
-            ledger: ledger as Arc<dyn Ledger>,
-            gpus: vec![gpu],
+            ledger,
+            gpus,
             probe,
         },
     );

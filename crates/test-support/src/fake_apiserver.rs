@@ -88,6 +88,15 @@ impl FakeApiServer {
         Self { url, store, task }
     }
 
+    /// A kubeconfig for processes that should talk to this server (`KUBECONFIG=…`).
+    pub fn write_kubeconfig(&self, path: &std::path::Path, namespace: &str) {
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: {namespace}}}\ncurrent-context: fake\n",
+            self.url
+        );
+        std::fs::write(path, config).unwrap();
+    }
+
     /// A real `kube::Client` pointed at this server.
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url.parse().unwrap());

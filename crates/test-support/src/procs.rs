@@ -27,8 +27,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(bin: &str, args: &[String]) -> Self {
+        Self::spawn_env(bin, args, &[])
+    }
+
+    /// `spawn` with extra environment variables.
+    pub fn spawn_env(bin: &str, args: &[String], envs: &[(&str, &str)]) -> Self {
         let child = Command::new(bin)
             .args(args)
+            .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("GT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -84,6 +90,17 @@ impl SidecarProc {
     /// Starts the sidecar with `sidecar_args` in front of a simulator with `sim_args`
     /// (the simulator boots fast unless `sim_args` says otherwise), and waits until ready.
     pub async fn start(bin: &str, model: &str, sidecar_args: &[&str], sim_args: &[&str]) -> Self {
+        Self::start_env(bin, model, sidecar_args, sim_args, &[]).await
+    }
+
+    /// `start` with extra environment variables for the sidecar (e.g. `KUBECONFIG`).
+    pub async fn start_env(
+        bin: &str,
+        model: &str,
+        sidecar_args: &[&str],
+        sim_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let (public, private, engine) = (free_port(), free_port(), free_port());
         let sim = format!(
             "{bin} sim-engine --listen 127.0.0.1:{engine} --model {model} --boot-time 50ms --weights-bytes 1Gi --kv-cache-bytes 512Mi {}",
@@ -108,7 +125,7 @@ impl SidecarProc {
         .map(|s| s.to_string())
         .collect();
         args.extend(sidecar_args.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn(bin, &args);
+        let proc = Proc::spawn_env(bin, &args, envs);
         let me = Self {
             public: format!("http://127.0.0.1:{public}"),
             private: format!("http://127.0.0.1:{private}"),
