@@ -23,7 +23,7 @@ enum Command {
     /// Everything on one machine: ledger, engines, sidecars and the API server.
     Local(local::LocalArgs),
     /// Sleep/wake proxy in front of one inference engine.
-    Sidecar(greenthread_sidecar::SidecarConfig),
+    Sidecar(Box<greenthread_sidecar::SidecarConfig>),
     /// A vLLM-compatible simulated engine.
     SimEngine(greenthread_simulator::SimConfig),
 }
@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Agent(cfg) => greenthread_agent::run(cfg).await,
             Command::Local(args) => local::run(args).await,
-            Command::Sidecar(cfg) => greenthread_sidecar::run(cfg).await,
+            Command::Sidecar(cfg) => greenthread_sidecar::run(*cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,
             Command::Crds => unreachable!("handled before the runtime starts"),
         }
