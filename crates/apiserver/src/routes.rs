@@ -9,7 +9,7 @@ use axum::{
     routing::{get, post},
 };
 use futures_util::StreamExt;
-use greenthread_sidecar::{api_error, relay};
+use greenthread_sidecar::{api_error, reexport_engine_metrics, relay};
 use serde_json::{Value, json};
 
 use crate::{ApiServer, ModelRoute};
@@ -217,16 +217,7 @@ async fn engine_metrics(State(api): State<Shared>, Path(pod): Path<String>) -> R
             format!("no pod {pod:?}"),
         );
     };
-    match replica.sidecar.engine().metrics().await {
-        Ok((content_type, body)) => {
-            ([(header::CONTENT_TYPE, content_type)], Body::from(body)).into_response()
-        }
-        Err(e) => api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            e.to_string(),
-        ),
-    }
+    reexport_engine_metrics(&replica.sidecar).await
 }
 
 /// Prometheus HTTP service discovery: one target per engine, labeled with its model and

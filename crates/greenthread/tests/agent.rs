@@ -2,13 +2,13 @@
 //! a sidecar's occupant write racing with stats writes loses nothing, and the seed's
 //! `kubectl get gpu` jsonpath prints every occupant of the objects read back.
 
-use std::{process::Command, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use greenthread_agent::Agent;
 use greenthread_api::{GpuResource, GpuStats, OccupantState};
 use greenthread_gpu::FakeSource;
 use greenthread_ledger::{KubeLedger, LedgerError, decide};
-use greenthread_test_support::FakeApiServer;
+use greenthread_test_support::{FakeApiServer, SEED_GPU_JSONPATH, kubectl_jsonpath};
 use kube::Api;
 
 const GI: u64 = 1 << 30;
@@ -125,23 +125,8 @@ async fn an_occupant_write_racing_with_stats_writes_loses_nothing() {
     assert_eq!(status.available_memory_bytes, Some(60 * GI));
 
     // The seed's query, applied offline by kubectl to the object read back.
-    let object = serde_json::to_vec(&api.get("node-a-0").await.unwrap()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("gpu.json");
-    std::fs::write(&file, object).unwrap();
-    let template = r#"{.metadata.name}: {range .status.occupants[*]}{.modelName}({.state}) {end}"#;
-    let out = Command::new("kubectl")
-        .args(["label", "--local", "-f"])
-        .arg(&file)
-        .args(["seen=yes", "-o", &format!("jsonpath={template}")])
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8(out.stdout).unwrap();
+    let object = serde_json::to_value(api.get("node-a-0").await.unwrap()).unwrap();
+    let printed = kubectl_jsonpath(&object, SEED_GPU_JSONPATH);
     assert!(printed.starts_with("node-a-0: "), "{printed}");
     for p in 0..20 {
         assert!(

@@ -4,7 +4,9 @@
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use futures_util::StreamExt;
-use greenthread_test_support::{Exposition, LocalProc, TEST_CONFIG, wait_until};
+use greenthread_test_support::{
+    Exposition, LocalProc, SEED_GPU_JSONPATH, TEST_CONFIG, kubectl_jsonpath, wait_until,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
@@ -180,31 +182,12 @@ async fn gpus_are_shaped_like_the_resource_and_the_seed_jsonpath_prints_every_oc
     let list = local.get_json("/api/v1/gpus").await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    let dir = tempfile::tempdir().unwrap();
-    let template = r#"{.metadata.name}: {range .status.occupants[*]}{.modelName}({.state}) {end}"#;
     let mut printed = Vec::new();
     for gpu in items {
         assert_eq!(gpu["kind"], "GPU");
         assert_eq!(gpu["apiVersion"], "greenthread.ai/v1alpha1");
         assert!(gpu["spec"]["memoryBytes"].as_u64().unwrap() > 0);
-        let file = dir.path().join(format!(
-            "{}.json",
-            gpu["metadata"]["name"].as_str().unwrap()
-        ));
-        std::fs::write(&file, serde_json::to_vec(gpu).unwrap()).unwrap();
-        // kubectl evaluates the seed's jsonpath offline, one object at a time.
-        let out = Command::new("kubectl")
-            .args(["label", "--local", "-f"])
-            .arg(&file)
-            .args(["seen=yes", "-o", &format!("jsonpath={template}")])
-            .output()
-            .expect("kubectl is installed");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        printed.push(String::from_utf8(out.stdout).unwrap());
+        printed.push(kubectl_jsonpath(gpu, SEED_GPU_JSONPATH));
     }
     let expected: BTreeSet<String> = items
         .iter()

@@ -20,7 +20,9 @@ use tokio::{net::TcpListener, sync::mpsc};
 
 pub use config::{EngineKind, LedgerKind, SidecarConfig};
 pub use proxy::Forwarder;
-pub use server::{AppState, api_error, private_router, public_router, relay};
+pub use server::{
+    AppState, api_error, private_router, public_router, reexport_engine_metrics, relay,
+};
 pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
 
 use crate::{engine::VllmAdapter, process::EngineProcess};

@@ -179,7 +179,12 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 /// The engine's own metrics, re-exported for the vLLM monitor; never counts as traffic.
 async fn engine_metrics(State(s): State<AppState>) -> Response {
-    match s.sidecar.engine().metrics().await {
+    reexport_engine_metrics(&s.sidecar).await
+}
+
+/// `sidecar`'s engine's exposition as a response (also used by the API server in `local`).
+pub async fn reexport_engine_metrics(sidecar: &Sidecar) -> Response {
+    match sidecar.engine().metrics().await {
         Ok((content_type, body)) => {
             ([(header::CONTENT_TYPE, content_type)], Body::from(body)).into_response()
         }
