@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use futures_util::StreamExt;
 use greenthread_test_support::{
-    Exposition, LocalProc, SEED_GPU_JSONPATH, TEST_CONFIG, kubectl_jsonpath, wait_until,
+    LocalProc, SEED_GPU_JSONPATH, TEST_CONFIG, kubectl_jsonpath, wait_until,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
@@ -107,16 +107,7 @@ async fn requests_are_routed_by_model_and_listing_never_wakes() {
     assert_eq!(r.status(), 404);
 
     // Metrics: every sidecar's series labeled by model and pod, the API server's counts.
-    let text = local
-        .client
-        .get(format!("{}/metrics", local.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let m = Exposition::parse(&text).unwrap();
+    let m = local.metrics().await;
     for model in ["alpha", "beta", "gamma", "delta"] {
         let pod = format!("{model}-0");
         let labels = [("model", model), ("pod", pod.as_str())];

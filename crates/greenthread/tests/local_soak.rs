@@ -198,16 +198,7 @@ async fn soak_four_models_on_two_gpus() {
             }
         }
     }
-    let metrics = local
-        .client
-        .get(format!("{}/metrics", local.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let m = greenthread_test_support::Exposition::parse(&metrics).unwrap();
+    let m = local.metrics().await;
     let preempted: f64 = m
         .find(
             "gthread_sidecar_preemptions_total",

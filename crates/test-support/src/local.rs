@@ -126,6 +126,11 @@ impl LocalProc {
             }))
     }
 
+    /// The API server's `/metrics`, parsed.
+    pub async fn metrics(&self) -> crate::Exposition {
+        crate::scrape(&self.client, &format!("{}/metrics", self.url)).await
+    }
+
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         crate::get_json(&self.client, &format!("{}{path}", self.url)).await
     }
