@@ -113,16 +113,21 @@ fn invalid_models_are_refused_with_a_message_a_user_understands() {
     }
 }
 
+fn columns(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Vec<String> {
+    crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect()
+}
+
 #[test]
 fn printer_columns_are_those_of_the_spec() {
     let crd = Model::crd();
-    let names: Vec<&str> = crd.spec.versions[0]
-        .additional_printer_columns
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|c| c.name.as_str())
-        .collect();
+    let names = columns(&crd);
     assert_eq!(
         names,
         [
@@ -138,13 +143,7 @@ fn printer_columns_are_those_of_the_spec() {
             .is_some()
     );
     let gpu = greenthread_api::GpuResource::crd();
-    let names: Vec<&str> = gpu.spec.versions[0]
-        .additional_printer_columns
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|c| c.name.as_str())
-        .collect();
+    let names = columns(&gpu);
     assert_eq!(
         names,
         ["NODE", "INDEX", "PRODUCT", "AVAILABLE", "OCCUPANTS", "AGE"]

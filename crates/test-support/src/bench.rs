@@ -3,24 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{http, wait_until};
-
-pub async fn wait_http(url: &str) {
-    let client = http();
-    wait_until(url, Duration::from_secs(30), || {
-        let client = client.clone();
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(drop)
-        }
-    })
-    .await;
-}
+use crate::http;
+pub use crate::wait::wait_http;
 
 pub struct Stats {
     pub rps: f64,

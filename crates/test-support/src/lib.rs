@@ -18,4 +18,4 @@ pub use kubectl::{SEED_GPU_JSONPATH, kubectl_jsonpath};
 pub use local::{LocalProc, TEST_CONFIG};
 pub use procs::{Proc, SidecarProc, free_port, get_json, http, scrape, scrape_text};
 pub use prometheus::{Prometheus, Series};
-pub use wait::wait_until;
+pub use wait::{wait_http, wait_until};

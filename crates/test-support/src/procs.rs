@@ -133,21 +133,7 @@ impl SidecarProc {
             client: http(),
             proc,
         };
-        let client = me.client.clone();
-        let health = format!("{}/health", me.public);
-        wait_until("the sidecar to boot", Duration::from_secs(30), || {
-            let (client, health) = (client.clone(), health.clone());
-            async move {
-                client
-                    .get(&health)
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(drop)
-            }
-        })
-        .await;
+        crate::wait_http(&format!("{}/health", me.public)).await;
         me
     }
 

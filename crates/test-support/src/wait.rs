@@ -17,3 +17,21 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until `url` answers GET with a success status, or panics after 30 s.
+pub async fn wait_http(url: &str) {
+    let client = crate::http();
+    wait_until(url, Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(drop)
+        }
+    })
+    .await;
+}

@@ -95,18 +95,6 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                 command.push(' ');
                 command.push_str(&shell_quote(a));
             }
-            let idle = humantime::format_duration(model.idle_timeout)
-                .to_string()
-                .replace(' ', "");
-            let drain = humantime::format_duration(model.drain_timeout)
-                .to_string()
-                .replace(' ', "");
-            let min_runtime = humantime::format_duration(model.min_runtime)
-                .to_string()
-                .replace(' ', "");
-            let max_wait = humantime::format_duration(model.max_wait_time)
-                .to_string()
-                .replace(' ', "");
             let level = model.spec.sleep.level.to_string();
             let mem = memory.to_string();
             let mut flags = vec![
@@ -117,15 +105,15 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                 "--memory-bytes",
                 &mem,
                 "--idle-timeout",
-                &idle,
+                &model.spec.sleep.idle_timeout,
                 "--drain-timeout",
-                &drain,
+                &model.spec.sleep.drain_timeout,
                 "--sleep-level",
                 &level,
                 "--min-runtime",
-                &min_runtime,
+                &model.spec.fairness.min_runtime,
                 "--max-wait-time",
-                &max_wait,
+                &model.spec.fairness.max_wait_time,
             ];
             if model.spec.fairness.popular {
                 flags.push("--popular");
