@@ -132,6 +132,9 @@ pub struct ModelStatus {
     /// Pending | Ready | Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     #[serde(default)]
     pub replicas: i32,
     #[serde(default)]

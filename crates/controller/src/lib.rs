@@ -1,4 +1,166 @@
-//! The controller. Pure "build" functions come first ([`render`]): a Model and its
-//! placement in, pods and a Service out, tested from Model YAML.
+//! The controller: Model → pods (engine + sidecar, placed on GPUs), a Service and status;
+//! GPU records kept free of pods that are gone; one active replica, elected on a Lease.
+//! Pure decisions live in [`placement`], [`render`] and [`status`]; [`reconcile`] and
+//! [`leader`] do the I/O.
 
+pub mod leader;
+pub mod metrics;
+pub mod placement;
+pub mod reconcile;
 pub mod render;
+pub mod status;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use greenthread_api::parse_duration;
+use greenthread_ledger::KubeLedger;
+use kube::Client;
+use prometheus_client::registry::Registry;
+
+pub use metrics::ControllerMetrics;
+pub use reconcile::Context;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerConfig {
+    /// Namespace of the controller's Lease and of the GPU objects.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "greenthread-system")]
+    pub namespace: String,
+    /// Only reconcile Models in this namespace (default: all namespaces).
+    #[arg(long)]
+    pub watch_namespace: Option<String>,
+    /// This replica's identity in the leader election (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Name of the Lease the replicas compete for.
+    #[arg(long, default_value = "greenthread-controller")]
+    pub lease_name: String,
+    /// How long a leader's Lease lasts without renewal.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    pub lease_duration: Duration,
+    /// How long before expiry the leader renews.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub lease_grace: Duration,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_listen: SocketAddr,
+    /// Engine image for `vllm` Models without an `image`.
+    #[arg(
+        long,
+        env = "GREENTHREAD_VLLM_IMAGE",
+        default_value = "vllm/vllm-openai:v0.11.0"
+    )]
+    pub vllm_image: String,
+    /// Image of the sidecar container (this binary).
+    #[arg(
+        long,
+        env = "GREENTHREAD_IMAGE",
+        default_value = "ghcr.io/greenthread/greenthread:0.1.0"
+    )]
+    pub sidecar_image: String,
+    /// Runtime class of Model pods (e.g. `nvidia`).
+    #[arg(long)]
+    pub runtime_class: Option<String>,
+    /// Service account of Model pods (allowed to update GPU status).
+    #[arg(long)]
+    pub model_service_account: Option<String>,
+}
+
+impl ControllerConfig {
+    pub fn settings(&self) -> render::Settings {
+        render::Settings {
+            vllm_image: self.vllm_image.clone(),
+            sidecar_image: self.sidecar_image.clone(),
+            runtime_class: self.runtime_class.clone(),
+            gpu_namespace: self.namespace.clone(),
+            service_account: self.model_service_account.clone(),
+        }
+    }
+
+    pub fn lease(&self) -> leader::LeaseConfig {
+        leader::LeaseConfig {
+            namespace: self.namespace.clone(),
+            name: self.lease_name.clone(),
+            identity: self
+                .identity
+                .clone()
+                .unwrap_or_else(|| format!("greenthread-controller-{}", std::process::id())),
+            duration: self.lease_duration,
+            grace: self.lease_grace,
+        }
+    }
+}
+
+/// Builds the context (the ledger's watch starts here) and runs the controller while
+/// this replica leads.
+pub async fn start(
+    client: Client,
+    cfg: &ControllerConfig,
+    registry: &mut Registry,
+) -> anyhow::Result<leader::Elected> {
+    let metrics = ControllerMetrics::register(registry);
+    let ledger = Arc::new(KubeLedger::new(client.clone(), &cfg.namespace).await?);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        cfg.settings(),
+        metrics.clone(),
+        ledger,
+    ));
+    let watch_namespace = cfg.watch_namespace.clone();
+    leader::elect(client, cfg.lease(), metrics, move || {
+        reconcile::run(ctx.clone(), watch_namespace.clone())
+    })
+    .await
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
+    let mut registry = Registry::default();
+    let elected = start(client, &cfg, &mut registry).await?;
+    let registry = Arc::new(registry);
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.metrics_listen))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    prometheus_client::encoding::text::encode(&mut out, &registry)
+                        .expect("writing to a String cannot fail");
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        out,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    tracing::info!(listen = %cfg.metrics_listen, "controller running; waiting for the Lease");
+    shutdown_signal().await;
+    elected.resign().await;
+    Ok(())
+}

@@ -18,6 +18,10 @@ pub const HTTP_PORT: i32 = 8080;
 pub const METRICS_PORT: i32 = 9090;
 pub const MODEL_LABEL: &str = "greenthread.ai/model";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// On a Model's pods: the GPU objects placement chose (comma-separated).
+pub const GPUS_ANNOTATION: &str = "greenthread.ai/gpus";
+/// On a Model's pods: the bytes per GPU placement counted for it before any was measured.
+pub const MEMORY_ANNOTATION: &str = "greenthread.ai/memory-per-gpu";
 
 /// Images and cluster settings the chart passes to the controller.
 #[derive(Debug, Clone)]
@@ -26,6 +30,10 @@ pub struct Settings {
     pub sidecar_image: String,
     /// e.g. `nvidia`, where the NVIDIA container runtime is not the default.
     pub runtime_class: Option<String>,
+    /// Namespace of the GPU objects (the agent's), which the sidecars update.
+    pub gpu_namespace: String,
+    /// Service account of Model pods: the one allowed to update GPU status.
+    pub service_account: Option<String>,
 }
 
 impl Default for Settings {
@@ -34,6 +42,8 @@ impl Default for Settings {
             vllm_image: "vllm/vllm-openai:v0.11.0".into(),
             sidecar_image: "ghcr.io/greenthread/greenthread:0.1.0".into(),
             runtime_class: None,
+            gpu_namespace: "greenthread-system".into(),
+            service_account: None,
         }
     }
 }
@@ -100,7 +110,7 @@ pub fn vllm_args(model: &Model) -> Vec<String> {
     args
 }
 
-fn sidecar_args(model: &Model, gpus: &[GpuSpec]) -> Vec<String> {
+fn sidecar_args(model: &Model, gpus: &[GpuSpec], settings: &Settings) -> Vec<String> {
     let s = &model.spec;
     let gpu_names: Vec<String> = gpus
         .iter()
@@ -130,6 +140,8 @@ fn sidecar_args(model: &Model, gpus: &[GpuSpec]) -> Vec<String> {
         "kube",
         "--gpus",
         &gpu_names.join(","),
+        "--namespace",
+        &settings.gpu_namespace,
     ]
     .iter()
     .map(|a| a.to_string())
@@ -196,7 +208,7 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
     let sidecar = Container {
         name: "sidecar".into(),
         image: Some(settings.sidecar_image.clone()),
-        args: Some(sidecar_args(model, gpus)),
+        args: Some(sidecar_args(model, gpus, settings)),
         env: Some(vec![
             env_field("POD_NAME", "metadata.name"),
             env_field("POD_NAMESPACE", "metadata.namespace"),
@@ -226,6 +238,13 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             name: Some(name),
             namespace: model.metadata.namespace.clone(),
             labels: Some(labels(model)),
+            annotations: Some(BTreeMap::from([(
+                GPUS_ANNOTATION.to_string(),
+                gpus.iter()
+                    .map(|g| format!("{}-{}", g.node, g.index))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )])),
             owner_references: Some(vec![owner]),
             ..Default::default()
         },
@@ -234,6 +253,7 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
             tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
             runtime_class_name: settings.runtime_class.clone(),
+            service_account_name: settings.service_account.clone(),
             containers: vec![engine, sidecar],
             ..Default::default()
         }),

@@ -131,7 +131,7 @@ fn the_sidecar_gets_its_ports_probes_and_gpus() {
         args,
         "sidecar --listen 0.0.0.0:8080 --metrics-listen 0.0.0.0:9090 --engine-url http://127.0.0.1:8001 \
          --model Qwen/Qwen2.5-7B-Instruct --idle-timeout 10m --drain-timeout 20s --sleep-level 2 \
-         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --popular"
+         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --namespace greenthread-system --popular"
     );
     let ports: Vec<(String, i32)> = sidecar
         .ports

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// The node agent: GPU discovery, GPU objects and their stats, GPU metrics.
     Agent(greenthread_agent::AgentConfig),
+    /// The controller: Model → placed pods, Service and status; ledger hygiene; leader election.
+    Controller(Box<greenthread_controller::ControllerConfig>),
     /// Print the CustomResourceDefinitions (Model, GPU) as YAML.
     Crds,
     /// Everything on one machine: ledger, engines, sidecars and the API server.
@@ -58,6 +60,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Agent(cfg) => greenthread_agent::run(cfg).await,
+            Command::Controller(cfg) => greenthread_controller::run(*cfg).await,
             Command::Local(args) => local::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(*cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,

@@ -1,7 +1,7 @@
 //! Pure decisions over one GPU's record. Every function takes the current status and
 //! returns the next one (or why not); none does I/O, so each is tested from tables.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use greenthread_api::{GpuSpec, GpuStatus, Occupant, OccupantState, PreemptionIntent, WakeLock};
 use jiff::Timestamp;
@@ -228,6 +228,21 @@ pub fn release_wake_lock(status: &GpuStatus, pod: &str) -> GpuStatus {
         next.wake_lock = None;
     }
     next
+}
+
+/// Every pod a record names: occupants, intents (wakers and victims), the wake lock.
+pub fn pods_named(status: &GpuStatus) -> BTreeSet<String> {
+    let mut pods: BTreeSet<String> = status
+        .occupants
+        .iter()
+        .map(|o| o.pod_name.clone())
+        .collect();
+    for i in &status.preemption_intents {
+        pods.insert(i.pod_name.clone());
+        pods.extend(i.victim_pod_name.clone());
+    }
+    pods.extend(status.wake_lock.as_ref().map(|l| l.pod_name.clone()));
+    pods
 }
 
 /// Removes every trace of a pod: occupant, intents, lock.

@@ -94,7 +94,12 @@ pub struct SidecarConfig {
     #[arg(long, value_delimiter = ',')]
     pub gpus: Vec<String>,
     /// With `--ledger kube`: the namespace of the GPU objects.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "greenthread-system")]
+    /// (Not the pod's namespace: Models run in their users' namespaces, GPUs in the agent's.)
+    #[arg(
+        long,
+        env = "GREENTHREAD_GPU_NAMESPACE",
+        default_value = "greenthread-system"
+    )]
     pub namespace: String,
 }
 

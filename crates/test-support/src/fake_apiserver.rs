@@ -5,6 +5,9 @@
 //! the `status` subresource (spec writes leave status alone and the reverse), merge and
 //! apply patches, finalizers and `deletionTimestamp`, owner-reference garbage collection,
 //! list, and watch from a resource version with bookmarks (410 `Gone` when too old).
+//! Server-side apply keeps field ownership by field manager: an apply that would change
+//! a field another manager owns answers 409 `Conflict` unless forced, which is what
+//! makes Lease-based leader election safe against two candidates racing.
 //! Any resource path works: Models, GPUs, Pods, Services, Leases.
 
 use std::{
@@ -39,6 +42,8 @@ struct Inner {
     rv: u64,
     uid: u64,
     objects: BTreeMap<Key, Value>,
+    /// Field ownership per object: leaf path → field manager.
+    owners: BTreeMap<Key, BTreeMap<String, String>>,
     /// Every event with its resource version, for watches that resume (oldest first).
     log: Vec<(u64, Event)>,
     /// Requests served, by `METHOD resource[/subresource]`, for tests that count calls.
@@ -255,6 +260,171 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// RFC 6902 JSON patch: `test`, `add`, `remove`, `replace`, on RFC 6901 pointers.
+/// A failed `test` or a missing path is the 422 a real server answers.
+fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
+    fn split(path: &str) -> Result<(Vec<String>, String), String> {
+        let mut parts: Vec<String> = path
+            .strip_prefix('/')
+            .ok_or_else(|| format!("invalid pointer {path:?}"))?
+            .split('/')
+            .map(|p| p.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        let last = parts.pop().unwrap_or_default();
+        Ok((parts, last))
+    }
+    fn parent<'a>(v: &'a mut Value, parts: &[String], path: &str) -> Result<&'a mut Value, String> {
+        let mut cur = v;
+        for p in parts {
+            cur = match cur {
+                Value::Object(m) => m.get_mut(p),
+                Value::Array(a) => p.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+                _ => None,
+            }
+            .ok_or_else(|| format!("path {path} does not exist"))?;
+        }
+        Ok(cur)
+    }
+    for op in ops
+        .as_array()
+        .ok_or("a JSON patch is an array of operations")?
+    {
+        let path = op["path"].as_str().ok_or("operation without a path")?;
+        let value = op.get("value").cloned().unwrap_or(Value::Null);
+        match op["op"].as_str().unwrap_or_default() {
+            "test" => {
+                if target.pointer(path).unwrap_or(&Value::Null) != &value {
+                    return Err(format!("testing value {path} failed: test failed"));
+                }
+            }
+            kind @ ("add" | "replace") => {
+                if path.is_empty() {
+                    *target = value;
+                    continue;
+                }
+                let (parts, last) = split(path)?;
+                match parent(target, &parts, path)? {
+                    Value::Object(m) => {
+                        if kind == "replace" && !m.contains_key(&last) {
+                            return Err(format!(
+                                "replace operation does not apply: doc is missing key: {path}"
+                            ));
+                        }
+                        m.insert(last, value);
+                    }
+                    Value::Array(a) if last == "-" && kind == "add" => a.push(value),
+                    Value::Array(a) => {
+                        let i: usize = last.parse().map_err(|_| format!("bad index in {path}"))?;
+                        if kind == "add" && i <= a.len() {
+                            a.insert(i, value);
+                        } else if kind == "replace" && i < a.len() {
+                            a[i] = value;
+                        } else {
+                            return Err(format!("index out of range: {path}"));
+                        }
+                    }
+                    _ => return Err(format!("path {path} does not exist")),
+                }
+            }
+            "remove" => {
+                let (parts, last) = split(path)?;
+                let removed = match parent(target, &parts, path)? {
+                    Value::Object(m) => m.remove(&last).is_some(),
+                    Value::Array(a) => match last.parse::<usize>() {
+                        Ok(i) if i < a.len() => {
+                            a.remove(i);
+                            true
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                };
+                if !removed {
+                    return Err(format!(
+                        "remove operation does not apply: doc is missing path: {path}"
+                    ));
+                }
+            }
+            other => return Err(format!("unsupported JSON patch operation {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// Leaf fields of an object as `.a.b` paths (arrays are atomic), without the fields the
+/// server owns (type and identity metadata).
+fn leaves(v: &Value) -> BTreeMap<String, Value> {
+    fn walk(v: &Value, prefix: String, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    walk(v, format!("{prefix}.{k}"), out);
+                }
+            }
+            other => {
+                out.insert(prefix, other.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(v, String::new(), &mut out);
+    out.retain(|path, value| {
+        !value.is_null()
+            && !matches!(path.as_str(), ".apiVersion" | ".kind")
+            && (!path.starts_with(".metadata.")
+                || path.starts_with(".metadata.labels.")
+                || path.starts_with(".metadata.annotations.")
+                || path.starts_with(".metadata.finalizers"))
+    });
+    out
+}
+
+/// The 409 a real server gives an apply that would take fields from another manager.
+fn apply_conflicts(
+    owners: Option<&BTreeMap<String, String>>,
+    current: &Value,
+    patch: &Value,
+    manager: &str,
+) -> Vec<String> {
+    let Some(owners) = owners else {
+        return Vec::new();
+    };
+    let now = leaves(current);
+    leaves(patch)
+        .into_iter()
+        .filter(|(path, value)| {
+            owners.get(path).is_some_and(|owner| owner != manager) && now.get(path) != Some(value)
+        })
+        .map(|(path, _)| format!("conflict with \"{}\": {path}", owners[&path]))
+        .collect()
+}
+
+/// Who owns what after a write: an apply takes every field it names; other writes take
+/// the fields they changed; fields that are gone have no owner.
+fn take_ownership(
+    owners: &mut BTreeMap<String, String>,
+    before: &Value,
+    after: &Value,
+    applied: Option<&Value>,
+    manager: &str,
+) {
+    let (old, new) = (leaves(before), leaves(after));
+    owners.retain(|path, _| new.contains_key(path));
+    let taken: Vec<String> = match applied {
+        Some(patch) => leaves(patch).into_keys().collect(),
+        None => new
+            .iter()
+            .filter(|(p, v)| old.get(*p) != Some(v))
+            .map(|(p, _)| p.clone())
+            .collect(),
+    };
+    for path in taken {
+        if new.contains_key(&path) {
+            owners.insert(path, manager.to_string());
+        }
+    }
+}
+
 impl Inner {
     fn next_rv(&mut self) -> u64 {
         self.rv += 1;
@@ -290,6 +460,7 @@ impl Inner {
 
     fn remove(&mut self, store: &Store, key: &Key) -> Option<Value> {
         let mut obj = self.objects.remove(key)?;
+        self.owners.remove(key);
         let rv = self.next_rv();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.record(
@@ -389,6 +560,7 @@ async fn route(
     body: Bytes,
 ) -> Response {
     let ns = path.namespace.clone().unwrap_or_default();
+    let manager = query(q, "fieldManager").unwrap_or_else(|| "unknown".into());
     match (method, path.name.clone(), path.sub.as_deref()) {
         (Method::GET, None, _)
             if query(q, "watch").as_deref() == Some("true")
@@ -453,6 +625,9 @@ async fn route(
             if let Some(o) = obj.as_object_mut() {
                 o.remove("status");
             }
+            let mut owners = BTreeMap::new();
+            take_ownership(&mut owners, &Value::Null, &obj, None, &manager);
+            inner.owners.insert(key.clone(), owners);
             let created = inner.commit(store, key, obj, "ADDED");
             ok(StatusCode::CREATED, &created)
         }
@@ -496,14 +671,31 @@ async fn route(
                             ),
                         );
                     }
+                    let is_apply = method == Method::PATCH && content_type.contains("apply-patch");
+                    if is_apply && query(q, "force").as_deref() != Some("true") {
+                        let conflicts =
+                            apply_conflicts(inner.owners.get(&key), &current, &incoming, &manager);
+                        if !conflicts.is_empty() {
+                            return status(
+                                StatusCode::CONFLICT,
+                                "Conflict",
+                                format!(
+                                    "Apply failed with {} conflict{}: {}",
+                                    conflicts.len(),
+                                    if conflicts.len() == 1 { "" } else { "s" },
+                                    conflicts.join(", ")
+                                ),
+                            );
+                        }
+                    }
                     let mut next = if method == Method::PUT {
                         incoming.clone()
                     } else if content_type.contains("json-patch") {
-                        return status(
-                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                            "UnsupportedMediaType",
-                            "json-patch is not supported by the fake".into(),
-                        );
+                        let mut patched = current.clone();
+                        if let Err(e) = json_patch(&mut patched, &incoming) {
+                            return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e);
+                        }
+                        patched
                     } else {
                         // merge, strategic merge and apply patches: merged field by field.
                         let mut merged = current.clone();
@@ -541,6 +733,15 @@ async fn route(
                         && next["metadata"]["finalizers"]
                             .as_array()
                             .is_none_or(|f| f.is_empty());
+                    let mut owners = inner.owners.remove(&key).unwrap_or_default();
+                    take_ownership(
+                        &mut owners,
+                        &current,
+                        &next,
+                        is_apply.then_some(&incoming),
+                        &manager,
+                    );
+                    inner.owners.insert(key.clone(), owners);
                     let written = inner.commit(store, key.clone(), next, "MODIFIED");
                     if finalized {
                         inner.remove(store, &key);

@@ -228,3 +228,93 @@ async fn finalizers_hold_deletion_and_owners_collect_their_dependents() {
         "the owner's pod was collected"
     );
 }
+
+#[tokio::test]
+async fn server_side_apply_owns_fields_and_json_patch_tests_before_it_writes() {
+    let server = FakeApiServer::start().await;
+    let gpus: Api<GpuResource> = Api::namespaced(server.client(), "gt");
+    gpus.create(&PostParams::default(), &gpu("n1-0"))
+        .await
+        .unwrap();
+    let apply = |product: &str| json!({"apiVersion": "greenthread.ai/v1alpha1", "kind": "GPU", "spec": {"product": product}});
+    // The creator owns what it wrote: a must force to take .spec.product over.
+    let err = gpus
+        .patch(
+            "n1-0",
+            &PatchParams::apply("a"),
+            &Patch::Apply(apply("A100")),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(err), (409, "Conflict".into()));
+    gpus.patch(
+        "n1-0",
+        &PatchParams::apply("a").force(),
+        &Patch::Apply(apply("A100")),
+    )
+    .await
+    .unwrap();
+    // Then b may not change it without force, but may agree with it.
+    let err = gpus
+        .patch("n1-0", &PatchParams::apply("b"), &Patch::Apply(apply("L4")))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(err), (409, "Conflict".into()));
+    gpus.patch(
+        "n1-0",
+        &PatchParams::apply("b"),
+        &Patch::Apply(apply("A100")),
+    )
+    .await
+    .unwrap();
+    gpus.patch(
+        "n1-0",
+        &PatchParams::apply("b").force(),
+        &Patch::Apply(apply("L4")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(gpus.get("n1-0").await.unwrap().spec.product, "L4");
+    // Now b owns it: a is the one refused.
+    let err = gpus
+        .patch(
+            "n1-0",
+            &PatchParams::apply("a"),
+            &Patch::Apply(apply("A100")),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(err), (409, "Conflict".into()));
+
+    // JSON patch: a failed test writes nothing; add, replace and remove apply in order.
+    let ops = |v: serde_json::Value| Patch::<()>::Json(serde_json::from_value(v).unwrap());
+    let err = gpus
+        .patch(
+            "n1-0",
+            &PatchParams::default(),
+            &ops(
+                json!([{"op": "test", "path": "/spec/product", "value": "H100"},
+                        {"op": "replace", "path": "/spec/product", "value": "B200"}]),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(err).0, 422);
+    assert_eq!(gpus.get("n1-0").await.unwrap().spec.product, "L4");
+    gpus.patch(
+        "n1-0",
+        &PatchParams::default(),
+        &ops(
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                    {"op": "add", "path": "/metadata/finalizers", "value": ["x"]},
+                    {"op": "add", "path": "/metadata/finalizers/-", "value": "y"},
+                    {"op": "remove", "path": "/metadata/finalizers/0"}]),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        gpus.get("n1-0").await.unwrap().metadata.finalizers,
+        Some(vec!["y".to_string()])
+    );
+}

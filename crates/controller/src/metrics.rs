@@ -1,0 +1,135 @@
+//! The controller's metrics, as the System dashboard queries them.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub resource: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaderLabels {
+    pub identity: String,
+}
+
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    pub reconciliations: Family<ResultLabels, Counter>,
+    pub duration: Family<ResourceLabels, Histogram>,
+    pub queue_depth: Family<ResourceLabels, Gauge>,
+    pub errors: Family<ReasonLabels, Counter>,
+    pub leader: Family<LeaderLabels, Gauge>,
+    pub ledger_entries_removed: Counter,
+}
+
+/// The resources the controller reconciles, pre-created so that every series exists
+/// from the first scrape.
+pub const RESOURCES: [&str; 2] = ["model", "gpu"];
+
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            reconciliations: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+            }),
+            queue_depth: Family::default(),
+            errors: Family::default(),
+            leader: Family::default(),
+            ledger_entries_removed: Counter::default(),
+        };
+        registry.register(
+            "gthread_controller_reconciliations",
+            "Reconciliations by resource and result (success, error)",
+            m.reconciliations.clone(),
+        );
+        registry.register(
+            "gthread_controller_reconcile_duration_seconds",
+            "Time one reconciliation took",
+            m.duration.clone(),
+        );
+        registry.register(
+            "gthread_controller_workqueue_depth",
+            "Objects with changes not yet reconciled, or waiting for a retry",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "gthread_controller_errors",
+            "Reconcile errors by reason",
+            m.errors.clone(),
+        );
+        registry.register(
+            "gthread_controller_leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
+        );
+        registry.register(
+            "gthread_controller_ledger_entries_removed",
+            "Occupants, intents and wake locks removed from GPU records because their pod is gone",
+            m.ledger_entries_removed.clone(),
+        );
+        for resource in RESOURCES {
+            for result in ["success", "error"] {
+                m.reconciliations
+                    .get_or_create(&ResultLabels {
+                        resource: resource.into(),
+                        result: result.into(),
+                    })
+                    .inc_by(0);
+            }
+            let labels = ResourceLabels {
+                resource: resource.into(),
+            };
+            m.queue_depth.get_or_create(&labels).set(0);
+            let _ = m.duration.get_or_create(&labels);
+        }
+        m
+    }
+
+    pub fn record(&self, resource: &str, ok: bool, seconds: f64) {
+        self.reconciliations
+            .get_or_create(&ResultLabels {
+                resource: resource.into(),
+                result: if ok { "success" } else { "error" }.into(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&ResourceLabels {
+                resource: resource.into(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn error(&self, reason: &str) {
+        self.errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn set_depth(&self, resource: &str, depth: usize) {
+        self.queue_depth
+            .get_or_create(&ResourceLabels {
+                resource: resource.into(),
+            })
+            .set(depth as i64);
+    }
+}

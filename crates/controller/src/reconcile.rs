@@ -1,0 +1,595 @@
+//! The reconcile loop: Model → placed pods, a Service, status; and the GPU records kept
+//! free of pods that no longer exist. The decisions are in [`crate::placement`],
+//! [`crate::render`] and [`crate::status`]; this module reads and writes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use greenthread_api::{ByteSize, Gpu, GpuSpec, Model};
+use greenthread_ledger::{Ledger, LedgerError, decide};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        finalizer::{Event, finalizer},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::{Value, json};
+
+use crate::{
+    metrics::ControllerMetrics,
+    placement::{self, PlacementError},
+    render::{self, COMPONENT_LABEL, MEMORY_ANNOTATION, MODEL_LABEL, Settings},
+    status::{self, Problem},
+};
+
+pub const FINALIZER: &str = "greenthread.ai/cleanup";
+
+/// How often a Model is looked at again without any change (status freshness).
+const RESYNC: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("GPU ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("waiting for {0} pods to terminate")]
+    Terminating(usize),
+}
+
+impl Error {
+    /// The `reason` label of `gthread_controller_errors_total`.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => s.reason.clone(),
+            Error::Kube(_) => "Transport".into(),
+            Error::Ledger(LedgerError::Conflict { .. }) => "Conflict".into(),
+            Error::Ledger(_) => "Ledger".into(),
+            Error::Finalizer(e) => match &**e {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "Finalizer".into(),
+            },
+            Error::Terminating(_) => "Terminating".into(),
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: ControllerMetrics,
+    /// The GPU records, read from a watch and written by compare-and-swap.
+    pub ledger: Arc<dyn Ledger>,
+    /// Generation last reconciled, per Model: what the queue-depth gauge compares with.
+    reconciled: Mutex<HashMap<ObjectRef<Model>, i64>>,
+    /// Models whose last reconcile failed and wait for a retry.
+    failing: Mutex<HashSet<ObjectRef<Model>>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: ControllerMetrics,
+        ledger: Arc<dyn Ledger>,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            metrics,
+            ledger,
+            reconciled: Mutex::default(),
+            failing: Mutex::default(),
+        }
+    }
+
+    /// Models with work outstanding: changed since their last reconcile, being deleted, or
+    /// waiting for a retry.
+    pub fn pending(&self, models: &Store<Model>) -> usize {
+        let reconciled = self.reconciled.lock().unwrap();
+        let failing = self.failing.lock().unwrap();
+        models
+            .state()
+            .iter()
+            .map(|m| &**m)
+            .filter(|m| {
+                let r = ObjectRef::from_obj(*m);
+                failing.contains(&r)
+                    || m.metadata.deletion_timestamp.is_some() && !m.finalizers().is_empty()
+                    || reconciled.get(&r) != m.metadata.generation.as_ref()
+            })
+            .count()
+    }
+}
+
+fn model_pods_selector() -> String {
+    format!("{COMPONENT_LABEL}=model")
+}
+
+/// Removes from every GPU record the occupants, intents and wake locks of pods not in
+/// `alive`. The GPU snapshot must be read before `alive` is listed: a sidecar writes only
+/// once its pod exists, so any pod named in the snapshot and missing from the later list
+/// is gone for good.
+async fn prune(
+    ledger: &dyn Ledger,
+    gpus: &[Gpu],
+    alive: &BTreeSet<String>,
+    metrics: &ControllerMetrics,
+) -> Result<(), Error> {
+    for g in gpus {
+        let gone = decide::pods_named(&g.status)
+            .into_iter()
+            .filter(|p| !alive.contains(p))
+            .collect::<BTreeSet<_>>();
+        if gone.is_empty() {
+            continue;
+        }
+        greenthread_ledger::update(ledger, &g.name, &|| {}, |gpu| {
+            let mut next = gpu.status.clone();
+            for pod in &gone {
+                next = decide::remove_pod(&next, pod);
+            }
+            Ok::<_, LedgerError>((Some(next), ()))
+        })
+        .await?;
+        metrics.ledger_entries_removed.inc_by(gone.len() as u64);
+        tracing::info!(gpu = %g.name, pods = ?gone, "removed ledger entries of pods that no longer exist");
+    }
+    Ok(())
+}
+
+/// Every model pod in the cluster (terminating ones too: their sidecars still hold memory).
+async fn all_model_pods(client: &Client) -> Result<Vec<Pod>, Error> {
+    let api: Api<Pod> = Api::all(client.clone());
+    Ok(api
+        .list(&ListParams::default().labels(&model_pods_selector()))
+        .await?
+        .items)
+}
+
+fn names(pods: &[Pod]) -> BTreeSet<String> {
+    pods.iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
+/// The GPU records as of now, then the pods: the order [`prune`] relies on.
+async fn snapshot(ctx: &Context) -> Result<(Vec<Gpu>, Vec<Pod>), Error> {
+    let gpus = ctx.ledger.list().await?;
+    let pods = all_model_pods(&ctx.client).await?;
+    Ok((gpus, pods))
+}
+
+/// One sweep of the GPU records (also run from every Model reconcile).
+pub async fn sweep_ledger(ctx: &Context) -> Result<(), Error> {
+    let start = Instant::now();
+    let result = async {
+        let (gpus, pods) = snapshot(ctx).await?;
+        prune(&*ctx.ledger, &gpus, &names(&pods), &ctx.metrics).await
+    }
+    .await;
+    ctx.metrics
+        .record("gpu", result.is_ok(), start.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        ctx.metrics.error(&e.reason());
+    }
+    result
+}
+
+/// Bytes each GPU already has placed on it: measured reservations where a sidecar has
+/// reported one, the placement-time estimate otherwise.
+fn placed_bytes(pods: &[Pod], gpus: &[Gpu]) -> BTreeMap<String, u64> {
+    let by_name: BTreeMap<&str, &Gpu> = gpus.iter().map(|g| (g.name.as_str(), g)).collect();
+    let mut placed = BTreeMap::new();
+    for pod in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let estimate = pod
+            .annotations()
+            .get(MEMORY_ANNOTATION)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        for gpu in status::pod_gpus(pod) {
+            let measured = by_name
+                .get(gpu.as_str())
+                .and_then(|g| g.status.occupant(name))
+                .map(|o| o.reserved_memory_bytes)
+                .filter(|b| *b > 0);
+            *placed.entry(gpu).or_default() += measured.unwrap_or(estimate);
+        }
+    }
+    placed
+}
+
+/// What the model needs on `gpu`: its measured serving memory once known, else the share
+/// of the GPU the spec gives the engine.
+fn need_on(model: &Model, gpu: &Gpu) -> u64 {
+    let measured = model
+        .status
+        .as_ref()
+        .and_then(|s| s.serving_memory_per_gpu.as_deref())
+        .and_then(|v| v.parse::<ByteSize>().ok())
+        .map(ByteSize::bytes);
+    measured.unwrap_or_else(|| {
+        let share: f64 = model.spec.gpu_memory_utilization.parse().unwrap_or(0.9);
+        (gpu.spec.memory_bytes as f64 * share) as u64
+    })
+}
+
+fn replica_index(model: &str, pod: &str) -> Option<u32> {
+    pod.strip_prefix(model)?.strip_prefix('-')?.parse().ok()
+}
+
+async fn allowed_nodes(ctx: &Context, model: &Model) -> Result<Option<BTreeSet<String>>, Error> {
+    if model.spec.node_selector.is_empty() {
+        return Ok(None);
+    }
+    let selector = model
+        .spec
+        .node_selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let list = nodes.list(&ListParams::default().labels(&selector)).await?;
+    Ok(Some(list.items.iter().map(|n| n.name_any()).collect()))
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+fn is_already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
+    let name = model.name_any();
+    let ns = model.namespace().unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let (gpus, all_pods) = snapshot(ctx).await?;
+    prune(&*ctx.ledger, &gpus, &names(&all_pods), &ctx.metrics).await?;
+
+    let uid = model.uid().unwrap_or_default();
+    let owned = |p: &Pod| {
+        p.owner_references().iter().any(|o| o.uid == uid) && p.metadata.deletion_timestamp.is_none()
+    };
+    let mut mine: Vec<Pod> = all_pods
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && owned(p))
+        .cloned()
+        .collect();
+
+    // Scale down: replicas beyond the spec's count go, highest index first.
+    for pod in mine
+        .iter()
+        .filter(|p| replica_index(&name, &p.name_any()).is_none_or(|i| i >= model.spec.replicas))
+    {
+        match pods_api
+            .delete(&pod.name_any(), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => tracing::info!(model = %name, pod = %pod.name_any(), "replica removed"),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    mine.retain(|p| replica_index(&name, &p.name_any()).is_some_and(|i| i < model.spec.replicas));
+
+    // Scale up: each missing replica placed where it packs best.
+    let mut placed = placed_bytes(&all_pods, &gpus);
+    let mut problem: Option<(PlacementError, bool)> = None;
+    let by_name: BTreeMap<&str, &Gpu> = gpus.iter().map(|g| (g.name.as_str(), g)).collect();
+    let nodes = allowed_nodes(ctx, &model).await?;
+    for replica in 0..model.spec.replicas {
+        let pod_name = format!("{name}-{replica}");
+        if mine.iter().any(|p| p.name_any() == pod_name) {
+            continue;
+        }
+        let same_model: BTreeSet<String> = mine.iter().flat_map(status::pod_gpus).collect();
+        let need = |g: &Gpu| need_on(&model, g);
+        let chosen = match placement::place(
+            &gpus,
+            &placement::Request {
+                tensor_parallel_size: model.spec.tensor_parallel_size,
+                need: &need,
+                placed: &placed,
+                same_model: &same_model,
+                nodes: nodes.as_ref(),
+            },
+        ) {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                let fatal = matches!(e, PlacementError::NoNodeFits { .. });
+                problem = Some((e, fatal));
+                break;
+            }
+        };
+        let specs: Vec<GpuSpec> = chosen
+            .iter()
+            .map(|n| by_name[n.as_str()].spec.clone())
+            .collect();
+        let mut pod = render::render_pod(&model, replica, &specs, &ctx.settings);
+        let estimate = need(by_name[chosen[0].as_str()]);
+        pod.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(MEMORY_ANNOTATION.into(), estimate.to_string());
+        let created = match pods_api.create(&PostParams::default(), &pod).await {
+            Ok(p) => p,
+            Err(e) if is_already_exists(&e) => pods_api.get(&pod_name).await?,
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(model = %name, pod = %pod_name, gpus = ?chosen, "replica placed");
+        for g in &chosen {
+            *placed.entry(g.clone()).or_default() += estimate;
+        }
+        mine.push(created);
+    }
+
+    ensure_service(ctx, &model).await?;
+
+    let problem = problem.map(|(e, fatal)| Problem {
+        reason: e.reason(),
+        message: e.to_string(),
+        fatal,
+    });
+    let status = status::model_status(
+        &model,
+        &mine,
+        &gpus,
+        problem.as_ref(),
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    if model.status.as_ref() != Some(&status) {
+        let api: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status_patch(&status) })),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// A merge patch that also clears the fields the new status leaves out.
+fn status_patch(status: &greenthread_api::ModelStatus) -> Value {
+    let mut v = serde_json::to_value(status).unwrap_or_default();
+    if let Value::Object(m) = &mut v {
+        for key in [
+            "phase",
+            "observedGeneration",
+            "node",
+            "servingMemoryPerGPU",
+            "url",
+        ] {
+            m.entry(key).or_insert(Value::Null);
+        }
+        for key in ["gpus", "conditions"] {
+            m.entry(key).or_insert(json!([]));
+        }
+    }
+    v
+}
+
+async fn ensure_service(ctx: &Context, model: &Model) -> Result<(), Error> {
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let wanted = render::render_service(model);
+    match api.get_opt(&model.name_any()).await? {
+        None => match api.create(&PostParams::default(), &wanted).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_already_exists(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+        Some(existing) => {
+            let (have, want) = (
+                existing.spec.unwrap_or_default(),
+                wanted.spec.unwrap_or_default(),
+            );
+            if have.selector != want.selector || have.ports != want.ports {
+                let patch = json!({"spec": {"selector": want.selector, "ports": want.ports}});
+                api.patch(
+                    &model.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(patch),
+                )
+                .await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The Model is being deleted: its pods and Service go, and so do their ledger entries.
+async fn cleanup(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
+    let name = model.name_any();
+    let ns = model.namespace().unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods = pods_api
+        .list(&ListParams::default().labels(&format!("{MODEL_LABEL}={name}")))
+        .await?
+        .items;
+    for pod in &pods {
+        match pods_api
+            .delete(&pod.name_any(), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    match services.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let remaining = pods_api
+        .list(&ListParams::default().labels(&format!("{MODEL_LABEL}={name}")))
+        .await?
+        .items;
+    if !remaining.is_empty() {
+        // Their sidecars release their memory as they stop; the finalizer stays until then.
+        return Err(Error::Terminating(remaining.len()));
+    }
+    let (gpus, alive) = snapshot(ctx).await?;
+    prune(&*ctx.ledger, &gpus, &names(&alive), &ctx.metrics).await?;
+    tracing::info!(model = %name, namespace = %ns, "model deleted; its pods, Service and ledger entries are gone");
+    Ok(Action::await_change())
+}
+
+pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let r = ObjectRef::from_obj(&*model);
+    ctx.failing.lock().unwrap().remove(&r);
+    let api: Api<Model> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let generation = model.metadata.generation;
+    let result = finalizer(&api, FINALIZER, model, |event| async {
+        match event {
+            Event::Apply(m) => apply(m, &ctx).await,
+            Event::Cleanup(m) => cleanup(m, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let waiting = matches!(&result, Err(e) if e.reason() == "Terminating");
+    ctx.metrics.record(
+        "model",
+        result.is_ok() || waiting,
+        start.elapsed().as_secs_f64(),
+    );
+    match &result {
+        Ok(_) => {
+            if let Some(g) = generation {
+                ctx.reconciled.lock().unwrap().insert(r, g);
+            }
+        }
+        Err(e) => {
+            if !waiting {
+                ctx.metrics.error(&e.reason());
+                tracing::warn!(model = %r, error = %e, "reconcile failed");
+            }
+            ctx.failing.lock().unwrap().insert(r);
+        }
+    }
+    result
+}
+
+fn error_policy(_model: Arc<Model>, err: &Error, _ctx: Arc<Context>) -> Action {
+    if err.reason() == "Terminating" {
+        Action::requeue(Duration::from_millis(500))
+    } else {
+        Action::requeue(Duration::from_secs(5))
+    }
+}
+
+/// What about an occupant matters to its Model's status: pod, state, reservation.
+type OccupantDigest = (String, &'static str, u64);
+
+/// Triggers a Model when the occupants of a GPU it is placed on change state (not on
+/// every stats update).
+fn gpu_mapper(
+    models: Store<Model>,
+) -> impl Fn(greenthread_api::GpuResource) -> Vec<ObjectRef<Model>> + Send + Sync + 'static {
+    let seen: Mutex<HashMap<String, Vec<OccupantDigest>>> = Mutex::default();
+    move |gpu| {
+        let name = gpu.name_any();
+        let digest: Vec<OccupantDigest> = gpu
+            .status
+            .as_ref()
+            .map(|s| {
+                s.occupants
+                    .iter()
+                    .map(|o| {
+                        (
+                            o.pod_name.clone(),
+                            o.state.as_str(),
+                            o.reserved_memory_bytes,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if seen.lock().unwrap().insert(name.clone(), digest.clone()) == Some(digest) {
+            return Vec::new();
+        }
+        models
+            .state()
+            .iter()
+            .map(|m| &**m)
+            .filter(|m| m.status.as_ref().is_some_and(|s| s.gpus.contains(&name)))
+            .map(ObjectRef::from_obj)
+            .collect()
+    }
+}
+
+/// Runs the Model controller and the periodic ledger sweep until the future is dropped.
+pub async fn run(ctx: Arc<Context>, models_namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let (models, pods, services): (Api<Model>, Api<Pod>, Api<Service>) = match &models_namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let gpus: Api<greenthread_api::GpuResource> =
+        Api::namespaced(client.clone(), &ctx.settings.gpu_namespace);
+    let controller = Controller::new(models, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let children = watcher::Config::default().labels(&model_pods_selector());
+    let controller = controller
+        .owns(pods, children.clone())
+        .owns(services, children)
+        .watches(gpus, watcher::Config::default(), gpu_mapper(store.clone()));
+
+    let sweeper = {
+        let ctx = ctx.clone();
+        let store = store.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n = 0u64;
+            loop {
+                tick.tick().await;
+                ctx.metrics.set_depth("model", ctx.pending(&store));
+                // A sweep for pods whose Model is gone too (their owners no longer reconcile).
+                if n.is_multiple_of(RESYNC.as_secs()) {
+                    let _ = sweep_ledger(&ctx).await;
+                }
+                n += 1;
+            }
+        }
+    };
+    let controller = controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {});
+    tokio::select! {
+        _ = controller => {}
+        _ = sweeper => {}
+    }
+}

@@ -1,0 +1,326 @@
+//! A Model's status from what exists: its pods, and its occupants on the GPU records.
+//! Pure: objects and the time in, status out.
+
+use std::collections::BTreeSet;
+
+use greenthread_api::{ByteSize, Gpu, Model, ModelStatus, OccupantState};
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{
+    api::core::v1::Pod,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+
+use crate::render::GPUS_ANNOTATION;
+
+/// Why a Model's replicas could not all be placed, if they could not.
+pub struct Problem<'a> {
+    pub reason: &'a str,
+    pub message: String,
+    /// `Failed` (nothing will change until the spec or the cluster does) or `Pending`.
+    pub fatal: bool,
+}
+
+pub fn pod_gpus(pod: &Pod) -> Vec<String> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(GPUS_ANNOTATION))
+        .map(|s| {
+            s.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_failed(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Failed")
+}
+
+/// Keeps a condition's transition time when its status did not change.
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+pub fn model_status(
+    model: &Model,
+    pods: &[Pod],
+    gpus: &[Gpu],
+    problem: Option<&Problem>,
+    now: Timestamp,
+) -> ModelStatus {
+    let name = model.metadata.name.clone().unwrap_or_default();
+    let namespace = model.metadata.namespace.clone().unwrap_or_default();
+    let generation = model.metadata.generation;
+    let previous = model
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let pod_names: BTreeSet<&str> = live
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    // A pod's state is its occupant's; with tensor parallelism every GPU has one, alike.
+    let mut states: std::collections::BTreeMap<&str, OccupantState> = Default::default();
+    let mut serving_memory = 0u64;
+    for g in gpus {
+        for o in &g.status.occupants {
+            if let Some(pod) = pod_names.get(o.pod_name.as_str()) {
+                states.insert(pod, o.state);
+                serving_memory = serving_memory.max(o.reserved_memory_bytes);
+            }
+        }
+    }
+    let count = |s: OccupantState| states.values().filter(|v| **v == s).count() as i32;
+    let ready = live.iter().filter(|p| pod_ready(p)).count() as i32;
+    let failed: Vec<&str> = live
+        .iter()
+        .filter(|p| pod_failed(p))
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    let nodes: BTreeSet<String> = live
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    let placed: BTreeSet<String> = live.iter().flat_map(|p| pod_gpus(p)).collect();
+    let wanted = model.spec.replicas as i32;
+
+    let (phase, reason, message) = if let Some(p) = problem.filter(|p| p.fatal) {
+        ("Failed", p.reason.to_string(), p.message.clone())
+    } else if !failed.is_empty() {
+        (
+            "Failed",
+            "PodFailed".to_string(),
+            format!("pods failed: {}", failed.join(", ")),
+        )
+    } else if ready >= wanted {
+        (
+            "Ready",
+            "AllReplicasReady".to_string(),
+            format!("{ready} of {wanted} replicas ready"),
+        )
+    } else if let Some(p) = problem {
+        ("Pending", p.reason.to_string(), p.message.clone())
+    } else {
+        (
+            "Pending",
+            "ReplicasNotReady".to_string(),
+            format!("{ready} of {wanted} replicas ready"),
+        )
+    };
+    let scheduled = problem.is_none();
+    let conditions = vec![
+        condition(
+            &previous,
+            "Ready",
+            phase == "Ready",
+            &reason,
+            message,
+            generation,
+            now,
+        ),
+        condition(
+            &previous,
+            "Scheduled",
+            scheduled,
+            problem.map_or("Placed", |p| p.reason),
+            problem.map_or_else(
+                || format!("{} replicas placed on {}", live.len(), join(&placed)),
+                |p| p.message.clone(),
+            ),
+            generation,
+            now,
+        ),
+    ];
+    ModelStatus {
+        phase: Some(phase.into()),
+        observed_generation: generation,
+        replicas: live.len() as i32,
+        ready_replicas: ready,
+        serving_replicas: count(OccupantState::Serving),
+        sleeping_replicas: count(OccupantState::Sleeping),
+        node: (!nodes.is_empty()).then(|| join(&nodes)),
+        gpus: placed.into_iter().collect(),
+        // A sleeping engine reserves nothing: the last measurement stands until the next.
+        serving_memory_per_gpu: if serving_memory > 0 {
+            Some(ByteSize(serving_memory.div_ceil(ByteSize::MI) * ByteSize::MI).to_string())
+        } else {
+            model
+                .status
+                .as_ref()
+                .and_then(|s| s.serving_memory_per_gpu.clone())
+        },
+        url: Some(format!("http://{name}.{namespace}.svc")),
+        conditions,
+    }
+}
+
+fn join(set: &BTreeSet<String>) -> String {
+    set.iter().cloned().collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use greenthread_api::{GpuSpec, GpuStatus, ModelSpec, Occupant};
+    use serde_json::json;
+
+    use super::*;
+
+    fn model(replicas: u32) -> Model {
+        let spec: ModelSpec =
+            serde_json::from_value(json!({"modelName": "org/m", "replicas": replicas})).unwrap();
+        let mut m = Model::new("m", spec);
+        m.metadata.namespace = Some("ns".into());
+        m.metadata.generation = Some(3);
+        m
+    }
+
+    fn pod(name: &str, gpu: &str, ready: bool) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {GPUS_ANNOTATION: gpu}},
+            "spec": {"nodeName": "node-a", "containers": []},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
+        }))
+        .unwrap()
+    }
+
+    fn gpu(name: &str, occupants: Vec<(&str, OccupantState, u64)>) -> Gpu {
+        Gpu {
+            name: name.into(),
+            spec: GpuSpec {
+                node: "node-a".into(),
+                index: 0,
+                uuid: "u".into(),
+                product: "H100".into(),
+                memory_bytes: 80 << 30,
+            },
+            status: GpuStatus {
+                occupants: occupants
+                    .into_iter()
+                    .map(|(p, state, reserved)| Occupant {
+                        pod_name: p.into(),
+                        model_name: "org/m".into(),
+                        state,
+                        reserved_memory_bytes: reserved,
+                        residual_memory_bytes: 0,
+                        popular: false,
+                        last_accessed: None,
+                        became_serving_at: None,
+                        min_runtime: Default::default(),
+                        heartbeat: jiff::Timestamp::now(),
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            resource_version: "1".into(),
+        }
+    }
+
+    #[test]
+    fn counts_come_from_pods_and_occupants() {
+        let pods = [pod("m-0", "node-a-0", true), pod("m-1", "node-a-1", false)];
+        let gpus = [
+            gpu("node-a-0", vec![("m-0", OccupantState::Serving, 21 << 30)]),
+            gpu(
+                "node-a-1",
+                vec![
+                    ("m-1", OccupantState::Sleeping, 0),
+                    ("other-0", OccupantState::Serving, 9),
+                ],
+            ),
+        ];
+        let s = model_status(&model(2), &pods, &gpus, None, Timestamp::now());
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        assert_eq!(
+            (
+                s.replicas,
+                s.ready_replicas,
+                s.serving_replicas,
+                s.sleeping_replicas
+            ),
+            (2, 1, 1, 1)
+        );
+        assert_eq!(s.gpus, ["node-a-0", "node-a-1"]);
+        assert_eq!(s.node.as_deref(), Some("node-a"));
+        assert_eq!(s.serving_memory_per_gpu.as_deref(), Some("21Gi"));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.url.as_deref(), Some("http://m.ns.svc"));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ReplicasNotReady")
+        );
+    }
+
+    #[test]
+    fn a_fatal_placement_problem_fails_the_model_and_transition_times_stick() {
+        let problem = Problem {
+            reason: "Unschedulable",
+            message: "no node has 8 GPUs".into(),
+            fatal: true,
+        };
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let mut m = model(1);
+        let s = model_status(&m, &[], &[], Some(&problem), t0);
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        let sched = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Scheduled")
+            .unwrap();
+        assert_eq!(
+            (sched.status.as_str(), sched.reason.as_str()),
+            ("False", "Unschedulable")
+        );
+        // Unchanged condition: its transition time stays; a measured size is remembered.
+        m.status = Some(ModelStatus {
+            serving_memory_per_gpu: Some("7Gi".into()),
+            ..s
+        });
+        let later = model_status(&m, &[], &[], Some(&problem), Timestamp::now());
+        let again = later
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Scheduled")
+            .unwrap();
+        assert_eq!(again.last_transition_time, Time(t0));
+        assert_eq!(later.serving_memory_per_gpu.as_deref(), Some("7Gi"));
+    }
+}

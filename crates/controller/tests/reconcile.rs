@@ -1,0 +1,487 @@
+//! The controller against the fake API server, through the real `kube::Client`,
+//! `Controller`, finalizer helper and Lease code: a Model becomes placed pods, a Service
+//! and status; occupants of deleted pods leave the GPU records within one reconcile;
+//! deleting a Model leaves nothing behind; of two replicas exactly one leads, and the
+//! other takes over when the leader's Lease expires.
+
+use std::{sync::Arc, time::Duration};
+
+use greenthread_api::{GpuResource, GpuSpec, GpuStatus, Model, ModelSpec, Occupant, OccupantState};
+use greenthread_controller::{
+    ControllerConfig, ControllerMetrics, reconcile,
+    render::{GPUS_ANNOTATION, Settings},
+};
+use greenthread_ledger::{KubeLedger, LedgerError};
+use greenthread_test_support::{Exposition, FakeApiServer, wait_until};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Pod, Service},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+const GI: u64 = 1 << 30;
+const SYSTEM: &str = "greenthread-system";
+const TEAM: &str = "team-a";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(identity: &str) -> ControllerConfig {
+    ControllerConfig {
+        namespace: SYSTEM.into(),
+        watch_namespace: None,
+        identity: Some(identity.into()),
+        lease_name: "greenthread-controller".into(),
+        lease_duration: Duration::from_secs(2),
+        lease_grace: Duration::from_secs(1),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        vllm_image: "vllm/vllm-openai:test".into(),
+        sidecar_image: "greenthread:test".into(),
+        runtime_class: Some("nvidia".into()),
+        model_service_account: Some("greenthread-model".into()),
+    }
+}
+
+/// Two nodes with two 80 GiB GPUs each, as the agents would have created them.
+async fn gpus(client: &Client) {
+    let api: Api<GpuResource> = Api::namespaced(client.clone(), SYSTEM);
+    for node in ["node-a", "node-b"] {
+        for index in 0..2 {
+            let spec = GpuSpec {
+                node: node.into(),
+                index,
+                uuid: format!("GPU-{node}-{index}"),
+                product: "H100".into(),
+                memory_bytes: 80 * GI,
+            };
+            api.create(
+                &PostParams::default(),
+                &GpuResource::new(&format!("{node}-{index}"), spec),
+            )
+            .await
+            .unwrap();
+        }
+    }
+}
+
+async fn create_model(client: &Client, name: &str, replicas: u32) -> Model {
+    let spec: ModelSpec = serde_json::from_value(json!({
+        "modelName": format!("org/{name}"),
+        "gpuMemoryUtilization": "0.45",
+        "replicas": replicas,
+    }))
+    .unwrap();
+    let api: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    api.create(&PostParams::default(), &Model::new(name, spec))
+        .await
+        .unwrap()
+}
+
+async fn pods_of(client: &Client, model: &str) -> Vec<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), TEAM);
+    api.list(&ListParams::default().labels(&format!("greenthread.ai/model={model}")))
+        .await
+        .unwrap()
+        .items
+}
+
+fn occupant(pod: &str, state: OccupantState, reserved: u64) -> Occupant {
+    Occupant {
+        pod_name: pod.into(),
+        model_name: "org/qwen".into(),
+        state,
+        reserved_memory_bytes: reserved,
+        residual_memory_bytes: 0,
+        popular: false,
+        last_accessed: None,
+        became_serving_at: None,
+        min_runtime: Duration::from_secs(10),
+        heartbeat: jiff::Timestamp::now(),
+    }
+}
+
+/// Writes an occupant as a sidecar would: compare-and-swap on the GPU's status.
+async fn occupy(ledger: &KubeLedger, gpu: &str, o: Occupant) {
+    greenthread_ledger::update(ledger, gpu, &|| {}, |g| {
+        let mut next: GpuStatus = g.status.clone();
+        next.occupants.retain(|x| x.pod_name != o.pod_name);
+        next.occupants.push(o.clone());
+        Ok::<_, LedgerError>((Some(next), ()))
+    })
+    .await
+    .unwrap();
+}
+
+async fn occupants(client: &Client, gpu: &str) -> Vec<String> {
+    let api: Api<GpuResource> = Api::namespaced(client.clone(), SYSTEM);
+    api.get(gpu)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+        .occupants
+        .iter()
+        .map(|o| o.pod_name.clone())
+        .collect()
+}
+
+/// What the kubelet would report once the sidecar's readiness probe passes.
+async fn mark_ready(client: &Client, pod: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), TEAM);
+    let status = json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
+fn gpus_of(pod: &Pod) -> String {
+    pod.annotations()[GPUS_ANNOTATION].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_becomes_placed_pods_a_service_and_status_and_leaves_nothing_when_deleted() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let mut registry = Registry::default();
+    let elected = greenthread_controller::start(client.clone(), &config("only"), &mut registry)
+        .await
+        .unwrap();
+    create_model(&client, "qwen", 2).await;
+
+    // Two pods, placed on two different GPUs, with the engine pinned to them by UUID.
+    let pods = wait_until("two placed pods", WAIT, || async {
+        let pods = pods_of(&client, "qwen").await;
+        (pods.len() == 2).then_some(pods)
+    })
+    .await;
+    let placed: Vec<String> = pods.iter().map(gpus_of).collect();
+    assert_ne!(
+        placed[0], placed[1],
+        "replicas spread over GPUs: {placed:?}"
+    );
+    for pod in &pods {
+        let spec = pod.spec.as_ref().unwrap();
+        let gpu = gpus_of(pod);
+        let (node, index) = gpu.rsplit_once('-').unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some(node));
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
+        let engine = &spec.containers[0];
+        let visible = engine
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "NVIDIA_VISIBLE_DEVICES")
+            .unwrap();
+        assert_eq!(
+            visible.value.as_deref(),
+            Some(format!("GPU-{node}-{index}").as_str())
+        );
+        let sidecar_args = spec.containers[1].args.clone().unwrap().join(" ");
+        assert!(
+            sidecar_args.contains(&format!("--gpus {gpu}"))
+                && sidecar_args.contains("--namespace greenthread-system"),
+            "{sidecar_args}"
+        );
+        // 0.45 of an 80 GiB GPU counted for placement until memory is measured.
+        assert_eq!(
+            pod.annotations()["greenthread.ai/memory-per-gpu"],
+            ((80 * GI) as f64 * 0.45).floor().to_string()
+        );
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), TEAM);
+    wait_until("the Service", WAIT, || async {
+        services.get_opt("qwen").await.unwrap()
+    })
+    .await;
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    let status = wait_until("a Pending status with 2 replicas", WAIT, || async {
+        let m = models.get("qwen").await.unwrap();
+        m.status
+            .filter(|s| s.replicas == 2 && s.phase.as_deref() == Some("Pending"))
+    })
+    .await;
+    assert_eq!(status.url.as_deref(), Some("http://qwen.team-a.svc"));
+    assert_eq!(status.gpus.len(), 2);
+    assert!(
+        models
+            .get("qwen")
+            .await
+            .unwrap()
+            .finalizers()
+            .contains(&reconcile::FINALIZER.to_string())
+    );
+
+    // Ready pods and a serving occupant show in the status.
+    for pod in ["qwen-0", "qwen-1"] {
+        mark_ready(&client, pod).await;
+    }
+    let ledger = KubeLedger::new(client.clone(), SYSTEM).await.unwrap();
+    let gpu0 = gpus_of(
+        &pods
+            .iter()
+            .find(|p| p.name_any() == "qwen-0")
+            .unwrap()
+            .clone(),
+    );
+    let gpu1 = gpus_of(
+        &pods
+            .iter()
+            .find(|p| p.name_any() == "qwen-1")
+            .unwrap()
+            .clone(),
+    );
+    occupy(
+        &ledger,
+        &gpu0,
+        occupant("qwen-0", OccupantState::Serving, 30 * GI),
+    )
+    .await;
+    occupy(
+        &ledger,
+        &gpu1,
+        occupant("qwen-1", OccupantState::Sleeping, 0),
+    )
+    .await;
+    let status = wait_until("Ready with one serving, one sleeping", WAIT, || async {
+        let s = models.get("qwen").await.unwrap().status?;
+        (s.phase.as_deref() == Some("Ready")
+            && s.ready_replicas == 2
+            && s.serving_replicas == 1
+            && s.sleeping_replicas == 1)
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(status.serving_memory_per_gpu.as_deref(), Some("30Gi"));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AllReplicasReady")
+    );
+
+    // A pod deleted under its serving occupant: the occupant goes, the replica comes back.
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), TEAM);
+    pods_api
+        .delete("qwen-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("the deleted pod's occupant removed", WAIT, || async {
+        (!occupants(&client, &gpu0)
+            .await
+            .contains(&"qwen-0".to_string()))
+        .then_some(())
+    })
+    .await;
+    wait_until("qwen-0 recreated", WAIT, || async {
+        pods_api.get_opt("qwen-0").await.unwrap()
+    })
+    .await;
+
+    // Deleting the Model removes its pods, Service, ledger entries, then the Model.
+    models
+        .delete("qwen", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("the Model gone", WAIT, || async {
+        models
+            .get_opt("qwen")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(pods_of(&client, "qwen").await.is_empty());
+    assert!(services.get_opt("qwen").await.unwrap().is_none());
+    for gpu in [&gpu0, &gpu1] {
+        assert!(
+            occupants(&client, gpu).await.is_empty(),
+            "{gpu} still has occupants"
+        );
+    }
+
+    // The System dashboard's series exist and count.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let m = Exposition::parse(&text).unwrap();
+    assert!(
+        m.value(
+            "gthread_controller_reconciliations_total",
+            &[("resource", "model"), ("result", "success")]
+        )
+        .unwrap()
+            >= 3.0,
+        "{text}"
+    );
+    assert!(
+        m.value("gthread_controller_ledger_entries_removed_total", &[])
+            .unwrap()
+            >= 2.0
+    );
+    assert!(
+        m.value(
+            "gthread_controller_workqueue_depth",
+            &[("resource", "model")]
+        )
+        .is_some()
+    );
+    assert!(
+        m.value(
+            "gthread_controller_reconcile_duration_seconds_count",
+            &[("resource", "model")]
+        )
+        .unwrap()
+            >= 3.0
+    );
+    assert_eq!(
+        m.value("gthread_controller_leader", &[("identity", "only")]),
+        Some(1.0)
+    );
+    elected.resign().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reconcile_removes_the_occupants_of_a_deleted_pod() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let mut registry = Registry::default();
+    let ledger = Arc::new(KubeLedger::new(client.clone(), SYSTEM).await.unwrap());
+    let ctx = Arc::new(reconcile::Context::new(
+        client.clone(),
+        Settings::default(),
+        ControllerMetrics::register(&mut registry),
+        ledger.clone(),
+    ));
+    let model = create_model(&client, "qwen", 1).await;
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    // The first reconcile adds the finalizer, the second places the replica.
+    reconcile::reconcile(Arc::new(model), ctx.clone())
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(models.get("qwen").await.unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    let pod = pods_of(&client, "qwen").await.remove(0);
+    let gpu = gpus_of(&pod);
+    occupy(
+        &ledger,
+        &gpu,
+        occupant("qwen-0", OccupantState::Serving, 30 * GI),
+    )
+    .await;
+    // A wake lock and an intent of the same pod go too.
+    greenthread_ledger::update(&*ledger, &gpu, &|| {}, |g| {
+        let next = greenthread_ledger::decide::write_intent(
+            &g.status,
+            "qwen-0",
+            "org/qwen",
+            GI,
+            jiff::Timestamp::now(),
+        );
+        Ok::<_, LedgerError>((Some(next), ()))
+    })
+    .await
+    .unwrap();
+    wait_until("the ledger's watch to see the occupant", WAIT, || async {
+        use greenthread_ledger::Ledger;
+        let g = ledger.get(&gpu).await.ok()?;
+        (!g.status.occupants.is_empty() && !g.status.preemption_intents.is_empty()).then_some(())
+    })
+    .await;
+
+    Api::<Pod>::namespaced(client.clone(), TEAM)
+        .delete("qwen-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(models.get("qwen").await.unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    let api: Api<GpuResource> = Api::namespaced(client.clone(), SYSTEM);
+    let status = api.get(&gpu).await.unwrap().status.unwrap();
+    assert!(status.occupants.is_empty(), "{status:?}");
+    assert!(status.preemption_intents.is_empty(), "{status:?}");
+    // The same reconcile placed the replica again.
+    assert_eq!(pods_of(&client, "qwen").await.len(), 1);
+}
+
+async fn holder(client: &Client) -> Option<String> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), SYSTEM);
+    api.get_opt("greenthread-controller")
+        .await
+        .unwrap()?
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_replicas_exactly_one_leads_and_the_other_takes_over_when_its_lease_expires() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let (mut ra, mut rb) = (Registry::default(), Registry::default());
+    let a = greenthread_controller::start(client.clone(), &config("replica-a"), &mut ra)
+        .await
+        .unwrap();
+    let b = greenthread_controller::start(client.clone(), &config("replica-b"), &mut rb)
+        .await
+        .unwrap();
+    let leader = wait_until("a leader", WAIT, || async {
+        match (*a.leading.borrow(), *b.leading.borrow()) {
+            (true, false) => Some("replica-a"),
+            (false, true) => Some("replica-b"),
+            (true, true) => panic!("two leaders"),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(holder(&client).await.as_deref(), Some(leader));
+    // Over two Lease durations of renewals, never two leaders and never a change.
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
+        let both = (*a.leading.borrow(), *b.leading.borrow());
+        assert!(
+            both == (true, false) || both == (false, true),
+            "exactly one leader, got {both:?}"
+        );
+        assert_eq!(holder(&client).await.as_deref(), Some(leader));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Only the leader reconciles.
+    create_model(&client, "llama", 1).await;
+    wait_until("the leader to place the Model", WAIT, || async {
+        (pods_of(&client, "llama").await.len() == 1).then_some(())
+    })
+    .await;
+
+    let (dead, survivor, survivor_name) = if leader == "replica-a" {
+        (&a, &b, "replica-b")
+    } else {
+        (&b, &a, "replica-a")
+    };
+    dead.crash();
+    wait_until("the survivor to take over", WAIT, || async {
+        (*survivor.leading.borrow() && holder(&client).await.as_deref() == Some(survivor_name))
+            .then_some(())
+    })
+    .await;
+    // The new leader reconciles: a second Model gets its pod.
+    create_model(&client, "mistral", 1).await;
+    wait_until("the new leader to place the Model", WAIT, || async {
+        (pods_of(&client, "mistral").await.len() == 1).then_some(())
+    })
+    .await;
+    // Resigning releases the Lease at once.
+    let survivor_identity = survivor.identity.clone();
+    if leader == "replica-a" { b } else { a }.resign().await;
+    let released = holder(&client).await;
+    assert_ne!(released.as_deref(), Some(survivor_identity.as_str()));
+}
