@@ -28,6 +28,12 @@ impl EventHub {
         self.tx.subscribe()
     }
 
+    /// Publishes one state change (of a sidecar seen through its GPU record).
+    pub fn publish(&self, event: StateEvent) {
+        // No subscriber is fine.
+        let _ = self.tx.send(event);
+    }
+
     /// Publishes every transition of one sidecar.
     pub fn follow(
         &self,

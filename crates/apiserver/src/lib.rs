@@ -4,27 +4,27 @@
 //! changes, API keys, and metrics.
 
 mod auth;
+pub mod cluster;
 mod events;
+pub mod kube_discovery;
 mod metrics;
+mod replica;
 mod routes;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
 
 use greenthread_ledger::Ledger;
-use greenthread_sidecar::{Forwarder, Sidecar, metrics::SidecarFamilies};
+use greenthread_sidecar::metrics::SidecarFamilies;
 use prometheus_client::registry::Registry;
 
 pub use auth::Auth;
 pub use events::StateEvent;
 pub use metrics::ApiMetrics;
+pub use replica::{Backend, Replica, StateBoard};
 pub use routes::router;
-
-/// One replica of a model: its sidecar, and the connection pool to its engine.
-pub struct Replica {
-    pub pod: String,
-    pub sidecar: Arc<Sidecar>,
-    pub forwarder: Arc<Forwarder>,
-}
 
 pub struct ModelRoute {
     /// The Model's name (what clients send as `model`).
@@ -35,27 +35,25 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
-    /// A serving replica if there is one (no wake needed), else the first.
-    pub fn pick(&self) -> &Replica {
+    /// A serving replica if there is one (no wake needed), else the first; none while
+    /// no replica runs yet.
+    pub fn pick(&self) -> Option<&Replica> {
         self.replicas
             .iter()
-            .find(|r| r.sidecar.state() == greenthread_sidecar::state::State::Serving)
-            .unwrap_or(&self.replicas[0])
+            .find(|r| r.state() == "serving")
+            .or(self.replicas.first())
     }
 
     /// `serving` if any replica serves, else the first replica's state.
     pub fn state(&self) -> &'static str {
-        self.replicas
-            .iter()
-            .map(|r| r.sidecar.state())
-            .find(|s| *s == greenthread_sidecar::state::State::Serving)
-            .unwrap_or_else(|| self.replicas[0].sidecar.state())
-            .as_str()
+        self.pick().map_or("pending", Replica::state)
     }
 }
 
+type Routes = Arc<BTreeMap<String, Arc<ModelRoute>>>;
+
 pub struct ApiServer {
-    pub models: BTreeMap<String, Arc<ModelRoute>>,
+    models: RwLock<Routes>,
     pub ledger: Arc<dyn Ledger>,
     pub auth: Auth,
     pub metrics: ApiMetrics,
@@ -77,18 +75,16 @@ impl ApiServer {
         refresh: Box<dyn Fn() + Send + Sync>,
     ) -> Arc<Self> {
         let metrics = ApiMetrics::register(&mut registry);
-        let models: BTreeMap<String, Arc<ModelRoute>> = models
-            .into_iter()
-            .map(|m| (m.name.clone(), Arc::new(m)))
-            .collect();
         let events = events::EventHub::new();
-        for m in models.values() {
+        for m in &models {
             for r in &m.replicas {
-                events.follow(&m.name, &r.pod, r.sidecar.transitions());
+                if let Backend::Local(sidecar) = &r.backend {
+                    events.follow(&m.name, &r.pod, sidecar.transitions());
+                }
             }
         }
-        Arc::new(Self {
-            models,
+        let api = Arc::new(Self {
+            models: RwLock::default(),
             ledger,
             auth,
             metrics,
@@ -96,17 +92,34 @@ impl ApiServer {
             families,
             events,
             refresh,
-        })
+        });
+        api.set_models(models);
+        api
+    }
+
+    /// The current routes (a snapshot: discovery may replace them at any time).
+    pub fn models(&self) -> Routes {
+        self.models.read().unwrap().clone()
+    }
+
+    pub fn set_models(&self, models: Vec<ModelRoute>) {
+        let map = models
+            .into_iter()
+            .map(|m| (m.name.clone(), Arc::new(m)))
+            .collect();
+        *self.models.write().unwrap() = Arc::new(map);
     }
 
     /// The route for `model`, by Model name or engine model id.
-    pub fn route(&self, model: &str) -> Option<&Arc<ModelRoute>> {
-        self.models
+    pub fn route(&self, model: &str) -> Option<Arc<ModelRoute>> {
+        let models = self.models();
+        models
             .get(model)
-            .or_else(|| self.models.values().find(|m| m.model_name == model))
+            .or_else(|| models.values().find(|m| m.model_name == model))
+            .cloned()
     }
 
     pub fn known_models(&self) -> String {
-        self.models.keys().cloned().collect::<Vec<_>>().join(", ")
+        self.models().keys().cloned().collect::<Vec<_>>().join(", ")
     }
 }

@@ -9,7 +9,7 @@ use axum::{
     routing::{get, post},
 };
 use futures_util::StreamExt;
-use greenthread_sidecar::{api_error, reexport_engine_metrics, relay};
+use greenthread_sidecar::api_error;
 use serde_json::{Value, json};
 
 use crate::{ApiServer, ModelRoute};
@@ -97,7 +97,7 @@ async fn by_body(State(api): State<Shared>, req: Request) -> Response {
             "the request body has no `model` field (a string)",
         );
     };
-    let Some(route) = api.route(&model).cloned() else {
+    let Some(route) = api.route(&model) else {
         api.metrics.observe("unknown", 404, 0.0);
         return unknown_model(&api, &model);
     };
@@ -119,7 +119,7 @@ async fn by_prefix(
     if !api.auth.api_allowed(req.headers()) {
         return unauthorized(false);
     }
-    let Some(route) = api.route(&model).cloned() else {
+    let Some(route) = api.route(&model) else {
         return unknown_model(&api, &model);
     };
     if rest == "models" {
@@ -161,8 +161,14 @@ async fn send(
     body: Bytes,
 ) -> Response {
     let start = Instant::now();
-    let replica = route.pick();
-    let resp = relay(&replica.sidecar, &replica.forwarder, &parts, body).await;
+    let resp = match route.pick() {
+        Some(replica) => replica.relay(&parts, body).await,
+        None => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("no replica of model `{}` is running yet", route.name),
+        ),
+    };
     api.metrics.observe(
         &route.name,
         resp.status().as_u16(),
@@ -186,7 +192,7 @@ async fn list_models(State(api): State<Shared>, req: Request) -> Response {
     if !api.auth.api_allowed(req.headers()) {
         return unauthorized(false);
     }
-    let data: Vec<Value> = api.models.values().map(|m| model_entry(m)).collect();
+    let data: Vec<Value> = api.models().values().map(|m| model_entry(m)).collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -205,8 +211,8 @@ async fn metrics(State(api): State<Shared>) -> Response {
 /// One engine's own metrics (vLLM's names), re-exported as the sidecar does on its
 /// private port; scraping never counts as traffic.
 async fn engine_metrics(State(api): State<Shared>, Path(pod): Path<String>) -> Response {
-    let Some(replica) = api
-        .models
+    let models = api.models();
+    let Some(replica) = models
         .values()
         .flat_map(|m| m.replicas.iter())
         .find(|r| r.pod == pod)
@@ -217,7 +223,7 @@ async fn engine_metrics(State(api): State<Shared>, Path(pod): Path<String>) -> R
             format!("no pod {pod:?}"),
         );
     };
-    reexport_engine_metrics(&replica.sidecar).await
+    replica.engine_metrics().await
 }
 
 /// Prometheus HTTP service discovery: one target per engine, labeled with its model and
@@ -229,7 +235,7 @@ async fn scrape_targets(State(api): State<Shared>, headers: http::HeaderMap) -> 
         .unwrap_or("127.0.0.1:8000")
         .to_string();
     let groups: Vec<Value> = api
-        .models
+        .models()
         .values()
         .flat_map(|m| {
             let host = host.clone();
@@ -245,20 +251,16 @@ async fn scrape_targets(State(api): State<Shared>, headers: http::HeaderMap) -> 
 }
 
 fn model_status(route: &ModelRoute) -> Value {
-    let replicas: Vec<Value> = route
-        .replicas
-        .iter()
-        .map(|r| r.sidecar.status_json())
-        .collect();
+    let replicas: Vec<Value> = route.replicas.iter().map(|r| r.status_json()).collect();
     let serving = route
         .replicas
         .iter()
-        .filter(|r| r.sidecar.state().as_str() == "serving")
+        .filter(|r| r.state() == "serving")
         .count();
     let sleeping = route
         .replicas
         .iter()
-        .filter(|r| r.sidecar.state().as_str() == "sleeping")
+        .filter(|r| r.state() == "sleeping")
         .count();
     json!({
         "name": route.name,
@@ -281,7 +283,7 @@ macro_rules! admin_guard {
 
 async fn admin_models(State(api): State<Shared>, headers: http::HeaderMap) -> Response {
     admin_guard!(api, &headers);
-    let items: Vec<Value> = api.models.values().map(|m| model_status(m)).collect();
+    let items: Vec<Value> = api.models().values().map(|m| model_status(m)).collect();
     Json(json!({"items": items})).into_response()
 }
 
@@ -291,7 +293,7 @@ async fn admin_model(
     headers: http::HeaderMap,
 ) -> Response {
     admin_guard!(api, &headers);
-    match api.models.get(&name) {
+    match api.models().get(&name) {
         Some(m) => Json(model_status(m)).into_response(),
         None => unknown_model(&api, &name),
     }
@@ -303,13 +305,13 @@ async fn admin_sleep(
     headers: http::HeaderMap,
 ) -> Response {
     admin_guard!(api, &headers);
-    let Some(route) = api.models.get(&name).cloned() else {
+    let Some(route) = api.models().get(&name).cloned() else {
         return unknown_model(&api, &name);
     };
     let mut errors = Vec::new();
     for r in &route.replicas {
-        if r.sidecar.state().as_str() == "serving"
-            && let Err(e) = r.sidecar.deactivate("admin").await
+        if r.state() == "serving"
+            && let Err(e) = r.sleep().await
         {
             errors.push(format!("{}: {e}", r.pod));
         }
@@ -326,16 +328,19 @@ async fn admin_wake(
     headers: http::HeaderMap,
 ) -> Response {
     admin_guard!(api, &headers);
-    let Some(route) = api.models.get(&name).cloned() else {
+    let Some(route) = api.models().get(&name).cloned() else {
         return unknown_model(&api, &name);
     };
-    let replica = route.pick();
-    match replica.sidecar.admit().await {
-        Ok(slot) => {
-            drop(slot);
-            Json(model_status(&route)).into_response()
-        }
-        Err(rejection) => rejection.into_response(),
+    let Some(replica) = route.pick() else {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("no replica of model `{name}` is running yet"),
+        );
+    };
+    match replica.wake().await {
+        Ok(()) => Json(model_status(&route)).into_response(),
+        Err(resp) => resp,
     }
 }
 
@@ -393,11 +398,11 @@ async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response
     admin_guard!(api, &headers);
     let rx = api.events.subscribe();
     let snapshot: Vec<String> = api
-        .models
+        .models()
         .values()
         .flat_map(|m| {
             m.replicas.iter().map(|r| {
-                let e = json!({"model": m.name, "pod": r.pod, "from": null, "to": r.sidecar.state().as_str(), "at": jiff::Timestamp::now().to_string()});
+                let e = json!({"model": m.name, "pod": r.pod, "from": null, "to": r.state(), "at": jiff::Timestamp::now().to_string()});
                 format!("event: state\ndata: {e}\n\n")
             })
         })

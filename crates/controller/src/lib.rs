@@ -67,6 +67,15 @@ pub struct ControllerConfig {
     /// Service account of Model pods (allowed to update GPU status).
     #[arg(long)]
     pub model_service_account: Option<String>,
+    /// The sidecar's public port in Model pods.
+    #[arg(long, default_value_t = render::HTTP_PORT)]
+    pub sidecar_port: i32,
+    /// The sidecar's private port (metrics, admin) in Model pods.
+    #[arg(long, default_value_t = render::METRICS_PORT)]
+    pub sidecar_metrics_port: i32,
+    /// The engine's port on the pod's loopback.
+    #[arg(long, default_value_t = render::ENGINE_PORT)]
+    pub engine_port: u16,
 }
 
 impl ControllerConfig {
@@ -77,6 +86,11 @@ impl ControllerConfig {
             runtime_class: self.runtime_class.clone(),
             gpu_namespace: self.namespace.clone(),
             service_account: self.model_service_account.clone(),
+            ports: render::Ports {
+                http: self.sidecar_port,
+                metrics: self.sidecar_metrics_port,
+                engine: self.engine_port,
+            },
         }
     }
 

@@ -34,6 +34,25 @@ pub struct Settings {
     pub gpu_namespace: String,
     /// Service account of Model pods: the one allowed to update GPU status.
     pub service_account: Option<String>,
+    /// The sidecar's public port, its private (metrics, admin) port, the engine's port.
+    pub ports: Ports,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub http: i32,
+    pub metrics: i32,
+    pub engine: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            http: HTTP_PORT,
+            metrics: METRICS_PORT,
+            engine: ENGINE_PORT,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -44,6 +63,7 @@ impl Default for Settings {
             runtime_class: None,
             gpu_namespace: "greenthread-system".into(),
             service_account: None,
+            ports: Ports::default(),
         }
     }
 }
@@ -86,7 +106,7 @@ fn labels(model: &Model) -> BTreeMap<String, String> {
 
 /// vLLM's command line for the spec: sleep mode on, the spec's memory share, parallelism,
 /// dtype, quantization, then the user's extra arguments.
-pub fn vllm_args(model: &Model) -> Vec<String> {
+pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
     let s = &model.spec;
     let mut args = vec![
         "serve".to_string(),
@@ -94,7 +114,7 @@ pub fn vllm_args(model: &Model) -> Vec<String> {
         "--host".into(),
         "127.0.0.1".into(),
         "--port".into(),
-        ENGINE_PORT.to_string(),
+        port.to_string(),
         "--enable-sleep-mode".into(),
         "--gpu-memory-utilization".into(),
         s.gpu_memory_utilization.clone(),
@@ -112,6 +132,15 @@ pub fn vllm_args(model: &Model) -> Vec<String> {
 
 fn sidecar_args(model: &Model, gpus: &[GpuSpec], settings: &Settings) -> Vec<String> {
     let s = &model.spec;
+    let p = settings.ports;
+    // vLLM takes `gpuMemoryUtilization` of each GPU's memory, weights and KV cache alike.
+    let share: f64 = s.gpu_memory_utilization.parse().unwrap_or(0.9);
+    let memory = gpus
+        .iter()
+        .map(|g| (g.memory_bytes as f64 * share) as u64)
+        .max()
+        .unwrap_or(0)
+        .to_string();
     let gpu_names: Vec<String> = gpus
         .iter()
         .map(|g| format!("{}-{}", g.node, g.index))
@@ -119,11 +148,11 @@ fn sidecar_args(model: &Model, gpus: &[GpuSpec], settings: &Settings) -> Vec<Str
     let mut args: Vec<String> = [
         "sidecar",
         "--listen",
-        &format!("0.0.0.0:{HTTP_PORT}"),
+        &format!("0.0.0.0:{}", p.http),
         "--metrics-listen",
-        &format!("0.0.0.0:{METRICS_PORT}"),
+        &format!("0.0.0.0:{}", p.metrics),
         "--engine-url",
-        &format!("http://127.0.0.1:{ENGINE_PORT}"),
+        &format!("http://127.0.0.1:{}", p.engine),
         "--model",
         &s.model_name,
         "--idle-timeout",
@@ -142,6 +171,8 @@ fn sidecar_args(model: &Model, gpus: &[GpuSpec], settings: &Settings) -> Vec<Str
         &gpu_names.join(","),
         "--namespace",
         &settings.gpu_namespace,
+        "--memory-bytes",
+        &memory,
     ]
     .iter()
     .map(|a| a.to_string())
@@ -183,13 +214,16 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             vec![
                 "sim-engine".into(),
                 "--listen".into(),
-                format!("127.0.0.1:{ENGINE_PORT}"),
+                format!("127.0.0.1:{}", settings.ports.engine),
                 "--model".into(),
                 s.model_name.clone(),
             ],
         ),
         EngineKind::Process => (s.command.clone(), s.extra_args.clone()),
-        _ => (vec!["vllm".to_string()], vllm_args(model)),
+        _ => (
+            vec!["vllm".to_string()],
+            vllm_args(model, settings.ports.engine),
+        ),
     };
     let engine = Container {
         name: "engine".into(),
@@ -216,12 +250,12 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
         ports: Some(vec![
             ContainerPort {
                 name: Some("http".into()),
-                container_port: HTTP_PORT,
+                container_port: settings.ports.http,
                 ..Default::default()
             },
             ContainerPort {
                 name: Some("metrics".into()),
-                container_port: METRICS_PORT,
+                container_port: settings.ports.metrics,
                 ..Default::default()
             },
         ]),

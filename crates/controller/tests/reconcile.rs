@@ -42,6 +42,9 @@ fn config(identity: &str) -> ControllerConfig {
         sidecar_image: "greenthread:test".into(),
         runtime_class: Some("nvidia".into()),
         model_service_account: Some("greenthread-model".into()),
+        sidecar_port: 8080,
+        sidecar_metrics_port: 9090,
+        engine_port: 8001,
     }
 }
 

@@ -61,7 +61,7 @@ fn env<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
 #[test]
 fn the_engine_gets_exactly_the_vllm_arguments_of_the_spec() {
     assert_eq!(
-        vllm_args(&model()),
+        vllm_args(&model(), 8001),
         [
             "serve",
             "Qwen/Qwen2.5-7B-Instruct",
@@ -131,7 +131,7 @@ fn the_sidecar_gets_its_ports_probes_and_gpus() {
         args,
         "sidecar --listen 0.0.0.0:8080 --metrics-listen 0.0.0.0:9090 --engine-url http://127.0.0.1:8001 \
          --model Qwen/Qwen2.5-7B-Instruct --idle-timeout 10m --drain-timeout 20s --sleep-level 2 \
-         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --namespace greenthread-system --popular"
+         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --namespace greenthread-system --memory-bytes 38654705664 --popular"
     );
     let ports: Vec<(String, i32)> = sidecar
         .ports

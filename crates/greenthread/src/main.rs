@@ -20,6 +20,8 @@ enum Command {
     Agent(greenthread_agent::AgentConfig),
     /// The controller: Model → placed pods, Service and status; ledger hygiene; leader election.
     Controller(Box<greenthread_controller::ControllerConfig>),
+    /// The API server: one OpenAI endpoint for every Model, admin API, events, metrics.
+    Apiserver(greenthread_apiserver::cluster::ApiServerConfig),
     /// Print the CustomResourceDefinitions (Model, GPU) as YAML.
     Crds,
     /// Everything on one machine: ledger, engines, sidecars and the API server.
@@ -60,6 +62,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Agent(cfg) => greenthread_agent::run(cfg).await,
+            Command::Apiserver(cfg) => greenthread_apiserver::cluster::run(cfg).await,
             Command::Controller(cfg) => greenthread_controller::run(*cfg).await,
             Command::Local(args) => local::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(*cfg).await,

@@ -164,11 +164,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     }
                 });
             }
-            route.replicas.push(Replica {
+            route.replicas.push(Replica::local(
                 pod,
-                sidecar: sidecar.clone(),
-                forwarder: Arc::new(Forwarder::new(&url)?),
-            });
+                sidecar.clone(),
+                Arc::new(Forwarder::new(&url)?),
+            ));
             sidecars.push(sidecar);
         }
         routes.push(route);

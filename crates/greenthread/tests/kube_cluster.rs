@@ -1,0 +1,218 @@
+//! GreenThread in Kubernetes mode, end to end against the fake API server: the agent
+//! creates the GPU objects, the controller renders and places the Models' pods, a fake
+//! kubelet runs their containers as real processes (the rendered engine and sidecar
+//! command lines), the sidecars keep their occupants on the GPU objects through
+//! `KubeLedger`, and the API server discovers the Models by watch and routes to them
+//! exactly as in `local` mode.
+
+use std::{sync::Arc, time::Duration};
+
+use greenthread_agent::Agent;
+use greenthread_api::{GpuResource, Model, ModelSpec};
+use greenthread_apiserver::cluster::ApiServerConfig;
+use greenthread_controller::ControllerConfig;
+use greenthread_gpu::FakeSource;
+use greenthread_test_support::{FakeApiServer, FakeKubelet, free_port, get_json, http, wait_until};
+use kube::{Api, api::PostParams};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+const GI: u64 = 1 << 30;
+const SYSTEM: &str = "greenthread-system";
+const TEAM: &str = "team-a";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn controller_config() -> ControllerConfig {
+    ControllerConfig {
+        namespace: SYSTEM.into(),
+        watch_namespace: None,
+        identity: Some("controller-0".into()),
+        lease_name: "greenthread-controller".into(),
+        lease_duration: Duration::from_secs(5),
+        lease_grace: Duration::from_secs(2),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        vllm_image: "vllm/vllm-openai:test".into(),
+        sidecar_image: "greenthread:test".into(),
+        runtime_class: None,
+        model_service_account: None,
+        // Free ports, so that the pods' addresses (127.0.1.N) cannot collide with
+        // anything listening on all addresses of this machine.
+        sidecar_port: free_port() as i32,
+        sidecar_metrics_port: free_port() as i32,
+        engine_port: free_port(),
+    }
+}
+
+async fn model(client: &kube::Client, name: &str) {
+    let spec: ModelSpec = serde_json::from_value(json!({
+        "modelName": format!("org/{name}"),
+        "engine": "sim",
+        "gpuMemoryUtilization": "0.3",
+        "sleep": {"idleTimeout": "10m"},
+        "fairness": {"minRuntime": "0s"},
+    }))
+    .unwrap();
+    Api::<Model>::namespaced(client.clone(), TEAM)
+        .create(&PostParams::default(), &Model::new(name, spec))
+        .await
+        .unwrap();
+}
+
+fn state_of(models: &Value, id: &str) -> Option<String> {
+    models["data"].as_array()?.iter().find(|m| m["id"] == id)?["state"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api_server() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig, SYSTEM);
+
+    // One node with two GPUs, as its agent reports them.
+    let agent = Agent::new(
+        client.clone(),
+        SYSTEM,
+        "node-a",
+        Arc::new(FakeSource::new(2, 80 * GI)),
+        false,
+    )
+    .await
+    .unwrap();
+    agent.sync_objects().await.unwrap();
+
+    let mut registry = Registry::default();
+    let controller =
+        greenthread_controller::start(client.clone(), &controller_config(), &mut registry)
+            .await
+            .unwrap();
+    let _kubelet = FakeKubelet::start(
+        client.clone(),
+        env!("CARGO_BIN_EXE_greenthread"),
+        "app.kubernetes.io/component=model",
+        vec![(
+            "KUBECONFIG".into(),
+            kubeconfig.to_string_lossy().into_owned(),
+        )],
+    );
+    let (api, _discovery) = greenthread_apiserver::cluster::start(
+        client.clone(),
+        &ApiServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            namespace: SYSTEM.into(),
+            watch_namespace: None,
+            api_keys: vec![],
+            admin_token: None,
+        },
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, greenthread_apiserver::router(api)).await;
+    });
+
+    model(&client, "alpha").await;
+    model(&client, "beta").await;
+
+    // Both models boot (claim, start, measure, sleep) and the API server lists them
+    // sleeping, from the GPU records, without waking either.
+    let web = http();
+    wait_until("both models listed as sleeping", WAIT, || async {
+        let models = get_json(&web, &format!("{base}/v1/models")).await;
+        (state_of(&models, "alpha").as_deref() == Some("sleeping")
+            && state_of(&models, "beta").as_deref() == Some("sleeping"))
+        .then_some(())
+    })
+    .await;
+
+    // A request by engine model id wakes alpha through its sidecar; its occupant serves.
+    let resp = web
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "org/alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["model"], "org/alpha");
+    let gpus: Api<GpuResource> = Api::namespaced(client.clone(), SYSTEM);
+    let serving_on = wait_until("alpha-0 serving on its GPU object", WAIT, || async {
+        gpus.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|g| {
+                g.status.as_ref().is_some_and(|s| {
+                    s.occupant("alpha-0")
+                        .is_some_and(|o| o.state.as_str() == "serving")
+                })
+            })
+    })
+    .await;
+    let reserved = serving_on
+        .status
+        .unwrap()
+        .occupant("alpha-0")
+        .unwrap()
+        .reserved_memory_bytes;
+    assert_eq!(
+        reserved,
+        (80.0 * GI as f64 * 0.3) as u64,
+        "what the controller passed as --memory-bytes"
+    );
+    wait_until("alpha listed as serving", WAIT, || async {
+        let models = get_json(&web, &format!("{base}/v1/models")).await;
+        (state_of(&models, "alpha").as_deref() == Some("serving")).then_some(())
+    })
+    .await;
+    // The controller's status counts it too.
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    wait_until("alpha's status: Ready, one serving", WAIT, || async {
+        let s = models.get("alpha").await.unwrap().status?;
+        (s.phase.as_deref() == Some("Ready") && s.serving_replicas == 1).then_some(())
+    })
+    .await;
+
+    // Admin sleep goes to the remote sidecar; the state follows from the GPU record.
+    let resp = web
+        .post(format!("{base}/api/v1/models/alpha/sleep"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    wait_until("alpha sleeping again", WAIT, || async {
+        let models = get_json(&web, &format!("{base}/v1/models")).await;
+        (state_of(&models, "alpha").as_deref() == Some("sleeping")).then_some(())
+    })
+    .await;
+    // Engine metrics of a remote replica come through the sidecar's private port.
+    let engine = web
+        .get(format!("{base}/metrics/engine/alpha-0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(engine.status(), 200);
+    assert!(engine.text().await.unwrap().contains("vllm:"));
+    // An unknown model is an OpenAI-style 404 naming the known ones.
+    let resp = web
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "nope", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let err: Value = resp.json().await.unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("alpha, beta")
+    );
+    controller.resign().await;
+}

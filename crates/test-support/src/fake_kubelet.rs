@@ -1,0 +1,183 @@
+//! A kubelet for the fake API server: runs the containers of the pods the controller
+//! creates as real `greenthread` processes, exactly with the arguments and environment
+//! rendered into the pod, and reports them Running and Ready with a pod IP.
+//!
+//! Each pod gets its own loopback address (`127.0.1.N`), standing for the pod's network
+//! namespace: what a container binds on `0.0.0.0` or `127.0.0.1` is bound on that
+//! address, so that every pod can use the same ports, as in a cluster.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+};
+use serde_json::json;
+
+use crate::{Proc, http};
+
+struct Running {
+    ip: String,
+    _containers: Vec<Proc>,
+}
+
+pub struct FakeKubelet {
+    pods: Arc<Mutex<BTreeMap<String, Running>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The container's command line in the pod's network namespace.
+fn command_line(bin: &str, c: &Container, ip: &str) -> (String, Vec<String>) {
+    let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
+    argv.extend(c.args.clone().unwrap_or_default());
+    // The one image runs every role: `greenthread …`.
+    if argv.first().map(String::as_str) == Some("greenthread") {
+        argv.remove(0);
+    }
+    let argv = argv
+        .into_iter()
+        .map(|a| a.replace("0.0.0.0", ip).replace("127.0.0.1", ip))
+        .collect();
+    (bin.to_string(), argv)
+}
+
+fn env_of(c: &Container, pod: &Pod, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = c
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => match from.field_ref.as_ref()?.field_path.as_str() {
+                    "metadata.name" => pod.name_any(),
+                    "metadata.namespace" => pod.namespace().unwrap_or_default(),
+                    _ => return None,
+                },
+                _ => return None,
+            };
+            Some((e.name.clone(), value))
+        })
+        .collect();
+    env.extend(extra.iter().cloned());
+    env
+}
+
+impl FakeKubelet {
+    /// Runs every pod labeled `selector`, with `bin` as the image's binary and `env` added
+    /// to every container (e.g. `KUBECONFIG` for the fake API server).
+    pub fn start(client: Client, bin: &str, selector: &str, env: Vec<(String, String)>) -> Self {
+        let pods: Arc<Mutex<BTreeMap<String, Running>>> = Arc::default();
+        let (bin, selector) = (bin.to_string(), selector.to_string());
+        let running = pods.clone();
+        let task = tokio::spawn(async move {
+            let api: Api<Pod> = Api::all(client.clone());
+            let mut next_ip = 1u8;
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let Ok(list) = api.list(&ListParams::default().labels(&selector)).await else {
+                    continue;
+                };
+                let key =
+                    |p: &Pod| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                let alive: Vec<String> = list
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .map(key)
+                    .collect();
+                // Pods that are gone stop (their processes are dropped).
+                running.lock().unwrap().retain(|k, _| alive.contains(k));
+                for pod in list
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                {
+                    if running.lock().unwrap().contains_key(&key(pod)) {
+                        continue;
+                    }
+                    next_ip = next_ip.wrapping_add(1).max(2);
+                    let ip = format!("127.0.1.{next_ip}");
+                    let containers = pod
+                        .spec
+                        .iter()
+                        .flat_map(|s| s.containers.iter())
+                        .map(|c| {
+                            let (bin, argv) = command_line(&bin, c, &ip);
+                            let env = env_of(c, pod, &env);
+                            let env: Vec<(&str, &str)> =
+                                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                            Proc::spawn_env(&bin, &argv, &env)
+                        })
+                        .collect();
+                    running.lock().unwrap().insert(
+                        key(pod),
+                        Running {
+                            ip: ip.clone(),
+                            _containers: containers,
+                        },
+                    );
+                    let ns_api: Api<Pod> =
+                        Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+                    let ready_port = pod
+                        .spec
+                        .iter()
+                        .flat_map(|s| s.containers.iter())
+                        .flat_map(|c| c.ports.iter().flatten())
+                        .find(|p| p.name.as_deref() == Some("http"))
+                        .map(|p| p.container_port);
+                    let name = pod.name_any();
+                    tokio::spawn(async move {
+                        // Running at once; Ready when the readiness probe passes.
+                        let status = json!({"status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "False"}]}});
+                        let _ = ns_api
+                            .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                            .await;
+                        let Some(port) = ready_port else { return };
+                        let client = http();
+                        for _ in 0..600 {
+                            let ok = client
+                                .get(format!("http://{ip}:{port}/ready"))
+                                .send()
+                                .await
+                                .is_ok_and(|r| r.status().is_success());
+                            if ok {
+                                let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+                                let _ = ns_api
+                                    .patch_status(
+                                        &name,
+                                        &PatchParams::default(),
+                                        &Patch::Merge(status),
+                                    )
+                                    .await;
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    });
+                }
+            }
+        });
+        Self { pods, task }
+    }
+
+    /// The pod IP of `namespace/name`, once running.
+    pub fn ip(&self, namespace: &str, name: &str) -> Option<String> {
+        self.pods
+            .lock()
+            .unwrap()
+            .get(&format!("{namespace}/{name}"))
+            .map(|r| r.ip.clone())
+    }
+}
