@@ -2,6 +2,7 @@
 //! wait for conditions with a deadline instead of sleeping and hoping.
 
 pub mod bench;
+pub mod chart;
 mod exposition;
 mod fake_apiserver;
 mod fake_engine;
