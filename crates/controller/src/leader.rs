@@ -111,6 +111,8 @@ where
                 (false, true) => {
                     tracing::warn!(identity = %who, lease = %cfg.name, "lost the Lease: stopped reconciling");
                     running = None;
+                    // The new leader reports the Models now; stale phases here would mislead.
+                    metrics.model_phase.clear();
                 }
                 _ => {}
             }

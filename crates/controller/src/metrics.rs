@@ -23,6 +23,16 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub model: String,
+    pub phase: String,
+}
+
+/// The phases of a Model's status.
+pub const PHASES: [&str; 3] = ["Pending", "Ready", "Failed"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaderLabels {
     pub identity: String,
 }
@@ -35,6 +45,7 @@ pub struct ControllerMetrics {
     pub errors: Family<ReasonLabels, Counter>,
     pub leader: Family<LeaderLabels, Gauge>,
     pub ledger_entries_removed: Counter,
+    pub model_phase: Family<PhaseLabels, Gauge>,
 }
 
 /// The resources the controller reconciles, pre-created so that every series exists
@@ -54,6 +65,7 @@ impl ControllerMetrics {
             errors: Family::default(),
             leader: Family::default(),
             ledger_entries_removed: Counter::default(),
+            model_phase: Family::default(),
         };
         registry.register(
             "gthread_controller_reconciliations",
@@ -84,6 +96,11 @@ impl ControllerMetrics {
             "gthread_controller_ledger_entries_removed",
             "Occupants, intents and wake locks removed from GPU records because their pod is gone",
             m.ledger_entries_removed.clone(),
+        );
+        registry.register(
+            "gthread_controller_model_phase",
+            "1 for each Model's current phase (Pending, Ready, Failed), 0 for the others",
+            m.model_phase.clone(),
         );
         for resource in RESOURCES {
             for result in ["success", "error"] {
@@ -123,6 +140,27 @@ impl ControllerMetrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// One-hot over the phases; `None` removes the Model's series (it was deleted).
+    pub fn set_phase(&self, namespace: &str, model: &str, phase: Option<&str>) {
+        for p in PHASES {
+            let labels = PhaseLabels {
+                namespace: namespace.into(),
+                model: model.into(),
+                phase: p.into(),
+            };
+            match phase {
+                Some(current) => {
+                    self.model_phase
+                        .get_or_create(&labels)
+                        .set((p == current) as i64);
+                }
+                None => {
+                    self.model_phase.remove(&labels);
+                }
+            }
+        }
     }
 
     pub fn set_depth(&self, resource: &str, depth: usize) {

@@ -357,6 +357,8 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
         problem.as_ref(),
         k8s_openapi::jiff::Timestamp::now(),
     );
+    ctx.metrics
+        .set_phase(&ns, &name, status.phase.as_deref());
     if model.status.as_ref() != Some(&status) {
         let api: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(
@@ -453,6 +455,7 @@ async fn cleanup(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     }
     let (gpus, alive) = snapshot(ctx).await?;
     prune(&*ctx.ledger, &gpus, &names(&alive), &ctx.metrics).await?;
+    ctx.metrics.set_phase(&ns, &name, None);
     tracing::info!(model = %name, namespace = %ns, "model deleted; its pods, Service and ledger entries are gone");
     Ok(Action::await_change())
 }

@@ -260,6 +260,19 @@ async fn a_model_becomes_placed_pods_a_service_and_status_and_leaves_nothing_whe
     })
     .await;
     assert_eq!(status.serving_memory_per_gpu.as_deref(), Some("30Gi"));
+    let scrape = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        Exposition::parse(&text).unwrap()
+    };
+    let phase = |m: &Exposition, phase: &str| {
+        m.value(
+            "gthread_controller_model_phase",
+            &[("namespace", TEAM), ("model", "qwen"), ("phase", phase)],
+        )
+    };
+    let m = scrape();
+    assert_eq!((phase(&m, "Ready"), phase(&m, "Pending"), phase(&m, "Failed")), (Some(1.0), Some(0.0), Some(0.0)));
     let ready = status
         .conditions
         .iter()
@@ -311,10 +324,10 @@ async fn a_model_becomes_placed_pods_a_service_and_status_and_leaves_nothing_whe
         );
     }
 
-    // The System dashboard's series exist and count.
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    let m = Exposition::parse(&text).unwrap();
+    // The System dashboard's series exist and count; the deleted Model's phase is gone.
+    let m = scrape();
+    assert_eq!(phase(&m, "Ready"), None);
+    let text = format!("{m:?}");
     assert!(
         m.value(
             "gthread_controller_reconciliations_total",
