@@ -357,8 +357,7 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
         problem.as_ref(),
         k8s_openapi::jiff::Timestamp::now(),
     );
-    ctx.metrics
-        .set_phase(&ns, &name, status.phase.as_deref());
+    ctx.metrics.set_phase(&ns, &name, status.phase.as_deref());
     if model.status.as_ref() != Some(&status) {
         let api: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(

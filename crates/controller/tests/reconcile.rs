@@ -272,7 +272,14 @@ async fn a_model_becomes_placed_pods_a_service_and_status_and_leaves_nothing_whe
         )
     };
     let m = scrape();
-    assert_eq!((phase(&m, "Ready"), phase(&m, "Pending"), phase(&m, "Failed")), (Some(1.0), Some(0.0), Some(0.0)));
+    assert_eq!(
+        (
+            phase(&m, "Ready"),
+            phase(&m, "Pending"),
+            phase(&m, "Failed")
+        ),
+        (Some(1.0), Some(0.0), Some(0.0))
+    );
     let ready = status
         .conditions
         .iter()

@@ -8,6 +8,10 @@ pub enum EngineKind {
     Vllm,
     /// The built-in simulator, started and owned by the sidecar (speaks vLLM's API).
     Sim,
+    /// llama.cpp's `llama-server` started by `--engine-command`: asleep = stopped.
+    Llamacpp,
+    /// Any OpenAI-compatible server started by `--engine-command`: asleep = stopped.
+    Process,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -25,7 +25,10 @@ pub use server::{
 };
 pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
 
-use crate::{engine::VllmAdapter, process::EngineProcess};
+use crate::{
+    engine::{EngineAdapter, Flavor, ProcessAdapter, VllmAdapter},
+    process::{EngineProcess, RssProbe},
+};
 
 /// Assembles a sidecar from flags alone: an in-memory ledger with one simulated GPU, and
 /// with `--engine sim` a simulator it starts itself on a free loopback port.
@@ -55,7 +58,13 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         .engine_url
         .clone()
         .context("--engine-url is required (or --engine sim to run the built-in simulator)")?;
-    if cfg.engine_command.is_some() && cfg.sim_gpu_dir.is_none() {
+    // Engines speaking vLLM's API that the sidecar starts here are simulators: they
+    // allocate on a simulated GPU, which measures them. Process engines are measured by
+    // their resident memory instead.
+    if cfg.engine_command.is_some()
+        && cfg.sim_gpu_dir.is_none()
+        && matches!(cfg.engine, EngineKind::Vllm | EngineKind::Sim)
+    {
         let dir = tempfile::Builder::new()
             .prefix("greenthread-simgpu-")
             .tempdir()?;
@@ -131,12 +140,13 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
                 dir.to_string_lossy().into_owned(),
             ));
         }
-        EngineProcess::new(command, env, exits_tx)
+        Arc::new(EngineProcess::new(command, env, exits_tx))
     });
+    let (engine, probe) = adapter(&cfg, &engine_url, process.as_ref(), &indices, probe)?;
     let sidecar = Sidecar::new(
         cfg.clone(),
         Parts {
-            engine: Arc::new(VllmAdapter::new(&engine_url)),
+            engine,
             process,
             ledger,
             gpus,
@@ -152,6 +162,45 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         }
     })
     .await
+}
+
+/// The adapter for `--engine`, and the probe that measures it: process engines (stopped
+/// to sleep) are measured by their resident memory unless a simulated GPU measures them.
+#[allow(clippy::type_complexity)]
+pub fn adapter(
+    cfg: &SidecarConfig,
+    engine_url: &str,
+    process: Option<&Arc<EngineProcess>>,
+    indices: &[u32],
+    probe: Option<Arc<dyn MemoryProbe>>,
+) -> anyhow::Result<(Arc<dyn EngineAdapter>, Option<Arc<dyn MemoryProbe>>)> {
+    let flavor = match cfg.engine {
+        EngineKind::Vllm | EngineKind::Sim => {
+            return Ok((Arc::new(VllmAdapter::new(engine_url)), probe));
+        }
+        EngineKind::Llamacpp => Flavor::LlamaCpp,
+        EngineKind::Process => Flavor::Process,
+    };
+    let process = process.with_context(|| {
+        format!(
+            "--engine {:?} sleeps by stopping the engine: it needs --engine-command",
+            cfg.engine
+        )
+    })?;
+    let adapter = ProcessAdapter::new(
+        engine_url,
+        process.clone(),
+        &cfg.model,
+        flavor,
+        cfg.boot_timeout,
+    );
+    let probe = probe.or_else(|| {
+        Some(Arc::new(RssProbe {
+            process: process.clone(),
+            indices: indices.to_vec(),
+        }) as Arc<dyn MemoryProbe>)
+    });
+    Ok((Arc::new(adapter), probe))
 }
 
 /// Binds both ports, boots the sidecar and serves until `until` completes.

@@ -5,10 +5,13 @@ use std::{
     process::Stdio,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
+
+use async_trait::async_trait;
+use greenthread_gpu::{MemoryProbe, ProbeError};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
@@ -28,6 +31,8 @@ pub struct EngineProcess {
     /// Bumped on every intentional stop, so an exit we caused is not reported as a crash.
     generation: Arc<AtomicU64>,
     exits: mpsc::UnboundedSender<String>,
+    /// The running engine's pid, 0 when none runs (read without the lock, by probes).
+    pid: Arc<AtomicU32>,
 }
 
 impl EngineProcess {
@@ -43,7 +48,17 @@ impl EngineProcess {
             running: tokio::sync::Mutex::new(None),
             generation: Arc::new(AtomicU64::new(0)),
             exits,
+            pid: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// The engine's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::SeqCst)).filter(|p| *p != 0)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.pid().is_some()
     }
 
     pub async fn start(&self) -> anyhow::Result<()> {
@@ -80,8 +95,11 @@ impl EngineProcess {
         let generation = self.generation.clone();
         let started_in = generation.load(Ordering::SeqCst);
         let exits = self.exits.clone();
+        self.pid.store(pid, Ordering::SeqCst);
+        let running_pid = self.pid.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            let _ = running_pid.compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
             let _ = tx.send(true);
             if generation.load(Ordering::SeqCst) == started_in {
                 let how = match status {
@@ -138,5 +156,52 @@ fn signal_group(pid: u32, signal: libc::c_int) {
         unsafe {
             libc::kill(-pid, signal);
         }
+    }
+}
+
+/// Resident memory of an engine process and its process group, for engines on CPU
+/// (the "GPU" a CPU engine occupies is the memory budget `local` gives it). A stopped
+/// engine holds nothing, which is measured too: its pid is gone.
+pub struct RssProbe {
+    pub process: Arc<EngineProcess>,
+    pub indices: Vec<u32>,
+}
+
+/// Bytes resident in the processes of group `pgid` (the engine and any children).
+pub fn group_rss(pgid: u32) -> std::io::Result<u64> {
+    // SAFETY: sysconf reads a constant of the running kernel.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state ppid pgrp … (rss is the 24th field).
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(pgid) {
+            continue;
+        }
+        let pages: u64 = fields.get(21).and_then(|r| r.parse().ok()).unwrap_or(0);
+        total += pages * page;
+    }
+    Ok(total)
+}
+
+#[async_trait]
+impl MemoryProbe for RssProbe {
+    async fn engine_memory(&self) -> Result<Vec<(u32, u64)>, ProbeError> {
+        let bytes = match self.process.pid() {
+            Some(pid) => group_rss(pid)?,
+            None => 0,
+        };
+        Ok(self.indices.iter().map(|i| (*i, bytes)).collect())
     }
 }

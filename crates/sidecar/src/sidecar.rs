@@ -72,7 +72,7 @@ pub struct Sidecar {
     pub pod: String,
     pub metrics: SidecarMetrics,
     engine: Arc<dyn EngineAdapter>,
-    process: Option<EngineProcess>,
+    process: Option<Arc<EngineProcess>>,
     ledger: Arc<dyn Ledger>,
     gpus: Vec<GpuRef>,
     probe: Option<Arc<dyn MemoryProbe>>,
@@ -128,7 +128,7 @@ impl Drop for QueuedGuard<'_> {
 
 pub struct Parts {
     pub engine: Arc<dyn EngineAdapter>,
-    pub process: Option<EngineProcess>,
+    pub process: Option<Arc<EngineProcess>>,
     pub ledger: Arc<dyn Ledger>,
     pub gpus: Vec<GpuRef>,
     pub probe: Option<Arc<dyn MemoryProbe>>,

@@ -141,9 +141,12 @@ pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
         }
         match m.spec.validate(&format!("models[{i}].spec")) {
             Ok(v) => {
-                if v.spec.engine != EngineKind::Sim {
+                if !matches!(
+                    v.spec.engine,
+                    EngineKind::Sim | EngineKind::Llamacpp | EngineKind::Process
+                ) {
                     errors.push(format!(
-                        "models[{i}].spec.engine: {:?} engines are not supported by `local` yet; use `sim`",
+                        "models[{i}].spec.engine: {:?} engines are not supported by `local` yet; use `sim`, `llamacpp` or `process`",
                         v.spec.engine
                     ));
                 }

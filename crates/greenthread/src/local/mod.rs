@@ -7,14 +7,12 @@ mod config;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use greenthread_api::GpuSpec;
+use greenthread_api::{EngineKind, GpuSpec};
 use greenthread_apiserver::{ApiServer, Auth, ModelRoute, Replica};
 use greenthread_gpu::{GpuMetrics, MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{
-    Forwarder, GpuRef, Parts, Sidecar, SidecarConfig,
-    engine::VllmAdapter,
-    free_port,
+    Forwarder, GpuRef, Parts, Sidecar, SidecarConfig, free_port,
     metrics::{SidecarFamilies, SidecarMetrics},
     process::EngineProcess,
     shell_quote,
@@ -83,27 +81,16 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             let first_gpu = gpus[0];
             let memory = (model.gpu_memory_utilization
                 * specs[first_gpu as usize].memory_bytes as f64) as u64;
-            // vLLM takes its share of the GPU up front: weights, then KV cache.
-            let weights = memory / 5 * 3;
-            let mut command = format!(
-                "{} sim-engine --listen 127.0.0.1:{port} --model {} --weights-bytes {weights} --kv-cache-bytes {}",
-                shell_quote(&exe.to_string_lossy()),
-                shell_quote(&model.spec.model_name),
-                memory - weights,
-            );
-            for a in &model.spec.extra_args {
-                command.push(' ');
-                command.push_str(&shell_quote(a));
-            }
+            let (command, kind) = engine_command(&exe, &model.spec, port, memory);
             let level = model.spec.sleep.level.to_string();
             let mem = memory.to_string();
             let mut flags = vec![
+                "--engine",
+                kind,
                 "--pod-name",
                 &pod,
                 "--engine-url",
                 &url,
-                "--memory-bytes",
-                &mem,
                 "--idle-timeout",
                 &model.spec.sleep.idle_timeout,
                 "--drain-timeout",
@@ -118,6 +105,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             if model.spec.fairness.popular {
                 flags.push("--popular");
             }
+            // A simulated vLLM takes its share up front; a process engine is measured.
+            if kind == "sim" {
+                flags.extend(["--memory-bytes", &mem]);
+            }
             let cfg = SidecarConfig::from_args(&model.spec.model_name, &flags)
                 .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
             let (exits_tx, mut exits) = mpsc::unbounded_channel();
@@ -131,16 +122,22 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     first_gpu.to_string(),
                 ),
             ];
-            let probe = Arc::new(SimGpuProbe {
-                gpu: sim.clone(),
-                indices: gpus.clone(),
-                engine_listen: format!("127.0.0.1:{port}"),
+            let sim_probe = (kind == "sim").then(|| {
+                Arc::new(SimGpuProbe {
+                    gpu: sim.clone(),
+                    indices: gpus.clone(),
+                    engine_listen: format!("127.0.0.1:{port}"),
+                }) as Arc<dyn MemoryProbe>
             });
+            let process = Arc::new(EngineProcess::new(command, env, exits_tx));
+            let (engine, probe) =
+                greenthread_sidecar::adapter(&cfg, &url, Some(&process), gpus, sim_probe)
+                    .with_context(|| format!("model {name}"))?;
             let sidecar = Sidecar::with_metrics(
                 cfg,
                 Parts {
-                    engine: Arc::new(VllmAdapter::new(&url)),
-                    process: Some(EngineProcess::new(command, env, exits_tx)),
+                    engine,
+                    process: Some(process),
                     ledger: ledger.clone() as Arc<dyn Ledger>,
                     gpus: gpus
                         .iter()
@@ -149,7 +146,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                             index: *g,
                         })
                         .collect(),
-                    probe: Some(probe as Arc<dyn MemoryProbe>),
+                    probe,
                 },
                 SidecarMetrics::with_labels(
                     families.clone(),
@@ -263,5 +260,66 @@ async fn report_gpu_stats(ledger: Arc<MemoryLedger>, sim: SimGpu, specs: Vec<Gpu
         }
         // Device statistics are sampled, as an agent samples NVML.
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The engine's command line on `port`, and the sidecar's `--engine` for it. `sim`: the
+/// built-in simulator taking `memory` up front; `llamacpp`: `llama-server` (the spec's
+/// `command`, or `llama-server` on the PATH) with the spec's `extraArgs`; `process`: the
+/// spec's `command` and `extraArgs`, where `{port}` stands for the port (also in `$PORT`).
+fn engine_command(
+    exe: &std::path::Path,
+    spec: &greenthread_api::ModelSpec,
+    port: u16,
+    memory: u64,
+) -> (String, &'static str) {
+    let quote_all = |args: &[String]| {
+        args.iter()
+            .map(|a| shell_quote(&a.replace("{port}", &port.to_string())))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    match spec.engine {
+        EngineKind::Llamacpp => {
+            let mut argv: Vec<String> = if spec.command.is_empty() {
+                vec!["llama-server".into()]
+            } else {
+                spec.command.clone()
+            };
+            argv.extend(spec.extra_args.iter().cloned());
+            argv.extend(
+                [
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--alias",
+                    &spec.model_name,
+                    "--metrics",
+                ]
+                .map(String::from),
+            );
+            (quote_all(&argv), "llamacpp")
+        }
+        EngineKind::Process => {
+            let mut argv = spec.command.clone();
+            argv.extend(spec.extra_args.iter().cloned());
+            (format!("PORT={port} {}", quote_all(&argv)), "process")
+        }
+        _ => {
+            // vLLM takes its share of the GPU up front: weights, then KV cache.
+            let weights = memory / 5 * 3;
+            let mut command = format!(
+                "{} sim-engine --listen 127.0.0.1:{port} --model {} --weights-bytes {weights} --kv-cache-bytes {}",
+                shell_quote(&exe.to_string_lossy()),
+                shell_quote(&spec.model_name),
+                memory - weights,
+            );
+            for a in &spec.extra_args {
+                command.push(' ');
+                command.push_str(&shell_quote(a));
+            }
+            (command, "sim")
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! Engine adapters: how to ask an engine whether it is up, put it to sleep and wake it.
 
+mod process;
 mod vllm;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use process::{Flavor, ProcessAdapter};
 pub use vllm::VllmAdapter;
 
 #[derive(Debug, Clone, thiserror::Error)]
