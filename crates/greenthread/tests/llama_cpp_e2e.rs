@@ -4,7 +4,11 @@
 //! where only one fits, and the official `openai` Python SDK as the client
 //! (`scripts/openai_e2e.py`): every request to the other model forces a sleep and a wake.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use greenthread_test_support::{LocalProc, chart::repo_root, wait_until};
 use serde_json::Value;
@@ -37,7 +41,7 @@ fn gemma() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-fn config(server: &PathBuf, model: &PathBuf, budget: &str) -> String {
+fn config(server: &Path, model: &Path, budget: &str) -> String {
     // The file has no chat template: llama.cpp's built-in `gemma` one, not Jinja.
     // One slot, a small context, no prompt cache kept in RAM: answers are reproducible
     // and the footprint is what the model needs.
