@@ -14,7 +14,7 @@
 //!     cargo bench -p greenthread --bench llama
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -53,7 +53,7 @@ fn build() -> (PathBuf, PathBuf) {
     )
 }
 
-fn engine_args(model: &PathBuf, port: u16) -> Vec<String> {
+fn engine_args(model: &Path, port: u16) -> Vec<String> {
     [
         "-m",
         &model.display().to_string(),
