@@ -41,41 +41,24 @@ fn gemma() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-fn config(server: &Path, model: &Path, budget: &str) -> String {
-    // The file has no chat template: llama.cpp's built-in `gemma` one, not Jinja.
-    // One slot, a small context, no prompt cache kept in RAM: answers are reproducible
-    // and the footprint is what the model needs.
-    let engine = |name: &str| {
-        format!(
-            r#"  - name: {name}
-    spec:
-      modelName: {name}
-      engine: llamacpp
-      command: ["{server}"]
-      extraArgs: ["-m", "{model}", "--no-jinja", "--chat-template", "gemma", "-c", "512", "-np", "1", "-t", "2", "--cache-ram", "0", "--no-warmup"]
-      sleep: {{idleTimeout: 10m}}
-      fairness: {{minRuntime: 0s, maxWaitTime: 0s}}
-"#,
-            server = server.display(),
-            model = model.display()
-        )
-    };
-    format!(
-        "gpus:\n  simulated:\n    - {{memory: {budget}, product: CPU memory budget}}\nmodels:\n{}{}",
-        engine("gemma-a"),
-        engine("gemma-b")
-    )
+/// The README's config (`scripts/real-model-config`): two models, a 600 MiB budget.
+fn config(server: &Path, model: &Path) -> String {
+    let out = Command::new(repo_root().join("scripts/real-model-config"))
+        .arg(server)
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let config = String::from_utf8(out.stdout).unwrap();
+    assert!(config.contains("memory: 600Mi"), "{config}");
+    config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() {
     let (server, model) = (llama_server(), gemma());
     // Each llama-server holds ~0.3–0.4 GiB resident: 600 MiB fits one, not both.
-    let local = LocalProc::start(
-        env!("CARGO_BIN_EXE_greenthread"),
-        &config(&server, &model, "600Mi"),
-    )
-    .await;
+    let local = LocalProc::start(env!("CARGO_BIN_EXE_greenthread"), &config(&server, &model)).await;
     // Booted, measured and stopped: both asleep, each with its resident size measured.
     let m = local.metrics().await;
     let mut footprints = Vec::new();
