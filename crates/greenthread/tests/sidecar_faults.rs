@@ -25,7 +25,8 @@ async fn a_wake_that_fails_twice_is_served_after_a_cold_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_crashes_while_serving_is_restarted_for_the_next_request() {
-    let sc = SidecarProc::start(BIN, "c", &[], &["--crash-after-requests", "1"]).await;
+    // Two: the one-token warm-up that verifies the wake, then the client's request.
+    let sc = SidecarProc::start(BIN, "c", &[], &["--crash-after-requests", "2"]).await;
     assert_eq!(sc.chat("c", 2, false).send().await.unwrap().status(), 200);
     // The engine exits after its first answer; the reservation goes with it.
     sc.wait_state("sleeping", Duration::from_secs(5)).await;

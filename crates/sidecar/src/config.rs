@@ -88,6 +88,10 @@ pub struct SidecarConfig {
     /// Size of the in-memory ledger's simulated GPU.
     #[arg(long, default_value = "80Gi", value_parser = size)]
     pub sim_gpu_memory: u64,
+    /// Deadline of the one-token completion that verifies every wake; an engine that
+    /// misses it is wedged (healthy to probes, deaf to requests) and is restarted.
+    #[arg(long, default_value = "60s", value_parser = dur)]
+    pub warmup_timeout: Duration,
     /// How long a wake lock survives its holder's silence.
     #[arg(long, default_value = "30s", value_parser = dur)]
     pub wake_lock_ttl: Duration,

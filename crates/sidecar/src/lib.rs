@@ -187,13 +187,7 @@ pub fn adapter(
             cfg.engine
         )
     })?;
-    let adapter = ProcessAdapter::new(
-        engine_url,
-        process.clone(),
-        &cfg.model,
-        flavor,
-        cfg.boot_timeout,
-    );
+    let adapter = ProcessAdapter::new(engine_url, process.clone(), flavor, cfg.boot_timeout);
     let probe = probe.or_else(|| {
         Some(Arc::new(RssProbe {
             process: process.clone(),

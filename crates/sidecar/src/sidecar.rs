@@ -76,6 +76,7 @@ pub struct Sidecar {
     ledger: Arc<dyn Ledger>,
     gpus: Vec<GpuRef>,
     probe: Option<Arc<dyn MemoryProbe>>,
+    heartbeat_started: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<State>,
     /// Every transition, in order (a watch would coalesce quick ones).
@@ -154,6 +155,7 @@ impl Sidecar {
             ledger: parts.ledger,
             gpus: parts.gpus,
             probe: parts.probe,
+            heartbeat_started: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 state: State::Sleeping,
                 boot_ready: false,
@@ -638,6 +640,10 @@ impl Sidecar {
         loop {
             match self.engine.health().await {
                 Ok(()) => return Ok(()),
+                // An engine we started that exited will not come up: say so now.
+                Err(e) if self.process.as_ref().is_some_and(|p| !p.is_running()) => {
+                    return Err(format!("engine process exited during start-up: {e}"));
+                }
                 Err(e) if start.elapsed() > self.cfg.boot_timeout => {
                     return Err(format!(
                         "engine did not come up within {:?}: {e}",
@@ -671,11 +677,26 @@ impl Sidecar {
         Ok(())
     }
 
+    /// Awake by its own account (`/is_sleeping` or its sleep-state metric, never
+    /// `/health`), and serving: one token within the warm-up deadline.
     async fn verify_awake(&self) -> Result<(), String> {
         match self.engine.is_sleeping().await {
-            Ok(false) => Ok(()),
-            Ok(true) => Err("engine still reports is_sleeping=true after waking".into()),
-            Err(e) => Err(e.to_string()),
+            Ok(false) => {}
+            Ok(true) => return Err("engine still reports is_sleeping=true after waking".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        match tokio::time::timeout(
+            self.cfg.warmup_timeout,
+            self.engine.warm_up(&self.cfg.model),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("warm-up failed: {e}")),
+            Err(_) => Err(format!(
+                "engine is wedged: a one-token warm-up got no answer within {:?}",
+                self.cfg.warmup_timeout
+            )),
         }
     }
 
@@ -714,7 +735,15 @@ impl Sidecar {
                 attempts = 0;
                 // A fresh vLLM boots awake; one that booted asleep still needs a wake.
                 match self.engine.is_sleeping().await {
-                    Ok(false) => return Ok(()),
+                    Ok(false) => match self.verify_awake().await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            self.metrics.wake_failures.inc();
+                            last_error = e;
+                            attempts = self.cfg.wake_attempts;
+                            continue;
+                        }
+                    },
                     Ok(true) => {}
                     Err(e) => {
                         last_error = e.to_string();
@@ -899,6 +928,10 @@ impl Sidecar {
     /// Boot: claim memory under the wake lock, start the engine, measure it serving,
     /// put it to sleep, measure what it keeps, release. Then `sleeping` and ready.
     pub async fn boot(self: &Arc<Self>) -> anyhow::Result<()> {
+        // A boot holds the GPU's wake lock for as long as the engine takes to start
+        // (minutes for vLLM): heartbeats keep it from lapsing, so that no other engine
+        // starts beside it (concurrent start-ups on one GPU fail).
+        self.start_heartbeat();
         let boot_bytes = match self.cfg.memory_bytes {
             Some(b) => b,
             None => {
@@ -993,8 +1026,17 @@ impl Sidecar {
     /// The loops a booted sidecar runs: idle sleep, heartbeat, preemption watch.
     pub fn spawn_background(self: &Arc<Self>) {
         tokio::spawn(self.clone().run_idle_timer());
-        tokio::spawn(self.clone().run_heartbeat());
+        self.start_heartbeat();
         tokio::spawn(self.clone().run_preemption_watch());
+    }
+
+    fn start_heartbeat(self: &Arc<Self>) {
+        if !self
+            .heartbeat_started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::spawn(self.clone().run_heartbeat());
+        }
     }
 
     /// Keeps this pod's ledger records alive (a silent holder's wake lock lapses).

@@ -72,6 +72,21 @@ pub struct SimConfig {
     /// What inference sent to a sleeping engine gets.
     #[arg(long, value_enum, default_value_t)]
     pub asleep_behavior: AsleepBehavior,
+    /// Fault: start-up fails when another engine boots on the same simulated GPU at the
+    /// same time (concurrent vLLM start-ups on one GPU fail on memory profiling).
+    #[arg(long)]
+    pub fail_concurrent_boot: bool,
+    /// Fault: after the Nth wake the engine is wedged: `/health` and `/is_sleeping` say
+    /// all is well, inference never answers.
+    #[arg(long)]
+    pub wedge_after_wakes: Option<u32>,
+    /// Fault: no `/is_sleeping` endpoint (404), as without vLLM's development mode; the
+    /// state is only in `vllm:engine_sleep_state`.
+    #[arg(long)]
+    pub no_is_sleeping: bool,
+    /// Fault: `/health` answers 503 while asleep (it says nothing about sleep either way).
+    #[arg(long)]
+    pub unhealthy_while_asleep: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -45,6 +45,8 @@ pub struct SimEngine {
     running: AtomicUsize,
     idle: Notify,
     wake_failures_left: AtomicU32,
+    /// Wakes completed (for the wedge fault).
+    wakes_done: AtomicU32,
     served: AtomicU64,
     next_id: AtomicU64,
 }
@@ -83,6 +85,7 @@ impl SimEngine {
             running: AtomicUsize::new(0),
             idle: Notify::new(),
             wake_failures_left: AtomicU32::new(cfg.fail_wakes),
+            wakes_done: AtomicU32::new(0),
             served: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             cfg,
@@ -144,11 +147,67 @@ impl SimEngine {
         }
     }
 
-    /// Start-up: fixed cost, then the weights come from disk.
-    pub async fn boot(&self) {
+    /// Start-up: fixed cost, then the weights come from disk. With the concurrent-boot
+    /// fault, fails if another engine is starting on the same simulated GPU.
+    pub async fn boot(&self) -> Result<(), EngineError> {
+        let marker = self.cfg.sim_gpu_dir.as_ref().map(|dir| {
+            dir.join(format!(
+                "booting-{}-{}",
+                self.cfg.sim_gpu_index,
+                std::process::id()
+            ))
+        });
+        if self.cfg.fail_concurrent_boot
+            && let Some(m) = &marker
+        {
+            let _ = std::fs::write(m, b"");
+            self.check_alone_booting()?;
+        }
         let load = SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.disk_bandwidth);
         tokio::time::sleep(self.cfg.boot_time + load).await;
+        let alone = if self.cfg.fail_concurrent_boot {
+            self.check_alone_booting()
+        } else {
+            Ok(())
+        };
+        if let Some(m) = &marker {
+            let _ = std::fs::remove_file(m);
+        }
+        alone?;
         self.publish_memory();
+        Ok(())
+    }
+
+    /// Another live engine's boot marker on this GPU means a concurrent start-up.
+    fn check_alone_booting(&self) -> Result<(), EngineError> {
+        let Some(dir) = &self.cfg.sim_gpu_dir else {
+            return Ok(());
+        };
+        let prefix = format!("booting-{}-", self.cfg.sim_gpu_index);
+        let me = std::process::id();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(&prefix)
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != me && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(EngineError::Failed(format!(
+                    "CUDA out of memory while profiling: engine {pid} is starting on GPU {} at the same time",
+                    self.cfg.sim_gpu_index
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the wedge fault has struck (after the configured number of wakes).
+    pub fn wedged(&self) -> bool {
+        self.cfg
+            .wedge_after_wakes
+            .is_some_and(|n| self.wakes_done.load(Ordering::SeqCst) >= n)
     }
 
     pub async fn sleep(&self, level: u8, wait: bool) -> Result<(), EngineError> {
@@ -231,6 +290,9 @@ impl SimEngine {
                 s.leaked = 0;
             }
         });
+        if !self.is_sleeping() {
+            self.wakes_done.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 

@@ -23,7 +23,7 @@ type Shared = Arc<SimEngine>;
 
 pub fn router(engine: Shared) -> Router {
     Router::new()
-        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/health", get(health))
         .route(
             "/version",
             get(|| async { Json(json!({"version": "greenthread-sim"})) }),
@@ -47,7 +47,10 @@ pub fn router(engine: Shared) -> Router {
 pub async fn bind_and_serve(cfg: SimConfig) -> anyhow::Result<()> {
     let engine = SimEngine::new(cfg.clone());
     tracing::info!(model = %cfg.model, weights = cfg.weights_bytes, "sim engine loading");
-    engine.boot().await;
+    if let Err(e) = engine.boot().await {
+        engine.forget_memory();
+        anyhow::bail!("engine start-up failed: {e}");
+    }
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
@@ -99,8 +102,19 @@ async fn models(State(e): State<Shared>) -> Json<Value> {
     }))
 }
 
-async fn is_sleeping(State(e): State<Shared>) -> Json<Value> {
-    Json(json!({"is_sleeping": e.is_sleeping()}))
+async fn health(State(e): State<Shared>) -> StatusCode {
+    if e.cfg.unhealthy_while_asleep && e.is_sleeping() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn is_sleeping(State(e): State<Shared>) -> Response {
+    if e.cfg.no_is_sleeping {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    Json(json!({"is_sleeping": e.is_sleeping()})).into_response()
 }
 
 fn query_values<'a>(query: &'a Option<String>, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
@@ -213,6 +227,10 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
             }
             AsleepBehavior::Hang => std::future::pending::<()>().await,
         }
+    }
+    if e.wedged() {
+        // Health and sleep state look fine; the request is never answered.
+        std::future::pending::<()>().await;
     }
     if !e.state().weights_valid {
         return error(

@@ -36,4 +36,41 @@ pub trait EngineAdapter: Send + Sync + 'static {
     async fn models(&self) -> Result<Bytes, EngineError>;
     /// The engine's own Prometheus exposition.
     async fn metrics(&self) -> Result<(String, Bytes), EngineError>;
+    /// Proves the engine serves, not just answers health checks: one greedy token of
+    /// `model`. The sidecar bounds it with a deadline; a wedged engine misses it.
+    async fn warm_up(&self, _model: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+}
+
+/// The one-token completion every wake is verified with.
+pub(crate) fn warm_up_body(model: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+}
+
+/// Whether vLLM's `vllm:engine_sleep_state` exposition says the engine sleeps: the
+/// `awake` series is 0. `None` when the metric is absent.
+pub(crate) fn sleeping_from_metrics(exposition: &str) -> Option<bool> {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with("vllm:engine_sleep_state{"))
+        .find(|l| l.contains("sleep_state=\"awake\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|awake| awake == 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sleeping_from_metrics;
+
+    #[test]
+    fn the_sleep_state_metric_tells_awake_from_asleep() {
+        let awake = "# TYPE vllm:engine_sleep_state gauge\nvllm:engine_sleep_state{engine=\"0\",model_name=\"m\",sleep_state=\"awake\"} 1\nvllm:engine_sleep_state{engine=\"0\",model_name=\"m\",sleep_state=\"weights_offloaded\"} 0\n";
+        let asleep = awake
+            .replace("} 1\n", "} 0\n")
+            .replacen("} 0\n", "} 0\n", 1);
+        assert_eq!(sleeping_from_metrics(awake), Some(false));
+        assert_eq!(sleeping_from_metrics(&asleep), Some(true));
+        assert_eq!(sleeping_from_metrics("vllm:num_requests_running 0\n"), None);
+    }
 }

@@ -7,7 +7,6 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde_json::json;
 
 use super::{EngineAdapter, EngineError};
 use crate::process::EngineProcess;
@@ -25,7 +24,6 @@ pub struct ProcessAdapter {
     base: String,
     http: reqwest::Client,
     process: Arc<EngineProcess>,
-    model: String,
     flavor: Flavor,
     /// How long a stopping engine gets before SIGKILL.
     stop_grace: Duration,
@@ -37,7 +35,6 @@ impl ProcessAdapter {
     pub fn new(
         base: &str,
         process: Arc<EngineProcess>,
-        model: &str,
         flavor: Flavor,
         start_timeout: Duration,
     ) -> Self {
@@ -50,7 +47,6 @@ impl ProcessAdapter {
             base: base.trim_end_matches('/').to_string(),
             http,
             process,
-            model: model.to_string(),
             flavor,
             stop_grace: Duration::from_secs(10),
             start_timeout,
@@ -71,36 +67,6 @@ impl ProcessAdapter {
             let status = resp.status().as_u16();
             Err(EngineError::Status {
                 call,
-                status,
-                body: resp.text().await.unwrap_or_default(),
-            })
-        }
-    }
-
-    /// One greedy token: the proof that the engine serves, not just listens.
-    async fn warm_up(&self) -> Result<(), EngineError> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/completions", self.base))
-            .json(
-                &json!({"model": self.model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}),
-            )
-            .timeout(self.start_timeout)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    EngineError::Timeout("warm-up completion")
-                } else {
-                    EngineError::Unreachable(format!("warm-up completion: {e}"))
-                }
-            })?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            let status = resp.status().as_u16();
-            Err(EngineError::Status {
-                call: "warm-up completion",
                 status,
                 body: resp.text().await.unwrap_or_default(),
             })
@@ -150,7 +116,28 @@ impl EngineAdapter for ProcessAdapter {
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
-        self.warm_up().await
+        Ok(())
+    }
+
+    /// One greedy token: the proof that the engine serves, not just listens.
+    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/completions", self.base))
+            .json(&super::warm_up_body(model))
+            .send()
+            .await
+            .map_err(|e| EngineError::Unreachable(format!("warm-up completion: {e}")))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            let status = resp.status().as_u16();
+            Err(EngineError::Status {
+                call: "warm-up completion",
+                status,
+                body: resp.text().await.unwrap_or_default(),
+            })
+        }
     }
 
     async fn models(&self) -> Result<Bytes, EngineError> {

@@ -69,13 +69,28 @@ impl EngineAdapter for VllmAdapter {
         .map(drop)
     }
 
+    /// From `/is_sleeping`, or where it is missing (404) from `vllm:engine_sleep_state`:
+    /// never from `/health`, which says nothing about sleep.
     async fn is_sleeping(&self) -> Result<bool, EngineError> {
-        let resp = self
+        let resp = match self
             .call(
                 "is_sleeping",
                 self.get("/is_sleeping").timeout(Duration::from_secs(10)),
             )
-            .await?;
+            .await
+        {
+            Err(EngineError::Status { status: 404, .. }) => {
+                let (_, body) = self.metrics().await?;
+                return super::sleeping_from_metrics(&String::from_utf8_lossy(&body)).ok_or_else(
+                    || {
+                        EngineError::Protocol(
+                            "no /is_sleeping and no vllm:engine_sleep_state metric".into(),
+                        )
+                    },
+                );
+            }
+            other => other?,
+        };
         let v: serde_json::Value = resp
             .json()
             .await
@@ -86,9 +101,14 @@ impl EngineAdapter for VllmAdapter {
     }
 
     async fn sleep(&self, level: u8) -> Result<(), EngineError> {
-        self.call("sleep", self.post(&format!("/sleep?level={level}")))
-            .await
-            .map(drop)
+        // The sidecar has drained what it could; `mode=wait` lets requests still running
+        // finish instead of being aborted (engines without modes ignore it).
+        self.call(
+            "sleep",
+            self.post(&format!("/sleep?level={level}&mode=wait")),
+        )
+        .await
+        .map(drop)
     }
 
     async fn wake(&self, level: u8) -> Result<(), EngineError> {
@@ -122,6 +142,16 @@ impl EngineAdapter for VllmAdapter {
         resp.bytes()
             .await
             .map_err(|e| EngineError::Protocol(format!("models: {e}")))
+    }
+
+    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
+        self.call(
+            "warm-up completion",
+            self.post("/v1/completions")
+                .json(&super::warm_up_body(model)),
+        )
+        .await
+        .map(drop)
     }
 
     async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
