@@ -66,9 +66,7 @@ mod tests {
     #[test]
     fn the_sleep_state_metric_tells_awake_from_asleep() {
         let awake = "# TYPE vllm:engine_sleep_state gauge\nvllm:engine_sleep_state{engine=\"0\",model_name=\"m\",sleep_state=\"awake\"} 1\nvllm:engine_sleep_state{engine=\"0\",model_name=\"m\",sleep_state=\"weights_offloaded\"} 0\n";
-        let asleep = awake
-            .replace("} 1\n", "} 0\n")
-            .replacen("} 0\n", "} 0\n", 1);
+        let asleep = awake.replace("} 1\n", "} 0\n");
         assert_eq!(sleeping_from_metrics(awake), Some(false));
         assert_eq!(sleeping_from_metrics(&asleep), Some(true));
         assert_eq!(sleeping_from_metrics("vllm:num_requests_running 0\n"), None);
