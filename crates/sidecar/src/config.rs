@@ -8,6 +8,8 @@ pub enum EngineKind {
     Vllm,
     /// The built-in simulator, started and owned by the sidecar (speaks vLLM's API).
     Sim,
+    /// SGLang with `--enable-memory-saver` (release / resume memory occupation).
+    Sglang,
     /// llama.cpp's `llama-server` started by `--engine-command`: asleep = stopped.
     Llamacpp,
     /// Any OpenAI-compatible server started by `--engine-command`: asleep = stopped.

@@ -26,7 +26,7 @@ pub use server::{
 pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
 
 use crate::{
-    engine::{EngineAdapter, Flavor, ProcessAdapter, VllmAdapter},
+    engine::{EngineAdapter, Flavor, ProcessAdapter, SglangAdapter, VllmAdapter},
     process::{EngineProcess, RssProbe},
 };
 
@@ -63,7 +63,10 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
     // their resident memory instead.
     if cfg.engine_command.is_some()
         && cfg.sim_gpu_dir.is_none()
-        && matches!(cfg.engine, EngineKind::Vllm | EngineKind::Sim)
+        && matches!(
+            cfg.engine,
+            EngineKind::Vllm | EngineKind::Sim | EngineKind::Sglang
+        )
     {
         let dir = tempfile::Builder::new()
             .prefix("greenthread-simgpu-")
@@ -177,6 +180,9 @@ pub fn adapter(
     let flavor = match cfg.engine {
         EngineKind::Vllm | EngineKind::Sim => {
             return Ok((Arc::new(VllmAdapter::new(engine_url)), probe));
+        }
+        EngineKind::Sglang => {
+            return Ok((Arc::new(SglangAdapter::new(engine_url)), probe));
         }
         EngineKind::Llamacpp => Flavor::LlamaCpp,
         EngineKind::Process => Flavor::Process,

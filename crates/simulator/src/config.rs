@@ -87,6 +87,10 @@ pub struct SimConfig {
     /// Fault: `/health` answers 503 while asleep (it says nothing about sleep either way).
     #[arg(long)]
     pub unhealthy_while_asleep: bool,
+    /// SGLang without `--enable-weights-cpu-backup`: released weights are gone, and
+    /// resuming gives back uninitialized buffers.
+    #[arg(long)]
+    pub no_weights_cpu_backup: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

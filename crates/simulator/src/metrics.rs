@@ -28,6 +28,9 @@ pub struct Metrics {
     /// The simulator's own counters (not vLLM's), for tests and benchmarks.
     pub wake_calls: Counter,
     pub sleep_calls: Counter,
+    /// SGLang's memory-saver calls (`/release_memory_occupation`, `/resume_…`).
+    pub release_calls: Counter,
+    pub resume_calls: Counter,
     pub inference_requests: Counter,
 }
 
@@ -58,6 +61,8 @@ impl Metrics {
             sleep_state: Family::default(),
             wake_calls: Counter::default(),
             sleep_calls: Counter::default(),
+            release_calls: Counter::default(),
+            resume_calls: Counter::default(),
             inference_requests: Counter::default(),
         };
         registry.register(
@@ -116,6 +121,16 @@ impl Metrics {
             "vllm:engine_sleep_state",
             "Engine sleep state (one-hot)",
             m.sleep_state.clone(),
+        );
+        registry.register(
+            "greenthread_sim_release_memory_calls",
+            "SGLang release_memory_occupation calls received",
+            m.release_calls.clone(),
+        );
+        registry.register(
+            "greenthread_sim_resume_memory_calls",
+            "SGLang resume_memory_occupation calls received",
+            m.resume_calls.clone(),
         );
         registry.register(
             "greenthread_sim_wake_calls",

@@ -33,6 +33,11 @@ pub fn router(engine: Shared) -> Router {
         .route("/sleep", post(sleep))
         .route("/wake_up", post(wake_up))
         .route("/collective_rpc", post(collective_rpc))
+        // SGLang's memory saver (`--enable-memory-saver`), and its native probes.
+        .route("/release_memory_occupation", post(release_memory))
+        .route("/resume_memory_occupation", post(resume_memory))
+        .route("/health_generate", get(health))
+        .route("/get_model_info", get(model_info))
         .route("/reset_prefix_cache", post(|| async { StatusCode::OK }))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -144,6 +149,51 @@ async fn wake_up(State(e): State<Shared>, RawQuery(q): RawQuery) -> Response {
         Ok(()) => StatusCode::OK.into_response(),
         Err(err) => err.into_response(),
     }
+}
+
+/// SGLang's tags: `weights`, `kv_cache` (none: everything).
+fn sglang_tags(body: &Bytes) -> Result<Vec<String>, String> {
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    Ok(v["tags"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+async fn release_memory(State(e): State<Shared>, body: Bytes) -> Response {
+    e.metrics.release_calls.inc();
+    if let Err(e) = sglang_tags(&body) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    // With a CPU backup the weights come back intact (level 1); without, discarded.
+    let level = if e.cfg.no_weights_cpu_backup { 2 } else { 1 };
+    match e.sleep(level, true).await {
+        Ok(()) => Json(json!({"success": true, "message": "released"})).into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn resume_memory(State(e): State<Shared>, body: Bytes) -> Response {
+    e.metrics.resume_calls.inc();
+    let tags = match sglang_tags(&body) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match e.wake(&tags).await {
+        Ok(()) => Json(json!({"success": true, "message": "resumed"})).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn model_info(State(e): State<Shared>) -> Json<Value> {
+    Json(json!({"model_path": e.cfg.model, "is_generation": true}))
 }
 
 async fn collective_rpc(State(e): State<Shared>, body: Bytes) -> Response {

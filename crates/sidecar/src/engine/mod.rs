@@ -1,12 +1,14 @@
 //! Engine adapters: how to ask an engine whether it is up, put it to sleep and wake it.
 
 mod process;
+mod sglang;
 mod vllm;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use process::{Flavor, ProcessAdapter};
+pub use sglang::SglangAdapter;
 pub use vllm::VllmAdapter;
 
 #[derive(Debug, Clone, thiserror::Error)]
