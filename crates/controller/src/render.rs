@@ -6,7 +6,7 @@ use greenthread_api::{EngineKind, GpuSpec, Model};
 use k8s_openapi::{
     api::core::v1::{
         Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
-        PodSpec, Probe, Service, ServicePort, ServiceSpec,
+        PodSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -196,7 +196,85 @@ fn http_probe(path: &str, period: i32) -> Probe {
     }
 }
 
-/// The pod of replica `replica`, placed on `gpus` (all on one node).
+/// SGLang's command line: its memory saver on, weights backed up on the CPU so that they
+/// come back intact, the spec's memory share, parallelism, dtype, quantization, extras.
+pub fn sglang_args(model: &Model, port: u16) -> Vec<String> {
+    let s = &model.spec;
+    let mut args = vec![
+        "-m".to_string(),
+        "sglang.launch_server".into(),
+        "--model-path".into(),
+        s.model_name.clone(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--enable-memory-saver".into(),
+        "--enable-weights-cpu-backup".into(),
+        "--enable-metrics".into(),
+        "--mem-fraction-static".into(),
+        s.gpu_memory_utilization.clone(),
+        "--tp".into(),
+        s.tensor_parallel_size.to_string(),
+        "--dtype".into(),
+        s.dtype.clone(),
+    ];
+    if !s.quantization.is_empty() {
+        args.extend(["--quantization".to_string(), s.quantization.clone()]);
+    }
+    args.extend(s.extra_args.iter().cloned());
+    args
+}
+
+/// The command line of an engine the sidecar starts and stops itself (`llamacpp`,
+/// `process`): no sleep API, so asleep means not running.
+fn owned_engine_command(model: &Model, port: u16) -> String {
+    let s = &model.spec;
+    let quote = |a: &str| {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
+        {
+            a.to_string()
+        } else {
+            format!("'{}'", a.replace('\'', "'\\''"))
+        }
+    };
+    let mut argv: Vec<String> = match s.engine {
+        EngineKind::Llamacpp if s.command.is_empty() => vec!["/app/llama-server".into()],
+        _ => s.command.clone(),
+    };
+    argv.extend(s.extra_args.iter().cloned());
+    if s.engine == EngineKind::Llamacpp {
+        argv.extend(
+            [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--alias",
+                &s.model_name,
+                "--metrics",
+            ]
+            .map(String::from),
+        );
+    }
+    let line = argv
+        .iter()
+        .map(|a| quote(&a.replace("{port}", &port.to_string())))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("PORT={port} {line}")
+}
+
+/// Where the `greenthread` binary is put for engines the sidecar runs in their own image.
+pub const BINARY_DIR: &str = "/greenthread";
+pub const LLAMACPP_IMAGE: &str = "ghcr.io/ggml-org/llama.cpp:server";
+pub const SGLANG_IMAGE: &str = "lmsysorg/sglang:v0.5.4";
+
+/// The pod of replica `replica`, placed on `gpus` (all on one node). Engines with a
+/// sleep API (vLLM, SGLang, the simulator) run beside the sidecar; engines without one
+/// (llama.cpp, any process) run under it, in their own image, with the `greenthread`
+/// binary copied in by an init container, so that sleeping can stop them.
 pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Settings) -> Pod {
     let s = &model.spec;
     let name = format!(
@@ -204,65 +282,135 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
         model.metadata.name.clone().unwrap_or_default()
     );
     let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
-    let engine_image = s.image.clone().unwrap_or_else(|| match s.engine {
-        EngineKind::Sim => settings.sidecar_image.clone(),
-        _ => settings.vllm_image.clone(),
-    });
-    let (command, args) = match s.engine {
-        EngineKind::Sim => (
-            vec!["greenthread".to_string()],
-            vec![
-                "sim-engine".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{}", settings.ports.engine),
-                "--model".into(),
-                s.model_name.clone(),
-            ],
-        ),
-        EngineKind::Process => (s.command.clone(), s.extra_args.clone()),
-        _ => (
-            vec!["vllm".to_string()],
-            vllm_args(model, settings.ports.engine),
-        ),
-    };
-    let engine = Container {
-        name: "engine".into(),
-        image: Some(engine_image),
-        command: Some(command),
+    let port = settings.ports.engine;
+    let engine_env = vec![
+        // vLLM's sleep API lives behind its development endpoints.
+        env("VLLM_SERVER_DEV_MODE", "1"),
+        // The GPUs placement chose, by UUID, for the NVIDIA container runtime.
+        env("NVIDIA_VISIBLE_DEVICES", &uuids.join(",")),
+    ];
+    let sidecar_env = vec![
+        env_field("POD_NAME", "metadata.name"),
+        env_field("POD_NAMESPACE", "metadata.namespace"),
+    ];
+    let ports = vec![
+        ContainerPort {
+            name: Some("http".into()),
+            container_port: settings.ports.http,
+            ..Default::default()
+        },
+        ContainerPort {
+            name: Some("metrics".into()),
+            container_port: settings.ports.metrics,
+            ..Default::default()
+        },
+    ];
+    let mut args = sidecar_args(model, gpus, settings);
+    let sidecar_container = |name: &str, image: String, command, args, env, resources| Container {
+        name: name.into(),
+        image: Some(image),
+        command,
         args: Some(args),
-        env: Some(vec![
-            // vLLM's sleep API lives behind its development endpoints.
-            env("VLLM_SERVER_DEV_MODE", "1"),
-            // The GPUs placement chose, by UUID, for the NVIDIA container runtime.
-            env("NVIDIA_VISIBLE_DEVICES", &uuids.join(",")),
-        ]),
-        resources: s.resources.clone(),
-        ..Default::default()
-    };
-    let sidecar = Container {
-        name: "sidecar".into(),
-        image: Some(settings.sidecar_image.clone()),
-        args: Some(sidecar_args(model, gpus, settings)),
-        env: Some(vec![
-            env_field("POD_NAME", "metadata.name"),
-            env_field("POD_NAMESPACE", "metadata.namespace"),
-        ]),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("http".into()),
-                container_port: settings.ports.http,
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("metrics".into()),
-                container_port: settings.ports.metrics,
-                ..Default::default()
-            },
-        ]),
+        env: Some(env),
+        ports: Some(ports.clone()),
         liveness_probe: Some(http_probe("/health", 10)),
         // Ready once booted, whatever the state: a sleeping model keeps receiving traffic.
         readiness_probe: Some(http_probe("/ready", 5)),
+        resources,
         ..Default::default()
+    };
+    let (containers, init_containers, volumes) = match s.engine {
+        EngineKind::Vllm | EngineKind::Sim | EngineKind::Sglang => {
+            let (image, command, engine_args, kind) = match s.engine {
+                EngineKind::Sim => (
+                    settings.sidecar_image.clone(),
+                    vec!["greenthread".to_string()],
+                    vec![
+                        "sim-engine".into(),
+                        "--listen".into(),
+                        format!("127.0.0.1:{port}"),
+                        "--model".into(),
+                        s.model_name.clone(),
+                    ],
+                    "vllm",
+                ),
+                EngineKind::Sglang => (
+                    SGLANG_IMAGE.to_string(),
+                    vec!["python3".to_string()],
+                    sglang_args(model, port),
+                    "sglang",
+                ),
+                _ => (
+                    settings.vllm_image.clone(),
+                    vec!["vllm".to_string()],
+                    vllm_args(model, port),
+                    "vllm",
+                ),
+            };
+            let engine = Container {
+                name: "engine".into(),
+                image: Some(s.image.clone().unwrap_or(image)),
+                command: Some(command),
+                args: Some(engine_args),
+                env: Some(engine_env),
+                resources: s.resources.clone(),
+                ..Default::default()
+            };
+            args.extend(["--engine".to_string(), kind.to_string()]);
+            let sidecar = sidecar_container(
+                "sidecar",
+                settings.sidecar_image.clone(),
+                None,
+                args,
+                sidecar_env,
+                None,
+            );
+            (vec![engine, sidecar], None, None)
+        }
+        EngineKind::Llamacpp | EngineKind::Process => {
+            let kind = if s.engine == EngineKind::Llamacpp {
+                "llamacpp"
+            } else {
+                "process"
+            };
+            args.extend([
+                "--engine".to_string(),
+                kind.to_string(),
+                "--engine-command".to_string(),
+                owned_engine_command(model, port),
+            ]);
+            let image = s
+                .image
+                .clone()
+                .unwrap_or_else(|| LLAMACPP_IMAGE.to_string());
+            let mount = VolumeMount {
+                name: "greenthread".into(),
+                mount_path: BINARY_DIR.into(),
+                ..Default::default()
+            };
+            let mut engine = sidecar_container(
+                "engine",
+                image,
+                Some(vec![format!("{BINARY_DIR}/greenthread")]),
+                args,
+                engine_env.into_iter().chain(sidecar_env).collect(),
+                s.resources.clone(),
+            );
+            engine.volume_mounts = Some(vec![mount.clone()]);
+            let install = Container {
+                name: "greenthread".into(),
+                image: Some(settings.sidecar_image.clone()),
+                args: Some(vec!["install-binary".into(), BINARY_DIR.into()]),
+                volume_mounts: Some(vec![mount]),
+                ..Default::default()
+            };
+            let volume = Volume {
+                name: "greenthread".into(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            };
+            (vec![engine], Some(vec![install]), Some(vec![volume]))
+        }
     };
     let owner = model
         .controller_owner_ref(&())
@@ -288,7 +436,9 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
             runtime_class_name: settings.runtime_class.clone(),
             service_account_name: settings.service_account.clone(),
-            containers: vec![engine, sidecar],
+            init_containers,
+            containers,
+            volumes,
             ..Default::default()
         }),
         status: None,

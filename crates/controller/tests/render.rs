@@ -131,7 +131,7 @@ fn the_sidecar_gets_its_ports_probes_and_gpus() {
         args,
         "sidecar --listen 0.0.0.0:8080 --metrics-listen 0.0.0.0:9090 --engine-url http://127.0.0.1:8001 \
          --model Qwen/Qwen2.5-7B-Instruct --idle-timeout 10m --drain-timeout 20s --sleep-level 2 \
-         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --namespace greenthread-system --memory-bytes 38654705664 --popular"
+         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --namespace greenthread-system --memory-bytes 38654705664 --popular --engine vllm"
     );
     let ports: Vec<(String, i32)> = sidecar
         .ports
@@ -198,4 +198,80 @@ fn rendered_objects_pass_kubernetes_validate() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn with_engine(engine: serde_json::Value) -> Model {
+    let mut m = model();
+    let mut spec = serde_json::to_value(&m.spec).unwrap();
+    for (k, v) in engine.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    m.spec = serde_json::from_value(spec).unwrap();
+    m
+}
+
+#[test]
+fn sglang_runs_beside_the_sidecar_with_its_memory_saver_on() {
+    let m = with_engine(serde_json::json!({"engine": "sglang"}));
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default());
+    let engine = container(&pod, "engine");
+    assert_eq!(engine.command.as_ref().unwrap(), &["python3"]);
+    let args = engine.args.as_ref().unwrap().join(" ");
+    assert!(
+        args.starts_with("-m sglang.launch_server --model-path Qwen/Qwen2.5-7B-Instruct --host 127.0.0.1 --port 8001 --enable-memory-saver --enable-weights-cpu-backup --enable-metrics --mem-fraction-static 0.45 --tp 2 --dtype bfloat16 --quantization awq --max-model-len 8192"),
+        "{args}"
+    );
+    let sidecar = container(&pod, "sidecar").args.as_ref().unwrap().join(" ");
+    assert!(sidecar.ends_with("--engine sglang"), "{sidecar}");
+}
+
+#[test]
+fn llama_cpp_runs_under_the_sidecar_so_that_sleeping_stops_it() {
+    let m = with_engine(serde_json::json!({
+        "engine": "llamacpp",
+        "extraArgs": ["-m", "/models/gemma.gguf", "--no-jinja", "--chat-template", "gemma"],
+    }));
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default());
+    let spec = pod.spec.as_ref().unwrap();
+    // One container: the engine's image, running the sidecar, which runs the engine.
+    assert_eq!(spec.containers.len(), 1);
+    let c = &spec.containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("ghcr.io/ggml-org/llama.cpp:server")
+    );
+    assert_eq!(c.command.as_ref().unwrap(), &["/greenthread/greenthread"]);
+    let args = c.args.as_ref().unwrap();
+    assert_eq!(args[0], "sidecar");
+    let at = args.iter().position(|a| a == "--engine-command").unwrap();
+    assert_eq!(args[at - 1], "llamacpp");
+    assert_eq!(
+        args[at + 1],
+        "PORT=8001 /app/llama-server -m /models/gemma.gguf --no-jinja --chat-template gemma --host 127.0.0.1 --port 8001 --alias Qwen/Qwen2.5-7B-Instruct --metrics"
+    );
+    // The binary comes from greenthread's image through an init container.
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    assert_eq!(
+        init.args.as_ref().unwrap(),
+        &["install-binary", "/greenthread"]
+    );
+    assert!(spec.volumes.as_ref().unwrap()[0].empty_dir.is_some());
+    // The sidecar's ports and probes are on it, and the GPUs by UUID.
+    let ports: Vec<_> = c
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.name.clone().unwrap())
+        .collect();
+    assert_eq!(ports, ["http", "metrics"]);
+    assert!(c.readiness_probe.is_some());
+    assert_eq!(
+        env(c, "NVIDIA_VISIBLE_DEVICES"),
+        Some("GPU-aaaa-0,GPU-aaaa-1")
+    );
+    let mut json = serde_json::to_value(&pod).unwrap();
+    json["apiVersion"] = "v1".into();
+    json["kind"] = "Pod".into();
+    greenthread_test_support::chart::kubernetes_validate(&[json]).unwrap();
 }

@@ -24,6 +24,10 @@ enum Command {
     Apiserver(greenthread_apiserver::cluster::ApiServerConfig),
     /// Print the CustomResourceDefinitions (Model, GPU) as YAML.
     Crds,
+    /// Copy this binary into DIR (an init container's job, for engines whose image
+    /// runs the sidecar itself).
+    #[command(hide = true)]
+    InstallBinary { dir: std::path::PathBuf },
     /// Everything on one machine: ledger, engines, sidecars and the API server.
     Local(local::LocalArgs),
     /// Sleep/wake proxy in front of one inference engine.
@@ -34,9 +38,13 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Crds = cli.command {
-        print!("{}", crds()?);
-        return Ok(());
+    match &cli.command {
+        Command::Crds => {
+            print!("{}", crds()?);
+            return Ok(());
+        }
+        Command::InstallBinary { dir } => return install_binary(dir),
+        _ => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -67,9 +75,24 @@ fn main() -> anyhow::Result<()> {
             Command::Local(args) => local::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(*cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,
-            Command::Crds => unreachable!("handled before the runtime starts"),
+            Command::Crds | Command::InstallBinary { .. } => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     })
+}
+
+fn install_binary(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().context("locating this binary")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join("greenthread");
+    std::fs::copy(&exe, &target)
+        .with_context(|| format!("copying {} to {}", exe.display(), target.display()))?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+    println!("{}", target.display());
+    Ok(())
 }
 
 /// Both CRDs as one YAML stream, as checked in under `charts/greenthread/crds/`.
