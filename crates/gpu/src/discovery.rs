@@ -43,6 +43,26 @@ impl NvmlSource {
     }
 }
 
+impl NvmlSource {
+    /// GPU memory held by each compute process on device `index` (pid → bytes), as the
+    /// driver accounts it. Processes whose usage the driver cannot report count 0.
+    pub fn process_memory(&self, index: u32) -> Result<Vec<(u32, u64)>, DiscoveryError> {
+        use nvml_wrapper::enums::device::UsedGpuMemory;
+        let d = self.nvml.device_by_index(index).map_err(nvml_err)?;
+        Ok(d.running_compute_processes()
+            .map_err(nvml_err)?
+            .into_iter()
+            .map(|p| {
+                let bytes = match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => b,
+                    UsedGpuMemory::Unavailable => 0,
+                };
+                (p.pid, bytes)
+            })
+            .collect())
+    }
+}
+
 fn nvml_err(e: nvml_wrapper::error::NvmlError) -> DiscoveryError {
     DiscoveryError::Nvml(e.to_string())
 }

@@ -24,6 +24,9 @@ enum Command {
     Apiserver(greenthread_apiserver::cluster::ApiServerConfig),
     /// Print the CustomResourceDefinitions (Model, GPU) as YAML.
     Crds,
+    /// The GPUs NVML sees, their statistics and the memory of each compute process, as
+    /// JSON (what the agent reports; a machine without the driver gets a clear error).
+    Gpus,
     /// Copy this binary into DIR (an init container's job, for engines whose image
     /// runs the sidecar itself).
     #[command(hide = true)]
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::InstallBinary { dir } => return install_binary(dir),
+        Command::Gpus => return gpus(),
         _ => {}
     }
     tracing_subscriber::fmt()
@@ -75,11 +79,31 @@ fn main() -> anyhow::Result<()> {
             Command::Local(args) => local::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(*cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,
-            Command::Crds | Command::InstallBinary { .. } => {
+            Command::Crds | Command::InstallBinary { .. } | Command::Gpus => {
                 unreachable!("handled before the runtime starts")
             }
         }
     })
+}
+
+fn gpus() -> anyhow::Result<()> {
+    use greenthread_gpu::{GpuSource, NvmlSource};
+    let nvml = NvmlSource::new()?;
+    let mut out = Vec::new();
+    for d in nvml.devices()? {
+        let stats = nvml.stats(d.index)?;
+        let processes: Vec<serde_json::Value> = nvml
+            .process_memory(d.index)?
+            .into_iter()
+            .map(|(pid, bytes)| serde_json::json!({"pid": pid, "usedMemoryBytes": bytes}))
+            .collect();
+        out.push(serde_json::json!({
+            "index": d.index, "uuid": d.uuid, "product": d.product,
+            "memoryBytes": d.memory_bytes, "stats": stats, "processes": processes,
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 fn install_binary(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -201,3 +201,27 @@ async fn a_sidecar_process_keeps_its_occupant_in_the_gpu_object() {
             >= 3
     );
 }
+
+/// `greenthread gpus`: NVML's view as JSON where a driver is, a clean error naming what is
+/// missing where none is (this CI machine), never a crash.
+#[test]
+fn the_gpus_command_reports_nvml_or_says_clearly_that_there_is_no_driver() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_greenthread"))
+        .arg("gpus")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        let gpus: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for g in gpus.as_array().unwrap() {
+            assert!(g["memoryBytes"].as_u64().unwrap() > 0);
+            assert!(g["stats"]["usedMemoryBytes"].is_u64());
+        }
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr.contains("NVML is not available"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -27,7 +27,7 @@ pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
 
 use crate::{
     engine::{EngineAdapter, Flavor, ProcessAdapter, SglangAdapter, VllmAdapter},
-    process::{EngineProcess, RssProbe},
+    process::{EngineProcess, NvmlProbe, RssProbe},
 };
 
 /// Assembles a sidecar from flags alone: an in-memory ledger with one simulated GPU, and
@@ -58,11 +58,21 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         .engine_url
         .clone()
         .context("--engine-url is required (or --engine sim to run the built-in simulator)")?;
-    // Engines speaking vLLM's API that the sidecar starts here are simulators: they
-    // allocate on a simulated GPU, which measures them. Process engines are measured by
-    // their resident memory instead.
+    // An engine the sidecar starts is measured by the driver (NVML, per process) where
+    // there is one. Without one, engines speaking vLLM's or SGLang's API are simulators
+    // that allocate on a simulated GPU, which measures them; process engines are measured
+    // by their resident memory.
+    let nvml = (cfg.engine_command.is_some() && cfg.engine != EngineKind::Sim)
+        .then(|| greenthread_gpu::NvmlSource::new().ok())
+        .flatten()
+        .filter(|n| {
+            use greenthread_gpu::GpuSource;
+            n.devices().is_ok_and(|d| !d.is_empty())
+        })
+        .map(Arc::new);
     if cfg.engine_command.is_some()
         && cfg.sim_gpu_dir.is_none()
+        && nvml.is_none()
         && matches!(
             cfg.engine,
             EngineKind::Vllm | EngineKind::Sim | EngineKind::Sglang
@@ -144,6 +154,14 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
             ));
         }
         Arc::new(EngineProcess::new(command, env, exits_tx))
+    });
+    let probe = probe.or_else(|| {
+        let (nvml, process) = (nvml.clone()?, process.clone()?);
+        Some(Arc::new(NvmlProbe {
+            nvml,
+            process,
+            indices: indices.clone(),
+        }) as Arc<dyn MemoryProbe>)
     });
     let (engine, probe) = adapter(&cfg, &engine_url, process.as_ref(), &indices, probe)?;
     let sidecar = Sidecar::new(

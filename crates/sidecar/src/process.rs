@@ -167,11 +167,10 @@ pub struct RssProbe {
     pub indices: Vec<u32>,
 }
 
-/// Bytes resident in the processes of group `pgid` (the engine and any children).
-pub fn group_rss(pgid: u32) -> std::io::Result<u64> {
-    // SAFETY: sysconf reads a constant of the running kernel.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let mut total = 0;
+/// Pids and resident pages of the processes in group `pgid` (the engine and any
+/// children it started: vLLM's workers, for one).
+fn group_members(pgid: u32) -> std::io::Result<Vec<(u32, u64)>> {
+    let mut members = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
@@ -190,9 +189,50 @@ pub fn group_rss(pgid: u32) -> std::io::Result<u64> {
             continue;
         }
         let pages: u64 = fields.get(21).and_then(|r| r.parse().ok()).unwrap_or(0);
-        total += pages * page;
+        members.push((pid, pages));
     }
-    Ok(total)
+    Ok(members)
+}
+
+/// Bytes resident in the processes of group `pgid`.
+pub fn group_rss(pgid: u32) -> std::io::Result<u64> {
+    // SAFETY: sysconf reads a constant of the running kernel.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    Ok(group_members(pgid)?
+        .iter()
+        .map(|(_, pages)| pages * page)
+        .sum())
+}
+
+/// GPU memory of an engine process group, per GPU, as NVML accounts it per process: what
+/// a real engine (vLLM, SGLang, llama.cpp with CUDA) holds, awake or asleep.
+pub struct NvmlProbe {
+    pub nvml: Arc<greenthread_gpu::NvmlSource>,
+    pub process: Arc<EngineProcess>,
+    pub indices: Vec<u32>,
+}
+
+#[async_trait]
+impl MemoryProbe for NvmlProbe {
+    async fn engine_memory(&self) -> Result<Vec<(u32, u64)>, ProbeError> {
+        let pids: Vec<u32> = match self.process.pid() {
+            Some(pgid) => group_members(pgid)?.into_iter().map(|(p, _)| p).collect(),
+            None => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(self.indices.len());
+        for &index in &self.indices {
+            let held = self
+                .nvml
+                .process_memory(index)
+                .map_err(|e| ProbeError::Io(std::io::Error::other(e.to_string())))?
+                .into_iter()
+                .filter(|(pid, _)| pids.contains(pid))
+                .map(|(_, bytes)| bytes)
+                .sum();
+            out.push((index, held));
+        }
+        Ok(out)
+    }
 }
 
 #[async_trait]

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (the `device` tool), writing its report to $OUT:
+#  1. the agent's NVML discovery and statistics (`greenthread gpus`) next to nvidia-smi;
+#  2. the sidecar's measurement of an engine process that takes and frees GPU memory
+#     (`--engine process`, a PyTorch engine holding 2 GiB): serving bytes measured by
+#     NVML per process after boot, nothing held after sleep, the same after a wake;
+#  3. host-to-device copy bandwidth from pinned memory, which bounds every wake.
+# Needs a release build of greenthread at target/release/greenthread (carried over) and
+# PyTorch on the machine.
+set -uo pipefail
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+BIN="${GREENTHREAD_BIN:-target/release/greenthread}"
+exec > >(tee "$OUT/report.txt") 2>&1
+
+echo "== 1. NVML discovery and stats vs nvidia-smi"
+nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw \
+  --format=csv,noheader,nounits | tee "$OUT/nvidia-smi.csv"
+"$BIN" gpus | tee "$OUT/greenthread-gpus.json"
+python3 - "$OUT" <<'PY'
+import csv, json, sys
+out = sys.argv[1]
+smi = list(csv.reader(open(f"{out}/nvidia-smi.csv")))
+ours = json.load(open(f"{out}/greenthread-gpus.json"))
+for row, g in zip(smi, ours):
+    idx, uuid, name, total_mib, used_mib = [c.strip() for c in row[:5]]
+    print(f"gpu {idx}: uuid match={uuid == g['uuid']} name match={name == g['product']} "
+          f"total MiB smi={total_mib} ours={g['memoryBytes'] / 2**20:.0f} "
+          f"used MiB smi={used_mib} ours={g['stats']['usedMemoryBytes'] / 2**20:.0f} "
+          f"temp={g['stats']['temperatureCelsius']} power={g['stats']['powerWatts']:.1f} W")
+PY
+
+echo "== 2. the sidecar measures a process that takes and frees GPU memory"
+PUB=18080 PRIV=18090 ENG=18001
+"$BIN" sidecar --model torch-engine --engine process \
+  --engine-command "python3 scripts/device/torch_engine.py --port $ENG --gib 2" \
+  --engine-url http://127.0.0.1:$ENG --listen 127.0.0.1:$PUB --metrics-listen 127.0.0.1:$PRIV \
+  --idle-timeout 1h --min-runtime 0s > "$OUT/sidecar.log" 2>&1 &
+SC=$!
+for _ in $(seq 1 240); do curl -sf localhost:$PUB/ready >/dev/null && break; sleep 0.5; done
+m() { curl -s localhost:$PRIV/metrics | grep -E "^gthread_sidecar_gpu_memory_(serving|residual|reserved)_bytes"; }
+echo "-- after boot (started, measured, stopped):"; m
+t0=$(date +%s.%N)
+curl -s localhost:$PUB/v1/chat/completions -H 'Content-Type: application/json' \
+  -d '{"model":"torch-engine","messages":[{"role":"user","content":"hi"}],"max_tokens":1}'; echo
+echo "-- awake (wake took $(python3 -c "import time; print(round(time.time() - $t0, 3))") s):"; m
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv
+curl -s -X POST localhost:$PRIV/admin/sleep > /dev/null
+echo "-- asleep:"; m
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv
+kill $SC; wait $SC 2>/dev/null
+
+echo "== 3. host-to-device bandwidth from pinned memory"
+python3 - <<'PY'
+import time, torch
+for gib in (1, 4):
+    n = gib << 30
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+    dev.copy_(host, non_blocking=True); torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter(); dev.copy_(host, non_blocking=True); torch.cuda.synchronize()
+        best = max(best, n / (time.perf_counter() - t))
+    print(f"pinned H2D {gib} GiB: {best / 1e9:.1f} GB/s (best of 5)")
+    pageable = torch.empty(n, dtype=torch.uint8)
+    t = time.perf_counter(); dev.copy_(pageable); torch.cuda.synchronize()
+    print(f"pageable H2D {gib} GiB: {n / (time.perf_counter() - t) / 1e9:.1f} GB/s")
+PY
