@@ -2,10 +2,12 @@
 //! coordinate through, and the size and duration formats accepted on the command line
 //! and in configuration files.
 
+pub mod engine_command;
 pub mod gpu;
 pub mod model;
 pub mod units;
 
+pub use engine_command::shell_quote;
 pub use gpu::{
     Gpu, GpuResource, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent,
     WakeLock,

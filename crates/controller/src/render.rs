@@ -226,46 +226,6 @@ pub fn sglang_args(model: &Model, port: u16) -> Vec<String> {
     args
 }
 
-/// The command line of an engine the sidecar starts and stops itself (`llamacpp`,
-/// `process`): no sleep API, so asleep means not running.
-fn owned_engine_command(model: &Model, port: u16) -> String {
-    let s = &model.spec;
-    let quote = |a: &str| {
-        if a.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
-        {
-            a.to_string()
-        } else {
-            format!("'{}'", a.replace('\'', "'\\''"))
-        }
-    };
-    let mut argv: Vec<String> = match s.engine {
-        EngineKind::Llamacpp if s.command.is_empty() => vec!["/app/llama-server".into()],
-        _ => s.command.clone(),
-    };
-    argv.extend(s.extra_args.iter().cloned());
-    if s.engine == EngineKind::Llamacpp {
-        argv.extend(
-            [
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--alias",
-                &s.model_name,
-                "--metrics",
-            ]
-            .map(String::from),
-        );
-    }
-    let line = argv
-        .iter()
-        .map(|a| quote(&a.replace("{port}", &port.to_string())))
-        .collect::<Vec<_>>()
-        .join(" ");
-    format!("PORT={port} {line}")
-}
-
 /// Where the `greenthread` binary is put for engines the sidecar runs in their own image.
 pub const BINARY_DIR: &str = "/greenthread";
 pub const LLAMACPP_IMAGE: &str = "ghcr.io/ggml-org/llama.cpp:server";
@@ -377,7 +337,7 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                 "--engine".to_string(),
                 kind.to_string(),
                 "--engine-command".to_string(),
-                owned_engine_command(model, port),
+                s.owned_engine_command(port, "/app/llama-server"),
             ]);
             let image = s
                 .image

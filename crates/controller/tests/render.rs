@@ -247,7 +247,7 @@ fn llama_cpp_runs_under_the_sidecar_so_that_sleeping_stops_it() {
     assert_eq!(args[at - 1], "llamacpp");
     assert_eq!(
         args[at + 1],
-        "PORT=8001 /app/llama-server -m /models/gemma.gguf --no-jinja --chat-template gemma --host 127.0.0.1 --port 8001 --alias Qwen/Qwen2.5-7B-Instruct --metrics"
+        "env PORT=8001 /app/llama-server -m /models/gemma.gguf --no-jinja --chat-template gemma --host 127.0.0.1 --port 8001 --alias Qwen/Qwen2.5-7B-Instruct --metrics"
     );
     // The binary comes from greenthread's image through an init container.
     let init = &spec.init_containers.as_ref().unwrap()[0];

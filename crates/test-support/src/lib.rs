@@ -8,6 +8,7 @@ mod fake_apiserver;
 mod fake_engine;
 mod fake_kubelet;
 mod kubectl;
+pub mod llama;
 mod local;
 mod procs;
 mod prometheus;

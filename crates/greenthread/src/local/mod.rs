@@ -273,39 +273,9 @@ fn engine_command(
     port: u16,
     memory: u64,
 ) -> (String, &'static str) {
-    let quote_all = |args: &[String]| {
-        args.iter()
-            .map(|a| shell_quote(&a.replace("{port}", &port.to_string())))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     match spec.engine {
-        EngineKind::Llamacpp => {
-            let mut argv: Vec<String> = if spec.command.is_empty() {
-                vec!["llama-server".into()]
-            } else {
-                spec.command.clone()
-            };
-            argv.extend(spec.extra_args.iter().cloned());
-            argv.extend(
-                [
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--alias",
-                    &spec.model_name,
-                    "--metrics",
-                ]
-                .map(String::from),
-            );
-            (quote_all(&argv), "llamacpp")
-        }
-        EngineKind::Process => {
-            let mut argv = spec.command.clone();
-            argv.extend(spec.extra_args.iter().cloned());
-            (format!("PORT={port} {}", quote_all(&argv)), "process")
-        }
+        EngineKind::Llamacpp => (spec.owned_engine_command(port, "llama-server"), "llamacpp"),
+        EngineKind::Process => (spec.owned_engine_command(port, "llama-server"), "process"),
         _ => {
             // vLLM takes its share of the GPU up front: weights, then KV cache.
             let weights = memory / 5 * 3;

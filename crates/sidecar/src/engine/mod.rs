@@ -1,5 +1,6 @@
 //! Engine adapters: how to ask an engine whether it is up, put it to sleep and wake it.
 
+mod http;
 mod process;
 mod sglang;
 mod vllm;
@@ -43,11 +44,6 @@ pub trait EngineAdapter: Send + Sync + 'static {
     async fn warm_up(&self, _model: &str) -> Result<(), EngineError> {
         Ok(())
     }
-}
-
-/// The one-token completion every wake is verified with.
-pub(crate) fn warm_up_body(model: &str) -> serde_json::Value {
-    serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
 }
 
 /// Whether vLLM's `vllm:engine_sleep_state` exposition says the engine sleeps: the

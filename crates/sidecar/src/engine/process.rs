@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{EngineAdapter, EngineError};
+use super::{EngineAdapter, EngineError, http::EngineHttp};
 use crate::process::EngineProcess;
 
 /// What kind of server runs in the process: how to tell it is loaded.
@@ -21,8 +21,7 @@ pub enum Flavor {
 }
 
 pub struct ProcessAdapter {
-    base: String,
-    http: reqwest::Client,
+    http: EngineHttp,
     process: Arc<EngineProcess>,
     flavor: Flavor,
     /// How long a stopping engine gets before SIGKILL.
@@ -38,38 +37,12 @@ impl ProcessAdapter {
         flavor: Flavor,
         start_timeout: Duration,
     ) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .no_proxy()
-            .build()
-            .expect("a plain http client builds");
         Self {
-            base: base.trim_end_matches('/').to_string(),
-            http,
+            http: EngineHttp::new(base),
             process,
             flavor,
             stop_grace: Duration::from_secs(10),
             start_timeout,
-        }
-    }
-
-    async fn get(&self, call: &'static str, path: &str) -> Result<reqwest::Response, EngineError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| EngineError::Unreachable(format!("{call}: {e}")))?;
-        if resp.status().is_success() {
-            Ok(resp)
-        } else {
-            let status = resp.status().as_u16();
-            Err(EngineError::Status {
-                call,
-                status,
-                body: resp.text().await.unwrap_or_default(),
-            })
         }
     }
 }
@@ -82,10 +55,14 @@ impl EngineAdapter for ProcessAdapter {
                 "engine process is stopped (asleep)".into(),
             ));
         }
-        match self.flavor {
-            Flavor::LlamaCpp => self.get("health", "/health").await.map(drop),
-            Flavor::Process => self.get("models", "/v1/models").await.map(drop),
-        }
+        let (call, path) = match self.flavor {
+            Flavor::LlamaCpp => ("health", "/health"),
+            Flavor::Process => ("models", "/v1/models"),
+        };
+        self.http
+            .call(call, self.http.get(path).timeout(Duration::from_secs(5)))
+            .await
+            .map(drop)
     }
 
     /// Asleep means the process is not running: nothing else holds memory.
@@ -119,33 +96,12 @@ impl EngineAdapter for ProcessAdapter {
         Ok(())
     }
 
-    /// One greedy token: the proof that the engine serves, not just listens.
     async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/completions", self.base))
-            .json(&super::warm_up_body(model))
-            .send()
-            .await
-            .map_err(|e| EngineError::Unreachable(format!("warm-up completion: {e}")))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            let status = resp.status().as_u16();
-            Err(EngineError::Status {
-                call: "warm-up completion",
-                status,
-                body: resp.text().await.unwrap_or_default(),
-            })
-        }
+        self.http.warm_up(model).await
     }
 
     async fn models(&self) -> Result<Bytes, EngineError> {
-        self.get("models", "/v1/models")
-            .await?
-            .bytes()
-            .await
-            .map_err(|e| EngineError::Protocol(e.to_string()))
+        self.http.models().await
     }
 
     /// The engine's exposition while it runs (llama-server needs `--metrics`); nothing
@@ -155,24 +111,11 @@ impl EngineAdapter for ProcessAdapter {
         if !self.process.is_running() {
             return empty();
         }
-        match self.get("metrics", "/metrics").await {
-            Ok(resp) => {
-                let content_type = resp
-                    .headers()
-                    .get(reqwest::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("text/plain; version=0.0.4")
-                    .to_string();
-                let body = resp
-                    .bytes()
-                    .await
-                    .map_err(|e| EngineError::Protocol(e.to_string()))?;
-                Ok((content_type, body))
-            }
+        match self.http.metrics().await {
             Err(EngineError::Status {
                 status: 404 | 501, ..
             }) => empty(),
-            Err(e) => Err(e),
+            other => other,
         }
     }
 }

@@ -4,24 +4,17 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::json;
 
-use super::{EngineAdapter, EngineError};
+use super::{EngineAdapter, EngineError, http::EngineHttp};
 
 /// vLLM's sleep-mode API (also spoken by `greenthread sim-engine`).
 pub struct VllmAdapter {
-    base: String,
-    http: reqwest::Client,
+    http: EngineHttp,
 }
 
 impl VllmAdapter {
     pub fn new(base: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .no_proxy()
-            .build()
-            .expect("a plain http client builds");
         Self {
-            base: base.trim_end_matches('/').to_string(),
-            http,
+            http: EngineHttp::new(base),
         }
     }
 
@@ -30,31 +23,15 @@ impl VllmAdapter {
         call: &'static str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, EngineError> {
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() {
-                EngineError::Timeout(call)
-            } else {
-                EngineError::Unreachable(format!("{call}: {e}"))
-            }
-        })?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let body = resp.text().await.unwrap_or_default();
-        Err(EngineError::Status {
-            call,
-            status: status.as_u16(),
-            body,
-        })
+        self.http.call(call, req).await
     }
 
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.post(format!("{}{path}", self.base))
+        self.http.post(path)
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.get(format!("{}{path}", self.base))
+        self.http.get(path)
     }
 }
 
@@ -132,45 +109,15 @@ impl EngineAdapter for VllmAdapter {
             .map(drop)
     }
 
-    async fn models(&self) -> Result<Bytes, EngineError> {
-        let resp = self
-            .call(
-                "models",
-                self.get("/v1/models").timeout(Duration::from_secs(10)),
-            )
-            .await?;
-        resp.bytes()
-            .await
-            .map_err(|e| EngineError::Protocol(format!("models: {e}")))
+    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
+        self.http.warm_up(model).await
     }
 
-    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
-        self.call(
-            "warm-up completion",
-            self.post("/v1/completions")
-                .json(&super::warm_up_body(model)),
-        )
-        .await
-        .map(drop)
+    async fn models(&self) -> Result<Bytes, EngineError> {
+        self.http.models().await
     }
 
     async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
-        let resp = self
-            .call(
-                "metrics",
-                self.get("/metrics").timeout(Duration::from_secs(10)),
-            )
-            .await?;
-        let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("text/plain; version=0.0.4")
-            .to_string();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| EngineError::Protocol(format!("metrics: {e}")))?;
-        Ok((content_type, body))
+        self.http.metrics().await
     }
 }
