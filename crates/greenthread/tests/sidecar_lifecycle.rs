@@ -40,9 +40,10 @@ async fn concurrent_requests_share_one_wake_then_the_model_sleeps_when_idle() {
         Some(1.0),
         "exactly one engine wake"
     );
+    // The 200 requests, and the one-token warm-up that verified the wake.
     assert_eq!(
         engine.value("greenthread_sim_inference_requests_total", &[]),
-        Some(200.0)
+        Some(201.0)
     );
     let m = sc.metrics().await;
     assert_eq!(
