@@ -104,30 +104,51 @@ fn labels(model: &Model) -> BTreeMap<String, String> {
     ])
 }
 
-/// vLLM's command line for the spec: sleep mode on, the spec's memory share, parallelism,
-/// dtype, quantization, then the user's extra arguments.
-pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
+/// An engine server's command line: `head`, its loopback address, `switches`, then the
+/// spec's memory share, parallelism, dtype, quantization under each engine's flag names,
+/// and the user's extra arguments last (so that they win).
+fn serve_args(
+    model: &Model,
+    port: u16,
+    head: &[&str],
+    switches: &[&str],
+    (share_flag, tp_flag): (&str, &str),
+) -> Vec<String> {
     let s = &model.spec;
-    let mut args = vec![
-        "serve".to_string(),
-        s.model_name.clone(),
+    let mut args: Vec<String> = head.iter().map(|a| a.to_string()).collect();
+    args.push(s.model_name.clone());
+    args.extend([
         "--host".into(),
         "127.0.0.1".into(),
         "--port".into(),
         port.to_string(),
-        "--enable-sleep-mode".into(),
-        "--gpu-memory-utilization".into(),
+    ]);
+    args.extend(switches.iter().map(|a| a.to_string()));
+    args.extend([
+        share_flag.to_string(),
         s.gpu_memory_utilization.clone(),
-        "--tensor-parallel-size".into(),
+        tp_flag.to_string(),
         s.tensor_parallel_size.to_string(),
         "--dtype".into(),
         s.dtype.clone(),
-    ];
+    ]);
     if !s.quantization.is_empty() {
         args.extend(["--quantization".to_string(), s.quantization.clone()]);
     }
     args.extend(s.extra_args.iter().cloned());
     args
+}
+
+/// vLLM's command line for the spec: sleep mode on, the spec's memory share, parallelism,
+/// dtype, quantization, then the user's extra arguments.
+pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
+    serve_args(
+        model,
+        port,
+        &["serve"],
+        &["--enable-sleep-mode"],
+        ("--gpu-memory-utilization", "--tensor-parallel-size"),
+    )
 }
 
 fn sidecar_args(model: &Model, gpus: &[GpuSpec], settings: &Settings) -> Vec<String> {
@@ -197,33 +218,19 @@ fn http_probe(path: &str, period: i32) -> Probe {
 }
 
 /// SGLang's command line: its memory saver on, weights backed up on the CPU so that they
-/// come back intact, the spec's memory share, parallelism, dtype, quantization, extras.
+/// come back intact, metrics, then the spec's values as for vLLM.
 pub fn sglang_args(model: &Model, port: u16) -> Vec<String> {
-    let s = &model.spec;
-    let mut args = vec![
-        "-m".to_string(),
-        "sglang.launch_server".into(),
-        "--model-path".into(),
-        s.model_name.clone(),
-        "--host".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port.to_string(),
-        "--enable-memory-saver".into(),
-        "--enable-weights-cpu-backup".into(),
-        "--enable-metrics".into(),
-        "--mem-fraction-static".into(),
-        s.gpu_memory_utilization.clone(),
-        "--tp".into(),
-        s.tensor_parallel_size.to_string(),
-        "--dtype".into(),
-        s.dtype.clone(),
-    ];
-    if !s.quantization.is_empty() {
-        args.extend(["--quantization".to_string(), s.quantization.clone()]);
-    }
-    args.extend(s.extra_args.iter().cloned());
-    args
+    serve_args(
+        model,
+        port,
+        &["-m", "sglang.launch_server", "--model-path"],
+        &[
+            "--enable-memory-saver",
+            "--enable-weights-cpu-backup",
+            "--enable-metrics",
+        ],
+        ("--mem-fraction-static", "--tp"),
+    )
 }
 
 /// Where the `greenthread` binary is put for engines the sidecar runs in their own image.
