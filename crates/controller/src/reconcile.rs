@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use greenthread_api::{ByteSize, Gpu, GpuSpec, Model};
+use greenthread_api::{ByteSize, Gpu, GpuResource, GpuSpec, Model};
 use greenthread_ledger::{Ledger, LedgerError, decide};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::{
@@ -166,9 +166,23 @@ fn names(pods: &[Pod]) -> BTreeSet<String> {
         .collect()
 }
 
-/// The GPU records as of now, then the pods: the order [`prune`] relies on.
+/// The GPU records as of now, then the pods: the order [`prune`] relies on. Read from
+/// the API, not from a watch cache: the event that triggered this reconcile may have come
+/// through another watch, ahead of any cache.
 async fn snapshot(ctx: &Context) -> Result<(Vec<Gpu>, Vec<Pod>), Error> {
-    let gpus = ctx.ledger.list().await?;
+    let api: Api<GpuResource> = Api::namespaced(ctx.client.clone(), &ctx.settings.gpu_namespace);
+    let gpus = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|r| Gpu {
+            name: r.name_any(),
+            spec: r.spec,
+            status: r.status.unwrap_or_default(),
+            resource_version: r.metadata.resource_version.unwrap_or_default(),
+        })
+        .collect();
     let pods = all_model_pods(&ctx.client).await?;
     Ok((gpus, pods))
 }
@@ -512,7 +526,7 @@ type OccupantDigest = (String, &'static str, u64);
 /// every stats update).
 fn gpu_mapper(
     models: Store<Model>,
-) -> impl Fn(greenthread_api::GpuResource) -> Vec<ObjectRef<Model>> + Send + Sync + 'static {
+) -> impl Fn(GpuResource) -> Vec<ObjectRef<Model>> + Send + Sync + 'static {
     let seen: Mutex<HashMap<String, Vec<OccupantDigest>>> = Mutex::default();
     move |gpu| {
         let name = gpu.name_any();
@@ -532,14 +546,29 @@ fn gpu_mapper(
                     .collect()
             })
             .unwrap_or_default();
-        if seen.lock().unwrap().insert(name.clone(), digest.clone()) == Some(digest) {
+        let previous = seen.lock().unwrap().insert(name.clone(), digest.clone());
+        if previous.as_ref() == Some(&digest) {
             return Vec::new();
         }
+        // The Models placed here (by their status), and the Models of the occupants that
+        // changed (by pod name: their status may not name this GPU yet).
+        let changed: Vec<&str> = digest
+            .iter()
+            .filter(|d| !previous.as_ref().is_some_and(|p| p.contains(d)))
+            .chain(previous.iter().flatten().filter(|p| !digest.contains(p)))
+            .map(|d| d.0.as_str())
+            .collect();
         models
             .state()
             .iter()
             .map(|m| &**m)
-            .filter(|m| m.status.as_ref().is_some_and(|s| s.gpus.contains(&name)))
+            .filter(|m| {
+                let model = m.name_any();
+                m.status.as_ref().is_some_and(|s| s.gpus.contains(&name))
+                    || changed
+                        .iter()
+                        .any(|pod| replica_index(&model, pod).is_some())
+            })
             .map(ObjectRef::from_obj)
             .collect()
     }
@@ -560,8 +589,7 @@ pub async fn run(ctx: Arc<Context>, models_namespace: Option<String>) {
             Api::all(client.clone()),
         ),
     };
-    let gpus: Api<greenthread_api::GpuResource> =
-        Api::namespaced(client.clone(), &ctx.settings.gpu_namespace);
+    let gpus: Api<GpuResource> = Api::namespaced(client.clone(), &ctx.settings.gpu_namespace);
     let controller = Controller::new(models, watcher::Config::default().any_semantic());
     let store = controller.store();
     let children = watcher::Config::default().labels(&model_pods_selector());
