@@ -311,7 +311,13 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     let mut problem: Option<(PlacementError, bool)> = None;
     let by_name: BTreeMap<&str, &Gpu> = gpus.iter().map(|g| (g.name.as_str(), g)).collect();
     let nodes = allowed_nodes(ctx, &model).await?;
+    // A process engine's command lives in its own image: without one there is nothing to run.
+    let unrunnable =
+        model.spec.engine == greenthread_api::EngineKind::Process && model.spec.image.is_none();
     for replica in 0..model.spec.replicas {
+        if unrunnable {
+            break;
+        }
         let pod_name = format!("{name}-{replica}");
         if mine.iter().any(|p| p.name_any() == pod_name) {
             continue;
@@ -359,11 +365,21 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
 
     ensure_service(ctx, &model).await?;
 
-    let problem = problem.map(|(e, fatal)| Problem {
-        reason: e.reason(),
-        message: e.to_string(),
-        fatal,
-    });
+    let problem = if unrunnable {
+        Some(Problem {
+            reason: "ImageRequired",
+            message:
+                "engine process on Kubernetes needs spec.image: the image that has spec.command"
+                    .into(),
+            fatal: true,
+        })
+    } else {
+        problem.map(|(e, fatal)| Problem {
+            reason: e.reason(),
+            message: e.to_string(),
+            fatal,
+        })
+    };
     let status = status::model_status(
         &model,
         &mine,

@@ -508,3 +508,42 @@ async fn of_two_replicas_exactly_one_leads_and_the_other_takes_over_when_its_lea
     let released = holder(&client).await;
     assert_ne!(released.as_deref(), Some(survivor_identity.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_model_without_an_image_fails_with_a_reason_and_gets_no_pods() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let mut registry = Registry::default();
+    let ctx = Arc::new(reconcile::Context::new(
+        client.clone(),
+        Settings::default(),
+        ControllerMetrics::register(&mut registry),
+        Arc::new(KubeLedger::new(client.clone(), SYSTEM).await.unwrap()),
+    ));
+    let spec: ModelSpec = serde_json::from_value(json!({
+        "modelName": "tool", "engine": "process", "command": ["serve-it"],
+    }))
+    .unwrap();
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    let m = models
+        .create(&PostParams::default(), &Model::new("tool", spec))
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(models.get("tool").await.unwrap()), ctx)
+        .await
+        .unwrap();
+    let status = models.get("tool").await.unwrap().status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Failed"));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.reason, "ImageRequired");
+    assert!(ready.message.contains("spec.image"), "{}", ready.message);
+    assert!(pods_of(&client, "tool").await.is_empty());
+}
