@@ -61,6 +61,15 @@ fn unknown_model(api: &ApiServer, model: &str) -> Response {
     )
 }
 
+/// A known model with no replica running yet (its pods are still being scheduled).
+fn no_replica(model: &str) -> Response {
+    api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        format!("no replica of model `{model}` is running yet"),
+    )
+}
+
 async fn by_body(State(api): State<Shared>, req: Request) -> Response {
     if !api.auth.api_allowed(req.headers()) {
         return unauthorized(false);
@@ -163,11 +172,7 @@ async fn send(
     let start = Instant::now();
     let resp = match route.pick() {
         Some(replica) => replica.relay(&parts, body).await,
-        None => api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            format!("no replica of model `{}` is running yet", route.name),
-        ),
+        None => no_replica(&route.name),
     };
     api.metrics.observe(
         &route.name,
@@ -332,11 +337,7 @@ async fn admin_wake(
         return unknown_model(&api, &name);
     };
     let Some(replica) = route.pick() else {
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            format!("no replica of model `{name}` is running yet"),
-        );
+        return no_replica(&name);
     };
     match replica.wake().await {
         Ok(()) => Json(model_status(&route)).into_response(),

@@ -239,10 +239,7 @@ fn need_on(model: &Model, gpu: &Gpu) -> u64 {
         .and_then(|s| s.serving_memory_per_gpu.as_deref())
         .and_then(|v| v.parse::<ByteSize>().ok())
         .map(ByteSize::bytes);
-    measured.unwrap_or_else(|| {
-        let share: f64 = model.spec.gpu_memory_utilization.parse().unwrap_or(0.9);
-        (gpu.spec.memory_bytes as f64 * share) as u64
-    })
+    measured.unwrap_or_else(|| render::share_of(model, gpu.spec.memory_bytes))
 }
 
 fn replica_index(model: &str, pod: &str) -> Option<u32> {

@@ -151,14 +151,19 @@ pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
     )
 }
 
+/// The bytes the engine takes on a GPU of `gpu_memory_bytes`: vLLM (and SGLang) take the
+/// spec's `gpuMemoryUtilization` of it up front, weights and KV cache alike.
+pub fn share_of(model: &Model, gpu_memory_bytes: u64) -> u64 {
+    let share: f64 = model.spec.gpu_memory_utilization.parse().unwrap_or(0.9);
+    (gpu_memory_bytes as f64 * share) as u64
+}
+
 fn sidecar_args(model: &Model, gpus: &[GpuSpec], settings: &Settings) -> Vec<String> {
     let s = &model.spec;
     let p = settings.ports;
-    // vLLM takes `gpuMemoryUtilization` of each GPU's memory, weights and KV cache alike.
-    let share: f64 = s.gpu_memory_utilization.parse().unwrap_or(0.9);
     let memory = gpus
         .iter()
-        .map(|g| (g.memory_bytes as f64 * share) as u64)
+        .map(|g| share_of(model, g.memory_bytes))
         .max()
         .unwrap_or(0)
         .to_string();
