@@ -1,0 +1,150 @@
+//! Bearer tokens as layers on sub-routers, compared in constant time.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::Request,
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+
+use crate::ApiError;
+
+/// `a == b` in time that depends only on the lengths, not on where they differ.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= usize::from(x ^ y);
+    }
+    // Keep the loop from being cut short by the optimizer.
+    std::hint::black_box(diff) == 0
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Who may pass: anyone, or a holder of one of these tokens.
+#[derive(Clone)]
+pub enum Gate {
+    Open,
+    Tokens(Arc<Vec<String>>),
+}
+
+impl Gate {
+    /// Open when `tokens` is empty.
+    pub fn tokens(tokens: impl IntoIterator<Item = String>) -> Self {
+        let t: Vec<String> = tokens.into_iter().filter(|t| !t.is_empty()).collect();
+        if t.is_empty() {
+            Self::Open
+        } else {
+            Self::Tokens(Arc::new(t))
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self, Self::Open)
+    }
+
+    /// Whether `headers` carry a token this gate accepts. Every token is compared, so
+    /// the time taken does not say which one came close.
+    pub fn allows(&self, headers: &HeaderMap) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Tokens(tokens) => {
+                let Some(given) = bearer(headers) else {
+                    return false;
+                };
+                tokens
+                    .iter()
+                    .fold(false, |ok, t| ct_eq(t.as_bytes(), given.as_bytes()) | ok)
+            }
+        }
+    }
+}
+
+/// `router` behind `gate`: a request without an accepted bearer token gets 401, saying
+/// it needs `what` (e.g. "a valid API key"). Applied as a route layer, so unknown paths
+/// still answer 404.
+pub fn require<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    gate: Gate,
+    what: &'static str,
+) -> Router<S> {
+    if gate.is_open() {
+        return router;
+    }
+    router.route_layer(middleware::from_fn(move |req: Request, next: Next| {
+        let gate = gate.clone();
+        async move {
+            if gate.allows(req.headers()) {
+                next.run(req).await
+            } else {
+                unauthorized(what)
+            }
+        }
+    }))
+}
+
+fn unauthorized(what: &str) -> Response {
+    let mut r = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_api_key",
+        format!("this endpoint needs {what} as `Authorization: Bearer …`"),
+    )
+    .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_equality_is_equality() {
+        for (a, b, eq) in [
+            ("", "", true),
+            ("k1", "k1", true),
+            ("k1", "k2", false),
+            ("k1", "k1x", false),
+            ("k1x", "k1", false),
+            ("", "k", false),
+            ("k\u{0}", "k", false),
+        ] {
+            assert_eq!(ct_eq(a.as_bytes(), b.as_bytes()), eq, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively_and_never_empty() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::AUTHORIZATION, v.parse().unwrap());
+            m
+        };
+        assert_eq!(bearer(&h("Bearer k1")), Some("k1"));
+        assert_eq!(bearer(&h("bearer  k1 ")), Some("k1"));
+        assert_eq!(bearer(&h("Basic k1")), None);
+        assert_eq!(bearer(&h("Bearer ")), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
+        let gate = Gate::tokens(["a".to_string(), "bb".to_string()]);
+        assert!(gate.allows(&h("Bearer bb")));
+        assert!(!gate.allows(&h("Bearer b")));
+        assert!(!gate.allows(&HeaderMap::new()));
+        assert!(Gate::tokens([String::new()]).is_open());
+    }
+}

@@ -1,0 +1,156 @@
+//! Which paths a public port forwards to an engine: inference only. An engine's control
+//! API (vLLM's `/sleep`, `/wake_up`, `/collective_rpc`, `/v1/load_lora_adapter`, SGLang's
+//! `/release_memory_occupation`, …) is reachable only by the sidecar itself.
+
+use crate::ApiError;
+
+/// OpenAI's inference paths, Anthropic's `/v1/messages`, and vLLM's serving extras. A
+/// path is allowed when it is one of these or lies below one.
+pub const INFERENCE_PATHS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/audio",
+    "/v1/images",
+    "/v1/moderations",
+    "/v1/models",
+    "/v1/messages",
+    "/v1/rerank",
+    "/v1/score",
+    "/v2/rerank",
+    "/tokenize",
+    "/detokenize",
+    "/score",
+    "/rerank",
+    "/pooling",
+    "/classify",
+    "/invocations",
+];
+
+/// What a public port does with a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathCheck {
+    /// Forward it.
+    Inference,
+    /// Not an inference path: 404, never forwarded.
+    NotInference,
+}
+
+/// Rejects what could name another resource once an engine (or a router in front of it)
+/// normalizes the path: `.` and `..` segments, encoded or not, encoded slashes and
+/// backslashes, empty segments, control characters. Returns the path unchanged when clean.
+pub fn clean_path(path: &str) -> Result<&str, ApiError> {
+    let bad = |why: &str| ApiError::bad_request(format!("invalid request path: {why}"));
+    if !path.starts_with('/') {
+        return Err(bad("it must start with '/'"));
+    }
+    if path.bytes().any(|b| b.is_ascii_control() || b == b'\\') {
+        return Err(bad("control characters and backslashes are not allowed"));
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
+        return Err(bad("encoded slashes are not allowed"));
+    }
+    for segment in path[1..].split('/') {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        if decoded == "." || decoded == ".." {
+            return Err(bad("'.' and '..' segments are not allowed"));
+        }
+    }
+    if path.contains("//") {
+        return Err(bad("empty path segments are not allowed"));
+    }
+    Ok(path)
+}
+
+/// Whether `path` (without its query) may be forwarded from a public port: a clean path
+/// that is, or lies below, one of [`INFERENCE_PATHS`] or `extra`.
+pub fn check_inference_path(path: &str, extra: &[String]) -> Result<PathCheck, ApiError> {
+    let path = clean_path(path)?;
+    let under = |p: &str| {
+        let p = p.trim_end_matches('/');
+        path == p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/'))
+    };
+    if INFERENCE_PATHS.iter().copied().any(under) || extra.iter().map(String::as_str).any(under) {
+        Ok(PathCheck::Inference)
+    } else {
+        Ok(PathCheck::NotInference)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inference_paths_pass_and_control_paths_do_not() {
+        let ok = |p: &str| check_inference_path(p, &[]).unwrap() == PathCheck::Inference;
+        for p in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses/resp_123",
+            "/v1/audio/transcriptions",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+            "/tokenize",
+            "/detokenize",
+            "/score",
+            "/rerank",
+            "/v2/rerank",
+            "/pooling",
+            "/classify",
+            "/invocations",
+        ] {
+            assert!(ok(p), "{p} should pass");
+        }
+        for p in [
+            "/sleep",
+            "/wake_up",
+            "/is_sleeping",
+            "/collective_rpc",
+            "/reset_prefix_cache",
+            "/release_memory_occupation",
+            "/resume_memory_occupation",
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/metrics",
+            "/health",
+            "/",
+            "/v1",
+            "/v1/chat/completionsX",
+            "/tokenizer",
+            "/server_info",
+            "/flush_cache",
+            "/update_weights_from_disk",
+        ] {
+            assert!(!ok(p), "{p} should not pass");
+        }
+        let extra = vec!["/generate".to_string()];
+        assert_eq!(
+            check_inference_path("/generate", &extra).unwrap(),
+            PathCheck::Inference
+        );
+    }
+
+    #[test]
+    fn traversal_and_encoded_separators_are_rejected() {
+        for p in [
+            "/v1/../sleep",
+            "/v1/%2e%2e/sleep",
+            "/v1/%2E./sleep",
+            "/v1/chat%2F..%2F..%2Fsleep",
+            "/v1/chat%2fcompletions",
+            "/v1/chat/./completions",
+            "/v1//chat/completions",
+            "/v1\\..\\sleep",
+            "/v1/chat/completions%00",
+            "relative",
+        ] {
+            let e = check_inference_path(p, &[]).unwrap_err();
+            assert_eq!(e.status, 400, "{p}");
+            assert!(e.message.starts_with("invalid request path"), "{p}: {e}");
+        }
+    }
+}
