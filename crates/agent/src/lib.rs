@@ -28,6 +28,9 @@ pub struct AgentConfig {
     /// Address of `/metrics`.
     #[arg(long, default_value = "0.0.0.0:9400")]
     pub metrics_listen: SocketAddr,
+    /// Timeouts, caps and limits of the metrics server.
+    #[command(flatten)]
+    pub edge: greenthread_edge::EdgeConfig,
     /// Simulate this many GPUs instead of using NVML (for clusters without GPUs).
     #[arg(long)]
     pub fake_gpus: Option<u32>,
@@ -149,14 +152,26 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             async move { agent.encode_metrics() }
         }),
     );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let shutdown = greenthread_edge::Shutdown::new();
+    shutdown.on_signals();
+    let server = tokio::spawn(greenthread_edge::serve(
+        listener,
+        app,
+        cfg.edge.clone(),
+        shutdown.clone(),
+    ));
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
     loop {
         if let Err(e) = agent.report_stats().await {
             tracing::warn!(error = %e, "reporting GPU stats failed");
         }
         // Device statistics are sampled; nothing notifies of a temperature change.
-        tokio::time::sleep(cfg.interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(cfg.interval) => {}
+            () = &mut stop => break,
+        }
     }
+    let _ = server.await;
+    Ok(())
 }

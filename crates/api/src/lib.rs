@@ -16,3 +16,9 @@ pub use model::{
     EngineKind, FairnessSpec, FieldError, Model, ModelSpec, ModelStatus, SleepSpec, ValidModel,
 };
 pub use units::{ByteSize, ParseError, parse_duration};
+
+/// A pod's key in the GPU ledger (occupants, intents, wake locks): `namespace/name`, so
+/// that pods of the same name in two tenants' namespaces never share an entry.
+pub fn ledger_key(namespace: &str, pod: &str) -> String {
+    format!("{namespace}/{pod}")
+}

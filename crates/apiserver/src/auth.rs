@@ -1,37 +1,135 @@
-use http::HeaderMap;
+//! Who may use which part of the API server: the OpenAI API (API keys, or the admin
+//! token), the admin API (the admin token), metrics (an optional token).
 
-/// Bearer keys for the OpenAI API and a separate token for the admin API. With no keys
-/// configured, that API is open.
-#[derive(Debug, Clone, Default)]
+use std::net::SocketAddr;
+
+use greenthread_edge::Gate;
+
+#[derive(Clone)]
 pub struct Auth {
-    pub api_keys: Vec<String>,
-    pub admin_token: Option<String>,
+    pub api: Gate,
+    pub admin: Gate,
+    pub metrics: Gate,
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "API keys are set but no admin token: the admin API (sleep, wake, GPU records, events) would be open to anyone who can reach the port. Set an admin token ({admin}), or declare the admin API open on purpose ({open})"
+    )]
+    AdminOpenByAccident {
+        admin: &'static str,
+        open: &'static str,
+    },
+    #[error(
+        "listening on {listen}, which is not a loopback address, with no API keys: anyone who can reach it could use every model. Set API keys ({keys}), listen on 127.0.0.1, or pass --allow-unauthenticated"
+    )]
+    ExposedWithoutKeys {
+        listen: SocketAddr,
+        keys: &'static str,
+    },
+}
+
+/// Where each setting comes from, for error messages (a config file's field or a flag).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthSources {
+    pub keys: &'static str,
+    pub admin: &'static str,
+    pub admin_open: &'static str,
 }
 
 impl Auth {
-    /// The admin token is accepted on the OpenAI API too.
-    pub fn api_allowed(&self, headers: &HeaderMap) -> bool {
-        if self.api_keys.is_empty() {
-            return true;
+    /// Everything open (tests, and a loopback-only server with no keys).
+    pub fn open() -> Self {
+        Self {
+            api: Gate::Open,
+            admin: Gate::Open,
+            metrics: Gate::Open,
         }
-        bearer(headers).is_some_and(|k| {
-            self.api_keys.iter().any(|a| a == k) || self.admin_token.as_deref() == Some(k)
+    }
+
+    /// The gates for these secrets. API keys with no admin token are refused unless
+    /// `admin_open` says the admin API is meant to be open.
+    pub fn new(
+        api_keys: Vec<String>,
+        admin_token: Option<String>,
+        metrics_token: Option<String>,
+        admin_open: bool,
+        sources: AuthSources,
+    ) -> Result<Self, AuthError> {
+        let admin_token = admin_token.filter(|t| !t.is_empty());
+        let api_keys: Vec<String> = api_keys.into_iter().filter(|k| !k.is_empty()).collect();
+        if !api_keys.is_empty() && admin_token.is_none() && !admin_open {
+            return Err(AuthError::AdminOpenByAccident {
+                admin: sources.admin,
+                open: sources.admin_open,
+            });
+        }
+        // The admin token is accepted on the OpenAI API too.
+        let api = if api_keys.is_empty() {
+            Gate::Open
+        } else {
+            Gate::tokens(api_keys.into_iter().chain(admin_token.clone()))
+        };
+        Ok(Self {
+            api,
+            admin: Gate::tokens(admin_token),
+            metrics: Gate::tokens(metrics_token),
         })
     }
 
-    pub fn admin_allowed(&self, headers: &HeaderMap) -> bool {
-        match &self.admin_token {
-            None => true,
-            Some(t) => bearer(headers) == Some(t.as_str()),
+    /// Refuses a non-loopback listen address when the OpenAI API is open, unless told.
+    pub fn check_exposure(
+        &self,
+        listen: SocketAddr,
+        allow_unauthenticated: bool,
+        sources: AuthSources,
+    ) -> Result<(), AuthError> {
+        if self.api.is_open() && !listen.ip().is_loopback() && !allow_unauthenticated {
+            return Err(AuthError::ExposedWithoutKeys {
+                listen,
+                keys: sources.keys,
+            });
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCES: AuthSources = AuthSources {
+        keys: "apiKeys",
+        admin: "adminToken",
+        admin_open: "adminOpen: true",
+    };
+
+    #[test]
+    fn keys_without_an_admin_token_are_refused_unless_declared_open() {
+        let e = Auth::new(vec!["k".into()], None, None, false, SOURCES)
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("adminToken") && msg.contains("adminOpen: true"),
+            "{msg}"
+        );
+        let open = Auth::new(vec!["k".into()], None, None, true, SOURCES).unwrap();
+        assert!(open.admin.is_open() && !open.api.is_open());
+        let both = Auth::new(vec!["k".into()], Some("t".into()), None, false, SOURCES).unwrap();
+        assert!(!both.admin.is_open() && !both.api.is_open());
+        // No keys at all: open, which only a loopback address allows.
+        let none = Auth::new(vec![], None, None, false, SOURCES).unwrap();
+        assert!(none.api.is_open());
+        let public: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        let e = none.check_exposure(public, false, SOURCES).unwrap_err();
+        assert!(e.to_string().contains("--allow-unauthenticated"), "{e}");
+        none.check_exposure(public, true, SOURCES).unwrap();
+        none.check_exposure("127.0.0.1:8000".parse().unwrap(), false, SOURCES)
+            .unwrap();
+        none.check_exposure("[::1]:8000".parse().unwrap(), false, SOURCES)
+            .unwrap();
+        both.check_exposure(public, false, SOURCES).unwrap();
     }
 }

@@ -20,17 +20,54 @@ pub struct ApiServerConfig {
     /// Only serve Models of this namespace (default: all namespaces).
     #[arg(long)]
     pub watch_namespace: Option<String>,
-    /// API keys accepted on the OpenAI API (comma-separated; none: open).
-    #[arg(
-        long,
-        env = "GREENTHREAD_API_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub api_keys: Vec<String>,
-    /// Token for the admin API (none: open).
-    #[arg(long, env = "GREENTHREAD_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    /// A file of API keys for the OpenAI API (one per line or comma-separated); also
+    /// `GREENTHREAD_API_KEYS`. Secrets are never flag values (`ps` shows those).
+    #[arg(long)]
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// A file holding the admin API's token; also `GREENTHREAD_ADMIN_TOKEN`.
+    #[arg(long)]
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// A file holding a token `/metrics` demands; also `GREENTHREAD_METRICS_TOKEN`.
+    /// None: metrics are open (the network policy keeps them in the cluster).
+    #[arg(long)]
+    pub metrics_token_file: Option<std::path::PathBuf>,
+    /// A file holding the token sidecars demand on `/admin/*`; also
+    /// `GREENTHREAD_SIDECAR_ADMIN_TOKEN`.
+    #[arg(long)]
+    pub sidecar_token_file: Option<std::path::PathBuf>,
+    /// With API keys and no admin token, serve the admin API to anyone (refused otherwise).
+    #[arg(long)]
+    pub admin_open: bool,
+    /// Serve without API keys on a non-loopback address (refused otherwise).
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    #[command(flatten)]
+    pub edge: greenthread_edge::EdgeConfig,
+}
+
+const SOURCES: crate::AuthSources = crate::AuthSources {
+    keys: "GREENTHREAD_API_KEYS or --api-keys-file",
+    admin: "GREENTHREAD_ADMIN_TOKEN or --admin-token-file",
+    admin_open: "--admin-open",
+};
+
+impl ApiServerConfig {
+    /// The gates, from the secrets in files or the environment.
+    pub fn auth(&self) -> anyhow::Result<Auth> {
+        use greenthread_edge::{secret, secrets};
+        let auth = Auth::new(
+            secrets("GREENTHREAD_API_KEYS", self.api_keys_file.as_deref())?,
+            secret("GREENTHREAD_ADMIN_TOKEN", self.admin_token_file.as_deref())?,
+            secret(
+                "GREENTHREAD_METRICS_TOKEN",
+                self.metrics_token_file.as_deref(),
+            )?,
+            self.admin_open,
+            SOURCES,
+        )?;
+        auth.check_exposure(self.listen, self.allow_unauthenticated, SOURCES)?;
+        Ok(auth)
+    }
 }
 
 /// Builds the API server on `client` and keeps its routes discovered until dropped.
@@ -45,24 +82,21 @@ pub async fn start(
     let api = ApiServer::new(
         Vec::new(),
         ledger.clone(),
-        Auth {
-            api_keys: cfg
-                .api_keys
-                .iter()
-                .filter(|k| !k.is_empty())
-                .cloned()
-                .collect(),
-            admin_token: cfg.admin_token.clone().filter(|t| !t.is_empty()),
-        },
+        cfg.auth()?,
         registry,
         families,
         Box::new(|| {}),
     );
+    let sidecar_token = greenthread_edge::secret(
+        "GREENTHREAD_SIDECAR_ADMIN_TOKEN",
+        cfg.sidecar_token_file.as_deref(),
+    )?;
     let discovery = tokio::spawn(kube_discovery::run(
         api.clone(),
         client,
         cfg.watch_namespace.clone(),
         ledger,
+        sidecar_token,
     ));
     Ok((api, discovery))
 }
@@ -75,13 +109,16 @@ pub async fn run(cfg: ApiServerConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding --listen {}: {e}", cfg.listen))?;
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    *api.advertise.write().unwrap() = listener.local_addr()?.to_string();
     tracing::info!(listen = %cfg.listen, "API server running");
-    axum::serve(listener, crate::router(api))
-        .with_graceful_shutdown(greenthread_sidecar::shutdown_signal())
-        .await?;
+    api.shutdown.on_signals();
+    greenthread_edge::serve(
+        listener,
+        crate::router(api.clone()),
+        cfg.edge.clone(),
+        api.shutdown.clone(),
+    )
+    .await?;
     discovery.abort();
     Ok(())
 }

@@ -25,19 +25,54 @@ use crate::{ApiServer, Backend, ModelRoute, Replica, StateBoard, StateEvent};
 pub const MODEL_LABEL: &str = "greenthread.ai/model";
 const POD_SELECTOR: &str = "app.kubernetes.io/component=model";
 
-/// Connection pools by address, kept across rebuilds of the routes.
+/// Connection pools by address, kept across rebuilds of the routes (and dropped with the
+/// pods they reach).
 #[derive(Default)]
-struct Pools(Mutex<HashMap<String, Arc<Forwarder>>>);
+struct Pools {
+    pools: Mutex<HashMap<String, Arc<Forwarder>>>,
+    /// The token sidecars demand on their private port.
+    sidecar_token: Option<String>,
+}
+
+/// Longest a request waits for a remote sidecar's response headers: its queue (5 min by
+/// default) plus a long non-streamed generation.
+const SIDECAR_RESPONSE_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 impl Pools {
-    fn get(&self, addr: &str) -> Option<Arc<Forwarder>> {
-        let mut pools = self.0.lock().unwrap();
+    fn get(&self, addr: &str, private: bool) -> Option<Arc<Forwarder>> {
+        let mut pools = self.pools.lock().unwrap();
         if let Some(f) = pools.get(addr) {
             return Some(f.clone());
         }
-        let f = Arc::new(Forwarder::new(&format!("http://{addr}")).ok()?);
+        let mut f = Forwarder::new(&format!("http://{addr}"))
+            .ok()?
+            .with_timeouts(Duration::from_secs(5), SIDECAR_RESPONSE_TIMEOUT);
+        if private {
+            f = f
+                .with_credentials(&[], self.sidecar_token.as_deref())
+                .ok()?;
+        }
+        let f = Arc::new(f);
         pools.insert(addr.to_string(), f.clone());
         Some(f)
+    }
+
+    /// Forgets the pools of addresses no route uses any more.
+    fn retain(&self, routes: &[ModelRoute]) {
+        let used: std::collections::HashSet<*const Forwarder> = routes
+            .iter()
+            .flat_map(|m| m.replicas.iter())
+            .flat_map(|r| match &r.backend {
+                Backend::Remote { admin, .. } => {
+                    vec![Arc::as_ptr(&r.forwarder), Arc::as_ptr(admin)]
+                }
+                Backend::Local(_) => vec![Arc::as_ptr(&r.forwarder)],
+            })
+            .collect();
+        self.pools
+            .lock()
+            .unwrap()
+            .retain(|_, f| used.contains(&Arc::as_ptr(f)));
     }
 }
 
@@ -92,10 +127,11 @@ fn routes(
                 .filter_map(|p| {
                     let (public, private) = sidecar_addrs(p)?;
                     Some(Replica {
-                        pod: p.name_any(),
-                        forwarder: pools.get(&public)?,
+                        // The ledger's key: pods of the same name in two namespaces differ.
+                        pod: greenthread_api::ledger_key(&ns, &p.name_any()),
+                        forwarder: pools.get(&public, false)?,
                         backend: Backend::Remote {
-                            admin: pools.get(&private)?,
+                            admin: pools.get(&private, true)?,
                             states: states.clone(),
                         },
                     })
@@ -103,6 +139,7 @@ fn routes(
                 .collect();
             replicas.sort_by(|a, b| a.pod.cmp(&b.pod));
             ModelRoute {
+                namespace: ns,
                 name,
                 model_name: m.spec.model_name.clone(),
                 replicas,
@@ -118,6 +155,7 @@ pub async fn run(
     client: Client,
     watch_namespace: Option<String>,
     ledger: Arc<dyn Ledger>,
+    sidecar_token: Option<String>,
 ) {
     let states = StateBoard::default();
     let (models_api, pods_api): (Api<Model>, Api<Pod>) = match &watch_namespace {
@@ -141,7 +179,10 @@ pub async fn run(
     )
     .default_backoff()
     .map(|_| ());
-    let pools = Pools::default();
+    let pools = Pools {
+        pools: Mutex::default(),
+        sidecar_token,
+    };
     let discovery = {
         let (api, states) = (api.clone(), states.clone());
         let models = models.clone();
@@ -150,6 +191,7 @@ pub async fn run(
                 std::pin::pin!(futures_util::stream::select(model_events, pod_events));
             while changes.next().await.is_some() {
                 let routes = routes(&models.state(), &pods.state(), &pools, &states);
+                pools.retain(&routes);
                 api.set_models(routes);
             }
         }

@@ -20,14 +20,17 @@ use greenthread_ledger::Ledger;
 use greenthread_sidecar::metrics::SidecarFamilies;
 use prometheus_client::registry::Registry;
 
-pub use auth::Auth;
+pub use auth::{Auth, AuthError, AuthSources};
 pub use events::StateEvent;
 pub use metrics::ApiMetrics;
 pub use replica::{Backend, Replica, StateBoard};
 pub use routes::router;
 
 pub struct ModelRoute {
-    /// The Model's name (what clients send as `model`).
+    /// The Model's namespace (`local` in local mode).
+    pub namespace: String,
+    /// The Model's name (what clients send as `model`, or `namespace/name` when two
+    /// namespaces hold a Model of that name).
     pub name: String,
     /// The engine's model id (also accepted as `model`).
     pub model_name: String,
@@ -35,6 +38,11 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
+    /// `namespace/name`: unique across the cluster.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     /// A serving replica if there is one (no wake needed), else the first; none while
     /// no replica runs yet.
     pub fn pick(&self) -> Option<&Replica> {
@@ -50,7 +58,19 @@ impl ModelRoute {
     }
 }
 
+/// Routes by `namespace/name`.
 type Routes = Arc<BTreeMap<String, Arc<ModelRoute>>>;
+
+/// What a `model` a client sent names.
+pub enum Lookup {
+    Found(Arc<ModelRoute>),
+    Unknown,
+    /// Several Models answer to the name: the client must say `namespace/name`.
+    Ambiguous(Vec<String>),
+}
+
+/// Event-stream subscribers at once; more get 503.
+pub const MAX_EVENT_SUBSCRIBERS: usize = 256;
 
 pub struct ApiServer {
     models: RwLock<Routes>,
@@ -63,6 +83,12 @@ pub struct ApiServer {
     pub events: events::EventHub,
     /// Brings scrape-time values (GPU stats) up to date before encoding.
     pub refresh: Box<dyn Fn() + Send + Sync>,
+    /// Ends event streams when the server shuts down.
+    pub shutdown: greenthread_edge::Shutdown,
+    /// Subscribers to `/api/v1/events` now.
+    pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// The address Prometheus reaches this server at (for `/prometheus/targets`).
+    pub advertise: RwLock<String>,
 }
 
 impl ApiServer {
@@ -92,6 +118,9 @@ impl ApiServer {
             families,
             events,
             refresh,
+            shutdown: greenthread_edge::Shutdown::new(),
+            subscribers: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_SUBSCRIBERS)),
+            advertise: RwLock::new("127.0.0.1:8000".into()),
         });
         api.set_models(models);
         api
@@ -103,23 +132,57 @@ impl ApiServer {
     }
 
     pub fn set_models(&self, models: Vec<ModelRoute>) {
-        let map = models
-            .into_iter()
-            .map(|m| (m.name.clone(), Arc::new(m)))
-            .collect();
+        let map = models.into_iter().map(|m| (m.key(), Arc::new(m))).collect();
         *self.models.write().unwrap() = Arc::new(map);
     }
 
-    /// The route for `model`, by Model name or engine model id.
-    pub fn route(&self, model: &str) -> Option<Arc<ModelRoute>> {
+    /// The Model `model` names: `namespace/name`, else a name no other namespace uses,
+    /// else an engine model id only one Model serves. Never a guess between tenants.
+    pub fn lookup(&self, model: &str) -> Lookup {
         let models = self.models();
-        models
-            .get(model)
-            .or_else(|| models.values().find(|m| m.model_name == model))
-            .cloned()
+        if let Some(m) = models.get(model) {
+            return Lookup::Found(m.clone());
+        }
+        for matches in [
+            |m: &ModelRoute, s: &str| m.name == s,
+            |m: &ModelRoute, s: &str| m.model_name == s,
+        ] {
+            let found: Vec<&Arc<ModelRoute>> =
+                models.values().filter(|m| matches(m, model)).collect();
+            match found.as_slice() {
+                [] => continue,
+                [one] => return Lookup::Found((*one).clone()),
+                many => return Lookup::Ambiguous(many.iter().map(|m| m.key()).collect()),
+            }
+        }
+        Lookup::Unknown
+    }
+
+    /// The route for `model` when it names exactly one.
+    pub fn route(&self, model: &str) -> Option<Arc<ModelRoute>> {
+        match self.lookup(model) {
+            Lookup::Found(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// What clients call `route`: its name, or `namespace/name` when another namespace
+    /// has a Model of the same name.
+    pub fn display_name(&self, routes: &Routes, route: &ModelRoute) -> String {
+        if routes.values().filter(|m| m.name == route.name).count() > 1 {
+            route.key()
+        } else {
+            route.name.clone()
+        }
     }
 
     pub fn known_models(&self) -> String {
-        self.models().keys().cloned().collect::<Vec<_>>().join(", ")
+        let routes = self.models();
+        let mut names: Vec<String> = routes
+            .values()
+            .map(|m| self.display_name(&routes, m))
+            .collect();
+        names.truncate(50);
+        names.join(", ")
     }
 }

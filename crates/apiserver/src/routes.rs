@@ -1,53 +1,58 @@
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    body::{Body, Bytes, to_bytes},
+    body::{Body, Bytes},
     extract::{Path, Request, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use futures_util::StreamExt;
-use greenthread_sidecar::api_error;
-use serde_json::{Value, json};
+use greenthread_edge::{ApiError, echo, read_body, require};
+use greenthread_sidecar::{api_error, public_path};
+use serde::Deserialize;
+use serde_json::{Value, json, value::RawValue};
 
-use crate::{ApiServer, ModelRoute};
+use crate::{ApiServer, Lookup, ModelRoute};
 
 type Shared = Arc<ApiServer>;
 
-const MAX_BODY: usize = 64 << 20;
-
+/// The API server's routes, each part behind its gate: `/health` open; metrics behind
+/// the metrics token (if any); the OpenAI API behind the API keys; `/api/v1` behind the
+/// admin token.
 pub fn router(api: Shared) -> Router {
-    Router::new()
-        .route("/health", get(|| async { StatusCode::OK }))
+    let metrics = Router::new()
         .route("/metrics", get(metrics))
-        .route("/metrics/engine/{pod}", get(engine_metrics))
-        .route("/prometheus/targets", get(scrape_targets))
+        .route("/metrics/engine/{*pod}", get(engine_metrics))
+        .route("/prometheus/targets", get(scrape_targets));
+    let openai = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/{*rest}", post(by_body))
         .route("/{model}/v1/{*rest}", post(by_prefix).get(by_prefix))
+        .route(
+            "/{namespace}/{model}/v1/{*rest}",
+            post(by_prefix).get(by_prefix),
+        );
+    let admin = Router::new()
         .route("/api/v1/models", get(admin_models))
-        .route("/api/v1/models/{name}", get(admin_model))
-        .route("/api/v1/models/{name}/sleep", post(admin_sleep))
-        .route("/api/v1/models/{name}/wake", post(admin_wake))
+        .route("/api/v1/models/{a}", get(admin_model))
+        .route("/api/v1/models/{a}/{b}", get(admin_model))
+        .route("/api/v1/models/{a}/sleep", post(admin_sleep))
+        .route("/api/v1/models/{a}/{b}/sleep", post(admin_sleep))
+        .route("/api/v1/models/{a}/wake", post(admin_wake))
+        .route("/api/v1/models/{a}/{b}/wake", post(admin_wake))
         .route("/api/v1/gpus", get(admin_gpus))
         .route("/api/v1/gpus/{name}", get(admin_gpu))
-        .route("/api/v1/events", get(events))
+        .route("/api/v1/events", get(events));
+    let auth = api.auth.clone();
+    Router::new()
+        .route("/health", get(|| async { StatusCode::OK }))
+        .merge(require(metrics, auth.metrics, "the metrics token"))
+        .merge(require(openai, auth.api, "a valid API key"))
+        .merge(require(admin, auth.admin, "a valid admin token"))
+        .fallback(|| async { ApiError::not_found("no such path") })
         .with_state(api)
-}
-
-fn unauthorized(admin: bool) -> Response {
-    let what = if admin {
-        "a valid admin token"
-    } else {
-        "a valid API key"
-    };
-    api_error(
-        StatusCode::UNAUTHORIZED,
-        "invalid_api_key",
-        format!("this endpoint needs {what} as `Authorization: Bearer …`"),
-    )
 }
 
 fn unknown_model(api: &ApiServer, model: &str) -> Response {
@@ -55,10 +60,35 @@ fn unknown_model(api: &ApiServer, model: &str) -> Response {
         StatusCode::NOT_FOUND,
         "model_not_found",
         format!(
-            "The model `{model}` does not exist. Known models: {}",
+            "The model {} does not exist. Known models: {}",
+            echo(model),
             api.known_models()
         ),
     )
+}
+
+fn ambiguous(model: &str, candidates: &[String]) -> Response {
+    api_error(
+        StatusCode::CONFLICT,
+        "model_ambiguous",
+        format!(
+            "{} names a Model in several namespaces; say which as namespace/name: {}",
+            echo(model),
+            candidates.join(", ")
+        ),
+    )
+}
+
+/// The route `model` names, or the answer saying why there is none.
+fn resolve(api: &ApiServer, model: &str) -> Result<Arc<ModelRoute>, Response> {
+    match api.lookup(model) {
+        Lookup::Found(route) => Ok(route),
+        Lookup::Unknown => {
+            api.metrics.observe("unknown", 404, 0.0);
+            Err(unknown_model(api, model))
+        }
+        Lookup::Ambiguous(c) => Err(ambiguous(model, &c)),
+    }
 }
 
 /// A known model with no replica running yet (its pods are still being scheduled).
@@ -66,99 +96,108 @@ fn no_replica(model: &str) -> Response {
     api_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "service_unavailable",
-        format!("no replica of model `{model}` is running yet"),
+        format!("no replica of model {} is running yet", echo(model)),
     )
 }
 
+/// Just the `model` of a request body, borrowed from it: every other field is skipped
+/// without being built (no JSON tree of a 30 MB prompt). A duplicate `model` is an error,
+/// so the engine cannot be shown a different one than we routed by.
+#[derive(Deserialize)]
+struct ModelField<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+}
+
+/// The body with its `model` value replaced by `name` (the engine's own id), every other
+/// byte as it was.
+fn with_model(body: &Bytes, raw: &RawValue, name: &str) -> Bytes {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    let end = start + raw.get().len();
+    let name = serde_json::to_string(name).expect("a string serializes");
+    let mut out = Vec::with_capacity(body.len() - (end - start) + name.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&body[end..]);
+    Bytes::from(out)
+}
+
 async fn by_body(State(api): State<Shared>, req: Request) -> Response {
-    if !api.auth.api_allowed(req.headers()) {
-        return unauthorized(false);
-    }
     let (parts, body) = req.into_parts();
-    let body = match to_bytes(body, MAX_BODY).await {
+    if let Err(e) = public_path(parts.uri.path(), &[]) {
+        return e.into_response();
+    }
+    let body = match read_body(body, usize::MAX).await {
         Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let field: ModelField = match serde_json::from_slice(&body) {
+        Ok(f) => f,
         Err(e) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("reading request body: {e}"),
-            );
+            return ApiError::bad_request(format!("request body is not valid JSON: {e}"))
+                .into_response();
         }
     };
-    let mut json: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("request body is not valid JSON: {e}"),
-            );
-        }
+    let Some(raw) = field.model else {
+        return ApiError::bad_request("the request body has no `model` field (a string)")
+            .into_response();
     };
-    let Some(model) = json
-        .get("model")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "the request body has no `model` field (a string)",
-        );
+    let Ok(model) = serde_json::from_str::<std::borrow::Cow<str>>(raw.get()) else {
+        return ApiError::bad_request("the request body's `model` must be a string")
+            .into_response();
     };
-    let Some(route) = api.route(&model) else {
-        api.metrics.observe("unknown", 404, 0.0);
-        return unknown_model(&api, &model);
+    let route = match resolve(&api, &model) {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     // The engine knows its model by its own id.
-    let body = if model != route.model_name {
-        json["model"] = Value::String(route.model_name.clone());
-        Bytes::from(serde_json::to_vec(&json).expect("a JSON value serializes"))
+    let body = if *model != route.model_name {
+        with_model(&body, raw, &route.model_name)
     } else {
         body
     };
     send(&api, &route, parts, body).await
 }
 
-async fn by_prefix(
-    State(api): State<Shared>,
-    Path((model, rest)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    if !api.auth.api_allowed(req.headers()) {
-        return unauthorized(false);
-    }
-    let Some(route) = api.route(&model) else {
-        return unknown_model(&api, &model);
-    };
-    if rest == "models" {
-        return Json(json!({"object": "list", "data": [model_entry(&route)]})).into_response();
-    }
+async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
+    // The raw path, not the decoded parameters: `%2F..` must not become `/..` here.
+    let raw = parts.uri.path().to_string();
+    let mut segments = raw[1..].splitn(3, '/');
+    let first = segments.next().unwrap_or_default();
+    let second = segments.next().unwrap_or_default();
+    let (model, forwarded) = if second == "v1" {
+        (first.to_string(), &raw[1 + first.len()..])
+    } else {
+        (
+            format!("{first}/{second}"),
+            &raw[2 + first.len() + second.len()..],
+        )
+    };
+    if let Err(e) = public_path(forwarded, &[]) {
+        return e.into_response();
+    }
+    let route = match resolve(&api, &model) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if forwarded == "/v1/models" {
+        let routes = api.models();
+        return Json(json!({"object": "list", "data": [model_entry(&api, &routes, &route)]}))
+            .into_response();
+    }
     let query = parts
         .uri
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    parts.uri = match format!("/v1/{rest}{query}").parse() {
+    parts.uri = match format!("{forwarded}{query}").parse() {
         Ok(u) => u,
-        Err(e) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("bad path: {e}"),
-            );
-        }
+        Err(e) => return ApiError::bad_request(format!("bad path: {e}")).into_response(),
     };
-    let body = match to_bytes(body, MAX_BODY).await {
+    let body = match read_body(body, usize::MAX).await {
         Ok(b) => b,
-        Err(e) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("reading request body: {e}"),
-            );
-        }
+        Err(e) => return e.into_response(),
     };
     send(&api, &route, parts, body).await
 }
@@ -169,7 +208,7 @@ async fn send(
     parts: http::request::Parts,
     body: Bytes,
 ) -> Response {
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     let resp = match route.pick() {
         Some(replica) => replica.relay(&parts, body).await,
         None => no_replica(&route.name),
@@ -182,9 +221,9 @@ async fn send(
     resp
 }
 
-fn model_entry(route: &ModelRoute) -> Value {
+fn model_entry(api: &ApiServer, routes: &BTreeRoutes, route: &ModelRoute) -> Value {
     json!({
-        "id": route.name,
+        "id": api.display_name(routes, route),
         "object": "model",
         "owned_by": "greenthread",
         "root": route.model_name,
@@ -192,12 +231,15 @@ fn model_entry(route: &ModelRoute) -> Value {
     })
 }
 
+type BTreeRoutes = Arc<std::collections::BTreeMap<String, Arc<ModelRoute>>>;
+
 /// Every model with its state, from the sidecars: listing never wakes anything.
-async fn list_models(State(api): State<Shared>, req: Request) -> Response {
-    if !api.auth.api_allowed(req.headers()) {
-        return unauthorized(false);
-    }
-    let data: Vec<Value> = api.models().values().map(|m| model_entry(m)).collect();
+async fn list_models(State(api): State<Shared>) -> Response {
+    let routes = api.models();
+    let data: Vec<Value> = routes
+        .values()
+        .map(|m| model_entry(&api, &routes, m))
+        .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -222,23 +264,16 @@ async fn engine_metrics(State(api): State<Shared>, Path(pod): Path<String>) -> R
         .flat_map(|m| m.replicas.iter())
         .find(|r| r.pod == pod)
     else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no pod {pod:?}"),
-        );
+        return ApiError::not_found(format!("no pod {}", echo(&pod))).into_response();
     };
     replica.engine_metrics().await
 }
 
 /// Prometheus HTTP service discovery: one target per engine, labeled with its model and
-/// pod, so that the vLLM dashboard works in `local` mode as on Kubernetes.
-async fn scrape_targets(State(api): State<Shared>, headers: http::HeaderMap) -> Response {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1:8000")
-        .to_string();
+/// pod, so that the vLLM dashboard works in `local` mode as on Kubernetes. The target is
+/// the address this server was configured with, never the request's `Host`.
+async fn scrape_targets(State(api): State<Shared>) -> Response {
+    let host = api.advertise.read().unwrap().clone();
     let groups: Vec<Value> = api
         .models()
         .values()
@@ -257,61 +292,48 @@ async fn scrape_targets(State(api): State<Shared>, headers: http::HeaderMap) -> 
 
 fn model_status(route: &ModelRoute) -> Value {
     let replicas: Vec<Value> = route.replicas.iter().map(|r| r.status_json()).collect();
-    let serving = route
-        .replicas
-        .iter()
-        .filter(|r| r.state() == "serving")
-        .count();
-    let sleeping = route
-        .replicas
-        .iter()
-        .filter(|r| r.state() == "sleeping")
-        .count();
+    let count = |state: &str| route.replicas.iter().filter(|r| r.state() == state).count();
     json!({
         "name": route.name,
+        "namespace": route.namespace,
         "modelName": route.model_name,
         "state": route.state(),
         "replicas": route.replicas.len(),
-        "servingReplicas": serving,
-        "sleepingReplicas": sleeping,
+        "servingReplicas": count("serving"),
+        "sleepingReplicas": count("sleeping"),
         "pods": replicas,
     })
 }
 
-macro_rules! admin_guard {
-    ($api:expr, $headers:expr) => {
-        if !$api.auth.admin_allowed($headers) {
-            return unauthorized(true);
-        }
-    };
+/// `name` or `namespace/name` from the admin paths.
+fn admin_target(
+    api: &ApiServer,
+    Path(p): Path<Vec<(String, String)>>,
+) -> Result<Arc<ModelRoute>, Response> {
+    let name = p.into_iter().map(|(_, v)| v).collect::<Vec<_>>().join("/");
+    match api.lookup(&name) {
+        Lookup::Found(r) => Ok(r),
+        Lookup::Unknown => Err(unknown_model(api, &name)),
+        Lookup::Ambiguous(c) => Err(ambiguous(&name, &c)),
+    }
 }
 
-async fn admin_models(State(api): State<Shared>, headers: http::HeaderMap) -> Response {
-    admin_guard!(api, &headers);
+async fn admin_models(State(api): State<Shared>) -> Response {
     let items: Vec<Value> = api.models().values().map(|m| model_status(m)).collect();
     Json(json!({"items": items})).into_response()
 }
 
-async fn admin_model(
-    State(api): State<Shared>,
-    Path(name): Path<String>,
-    headers: http::HeaderMap,
-) -> Response {
-    admin_guard!(api, &headers);
-    match api.models().get(&name) {
-        Some(m) => Json(model_status(m)).into_response(),
-        None => unknown_model(&api, &name),
+async fn admin_model(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
+    match admin_target(&api, path) {
+        Ok(m) => Json(model_status(&m)).into_response(),
+        Err(resp) => resp,
     }
 }
 
-async fn admin_sleep(
-    State(api): State<Shared>,
-    Path(name): Path<String>,
-    headers: http::HeaderMap,
-) -> Response {
-    admin_guard!(api, &headers);
-    let Some(route) = api.models().get(&name).cloned() else {
-        return unknown_model(&api, &name);
+async fn admin_sleep(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
+    let route = match admin_target(&api, path) {
+        Ok(m) => m,
+        Err(resp) => return resp,
     };
     let mut errors = Vec::new();
     for r in &route.replicas {
@@ -327,17 +349,13 @@ async fn admin_sleep(
     Json(model_status(&route)).into_response()
 }
 
-async fn admin_wake(
-    State(api): State<Shared>,
-    Path(name): Path<String>,
-    headers: http::HeaderMap,
-) -> Response {
-    admin_guard!(api, &headers);
-    let Some(route) = api.models().get(&name).cloned() else {
-        return unknown_model(&api, &name);
+async fn admin_wake(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
+    let route = match admin_target(&api, path) {
+        Ok(m) => m,
+        Err(resp) => return resp,
     };
     let Some(replica) = route.pick() else {
-        return no_replica(&name);
+        return no_replica(&route.name);
     };
     match replica.wake().await {
         Ok(()) => Json(model_status(&route)).into_response(),
@@ -356,8 +374,15 @@ fn gpu_object(g: &greenthread_api::Gpu) -> Value {
     })
 }
 
-async fn admin_gpus(State(api): State<Shared>, headers: http::HeaderMap) -> Response {
-    admin_guard!(api, &headers);
+fn ledger_unavailable(e: impl std::fmt::Display) -> Response {
+    api_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        e.to_string(),
+    )
+}
+
+async fn admin_gpus(State(api): State<Shared>) -> Response {
     match api.ledger.list().await {
         Ok(gpus) => Json(json!({
             "apiVersion": "greenthread.ai/v1alpha1",
@@ -365,38 +390,31 @@ async fn admin_gpus(State(api): State<Shared>, headers: http::HeaderMap) -> Resp
             "items": gpus.iter().map(gpu_object).collect::<Vec<_>>(),
         }))
         .into_response(),
-        Err(e) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
+        Err(e) => ledger_unavailable(e),
     }
 }
 
-async fn admin_gpu(
-    State(api): State<Shared>,
-    Path(name): Path<String>,
-    headers: http::HeaderMap,
-) -> Response {
-    admin_guard!(api, &headers);
+async fn admin_gpu(State(api): State<Shared>, Path(name): Path<String>) -> Response {
     match api.ledger.get(&name).await {
         Ok(g) => Json(gpu_object(&g)).into_response(),
-        Err(greenthread_ledger::LedgerError::NotFound(_)) => api_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("gpu {name:?} does not exist"),
-        ),
-        Err(e) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
+        Err(greenthread_ledger::LedgerError::NotFound(_)) => {
+            ApiError::not_found(format!("gpu {} does not exist", echo(&name))).into_response()
+        }
+        Err(e) => ledger_unavailable(e),
     }
 }
 
-/// Server-sent events: the current state of every replica, then every transition.
-async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response {
-    admin_guard!(api, &headers);
+/// Server-sent events: the current state of every replica, then every transition. The
+/// stream ends when the server shuts down; subscribers at once are capped.
+async fn events(State(api): State<Shared>) -> Response {
+    let Ok(permit) = api.subscribers.clone().try_acquire_owned() else {
+        return ApiError::unavailable(format!(
+            "too many event subscribers ({}); retry later",
+            crate::MAX_EVENT_SUBSCRIBERS
+        ))
+        .with_retry_after(5)
+        .into_response();
+    };
     let rx = api.events.subscribe();
     let snapshot: Vec<String> = api
         .models()
@@ -408,7 +426,7 @@ async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response
             })
         })
         .collect();
-    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+    let live = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
         loop {
             match rx.recv().await {
                 Ok(e) => {
@@ -416,7 +434,7 @@ async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response
                         "event: state\ndata: {}\n\n",
                         serde_json::to_string(&e).expect("events serialize")
                     );
-                    return Some((frame, rx));
+                    return Some((frame, (rx, permit)));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
@@ -429,6 +447,28 @@ async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
+        .body(Body::from_stream(greenthread_edge::end_on_shutdown(
+            stream,
+            &api.shutdown,
+        )))
         .expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_is_replaced_in_place_and_nothing_else_moves() {
+        let body = Bytes::from_static(
+            br#"{"messages":[{"role":"user","content":"\"model\": x"}], "model" : "alpha","stream":true}"#,
+        );
+        let f: ModelField = serde_json::from_slice(&body).unwrap();
+        let out = with_model(&body, f.model.unwrap(), "org/\"alpha\"");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"messages":[{"role":"user","content":"\"model\": x"}], "model" : "org/\"alpha\"","stream":true}"#
+        );
+        assert!(serde_json::from_slice::<ModelField>(br#"{"model":"a","model":"b"}"#).is_err());
+    }
 }

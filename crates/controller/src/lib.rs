@@ -47,6 +47,9 @@ pub struct ControllerConfig {
     /// Address of `/metrics` and `/healthz`.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_listen: SocketAddr,
+    /// Timeouts, caps and limits of the metrics server.
+    #[command(flatten)]
+    pub edge: greenthread_edge::EdgeConfig,
     /// Engine image for `vllm` Models without an `image`.
     #[arg(
         long,
@@ -130,16 +133,6 @@ pub async fn start(
     .await
 }
 
-/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
@@ -170,11 +163,17 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let shutdown = greenthread_edge::Shutdown::new();
+    shutdown.on_signals();
+    let server = tokio::spawn(greenthread_edge::serve(
+        listener,
+        app,
+        cfg.edge.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(listen = %cfg.metrics_listen, "controller running; waiting for the Lease");
-    shutdown_signal().await;
+    shutdown.wait().await;
     elected.resign().await;
+    let _ = server.await;
     Ok(())
 }

@@ -160,9 +160,15 @@ async fn all_model_pods(client: &Client) -> Result<Vec<Pod>, Error> {
         .items)
 }
 
+/// The pods' keys in the ledger (`namespace/name`).
 fn names(pods: &[Pod]) -> BTreeSet<String> {
     pods.iter()
-        .filter_map(|p| p.metadata.name.clone())
+        .filter_map(|p| {
+            Some(greenthread_api::ledger_key(
+                p.metadata.namespace.as_deref()?,
+                p.metadata.name.as_deref()?,
+            ))
+        })
         .collect()
 }
 
@@ -446,16 +452,33 @@ async fn ensure_service(ctx: &Context, model: &Model) -> Result<(), Error> {
     }
 }
 
+/// Whether `Model` `uid` owns the object with these owner references: only what the
+/// controller made for a Model is ever deleted with it, never a look-alike by name or label.
+fn owned_by(
+    refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
+    uid: Option<&str>,
+) -> bool {
+    uid.is_some_and(|uid| refs.iter().any(|o| o.uid == uid))
+}
+
 /// The Model is being deleted: its pods and Service go, and so do their ledger entries.
 async fn cleanup(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     let name = model.name_any();
     let ns = model.namespace().unwrap_or_default();
+    let uid = model.metadata.uid.as_deref();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods = pods_api
-        .list(&ListParams::default().labels(&format!("{MODEL_LABEL}={name}")))
-        .await?
-        .items;
-    for pod in &pods {
+    let owned_pods = || async {
+        Ok::<_, Error>(
+            pods_api
+                .list(&ListParams::default().labels(&format!("{MODEL_LABEL}={name}")))
+                .await?
+                .items
+                .into_iter()
+                .filter(|p| owned_by(p.owner_references(), uid))
+                .collect::<Vec<_>>(),
+        )
+    };
+    for pod in &owned_pods().await? {
         match pods_api
             .delete(&pod.name_any(), &DeleteParams::default())
             .await
@@ -466,15 +489,16 @@ async fn cleanup(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    match services.delete(&name, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(e) if is_not_found(&e) => {}
-        Err(e) => return Err(e.into()),
+    if let Some(svc) = services.get_opt(&name).await?
+        && owned_by(svc.owner_references(), uid)
+    {
+        match services.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    let remaining = pods_api
-        .list(&ListParams::default().labels(&format!("{MODEL_LABEL}={name}")))
-        .await?
-        .items;
+    let remaining = owned_pods().await?;
     if !remaining.is_empty() {
         // Their sidecars release their memory as they stop; the finalizer stays until then.
         return Err(Error::Terminating(remaining.len()));
@@ -576,11 +600,13 @@ fn gpu_mapper(
             .iter()
             .map(|m| &**m)
             .filter(|m| {
-                let model = m.name_any();
+                let (model, ns) = (m.name_any(), m.namespace().unwrap_or_default());
                 m.status.as_ref().is_some_and(|s| s.gpus.contains(&name))
-                    || changed
-                        .iter()
-                        .any(|pod| replica_index(&model, pod).is_some())
+                    || changed.iter().any(|key| {
+                        key.split_once('/').is_some_and(|(pod_ns, pod)| {
+                            pod_ns == ns && replica_index(&model, pod).is_some()
+                        })
+                    })
             })
             .map(ObjectRef::from_obj)
             .collect()

@@ -93,16 +93,18 @@ pub fn model_status(
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
-    let pod_names: BTreeSet<&str> = live
+    // The ledger knows pods as `namespace/name` (the Model's pods live in its namespace).
+    let pod_keys: BTreeSet<String> = live
         .iter()
         .filter_map(|p| p.metadata.name.as_deref())
+        .map(|p| greenthread_api::ledger_key(&namespace, p))
         .collect();
     // A pod's state is its occupant's; with tensor parallelism every GPU has one, alike.
     let mut states: std::collections::BTreeMap<&str, OccupantState> = Default::default();
     let mut serving_memory = 0u64;
     for g in gpus {
         for o in &g.status.occupants {
-            if let Some(pod) = pod_names.get(o.pod_name.as_str()) {
+            if let Some(pod) = pod_keys.get(o.pod_name.as_str()) {
                 states.insert(pod, o.state);
                 serving_memory = serving_memory.max(o.reserved_memory_bytes);
             }
@@ -257,12 +259,17 @@ mod tests {
     fn counts_come_from_pods_and_occupants() {
         let pods = [pod("m-0", "node-a-0", true), pod("m-1", "node-a-1", false)];
         let gpus = [
-            gpu("node-a-0", vec![("m-0", OccupantState::Serving, 21 << 30)]),
+            gpu(
+                "node-a-0",
+                vec![("ns/m-0", OccupantState::Serving, 21 << 30)],
+            ),
             gpu(
                 "node-a-1",
                 vec![
-                    ("m-1", OccupantState::Sleeping, 0),
-                    ("other-0", OccupantState::Serving, 9),
+                    ("ns/m-1", OccupantState::Sleeping, 0),
+                    ("ns/other-0", OccupantState::Serving, 9),
+                    // Another tenant's pod of the same name is not ours.
+                    ("team-b/m-1", OccupantState::Serving, 9),
                 ],
             ),
         ];

@@ -38,6 +38,7 @@ fn config(identity: &str) -> ControllerConfig {
         lease_duration: Duration::from_secs(2),
         lease_grace: Duration::from_secs(1),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        edge: Default::default(),
         vllm_image: "vllm/vllm-openai:test".into(),
         sidecar_image: "greenthread:test".into(),
         runtime_class: Some("nvidia".into()),
@@ -91,9 +92,10 @@ async fn pods_of(client: &Client, model: &str) -> Vec<Pod> {
         .items
 }
 
+/// `pod` of the team's namespace, as its sidecar writes itself into the ledger.
 fn occupant(pod: &str, state: OccupantState, reserved: u64) -> Occupant {
     Occupant {
-        pod_name: pod.into(),
+        pod_name: greenthread_api::ledger_key(TEAM, pod),
         model_name: "org/qwen".into(),
         state,
         reserved_memory_bytes: reserved,
@@ -127,7 +129,13 @@ async fn occupants(client: &Client, gpu: &str) -> Vec<String> {
         .unwrap_or_default()
         .occupants
         .iter()
-        .map(|o| o.pod_name.clone())
+        // The team's pods by name; anyone else's keep their namespace.
+        .map(|o| {
+            o.pod_name
+                .strip_prefix(&format!("{TEAM}/"))
+                .unwrap_or(&o.pod_name)
+                .to_string()
+        })
         .collect()
 }
 

@@ -9,6 +9,8 @@ mod body;
 mod config;
 mod error;
 mod paths;
+mod redact;
+mod secret;
 mod server;
 mod shutdown;
 
@@ -17,5 +19,7 @@ pub use body::{BodyError, read_body};
 pub use config::EdgeConfig;
 pub use error::{ApiError, api_error, echo};
 pub use paths::{INFERENCE_PATHS, PathCheck, check_inference_path, clean_path};
+pub use redact::redact_command;
+pub use secret::{SecretError, secret, secrets};
 pub use server::{EdgeStats, serve, serve_with_stats};
 pub use shutdown::{Shutdown, end_on_shutdown, signal};

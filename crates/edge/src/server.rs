@@ -49,7 +49,7 @@ pub struct EdgeStats {
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    cfg: &EdgeConfig,
+    cfg: EdgeConfig,
     shutdown: Shutdown,
 ) -> io::Result<()> {
     serve_with_stats(listener, router, cfg, shutdown, Arc::default()).await
@@ -58,7 +58,7 @@ pub async fn serve(
 pub async fn serve_with_stats(
     listener: TcpListener,
     router: Router,
-    cfg: &EdgeConfig,
+    cfg: EdgeConfig,
     shutdown: Shutdown,
     stats: Arc<EdgeStats>,
 ) -> io::Result<()> {

@@ -94,7 +94,7 @@ async fn start(cfg: EdgeConfig) -> Server {
     let stats = Arc::new(EdgeStats::default());
     let done = tokio::spawn({
         let (stats, shutdown) = (stats.clone(), shutdown.clone());
-        async move { serve_with_stats(listener, app, &cfg, shutdown, stats).await }
+        async move { serve_with_stats(listener, app, cfg, shutdown, stats).await }
     });
     Server {
         addr,

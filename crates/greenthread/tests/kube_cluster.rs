@@ -8,6 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use greenthread_agent::Agent;
+use greenthread_api::ledger_key;
 use greenthread_api::{GpuResource, Model, ModelSpec};
 use greenthread_apiserver::cluster::ApiServerConfig;
 use greenthread_controller::ControllerConfig;
@@ -31,6 +32,7 @@ fn controller_config() -> ControllerConfig {
         lease_duration: Duration::from_secs(5),
         lease_grace: Duration::from_secs(2),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        edge: Default::default(),
         vllm_image: "vllm/vllm-openai:test".into(),
         sidecar_image: "greenthread:test".into(),
         runtime_class: None,
@@ -104,8 +106,13 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
             listen: "127.0.0.1:0".parse().unwrap(),
             namespace: SYSTEM.into(),
             watch_namespace: None,
-            api_keys: vec![],
-            admin_token: None,
+            api_keys_file: None,
+            admin_token_file: None,
+            metrics_token_file: None,
+            sidecar_token_file: None,
+            admin_open: false,
+            allow_unauthenticated: false,
+            edge: Default::default(),
         },
     )
     .await
@@ -149,7 +156,7 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
             .into_iter()
             .find(|g| {
                 g.status.as_ref().is_some_and(|s| {
-                    s.occupant("alpha-0")
+                    s.occupant(&ledger_key(TEAM, "alpha-0"))
                         .is_some_and(|o| o.state.as_str() == "serving")
                 })
             })
@@ -158,7 +165,7 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
     let reserved = serving_on
         .status
         .unwrap()
-        .occupant("alpha-0")
+        .occupant(&ledger_key(TEAM, "alpha-0"))
         .unwrap()
         .reserved_memory_bytes;
     assert_eq!(
@@ -193,7 +200,7 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
     .await;
     // Engine metrics of a remote replica come through the sidecar's private port.
     let engine = web
-        .get(format!("{base}/metrics/engine/alpha-0"))
+        .get(format!("{base}/metrics/engine/{TEAM}/alpha-0"))
         .send()
         .await
         .unwrap();

@@ -230,6 +230,49 @@ pub fn release_wake_lock(status: &GpuStatus, pod: &str) -> GpuStatus {
     next
 }
 
+/// What a sidecar that is not in the middle of a wake or a sleep knows its entry must say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Asleep, still holding `residual` bytes: no reservation, no lock, no intent.
+    Asleep { residual: u64 },
+    /// Serving: marked serving, no lock, no intent.
+    Serving,
+}
+
+/// `pod`'s entry brought in line with what its sidecar knows (a write that failed, or a
+/// lock left behind): the periodic reconcile that makes a lost write harmless. Other
+/// pods' entries are untouched; a pod with no occupant is left alone.
+pub fn reconcile_own(status: &GpuStatus, pod: &str, settled: Settled, now: Timestamp) -> GpuStatus {
+    let Some(o) = status.occupant(pod) else {
+        return status.clone();
+    };
+    match settled {
+        Settled::Asleep { residual } => {
+            if o.state == OccupantState::Sleeping
+                && o.reserved_memory_bytes == 0
+                && o.residual_memory_bytes == residual
+            {
+                // Only a stray lock or intent to drop.
+                release_wake_lock(&clear_intent(status, pod), pod)
+            } else {
+                release(status, pod, residual, now)
+            }
+        }
+        Settled::Serving => {
+            let next = if o.state == OccupantState::Serving {
+                status.clone()
+            } else {
+                let mut next = status.clone();
+                let o = next.occupant_mut(pod).expect("checked above");
+                o.state = OccupantState::Serving;
+                o.became_serving_at.get_or_insert(now);
+                next
+            };
+            release_wake_lock(&clear_intent(&next, pod), pod)
+        }
+    }
+}
+
 /// Every pod a record names: occupants, intents (wakers and victims), the wake lock.
 pub fn pods_named(status: &GpuStatus) -> BTreeSet<String> {
     let mut pods: BTreeSet<String> = status
@@ -454,6 +497,85 @@ pub fn choose_victims(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_corrects_only_the_pods_own_entry() {
+        let lock = |pod: &str| {
+            Some(WakeLock {
+                pod_name: pod.into(),
+                since: t(0),
+            })
+        };
+        let base = GpuStatus {
+            occupants: vec![
+                occupant("ns/a", OccupantState::Waking, 20 * GI, 0),
+                occupant("ns/b", OccupantState::Serving, 30 * GI, 0),
+            ],
+            wake_lock: lock("ns/a"),
+            ..Default::default()
+        };
+        // (status, pod, settled) → (a's state, reserved, residual, lock holder)
+        let cases: Vec<(
+            GpuStatus,
+            &str,
+            Settled,
+            (OccupantState, u64, u64, Option<&str>),
+        )> = vec![
+            // Marking serving failed: the lock is freed and the occupant serves.
+            (
+                base.clone(),
+                "ns/a",
+                Settled::Serving,
+                (OccupantState::Serving, 20 * GI, 0, None),
+            ),
+            // A release that failed: the reservation goes, the residual is recorded.
+            (
+                base.clone(),
+                "ns/a",
+                Settled::Asleep { residual: GI },
+                (OccupantState::Sleeping, 0, GI, None),
+            ),
+            // Another pod's lock is not ours to drop.
+            (
+                GpuStatus {
+                    wake_lock: lock("ns/b"),
+                    ..base.clone()
+                },
+                "ns/a",
+                Settled::Serving,
+                (OccupantState::Serving, 20 * GI, 0, Some("ns/b")),
+            ),
+            // Same name, other namespace: no entry of ours, nothing changes.
+            (
+                base.clone(),
+                "other/a",
+                Settled::Asleep { residual: 0 },
+                (OccupantState::Waking, 20 * GI, 0, Some("ns/a")),
+            ),
+        ];
+        for (status, pod, settled, (state, reserved, residual, holder)) in cases {
+            let next = reconcile_own(&status, pod, settled, t(5));
+            let a = next.occupant("ns/a").unwrap();
+            assert_eq!(
+                (
+                    a.state,
+                    a.reserved_memory_bytes,
+                    a.residual_memory_bytes,
+                    next.wake_lock.as_ref().map(|l| l.pod_name.as_str())
+                ),
+                (state, reserved, residual, holder),
+                "{pod} {settled:?}"
+            );
+            assert_eq!(
+                next.occupant("ns/b"),
+                status.occupant("ns/b"),
+                "b untouched"
+            );
+        }
+        // Already consistent: no write at all.
+        let settled = reconcile_own(&base, "ns/b", Settled::Serving, t(5));
+        assert_eq!(settled, base);
+    }
 
     const GI: u64 = 1 << 30;
 

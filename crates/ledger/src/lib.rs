@@ -8,5 +8,5 @@ mod ledger;
 mod memory;
 
 pub use kube_ledger::KubeLedger;
-pub use ledger::{Ledger, LedgerError, update};
+pub use ledger::{Backoff, Ledger, LedgerError, MAX_CONFLICTS, update};
 pub use memory::MemoryLedger;

@@ -18,6 +18,43 @@ pub enum EngineKind {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SidecarConfig {
+    /// Timeouts, caps and limits of both ports.
+    #[command(flatten)]
+    pub edge: greenthread_edge::EdgeConfig,
+    /// More paths the public port forwards (and everything below them), for engines
+    /// with serving endpoints outside the OpenAI, Anthropic and vLLM ones (repeatable).
+    #[arg(long = "extra-public-path")]
+    pub extra_public_paths: Vec<String>,
+    /// Request headers never sent to the engine, besides `Authorization`, `Cookie` and
+    /// `Proxy-Authorization` (repeatable).
+    #[arg(long = "strip-header")]
+    pub strip_headers: Vec<String>,
+    /// Longest wait for a connection to the engine.
+    #[arg(long, default_value = "5s", value_parser = dur)]
+    pub engine_connect_timeout: Duration,
+    /// Longest wait for the engine's response headers (a non-streamed completion sends
+    /// them when it is done); past it the client gets 504 and the slot is freed.
+    #[arg(long, default_value = "10m", value_parser = dur)]
+    pub engine_response_timeout: Duration,
+    /// Consecutive engine timeouts after which the engine counts as wedged and is
+    /// restarted.
+    #[arg(long, default_value_t = 3)]
+    pub engine_timeouts_before_restart: u32,
+    /// A file holding the engine's own API key (vLLM/SGLang `--api-key`), sent by the
+    /// sidecar on every engine call; also `GREENTHREAD_ENGINE_API_KEY`. Never a flag value.
+    #[arg(long)]
+    pub engine_api_key_file: Option<PathBuf>,
+    /// A file holding the token `/admin/*` on the private port demands; also
+    /// `GREENTHREAD_SIDECAR_ADMIN_TOKEN`. Without one, the private port relies on the
+    /// network policy that keeps it private.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// The engine's API key (read from `--engine-api-key-file` or the environment).
+    #[arg(skip)]
+    pub engine_api_key: Option<String>,
+    /// The private port's admin token (read from `--admin-token-file` or the environment).
+    #[arg(skip)]
+    pub admin_token: Option<String>,
     /// Public address: inference, /health, /ready, /status.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -39,9 +76,13 @@ pub struct SidecarConfig {
     /// Served model id.
     #[arg(long)]
     pub model: String,
-    /// This sidecar's name in the GPU ledger.
+    /// This sidecar's pod name.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// This sidecar's pod namespace: with it, the ledger knows the pod as
+    /// `namespace/name`, so that tenants' pods of the same name never collide.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
     /// Sleep after this long without inference traffic.
     #[arg(long, default_value = "5m", value_parser = dur)]
     pub idle_timeout: Duration,
@@ -148,9 +189,28 @@ impl SidecarConfig {
         Wrapper::try_parse_from(argv).map(|w| w.cfg)
     }
 
+    /// Reads the secrets named by files or the environment into the configuration.
+    pub fn load_secrets(&mut self) -> anyhow::Result<()> {
+        self.engine_api_key = greenthread_edge::secret(
+            "GREENTHREAD_ENGINE_API_KEY",
+            self.engine_api_key_file.as_deref(),
+        )?;
+        self.admin_token = greenthread_edge::secret(
+            "GREENTHREAD_SIDECAR_ADMIN_TOKEN",
+            self.admin_token_file.as_deref(),
+        )?;
+        Ok(())
+    }
+
+    /// This sidecar's key in the GPU ledger: `namespace/name` when the namespace is known.
     pub fn pod_name(&self) -> String {
-        self.pod_name
+        let name = self
+            .pod_name
             .clone()
-            .unwrap_or_else(|| format!("{}-0", self.model))
+            .unwrap_or_else(|| format!("{}-0", self.model));
+        match &self.pod_namespace {
+            Some(ns) if !ns.is_empty() => greenthread_api::ledger_key(ns, &name),
+            _ => name,
+        }
     }
 }

@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 pub use config::{EngineKind, LedgerKind, SidecarConfig};
 pub use proxy::Forwarder;
 pub use server::{
-    AppState, api_error, private_router, public_router, reexport_engine_metrics, relay,
+    AppState, api_error, private_router, public_path, public_router, reexport_engine_metrics, relay,
 };
 pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
 
@@ -33,6 +33,7 @@ use crate::{
 /// Assembles a sidecar from flags alone: an in-memory ledger with one simulated GPU, and
 /// with `--engine sim` a simulator it starts itself on a free loopback port.
 pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
+    cfg.load_secrets()?;
     // Keeps the simulated GPU directory for as long as the sidecar runs.
     let mut _tempdir = None;
     if cfg.engine == EngineKind::Sim && cfg.engine_command.is_none() {
@@ -178,7 +179,7 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 Some(why) = exits.recv() => sidecar.engine_lost(&why),
-                () = shutdown_signal() => return,
+                () = greenthread_edge::signal() => return,
             }
         }
     })
@@ -197,10 +198,12 @@ pub fn adapter(
 ) -> anyhow::Result<(Arc<dyn EngineAdapter>, Option<Arc<dyn MemoryProbe>>)> {
     let flavor = match cfg.engine {
         EngineKind::Vllm | EngineKind::Sim => {
-            return Ok((Arc::new(VllmAdapter::new(engine_url)), probe));
+            let a = VllmAdapter::new(engine_url).with_api_key(cfg.engine_api_key.as_deref());
+            return Ok((Arc::new(a), probe));
         }
         EngineKind::Sglang => {
-            return Ok((Arc::new(SglangAdapter::new(engine_url)), probe));
+            let a = SglangAdapter::new(engine_url).with_api_key(cfg.engine_api_key.as_deref());
+            return Ok((Arc::new(a), probe));
         }
         EngineKind::Llamacpp => Flavor::LlamaCpp,
         EngineKind::Process => Flavor::Process,
@@ -211,7 +214,8 @@ pub fn adapter(
             cfg.engine
         )
     })?;
-    let adapter = ProcessAdapter::new(engine_url, process.clone(), flavor, cfg.boot_timeout);
+    let adapter = ProcessAdapter::new(engine_url, process.clone(), flavor, cfg.boot_timeout)
+        .with_api_key(cfg.engine_api_key.as_deref());
     let probe = probe.or_else(|| {
         Some(Arc::new(RssProbe {
             process: process.clone(),
@@ -230,33 +234,28 @@ pub async fn serve(
     let cfg = sidecar.cfg.clone();
     let state = AppState {
         sidecar: sidecar.clone(),
-        forwarder: Arc::new(Forwarder::new(engine_url)?),
+        forwarder: Arc::new(engine_forwarder(&cfg, engine_url)?),
     };
     let public = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding --listen {}", cfg.listen))?;
-    // Streamed tokens are small writes: send each at once, not after the last one's ACK.
-    let public = axum::serve::ListenerExt::tap_io(public, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let private = TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", cfg.metrics_listen))?;
     tracing::info!(model = %cfg.model, public = %cfg.listen, private = %cfg.metrics_listen, engine = engine_url, "sidecar listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let public_srv = tokio::spawn(
-        axum::serve(public, public_router(state.clone()))
-            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
-            .into_future(),
-    );
-    let private_srv = tokio::spawn(
-        axum::serve(private, private_router(state))
-            .with_graceful_shutdown(wait_stop(stop_rx.clone()))
-            .into_future(),
-    );
+    let stop = greenthread_edge::Shutdown::new();
+    let public_srv = tokio::spawn(greenthread_edge::serve(
+        public,
+        public_router(state.clone()),
+        cfg.edge.clone(),
+        stop.clone(),
+    ));
+    let private_srv = tokio::spawn(greenthread_edge::serve(
+        private,
+        private_router(state),
+        cfg.edge.clone(),
+        stop.clone(),
+    ));
     let booter = {
         let sidecar = sidecar.clone();
         tokio::spawn(async move {
@@ -280,20 +279,19 @@ pub async fn serve(
         }
     }
     tracing::info!(model = %cfg.model, "shutting down");
-    let _ = stop_tx.send(true);
+    stop.trigger();
     let _ = public_srv.await;
     let _ = private_srv.await;
     sidecar.shutdown().await;
     Ok(())
 }
 
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// The connection pool to `engine_url` with the configured timeouts, the client
+/// credentials stripped and the engine's own key sent.
+pub fn engine_forwarder(cfg: &SidecarConfig, engine_url: &str) -> anyhow::Result<Forwarder> {
+    Forwarder::new(engine_url)?
+        .with_timeouts(cfg.engine_connect_timeout, cfg.engine_response_timeout)
+        .with_credentials(&cfg.strip_headers, cfg.engine_api_key.as_deref())
 }
 
 /// A free loopback port (for engines the sidecar starts).

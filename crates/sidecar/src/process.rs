@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use greenthread_gpu::{MemoryProbe, ProbeError};
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    io::{AsyncRead, AsyncReadExt},
     process::Command,
     sync::{mpsc, watch},
 };
@@ -83,11 +83,14 @@ impl EngineProcess {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting engine `{}`: {e}", self.command))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            anyhow::anyhow!(
+                "starting engine `{}`: {e}",
+                greenthread_edge::redact_command(&self.command)
+            )
+        })?;
         let pid = child.id().unwrap_or_default();
-        tracing::info!(pid, command = %self.command, "engine process started");
+        tracing::info!(pid, command = %greenthread_edge::redact_command(&self.command), "engine process started");
         forward_lines(child.stdout.take(), "stdout");
         forward_lines(child.stderr.take(), "stderr");
 
@@ -143,11 +146,100 @@ impl EngineProcess {
 fn forward_lines(stream: Option<impl AsyncRead + Unpin + Send + 'static>, name: &'static str) {
     let Some(stream) = stream else { return };
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::debug!(target: "engine", stream = name, "{line}");
-        }
+        let mut limit = LogLimit::new(LINES_PER_SECOND);
+        drain_lines(stream, |line| {
+            if let Some(suppressed) = limit.admit() {
+                if suppressed > 0 {
+                    tracing::debug!(target: "engine", stream = name, suppressed, "engine output lines not logged (rate limit)");
+                }
+                tracing::debug!(target: "engine", stream = name, "{line}");
+            }
+        })
+        .await;
     });
+}
+
+/// Longest engine output line logged; the rest of a longer one is dropped.
+pub const MAX_LINE: usize = 4096;
+/// Engine output lines logged per second at most.
+const LINES_PER_SECOND: u32 = 200;
+
+/// Reads `stream` to its end whatever it holds (invalid UTF-8, endless lines), handing
+/// `line` each line decoded lossily and cut at [`MAX_LINE`] bytes. The pipe is always
+/// drained: an engine whose output we stopped reading would block or fail on its next
+/// write (EPIPE) and wedge. Returns the number of lines.
+pub async fn drain_lines(mut stream: impl AsyncRead + Unpin, mut line: impl FnMut(&str)) -> u64 {
+    let mut buf = vec![0u8; 16 << 10];
+    let mut current: Vec<u8> = Vec::with_capacity(256);
+    let mut cut = false;
+    let mut lines = 0;
+    let mut emit = |current: &mut Vec<u8>, cut: &mut bool| {
+        let mut text = String::from_utf8_lossy(current).into_owned();
+        if *cut {
+            text.push_str(" …");
+        }
+        line(&text);
+        current.clear();
+        *cut = false;
+    };
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
+            let (body, ends) = match piece.strip_suffix(b"\n") {
+                Some(b) => (b, true),
+                None => (piece, false),
+            };
+            let room = MAX_LINE.saturating_sub(current.len());
+            current.extend_from_slice(&body[..body.len().min(room)]);
+            cut |= body.len() > room;
+            if ends {
+                emit(&mut current, &mut cut);
+                lines += 1;
+            }
+        }
+    }
+    if !current.is_empty() {
+        emit(&mut current, &mut cut);
+        lines += 1;
+    }
+    lines
+}
+
+/// At most `per_second` admitted a second; says how many were refused since the last
+/// admitted one.
+struct LogLimit {
+    per_second: u32,
+    window: tokio::time::Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            window: tokio::time::Instant::now(),
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn admit(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.used = 0;
+        }
+        if self.used >= self.per_second {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 fn signal_group(pid: u32, signal: libc::c_int) {
@@ -243,5 +335,50 @@ impl MemoryProbe for RssProbe {
             None => 0,
         };
         Ok(self.indices.iter().map(|i| (*i, bytes)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// Finding: an engine's output with invalid UTF-8 stopped the reader, which dropped the
+    /// pipe; the engine's next write failed (EPIPE) and the engine wedged.
+    #[tokio::test]
+    async fn output_that_is_not_utf8_or_too_long_is_drained_to_the_end() {
+        let (mut engine, sidecar) = tokio::io::duplex(1024);
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let n = drain_lines(sidecar, |l| seen.push(l.to_string())).await;
+            (n, seen)
+        });
+        engine.write_all(b"ok\n\xff\xfe bad bytes\n").await.unwrap();
+        engine.write_all(&vec![b'x'; 1 << 20]).await.unwrap();
+        engine.write_all(b"\n").await.unwrap();
+        // Far more than the pipe holds: every write must still succeed.
+        for i in 0..2000 {
+            engine
+                .write_all(format!("line {i}\n").as_bytes())
+                .await
+                .expect("the engine's writes never fail while the sidecar runs");
+        }
+        drop(engine);
+        let (n, seen) = reader.await.unwrap();
+        assert_eq!(n, 2003);
+        assert_eq!(seen[0], "ok");
+        assert_eq!(seen[1], "\u{fffd}\u{fffd} bad bytes");
+        assert_eq!(seen[2].len(), MAX_LINE + " …".len());
+        assert_eq!(seen[2002], "line 1999");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_log_is_rate_limited_and_says_how_much_it_dropped() {
+        let mut limit = LogLimit::new(3);
+        let admitted: Vec<Option<u64>> = (0..5).map(|_| limit.admit()).collect();
+        assert_eq!(admitted, [Some(0), Some(0), Some(0), None, None]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(limit.admit(), Some(2));
     }
 }

@@ -5,6 +5,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use axum::body::Body;
@@ -22,7 +23,31 @@ pub enum ForwardError {
     Unreachable(String),
     #[error("engine failed the request: {0}")]
     Failed(String),
+    /// The engine took the request but sent no response headers in time.
+    #[error("engine sent no response within {0:?}")]
+    Timeout(Duration),
 }
+
+impl ForwardError {
+    /// A stable label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Unreachable(_) => "unreachable",
+            Self::Failed(_) => "failed",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// Idle connections kept per engine; more are closed when their response ends.
+const MAX_IDLE: usize = 64;
+
+/// Request headers that carry a client's credentials: they stop at our edge.
+const CREDENTIALS: [header::HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::PROXY_AUTHORIZATION,
+];
 
 type EngineConn = SendRequest<Full<Bytes>>;
 type IdleConns = Arc<Mutex<Vec<EngineConn>>>;
@@ -34,6 +59,12 @@ pub struct Forwarder {
     idle: IdleConns,
     authority: http::uri::Authority,
     addr: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    /// Headers removed from every request besides [`CREDENTIALS`].
+    strip: Vec<header::HeaderName>,
+    /// `Authorization` for the engine's own key, if it has one.
+    authorization: Option<HeaderValue>,
 }
 
 const HOP_BY_HOP: [header::HeaderName; 7] = [
@@ -76,7 +107,40 @@ impl Forwarder {
             idle: Arc::default(),
             authority,
             addr,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(600),
+            strip: Vec::new(),
+            authorization: None,
         })
+    }
+
+    /// Longest waits for a connection and for the response headers.
+    pub fn with_timeouts(mut self, connect: Duration, response: Duration) -> Self {
+        self.connect_timeout = connect;
+        self.response_timeout = response;
+        self
+    }
+
+    /// Also strips `headers` from requests, and sends the engine's own `api_key`.
+    pub fn with_credentials(
+        mut self,
+        headers: &[String],
+        api_key: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        for h in headers {
+            self.strip.push(
+                h.parse()
+                    .map_err(|e| anyhow::anyhow!("--strip-header {h:?}: {e}"))?,
+            );
+        }
+        if let Some(key) = api_key {
+            let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                anyhow::anyhow!("the engine API key has characters a header cannot hold")
+            })?;
+            v.set_sensitive(true);
+            self.authorization = Some(v);
+        }
+        Ok(self)
     }
 
     async fn connection(&self) -> Result<EngineConn, ForwardError> {
@@ -88,9 +152,18 @@ impl Forwarder {
                 return Ok(conn);
             }
         }
-        let stream = tokio::net::TcpStream::connect(&self.addr)
-            .await
-            .map_err(|e| ForwardError::Unreachable(format!("connecting to {}: {e}", self.addr)))?;
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&self.addr),
+        )
+        .await
+        .map_err(|_| {
+            ForwardError::Unreachable(format!(
+                "connecting to {}: no answer within {:?}",
+                self.addr, self.connect_timeout
+            ))
+        })?
+        .map_err(|e| ForwardError::Unreachable(format!("connecting to {}: {e}", self.addr)))?;
         let _ = stream.set_nodelay(true);
         let (conn, driver) = http1::handshake(TokioIo::new(stream))
             .await
@@ -118,6 +191,13 @@ impl Forwarder {
             .map_err(|e| ForwardError::Failed(e.to_string()))?;
         *req.headers_mut() = parts.headers.clone();
         strip_hop_by_hop(req.headers_mut());
+        for h in CREDENTIALS.iter().chain(&self.strip) {
+            req.headers_mut().remove(h);
+        }
+        if let Some(auth) = &self.authorization {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.clone());
+        }
         req.headers_mut().insert(
             header::HOST,
             http::HeaderValue::from_str(self.authority.as_str())
@@ -125,14 +205,18 @@ impl Forwarder {
         );
         req.headers_mut().remove(header::CONTENT_LENGTH);
         let mut conn = self.connection().await?;
-        let resp = conn.send_request(req).await.map_err(|e| {
-            if e.is_canceled() || e.is_closed() {
-                // The engine closed the connection before reading the request.
-                ForwardError::Unreachable(e.to_string())
-            } else {
-                ForwardError::Failed(e.to_string())
-            }
-        })?;
+        // On a timeout the connection is dropped with the request: it is not reused.
+        let resp = tokio::time::timeout(self.response_timeout, conn.send_request(req))
+            .await
+            .map_err(|_| ForwardError::Timeout(self.response_timeout))?
+            .map_err(|e| {
+                if e.is_canceled() || e.is_closed() {
+                    // The engine closed the connection before reading the request.
+                    ForwardError::Unreachable(e.to_string())
+                } else {
+                    ForwardError::Failed(e.to_string())
+                }
+            })?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if is_event_stream(&parts.headers) {
@@ -185,7 +269,10 @@ where
         let ended = matches!(polled, Poll::Ready(None))
             || (polled.is_ready() && self.inner.is_end_stream());
         if ended && let Some((pool, conn)) = self.pool.take() {
-            pool.lock().unwrap().push(conn);
+            let mut idle = pool.lock().unwrap();
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
         }
         polled
     }

@@ -4,32 +4,24 @@ use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    body::{Body, to_bytes},
+    body::Body,
     extract::{Request, State},
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde_json::json;
+pub use greenthread_edge::api_error;
+use greenthread_edge::{ApiError, Gate, PathCheck, check_inference_path, echo, read_body};
 
 use crate::{
     proxy::{ForwardError, Forwarder},
     sidecar::{Rejection, Sidecar},
 };
 
-/// Largest request body accepted (prompts with images or long contexts fit).
-const MAX_BODY: usize = 64 << 20;
-
 #[derive(Clone)]
 pub struct AppState {
     pub sidecar: Arc<Sidecar>,
     pub forwarder: Arc<Forwarder>,
-}
-
-/// An OpenAI-style error.
-pub fn api_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
-    let body = json!({"error": {"message": message.into(), "type": kind, "param": null, "code": status.as_u16()}});
-    (status, Json(body)).into_response()
 }
 
 impl IntoResponse for Rejection {
@@ -62,25 +54,49 @@ impl IntoResponse for Rejection {
     }
 }
 
+/// The public port: inference paths only (see [`greenthread_edge::INFERENCE_PATHS`]) and
+/// the sidecar's own `/health`, `/ready`, `/status`. An engine's control API is never
+/// reachable from here.
 pub fn public_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(health))
         .route("/status", get(status))
         .route("/v1/models", get(models))
-        .route("/metrics", get(|| async { StatusCode::NOT_FOUND }))
         .fallback(infer)
         .with_state(state)
 }
 
+/// The private port: metrics for Prometheus (kept private by the network policy), and
+/// `/admin/*` behind the admin token when one is configured.
 pub fn private_router(state: AppState) -> Router {
+    let gate = Gate::tokens(state.sidecar.cfg.admin_token.clone());
+    let admin = Router::new()
+        .route("/admin/sleep", post(admin_sleep))
+        .route("/admin/wake", post(admin_wake));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/metrics/engine", get(engine_metrics))
-        .route("/admin/sleep", post(admin_sleep))
-        .route("/admin/wake", post(admin_wake))
         .route("/status", get(status))
+        .merge(greenthread_edge::require(
+            admin,
+            gate,
+            "the sidecar's admin token",
+        ))
+        .fallback(|| async { ApiError::not_found("no such path on the private port") })
         .with_state(state)
+}
+
+/// Whether `path` may be forwarded to the engine from a public port; the error answer
+/// when not (400 for a path that could escape, 404 for anything but inference).
+pub fn public_path(path: &str, extra: &[String]) -> Result<(), ApiError> {
+    match check_inference_path(path, extra)? {
+        PathCheck::Inference => Ok(()),
+        PathCheck::NotInference => Err(ApiError::not_found(format!(
+            "{} is not an inference path: this port serves only inference (OpenAI /v1/…, Anthropic /v1/messages, vLLM's /tokenize, /score, …)",
+            echo(path)
+        ))),
+    }
 }
 
 /// Liveness and readiness: up once booted whatever the state, so that a sleeping model
@@ -115,15 +131,14 @@ async fn models(State(s): State<AppState>) -> Response {
 
 async fn infer(State(s): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match to_bytes(body, MAX_BODY).await {
+    if let Err(e) = public_path(parts.uri.path(), &s.sidecar.cfg.extra_public_paths) {
+        return e.into_response();
+    }
+    let body = match read_body(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => {
             s.sidecar.metrics.request(false);
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("reading request body: {e}"),
-            );
+            return e.into_response();
         }
     };
     relay(&s.sidecar, &s.forwarder, &parts, body).await
@@ -148,6 +163,7 @@ pub async fn relay(
         };
         match forwarder.forward(parts, body.clone(), slot).await {
             Ok(resp) => {
+                sidecar.engine_answered();
                 sidecar.metrics.request(resp.status().as_u16() < 400);
                 return resp;
             }
@@ -155,6 +171,19 @@ pub async fn relay(
             Err(ForwardError::Failed(e)) => {
                 sidecar.metrics.request(false);
                 return api_error(StatusCode::BAD_GATEWAY, "engine_error", e);
+            }
+            Err(ForwardError::Timeout(after)) => {
+                // The slot went with the dropped request; the engine may be wedged.
+                sidecar.engine_timed_out(after);
+                sidecar.metrics.request(false);
+                return api_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the engine of model {} sent no response within {after:?}",
+                        sidecar.cfg.model
+                    ),
+                );
             }
         }
     }

@@ -67,6 +67,10 @@ struct Inner {
     serving_bytes: Vec<(u32, u64)>,
 }
 
+/// Tries of one ledger write before it is left to the heartbeat's reconcile (about 20 s
+/// of backoff in all).
+const LEDGER_WRITE_ATTEMPTS: u32 = 8;
+
 pub struct Sidecar {
     pub cfg: SidecarConfig,
     pub pod: String,
@@ -77,6 +81,8 @@ pub struct Sidecar {
     gpus: Vec<GpuRef>,
     probe: Option<Arc<dyn MemoryProbe>>,
     heartbeat_started: std::sync::atomic::AtomicBool,
+    /// Engine responses that timed out in a row (a wedged engine is restarted).
+    engine_timeouts: std::sync::atomic::AtomicU32,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<State>,
     /// Every transition, in order (a watch would coalesce quick ones).
@@ -156,6 +162,7 @@ impl Sidecar {
             gpus: parts.gpus,
             probe: parts.probe,
             heartbeat_started: std::sync::atomic::AtomicBool::new(false),
+            engine_timeouts: Default::default(),
             inner: Mutex::new(Inner {
                 state: State::Sleeping,
                 boot_ready: false,
@@ -365,24 +372,44 @@ impl Sidecar {
         }
     }
 
+    /// Read-modify-write of one GPU record. A write the backend failed (the API server
+    /// unreachable, contention past the bound) is retried with capped exponential backoff
+    /// and jitter; what still fails is corrected later by the heartbeat's reconcile.
     async fn ledger_update<T: Send>(
         &self,
         gpu: &str,
-        decide: impl FnMut(
+        mut decide: impl FnMut(
             &greenthread_api::Gpu,
         ) -> Result<(Option<greenthread_api::GpuStatus>, T), ClaimError>
         + Send,
     ) -> Result<T, ClaimError> {
         let conflicts = &self.metrics.cas_conflicts;
-        greenthread_ledger::update(
-            &*self.ledger,
-            gpu,
-            &|| {
-                conflicts.inc();
-            },
-            decide,
-        )
-        .await
+        let mut backoff =
+            greenthread_ledger::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = greenthread_ledger::update(
+                &*self.ledger,
+                gpu,
+                &|| {
+                    conflicts.inc();
+                },
+                &mut decide,
+            )
+            .await;
+            match r {
+                Err(ClaimError::Ledger(e))
+                    if e.is_transient()
+                        && attempt < LEDGER_WRITE_ATTEMPTS
+                        && !self.inner.lock().unwrap().shutting_down =>
+                {
+                    tracing::warn!(gpu, attempt, error = %e, reason = e.metric_label(), "ledger write failed; retrying");
+                    backoff.wait().await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Takes the wake lock and claims `bytes` on every GPU. While it does not fit, it
@@ -925,6 +952,29 @@ impl Sidecar {
         }
     }
 
+    /// The engine answered a request: it is not wedged.
+    pub fn engine_answered(&self) {
+        self.engine_timeouts
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A request got no response headers within `after`. Enough of them in a row mean a
+    /// wedged engine (it takes connections, never answers): restart it as if lost.
+    pub fn engine_timed_out(self: &Arc<Self>, after: Duration) {
+        let n = self
+            .engine_timeouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        tracing::warn!(model = %self.cfg.model, timeouts = n, ?after, "engine response timed out");
+        if n >= self.cfg.engine_timeouts_before_restart {
+            self.engine_timeouts
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            self.engine_lost(&format!(
+                "engine wedged: {n} responses in a row timed out after {after:?}"
+            ));
+        }
+    }
+
     /// Boot: claim memory under the wake lock, start the engine, measure it serving,
     /// put it to sleep, measure what it keeps, release. Then `sleeping` and ready.
     pub async fn boot(self: &Arc<Self>) -> anyhow::Result<()> {
@@ -949,24 +999,34 @@ impl Sidecar {
             }
         };
         self.claim_all(boot_bytes, false).await?;
-        let engine_up = async {
+        // Whatever fails from here on, the claim and the wake lock are given back.
+        let booted = async {
             if let Some(p) = &self.process {
-                p.start().await.map_err(|e| e.to_string())?;
+                p.start().await.map_err(|e| anyhow::anyhow!("{e}"))?;
             }
-            self.wait_engine_up().await
+            self.wait_engine_up()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Ok(models) = self.engine.models().await {
+                *self.models_cache.lock().unwrap() = Some(models);
+            }
+            if !self.engine.is_sleeping().await? {
+                if let Some(m) = self.measure().await {
+                    self.record_serving(&m);
+                }
+                // Bounded like a wake: a boot holds the GPU's wake lock while it runs.
+                tokio::time::timeout(
+                    self.cfg.wake_timeout,
+                    self.engine.sleep(self.cfg.sleep_level),
+                )
+                .await
+                .map_err(|_| EngineError::Timeout("sleep at boot"))??;
+            }
+            anyhow::Ok(())
         };
-        if let Err(e) = engine_up.await {
+        if let Err(e) = booted.await {
             self.release_all(&[]).await;
-            anyhow::bail!("{e}");
-        }
-        if let Ok(models) = self.engine.models().await {
-            *self.models_cache.lock().unwrap() = Some(models);
-        }
-        if !self.engine.is_sleeping().await? {
-            if let Some(m) = self.measure().await {
-                self.record_serving(&m);
-            }
-            self.engine.sleep(self.cfg.sleep_level).await?;
+            return Err(e);
         }
         let residual = self.measure().await.unwrap_or_default();
         self.release_all(&residual).await;
@@ -1039,7 +1099,10 @@ impl Sidecar {
         }
     }
 
-    /// Keeps this pod's ledger records alive (a silent holder's wake lock lapses).
+    /// Keeps this pod's ledger records alive (a silent holder's wake lock lapses), and
+    /// brings them in line with what the sidecar knows when it is neither waking nor
+    /// sleeping: a write that failed for good (marking serving, a release) is repaired
+    /// here, so that no lock or reservation outlives its reason.
     pub async fn run_heartbeat(self: Arc<Self>) {
         let period = (self.cfg.wake_lock_ttl / 3).max(Duration::from_millis(100));
         loop {
@@ -1058,13 +1121,36 @@ impl Sidecar {
                         if g.status.occupant(&pod).is_none() {
                             return Ok((None, ()));
                         }
-                        Ok((
-                            Some(decide::touch(&g.status, &pod, accessed, Timestamp::now())),
-                            (),
-                        ))
+                        let now = Timestamp::now();
+                        let mut next = decide::touch(&g.status, &pod, accessed, now);
+                        // Read inside the compare-and-swap: a wake or sleep that starts
+                        // meanwhile changes the record, and this runs again.
+                        if let Some(settled) = self.settled(gpu.index) {
+                            next = decide::reconcile_own(&next, &pod, settled, now);
+                        }
+                        Ok((Some(next), ()))
                     })
                     .await;
             }
+        }
+    }
+
+    /// What this pod's entry on GPU `index` must say, when no wake or sleep is under way.
+    fn settled(&self, index: u32) -> Option<decide::Settled> {
+        let inner = self.inner.lock().unwrap();
+        if !inner.boot_ready || inner.shutting_down {
+            return None;
+        }
+        match inner.state {
+            State::Sleeping => Some(decide::Settled::Asleep {
+                residual: inner
+                    .residual_bytes
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map_or(0, |(_, b)| *b),
+            }),
+            State::Serving => Some(decide::Settled::Serving),
+            _ => None,
         }
     }
 

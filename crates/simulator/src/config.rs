@@ -17,6 +17,9 @@ pub struct SimConfig {
     /// Address to serve on.
     #[arg(long, default_value = "127.0.0.1:8001")]
     pub listen: SocketAddr,
+    /// Timeouts, caps and limits of the server.
+    #[command(flatten)]
+    pub edge: greenthread_edge::EdgeConfig,
     /// Model id served (`/v1/models`, the `model` field of requests).
     #[arg(long)]
     pub model: String,
@@ -87,6 +90,22 @@ pub struct SimConfig {
     /// Fault: `/health` answers 503 while asleep (it says nothing about sleep either way).
     #[arg(long)]
     pub unhealthy_while_asleep: bool,
+    /// Like vLLM's `--api-key`: `/v1` paths need this bearer token (a test engine's
+    /// flag; GreenThread's own secrets never come from flags).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Fault: inference requests after the Nth (the warm-up counts) are taken and never
+    /// answered, while health and sleep state look fine.
+    #[arg(long)]
+    pub hang_after_requests: Option<u64>,
+    /// Prints a line to stdout per inference request, as chatty engines log; a process
+    /// whose stdout is gone then fails every request (Rust's `println!`, Python's logging
+    /// both do), as an engine with a dropped output pipe would.
+    #[arg(long)]
+    pub print_requests: bool,
+    /// Fault: prints a line that is not UTF-8 to stdout at start-up.
+    #[arg(long)]
+    pub print_invalid_utf8: bool,
     /// SGLang without `--enable-weights-cpu-backup`: released weights are gone, and
     /// resuming gives back uninitialized buffers.
     #[arg(long)]

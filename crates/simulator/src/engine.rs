@@ -48,6 +48,9 @@ pub struct SimEngine {
     /// Wakes completed (for the wedge fault).
     wakes_done: AtomicU32,
     served: AtomicU64,
+    /// Inference requests received (for the hang fault).
+    received: AtomicU64,
+    last_headers: Mutex<std::collections::BTreeMap<String, String>>,
     next_id: AtomicU64,
 }
 
@@ -87,6 +90,8 @@ impl SimEngine {
             wake_failures_left: AtomicU32::new(cfg.fail_wakes),
             wakes_done: AtomicU32::new(0),
             served: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            last_headers: Mutex::default(),
             next_id: AtomicU64::new(1),
             cfg,
         })
@@ -110,6 +115,27 @@ impl SimEngine {
             held += self.cfg.kv_cache_bytes;
         }
         held
+    }
+
+    pub fn record_headers(&self, headers: &axum::http::HeaderMap) {
+        *self.last_headers.lock().unwrap() = headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+    }
+
+    pub fn last_headers(&self) -> std::collections::BTreeMap<String, String> {
+        self.last_headers.lock().unwrap().clone()
+    }
+
+    /// Counts an inference request received; returns its number (from 1).
+    pub fn count_request(&self) -> u64 {
+        self.received.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     pub fn next_id(&self) -> u64 {

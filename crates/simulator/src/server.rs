@@ -6,7 +6,7 @@ use axum::{
     Json, Router,
     body::{Body, Bytes},
     extract::{RawQuery, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -44,7 +44,30 @@ pub fn router(engine: Shared) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
+        .route("/debug/last_request_headers", get(last_request_headers))
+        // The edge bounds bodies (`--max-body`); axum's own 2 MB default would refuse
+        // long prompts first.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            require_api_key,
+        ))
         .with_state(engine)
+}
+
+/// vLLM's `--api-key`: every `/v1` path needs `Authorization: Bearer <key>`.
+async fn require_api_key(
+    State(e): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &e.cfg.api_key
+        && req.uri().path().starts_with("/v1")
+        && greenthread_edge::bearer(req.headers()) != Some(key.as_str())
+    {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    next.run(req).await
 }
 
 /// Boots (weights load before the port opens, as in vLLM), then serves until Ctrl-C or
@@ -56,29 +79,21 @@ pub async fn bind_and_serve(cfg: SimConfig) -> anyhow::Result<()> {
         engine.forget_memory();
         anyhow::bail!("engine start-up failed: {e}");
     }
+    if cfg.print_invalid_utf8 {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(b"weights: \xff\xfe loaded\n");
+        let _ = std::io::stdout().flush();
+    }
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, model = %cfg.model, "sim engine ready");
     let app = router(engine.clone());
-    // Small SSE frames must leave at once, not wait for the previous segment's ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let shutdown = greenthread_edge::Shutdown::new();
+    shutdown.on_signals();
+    let result = greenthread_edge::serve(listener, app, cfg.edge.clone(), shutdown).await;
     engine.forget_memory();
     result.map_err(Into::into)
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 fn error(status: StatusCode, message: impl AsRef<str>) -> Response {
@@ -240,16 +255,32 @@ async fn metrics(State(e): State<Shared>) -> Response {
         .into_response()
 }
 
-async fn chat(State(e): State<Shared>, body: Bytes) -> Response {
+async fn chat(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    e.record_headers(&headers);
     infer(e, Kind::Chat, body).await
 }
 
-async fn completions(State(e): State<Shared>, body: Bytes) -> Response {
+async fn completions(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    e.record_headers(&headers);
     infer(e, Kind::Completion, body).await
+}
+
+/// The headers of the last inference request, as this engine received them: what tests
+/// check to prove that clients' credentials never reach an engine.
+async fn last_request_headers(State(e): State<Shared>) -> Response {
+    Json(e.last_headers()).into_response()
 }
 
 async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     e.metrics.inference_requests.inc();
+    let served = e.count_request();
+    if e.cfg.print_requests {
+        // Panics when stdout is gone (EPIPE), failing the request as a real engine would.
+        println!("request {served}: {} bytes", body.len());
+    }
+    if e.cfg.hang_after_requests.is_some_and(|n| served > n) {
+        std::future::pending::<()>().await;
+    }
     let req: InferenceRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(err) => {

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod chart;
 mod exposition;
+mod failing_ledger;
 mod fake_apiserver;
 mod fake_engine;
 mod fake_kubelet;
@@ -15,6 +16,7 @@ mod prometheus;
 mod wait;
 
 pub use exposition::{Exposition, Sample};
+pub use failing_ledger::FailingLedger;
 pub use fake_apiserver::FakeApiServer;
 pub use fake_engine::FakeEngine;
 pub use fake_kubelet::FakeKubelet;

@@ -69,21 +69,25 @@ mod tempfile_like {
 impl LocalProc {
     /// Starts `greenthread local` with `config` and waits until every model has booted.
     pub async fn start(bin: &str, config: &str) -> Self {
+        Self::start_with(bin, config, &[]).await
+    }
+
+    /// `start` with more command-line flags for `local`.
+    pub async fn start_with(bin: &str, config: &str, flags: &[&str]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("gt-local-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("local.yaml");
         std::fs::write(&path, config).unwrap();
-        let proc = Proc::spawn(
-            bin,
-            &[
-                "local".into(),
-                "--config".into(),
-                path.display().to_string(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-            ],
-        );
+        let mut args: Vec<String> = vec![
+            "local".into(),
+            "--config".into(),
+            path.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let proc = Proc::spawn(bin, &args);
         let me = Self {
             url: format!("http://127.0.0.1:{port}"),
             client: http(),

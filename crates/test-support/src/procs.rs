@@ -30,20 +30,56 @@ impl Proc {
         Self::spawn_env(bin, args, &[])
     }
 
-    /// `spawn` with extra environment variables.
+    /// `spawn` with extra environment variables (`RUST_LOG` among them overrides the
+    /// tests' default).
     pub fn spawn_env(bin: &str, args: &[String], envs: &[(&str, &str)]) -> Self {
+        Self::spawn_with(bin, args, envs, Stdio::inherit())
+    }
+
+    /// `spawn_env` with the process's log (stderr) written to `log`.
+    pub fn spawn_logged(
+        bin: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::File::create(log).unwrap();
+        Self::spawn_with(bin, args, envs, Stdio::from(file))
+    }
+
+    fn spawn_with(bin: &str, args: &[String], envs: &[(&str, &str)], stderr: Stdio) -> Self {
         let child = Command::new(bin)
             .args(args)
-            .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("GT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
         Self { child }
+    }
+
+    /// Whether the process has exited, and how.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -16,9 +16,16 @@ pub struct LocalConfig {
     /// Bearer keys for `/v1` (open when empty).
     #[serde(default)]
     pub api_keys: Vec<String>,
-    /// Bearer token for `/api` (open when absent).
+    /// Bearer token for `/api`. With `apiKeys` and no admin token, `local` refuses to
+    /// start unless `adminOpen: true`.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Serve the admin API to anyone although `apiKeys` are set.
+    #[serde(default)]
+    pub admin_open: bool,
+    /// Bearer token for `/metrics` (open when absent).
+    #[serde(default)]
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +68,8 @@ pub struct Plan {
     pub models: Vec<(String, ValidModel)>,
     pub api_keys: Vec<String>,
     pub admin_token: Option<String>,
+    pub admin_open: bool,
+    pub metrics_token: Option<String>,
 }
 
 /// Reads and checks `path`, or the embedded default when `None`. Every message names the
@@ -170,6 +179,8 @@ pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
         models,
         api_keys: cfg.api_keys,
         admin_token: cfg.admin_token,
+        admin_open: cfg.admin_open,
+        metrics_token: cfg.metrics_token,
     })
 }
 

@@ -12,7 +12,7 @@ use greenthread_apiserver::{ApiServer, Auth, ModelRoute, Replica};
 use greenthread_gpu::{GpuMetrics, MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{
-    Forwarder, GpuRef, Parts, Sidecar, SidecarConfig, free_port,
+    GpuRef, Parts, Sidecar, SidecarConfig, free_port,
     metrics::{SidecarFamilies, SidecarMetrics},
     process::EngineProcess,
     shell_quote,
@@ -30,6 +30,26 @@ pub struct LocalArgs {
     /// Address of the API server.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
+    /// Serve without API keys on a non-loopback address (refused otherwise).
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    #[command(flatten)]
+    pub edge: greenthread_edge::EdgeConfig,
+}
+
+const SOURCES: greenthread_apiserver::AuthSources = greenthread_apiserver::AuthSources {
+    keys: "apiKeys in the config",
+    admin: "adminToken in the config",
+    admin_open: "adminOpen: true in the config",
+};
+
+fn config_name(args: &LocalArgs) -> String {
+    format!(
+        "config {}",
+        args.config
+            .as_deref()
+            .map_or("<embedded default>".into(), |p| p.display().to_string())
+    )
 }
 
 fn gpu_name(index: u32) -> String {
@@ -38,6 +58,15 @@ fn gpu_name(index: u32) -> String {
 
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let plan = load(args.config.as_deref())?;
+    let auth = Auth::new(
+        plan.api_keys.clone(),
+        plan.admin_token.clone(),
+        plan.metrics_token.clone(),
+        plan.admin_open,
+        SOURCES,
+    )
+    .with_context(|| config_name(&args))?;
+    auth.check_exposure(args.listen, args.allow_unauthenticated, SOURCES)?;
     let placement = place(&plan);
     let sim_dir = tempfile::Builder::new()
         .prefix("greenthread-local-gpus-")
@@ -70,6 +99,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut sidecars = Vec::new();
     for ((name, model), replicas) in plan.models.iter().zip(&placement) {
         let mut route = ModelRoute {
+            namespace: "local".into(),
             name: name.clone(),
             model_name: model.spec.model_name.clone(),
             replicas: vec![],
@@ -161,11 +191,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     }
                 });
             }
-            route.replicas.push(Replica::local(
-                pod,
-                sidecar.clone(),
-                Arc::new(Forwarder::new(&url)?),
-            ));
+            // Client credentials stop here: the engine never sees them.
+            let forwarder = greenthread_sidecar::engine_forwarder(&sidecar.cfg, &url)?;
+            route
+                .replicas
+                .push(Replica::local(pod, sidecar.clone(), Arc::new(forwarder)));
             sidecars.push(sidecar);
         }
         routes.push(route);
@@ -185,10 +215,6 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     refresh();
     tokio::spawn(report_gpu_stats(ledger.clone(), sim.clone(), specs.clone()));
 
-    let auth = Auth {
-        api_keys: plan.api_keys.clone(),
-        admin_token: plan.admin_token.clone(),
-    };
     let api = ApiServer::new(
         routes,
         ledger.clone(),
@@ -200,9 +226,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    *api.advertise.write().unwrap() = listener.local_addr()?.to_string();
 
     for sc in &sidecars {
         let sc = sc.clone();
@@ -234,10 +258,15 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         plan.models[0].0
     );
 
-    axum::serve(listener, greenthread_apiserver::router(api))
-        .with_graceful_shutdown(greenthread_sidecar::shutdown_signal())
-        .await?;
-    // In-flight requests have drained (graceful shutdown); now stop every engine.
+    api.shutdown.on_signals();
+    greenthread_edge::serve(
+        listener,
+        greenthread_apiserver::router(api.clone()),
+        args.edge.clone(),
+        api.shutdown.clone(),
+    )
+    .await?;
+    // Requests in progress have finished or met the shutdown deadline; stop every engine.
     tracing::info!("stopping engines");
     futures_util::future::join_all(sidecars.iter().map(|s| s.shutdown())).await;
     drop(sim_dir);

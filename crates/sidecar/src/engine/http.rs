@@ -8,6 +8,23 @@ use bytes::Bytes;
 
 use super::EngineError;
 
+fn client(api_key: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(v) =
+        api_key.and_then(|k| reqwest::header::HeaderValue::from_str(&format!("Bearer {k}")).ok())
+    {
+        let mut v = v;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .default_headers(headers)
+        .no_proxy()
+        .build()
+        .expect("a plain http client builds")
+}
+
 pub struct EngineHttp {
     base: String,
     client: reqwest::Client,
@@ -15,15 +32,18 @@ pub struct EngineHttp {
 
 impl EngineHttp {
     pub fn new(base: &str) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .no_proxy()
-            .build()
-            .expect("a plain http client builds");
         Self {
             base: base.trim_end_matches('/').to_string(),
-            client,
+            client: client(None),
         }
+    }
+
+    /// Sends the engine's own API key (vLLM/SGLang `--api-key`) on every call.
+    pub fn with_api_key(mut self, key: Option<&str>) -> Self {
+        if key.is_some() {
+            self.client = client(key);
+        }
+        self
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {

@@ -31,6 +31,12 @@ pub struct ProcessAdapter {
 }
 
 impl ProcessAdapter {
+    /// Sends the engine's own API key on every call the adapter makes.
+    pub fn with_api_key(mut self, key: Option<&str>) -> Self {
+        self.http = self.http.with_api_key(key);
+        self
+    }
+
     pub fn new(
         base: &str,
         process: Arc<EngineProcess>,

@@ -22,6 +22,12 @@ pub struct SglangAdapter {
 }
 
 impl SglangAdapter {
+    /// Sends the engine's own API key on every call the adapter makes.
+    pub fn with_api_key(mut self, key: Option<&str>) -> Self {
+        self.http = self.http.with_api_key(key);
+        self
+    }
+
     pub fn new(base: &str) -> Self {
         Self {
             http: EngineHttp::new(base),
