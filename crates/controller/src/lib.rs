@@ -79,6 +79,10 @@ pub struct ControllerConfig {
     /// The engine's port on the pod's loopback.
     #[arg(long, default_value_t = render::ENGINE_PORT)]
     pub engine_port: u16,
+    /// Engine images Models may run (globs, comma-separated; `*` any characters). A
+    /// Model with another image is Failed with reason `ImageNotAllowed`. Empty: any.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_images: Vec<String>,
 }
 
 impl ControllerConfig {
@@ -94,6 +98,7 @@ impl ControllerConfig {
                 metrics: self.sidecar_metrics_port,
                 engine: self.engine_port,
             },
+            allowed_images: self.allowed_images.clone(),
         }
     }
 

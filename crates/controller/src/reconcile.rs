@@ -315,8 +315,11 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     let by_name: BTreeMap<&str, &Gpu> = gpus.iter().map(|g| (g.name.as_str(), g)).collect();
     let nodes = allowed_nodes(ctx, &model).await?;
     // A process engine's command lives in its own image: without one there is nothing to run.
-    let unrunnable =
+    let needs_image =
         model.spec.engine == greenthread_api::EngineKind::Process && model.spec.image.is_none();
+    let image = render::engine_image(&model, &ctx.settings);
+    let forbidden = !render::image_allowed(&image, &ctx.settings.allowed_images);
+    let unrunnable = needs_image || forbidden;
     for replica in 0..model.spec.replicas {
         if unrunnable {
             break;
@@ -368,7 +371,16 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
 
     ensure_service(ctx, &model).await?;
 
-    let problem = if unrunnable {
+    let problem = if forbidden && !needs_image {
+        Some(Problem {
+            reason: "ImageNotAllowed",
+            message: format!(
+                "image {image:?} is not among the images this installation allows (controller.allowedImages: {})",
+                ctx.settings.allowed_images.join(", ")
+            ),
+            fatal: true,
+        })
+    } else if unrunnable {
         Some(Problem {
             reason: "ImageRequired",
             message:

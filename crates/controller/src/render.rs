@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use greenthread_api::{EngineKind, GpuSpec, Model};
 use k8s_openapi::{
     api::core::v1::{
-        Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
-        PodSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+        Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
+        DownwardAPIVolumeFile, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+        Pod, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+        SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
+        VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -36,6 +39,8 @@ pub struct Settings {
     pub service_account: Option<String>,
     /// The sidecar's public port, its private (metrics, admin) port, the engine's port.
     pub ports: Ports,
+    /// Engine images a Model may run (globs, `*` any characters); empty: any.
+    pub allowed_images: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +69,7 @@ impl Default for Settings {
             gpu_namespace: "greenthread-system".into(),
             service_account: None,
             ports: Ports::default(),
+            allowed_images: Vec::new(),
         }
     }
 }
@@ -240,6 +246,109 @@ pub fn sglang_args(model: &Model, port: u16) -> Vec<String> {
 
 /// Where the `greenthread` binary is put for engines the sidecar runs in their own image.
 pub const BINARY_DIR: &str = "/greenthread";
+/// Where in-cluster clients (kube-rs too) look for the service-account token.
+pub const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The uid our own containers run as (distroless `nonroot`).
+pub const NONROOT_UID: i64 = 65532;
+
+/// The image the engine container of `model` runs.
+pub fn engine_image(model: &Model, settings: &Settings) -> String {
+    let s = &model.spec;
+    s.image.clone().unwrap_or_else(|| match s.engine {
+        EngineKind::Sim => settings.sidecar_image.clone(),
+        EngineKind::Sglang => SGLANG_IMAGE.to_string(),
+        EngineKind::Llamacpp | EngineKind::Process => LLAMACPP_IMAGE.to_string(),
+        EngineKind::Vllm => settings.vllm_image.clone(),
+    })
+}
+
+/// Whether `image` matches one of `patterns` (`*` stands for any characters); every
+/// image is allowed when there are none.
+pub fn image_allowed(image: &str, patterns: &[String]) -> bool {
+    fn glob(p: &[u8], s: &[u8]) -> bool {
+        match p.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+            Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+        }
+    }
+    patterns.is_empty()
+        || patterns
+            .iter()
+            .any(|p| glob(p.as_bytes(), image.as_bytes()))
+}
+
+/// No privilege escalation, no capabilities: every container we render. Ours (the
+/// sidecar, the binary installer) also run as non-root on a read-only root filesystem.
+fn restricted(ours: bool) -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        run_as_non_root: ours.then_some(true),
+        run_as_user: ours.then_some(NONROOT_UID),
+        read_only_root_filesystem: ours.then_some(true),
+        ..Default::default()
+    }
+}
+
+/// The service-account token, projected for the sidecar alone (the pod mounts none, so
+/// an engine image of the user's choice never holds it).
+fn token_volume() -> Volume {
+    Volume {
+        name: "kube-api-access".into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        expiration_seconds: Some(3607),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "kube-root-ca.crt".into(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".into(),
+                            path: "ca.crt".into(),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                field_path: "metadata.namespace".into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]),
+                    }),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        ..Default::default()
+    }
+}
+
+fn token_mount() -> VolumeMount {
+    VolumeMount {
+        name: "kube-api-access".into(),
+        mount_path: TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
 pub const LLAMACPP_IMAGE: &str = "ghcr.io/ggml-org/llama.cpp:server";
 pub const SGLANG_IMAGE: &str = "lmsysorg/sglang:v0.5.4";
 
@@ -326,10 +435,15 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                 args: Some(engine_args),
                 env: Some(engine_env),
                 resources: s.resources.clone(),
+                security_context: Some(
+                    s.security_context
+                        .clone()
+                        .unwrap_or_else(|| restricted(s.engine == EngineKind::Sim)),
+                ),
                 ..Default::default()
             };
             args.extend(["--engine".to_string(), kind.to_string()]);
-            let sidecar = sidecar_container(
+            let mut sidecar = sidecar_container(
                 "sidecar",
                 settings.sidecar_image.clone(),
                 None,
@@ -337,7 +451,9 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                 sidecar_env,
                 None,
             );
-            (vec![engine, sidecar], None, None)
+            sidecar.security_context = Some(restricted(true));
+            sidecar.volume_mounts = Some(vec![token_mount()]);
+            (vec![engine, sidecar], None, Some(vec![token_volume()]))
         }
         EngineKind::Llamacpp | EngineKind::Process => {
             let kind = if s.engine == EngineKind::Llamacpp {
@@ -368,12 +484,21 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                 engine_env.into_iter().chain(sidecar_env).collect(),
                 s.resources.clone(),
             );
-            engine.volume_mounts = Some(vec![mount.clone()]);
+            // The sidecar runs inside the engine's image here (it stops and starts the
+            // engine), so the token is in this container: its engine is the user's own
+            // command, run by the sidecar.
+            engine.volume_mounts = Some(vec![mount.clone(), token_mount()]);
+            engine.security_context = Some(
+                s.security_context
+                    .clone()
+                    .unwrap_or_else(|| restricted(false)),
+            );
             let install = Container {
                 name: "greenthread".into(),
                 image: Some(settings.sidecar_image.clone()),
                 args: Some(vec!["install-binary".into(), BINARY_DIR.into()]),
                 volume_mounts: Some(vec![mount]),
+                security_context: Some(restricted(true)),
                 ..Default::default()
             };
             let volume = Volume {
@@ -381,7 +506,11 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                 empty_dir: Some(Default::default()),
                 ..Default::default()
             };
-            (vec![engine], Some(vec![install]), Some(vec![volume]))
+            (
+                vec![engine],
+                Some(vec![install]),
+                Some(vec![volume, token_volume()]),
+            )
         }
     };
     let owner = model
@@ -408,6 +537,15 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
             runtime_class_name: settings.runtime_class.clone(),
             service_account_name: settings.service_account.clone(),
+            // Mounted only where it is needed (the sidecar), never by default.
+            automount_service_account_token: Some(false),
+            security_context: Some(PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             init_containers,
             containers,
             volumes,

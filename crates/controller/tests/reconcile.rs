@@ -46,6 +46,7 @@ fn config(identity: &str) -> ControllerConfig {
         sidecar_port: 8080,
         sidecar_metrics_port: 9090,
         engine_port: 8001,
+        allowed_images: vec![],
     }
 }
 
@@ -554,4 +555,118 @@ async fn a_process_model_without_an_image_fails_with_a_reason_and_gets_no_pods()
     assert_eq!(ready.reason, "ImageRequired");
     assert!(ready.message.contains("spec.image"), "{}", ready.message);
     assert!(pods_of(&client, "tool").await.is_empty());
+}
+
+async fn context(client: &Client, settings: Settings) -> Arc<reconcile::Context> {
+    let mut registry = Registry::default();
+    Arc::new(reconcile::Context::new(
+        client.clone(),
+        settings,
+        ControllerMetrics::register(&mut registry),
+        Arc::new(KubeLedger::new(client.clone(), SYSTEM).await.unwrap()),
+    ))
+}
+
+/// Security review finding 8: creating a Model meant running any image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_with_an_image_outside_the_allowlist_fails_and_gets_no_pods() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let ctx = context(
+        &client,
+        Settings {
+            allowed_images: vec!["vllm/vllm-openai:*".into()],
+            ..Settings::default()
+        },
+    )
+    .await;
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    for (name, image) in [("rogue", Some("evil.example/miner:1")), ("fine", None)] {
+        let mut spec: ModelSpec =
+            serde_json::from_value(json!({"modelName": format!("org/{name}")})).unwrap();
+        spec.image = image.map(str::to_string);
+        let m = models
+            .create(&PostParams::default(), &Model::new(name, spec))
+            .await
+            .unwrap();
+        reconcile::reconcile(Arc::new(m), ctx.clone())
+            .await
+            .unwrap();
+        reconcile::reconcile(Arc::new(models.get(name).await.unwrap()), ctx.clone())
+            .await
+            .unwrap();
+    }
+    let status = models.get("rogue").await.unwrap().status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Failed"));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.reason, "ImageNotAllowed");
+    assert!(
+        ready.message.contains("evil.example/miner:1"),
+        "{}",
+        ready.message
+    );
+    assert!(pods_of(&client, "rogue").await.is_empty());
+    assert_eq!(
+        pods_of(&client, "fine").await.len(),
+        1,
+        "the default vLLM image is allowed"
+    );
+}
+
+/// Security review finding 7: deletion matched pods by label, so a pod anyone labelled
+/// with a Model's name went with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_model_deletes_only_the_pods_it_owns() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let ctx = context(&client, Settings::default()).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), TEAM);
+    let foreign: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "qwen-lookalike", "labels": {
+            "greenthread.ai/model": "qwen", "app.kubernetes.io/component": "model"}},
+        "spec": {"containers": [{"name": "c", "image": "x"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &foreign).await.unwrap();
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    let spec: ModelSpec = serde_json::from_value(json!({"modelName": "org/qwen"})).unwrap();
+    let m = models
+        .create(&PostParams::default(), &Model::new("qwen", spec))
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    let m = models.get("qwen").await.unwrap();
+    reconcile::reconcile(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        pods_of(&client, "qwen").await.len(),
+        2,
+        "its replica and the look-alike"
+    );
+    models.delete("qwen", &Default::default()).await.unwrap();
+    wait_until("the Model gone", WAIT, || async {
+        match models.get_opt("qwen").await.unwrap() {
+            None => Some(()),
+            Some(m) => {
+                let _ = reconcile::reconcile(Arc::new(m), ctx.clone()).await;
+                None
+            }
+        }
+    })
+    .await;
+    let left: Vec<String> = pods_of(&client, "qwen")
+        .await
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(left, ["qwen-lookalike"]);
 }

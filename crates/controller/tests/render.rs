@@ -275,3 +275,117 @@ fn llama_cpp_runs_under_the_sidecar_so_that_sleeping_stops_it() {
     json["kind"] = "Pod".into();
     greenthread_test_support::chart::kubernetes_validate(&[json]).unwrap();
 }
+
+/// Security review finding 8: the token reaches only the sidecar; every container runs
+/// restricted; the engine's context is the Model's to widen.
+#[test]
+fn model_pods_carry_least_privilege() {
+    use greenthread_controller::render::TOKEN_DIR;
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(
+        spec.security_context
+            .as_ref()
+            .unwrap()
+            .seccomp_profile
+            .as_ref()
+            .unwrap()
+            .type_,
+        "RuntimeDefault"
+    );
+    let mounts_token = |c: &Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == TOKEN_DIR)
+    };
+    let engine = container(&pod, "engine");
+    let sidecar = container(&pod, "sidecar");
+    assert!(
+        !mounts_token(engine),
+        "the engine (a user-chosen image) holds no token"
+    );
+    assert!(mounts_token(sidecar));
+    for c in [engine, sidecar] {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..]),
+            "{}",
+            c.name
+        );
+    }
+    let ours = sidecar.security_context.as_ref().unwrap();
+    assert_eq!(
+        (
+            ours.run_as_non_root,
+            ours.run_as_user,
+            ours.read_only_root_filesystem
+        ),
+        (Some(true), Some(65532), Some(true))
+    );
+    // vLLM's image runs as root: the engine is not forced non-root unless asked.
+    assert_eq!(
+        engine.security_context.as_ref().unwrap().run_as_non_root,
+        None
+    );
+    let widened = with_engine(serde_json::json!({
+        "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "capabilities": {"add": ["IPC_LOCK"]}},
+    }));
+    let pod = render_pod(&widened, 0, &gpus(), &Settings::default());
+    let sc = container(&pod, "engine").security_context.clone().unwrap();
+    assert_eq!(
+        (sc.run_as_non_root, sc.run_as_user),
+        (Some(true), Some(1000))
+    );
+    assert_eq!(
+        sc.capabilities.unwrap().add.as_deref(),
+        Some(&["IPC_LOCK".to_string()][..])
+    );
+    // Process engines: the sidecar runs in the engine's container; its installer is ours.
+    let m = with_engine(serde_json::json!({"engine": "llamacpp"}));
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default());
+    let spec = pod.spec.as_ref().unwrap();
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    assert_eq!(
+        init.security_context.as_ref().unwrap().run_as_non_root,
+        Some(true)
+    );
+    assert_eq!(
+        spec.containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .allow_privilege_escalation,
+        Some(false)
+    );
+    let mut json = serde_json::to_value(&pod).unwrap();
+    json["apiVersion"] = "v1".into();
+    json["kind"] = "Pod".into();
+    greenthread_test_support::chart::kubernetes_validate(&[json]).unwrap();
+}
+
+#[test]
+fn only_allowed_images_run() {
+    use greenthread_controller::render::{engine_image, image_allowed};
+    let allowed = vec![
+        "vllm/vllm-openai:*".to_string(),
+        "registry.corp/*".to_string(),
+    ];
+    for (image, ok) in [
+        ("vllm/vllm-openai:v0.11.0", true),
+        ("registry.corp/team-a/engine:1", true),
+        ("evil.example/vllm/vllm-openai:v0.11.0", false),
+        ("vllm/vllm-openai", false),
+        ("docker.io/library/alpine", false),
+    ] {
+        assert_eq!(image_allowed(image, &allowed), ok, "{image}");
+    }
+    assert!(image_allowed("anything", &[]), "no list: any image");
+    let s = Settings::default();
+    assert_eq!(engine_image(&model(), &s), s.vllm_image);
+    let custom = with_engine(serde_json::json!({"image": "evil.example/x:1"}));
+    assert_eq!(engine_image(&custom, &s), "evil.example/x:1");
+}

@@ -9,7 +9,11 @@ use greenthread_test_support::{
 };
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
+/// The binary under test: this build's, or `GT_BIN` (how these tests were run against
+/// the revision before the fixes, with `GT_SIM_BIN` naming today's simulator).
+static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("GT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_greenthread").to_string())
+});
 const WAIT: Duration = Duration::from_secs(20);
 
 fn error_type(v: &Value) -> &str {
@@ -20,7 +24,7 @@ fn error_type(v: &Value) -> &str {
 /// not by traversal, not through the API server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f01_engine_control_api_is_not_public() {
-    let sc = SidecarProc::start(BIN, "m", &["--idle-timeout", "1h"], &[]).await;
+    let sc = SidecarProc::start(&BIN, "m", &["--idle-timeout", "1h"], &[]).await;
     assert_eq!(sc.chat("m", 2, false).send().await.unwrap().status(), 200);
     assert!(!sc.engine_sleeping().await);
     for path in [
@@ -65,7 +69,7 @@ async fn f01_engine_control_api_is_not_public() {
     assert_eq!(sc.chat("m", 2, false).send().await.unwrap().status(), 200);
 
     // Through the API server: the same allowlist, by body and by path prefix.
-    let local = LocalProc::start(BIN, TEST_CONFIG).await;
+    let local = LocalProc::start(&BIN, TEST_CONFIG).await;
     let r = local
         .client
         .post(format!("{}/v1/load_lora_adapter", local.url))
@@ -109,7 +113,7 @@ async fn raw_request(base: &str, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f02_client_credentials_never_reach_the_engine() {
     let sc = SidecarProc::start_env(
-        BIN,
+        &BIN,
         "m",
         &["--idle-timeout", "1h", "--strip-header", "x-team-secret"],
         // The engine demands its own key, as vLLM with --api-key does.
@@ -150,7 +154,7 @@ async fn f03_the_admin_api_is_never_open_by_accident() {
         std::fs::write(&path, config).unwrap();
         let log = dir.path().join(format!("{name}.log"));
         let p = Proc::spawn_logged(
-            BIN,
+            &BIN,
             &[
                 "local".into(),
                 "--config".into(),
@@ -188,7 +192,7 @@ async fn f03_the_admin_api_is_never_open_by_accident() {
 
     // Declared open on purpose: keys guard /v1, the admin API is open.
     let local = LocalProc::start(
-        BIN,
+        &BIN,
         &format!("apiKeys: [k1]\nadminOpen: true\n{TEST_CONFIG}"),
     )
     .await;
@@ -198,7 +202,7 @@ async fn f03_the_admin_api_is_never_open_by_accident() {
 
     // The sidecar's private port: admin needs the token, metrics stay scrapeable.
     let sc = SidecarProc::start_env(
-        BIN,
+        &BIN,
         "m",
         &["--idle-timeout", "1h"],
         &[],
@@ -246,7 +250,7 @@ fn reset_peak_rss(pid: u32) -> bool {
 /// `model` field is; a larger one is refused before it is read; names are not echoed whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f04_one_request_cannot_exhaust_memory() {
-    let local = LocalProc::start(BIN, TEST_CONFIG).await;
+    let local = LocalProc::start(&BIN, TEST_CONFIG).await;
     let pid = local.proc.pid();
     // 31 MiB of tiny JSON values: a JSON tree of it would take over 500 MB.
     let pad_values = (31 << 20) / 2;
@@ -351,7 +355,7 @@ async fn f04_one_request_cannot_exhaust_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f05_a_hung_engine_times_out_and_is_restarted() {
     let sc = SidecarProc::start(
-        BIN,
+        &BIN,
         "m",
         &[
             "--idle-timeout",
@@ -401,7 +405,7 @@ async fn f05_a_hung_engine_times_out_and_is_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f06_shutdown_does_not_wait_for_clients_that_never_leave() {
     use tokio::io::AsyncWriteExt;
-    let mut local = LocalProc::start_with(BIN, TEST_CONFIG, &["--shutdown-timeout", "2s"]).await;
+    let mut local = LocalProc::start_with(&BIN, TEST_CONFIG, &["--shutdown-timeout", "2s"]).await;
     let events = local
         .client
         .get(format!("{}/api/v1/events", local.url))
@@ -433,7 +437,7 @@ async fn f06_shutdown_does_not_wait_for_clients_that_never_leave() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f09_engine_output_cannot_wedge_the_engine() {
     let sc = SidecarProc::start(
-        BIN,
+        &BIN,
         "proc-m",
         &["--engine", "process", "--idle-timeout", "1h"],
         &["--print-invalid-utf8", "--print-requests"],
@@ -449,7 +453,7 @@ async fn f09_engine_output_cannot_wedge_the_engine() {
 /// as flags; the engine command line is logged with its secrets hidden.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f11_no_reflection_no_secret_flags_no_secrets_in_logs() {
-    let local = LocalProc::start(BIN, TEST_CONFIG).await;
+    let local = LocalProc::start(&BIN, TEST_CONFIG).await;
     let r = local
         .client
         .get(format!("{}/prometheus/targets", local.url))
@@ -464,7 +468,7 @@ async fn f11_no_reflection_no_secret_flags_no_secrets_in_logs() {
         "{text}"
     );
 
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(&*BIN)
         .args(["apiserver", "--api-keys", "k1", "--admin-token", "t"])
         .output()
         .unwrap();
@@ -476,10 +480,11 @@ async fn f11_no_reflection_no_secret_flags_no_secrets_in_logs() {
     let log = dir.path().join("sidecar.log");
     let (public, private, engine) = (free_port(), free_port(), free_port());
     let command = format!(
-        "{BIN} sim-engine --listen 127.0.0.1:{engine} --model m --boot-time 0s --api-key sk-do-not-log"
+        "{} sim-engine --listen 127.0.0.1:{engine} --model m --boot-time 0s --api-key sk-do-not-log",
+        greenthread_test_support::sim_bin(&BIN)
     );
     let _sc = Proc::spawn_logged(
-        BIN,
+        &BIN,
         &[
             "sidecar".into(),
             "--model".into(),

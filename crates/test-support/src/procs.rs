@@ -8,6 +8,12 @@ use std::{
 
 use crate::{Exposition, wait_until};
 
+/// The binary that runs simulated engines: `bin`, unless `GT_SIM_BIN` names another (to
+/// run a sidecar or `local` built from another revision against today's simulator).
+pub fn sim_bin(bin: &str) -> String {
+    std::env::var("GT_SIM_BIN").unwrap_or_else(|_| bin.to_string())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -139,7 +145,8 @@ impl SidecarProc {
     ) -> Self {
         let (public, private, engine) = (free_port(), free_port(), free_port());
         let sim = format!(
-            "{bin} sim-engine --listen 127.0.0.1:{engine} --model {model} --boot-time 50ms --weights-bytes 1Gi --kv-cache-bytes 512Mi {}",
+            "{} sim-engine --listen 127.0.0.1:{engine} --model {model} --boot-time 50ms --weights-bytes 1Gi --kv-cache-bytes 512Mi {}",
+            sim_bin(bin),
             sim_args.join(" ")
         );
         let mut args: Vec<String> = [
