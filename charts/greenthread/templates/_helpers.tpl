@@ -56,3 +56,13 @@ runAsNonRoot: true
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The Secret holding the API keys and admin token: the user's, or the generated one;
+     empty when the APIs run without keys (auth.allowUnauthenticated). */}}
+{{- define "greenthread.authSecret" -}}
+{{- if .Values.apiserver.auth.existingSecret -}}
+{{- .Values.apiserver.auth.existingSecret -}}
+{{- else if .Values.apiserver.auth.generate -}}
+{{- printf "%s-auth" (include "greenthread.fullname" .) -}}
+{{- end -}}
+{{- end -}}

@@ -72,10 +72,31 @@ fn default_values_install_the_control_plane_into_greenthread_system_without_moni
         !objects.iter().any(is_monitoring),
         "monitoring is off by default"
     );
+    assert!(!objects.iter().any(|o| o["kind"] == "Ingress"));
+    // Secure by default: the private port behind a NetworkPolicy, random keys in a
+    // generated Secret that the API server reads, the ledger admission policy.
+    let policy = find(&objects, "NetworkPolicy", "greenthread-models");
+    assert_eq!(policy["spec"]["ingress"][1]["ports"][0]["port"], "metrics");
+    let secret = find(&objects, "Secret", "greenthread-auth");
+    for key in ["api-keys", "admin-token"] {
+        let value = secret["data"][key].as_str().unwrap();
+        assert!(value.len() > 40, "{key} is random and long");
+    }
+    let apiserver = find(&objects, "Deployment", "greenthread-apiserver");
+    let env = apiserver["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
     assert!(
-        !objects
+        env.contains("GREENTHREAD_ADMIN_TOKEN") && env.contains("greenthread-auth"),
+        "{env}"
+    );
+    assert!(
+        !args_of(apiserver)
             .iter()
-            .any(|o| o["kind"] == "NetworkPolicy" || o["kind"] == "Ingress")
+            .any(|a| a == "--allow-unauthenticated")
+    );
+    find(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "greenthread-gpu-ledger",
     );
     let controller = find(&objects, "Deployment", "greenthread-controller");
     assert_eq!(controller["spec"]["replicas"], 2);
@@ -327,6 +348,7 @@ fn every_option_renders_where_it_should() {
         "--lease-duration=20s",
         "--sidecar-image=registry.example.com/greenthread:0.1.0-rc1",
         "--vllm-image=vllm/vllm-openai:v0.11.1",
+        "--allowed-images=vllm/vllm-openai:*,registry.example.com/llm/*",
     ] {
         assert!(args.contains(&a.to_string()), "{a} not in {args:?}");
     }
@@ -350,6 +372,13 @@ fn every_option_renders_where_it_should() {
     );
     let apiserver = find(&objects, "Deployment", "greenthread-apiserver");
     assert!(apiserver.to_string().contains("greenthread-auth"));
+    // The user's Secret: none generated.
+    assert!(!objects.iter().any(|o| o["kind"] == "Secret"));
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o["kind"] == "ValidatingAdmissionPolicy")
+    );
     // One service account and NetworkPolicy per Model namespace; the binding names both.
     for ns in ["team-a", "team-b"] {
         assert!(objects.iter().any(|o| o["kind"] == "ServiceAccount"
@@ -437,4 +466,20 @@ fn bad_values_are_rejected_with_a_message_naming_the_field() {
         assert!(stderr.contains(field), "{set}: {stderr}");
     }
     assert!(helm("schema", &[]).status.success());
+    // No keys at all must be asked for by name.
+    let out = helm("render", &["--set", "apiserver.auth.generate=false"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("allowUnauthenticated"), "{stderr}");
+    let open = render(&[
+        "--set",
+        "apiserver.auth.generate=false",
+        "--set",
+        "apiserver.auth.allowUnauthenticated=true",
+    ]);
+    let args = args_of(find(&open, "Deployment", "greenthread-apiserver"));
+    assert!(
+        args.contains(&"--allow-unauthenticated".to_string()),
+        "{args:?}"
+    );
 }
