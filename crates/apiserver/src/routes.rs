@@ -55,8 +55,8 @@ pub fn router(api: Shared) -> Router {
         .with_state(api)
 }
 
-fn unknown_model(api: &ApiServer, model: &str) -> Response {
-    api_error(
+fn unknown_model(api: &ApiServer, model: &str) -> ApiError {
+    ApiError::new(
         StatusCode::NOT_FOUND,
         "model_not_found",
         format!(
@@ -67,8 +67,8 @@ fn unknown_model(api: &ApiServer, model: &str) -> Response {
     )
 }
 
-fn ambiguous(model: &str, candidates: &[String]) -> Response {
-    api_error(
+fn ambiguous(model: &str, candidates: &[String]) -> ApiError {
+    ApiError::new(
         StatusCode::CONFLICT,
         "model_ambiguous",
         format!(
@@ -79,25 +79,21 @@ fn ambiguous(model: &str, candidates: &[String]) -> Response {
     )
 }
 
-/// The route `model` names, or the answer saying why there is none.
-fn resolve(api: &ApiServer, model: &str) -> Result<Arc<ModelRoute>, Response> {
+/// The route `model` names, or why there is none.
+fn resolve(api: &ApiServer, model: &str) -> Result<Arc<ModelRoute>, ApiError> {
     match api.lookup(model) {
         Lookup::Found(route) => Ok(route),
-        Lookup::Unknown => {
-            api.metrics.observe("unknown", 404, 0.0);
-            Err(unknown_model(api, model))
-        }
+        Lookup::Unknown => Err(unknown_model(api, model)),
         Lookup::Ambiguous(c) => Err(ambiguous(model, &c)),
     }
 }
 
 /// A known model with no replica running yet (its pods are still being scheduled).
-fn no_replica(model: &str) -> Response {
-    api_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "service_unavailable",
-        format!("no replica of model {} is running yet", echo(model)),
-    )
+fn no_replica(model: &str) -> ApiError {
+    ApiError::unavailable(format!(
+        "no replica of model {} is running yet",
+        echo(model)
+    ))
 }
 
 /// Just the `model` of a request body, borrowed from it: every other field is skipped
@@ -105,8 +101,13 @@ fn no_replica(model: &str) -> Response {
 /// so the engine cannot be shown a different one than we routed by.
 #[derive(Deserialize)]
 struct ModelField<'a> {
-    #[serde(borrow)]
+    /// Absent: `None`; present, even `null`: its raw value.
+    #[serde(borrow, default, deserialize_with = "present")]
     model: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// The body with its `model` value replaced by `name` (the engine's own id), every other
@@ -148,7 +149,7 @@ async fn by_body(State(api): State<Shared>, req: Request) -> Response {
     };
     let route = match resolve(&api, &model) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return refused(&api, e),
     };
     // The engine knows its model by its own id.
     let body = if *model != route.model_name {
@@ -179,7 +180,7 @@ async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
     }
     let route = match resolve(&api, &model) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return refused(&api, e),
     };
     if forwarded == "/v1/models" {
         let routes = api.models();
@@ -202,6 +203,12 @@ async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
     send(&api, &route, parts, body).await
 }
 
+/// An OpenAI request that names no model it can go to, counted as `unknown`.
+fn refused(api: &ApiServer, e: ApiError) -> Response {
+    api.metrics.observe("unknown", e.status.as_u16(), 0.0);
+    e.into_response()
+}
+
 async fn send(
     api: &ApiServer,
     route: &ModelRoute,
@@ -211,7 +218,7 @@ async fn send(
     let start = tokio::time::Instant::now();
     let resp = match route.pick() {
         Some(replica) => replica.relay(&parts, body).await,
-        None => no_replica(&route.name),
+        None => no_replica(&route.name).into_response(),
     };
     api.metrics.observe(
         &route.name,
@@ -309,13 +316,9 @@ fn model_status(route: &ModelRoute) -> Value {
 fn admin_target(
     api: &ApiServer,
     Path(p): Path<Vec<(String, String)>>,
-) -> Result<Arc<ModelRoute>, Response> {
+) -> Result<Arc<ModelRoute>, ApiError> {
     let name = p.into_iter().map(|(_, v)| v).collect::<Vec<_>>().join("/");
-    match api.lookup(&name) {
-        Lookup::Found(r) => Ok(r),
-        Lookup::Unknown => Err(unknown_model(api, &name)),
-        Lookup::Ambiguous(c) => Err(ambiguous(&name, &c)),
-    }
+    resolve(api, &name)
 }
 
 async fn admin_models(State(api): State<Shared>) -> Response {
@@ -326,14 +329,14 @@ async fn admin_models(State(api): State<Shared>) -> Response {
 async fn admin_model(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
     match admin_target(&api, path) {
         Ok(m) => Json(model_status(&m)).into_response(),
-        Err(resp) => resp,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn admin_sleep(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
     let route = match admin_target(&api, path) {
         Ok(m) => m,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let mut errors = Vec::new();
     for r in &route.replicas {
@@ -352,10 +355,10 @@ async fn admin_sleep(State(api): State<Shared>, path: Path<Vec<(String, String)>
 async fn admin_wake(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
     let route = match admin_target(&api, path) {
         Ok(m) => m,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let Some(replica) = route.pick() else {
-        return no_replica(&route.name);
+        return no_replica(&route.name).into_response();
     };
     match replica.wake().await {
         Ok(()) => Json(model_status(&route)).into_response(),
@@ -470,5 +473,14 @@ mod tests {
             r#"{"messages":[{"role":"user","content":"\"model\": x"}], "model" : "org/\"alpha\"","stream":true}"#
         );
         assert!(serde_json::from_slice::<ModelField>(br#"{"model":"a","model":"b"}"#).is_err());
+        // `null` is a model that is not a string, not a missing one.
+        let f: ModelField = serde_json::from_slice(br#"{"model": null}"#).unwrap();
+        assert_eq!(f.model.unwrap().get(), "null");
+        assert!(
+            serde_json::from_slice::<ModelField>(b"{}")
+                .unwrap()
+                .model
+                .is_none()
+        );
     }
 }

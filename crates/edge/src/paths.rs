@@ -154,3 +154,62 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Path-like strings: segments from a vocabulary that includes every trick (dots,
+    /// encoded dots and slashes, backslashes, control characters, allowed prefixes).
+    fn path() -> impl Strategy<Value = String> {
+        let segment = prop_oneof![
+            Just("v1".to_string()),
+            Just("chat".to_string()),
+            Just("completions".to_string()),
+            Just("..".to_string()),
+            Just(".".to_string()),
+            Just("%2e%2e".to_string()),
+            Just("%2E.".to_string()),
+            Just("%2f".to_string()),
+            Just("%2F..%2F".to_string()),
+            Just("%5c".to_string()),
+            Just("\\..".to_string()),
+            Just("sleep".to_string()),
+            Just("tokenize".to_string()),
+            Just(String::new()),
+            "[a-z0-9_%.-]{0,12}",
+            any::<String>(),
+        ];
+        prop::collection::vec(segment, 0..8).prop_map(|s| format!("/{}", s.join("/")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// Never panics; what passes as inference can name nothing but itself; every
+        /// refusal says why.
+        #[test]
+        fn inference_paths_never_escape(p in path()) {
+            match check_inference_path(&p, &[]) {
+                Ok(PathCheck::Inference) => {
+                    let lower = p.to_ascii_lowercase();
+                    prop_assert!(!lower.contains("%2f") && !lower.contains("%5c") && !p.contains('\\'));
+                    prop_assert!(!p.contains("//"));
+                    for seg in lower.split('/') {
+                        let seg = seg.replace("%2e", ".");
+                        prop_assert!(seg != "." && seg != "..", "{}", p);
+                    }
+                    let allowed = INFERENCE_PATHS.iter().any(|a| p == *a || p.starts_with(&format!("{a}/")));
+                    prop_assert!(allowed, "{}", p);
+                }
+                Ok(PathCheck::NotInference) => {}
+                Err(e) => {
+                    prop_assert_eq!(e.status, 400);
+                    prop_assert!(e.message.starts_with("invalid request path: "));
+                }
+            }
+        }
+    }
+}

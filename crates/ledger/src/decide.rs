@@ -515,12 +515,8 @@ mod tests {
             ..Default::default()
         };
         // (status, pod, settled) → (a's state, reserved, residual, lock holder)
-        let cases: Vec<(
-            GpuStatus,
-            &str,
-            Settled,
-            (OccupantState, u64, u64, Option<&str>),
-        )> = vec![
+        type Expect<'a> = (OccupantState, u64, u64, Option<&'a str>);
+        let cases: Vec<(GpuStatus, &str, Settled, Expect)> = vec![
             // Marking serving failed: the lock is freed and the occupant serves.
             (
                 base.clone(),

@@ -307,3 +307,122 @@ models:
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A scalar as YAML would spell it: good values, near misses, garbage, quoting traps.
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "80Gi",
+                "0",
+                "-1Gi",
+                "1.5Ti",
+                "10Zi",
+                "sim",
+                "auto",
+                "true",
+                "~",
+                "[]",
+                "{}",
+                "\"0.6\"",
+                "0.6",
+                "5m",
+                "1e400",
+                "99999999999999999999999",
+                "'",
+                "\"",
+                ": :",
+                "&a",
+                "*a",
+                "!!binary x",
+                "llama-8b",
+                "Bad_Name",
+                "-x",
+                "",
+            ])
+            .prop_map(String::from),
+            "[ -~]{0,16}".prop_map(|s| format!("{s:?}")),
+        ]
+    }
+
+    /// A config shaped like the real one, with scalars anywhere and keys that may be wrong.
+    fn config() -> impl Strategy<Value = String> {
+        let model = (
+            scalar(),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec![
+                        "modelName",
+                        "engine",
+                        "gpuMemoryUtilization",
+                        "tensorParallelSize",
+                        "replicas",
+                        "extraArgs",
+                        "command",
+                        "sleep",
+                        "fairness",
+                        "image",
+                        "bogus",
+                    ]),
+                    scalar(),
+                ),
+                0..6,
+            ),
+        )
+            .prop_map(|(name, fields)| {
+                let spec: Vec<String> = fields
+                    .iter()
+                    .map(|(k, v)| format!("      {k}: {v}"))
+                    .collect();
+                format!("  - name: {name}\n    spec:\n{}\n", spec.join("\n"))
+            });
+        (
+            prop::collection::vec(scalar(), 0..3),
+            prop::collection::vec(model, 0..4),
+            prop::option::of(scalar()),
+            prop::option::of(scalar()),
+        )
+            .prop_map(|(gpus, models, keys, admin)| {
+                let mut out = String::from("gpus:\n  simulated:\n");
+                for g in gpus {
+                    out.push_str(&format!("    - {{memory: {g}}}\n"));
+                }
+                out.push_str("models:\n");
+                for m in models {
+                    out.push_str(&m);
+                }
+                if let Some(k) = keys {
+                    out.push_str(&format!("apiKeys: [{k}]\n"));
+                }
+                if let Some(a) = admin {
+                    out.push_str(&format!("adminToken: {a}\n"));
+                }
+                out
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+        /// Never a panic; a refusal names the file, and the field where the checks find it.
+        #[test]
+        fn configs_load_or_are_refused_naming_the_file(text in config()) {
+            match parse("fuzz.yaml", &text) {
+                Ok(plan) => {
+                    prop_assert!(!plan.gpus.is_empty() && !plan.models.is_empty());
+                    prop_assert!(plan.gpus.iter().all(|g| g.memory_bytes > 0));
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    prop_assert!(msg.starts_with("config fuzz.yaml"), "{msg}\n{text}");
+                    prop_assert!(msg.len() > "config fuzz.yaml: ".len(), "{msg}");
+                }
+            }
+        }
+    }
+}
