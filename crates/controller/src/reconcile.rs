@@ -11,7 +11,7 @@ use std::{
 use futures_util::StreamExt;
 use greenthread_api::{ByteSize, Gpu, GpuResource, GpuSpec, Model};
 use greenthread_ledger::{Ledger, LedgerError, decide};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -47,6 +47,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("waiting for {0} pods to terminate")]
     Terminating(usize),
+    #[error("no randomness for a key: {0}")]
+    Random(String),
 }
 
 impl Error {
@@ -63,6 +65,7 @@ impl Error {
                 _ => "Finalizer".into(),
             },
             Error::Terminating(_) => "Terminating".into(),
+            Error::Random(_) => "Random".into(),
         }
     }
 }
@@ -320,6 +323,9 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     let image = render::engine_image(&model, &ctx.settings);
     let forbidden = !render::image_allowed(&image, &ctx.settings.allowed_images);
     let unrunnable = needs_image || forbidden;
+    if !unrunnable {
+        ensure_engine_key(ctx, &model).await?;
+    }
     for replica in 0..model.spec.replicas {
         if unrunnable {
             break;
@@ -433,6 +439,38 @@ fn status_patch(status: &greenthread_api::ModelStatus) -> Value {
         }
     }
     v
+}
+
+/// 32 random bytes as hex, from the kernel's generator.
+fn random_key() -> Result<String, Error> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::Random(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The Secret with the Model's engine API key, created once with a random key.
+async fn ensure_engine_key(ctx: &Context, model: &Model) -> Result<(), Error> {
+    if !render::takes_engine_key(model) {
+        return Ok(());
+    }
+    let api: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    if api
+        .get_opt(&render::engine_key_secret_name(model))
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let secret = render::render_engine_key_secret(model, &random_key()?);
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_already_exists(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn ensure_service(ctx: &Context, model: &Model) -> Result<(), Error> {

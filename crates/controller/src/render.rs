@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use greenthread_api::{EngineKind, GpuSpec, Model};
 use k8s_openapi::{
+    ByteString,
     api::core::v1::{
         Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
         DownwardAPIVolumeFile, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-        Pod, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-        SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
-        VolumeMount, VolumeProjection,
+        Pod, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret,
+        SecretKeySelector, SecurityContext, Service, ServiceAccountTokenProjection, ServicePort,
+        ServiceSpec, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -364,13 +365,13 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
     );
     let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
     let port = settings.ports.engine;
-    let engine_env = vec![
+    let mut engine_env = vec![
         // vLLM's sleep API lives behind its development endpoints.
         env("VLLM_SERVER_DEV_MODE", "1"),
         // The GPUs placement chose, by UUID, for the NVIDIA container runtime.
         env("NVIDIA_VISIBLE_DEVICES", &uuids.join(",")),
     ];
-    let sidecar_env = vec![
+    let mut sidecar_env = vec![
         env_field("POD_NAME", "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
     ];
@@ -400,6 +401,13 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
         resources,
         ..Default::default()
     };
+    if takes_engine_key(model) {
+        // The engine answers only its sidecar, which holds the same key: vLLM and the
+        // simulator read VLLM_API_KEY; SGLang takes `--api-key`, expanded by the kubelet.
+        let secret = engine_key_secret_name(model);
+        engine_env.push(env_secret("VLLM_API_KEY", &secret));
+        sidecar_env.push(env_secret("GREENTHREAD_ENGINE_API_KEY", &secret));
+    }
     let (containers, init_containers, volumes) = match s.engine {
         EngineKind::Vllm | EngineKind::Sim | EngineKind::Sglang => {
             let (image, command, engine_args, kind) = match s.engine {
@@ -418,7 +426,10 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                 EngineKind::Sglang => (
                     SGLANG_IMAGE.to_string(),
                     vec!["python3".to_string()],
-                    sglang_args(model, port),
+                    sglang_args(model, port)
+                        .into_iter()
+                        .chain(["--api-key".to_string(), "$(VLLM_API_KEY)".to_string()])
+                        .collect(),
                     "sglang",
                 ),
                 _ => (
@@ -552,6 +563,65 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// The key of the Secret holding a Model's engine API key.
+pub const ENGINE_KEY: &str = "api-key";
+
+/// The Secret holding `model`'s engine API key (`{model}-engine-key`), for engines that
+/// take one (vLLM, SGLang, the simulator).
+pub fn engine_key_secret_name(model: &Model) -> String {
+    format!(
+        "{}-engine-key",
+        model.metadata.name.clone().unwrap_or_default()
+    )
+}
+
+/// Whether `model`'s engine takes an API key the sidecar can send (so that the engine
+/// answers nobody but its sidecar, and never sees users' keys).
+pub fn takes_engine_key(model: &Model) -> bool {
+    matches!(
+        model.spec.engine,
+        EngineKind::Vllm | EngineKind::Sglang | EngineKind::Sim
+    )
+}
+
+/// The Secret with `model`'s engine API key `key`, owned by the Model.
+pub fn render_engine_key_secret(model: &Model, key: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(engine_key_secret_name(model)),
+            namespace: model.metadata.namespace.clone(),
+            labels: Some(labels(model)),
+            owner_references: Some(vec![
+                model
+                    .controller_owner_ref(&())
+                    .expect("a Model from the API server has a uid"),
+            ]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            ENGINE_KEY.to_string(),
+            ByteString(key.as_bytes().to_vec()),
+        )])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+fn env_secret(name: &str, secret: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: ENGINE_KEY.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

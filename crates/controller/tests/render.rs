@@ -389,3 +389,44 @@ fn only_allowed_images_run() {
     let custom = with_engine(serde_json::json!({"image": "evil.example/x:1"}));
     assert_eq!(engine_image(&custom, &s), "evil.example/x:1");
 }
+
+/// Security review: the engine answers only its sidecar, which holds the same key from
+/// the Model's own Secret; users' keys never reach the engine.
+#[test]
+fn the_engine_and_its_sidecar_share_a_key_from_the_models_secret() {
+    use greenthread_controller::render::{ENGINE_KEY, render_engine_key_secret, takes_engine_key};
+    let secret_of = |c: &Container, var: &str| {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == var)
+            .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+            .map(|r| (r.name.clone(), r.key.clone()))
+    };
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let want = Some(("qwen-engine-key".to_string(), ENGINE_KEY.to_string()));
+    assert_eq!(secret_of(container(&pod, "engine"), "VLLM_API_KEY"), want);
+    assert_eq!(
+        secret_of(container(&pod, "sidecar"), "GREENTHREAD_ENGINE_API_KEY"),
+        want
+    );
+    // SGLang takes the key as a flag, expanded by the kubelet from its environment.
+    let sglang = render_pod(
+        &with_engine(serde_json::json!({"engine": "sglang"})),
+        0,
+        &gpus(),
+        &Settings::default(),
+    );
+    let args = container(&sglang, "engine").args.clone().unwrap();
+    assert!(
+        args.ends_with(&["--api-key".into(), "$(VLLM_API_KEY)".into()]),
+        "{args:?}"
+    );
+    // Process engines have no key to take.
+    assert!(!takes_engine_key(&with_engine(
+        serde_json::json!({"engine": "llamacpp"})
+    )));
+    let secret = render_engine_key_secret(&model(), "k3y");
+    assert_eq!(secret.metadata.owner_references.unwrap()[0].name, "qwen");
+    assert_eq!(secret.data.unwrap()[ENGINE_KEY].0, b"k3y");
+}

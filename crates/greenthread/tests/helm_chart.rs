@@ -400,6 +400,29 @@ fn every_option_renders_where_it_should() {
     }
     let binding = find(&objects, "RoleBinding", "greenthread-gpu-status");
     assert_eq!(binding["subjects"].as_array().unwrap().len(), 2);
+    // With Model namespaces listed, the controller reads cluster-wide and writes only there.
+    let cluster_role = find(&objects, "ClusterRole", "greenthread-controller").to_string();
+    for verb in ["\"create\"", "\"delete\"", "\"patch\"", "secrets"] {
+        assert!(
+            !cluster_role.contains(verb),
+            "{verb} cluster-wide: {cluster_role}"
+        );
+    }
+    for ns in ["team-a", "team-b"] {
+        let role = objects
+            .iter()
+            .find(|o| {
+                o["kind"] == "Role"
+                    && o["metadata"]["name"] == "greenthread-controller-models"
+                    && o["metadata"]["namespace"] == ns
+            })
+            .unwrap()
+            .to_string();
+        assert!(
+            role.contains("secrets") && role.contains("\"delete\""),
+            "{role}"
+        );
+    }
     for m in SEED_MONITORS {
         let o = find(&objects, m.0, m.1);
         assert_eq!(o["metadata"]["labels"]["release"], "kube-prometheus-stack");

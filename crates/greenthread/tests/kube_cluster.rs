@@ -148,6 +148,13 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["model"], "org/alpha");
+    // The engine answered only because its sidecar sent the key the engine was started
+    // with (the simulator, like vLLM, demands VLLM_API_KEY): one random key per Model,
+    // in a Secret the Model owns.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), TEAM);
+    let key = secrets.get("alpha-engine-key").await.unwrap();
+    assert_eq!(key.metadata.owner_references.unwrap()[0].name, "alpha");
+    assert_eq!(key.data.unwrap()["api-key"].0.len(), 64);
     let gpus: Api<GpuResource> = Api::namespaced(client.clone(), SYSTEM);
     let serving_on = wait_until("alpha-0 serving on its GPU object", WAIT, || async {
         gpus.list(&Default::default())

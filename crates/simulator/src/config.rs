@@ -90,9 +90,9 @@ pub struct SimConfig {
     /// Fault: `/health` answers 503 while asleep (it says nothing about sleep either way).
     #[arg(long)]
     pub unhealthy_while_asleep: bool,
-    /// Like vLLM's `--api-key`: `/v1` paths need this bearer token (a test engine's
-    /// flag; GreenThread's own secrets never come from flags).
-    #[arg(long)]
+    /// Like vLLM's `--api-key` (and its `VLLM_API_KEY`): `/v1` paths need this bearer
+    /// token.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Fault: inference requests after the Nth (the warm-up counts) are taken and never
     /// answered, while health and sleep state look fine.

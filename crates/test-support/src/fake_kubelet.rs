@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams},
@@ -52,7 +52,37 @@ fn command_line(bin: &str, c: &Container, ip: &str) -> (String, Vec<String>) {
     (bin.to_string(), argv)
 }
 
-fn env_of(c: &Container, pod: &Pod, extra: &[(String, String)]) -> Vec<(String, String)> {
+/// Secret values by (Secret name, key).
+type SecretValues = BTreeMap<(String, String), String>;
+
+/// The values of every Secret key the pod's containers take as environment, as the
+/// kubelet reads them; `None` while one is missing (the kubelet would not start the pod).
+async fn secrets_of(client: &Client, pod: &Pod) -> Option<SecretValues> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    let mut out = SecretValues::new();
+    let refs = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.env.iter().flatten())
+        .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.clone());
+    for r in refs {
+        let secret = api.get(&r.name).await.ok()?;
+        let value = secret.data.as_ref()?.get(&r.key)?;
+        out.insert(
+            (r.name.clone(), r.key.clone()),
+            String::from_utf8_lossy(&value.0).into_owned(),
+        );
+    }
+    Some(out)
+}
+
+fn env_of(
+    c: &Container,
+    pod: &Pod,
+    secrets: &SecretValues,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = c
         .env
         .iter()
@@ -60,11 +90,17 @@ fn env_of(c: &Container, pod: &Pod, extra: &[(String, String)]) -> Vec<(String, 
         .filter_map(|e| {
             let value = match (&e.value, &e.value_from) {
                 (Some(v), _) => v.clone(),
-                (None, Some(from)) => match from.field_ref.as_ref()?.field_path.as_str() {
-                    "metadata.name" => pod.name_any(),
-                    "metadata.namespace" => pod.namespace().unwrap_or_default(),
-                    _ => return None,
-                },
+                (None, Some(from)) => {
+                    if let Some(r) = &from.secret_key_ref {
+                        secrets.get(&(r.name.clone(), r.key.clone()))?.clone()
+                    } else {
+                        match from.field_ref.as_ref()?.field_path.as_str() {
+                            "metadata.name" => pod.name_any(),
+                            "metadata.namespace" => pod.namespace().unwrap_or_default(),
+                            _ => return None,
+                        }
+                    }
+                }
                 _ => return None,
             };
             Some((e.name.clone(), value))
@@ -107,6 +143,9 @@ impl FakeKubelet {
                     if running.lock().unwrap().contains_key(&key(pod)) {
                         continue;
                     }
+                    let Some(secrets) = secrets_of(&client, pod).await else {
+                        continue;
+                    };
                     next_ip = next_ip.wrapping_add(1).max(2);
                     let ip = format!("127.0.1.{next_ip}");
                     let containers = pod
@@ -115,7 +154,7 @@ impl FakeKubelet {
                         .flat_map(|s| s.containers.iter())
                         .map(|c| {
                             let (bin, argv) = command_line(&bin, c, &ip);
-                            let env = env_of(c, pod, &env);
+                            let env = env_of(c, pod, &secrets, &env);
                             let env: Vec<(&str, &str)> =
                                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                             Proc::spawn_env(&bin, &argv, &env)
