@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use greenthread_api::{ByteSize, GpuResource, GpuSpec, parse_duration};
+use greenthread_api::{GpuResource, GpuSpec};
 use greenthread_gpu::{FakeSource, GpuMetrics, GpuSource, NvmlSource};
 use greenthread_ledger::{KubeLedger, LedgerError};
 use kube::{
@@ -23,7 +23,7 @@ pub struct AgentConfig {
     #[arg(long, env = "POD_NAMESPACE", default_value = "greenthread-system")]
     pub namespace: String,
     /// How often device statistics are sampled.
-    #[arg(long, default_value = "5s", value_parser = |s: &str| parse_duration(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "5s", value_parser = greenthread_api::arg::duration)]
     pub interval: Duration,
     /// Address of `/metrics`.
     #[arg(long, default_value = "0.0.0.0:9400")]
@@ -35,7 +35,7 @@ pub struct AgentConfig {
     #[arg(long)]
     pub fake_gpus: Option<u32>,
     /// Memory of each simulated GPU.
-    #[arg(long, default_value = "80Gi", value_parser = |s: &str| s.parse::<ByteSize>().map(ByteSize::bytes).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "80Gi", value_parser = greenthread_api::arg::size)]
     pub fake_gpu_memory: u64,
     /// Also export the DCGM exporter's metric names (for clusters without one).
     #[arg(long)]

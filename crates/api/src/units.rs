@@ -115,3 +115,21 @@ mod tests {
         assert!(err.to_string().contains("five minutes"));
     }
 }
+
+/// Value parsers for command-line flags: durations (`30s`) and sizes (`8Gi`), with the
+/// same messages as configuration files.
+pub mod arg {
+    use std::time::Duration;
+
+    use super::{ByteSize, parse_duration};
+
+    pub fn duration(s: &str) -> Result<Duration, String> {
+        parse_duration(s).map_err(|e| e.to_string())
+    }
+
+    pub fn size(s: &str) -> Result<u64, String> {
+        s.parse::<ByteSize>()
+            .map(ByteSize::bytes)
+            .map_err(|e| e.to_string())
+    }
+}

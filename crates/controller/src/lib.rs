@@ -12,17 +12,13 @@ pub mod status;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use greenthread_api::parse_duration;
+use greenthread_api::arg;
 use greenthread_ledger::KubeLedger;
 use kube::Client;
 use prometheus_client::registry::Registry;
 
 pub use metrics::ControllerMetrics;
 pub use reconcile::Context;
-
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerConfig {
@@ -39,10 +35,10 @@ pub struct ControllerConfig {
     #[arg(long, default_value = "greenthread-controller")]
     pub lease_name: String,
     /// How long a leader's Lease lasts without renewal.
-    #[arg(long, default_value = "15s", value_parser = duration)]
+    #[arg(long, default_value = "15s", value_parser = arg::duration)]
     pub lease_duration: Duration,
     /// How long before expiry the leader renews.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = arg::duration)]
     pub lease_grace: Duration,
     /// Address of `/metrics` and `/healthz`.
     #[arg(long, default_value = "0.0.0.0:8080")]

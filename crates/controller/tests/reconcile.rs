@@ -523,13 +523,7 @@ async fn a_process_model_without_an_image_fails_with_a_reason_and_gets_no_pods()
     let server = FakeApiServer::start().await;
     let client = server.client();
     gpus(&client).await;
-    let mut registry = Registry::default();
-    let ctx = Arc::new(reconcile::Context::new(
-        client.clone(),
-        Settings::default(),
-        ControllerMetrics::register(&mut registry),
-        Arc::new(KubeLedger::new(client.clone(), SYSTEM).await.unwrap()),
-    ));
+    let ctx = context(&client, Settings::default()).await;
     let spec: ModelSpec = serde_json::from_value(json!({
         "modelName": "tool", "engine": "process", "command": ["serve-it"],
     }))

@@ -1,19 +1,19 @@
 use std::time::Duration;
 
-use greenthread_api::{ByteSize, parse_duration};
+use greenthread_api::arg;
 
 /// The limits of one HTTP server. Every GreenThread server takes these flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EdgeConfig {
     /// A client must send a request's headers within this long of starting it (or of
     /// connecting): stalled or trickled headers are cut off.
-    #[arg(long, default_value = "10s", value_parser = dur)]
+    #[arg(long, default_value = "10s", value_parser = arg::duration)]
     pub header_read_timeout: Duration,
     /// A client must send a request's whole body within this long of its headers.
-    #[arg(long, default_value = "60s", value_parser = dur)]
+    #[arg(long, default_value = "60s", value_parser = arg::duration)]
     pub body_read_timeout: Duration,
     /// A kept-alive connection with no request in flight is closed after this long.
-    #[arg(long, default_value = "60s", value_parser = dur)]
+    #[arg(long, default_value = "60s", value_parser = arg::duration)]
     pub keep_alive_timeout: Duration,
     /// Open connections at once; more are closed as soon as they are accepted.
     #[arg(long, default_value_t = 4096)]
@@ -23,11 +23,11 @@ pub struct EdgeConfig {
     #[arg(long, default_value_t = 2048)]
     pub max_concurrency: usize,
     /// Largest request body (`32Mi`: long prompts and images fit); larger gets 413.
-    #[arg(long, default_value = "32Mi", value_parser = size)]
+    #[arg(long, default_value = "32Mi", value_parser = arg::size)]
     pub max_body: u64,
     /// On SIGTERM: stop accepting, let requests in progress finish for at most this
     /// long, end event streams, then exit.
-    #[arg(long, default_value = "30s", value_parser = dur)]
+    #[arg(long, default_value = "30s", value_parser = arg::duration)]
     pub shutdown_timeout: Duration,
 }
 
@@ -43,16 +43,6 @@ impl Default for EdgeConfig {
             shutdown_timeout: Duration::from_secs(30),
         }
     }
-}
-
-fn dur(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
-
-fn size(s: &str) -> Result<u64, String> {
-    s.parse::<ByteSize>()
-        .map(ByteSize::bytes)
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

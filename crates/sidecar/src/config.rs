@@ -1,6 +1,6 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use greenthread_api::{ByteSize, parse_duration};
+use greenthread_api::arg;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
@@ -30,11 +30,11 @@ pub struct SidecarConfig {
     #[arg(long = "strip-header")]
     pub strip_headers: Vec<String>,
     /// Longest wait for a connection to the engine.
-    #[arg(long, default_value = "5s", value_parser = dur)]
+    #[arg(long, default_value = "5s", value_parser = arg::duration)]
     pub engine_connect_timeout: Duration,
     /// Longest wait for the engine's response headers (a non-streamed completion sends
     /// them when it is done); past it the client gets 504 and the slot is freed.
-    #[arg(long, default_value = "10m", value_parser = dur)]
+    #[arg(long, default_value = "10m", value_parser = arg::duration)]
     pub engine_response_timeout: Duration,
     /// Consecutive engine timeouts after which the engine counts as wedged and is
     /// restarted.
@@ -84,19 +84,19 @@ pub struct SidecarConfig {
     #[arg(long, env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
     /// Sleep after this long without inference traffic.
-    #[arg(long, default_value = "5m", value_parser = dur)]
+    #[arg(long, default_value = "5m", value_parser = arg::duration)]
     pub idle_timeout: Duration,
     /// Longest wait for in-flight requests before sleeping anyway.
-    #[arg(long, default_value = "30s", value_parser = dur)]
+    #[arg(long, default_value = "30s", value_parser = arg::duration)]
     pub drain_timeout: Duration,
     /// vLLM sleep level: 1 offloads weights to CPU, 2 discards them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub sleep_level: u8,
     /// Serve at least this long after waking before sleeping voluntarily.
-    #[arg(long, default_value = "10s", value_parser = dur)]
+    #[arg(long, default_value = "10s", value_parser = arg::duration)]
     pub min_runtime: Duration,
     /// How long a wake waits for memory to free by itself before preempting.
-    #[arg(long, default_value = "5s", value_parser = dur)]
+    #[arg(long, default_value = "5s", value_parser = arg::duration)]
     pub max_wait_time: Duration,
     /// Popular models are never chosen as preemption victims.
     #[arg(long)]
@@ -105,13 +105,13 @@ pub struct SidecarConfig {
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
     /// Longest a request waits for the model to serve before a 503.
-    #[arg(long, default_value = "5m", value_parser = dur)]
+    #[arg(long, default_value = "5m", value_parser = arg::duration)]
     pub queue_timeout: Duration,
     /// Longest one engine wake call may take before it counts as failed.
-    #[arg(long, default_value = "2m", value_parser = dur)]
+    #[arg(long, default_value = "2m", value_parser = arg::duration)]
     pub wake_timeout: Duration,
     /// Longest a (re)started engine may take to answer.
-    #[arg(long, default_value = "10m", value_parser = dur)]
+    #[arg(long, default_value = "10m", value_parser = arg::duration)]
     pub boot_timeout: Duration,
     /// Wake attempts before a cold restart of an owned engine.
     #[arg(long, default_value_t = 2)]
@@ -120,7 +120,7 @@ pub struct SidecarConfig {
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
     /// Memory to reserve per GPU when waking; measured serving memory when omitted.
-    #[arg(long, value_parser = size)]
+    #[arg(long, value_parser = arg::size)]
     pub memory_bytes: Option<u64>,
     /// Simulated GPU directory that engines allocate on (see `sim-engine --sim-gpu-dir`).
     #[arg(long, env = "GREENTHREAD_SIM_GPU_DIR")]
@@ -129,14 +129,14 @@ pub struct SidecarConfig {
     #[arg(long, default_value_t = 0)]
     pub gpu_index: u32,
     /// Size of the in-memory ledger's simulated GPU.
-    #[arg(long, default_value = "80Gi", value_parser = size)]
+    #[arg(long, default_value = "80Gi", value_parser = arg::size)]
     pub sim_gpu_memory: u64,
     /// Deadline of the one-token completion that verifies every wake; an engine that
     /// misses it is wedged (healthy to probes, deaf to requests) and is restarted.
-    #[arg(long, default_value = "60s", value_parser = dur)]
+    #[arg(long, default_value = "60s", value_parser = arg::duration)]
     pub warmup_timeout: Duration,
     /// How long a wake lock survives its holder's silence.
-    #[arg(long, default_value = "30s", value_parser = dur)]
+    #[arg(long, default_value = "30s", value_parser = arg::duration)]
     pub wake_lock_ttl: Duration,
     /// Where the GPU ledger lives: in this process, or the GPU objects' status on Kubernetes.
     #[arg(long, value_enum, default_value = "memory")]
@@ -160,16 +160,6 @@ pub enum LedgerKind {
     Memory,
     /// `GPU` objects through the Kubernetes API (in-cluster or `KUBECONFIG`).
     Kube,
-}
-
-fn dur(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
-
-fn size(s: &str) -> Result<u64, String> {
-    s.parse::<ByteSize>()
-        .map(ByteSize::bytes)
-        .map_err(|e| e.to_string())
 }
 
 impl SidecarConfig {

@@ -1,6 +1,6 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use greenthread_api::{ByteSize, parse_duration};
+use greenthread_api::arg;
 
 /// What a sleeping engine does when sent inference anyway (real vLLM versions differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -24,25 +24,25 @@ pub struct SimConfig {
     #[arg(long)]
     pub model: String,
     /// Bytes of weights held on the GPU while awake.
-    #[arg(long, default_value = "2Gi", value_parser = parse_size)]
+    #[arg(long, default_value = "2Gi", value_parser = arg::size)]
     pub weights_bytes: u64,
     /// Bytes of KV cache held on the GPU while awake.
-    #[arg(long, default_value = "1Gi", value_parser = parse_size)]
+    #[arg(long, default_value = "1Gi", value_parser = arg::size)]
     pub kv_cache_bytes: u64,
     /// Host-to-device bandwidth in bytes per second (level 1 wake copies weights back).
-    #[arg(long, default_value = "24Gi", value_parser = parse_size)]
+    #[arg(long, default_value = "24Gi", value_parser = arg::size)]
     pub h2d_bandwidth: u64,
     /// Device-to-host bandwidth in bytes per second (level 1 sleep offloads weights).
-    #[arg(long, default_value = "24Gi", value_parser = parse_size)]
+    #[arg(long, default_value = "24Gi", value_parser = arg::size)]
     pub d2h_bandwidth: u64,
     /// Disk bandwidth in bytes per second (boot and level 2 wake load weights from disk).
-    #[arg(long, default_value = "2Gi", value_parser = parse_size)]
+    #[arg(long, default_value = "2Gi", value_parser = arg::size)]
     pub disk_bandwidth: u64,
     /// Fixed start-up cost before weights load (process start, compilation, graphs).
-    #[arg(long, default_value = "500ms", value_parser = parse_dur)]
+    #[arg(long, default_value = "500ms", value_parser = arg::duration)]
     pub boot_time: Duration,
     /// Time to first token.
-    #[arg(long, default_value = "20ms", value_parser = parse_dur)]
+    #[arg(long, default_value = "20ms", value_parser = arg::duration)]
     pub ttft: Duration,
     /// Output tokens per second per request.
     #[arg(long, default_value_t = 1000.0)]
@@ -70,7 +70,7 @@ pub struct SimConfig {
     #[arg(long)]
     pub crash_after_requests: Option<u64>,
     /// Fault: bytes still held on the GPU after sleep.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    #[arg(long, default_value = "0", value_parser = arg::size)]
     pub leak_on_sleep: u64,
     /// What inference sent to a sleeping engine gets.
     #[arg(long, value_enum, default_value_t)]
@@ -110,16 +110,6 @@ pub struct SimConfig {
     /// resuming gives back uninitialized buffers.
     #[arg(long)]
     pub no_weights_cpu_backup: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<ByteSize>()
-        .map(ByteSize::bytes)
-        .map_err(|e| e.to_string())
-}
-
-fn parse_dur(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
 }
 
 impl SimConfig {
