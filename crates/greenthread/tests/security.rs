@@ -112,36 +112,52 @@ async fn raw_request(base: &str, request: &str) -> String {
 /// 2. Clients' credentials stop at the sidecar; the engine gets its own key instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f02_client_credentials_never_reach_the_engine() {
+    let with_credentials = |sc: &SidecarProc| {
+        sc.chat("m", 2, false)
+            .bearer_auth("user-key")
+            .header("cookie", "session=abc")
+            .header("proxy-authorization", "Basic dXNlcjpwYXNz")
+            .header("x-team-secret", "t0p")
+            .header("x-request-id", "r-1")
+    };
+    let seen = |sc: &SidecarProc| {
+        let url = format!("{}/debug/last_request_headers", sc.engine);
+        let client = sc.client.clone();
+        async move { get_json(&client, &url).await }
+    };
+    // An engine without a key of its own: it sees no credentials at all.
+    let sc = SidecarProc::start(&BIN, "m", &["--idle-timeout", "1h"], &[]).await;
+    let r = with_credentials(&sc).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let headers = seen(&sc).await;
+    for h in ["authorization", "cookie", "proxy-authorization"] {
+        assert!(
+            headers.get(h).is_none(),
+            "{h} reached the engine: {headers}"
+        );
+    }
+    assert_eq!(headers["x-request-id"], "r-1", "other headers pass");
+
+    // An engine with its own key (as vLLM with --api-key): the sidecar sends that key,
+    // and headers configured as secret are stripped too.
     let sc = SidecarProc::start_env(
         &BIN,
         "m",
         &["--idle-timeout", "1h", "--strip-header", "x-team-secret"],
-        // The engine demands its own key, as vLLM with --api-key does.
         &["--api-key", "engine-key"],
         &[("GREENTHREAD_ENGINE_API_KEY", "engine-key")],
     )
     .await;
-    let r = sc
-        .chat("m", 2, false)
-        .bearer_auth("user-key")
-        .header("cookie", "session=abc")
-        .header("proxy-authorization", "Basic dXNlcjpwYXNz")
-        .header("x-team-secret", "t0p")
-        .header("x-request-id", "r-1")
-        .send()
-        .await
-        .unwrap();
+    let r = with_credentials(&sc).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let seen = get_json(
-        &sc.client,
-        &format!("{}/debug/last_request_headers", sc.engine),
-    )
-    .await;
-    assert_eq!(seen["authorization"], "Bearer engine-key");
+    let headers = seen(&sc).await;
+    assert_eq!(headers["authorization"], "Bearer engine-key");
     for h in ["cookie", "proxy-authorization", "x-team-secret"] {
-        assert!(seen.get(h).is_none(), "{h} reached the engine: {seen}");
+        assert!(
+            headers.get(h).is_none(),
+            "{h} reached the engine: {headers}"
+        );
     }
-    assert_eq!(seen["x-request-id"], "r-1", "other headers pass");
 }
 
 /// 3. API keys without an admin token refuse to start; an open server refuses a public
@@ -289,7 +305,8 @@ async fn f04_one_request_cannot_exhaust_memory() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let status = r.status();
+    let answer = r.text().await.unwrap();
     let peak = peak_rss(pid);
     let growth = peak.saturating_sub(rss_before);
     println!(
@@ -400,19 +417,37 @@ async fn f05_a_hung_engine_times_out_and_is_restarted() {
     );
 }
 
-/// 6. SIGTERM ends `local` within its shutdown deadline even while clients hold an
-/// event stream and a half-sent request open.
+/// 6. SIGTERM ends `local` while a client watches the event stream, and within its
+/// shutdown deadline even while another holds a half-sent request open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f06_shutdown_does_not_wait_for_clients_that_never_leave() {
     use tokio::io::AsyncWriteExt;
-    let mut local = LocalProc::start_with(&BIN, TEST_CONFIG, &["--shutdown-timeout", "2s"]).await;
-    let events = local
-        .client
-        .get(format!("{}/api/v1/events", local.url))
-        .send()
+    let watched = |local: &LocalProc| {
+        let (client, url) = (local.client.clone(), format!("{}/api/v1/events", local.url));
+        async move {
+            let events = client.get(url).send().await.unwrap();
+            assert_eq!(events.status(), 200);
+            events
+        }
+    };
+    // An event stream alone: it ends at once, and so does `local`.
+    let mut local = LocalProc::start(&BIN, TEST_CONFIG).await;
+    let events = watched(&local).await;
+    let start = std::time::Instant::now();
+    let exited = tokio::task::spawn_blocking(move || local.proc.terminate(Duration::from_secs(15)))
         .await
         .unwrap();
-    assert_eq!(events.status(), 200);
+    assert!(exited, "local did not exit on SIGTERM within 15 s");
+    println!(
+        "with an event stream open: exited {:?} after SIGTERM",
+        start.elapsed()
+    );
+    // The stream was ended by the server, not cut.
+    assert!(events.text().await.is_ok());
+
+    // A half-sent request too: cut at the deadline (2 s here).
+    let mut local = LocalProc::start_with(&BIN, TEST_CONFIG, &["--shutdown-timeout", "2s"]).await;
+    let _events = watched(&local).await;
     let mut half = tokio::net::TcpStream::connect(local.url.trim_start_matches("http://"))
         .await
         .unwrap();
@@ -422,14 +457,15 @@ async fn f06_shutdown_does_not_wait_for_clients_that_never_leave() {
     .await
     .unwrap();
     let start = std::time::Instant::now();
-    // The deadline (2 s) plus stopping four engines.
+    // The deadline plus stopping four engines.
     let exited = tokio::task::spawn_blocking(move || local.proc.terminate(Duration::from_secs(15)))
         .await
         .unwrap();
     assert!(exited, "local did not exit on SIGTERM within 15 s");
-    println!("local exited {:?} after SIGTERM", start.elapsed());
-    // The event stream was ended by the server, not cut by the client.
-    assert!(events.text().await.is_ok());
+    println!(
+        "with a half-sent request open: exited {:?} after SIGTERM",
+        start.elapsed()
+    );
 }
 
 /// 9. Engine output that is not UTF-8 does not stop the sidecar reading it (an engine
@@ -520,4 +556,29 @@ async fn f11_no_reflection_no_secret_flags_no_secrets_in_logs() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "the sidecar sends the engine its key");
+}
+
+/// 11. Event-stream subscribers are capped: one client cannot hold the server's memory
+/// with thousands of streams; a stream that ends gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f11_event_subscribers_are_capped() {
+    let local = LocalProc::start(&BIN, TEST_CONFIG).await;
+    let url = format!("{}/api/v1/events", local.url);
+    let mut streams = Vec::new();
+    for _ in 0..256 {
+        let r = local.client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    let r = local.client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let e: Value = r.json().await.unwrap();
+    assert!(error_type(&e) == "service_unavailable", "{e}");
+    drop(streams.pop());
+    wait_until("a place freed by a stream that ended", WAIT, || async {
+        let r = local.client.get(&url).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
 }
