@@ -149,7 +149,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "/metrics",
         axum::routing::get(move || {
             let agent = metrics_agent.clone();
-            async move { agent.encode_metrics() }
+            async move { greenthread_edge::metrics(agent.encode_metrics()) }
         }),
     );
     let shutdown = greenthread_edge::Shutdown::new();

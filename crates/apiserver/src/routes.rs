@@ -252,14 +252,7 @@ async fn list_models(State(api): State<Shared>) -> Response {
 
 async fn metrics(State(api): State<Shared>) -> Response {
     (api.refresh)();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        api.families.encode(&api.registry),
-    )
-        .into_response()
+    greenthread_edge::metrics(api.families.encode(&api.registry))
 }
 
 /// One engine's own metrics (vLLM's names), re-exported as the sidecar does on its

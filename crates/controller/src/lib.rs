@@ -153,13 +153,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                     let mut out = String::new();
                     prometheus_client::encoding::text::encode(&mut out, &registry)
                         .expect("writing to a String cannot fail");
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        out,
-                    )
+                    greenthread_edge::metrics(out)
                 }
             }),
         )

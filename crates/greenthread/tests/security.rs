@@ -321,6 +321,7 @@ async fn f04_one_request_cannot_exhaust_memory() {
         growth < 4 * size,
         "peak grew {growth} bytes for a {size}-byte body"
     );
+    assert_eq!(status, 200, "{answer}");
 
     // Over the limit: 413 from the declared length, before a byte of it is read.
     let raw = raw_request(

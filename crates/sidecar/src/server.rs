@@ -196,14 +196,7 @@ pub async fn relay(
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.sidecar.metrics.encode(),
-    )
-        .into_response()
+    greenthread_edge::metrics(s.sidecar.metrics.encode())
 }
 
 /// The engine's own metrics, re-exported for the vLLM monitor; never counts as traffic.

@@ -245,14 +245,7 @@ async fn detokenize(body: Bytes) -> Response {
 }
 
 async fn metrics(State(e): State<Shared>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        e.metrics.encode(),
-    )
-        .into_response()
+    greenthread_edge::metrics(e.metrics.encode())
 }
 
 async fn chat(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
