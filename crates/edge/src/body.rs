@@ -52,13 +52,15 @@ impl BodyError {
     }
 }
 
-/// A request body that fails once it passes `limit` bytes or its deadline.
+/// A request body that fails once it passes `limit` bytes or its deadline. The timer is
+/// armed only when the body has to be waited for: most bodies arrive with their headers.
 pub(crate) struct Bounded<B> {
     inner: B,
     read: u64,
     limit: u64,
     timeout: Duration,
-    deadline: Pin<Box<Sleep>>,
+    started: tokio::time::Instant,
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> Bounded<B> {
@@ -68,7 +70,8 @@ impl<B> Bounded<B> {
             read: 0,
             limit,
             timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            started: tokio::time::Instant::now(),
+            deadline: None,
         }
     }
 }
@@ -101,7 +104,11 @@ where
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                if me.deadline.as_mut().poll(cx).is_ready() {
+                let (started, timeout) = (me.started, me.timeout);
+                let deadline = me
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + timeout)));
+                if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(Box::new(BodyError::Timeout {
                         after: me.timeout,
                     }))));

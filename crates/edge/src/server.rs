@@ -149,20 +149,22 @@ impl Activity {
         }
     }
 
+    /// A request started. The timer needs no wake-up: a busy connection has no deadline,
+    /// and one that fires meanwhile finds it busy.
     fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.served_any.store(true, Ordering::SeqCst);
+        self.served_any.store(true, Ordering::Relaxed);
         self.awaiting_first_byte.store(false, Ordering::SeqCst);
         *self.first_byte_at.lock().unwrap() = None;
-        self.changed.notify_one();
     }
 
+    /// A response ended; the last one arms the keep-alive deadline.
     fn end(&self) {
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             *self.idle_since.lock().unwrap() = Instant::now();
             self.awaiting_first_byte.store(true, Ordering::SeqCst);
+            self.changed.notify_one();
         }
-        self.changed.notify_one();
     }
 
     fn read_some(&self) {
@@ -217,8 +219,18 @@ async fn connection(c: Conn) {
     let stop = c.shutdown.wait();
     tokio::pin!(stop);
     let mut stopping = false;
+    // One timer for the connection's life, moved only when its deadline does.
+    let timer = tokio::time::sleep_until(Instant::now() + c.cfg.header_read_timeout);
+    tokio::pin!(timer);
+    let mut armed_for = None;
     loop {
         let deadline = activity.deadline(&c.cfg);
+        if let Some(d) = deadline
+            && armed_for != Some(d)
+        {
+            timer.as_mut().reset(d);
+            armed_for = Some(d);
+        }
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -231,7 +243,8 @@ async fn connection(c: Conn) {
                 conn.as_mut().graceful_shutdown();
                 stopping = true;
             }
-            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+            () = &mut timer, if deadline.is_some() => {
+                armed_for = None;
                 if activity.deadline(&c.cfg).is_some_and(|d| d <= Instant::now()) {
                     // Nothing is in flight: closing loses nothing.
                     stats.connections_timed_out.fetch_add(1, Ordering::Relaxed);
