@@ -211,8 +211,9 @@ async fn connection(c: Conn) {
     };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        // A backstop: our own timer below closes stalled or idle connections sooner.
-        .header_read_timeout(c.cfg.header_read_timeout + c.cfg.keep_alive_timeout)
+        // Our own timer below closes stalled or idle connections; hyper's would arm a
+        // timer for every request.
+        .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(io, service);
     tokio::pin!(conn);
