@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
     time::Instant,
 };
@@ -134,7 +134,6 @@ struct Activity {
     /// Set when idle; the first byte read after it marks the start of the next request.
     awaiting_first_byte: AtomicBool,
     first_byte_at: Mutex<Option<Instant>>,
-    changed: Notify,
 }
 
 impl Activity {
@@ -145,12 +144,12 @@ impl Activity {
             idle_since: Mutex::new(Instant::now()),
             awaiting_first_byte: AtomicBool::new(true),
             first_byte_at: Mutex::new(None),
-            changed: Notify::new(),
         }
     }
 
-    /// A request started. The timer needs no wake-up: a busy connection has no deadline,
-    /// and one that fires meanwhile finds it busy.
+    /// A request started. Nothing here wakes the connection's timer (a wake-up would poll
+    /// the connection again, a wasted read per request): the timer looks at this record
+    /// when it fires.
     fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.served_any.store(true, Ordering::Relaxed);
@@ -158,19 +157,17 @@ impl Activity {
         *self.first_byte_at.lock().unwrap() = None;
     }
 
-    /// A response ended; the last one arms the keep-alive deadline.
+    /// A response ended; the last one starts the keep-alive clock.
     fn end(&self) {
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             *self.idle_since.lock().unwrap() = Instant::now();
             self.awaiting_first_byte.store(true, Ordering::SeqCst);
-            self.changed.notify_one();
         }
     }
 
     fn read_some(&self) {
         if self.awaiting_first_byte.swap(false, Ordering::SeqCst) {
             *self.first_byte_at.lock().unwrap() = Some(Instant::now());
-            self.changed.notify_one();
         }
     }
 
@@ -220,18 +217,13 @@ async fn connection(c: Conn) {
     let stop = c.shutdown.wait();
     tokio::pin!(stop);
     let mut stopping = false;
-    // One timer for the connection's life, moved only when its deadline does.
-    let timer = tokio::time::sleep_until(Instant::now() + c.cfg.header_read_timeout);
+    // The timer is not told of activity; it looks when it fires, at the deadline or at
+    // the latest every `check`. So a request whose headers start arriving after a long
+    // idle wait is cut at most `check` later than its header-read timeout.
+    let check = c.cfg.header_read_timeout.min(c.cfg.keep_alive_timeout);
+    let timer = tokio::time::sleep(check);
     tokio::pin!(timer);
-    let mut armed_for = None;
     loop {
-        let deadline = activity.deadline(&c.cfg);
-        if let Some(d) = deadline
-            && armed_for != Some(d)
-        {
-            timer.as_mut().reset(d);
-            armed_for = Some(d);
-        }
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -244,15 +236,18 @@ async fn connection(c: Conn) {
                 conn.as_mut().graceful_shutdown();
                 stopping = true;
             }
-            () = &mut timer, if deadline.is_some() => {
-                armed_for = None;
-                if activity.deadline(&c.cfg).is_some_and(|d| d <= Instant::now()) {
-                    // Nothing is in flight: closing loses nothing.
-                    stats.connections_timed_out.fetch_add(1, Ordering::Relaxed);
-                    break;
+            () = &mut timer => {
+                let now = Instant::now();
+                match activity.deadline(&c.cfg) {
+                    Some(d) if d <= now => {
+                        // Nothing is in flight: closing loses nothing.
+                        stats.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Some(d) => timer.as_mut().reset(d.min(now + check)),
+                    None => timer.as_mut().reset(now + check),
                 }
             }
-            () = activity.changed.notified() => {}
         }
     }
     stats.connections.fetch_sub(1, Ordering::Relaxed);
