@@ -6,7 +6,8 @@ use greenthread_api::arg;
 #[derive(Debug, Clone, clap::Args)]
 pub struct EdgeConfig {
     /// A client must send a request's headers within this long of starting it (or of
-    /// connecting): stalled or trickled headers are cut off.
+    /// connecting): stalled or trickled headers are cut off. Checked at least every
+    /// min(this, keep-alive timeout).
     #[arg(long, default_value = "10s", value_parser = arg::duration)]
     pub header_read_timeout: Duration,
     /// A client must send a request's whole body within this long of its headers.
