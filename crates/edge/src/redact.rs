@@ -1,11 +1,23 @@
 //! Secrets kept out of logs: values of arguments that name a key, token, password or
 //! secret, in `--flag value`, `--flag=value` and `NAME=value` forms.
 
-const SECRET_WORDS: [&str; 6] = ["key", "token", "secret", "password", "passwd", "credential"];
+const SECRET_WORDS: [&str; 9] = [
+    "key",
+    "apikey",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "credential",
+    "credentials",
+    "auth",
+];
 
+/// Whether a flag or variable name names a secret: one of its words (split at `-`, `_`,
+/// `.`) is a secret word. `--api-key`, `HF_TOKEN` yes; `--tokens-per-second` no.
 fn names_secret(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    SECRET_WORDS.iter().any(|w| name.contains(w))
+    name.split(['-', '_', '.'])
+        .any(|w| SECRET_WORDS.iter().any(|s| w.eq_ignore_ascii_case(s)))
 }
 
 /// `command` split at spaces outside single or double quotes.
@@ -73,6 +85,15 @@ mod tests {
         assert_eq!(
             redact_command("llama-server -m /m.gguf --port 8080"),
             "llama-server -m /m.gguf --port 8080"
+        );
+        // Words that only contain a secret word are not secrets.
+        assert_eq!(
+            redact_command("sim --tokens-per-second 80 --max-tokens 16 --keyframes 3"),
+            "sim --tokens-per-second 80 --max-tokens 16 --keyframes 3"
+        );
+        assert_eq!(
+            redact_command("x OPENAI_API_KEY=sk --auth-token t"),
+            "x OPENAI_API_KEY=*** --auth-token ***"
         );
     }
 }
