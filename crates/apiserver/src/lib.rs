@@ -158,14 +158,6 @@ impl ApiServer {
         Lookup::Unknown
     }
 
-    /// The route for `model` when it names exactly one.
-    pub fn route(&self, model: &str) -> Option<Arc<ModelRoute>> {
-        match self.lookup(model) {
-            Lookup::Found(m) => Some(m),
-            _ => None,
-        }
-    }
-
     /// What clients call `route`: its name, or `namespace/name` when another namespace
     /// has a Model of the same name.
     pub fn display_name(&self, routes: &Routes, route: &ModelRoute) -> String {

@@ -34,6 +34,14 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// `Bearer <token>` as a header value marked sensitive (kept out of debug output);
+/// `None` when the token has characters a header cannot hold.
+pub fn bearer_value(token: &str) -> Option<http::HeaderValue> {
+    let mut v = http::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 /// Who may pass: anyone, or a holder of one of these tokens.
 #[derive(Clone)]
 pub enum Gate {
@@ -146,5 +154,9 @@ mod tests {
         assert!(!gate.allows(&h("Bearer b")));
         assert!(!gate.allows(&HeaderMap::new()));
         assert!(Gate::tokens([String::new()]).is_open());
+        let v = bearer_value("k1").unwrap();
+        assert_eq!(v, "Bearer k1");
+        assert!(v.is_sensitive());
+        assert!(bearer_value("k\n1").is_none());
     }
 }

@@ -15,7 +15,7 @@ mod secret;
 mod server;
 mod shutdown;
 
-pub use auth::{Gate, bearer, ct_eq, require};
+pub use auth::{Gate, bearer, bearer_value, ct_eq, require};
 pub use body::{BodyError, read_body};
 pub use config::EdgeConfig;
 pub use error::{ApiError, api_error, echo};

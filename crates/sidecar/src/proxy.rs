@@ -28,17 +28,6 @@ pub enum ForwardError {
     Timeout(Duration),
 }
 
-impl ForwardError {
-    /// A stable label for metrics and logs.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Unreachable(_) => "unreachable",
-            Self::Failed(_) => "failed",
-            Self::Timeout(_) => "timeout",
-        }
-    }
-}
-
 /// Idle connections kept per engine; more are closed when their response ends.
 const MAX_IDLE: usize = 64;
 
@@ -134,11 +123,9 @@ impl Forwarder {
             );
         }
         if let Some(key) = api_key {
-            let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+            self.authorization = Some(greenthread_edge::bearer_value(key).ok_or_else(|| {
                 anyhow::anyhow!("the engine API key has characters a header cannot hold")
-            })?;
-            v.set_sensitive(true);
-            self.authorization = Some(v);
+            })?);
         }
         Ok(self)
     }

@@ -10,11 +10,7 @@ use super::EngineError;
 
 fn client(api_key: Option<&str>) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(v) =
-        api_key.and_then(|k| reqwest::header::HeaderValue::from_str(&format!("Bearer {k}")).ok())
-    {
-        let mut v = v;
-        v.set_sensitive(true);
+    if let Some(v) = api_key.and_then(greenthread_edge::bearer_value) {
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
     reqwest::Client::builder()
