@@ -112,9 +112,9 @@ impl Replica {
     }
 
     /// Puts a serving replica to sleep now.
-    pub async fn sleep(&self) -> Result<(), String> {
+    pub async fn sleep(&self) -> Result<(), SleepFailed> {
         match &self.backend {
-            Backend::Local(s) => s.deactivate("admin").await,
+            Backend::Local(s) => Ok(s.deactivate("admin").await?),
             Backend::Remote { admin, .. } => {
                 let resp = call(admin, http::Method::POST, "/admin/sleep").await;
                 if resp.status().is_success() {
@@ -123,7 +123,9 @@ impl Replica {
                     let body = to_bytes(resp.into_body(), 1 << 16)
                         .await
                         .unwrap_or_default();
-                    Err(String::from_utf8_lossy(&body).into_owned())
+                    Err(SleepFailed::Remote(
+                        String::from_utf8_lossy(&body).into_owned(),
+                    ))
                 }
             }
         }
@@ -161,4 +163,14 @@ impl Replica {
             }
         }
     }
+}
+
+/// Why a replica did not go to sleep when asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SleepFailed {
+    #[error(transparent)]
+    Local(#[from] greenthread_sidecar::SleepError),
+    /// The remote sidecar's answer, as it gave it.
+    #[error("{0}")]
+    Remote(String),
 }

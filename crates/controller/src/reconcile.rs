@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures_util::StreamExt;
@@ -24,6 +24,7 @@ use kube::{
     },
 };
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use crate::{
     metrics::ControllerMetrics,
@@ -52,6 +53,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Pods of the Model are still terminating: not a failure, a wait (retried soon).
+    pub fn is_terminating(&self) -> bool {
+        match self {
+            Error::Terminating(_) => true,
+            Error::Finalizer(e) => matches!(
+                &**e,
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                    | kube::runtime::finalizer::Error::CleanupFailed(e) if e.is_terminating()
+            ),
+            _ => false,
+        }
+    }
+
     /// The `reason` label of `gthread_controller_errors_total`.
     pub fn reason(&self) -> String {
         match self {
@@ -575,7 +589,7 @@ pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, E
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    let waiting = matches!(&result, Err(e) if e.reason() == "Terminating");
+    let waiting = matches!(&result, Err(e) if e.is_terminating());
     ctx.metrics.record(
         "model",
         result.is_ok() || waiting,
@@ -599,7 +613,7 @@ pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 fn error_policy(_model: Arc<Model>, err: &Error, _ctx: Arc<Context>) -> Action {
-    if err.reason() == "Terminating" {
+    if err.is_terminating() {
         Action::requeue(Duration::from_millis(500))
     } else {
         Action::requeue(Duration::from_secs(5))

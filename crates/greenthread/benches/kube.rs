@@ -65,6 +65,7 @@ async fn sidecar(ledger: Arc<dyn Ledger>, model: &str, gpu: u32, bytes: &str) ->
                 index: gpu,
             }],
             probe: Some(engine),
+            clock: greenthread_sidecar::Clock::Wall,
         },
     );
     sc.boot().await.unwrap();

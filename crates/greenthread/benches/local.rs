@@ -185,6 +185,7 @@ async fn sidecar(
                 index: 0,
             }],
             probe: Some(engine),
+            clock: greenthread_sidecar::Clock::Wall,
         },
     );
     sc.boot().await.unwrap();

@@ -146,6 +146,7 @@ async fn sixteen_sidecars_race(mut b: Backend) {
                     index: 0,
                 }],
                 probe: Some(engine),
+                clock: greenthread_sidecar::Clock::Wall,
             },
         );
         sidecars.push(sc);

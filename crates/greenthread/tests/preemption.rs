@@ -1,16 +1,15 @@
 //! Sidecars sharing GPUs through one ledger: fairness wait, victim choice on both sides,
-//! lock expiry (the 16-sidecar race runs on both ledgers in `ledger_backends.rs`). Real sidecar and ledger code, in one
-//! process, with in-process engines.
+//! lock expiry (the 16-sidecar race runs on both ledgers in `ledger_backends.rs`). Real
+//! sidecar and ledger code, in one process, with in-process engines, on tokio's paused
+//! clock: the ledger's time follows it ([`Clock::tokio`]), so waits of seconds take none.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use greenthread_api::{GpuSpec, OccupantState, WakeLock};
 use greenthread_ledger::{Ledger, MemoryLedger, decide};
-use greenthread_sidecar::{GpuRef, Parts, Rejection, Sidecar, SidecarConfig};
+use greenthread_sidecar::{Clock, GpuRef, Parts, Rejection, Sidecar, SidecarConfig};
 use greenthread_test_support::FakeEngine;
+use tokio::time::Instant;
 
 const GI: u64 = 1 << 30;
 
@@ -67,6 +66,7 @@ async fn sidecar(
                 index: 0,
             }],
             probe: Some(engine.clone()),
+            clock: Clock::tokio(),
         },
     );
     sc.boot().await.unwrap();
@@ -79,7 +79,7 @@ async fn request(sc: &Arc<Sidecar>) -> Result<(), Rejection> {
     sc.admit().await.map(drop)
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
     let l = ledger(&[("g-0", 100 * GI)]);
     let (a, a_engine) = sidecar(&l, "g-0", "a", 60 * GI, &["--min-runtime", "0s"]).await;
@@ -157,7 +157,7 @@ async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
     assert_eq!(a.metrics.preemptions("preemptor"), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_voluntary_idle_sleep_inside_the_fairness_wait_is_not_a_preemption() {
     let l = ledger(&[("g-0", 100 * GI)]);
     let (a, _) = sidecar(&l, "g-0", "a", 60 * GI, &["--idle-timeout", "300ms"]).await;
@@ -182,7 +182,7 @@ async fn a_voluntary_idle_sleep_inside_the_fairness_wait_is_not_a_preemption() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_gpu_held_by_popular_models_makes_requests_time_out_with_the_reason() {
     let l = ledger(&[("g-0", 100 * GI)]);
     let (a, _) = sidecar(&l, "g-0", "a", 80 * GI, &["--popular"]).await;
@@ -199,6 +199,7 @@ async fn a_gpu_held_by_popular_models_makes_requests_time_out_with_the_reason() 
     let Rejection::Deadline { reason, .. } = err else {
         panic!("{err:?}")
     };
+    let reason = reason.to_string();
     assert!(reason.contains("popular (a)"), "{reason}");
     assert_eq!(
         a.state().as_str(),
@@ -211,7 +212,7 @@ async fn a_gpu_held_by_popular_models_makes_requests_time_out_with_the_reason() 
     assert_eq!(b.state().as_str(), "serving");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_wake_lock_held_by_a_dead_sidecar_expires() {
     let l = ledger(&[("g-0", 100 * GI)]);
     let (b, _) = sidecar(&l, "g-0", "b", 10 * GI, &["--wake-lock-ttl", "1s"]).await;

@@ -136,6 +136,7 @@ async fn engines_sharing_a_gpu_start_one_at_a_time_even_past_the_lock_ttl() {
                     index: 0,
                 }],
                 probe: Some(probe),
+                clock: greenthread_sidecar::Clock::Wall,
             },
         ));
     }

@@ -64,6 +64,7 @@ async fn sidecar(
                 index: 0,
             }],
             probe: Some(engine.clone()),
+            clock: greenthread_sidecar::Clock::Wall,
         },
     );
     sc.boot().await.unwrap();
@@ -325,6 +326,7 @@ async fn a_boot_whose_engine_never_sleeps_gives_the_lock_back() {
                 index: 0,
             }],
             probe: Some(engine.clone()),
+            clock: greenthread_sidecar::Clock::Wall,
         },
     );
     let e = tokio::time::timeout(WAIT, sc.boot())

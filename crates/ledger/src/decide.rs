@@ -494,6 +494,117 @@ pub fn choose_victims(
     Ok(chosen)
 }
 
+/// Why a wake cannot claim a GPU yet. Each renders the message a queued request gets
+/// at its deadline.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuWait {
+    /// Another pod holds the wake lock (or the claim was refused for another reason).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// Short of memory, inside the fairness wait: others may still free it by themselves.
+    #[error("waiting up to {max_wait:?} for memory to free before preempting")]
+    Fairness { max_wait: Duration },
+    /// The fairness wait is over and `victim` is named: waiting for it to sleep.
+    /// `named_now`: this step named it (the others found it named already).
+    #[error("preempting {victim}")]
+    Preempting { victim: String, named_now: bool },
+    /// Short a moment ago, enough now: the next step claims.
+    #[error("memory is free; claiming")]
+    Claiming,
+    /// The fairness wait is over and nobody can be preempted.
+    #[error("{0}")]
+    NoVictim(NoVictim),
+}
+
+impl GpuWait {
+    /// Whether the wake is short of memory (the fairness clock runs), rather than
+    /// waiting for the lock.
+    pub fn short_of_memory(&self) -> bool {
+        !matches!(self, GpuWait::Refused(_))
+    }
+}
+
+/// One step of a wake on one GPU, decided from the record alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WakeStep {
+    /// The memory is claimed and the wake lock is this pod's.
+    Claimed,
+    /// Not yet: look again when the record changes, or at `recheck_at` when only time
+    /// can change the answer (a lock lapsing, the fairness wait ending, a victim
+    /// becoming eligible).
+    Wait { why: GpuWait, recheck_at: Timestamp },
+}
+
+/// What a waking pod asks of one GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeRequest<'a> {
+    pub claim: &'a Claim,
+    /// A silent holder's wake lock lapses after this.
+    pub lock_ttl: Duration,
+    /// How long to wait for memory to free by itself before preempting.
+    pub max_wait: Duration,
+    /// When this wake first found the GPU short of memory (the fairness clock), if it has.
+    pub short_since: Option<Timestamp>,
+}
+
+fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// The wake's next step on one GPU, and the record to write for it (`None`: write
+/// nothing). Claims under the wake lock when the memory fits; when it does not, declares
+/// the intent, waits out `max_wait`, then names a victim.
+pub fn wake_step(
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    req: &WakeRequest,
+    now: Timestamp,
+) -> (Option<GpuStatus>, WakeStep) {
+    let claim = req.claim;
+    // Lock expiry is a matter of time: look again after a TTL whatever else happens.
+    let lapse = plus(now, req.lock_ttl);
+    let wait = |why, at: Option<Timestamp>| WakeStep::Wait {
+        why,
+        recheck_at: at.map_or(lapse, |t| t.min(lapse)),
+    };
+    let claimed = acquire_wake_lock(&register(status, claim, now), &claim.pod, req.lock_ttl, now)
+        .and_then(|locked| self::claim(spec, &locked, claim, now));
+    match claimed {
+        Ok(next) => return (Some(next), WakeStep::Claimed),
+        Err(Refusal::DoesNotFit { .. }) => {}
+        Err(refused) => return (None, wait(GpuWait::Refused(refused), None)),
+    }
+    let with_intent = write_intent(status, &claim.pod, &claim.model, claim.bytes, now);
+    let since = req.short_since.unwrap_or(now);
+    let fairness_ends = plus(since, req.max_wait);
+    if now < fairness_ends {
+        let why = GpuWait::Fairness {
+            max_wait: req.max_wait,
+        };
+        return (Some(with_intent), wait(why, Some(fairness_ends)));
+    }
+    match choose_victims(spec, &with_intent, &claim.pod, claim.bytes, now) {
+        Ok(victims) => match victims.into_iter().next() {
+            Some(victim) => {
+                let named_now = !with_intent.preemption_intents.iter().any(|i| {
+                    i.pod_name == claim.pod && i.victim_pod_name.as_deref() == Some(&victim)
+                });
+                let next = name_victim(&with_intent, &claim.pod, &victim);
+                let why = GpuWait::Preempting { victim, named_now };
+                (Some(next), wait(why, None))
+            }
+            None => (Some(with_intent), wait(GpuWait::Claiming, None)),
+        },
+        Err(why) => {
+            let eligible = next_eligibility(&with_intent, &claim.pod, now);
+            (Some(with_intent), wait(GpuWait::NoVictim(why), eligible))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -895,5 +1006,194 @@ mod tests {
         assert!(!is_victim(&s, "w"));
         let s = clear_intent(&s, "w");
         assert!(!is_victim(&s, "a"));
+    }
+
+    #[test]
+    fn wake_step_table() {
+        let ttl = Duration::from_secs(2);
+        let max_wait = Duration::from_secs(30);
+        let lock = |pod: &str, since: i64| {
+            Some(WakeLock {
+                pod_name: pod.into(),
+                since: t(since),
+            })
+        };
+        let claim = mk_claim("ns/w", 40 * GI);
+        struct Case {
+            name: &'static str,
+            status: GpuStatus,
+            short_since: Option<i64>,
+            now: i64,
+            want: WakeStep,
+            /// (waker's state if written, lock holder, intent's victim)
+            written: Option<(
+                Option<OccupantState>,
+                Option<&'static str>,
+                Option<&'static str>,
+            )>,
+        }
+        let b_serving = serving("ns/b", 50 * GI, 0, 5);
+        let cases = vec![
+            Case {
+                name: "fits: claimed under the lock",
+                status: gpu_with(vec![serving("ns/b", 30 * GI, 0, 5)]),
+                short_since: None,
+                now: 100,
+                want: WakeStep::Claimed,
+                written: Some((Some(OccupantState::Waking), Some("ns/w"), None)),
+            },
+            Case {
+                name: "another holds the lock: wait for it, nothing written",
+                status: GpuStatus {
+                    wake_lock: lock("ns/b", 99),
+                    ..gpu_with(vec![])
+                },
+                short_since: None,
+                now: 100,
+                want: WakeStep::Wait {
+                    why: GpuWait::Refused(Refusal::LockHeld {
+                        holder: "ns/b".into(),
+                    }),
+                    recheck_at: t(102),
+                },
+                written: None,
+            },
+            Case {
+                name: "a silent holder's lock lapses: claimed",
+                status: GpuStatus {
+                    wake_lock: lock("ns/b", 90),
+                    ..gpu_with(vec![])
+                },
+                short_since: None,
+                now: 100,
+                want: WakeStep::Claimed,
+                written: Some((Some(OccupantState::Waking), Some("ns/w"), None)),
+            },
+            Case {
+                name: "short: the intent is declared and the fairness wait starts",
+                status: gpu_with(vec![b_serving.clone()]),
+                short_since: None,
+                now: 100,
+                want: WakeStep::Wait {
+                    why: GpuWait::Fairness { max_wait },
+                    recheck_at: t(102),
+                },
+                written: Some((None, None, None)),
+            },
+            Case {
+                name: "fairness wait nearly over: look again when it ends",
+                status: gpu_with(vec![b_serving.clone()]),
+                short_since: Some(71),
+                now: 100,
+                want: WakeStep::Wait {
+                    why: GpuWait::Fairness { max_wait },
+                    recheck_at: t(101),
+                },
+                written: Some((None, None, None)),
+            },
+            Case {
+                name: "fairness wait over: the LRU eligible victim is named",
+                status: gpu_with(vec![b_serving.clone()]),
+                short_since: Some(70),
+                now: 100,
+                want: WakeStep::Wait {
+                    why: GpuWait::Preempting {
+                        victim: "ns/b".into(),
+                        named_now: true,
+                    },
+                    recheck_at: t(102),
+                },
+                written: Some((None, None, Some("ns/b"))),
+            },
+            Case {
+                name: "a victim named before is not named again",
+                status: GpuStatus {
+                    preemption_intents: vec![PreemptionIntent {
+                        pod_name: "ns/w".into(),
+                        model_name: "model-ns/w".into(),
+                        needed_bytes: 40 * GI,
+                        since: t(70),
+                        victim_pod_name: Some("ns/b".into()),
+                    }],
+                    ..gpu_with(vec![b_serving.clone()])
+                },
+                short_since: Some(70),
+                now: 100,
+                want: WakeStep::Wait {
+                    why: GpuWait::Preempting {
+                        victim: "ns/b".into(),
+                        named_now: false,
+                    },
+                    recheck_at: t(102),
+                },
+                written: Some((None, None, Some("ns/b"))),
+            },
+            Case {
+                name: "nobody eligible yet: look again when the victim has served its minRuntime",
+                status: gpu_with(vec![serving("ns/b", 50 * GI, 91, 91)]),
+                short_since: Some(0),
+                now: 100,
+                want: WakeStep::Wait {
+                    why: GpuWait::NoVictim(NoVictim::NotEligible(
+                        "ns/b has not served its minRuntime of 10s".into(),
+                    )),
+                    recheck_at: t(101),
+                },
+                written: Some((None, None, None)),
+            },
+            Case {
+                name: "only popular models serve: wait, with the reason",
+                status: gpu_with(vec![Occupant {
+                    popular: true,
+                    ..b_serving.clone()
+                }]),
+                short_since: Some(0),
+                now: 100,
+                want: WakeStep::Wait {
+                    why: GpuWait::NoVictim(NoVictim::AllPopular("ns/b".into())),
+                    recheck_at: t(102),
+                },
+                written: Some((None, None, None)),
+            },
+        ];
+        for c in cases {
+            let req = WakeRequest {
+                claim: &claim,
+                lock_ttl: ttl,
+                max_wait,
+                short_since: c.short_since.map(t),
+            };
+            let (next, step) = wake_step(&spec(80 * GI), &c.status, &req, t(c.now));
+            assert_eq!(step, c.want, "{}", c.name);
+            let written = next.as_ref().map(|n| {
+                (
+                    n.occupant("ns/w").map(|o| o.state),
+                    n.wake_lock.as_ref().map(|l| l.pod_name.as_str()),
+                    n.preemption_intents
+                        .iter()
+                        .find(|i| i.pod_name == "ns/w")
+                        .and_then(|i| i.victim_pod_name.as_deref()),
+                )
+            });
+            assert_eq!(written, c.written, "{}", c.name);
+            // A wait short of memory leaves the intent in the record; a claim clears it.
+            if let Some(n) = &next {
+                let has_intent = n.preemption_intents.iter().any(|i| i.pod_name == "ns/w");
+                assert_eq!(has_intent, step != WakeStep::Claimed, "{}", c.name);
+            }
+        }
+        // The reasons read as the messages queued requests get.
+        assert_eq!(
+            GpuWait::Fairness { max_wait }.to_string(),
+            "waiting up to 30s for memory to free before preempting"
+        );
+        assert_eq!(
+            GpuWait::Preempting {
+                victim: "ns/b".into(),
+                named_now: true
+            }
+            .to_string(),
+            "preempting ns/b"
+        );
     }
 }

@@ -2,11 +2,13 @@
 //! GPU's status ([`decide`]); backends ([`MemoryLedger`], [`KubeLedger`]) only
 //! store records, enforce compare-and-swap, and notify watchers of changes.
 
+mod clock;
 pub mod decide;
 mod kube_ledger;
 mod ledger;
 mod memory;
 
+pub use clock::Clock;
 pub use kube_ledger::KubeLedger;
 pub use ledger::{Backoff, Ledger, LedgerError, MAX_CONFLICTS, update};
 pub use memory::MemoryLedger;

@@ -1,8 +1,12 @@
 //! `greenthread sidecar`: sits in front of one engine, puts it to sleep when idle and
 //! wakes it on demand, queueing requests meanwhile, with GPU memory claimed in the ledger.
 
+mod admission;
 mod config;
+mod driver;
 pub mod engine;
+pub mod error;
+mod ledger_client;
 pub mod metrics;
 pub mod process;
 mod proxy;
@@ -18,12 +22,16 @@ use greenthread_gpu::{MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{KubeLedger, Ledger, MemoryLedger};
 use tokio::{net::TcpListener, sync::mpsc};
 
+pub use admission::InFlight;
 pub use config::{EngineKind, LedgerKind, SidecarConfig};
+pub use error::{BootError, Rejection, SleepError, WaitReason};
+pub use greenthread_ledger::Clock;
+pub use ledger_client::GpuRef;
 pub use proxy::Forwarder;
 pub use server::{
     AppState, api_error, private_router, public_path, public_router, reexport_engine_metrics, relay,
 };
-pub use sidecar::{GpuRef, Parts, Rejection, Sidecar};
+pub use sidecar::{Parts, Sidecar};
 
 use crate::{
     engine::{EngineAdapter, Flavor, ProcessAdapter, SglangAdapter, VllmAdapter},
@@ -142,7 +150,7 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
             engine_listen,
         }) as Arc<dyn MemoryProbe>
     });
-    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let (exits_tx, exits) = mpsc::unbounded_channel();
     let process = cfg.engine_command.clone().map(|command| {
         let mut env = vec![(
             "GREENTHREAD_SIM_GPU_INDEX".to_string(),
@@ -173,17 +181,11 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
             ledger,
             gpus,
             probe,
+            clock: Clock::Wall,
         },
     );
-    serve(sidecar.clone(), &engine_url, async move {
-        loop {
-            tokio::select! {
-                Some(why) = exits.recv() => sidecar.engine_lost(&why),
-                () = greenthread_edge::signal() => return,
-            }
-        }
-    })
-    .await
+    sidecar.watch_exits(exits);
+    serve(sidecar, &engine_url, greenthread_edge::signal()).await
 }
 
 /// The adapter for `--engine`, and the probe that measures it: process engines (stopped
@@ -256,24 +258,15 @@ pub async fn serve(
         cfg.edge.clone(),
         stop.clone(),
     ));
-    let booter = {
-        let sidecar = sidecar.clone();
-        tokio::spawn(async move {
-            if let Err(e) = sidecar.boot().await {
-                tracing::error!(model = %sidecar.cfg.model, error = %e, "boot failed");
-                return Err(e);
-            }
-            sidecar.spawn_background();
-            Ok(())
-        })
-    };
+    let booted = sidecar.start();
     tokio::pin!(until);
     tokio::select! {
         () = &mut until => {}
-        booted = booter => {
+        booted = booted => {
             if let Ok(Err(e)) = booted {
+                stop.trigger();
                 sidecar.shutdown().await;
-                return Err(e);
+                return Err(e.into());
             }
             until.await;
         }

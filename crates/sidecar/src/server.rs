@@ -14,8 +14,9 @@ pub use greenthread_edge::api_error;
 use greenthread_edge::{ApiError, Gate, PathCheck, check_inference_path, echo, read_body};
 
 use crate::{
+    error::Rejection,
     proxy::{ForwardError, Forwarder},
-    sidecar::{Rejection, Sidecar},
+    sidecar::Sidecar,
 };
 
 #[derive(Clone)]
@@ -26,29 +27,25 @@ pub struct AppState {
 
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
+        let message = self.to_string();
         match self {
-            Rejection::QueueFull { depth } => {
+            Rejection::QueueFull { .. } => {
                 let mut r = api_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_exceeded",
-                    format!("request queue is full ({depth} waiting); retry later"),
+                    message,
                 );
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
-            Rejection::Deadline { waited, reason } => api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!(
-                    "request waited {:.1}s without being served: {reason}",
-                    waited.as_secs_f64()
-                ),
-            ),
-            Rejection::Failed(reason) => api_error(
+            Rejection::Deadline { .. } => {
+                api_error(StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
+            }
+            Rejection::Failed(_) => api_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
-                reason,
+                message,
             ),
         }
     }
@@ -221,7 +218,7 @@ pub async fn reexport_engine_metrics(sidecar: &Sidecar) -> Response {
 async fn admin_sleep(State(s): State<AppState>) -> Response {
     match s.sidecar.deactivate("admin").await {
         Ok(()) => Json(s.sidecar.status_json()).into_response(),
-        Err(e) => api_error(StatusCode::CONFLICT, "conflict", e),
+        Err(e) => api_error(StatusCode::CONFLICT, "conflict", e.to_string()),
     }
 }
 

@@ -1,6 +1,8 @@
 //! The HTTP surface: OpenAI inference, vLLM's sleep API, health and metrics.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
+
+use tokio::time::Instant;
 
 use axum::{
     Json, Router,
@@ -332,7 +334,7 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     } else {
         0.0
     };
-    let first_token = tokio::time::Instant::from_std(start) + e.cfg.ttft;
+    let first_token = start + e.cfg.ttft;
     let token_at =
         move |i: u32| first_token + std::time::Duration::from_secs_f64(per_token * f64::from(i));
     let mut abort = e.abort_signal();

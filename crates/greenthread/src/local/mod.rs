@@ -141,7 +141,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             }
             let cfg = SidecarConfig::from_args(&model.spec.model_name, &flags)
                 .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
-            let (exits_tx, mut exits) = mpsc::unbounded_channel();
+            let (exits_tx, exits) = mpsc::unbounded_channel();
             let env = vec![
                 (
                     "GREENTHREAD_SIM_GPU_DIR".to_string(),
@@ -177,20 +177,14 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                         })
                         .collect(),
                     probe,
+                    clock: greenthread_sidecar::Clock::Wall,
                 },
                 SidecarMetrics::with_labels(
                     families.clone(),
                     vec![("model", name.clone()), ("pod", pod.clone())],
                 ),
             );
-            {
-                let sidecar = sidecar.clone();
-                tokio::spawn(async move {
-                    while let Some(why) = exits.recv().await {
-                        sidecar.engine_lost(&why);
-                    }
-                });
-            }
+            sidecar.watch_exits(exits);
             // Client credentials stop here: the engine never sees them.
             let forwarder = greenthread_sidecar::engine_forwarder(&sidecar.cfg, &url)?;
             route
@@ -228,14 +222,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding --listen {}", args.listen))?;
     *api.advertise.write().unwrap() = listener.local_addr()?.to_string();
 
+    // Each boots in the background (a failure is logged); the loops follow.
     for sc in &sidecars {
-        let sc = sc.clone();
-        tokio::spawn(async move {
-            match sc.boot().await {
-                Ok(()) => sc.spawn_background(),
-                Err(e) => tracing::error!(pod = %sc.pod, error = %e, "model failed to boot"),
-            }
-        });
+        drop(sc.start());
     }
 
     let base = format!("http://{}", args.listen);

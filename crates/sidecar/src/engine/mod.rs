@@ -8,6 +8,7 @@ mod vllm;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use http::EngineHttp;
 pub use process::{Flavor, ProcessAdapter};
 pub use sglang::SglangAdapter;
 pub use vllm::VllmAdapter;
@@ -35,15 +36,32 @@ pub trait EngineAdapter: Send + Sync + 'static {
     async fn is_sleeping(&self) -> Result<bool, EngineError>;
     async fn sleep(&self, level: u8) -> Result<(), EngineError>;
     async fn wake(&self, level: u8) -> Result<(), EngineError>;
-    /// The engine's `/v1/models` answer, cached to answer while asleep.
-    async fn models(&self) -> Result<Bytes, EngineError>;
-    /// The engine's own Prometheus exposition.
-    async fn metrics(&self) -> Result<(String, Bytes), EngineError>;
-    /// Proves the engine serves, not just answers health checks: one greedy token of
-    /// `model`. The sidecar bounds it with a deadline; a wedged engine misses it.
-    async fn warm_up(&self, _model: &str) -> Result<(), EngineError> {
-        Ok(())
+    /// The engine's OpenAI-style HTTP API, if it has one: the calls every such engine
+    /// answers alike (model list, metrics, warm-up) go through it by default.
+    fn http(&self) -> Option<&EngineHttp> {
+        None
     }
+    /// The engine's `/v1/models` answer, cached to answer while asleep.
+    async fn models(&self) -> Result<Bytes, EngineError> {
+        no_http(self.http())?.models().await
+    }
+    /// The engine's own Prometheus exposition.
+    async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
+        no_http(self.http())?.metrics().await
+    }
+    /// Proves the engine serves, not just answers health checks: one greedy token of
+    /// `model`. The sidecar bounds it with a deadline; a wedged engine misses it. An
+    /// engine without an HTTP API has nothing to prove it with.
+    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
+        match self.http() {
+            Some(http) => http.warm_up(model).await,
+            None => Ok(()),
+        }
+    }
+}
+
+fn no_http(http: Option<&EngineHttp>) -> Result<&EngineHttp, EngineError> {
+    http.ok_or_else(|| EngineError::Protocol("this engine has no HTTP API".into()))
 }
 
 /// Whether vLLM's `vllm:engine_sleep_state` exposition says the engine sleeps: the

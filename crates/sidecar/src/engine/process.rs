@@ -55,6 +55,10 @@ impl ProcessAdapter {
 
 #[async_trait]
 impl EngineAdapter for ProcessAdapter {
+    fn http(&self) -> Option<&EngineHttp> {
+        Some(&self.http)
+    }
+
     async fn health(&self) -> Result<(), EngineError> {
         if !self.process.is_running() {
             return Err(EngineError::Unreachable(
@@ -100,14 +104,6 @@ impl EngineAdapter for ProcessAdapter {
             }
         }
         Ok(())
-    }
-
-    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
-        self.http.warm_up(model).await
-    }
-
-    async fn models(&self) -> Result<Bytes, EngineError> {
-        self.http.models().await
     }
 
     /// The engine's exposition while it runs (llama-server needs `--metrics`); nothing

@@ -11,7 +11,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde_json::json;
 
 use super::{EngineAdapter, EngineError, http::EngineHttp};
@@ -38,6 +37,10 @@ impl SglangAdapter {
 
 #[async_trait]
 impl EngineAdapter for SglangAdapter {
+    fn http(&self) -> Option<&EngineHttp> {
+        Some(&self.http)
+    }
+
     async fn health(&self) -> Result<(), EngineError> {
         self.http
             .call(
@@ -81,17 +84,5 @@ impl EngineAdapter for SglangAdapter {
         }
         self.released.store(false, Ordering::SeqCst);
         Ok(())
-    }
-
-    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
-        self.http.warm_up(model).await
-    }
-
-    async fn models(&self) -> Result<Bytes, EngineError> {
-        self.http.models().await
-    }
-
-    async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
-        self.http.metrics().await
     }
 }

@@ -1,7 +1,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde_json::json;
 
 use super::{EngineAdapter, EngineError, http::EngineHttp};
@@ -43,6 +42,10 @@ impl VllmAdapter {
 
 #[async_trait]
 impl EngineAdapter for VllmAdapter {
+    fn http(&self) -> Option<&EngineHttp> {
+        Some(&self.http)
+    }
+
     async fn health(&self) -> Result<(), EngineError> {
         self.call(
             "health",
@@ -113,17 +116,5 @@ impl EngineAdapter for VllmAdapter {
         self.call("reset_prefix_cache", self.post("/reset_prefix_cache"))
             .await
             .map(drop)
-    }
-
-    async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
-        self.http.warm_up(model).await
-    }
-
-    async fn models(&self) -> Result<Bytes, EngineError> {
-        self.http.models().await
-    }
-
-    async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
-        self.http.metrics().await
     }
 }

@@ -1,0 +1,315 @@
+//! Admission: which requests reach the engine now, which wait for a wake, and the slot
+//! each admitted request holds until its response body ends.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::{
+    sync::{Notify, oneshot, watch},
+    time::Instant,
+};
+
+use crate::error::Failure;
+
+/// The queue in front of the engine. Open while the model serves: requests pass at once.
+/// Closed otherwise: they wait in arrival order until it opens (all of them are admitted
+/// together) or fails them, their deadline passes, or their client goes away.
+pub struct Admission {
+    queue: Mutex<Queue>,
+    max_queue: usize,
+    in_flight_tx: watch::Sender<usize>,
+    emptied: Notify,
+    depth_gauge: Gauge,
+    in_flight_gauge: Gauge,
+}
+
+struct Queue {
+    open: bool,
+    waiters: VecDeque<Waiter>,
+    next_id: u64,
+    in_flight: usize,
+    /// When a request last started or ended: the idle clock.
+    last_activity: Instant,
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Result<InFlight, Failure>>,
+}
+
+/// What [`Admission::enter`] did with a request.
+pub enum Entry {
+    Admitted(InFlight),
+    Queued(Ticket),
+}
+
+/// The queue is full.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueFull {
+    pub depth: usize,
+}
+
+/// How a wait in the queue ended without a slot.
+pub enum Waited {
+    Failed(Failure),
+    Deadline,
+}
+
+/// An admitted request's slot at the engine; released (and the idle clock restarted)
+/// when dropped, i.e. when the response body has been sent or abandoned.
+pub struct InFlight {
+    admission: Arc<Admission>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.admission;
+        let mut q = a.queue.lock().unwrap();
+        q.in_flight -= 1;
+        q.last_activity = Instant::now();
+        a.set_in_flight(q.in_flight);
+    }
+}
+
+/// A place in the queue; leaving it (deadline, client gone) removes the waiter.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    id: u64,
+    rx: Option<oneshot::Receiver<Result<InFlight, Failure>>>,
+}
+
+impl Ticket {
+    /// Waits for a slot at most `timeout`.
+    pub async fn wait(mut self, timeout: Duration) -> Result<InFlight, Waited> {
+        let rx = self.rx.take().expect("a ticket is waited on once");
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(slot))) => Ok(slot),
+            Ok(Ok(Err(failure))) => Err(Waited::Failed(failure)),
+            // The admission was dropped with the waiter in it.
+            Ok(Err(_)) => Err(Waited::Failed(Failure::ShuttingDown)),
+            Err(_) => Err(Waited::Deadline),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let a = &self.admission;
+        let mut q = a.queue.lock().unwrap();
+        if let Some(pos) = q.waiters.iter().position(|w| w.id == self.id) {
+            q.waiters.remove(pos);
+            a.depth_gauge.set(q.waiters.len() as i64);
+            if q.waiters.is_empty() {
+                a.emptied.notify_waiters();
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(max_queue: usize, depth_gauge: Gauge, in_flight_gauge: Gauge) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(Queue {
+                open: false,
+                waiters: VecDeque::new(),
+                next_id: 0,
+                in_flight: 0,
+                last_activity: Instant::now(),
+            }),
+            max_queue,
+            in_flight_tx: watch::Sender::new(0),
+            emptied: Notify::new(),
+            depth_gauge,
+            in_flight_gauge,
+        })
+    }
+
+    /// Admits a request at once when open, queues it otherwise.
+    pub fn enter(self: &Arc<Self>) -> Result<Entry, QueueFull> {
+        let mut q = self.queue.lock().unwrap();
+        if q.open {
+            return Ok(Entry::Admitted(self.admit_locked(&mut q)));
+        }
+        if q.waiters.len() >= self.max_queue {
+            return Err(QueueFull {
+                depth: q.waiters.len(),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = q.next_id;
+        q.next_id += 1;
+        q.waiters.push_back(Waiter { id, tx });
+        self.depth_gauge.set(q.waiters.len() as i64);
+        Ok(Entry::Queued(Ticket {
+            admission: self.clone(),
+            id,
+            rx: Some(rx),
+        }))
+    }
+
+    fn admit_locked(self: &Arc<Self>, q: &mut Queue) -> InFlight {
+        q.in_flight += 1;
+        q.last_activity = Instant::now();
+        self.set_in_flight(q.in_flight);
+        InFlight {
+            admission: self.clone(),
+        }
+    }
+
+    fn set_in_flight(&self, n: usize) {
+        self.in_flight_gauge.set(n as i64);
+        // Watchers only care whether anything is in flight: wake them on 0 ↔ busy
+        // alone, not on every request.
+        self.in_flight_tx.send_if_modified(|current| {
+            let crossed = (*current == 0) != (n == 0);
+            *current = n;
+            crossed
+        });
+    }
+
+    /// The model serves: admit every waiter in arrival order, and newcomers at once.
+    pub fn open(self: &Arc<Self>) {
+        let mut q = self.queue.lock().unwrap();
+        q.open = true;
+        q.last_activity = Instant::now();
+        while let Some(w) = q.waiters.pop_front() {
+            let slot = self.admit_locked(&mut q);
+            // A waiter that left drops its slot with the unsent value.
+            let _ = w.tx.send(Ok(slot));
+        }
+        self.depth_gauge.set(0);
+    }
+
+    /// The barrier: newcomers wait for the next wake.
+    pub fn close(&self) {
+        self.queue.lock().unwrap().open = false;
+    }
+
+    /// Every waiter gets `why` as its answer.
+    pub fn fail_all(&self, why: &Failure) {
+        let mut q = self.queue.lock().unwrap();
+        while let Some(w) = q.waiters.pop_front() {
+            let _ = w.tx.send(Err(why.clone()));
+        }
+        self.depth_gauge.set(0);
+        self.emptied.notify_waiters();
+    }
+
+    /// The idle clock restarts now (a boot or a wake ended).
+    pub fn touch(&self) {
+        self.queue.lock().unwrap().last_activity = Instant::now();
+    }
+
+    pub fn has_waiters(&self) -> bool {
+        !self.queue.lock().unwrap().waiters.is_empty()
+    }
+
+    /// Resolves once nobody waits (at once if nobody does).
+    pub async fn until_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            // Registered before the check, so that an emptying in between counts.
+            emptied.as_mut().enable();
+            if !self.has_waiters() {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
+    /// When a request last started or ended, and whether any is in flight or waiting.
+    pub fn activity(&self) -> (Instant, bool) {
+        let q = self.queue.lock().unwrap();
+        (q.last_activity, q.in_flight > 0 || !q.waiters.is_empty())
+    }
+
+    /// (waiting, in flight).
+    pub fn counts(&self) -> (usize, usize) {
+        let q = self.queue.lock().unwrap();
+        (q.waiters.len(), q.in_flight)
+    }
+
+    /// Waits until nothing is in flight, at most `timeout`; whether it drained.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let mut in_flight = self.in_flight_tx.subscribe();
+        tokio::time::timeout(timeout, in_flight.wait_for(|n| *n == 0))
+            .await
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max: usize) -> Arc<Admission> {
+        Admission::new(max, Gauge::default(), Gauge::default())
+    }
+
+    fn queued(e: Result<Entry, QueueFull>) -> Ticket {
+        match e {
+            Ok(Entry::Queued(t)) => t,
+            _ => panic!("expected to be queued"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_admitted_together_when_it_opens_and_newcomers_pass() {
+        let a = admission(8);
+        let t1 = queued(a.enter());
+        let t2 = queued(a.enter());
+        assert_eq!(a.counts(), (2, 0));
+        a.open();
+        let s1 = t1.wait(Duration::from_secs(1)).await.ok().unwrap();
+        let s2 = t2.wait(Duration::from_secs(1)).await.ok().unwrap();
+        assert_eq!(a.counts(), (0, 2));
+        assert!(matches!(a.enter(), Ok(Entry::Admitted(_))));
+        drop((s1, s2));
+        assert_eq!(a.counts(), (0, 0));
+        assert!(a.drained(Duration::ZERO).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_and_a_leaving_waiter_frees_its_place() {
+        let a = admission(1);
+        let t = queued(a.enter());
+        assert!(matches!(a.enter(), Err(QueueFull { depth: 1 })));
+        let emptied = tokio::spawn({
+            let a = a.clone();
+            async move { a.until_empty().await }
+        });
+        assert!(matches!(
+            t.wait(Duration::from_secs(5)).await,
+            Err(Waited::Deadline)
+        ));
+        emptied.await.unwrap();
+        assert!(!a.has_waiters());
+        let t = queued(a.enter());
+        a.fail_all(&Failure::ShuttingDown);
+        assert!(matches!(
+            t.wait(Duration::from_secs(5)).await,
+            Err(Waited::Failed(Failure::ShuttingDown))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_is_held_until_dropped_and_drain_waits_for_it() {
+        let a = admission(8);
+        a.open();
+        let Ok(Entry::Admitted(slot)) = a.enter() else {
+            panic!("open admits at once")
+        };
+        a.close();
+        assert!(!a.drained(Duration::from_secs(1)).await);
+        let (_, busy) = a.activity();
+        assert!(busy);
+        drop(slot);
+        assert!(a.drained(Duration::from_secs(1)).await);
+        assert!(matches!(a.enter(), Ok(Entry::Queued(_))));
+    }
+}

@@ -1,0 +1,277 @@
+//! The engine driver: brings the engine up (boot, wake, cold restart), proves it serves,
+//! and puts it to sleep, each bounded in time, with a typed error when it cannot.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use greenthread_gpu::MemoryProbe;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    SidecarConfig,
+    engine::{EngineAdapter, EngineError},
+    error::{DriverError, WaitReason},
+    metrics::SidecarMetrics,
+    process::EngineProcess,
+};
+
+pub struct EngineDriver {
+    engine: Arc<dyn EngineAdapter>,
+    process: Option<Arc<EngineProcess>>,
+    probe: Option<Arc<dyn MemoryProbe>>,
+    cfg: SidecarConfig,
+    metrics: Arc<SidecarMetrics>,
+    /// The engine must be cold-started before it can serve again.
+    lost: AtomicBool,
+    /// Engine responses that timed out in a row (a wedged engine is restarted).
+    timeouts: AtomicU32,
+    models: Mutex<Option<Bytes>>,
+    stop: CancellationToken,
+}
+
+impl EngineDriver {
+    pub fn new(
+        engine: Arc<dyn EngineAdapter>,
+        process: Option<Arc<EngineProcess>>,
+        probe: Option<Arc<dyn MemoryProbe>>,
+        cfg: SidecarConfig,
+        metrics: Arc<SidecarMetrics>,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            engine,
+            process,
+            probe,
+            cfg,
+            metrics,
+            lost: AtomicBool::new(false),
+            timeouts: AtomicU32::new(0),
+            models: Mutex::new(None),
+            stop,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<dyn EngineAdapter> {
+        &self.engine
+    }
+
+    /// The engine's `/v1/models` answer, taken when it last came up.
+    pub fn cached_models(&self) -> Option<Bytes> {
+        self.models.lock().unwrap().clone()
+    }
+
+    /// Marks the engine lost; whether it was not already.
+    pub fn mark_lost(&self) -> bool {
+        !self.lost.swap(true, Ordering::SeqCst)
+    }
+
+    /// Whether the engine is gone for good after a failed wake (an owned process was
+    /// stopped; an external one may still come back by itself).
+    pub fn owns_process(&self) -> bool {
+        self.process.is_some()
+    }
+
+    /// The engine answered a request: it is not wedged.
+    pub fn answered(&self) {
+        self.timeouts.store(0, Ordering::Relaxed);
+    }
+
+    /// A response timed out; whether enough did in a row to call the engine wedged.
+    pub fn timed_out(&self) -> Option<u32> {
+        let n = self.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        (n >= self.cfg.engine_timeouts_before_restart).then(|| {
+            self.timeouts.store(0, Ordering::Relaxed);
+            n
+        })
+    }
+
+    /// What the engine holds per GPU, as measured (never assumed).
+    pub async fn measure(&self) -> Option<Vec<(u32, u64)>> {
+        let probe = self.probe.as_ref()?;
+        match probe.engine_memory().await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not measure engine memory");
+                None
+            }
+        }
+    }
+
+    /// Stops an owned engine (it holds nothing afterwards).
+    pub async fn stop_process(&self, grace: Duration) {
+        if let Some(p) = &self.process {
+            p.stop(grace).await;
+        }
+    }
+
+    async fn wait_up(&self) -> Result<(), DriverError> {
+        let start = Instant::now();
+        let mut last_report = start;
+        loop {
+            match self.engine.health().await {
+                Ok(()) => return Ok(()),
+                // An engine we started that exited will not come up: say so now.
+                Err(e) if self.process.as_ref().is_some_and(|p| !p.is_running()) => {
+                    return Err(DriverError::ExitedDuringStart(e));
+                }
+                Err(last) if start.elapsed() > self.cfg.boot_timeout => {
+                    return Err(DriverError::BootTimeout {
+                        after: self.cfg.boot_timeout,
+                        last,
+                    });
+                }
+                Err(_) => {
+                    if last_report.elapsed() > Duration::from_secs(10) {
+                        tracing::info!(model = %self.cfg.model, elapsed = ?start.elapsed(), "engine still booting");
+                        last_report = Instant::now();
+                    }
+                    // The engine offers no readiness notification; its port opens when ready.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    async fn cache_models(&self) {
+        if let Ok(models) = self.engine.models().await {
+            *self.models.lock().unwrap() = Some(models);
+        }
+    }
+
+    /// Boot: starts an owned engine and waits until it answers. Whether it came up awake.
+    pub async fn start(&self) -> Result<bool, DriverError> {
+        if let Some(p) = &self.process {
+            p.start()
+                .await
+                .map_err(|e| DriverError::Start(e.to_string()))?;
+        }
+        self.wait_up().await?;
+        self.cache_models().await;
+        Ok(!self.engine.is_sleeping().await?)
+    }
+
+    /// Stops (if owned) and starts the engine, and waits until it answers.
+    async fn cold_start(&self) -> Result<(), DriverError> {
+        if let Some(p) = &self.process {
+            p.restart(Duration::from_secs(10))
+                .await
+                .map_err(|e| DriverError::Start(e.to_string()))?;
+        }
+        self.wait_up().await?;
+        self.cache_models().await;
+        self.lost.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Awake by its own account (`/is_sleeping` or its sleep-state metric, never
+    /// `/health`), and serving: one token within the warm-up deadline.
+    async fn verify_awake(&self) -> Result<(), DriverError> {
+        if self.engine.is_sleeping().await? {
+            return Err(DriverError::StillAsleep);
+        }
+        match tokio::time::timeout(
+            self.cfg.warmup_timeout,
+            self.engine.warm_up(&self.cfg.model),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DriverError::WarmUp(e)),
+            Err(_) => Err(DriverError::Wedged(self.cfg.warmup_timeout)),
+        }
+    }
+
+    /// Wakes the engine: retries the wake call, then cold restarts; the restart budget
+    /// bounds how long queued requests wait on a broken engine.
+    pub async fn bring_up(
+        &self,
+        waiting: &(dyn Fn(WaitReason) + Send + Sync),
+    ) -> Result<(), DriverError> {
+        let mut attempts = 0;
+        let mut restarts = 0;
+        let mut last_error = DriverError::Lost;
+        loop {
+            if self.stop.is_cancelled() {
+                return Err(DriverError::ShuttingDown);
+            }
+            if self.lost.load(Ordering::SeqCst) || attempts >= self.cfg.wake_attempts {
+                if restarts >= self.cfg.max_restarts {
+                    return Err(DriverError::GaveUp {
+                        restarts,
+                        last: Box::new(last_error),
+                    });
+                }
+                restarts += 1;
+                self.metrics.engine_restarts.inc();
+                tracing::warn!(model = %self.cfg.model, restarts, error = %last_error, reason = last_error.metric_label(), "cold restart of the engine");
+                waiting(WaitReason::ColdRestart {
+                    restarts,
+                    after: last_error.to_string(),
+                });
+                if let Err(e) = self.cold_start().await {
+                    last_error = e;
+                    continue;
+                }
+                attempts = 0;
+                // A fresh vLLM boots awake; one that booted asleep still needs a wake.
+                match self.engine.is_sleeping().await {
+                    Ok(false) => match self.verify_awake().await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            self.metrics.wake_failures.inc();
+                            last_error = e;
+                            attempts = self.cfg.wake_attempts;
+                            continue;
+                        }
+                    },
+                    Ok(true) => {}
+                    Err(e) => {
+                        last_error = e.into();
+                        continue;
+                    }
+                }
+            }
+            attempts += 1;
+            waiting(WaitReason::EngineWaking);
+            let woke = match tokio::time::timeout(
+                self.cfg.wake_timeout,
+                self.engine.wake(self.cfg.sleep_level),
+            )
+            .await
+            {
+                Ok(Ok(())) => self.verify_awake().await,
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(EngineError::Timeout("wake_up").into()),
+            };
+            match woke {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.metrics.wake_failures.inc();
+                    tracing::warn!(model = %self.cfg.model, attempt = attempts, error = %e, reason = e.metric_label(), "wake failed");
+                    last_error = e;
+                }
+            }
+        }
+    }
+
+    /// Puts the engine to sleep within the wake timeout (`what` names the call in the
+    /// error: a sleep at boot runs under the GPU's wake lock).
+    pub async fn sleep(&self, what: &'static str) -> Result<(), DriverError> {
+        match tokio::time::timeout(
+            self.cfg.wake_timeout,
+            self.engine.sleep(self.cfg.sleep_level),
+        )
+        .await
+        {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(EngineError::Timeout(what).into()),
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! This pod's side of the GPU ledger protocol: claim (with intents, the fairness wait
+//! and victims), withdraw, release, mark serving, heartbeat, and leave. Every decision
+//! is a pure function of `decide`; this only reads, writes and waits.
+
+use std::{sync::Arc, time::Duration};
+
+use greenthread_api::{Gpu, GpuStatus};
+use greenthread_ledger::{Backoff, Clock, Ledger, decide};
+use jiff::Timestamp;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    SidecarConfig,
+    admission::Admission,
+    error::{ClaimError, WaitReason},
+    metrics::SidecarMetrics,
+};
+
+/// A GPU this sidecar's engine uses: its ledger record name and device index.
+#[derive(Debug, Clone)]
+pub struct GpuRef {
+    pub name: String,
+    pub index: u32,
+}
+
+/// Tries of one ledger write before it is left to the heartbeat's reconcile (about 20 s
+/// of backoff in all).
+const LEDGER_WRITE_ATTEMPTS: u32 = 8;
+
+pub struct LedgerClient {
+    ledger: Arc<dyn Ledger>,
+    pub(crate) gpus: Vec<GpuRef>,
+    pod: String,
+    model: String,
+    popular: bool,
+    min_runtime: Duration,
+    lock_ttl: Duration,
+    max_wait: Duration,
+    pub(crate) clock: Clock,
+    metrics: Arc<SidecarMetrics>,
+    /// Cancelled at shutdown: failed writes are not retried any more.
+    stop: CancellationToken,
+}
+
+/// How a claim on every GPU ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claimed {
+    All,
+    /// Nobody waits any more; nothing is held.
+    Abandoned,
+}
+
+impl LedgerClient {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ledger: Arc<dyn Ledger>,
+        gpus: Vec<GpuRef>,
+        pod: String,
+        cfg: &SidecarConfig,
+        clock: Clock,
+        metrics: Arc<SidecarMetrics>,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            ledger,
+            gpus,
+            pod,
+            model: cfg.model.clone(),
+            popular: cfg.popular,
+            min_runtime: cfg.min_runtime,
+            lock_ttl: cfg.wake_lock_ttl,
+            max_wait: cfg.max_wait_time,
+            clock,
+            metrics,
+            stop,
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn claim_for(&self, bytes: u64) -> decide::Claim {
+        decide::Claim {
+            pod: self.pod.clone(),
+            model: self.model.clone(),
+            bytes,
+            popular: self.popular,
+            min_runtime: self.min_runtime,
+        }
+    }
+
+    /// Read-modify-write of one GPU record. A write the backend failed (the API server
+    /// unreachable, contention past the bound) is retried with capped exponential backoff
+    /// and jitter; what still fails is corrected later by the heartbeat's reconcile.
+    async fn update<T: Send>(
+        &self,
+        gpu: &str,
+        mut decide: impl FnMut(&Gpu) -> Result<(Option<GpuStatus>, T), ClaimError> + Send,
+    ) -> Result<T, ClaimError> {
+        let conflicts = &self.metrics.cas_conflicts;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = greenthread_ledger::update(
+                &*self.ledger,
+                gpu,
+                &|| {
+                    conflicts.inc();
+                },
+                &mut decide,
+            )
+            .await;
+            match r {
+                Err(ClaimError::Ledger(e))
+                    if e.is_transient()
+                        && attempt < LEDGER_WRITE_ATTEMPTS
+                        && !self.stop.is_cancelled() =>
+                {
+                    tracing::warn!(gpu, attempt, error = %e, reason = e.metric_label(), "ledger write failed; retrying");
+                    backoff.wait().await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// What a boot may take before the engine has been measured: the least free memory
+    /// over this pod's GPUs.
+    pub async fn free_bytes(&self) -> Result<u64, greenthread_ledger::LedgerError> {
+        let mut free = u64::MAX;
+        for g in &self.gpus {
+            let rec = self.ledger.get(&g.name).await?;
+            free = free.min(decide::available_bytes(
+                &rec.spec,
+                &rec.status,
+                Some(&self.pod),
+            ));
+        }
+        Ok(free)
+    }
+
+    /// Claims `bytes` on every GPU under their wake locks, one [`decide::wake_step`] at a
+    /// time; every wait reacts to ledger changes at once, and to time when only time can
+    /// change the answer. With `abandon`, gives up once nobody waits in it any more. On
+    /// failure the GPUs claimed so far go back to holding `residual`.
+    pub async fn claim_all(
+        &self,
+        bytes: u64,
+        residual: &[(u32, u64)],
+        abandon: Option<&Admission>,
+        waiting: &(dyn Fn(WaitReason) + Send + Sync),
+    ) -> Result<Claimed, ClaimError> {
+        let mut claimed: Vec<&GpuRef> = Vec::new();
+        for gpu in &self.gpus {
+            match self.claim_one(gpu, bytes, abandon, waiting).await {
+                Ok(Claimed::All) => claimed.push(gpu),
+                other => {
+                    self.withdraw(gpu).await;
+                    for g in claimed {
+                        self.release(g, held(residual, g.index)).await;
+                    }
+                    return other;
+                }
+            }
+        }
+        Ok(Claimed::All)
+    }
+
+    async fn claim_one(
+        &self,
+        gpu: &GpuRef,
+        bytes: u64,
+        abandon: Option<&Admission>,
+        waiting: &(dyn Fn(WaitReason) + Send + Sync),
+    ) -> Result<Claimed, ClaimError> {
+        let mut changes = self.ledger.watch(&gpu.name)?;
+        let claim = self.claim_for(bytes);
+        // When this wake first found the GPU short of memory (the fairness clock).
+        let mut short_since: Option<Timestamp> = None;
+        loop {
+            changes.borrow_and_update();
+            let now = self.clock.now();
+            let req = decide::WakeRequest {
+                claim: &claim,
+                lock_ttl: self.lock_ttl,
+                max_wait: self.max_wait,
+                short_since,
+            };
+            let step = self
+                .update(&gpu.name, |g| {
+                    Ok(decide::wake_step(&g.spec, &g.status, &req, now))
+                })
+                .await?;
+            let (why, recheck_at) = match step {
+                decide::WakeStep::Claimed => return Ok(Claimed::All),
+                decide::WakeStep::Wait { why, recheck_at } => (why, recheck_at),
+            };
+            if why.short_of_memory() {
+                short_since.get_or_insert(now);
+            }
+            if let decide::GpuWait::Preempting {
+                victim,
+                named_now: true,
+            } = &why
+            {
+                self.metrics.preemption("preemptor");
+                tracing::info!(model = %self.model, gpu = %gpu.name, %victim, "preempting");
+            }
+            waiting(WaitReason::Gpu {
+                gpu: gpu.index,
+                why,
+            });
+            let wait = self.clock.now().duration_until(recheck_at).unsigned_abs();
+            let recheck = tokio::time::Instant::now() + wait;
+            if abandon.is_some_and(|a| !a.has_waiters()) {
+                return Ok(Claimed::Abandoned);
+            }
+            let emptied = async {
+                match abandon {
+                    Some(a) => a.until_empty().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = emptied => {}
+                () = tokio::time::sleep_until(recheck) => {}
+            }
+        }
+    }
+
+    /// Gives up waiting on a GPU: drops this pod's intent and (if held) the wake lock.
+    async fn withdraw(&self, gpu: &GpuRef) {
+        let pod = &self.pod;
+        let r = self
+            .update(&gpu.name, |g| {
+                let next = decide::release_wake_lock(&decide::clear_intent(&g.status, pod), pod);
+                Ok((Some(next), ()))
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(gpu = %gpu.name, error = %e, reason = e.metric_label(), "could not withdraw the intent");
+        }
+    }
+
+    async fn release(&self, gpu: &GpuRef, residual: u64) {
+        let pod = &self.pod;
+        let r = self
+            .update(&gpu.name, |g| {
+                let next = decide::release(&g.status, pod, residual, self.clock.now());
+                Ok((Some(next), ()))
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(gpu = %gpu.name, error = %e, reason = e.metric_label(), "could not release reservation");
+        }
+    }
+
+    /// Releases the reservation on every GPU, recording what the engine still holds.
+    pub async fn release_all(&self, residual: &[(u32, u64)]) {
+        for gpu in &self.gpus {
+            let r = held(residual, gpu.index);
+            self.release(gpu, r).await;
+            self.metrics.set_reserved(gpu.index, 0);
+            self.metrics.set_residual(gpu.index, r);
+        }
+    }
+
+    /// The wake finished: serving on every GPU, and the wake locks given back.
+    pub async fn mark_serving(&self) {
+        let pod = &self.pod;
+        for gpu in &self.gpus {
+            let r = self
+                .update(&gpu.name, |g| {
+                    let serving = decide::mark_serving(&g.status, pod, self.clock.now())?;
+                    Ok((Some(decide::release_wake_lock(&serving, pod)), ()))
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(gpu = %gpu.name, error = %e, reason = e.metric_label(), "could not mark serving");
+            }
+        }
+    }
+
+    /// One heartbeat: keeps this pod's records alive (a silent holder's wake lock
+    /// lapses), and brings them in line with `settled` (read inside the compare-and-swap:
+    /// a wake or sleep that starts meanwhile changes the record, and this runs again).
+    pub async fn heartbeat(
+        &self,
+        accessed: Option<Timestamp>,
+        settled: &(dyn Fn(u32) -> Option<decide::Settled> + Send + Sync),
+    ) {
+        let pod = &self.pod;
+        for gpu in &self.gpus {
+            let _ = self
+                .update(&gpu.name, |g| {
+                    if g.status.occupant(pod).is_none() {
+                        return Ok((None, ()));
+                    }
+                    let now = self.clock.now();
+                    let mut next = decide::touch(&g.status, pod, accessed, now);
+                    if let Some(settled) = settled(gpu.index) {
+                        next = decide::reconcile_own(&next, pod, settled, now);
+                    }
+                    Ok((Some(next), ()))
+                })
+                .await;
+        }
+    }
+
+    /// Removes every trace of this pod from its GPUs (shutdown).
+    pub async fn leave(&self) {
+        let pod = &self.pod;
+        for gpu in &self.gpus {
+            let _ = self
+                .update(&gpu.name, |g| {
+                    Ok((Some(decide::remove_pod(&g.status, pod)), ()))
+                })
+                .await;
+        }
+    }
+
+    /// Watches of this pod's GPU records (the preemption watch).
+    pub fn watches(&self) -> Vec<watch::Receiver<Gpu>> {
+        let mut watches = Vec::new();
+        for gpu in &self.gpus {
+            match self.ledger.watch(&gpu.name) {
+                Ok(w) => watches.push(w),
+                Err(e) => tracing::error!(gpu = %gpu.name, error = %e, "cannot watch the ledger"),
+            }
+        }
+        watches
+    }
+
+    pub fn is_victim(&self, status: &GpuStatus) -> bool {
+        decide::is_victim(status, &self.pod)
+    }
+}
+
+/// What `residual` says GPU `index` holds (0 if it says nothing).
+pub fn held(residual: &[(u32, u64)], index: u32) -> u64 {
+    residual
+        .iter()
+        .find(|(i, _)| *i == index)
+        .map_or(0, |(_, b)| *b)
+}
