@@ -12,7 +12,7 @@ use std::{
 
 use greenthread_api::{GpuResource, GpuSpec};
 use greenthread_ledger::{KubeLedger, Ledger, MemoryLedger};
-use greenthread_sidecar::{GpuRef, Parts, Sidecar, SidecarConfig, state::State};
+use greenthread_sidecar::{GpuRef, Sidecar, SidecarConfig, state::State};
 use greenthread_test_support::{
     FakeApiServer, FakeEngine,
     bench::{ms, percentile},
@@ -56,17 +56,14 @@ async fn sidecar(ledger: Arc<dyn Ledger>, model: &str, gpu: u32, bytes: &str) ->
     .unwrap();
     let sc = Sidecar::new(
         cfg,
-        Parts {
-            engine: engine.clone(),
-            process: None,
+        engine.parts(
             ledger,
-            gpus: vec![GpuRef {
+            GpuRef {
                 name: format!("n1-{gpu}"),
                 index: gpu,
-            }],
-            probe: Some(engine),
-            clock: greenthread_sidecar::Clock::Wall,
-        },
+            },
+            greenthread_sidecar::Clock::Wall,
+        ),
     );
     sc.boot().await.unwrap();
     sc.spawn_background();

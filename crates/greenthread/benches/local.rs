@@ -17,7 +17,7 @@ use std::{
 
 use greenthread_api::GpuSpec;
 use greenthread_ledger::{Ledger, MemoryLedger};
-use greenthread_sidecar::{GpuRef, Parts, Sidecar, SidecarConfig, state::State};
+use greenthread_sidecar::{GpuRef, Sidecar, SidecarConfig, state::State};
 use greenthread_test_support::{
     FakeEngine, Proc,
     bench::{ROUNDS, Stats, load, median, ms, percentile, wait_http},
@@ -176,17 +176,14 @@ async fn sidecar(
     flags.extend_from_slice(extra);
     let sc = Sidecar::new(
         SidecarConfig::from_args(model, &flags).unwrap(),
-        Parts {
-            engine: engine.clone(),
-            process: None,
-            ledger: l.clone() as Arc<dyn Ledger>,
-            gpus: vec![GpuRef {
+        engine.parts(
+            l.clone() as Arc<dyn Ledger>,
+            GpuRef {
                 name: "g-0".into(),
                 index: 0,
-            }],
-            probe: Some(engine),
-            clock: greenthread_sidecar::Clock::Wall,
-        },
+            },
+            greenthread_sidecar::Clock::Wall,
+        ),
     );
     sc.boot().await.unwrap();
     sc.spawn_background();

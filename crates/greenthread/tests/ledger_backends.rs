@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use futures_util::{StreamExt, TryStreamExt};
 use greenthread_api::{GpuResource, GpuSpec, GpuStatus};
 use greenthread_ledger::{KubeLedger, Ledger, LedgerError, MemoryLedger, decide};
-use greenthread_sidecar::{GpuRef, Parts, Sidecar, SidecarConfig};
+use greenthread_sidecar::{GpuRef, Sidecar, SidecarConfig};
 use greenthread_test_support::{FakeApiServer, FakeEngine};
 use kube::{
     Api,
@@ -137,17 +137,14 @@ async fn sixteen_sidecars_race(mut b: Backend) {
         .unwrap();
         let sc = Sidecar::new(
             cfg,
-            Parts {
-                engine: engine.clone(),
-                process: None,
-                ledger: ledger.clone(),
-                gpus: vec![GpuRef {
+            engine.parts(
+                ledger.clone(),
+                GpuRef {
                     name: GPU.into(),
                     index: 0,
-                }],
-                probe: Some(engine),
-                clock: greenthread_sidecar::Clock::Wall,
-            },
+                },
+                greenthread_sidecar::Clock::Wall,
+            ),
         );
         sidecars.push(sc);
     }

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use greenthread_api::{GpuSpec, OccupantState, WakeLock};
 use greenthread_ledger::{Ledger, MemoryLedger, decide};
-use greenthread_sidecar::{Clock, GpuRef, Parts, Rejection, Sidecar, SidecarConfig};
+use greenthread_sidecar::{Clock, GpuRef, Rejection, Sidecar, SidecarConfig};
 use greenthread_test_support::FakeEngine;
 use tokio::time::Instant;
 
@@ -57,17 +57,14 @@ async fn sidecar(
     let cfg = SidecarConfig::from_args(model, &all).unwrap();
     let sc = Sidecar::new(
         cfg,
-        Parts {
-            engine: engine.clone(),
-            process: None,
-            ledger: ledger.clone() as Arc<dyn Ledger>,
-            gpus: vec![GpuRef {
+        engine.parts(
+            ledger.clone() as Arc<dyn Ledger>,
+            GpuRef {
                 name: gpu.into(),
                 index: 0,
-            }],
-            probe: Some(engine.clone()),
-            clock: Clock::tokio(),
-        },
+            },
+            Clock::tokio(),
+        ),
     );
     sc.boot().await.unwrap();
     sc.spawn_background();

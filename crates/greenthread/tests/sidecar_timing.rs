@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use greenthread_api::GpuSpec;
 use greenthread_ledger::{Ledger, MemoryLedger};
-use greenthread_sidecar::{Clock, GpuRef, Parts, Rejection, Sidecar, SidecarConfig, state::State};
+use greenthread_sidecar::{Clock, GpuRef, Rejection, Sidecar, SidecarConfig, state::State};
 use greenthread_test_support::FakeEngine;
 use tokio::time::Instant;
 
@@ -39,17 +39,14 @@ fn sidecar(l: &Arc<MemoryLedger>, model: &str, bytes: u64, args: &[&str]) -> Arc
     all.extend_from_slice(args);
     Sidecar::new(
         SidecarConfig::from_args(model, &all).unwrap(),
-        Parts {
-            engine: engine.clone(),
-            process: None,
-            ledger: l.clone() as Arc<dyn Ledger>,
-            gpus: vec![GpuRef {
+        engine.parts(
+            l.clone() as Arc<dyn Ledger>,
+            GpuRef {
                 name: "g-0".into(),
                 index: 0,
-            }],
-            probe: Some(engine),
-            clock: Clock::tokio(),
-        },
+            },
+            Clock::tokio(),
+        ),
     )
 }
 

@@ -7,9 +7,7 @@ use std::{sync::Arc, time::Duration};
 use greenthread_api::{GpuSpec, OccupantState};
 use greenthread_apiserver::{ApiServer, Auth, ModelRoute, Replica};
 use greenthread_ledger::{Ledger, MemoryLedger};
-use greenthread_sidecar::{
-    Forwarder, GpuRef, Parts, Sidecar, SidecarConfig, metrics::SidecarFamilies,
-};
+use greenthread_sidecar::{Forwarder, GpuRef, Sidecar, SidecarConfig, metrics::SidecarFamilies};
 use greenthread_test_support::{FailingLedger, FakeEngine, http, wait_until};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
@@ -55,17 +53,14 @@ async fn sidecar(
     let cfg = SidecarConfig::from_args("org/llama", &all).unwrap();
     let sc = Sidecar::new(
         cfg,
-        Parts {
-            engine: engine.clone(),
-            process: None,
+        engine.parts(
             ledger,
-            gpus: vec![GpuRef {
+            GpuRef {
                 name: "gpu-0".into(),
                 index: 0,
-            }],
-            probe: Some(engine.clone()),
-            clock: greenthread_sidecar::Clock::Wall,
-        },
+            },
+            greenthread_sidecar::Clock::Wall,
+        ),
     );
     sc.boot().await.unwrap();
     sc.spawn_background();
@@ -317,17 +312,14 @@ async fn a_boot_whose_engine_never_sleeps_gives_the_lock_back() {
     .unwrap();
     let sc = Sidecar::new(
         cfg,
-        Parts {
-            engine: engine.clone(),
-            process: None,
-            ledger: l.clone(),
-            gpus: vec![GpuRef {
+        engine.parts(
+            l.clone(),
+            GpuRef {
                 name: "gpu-0".into(),
                 index: 0,
-            }],
-            probe: Some(engine.clone()),
-            clock: greenthread_sidecar::Clock::Wall,
-        },
+            },
+            greenthread_sidecar::Clock::Wall,
+        ),
     );
     let e = tokio::time::timeout(WAIT, sc.boot())
         .await

@@ -84,16 +84,6 @@ pub enum Failure {
     Wake(Arc<DriverError>),
 }
 
-impl Failure {
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Failure::ShuttingDown => "shutting_down",
-            Failure::Claim(e) => e.metric_label(),
-            Failure::Wake(e) => e.metric_label(),
-        }
-    }
-}
-
 /// What a queued request waits on: the end of its 503 message when its deadline passes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WaitReason {

@@ -652,7 +652,9 @@ impl Sidecar {
             if chosen && self.state() == State::Serving {
                 match self.deactivate("preempted").await {
                     Ok(()) => self.metrics.preemption("preempted"),
-                    Err(e) => tracing::debug!(error = %e, "preemption found nothing to sleep"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, reason = e.metric_label(), "preemption found nothing to sleep");
+                    }
                 }
                 continue;
             }

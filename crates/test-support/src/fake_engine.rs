@@ -13,7 +13,11 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use greenthread_gpu::{MemoryProbe, ProbeError};
-use greenthread_sidecar::engine::{EngineAdapter, EngineError};
+use greenthread_ledger::{Clock, Ledger};
+use greenthread_sidecar::{
+    GpuRef, Parts,
+    engine::{EngineAdapter, EngineError},
+};
 
 pub struct FakeEngine {
     pub model: String,
@@ -55,6 +59,19 @@ impl FakeEngine {
 
     pub fn is_asleep(&self) -> bool {
         self.asleep.load(Ordering::SeqCst)
+    }
+
+    /// An in-process sidecar's parts in front of this engine on one GPU of `ledger`:
+    /// no process to run, and the engine is its own memory probe.
+    pub fn parts(self: &Arc<Self>, ledger: Arc<dyn Ledger>, gpu: GpuRef, clock: Clock) -> Parts {
+        Parts {
+            engine: self.clone(),
+            process: None,
+            ledger,
+            gpus: vec![gpu],
+            probe: Some(self.clone()),
+            clock,
+        }
     }
 }
 
