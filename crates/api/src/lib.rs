@@ -15,7 +15,7 @@ pub use gpu::{
 pub use model::{
     EngineKind, FairnessSpec, FieldError, Model, ModelSpec, ModelStatus, SleepSpec, ValidModel,
 };
-pub use units::{ByteSize, ParseError, arg, parse_duration};
+pub use units::{ByteSize, ParseError, arg, format_duration, parse_duration};
 
 /// A pod's key in the GPU ledger (occupants, intents, wake locks): `namespace/name`, so
 /// that pods of the same name in two tenants' namespaces never share an entry.

@@ -210,6 +210,14 @@ pub struct ValidModel {
     pub max_wait_time: Duration,
 }
 
+impl ValidModel {
+    /// The bytes the engine takes on a GPU of `gpu_memory_bytes`: vLLM (and SGLang) take
+    /// `gpuMemoryUtilization` of it up front, weights and KV cache alike.
+    pub fn share_of(&self, gpu_memory_bytes: u64) -> u64 {
+        (gpu_memory_bytes as f64 * self.gpu_memory_utilization) as u64
+    }
+}
+
 impl ModelSpec {
     /// Checks every field; all problems are reported, each naming its field under `path`.
     pub fn validate(&self, path: &str) -> Result<ValidModel, Vec<FieldError>> {

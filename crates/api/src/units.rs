@@ -74,6 +74,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
     })
 }
 
+/// A duration as `parse_duration` reads it back, in the largest units that are exact:
+/// `5m`, `20s`, `1m30s`, `1s500ms` (no spaces, so that it is one argument and matches the
+/// Model resource's pattern).
+pub fn format_duration(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".into();
+    }
+    humantime::format_duration(d).to_string().replace(' ', "")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +123,27 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         let err = parse_duration("five minutes").unwrap_err();
         assert!(err.to_string().contains("five minutes"));
+    }
+
+    #[test]
+    fn durations_format_as_they_parse() {
+        let cases = [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_secs(20), "20s"),
+            (Duration::from_secs(600), "10m"),
+            (Duration::from_secs(90), "1m30s"),
+            (Duration::from_millis(1500), "1s500ms"),
+            (Duration::from_secs(7200), "2h"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(format_duration(d), want);
+            assert_eq!(parse_duration(want).unwrap(), d, "{want}");
+        }
+        // Odd values too: nanoseconds, days.
+        for d in [Duration::new(3, 7), Duration::from_secs(3 * 86400 + 1)] {
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! The controller: Model → pods (engine + sidecar, placed on GPUs), a Service and status;
 //! GPU records kept free of pods that are gone; one active replica, elected on a Lease.
-//! Pure decisions live in [`placement`], [`render`] and [`status`]; [`reconcile`] and
-//! [`leader`] do the I/O.
+//! Pure decisions live in [`plan`] (with [`placement`], [`render`] and [`status`]);
+//! [`reconcile`] and [`leader`] do the I/O.
 
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod plan;
 pub mod reconcile;
 pub mod render;
 pub mod status;

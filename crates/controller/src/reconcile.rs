@@ -1,17 +1,19 @@
 //! The reconcile loop: Model → placed pods, a Service, status; and the GPU records kept
-//! free of pods that no longer exist. The decisions are in [`crate::placement`],
-//! [`crate::render`] and [`crate::status`]; this module reads and writes.
+//! free of pods that no longer exist. Each reconcile reads the world, decides with the
+//! pure [`crate::plan`] (which uses [`crate::placement`], [`crate::render`] and
+//! [`crate::status`]) and carries the plan out; this module only reads and writes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use futures_util::StreamExt;
-use greenthread_api::{ByteSize, Gpu, GpuResource, GpuSpec, Model};
+use greenthread_api::{Gpu, GpuResource, Model};
 use greenthread_ledger::{Ledger, LedgerError, decide};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
+use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -28,9 +30,8 @@ use tokio::time::Instant;
 
 use crate::{
     metrics::ControllerMetrics,
-    placement::{self, PlacementError},
-    render::{self, COMPONENT_LABEL, MEMORY_ANNOTATION, MODEL_LABEL, Settings},
-    status::{self, Problem},
+    plan,
+    render::{self, COMPONENT_LABEL, MODEL_LABEL, Settings},
 };
 
 pub const FINALIZER: &str = "greenthread.ai/cleanup";
@@ -226,49 +227,6 @@ pub async fn sweep_ledger(ctx: &Context) -> Result<(), Error> {
     result
 }
 
-/// Bytes each GPU already has placed on it: measured reservations where a sidecar has
-/// reported one, the placement-time estimate otherwise.
-fn placed_bytes(pods: &[Pod], gpus: &[Gpu]) -> BTreeMap<String, u64> {
-    let by_name: BTreeMap<&str, &Gpu> = gpus.iter().map(|g| (g.name.as_str(), g)).collect();
-    let mut placed = BTreeMap::new();
-    for pod in pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-    {
-        let name = pod.metadata.name.as_deref().unwrap_or_default();
-        let estimate = pod
-            .annotations()
-            .get(MEMORY_ANNOTATION)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        for gpu in status::pod_gpus(pod) {
-            let measured = by_name
-                .get(gpu.as_str())
-                .and_then(|g| g.status.occupant(name))
-                .map(|o| o.reserved_memory_bytes)
-                .filter(|b| *b > 0);
-            *placed.entry(gpu).or_default() += measured.unwrap_or(estimate);
-        }
-    }
-    placed
-}
-
-/// What the model needs on `gpu`: its measured serving memory once known, else the share
-/// of the GPU the spec gives the engine.
-fn need_on(model: &Model, gpu: &Gpu) -> u64 {
-    let measured = model
-        .status
-        .as_ref()
-        .and_then(|s| s.serving_memory_per_gpu.as_deref())
-        .and_then(|v| v.parse::<ByteSize>().ok())
-        .map(ByteSize::bytes);
-    measured.unwrap_or_else(|| render::share_of(model, gpu.spec.memory_bytes))
-}
-
-fn replica_index(model: &str, pod: &str) -> Option<u32> {
-    pod.strip_prefix(model)?.strip_prefix('-')?.parse().ok()
-}
-
 async fn allowed_nodes(ctx: &Context, model: &Model) -> Result<Option<BTreeSet<String>>, Error> {
     if model.spec.node_selector.is_empty() {
         return Ok(None);
@@ -293,146 +251,59 @@ fn is_already_exists(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
+/// One reconcile of a live Model: read the world, sweep the ledger, plan (pure, in
+/// [`crate::plan`]), carry the plan out.
 async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
+    let (gpus, all_pods) = snapshot(ctx).await?;
+    prune(&*ctx.ledger, &gpus, &names(&all_pods), &ctx.metrics).await?;
+    let nodes = allowed_nodes(ctx, &model).await?;
+    let world = plan::World {
+        gpus: &gpus,
+        pods: &all_pods,
+        nodes: nodes.as_ref(),
+    };
+    let plan = plan::plan(&model, &world, &ctx.settings, Timestamp::now());
+    execute(ctx, &model, plan).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Carries out a plan: deletions, the engine key, creations, the Service, the status.
+/// Each write tolerates having been done already (a 404 on delete, a 409 on create).
+async fn execute(ctx: &Context, model: &Model, plan: plan::Plan) -> Result<(), Error> {
     let name = model.name_any();
     let ns = model.namespace().unwrap_or_default();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let (gpus, all_pods) = snapshot(ctx).await?;
-    prune(&*ctx.ledger, &gpus, &names(&all_pods), &ctx.metrics).await?;
-
-    let uid = model.uid().unwrap_or_default();
-    let owned = |p: &Pod| {
-        p.owner_references().iter().any(|o| o.uid == uid) && p.metadata.deletion_timestamp.is_none()
-    };
-    let mut mine: Vec<Pod> = all_pods
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && owned(p))
-        .cloned()
-        .collect();
-
-    // Scale down: replicas beyond the spec's count go, highest index first.
-    for pod in mine
-        .iter()
-        .filter(|p| replica_index(&name, &p.name_any()).is_none_or(|i| i >= model.spec.replicas))
-    {
-        match pods_api
-            .delete(&pod.name_any(), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => tracing::info!(model = %name, pod = %pod.name_any(), "replica removed"),
+    for pod in &plan.delete {
+        match pods_api.delete(pod, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(model = %name, pod = %pod, "replica removed"),
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    mine.retain(|p| replica_index(&name, &p.name_any()).is_some_and(|i| i < model.spec.replicas));
-
-    // Scale up: each missing replica placed where it packs best.
-    let mut placed = placed_bytes(&all_pods, &gpus);
-    let mut problem: Option<(PlacementError, bool)> = None;
-    let by_name: BTreeMap<&str, &Gpu> = gpus.iter().map(|g| (g.name.as_str(), g)).collect();
-    let nodes = allowed_nodes(ctx, &model).await?;
-    // A process engine's command lives in its own image: without one there is nothing to run.
-    let needs_image =
-        model.spec.engine == greenthread_api::EngineKind::Process && model.spec.image.is_none();
-    let image = render::engine_image(&model, &ctx.settings);
-    let forbidden = !render::image_allowed(&image, &ctx.settings.allowed_images);
-    let unrunnable = needs_image || forbidden;
-    if !unrunnable {
-        ensure_engine_key(ctx, &model).await?;
+    if plan.engine_key {
+        ensure_engine_key(ctx, model).await?;
     }
-    for replica in 0..model.spec.replicas {
-        if unrunnable {
-            break;
-        }
-        let pod_name = format!("{name}-{replica}");
-        if mine.iter().any(|p| p.name_any() == pod_name) {
-            continue;
-        }
-        let same_model: BTreeSet<String> = mine.iter().flat_map(status::pod_gpus).collect();
-        let need = |g: &Gpu| need_on(&model, g);
-        let chosen = match placement::place(
-            &gpus,
-            &placement::Request {
-                tensor_parallel_size: model.spec.tensor_parallel_size,
-                need: &need,
-                placed: &placed,
-                same_model: &same_model,
-                nodes: nodes.as_ref(),
-            },
-        ) {
-            Ok(chosen) => chosen,
-            Err(e) => {
-                let fatal = matches!(e, PlacementError::NoNodeFits { .. });
-                problem = Some((e, fatal));
-                break;
-            }
-        };
-        let specs: Vec<GpuSpec> = chosen
-            .iter()
-            .map(|n| by_name[n.as_str()].spec.clone())
-            .collect();
-        let mut pod = render::render_pod(&model, replica, &specs, &ctx.settings);
-        let estimate = need(by_name[chosen[0].as_str()]);
-        pod.metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(MEMORY_ANNOTATION.into(), estimate.to_string());
-        let created = match pods_api.create(&PostParams::default(), &pod).await {
-            Ok(p) => p,
-            Err(e) if is_already_exists(&e) => pods_api.get(&pod_name).await?,
+    for new in &plan.create {
+        match pods_api.create(&PostParams::default(), &new.pod).await {
+            Ok(_) => {}
+            Err(e) if is_already_exists(&e) => {}
             Err(e) => return Err(e.into()),
-        };
-        tracing::info!(model = %name, pod = %pod_name, gpus = ?chosen, "replica placed");
-        for g in &chosen {
-            *placed.entry(g.clone()).or_default() += estimate;
         }
-        mine.push(created);
+        tracing::info!(model = %name, pod = %new.pod.name_any(), gpus = ?new.gpus, "replica placed");
     }
-
-    ensure_service(ctx, &model).await?;
-
-    let problem = if forbidden && !needs_image {
-        Some(Problem {
-            reason: "ImageNotAllowed",
-            message: format!(
-                "image {image:?} is not among the images this installation allows (controller.allowedImages: {})",
-                ctx.settings.allowed_images.join(", ")
-            ),
-            fatal: true,
-        })
-    } else if unrunnable {
-        Some(Problem {
-            reason: "ImageRequired",
-            message:
-                "engine process on Kubernetes needs spec.image: the image that has spec.command"
-                    .into(),
-            fatal: true,
-        })
-    } else {
-        problem.map(|(e, fatal)| Problem {
-            reason: e.reason(),
-            message: e.to_string(),
-            fatal,
-        })
-    };
-    let status = status::model_status(
-        &model,
-        &mine,
-        &gpus,
-        problem.as_ref(),
-        k8s_openapi::jiff::Timestamp::now(),
-    );
-    ctx.metrics.set_phase(&ns, &name, status.phase.as_deref());
-    if model.status.as_ref() != Some(&status) {
+    ensure_service(ctx, model, &plan.service).await?;
+    ctx.metrics
+        .set_phase(&ns, &name, plan.status.phase.as_deref());
+    if model.status.as_ref() != Some(&plan.status) {
         let api: Api<Model> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(
             &name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status_patch(&status) })),
+            &Patch::Merge(json!({ "status": status_patch(&plan.status) })),
         )
         .await?;
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(())
 }
 
 /// A merge patch that also clears the fields the new status leaves out.
@@ -487,10 +358,10 @@ async fn ensure_engine_key(ctx: &Context, model: &Model) -> Result<(), Error> {
     }
 }
 
-async fn ensure_service(ctx: &Context, model: &Model) -> Result<(), Error> {
+async fn ensure_service(ctx: &Context, model: &Model, wanted: &Service) -> Result<(), Error> {
     let api: Api<Service> =
         Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
-    let wanted = render::render_service(model);
+    let wanted = wanted.clone();
     match api.get_opt(&model.name_any()).await? {
         None => match api.create(&PostParams::default(), &wanted).await {
             Ok(_) => Ok(()),
@@ -668,7 +539,7 @@ fn gpu_mapper(
                 m.status.as_ref().is_some_and(|s| s.gpus.contains(&name))
                     || changed.iter().any(|key| {
                         key.split_once('/').is_some_and(|(pod_ns, pod)| {
-                            pod_ns == ns && replica_index(&model, pod).is_some()
+                            pod_ns == ns && plan::replica_index(&model, pod).is_some()
                         })
                     })
             })

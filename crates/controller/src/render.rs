@@ -1,8 +1,9 @@
 //! Model → pods (engine + sidecar) and Service. Pure: no client, no clock.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
-use greenthread_api::{EngineKind, GpuSpec, Model};
+use greenthread_api::{EngineKind, FieldError, GpuSpec, Model, ValidModel};
+use greenthread_sidecar::{Assignment, EngineKind as SidecarEngine, LedgerAt, SidecarConfig};
 use k8s_openapi::{
     ByteString,
     api::core::v1::{
@@ -158,62 +159,40 @@ pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
     )
 }
 
-/// The bytes the engine takes on a GPU of `gpu_memory_bytes`: vLLM (and SGLang) take the
-/// spec's `gpuMemoryUtilization` of it up front, weights and KV cache alike.
-pub fn share_of(model: &Model, gpu_memory_bytes: u64) -> u64 {
-    let share: f64 = model.spec.gpu_memory_utilization.parse().unwrap_or(0.9);
-    (gpu_memory_bytes as f64 * share) as u64
-}
+/// A spec that [`ModelSpec::validate`](greenthread_api::ModelSpec::validate) refuses:
+/// nothing is rendered from it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid spec: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct InvalidSpec(pub Vec<FieldError>);
 
-fn sidecar_args(model: &Model, gpus: &[GpuSpec], settings: &Settings) -> Vec<String> {
-    let s = &model.spec;
+/// The sidecar's configuration in a pod on `gpus`: the one assembly
+/// ([`SidecarConfig::for_model`]) with the pod's addresses, the Kubernetes ledger and the
+/// engine's share of the largest GPU.
+pub fn sidecar_config(model: &ValidModel, gpus: &[GpuSpec], settings: &Settings) -> SidecarConfig {
     let p = settings.ports;
-    let memory = gpus
-        .iter()
-        .map(|g| share_of(model, g.memory_bytes))
-        .max()
-        .unwrap_or(0)
-        .to_string();
-    let gpu_names: Vec<String> = gpus
-        .iter()
-        .map(|g| format!("{}-{}", g.node, g.index))
-        .collect();
-    let mut args: Vec<String> = [
-        "sidecar",
-        "--listen",
-        &format!("0.0.0.0:{}", p.http),
-        "--metrics-listen",
-        &format!("0.0.0.0:{}", p.metrics),
-        "--engine-url",
-        &format!("http://127.0.0.1:{}", p.engine),
-        "--model",
-        &s.model_name,
-        "--idle-timeout",
-        &s.sleep.idle_timeout,
-        "--drain-timeout",
-        &s.sleep.drain_timeout,
-        "--sleep-level",
-        &s.sleep.level.to_string(),
-        "--min-runtime",
-        &s.fairness.min_runtime,
-        "--max-wait-time",
-        &s.fairness.max_wait_time,
-        "--ledger",
-        "kube",
-        "--gpus",
-        &gpu_names.join(","),
-        "--namespace",
-        &settings.gpu_namespace,
-        "--memory-bytes",
-        &memory,
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    if s.fairness.popular {
-        args.push("--popular".into());
-    }
-    args
+    let any = |port: u16| SocketAddr::from(([0, 0, 0, 0], port));
+    let s = &model.spec;
+    let engine = SidecarEngine::of(s.engine, false);
+    let engine_command = matches!(engine, SidecarEngine::Llamacpp | SidecarEngine::Process)
+        .then(|| s.owned_engine_command(p.engine, "/app/llama-server"));
+    SidecarConfig::for_model(
+        model,
+        Assignment {
+            listen: Some((any(p.http as u16), any(p.metrics as u16))),
+            engine_url: format!("http://127.0.0.1:{}", p.engine),
+            engine,
+            engine_command,
+            pod_name: None,
+            ledger: LedgerAt::Kube {
+                gpus: gpus
+                    .iter()
+                    .map(|g| format!("{}-{}", g.node, g.index))
+                    .collect(),
+                namespace: settings.gpu_namespace.clone(),
+            },
+            memory_bytes: gpus.iter().map(|g| model.share_of(g.memory_bytes)).max(),
+        },
+    )
 }
 
 fn http_probe(path: &str, period: i32) -> Probe {
@@ -357,7 +336,13 @@ pub const SGLANG_IMAGE: &str = "lmsysorg/sglang:v0.5.4";
 /// sleep API (vLLM, SGLang, the simulator) run beside the sidecar; engines without one
 /// (llama.cpp, any process) run under it, in their own image, with the `greenthread`
 /// binary copied in by an init container, so that sleeping can stop them.
-pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Settings) -> Pod {
+pub fn render_pod(
+    model: &Model,
+    replica: u32,
+    gpus: &[GpuSpec],
+    settings: &Settings,
+) -> Result<Pod, InvalidSpec> {
+    let valid = model.spec.validate("spec").map_err(InvalidSpec)?;
     let s = &model.spec;
     let name = format!(
         "{}-{replica}",
@@ -387,7 +372,9 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             ..Default::default()
         },
     ];
-    let mut args = sidecar_args(model, gpus, settings);
+    let args: Vec<String> = std::iter::once("sidecar".to_string())
+        .chain(sidecar_config(&valid, gpus, settings).to_args())
+        .collect();
     let sidecar_container = |name: &str, image: String, command, args, env, resources| Container {
         name: name.into(),
         image: Some(image),
@@ -410,7 +397,7 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
     }
     let (containers, init_containers, volumes) = match s.engine {
         EngineKind::Vllm | EngineKind::Sim | EngineKind::Sglang => {
-            let (image, command, engine_args, kind) = match s.engine {
+            let (image, command, engine_args) = match s.engine {
                 EngineKind::Sim => (
                     settings.sidecar_image.clone(),
                     vec!["greenthread".to_string()],
@@ -421,7 +408,6 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                         "--model".into(),
                         s.model_name.clone(),
                     ],
-                    "vllm",
                 ),
                 EngineKind::Sglang => (
                     SGLANG_IMAGE.to_string(),
@@ -430,13 +416,11 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                         .into_iter()
                         .chain(["--api-key".to_string(), "$(VLLM_API_KEY)".to_string()])
                         .collect(),
-                    "sglang",
                 ),
                 _ => (
                     settings.vllm_image.clone(),
                     vec!["vllm".to_string()],
                     vllm_args(model, port),
-                    "vllm",
                 ),
             };
             let engine = Container {
@@ -453,7 +437,6 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
                 ),
                 ..Default::default()
             };
-            args.extend(["--engine".to_string(), kind.to_string()]);
             let mut sidecar = sidecar_container(
                 "sidecar",
                 settings.sidecar_image.clone(),
@@ -467,17 +450,6 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             (vec![engine, sidecar], None, Some(vec![token_volume()]))
         }
         EngineKind::Llamacpp | EngineKind::Process => {
-            let kind = if s.engine == EngineKind::Llamacpp {
-                "llamacpp"
-            } else {
-                "process"
-            };
-            args.extend([
-                "--engine".to_string(),
-                kind.to_string(),
-                "--engine-command".to_string(),
-                s.owned_engine_command(port, "/app/llama-server"),
-            ]);
             let image = s
                 .image
                 .clone()
@@ -527,7 +499,7 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
     let owner = model
         .controller_owner_ref(&())
         .expect("a Model from the API server has a name and uid");
-    Pod {
+    Ok(Pod {
         metadata: ObjectMeta {
             name: Some(name),
             namespace: model.metadata.namespace.clone(),
@@ -563,7 +535,7 @@ pub fn render_pod(model: &Model, replica: u32, gpus: &[GpuSpec], settings: &Sett
             ..Default::default()
         }),
         status: None,
-    }
+    })
 }
 
 /// The key of the Secret holding a Model's engine API key.

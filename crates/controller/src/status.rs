@@ -13,6 +13,7 @@ use k8s_openapi::{
 use crate::render::GPUS_ANNOTATION;
 
 /// Why a Model's replicas could not all be placed, if they could not.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Problem<'a> {
     pub reason: &'a str,
     pub message: String,

@@ -82,7 +82,7 @@ fn the_engine_gets_exactly_the_vllm_arguments_of_the_spec() {
             "8192",
         ]
     );
-    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default()).unwrap();
     let engine = container(&pod, "engine");
     assert_eq!(engine.command.as_deref(), Some(&["vllm".to_string()][..]));
     assert_eq!(env(engine, "VLLM_SERVER_DEV_MODE"), Some("1"));
@@ -106,7 +106,8 @@ fn the_sidecar_gets_its_ports_probes_and_gpus() {
             runtime_class: Some("nvidia".into()),
             ..Settings::default()
         },
-    );
+    )
+    .unwrap();
     assert_eq!(pod.metadata.name.as_deref(), Some("qwen-1"));
     assert_eq!(
         pod.metadata.labels.as_ref().unwrap()["greenthread.ai/model"],
@@ -166,7 +167,7 @@ fn the_sidecar_gets_its_ports_probes_and_gpus() {
 
 #[test]
 fn rendered_objects_pass_kubernetes_validate() {
-    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default()).unwrap();
     let service = render_service(&model());
     let svc = service.spec.as_ref().unwrap();
     assert_eq!(
@@ -213,7 +214,7 @@ fn with_engine(engine: serde_json::Value) -> Model {
 #[test]
 fn sglang_runs_beside_the_sidecar_with_its_memory_saver_on() {
     let m = with_engine(serde_json::json!({"engine": "sglang"}));
-    let pod = render_pod(&m, 0, &gpus(), &Settings::default());
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default()).unwrap();
     let engine = container(&pod, "engine");
     assert_eq!(engine.command.as_ref().unwrap(), &["python3"]);
     let args = engine.args.as_ref().unwrap().join(" ");
@@ -231,7 +232,7 @@ fn llama_cpp_runs_under_the_sidecar_so_that_sleeping_stops_it() {
         "engine": "llamacpp",
         "extraArgs": ["-m", "/models/gemma.gguf", "--no-jinja", "--chat-template", "gemma"],
     }));
-    let pod = render_pod(&m, 0, &gpus(), &Settings::default());
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default()).unwrap();
     let spec = pod.spec.as_ref().unwrap();
     // One container: the engine's image, running the sidecar, which runs the engine.
     assert_eq!(spec.containers.len(), 1);
@@ -281,7 +282,7 @@ fn llama_cpp_runs_under_the_sidecar_so_that_sleeping_stops_it() {
 #[test]
 fn model_pods_carry_least_privilege() {
     use greenthread_controller::render::TOKEN_DIR;
-    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default()).unwrap();
     let spec = pod.spec.as_ref().unwrap();
     assert_eq!(spec.automount_service_account_token, Some(false));
     assert_eq!(
@@ -334,7 +335,7 @@ fn model_pods_carry_least_privilege() {
     let widened = with_engine(serde_json::json!({
         "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "capabilities": {"add": ["IPC_LOCK"]}},
     }));
-    let pod = render_pod(&widened, 0, &gpus(), &Settings::default());
+    let pod = render_pod(&widened, 0, &gpus(), &Settings::default()).unwrap();
     let sc = container(&pod, "engine").security_context.clone().unwrap();
     assert_eq!(
         (sc.run_as_non_root, sc.run_as_user),
@@ -346,7 +347,7 @@ fn model_pods_carry_least_privilege() {
     );
     // Process engines: the sidecar runs in the engine's container; its installer is ours.
     let m = with_engine(serde_json::json!({"engine": "llamacpp"}));
-    let pod = render_pod(&m, 0, &gpus(), &Settings::default());
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default()).unwrap();
     let spec = pod.spec.as_ref().unwrap();
     let init = &spec.init_containers.as_ref().unwrap()[0];
     assert_eq!(
@@ -403,7 +404,7 @@ fn the_engine_and_its_sidecar_share_a_key_from_the_models_secret() {
             .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
             .map(|r| (r.name.clone(), r.key.clone()))
     };
-    let pod = render_pod(&model(), 0, &gpus(), &Settings::default());
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default()).unwrap();
     let want = Some(("qwen-engine-key".to_string(), ENGINE_KEY.to_string()));
     assert_eq!(secret_of(container(&pod, "engine"), "VLLM_API_KEY"), want);
     assert_eq!(
@@ -416,7 +417,8 @@ fn the_engine_and_its_sidecar_share_a_key_from_the_models_secret() {
         0,
         &gpus(),
         &Settings::default(),
-    );
+    )
+    .unwrap();
     let args = container(&sglang, "engine").args.clone().unwrap();
     assert!(
         args.ends_with(&["--api-key".into(), "$(VLLM_API_KEY)".into()]),
@@ -429,4 +431,38 @@ fn the_engine_and_its_sidecar_share_a_key_from_the_models_secret() {
     let secret = render_engine_key_secret(&model(), "k3y");
     assert_eq!(secret.metadata.owner_references.unwrap()[0].name, "qwen");
     assert_eq!(secret.data.unwrap()[ENGINE_KEY].0, b"k3y");
+}
+
+/// The one assembly of a sidecar's configuration, written into the pod and read back by
+/// the sidecar's own command-line parser, is the same configuration: for every engine,
+/// odd durations, popular or not.
+#[test]
+fn the_sidecar_args_parse_back_into_the_configuration_they_were_rendered_from() {
+    use greenthread_sidecar::SidecarConfig;
+    let variants = [
+        serde_json::json!({}),
+        serde_json::json!({"engine": "sglang", "fairness": {"popular": false}}),
+        serde_json::json!({"engine": "sim", "sleep": {"idleTimeout": "1m30s", "drainTimeout": "1500ms", "level": 1}}),
+        serde_json::json!({"engine": "llamacpp", "extraArgs": ["-m", "/models/a b.gguf"]}),
+        serde_json::json!({"engine": "process", "command": ["my-server", "--port", "{port}"], "image": "x"}),
+        serde_json::json!({"fairness": {"minRuntime": "0s", "maxWaitTime": "2h"}}),
+    ];
+    for v in variants {
+        let m = with_engine(v.clone());
+        let valid = m.spec.validate("spec").unwrap();
+        let settings = Settings::default();
+        let want = greenthread_controller::render::sidecar_config(&valid, &gpus(), &settings);
+        let pod = render_pod(&m, 0, &gpus(), &settings).unwrap();
+        let c = &pod.spec.as_ref().unwrap().containers;
+        let c = c.iter().find(|c| c.name == "sidecar").unwrap_or(&c[0]);
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(args[0], "sidecar", "{v}");
+        let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+        let parsed = SidecarConfig::from_args(&valid.spec.model_name, &rest).unwrap();
+        assert_eq!(parsed, want, "{v}: {}", args.join(" "));
+        // And the assembly carries the spec's values, not the defaults.
+        assert_eq!(parsed.idle_timeout, valid.idle_timeout, "{v}");
+        assert_eq!(parsed.max_wait_time, valid.max_wait_time, "{v}");
+        assert_eq!(parsed.popular, valid.spec.fairness.popular, "{v}");
+    }
 }

@@ -3,7 +3,7 @@ use std::time::Duration;
 use greenthread_api::arg;
 
 /// The limits of one HTTP server. Every GreenThread server takes these flags.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct EdgeConfig {
     /// A client must send a request's headers within this long of starting it (or of
     /// connecting): stalled or trickled headers are cut off. Checked at least every

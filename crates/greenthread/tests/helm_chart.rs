@@ -163,7 +163,7 @@ fn model_pod(namespace: &str) -> Value {
         product: "H100".into(),
         memory_bytes: 80 << 30,
     };
-    serde_json::to_value(render_pod(&model, 0, &[gpu], &Settings::default())).unwrap()
+    serde_json::to_value(render_pod(&model, 0, &[gpu], &Settings::default()).unwrap()).unwrap()
 }
 
 fn container_ports(pod_spec: &Value) -> BTreeSet<String> {

@@ -1,6 +1,6 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use greenthread_api::arg;
+use greenthread_api::{ValidModel, arg, format_duration};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
@@ -16,7 +16,7 @@ pub enum EngineKind {
     Process,
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct SidecarConfig {
     /// Timeouts, caps and limits of both ports.
     #[command(flatten)]
@@ -162,7 +162,152 @@ pub enum LedgerKind {
     Kube,
 }
 
+impl EngineKind {
+    /// The API the sidecar speaks for a Model's engine. `owned_sim`: the simulator runs
+    /// under the sidecar (`local`) rather than beside it in its own container, where it
+    /// is just another vLLM.
+    pub fn of(engine: greenthread_api::EngineKind, owned_sim: bool) -> Self {
+        use greenthread_api::EngineKind as Spec;
+        match engine {
+            Spec::Sim if owned_sim => EngineKind::Sim,
+            Spec::Sim | Spec::Vllm => EngineKind::Vllm,
+            Spec::Sglang => EngineKind::Sglang,
+            Spec::Llamacpp => EngineKind::Llamacpp,
+            Spec::Process => EngineKind::Process,
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            EngineKind::Vllm => "vllm",
+            EngineKind::Sim => "sim",
+            EngineKind::Sglang => "sglang",
+            EngineKind::Llamacpp => "llamacpp",
+            EngineKind::Process => "process",
+        }
+    }
+}
+
+/// Where the sidecar keeps its GPU ledger, and which records it accounts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LedgerAt {
+    /// In this process (`local`, tests): the caller hands the sidecar its ledger.
+    Memory,
+    /// The GPU objects `gpus` in `namespace`, through the Kubernetes API.
+    Kube {
+        gpus: Vec<String>,
+        namespace: String,
+    },
+}
+
+/// What a replica's sidecar needs besides its Model's spec: where it listens, how it
+/// reaches and runs its engine, which GPUs it accounts on and how much it reserves there.
+/// Placement and the shape (a pod, `local`) decide these.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    /// Public and private addresses; the command line's defaults when `None`.
+    pub listen: Option<(SocketAddr, SocketAddr)>,
+    pub engine_url: String,
+    pub engine: EngineKind,
+    /// The engine's shell command, for a sidecar that starts and owns it.
+    pub engine_command: Option<String>,
+    /// The pod's name; in a pod it comes from `POD_NAME` instead.
+    pub pod_name: Option<String>,
+    pub ledger: LedgerAt,
+    /// Bytes to reserve per GPU when waking; measured when `None`.
+    pub memory_bytes: Option<u64>,
+}
+
 impl SidecarConfig {
+    /// The one way to assemble a sidecar's configuration: the command line's defaults,
+    /// then the Model's values (sleep, fairness, model id), then the replica's
+    /// assignment. `greenthread local` runs it as it is; the controller writes it into
+    /// the pod with [`SidecarConfig::to_args`].
+    pub fn for_model(model: &ValidModel, at: Assignment) -> Self {
+        let mut cfg = Self::from_args(&model.spec.model_name, &[])
+            .expect("the command line's defaults parse");
+        // The environment of the process that assembles (the controller, `local`) is
+        // not the sidecar's: what parsing took from it is put back to the defaults.
+        cfg.pod_namespace = None;
+        cfg.sim_gpu_dir = None;
+        if let Some((public, private)) = at.listen {
+            cfg.listen = public;
+            cfg.metrics_listen = private;
+        }
+        cfg.engine_url = Some(at.engine_url);
+        cfg.engine = at.engine;
+        cfg.engine_command = at.engine_command;
+        cfg.pod_name = at.pod_name;
+        cfg.idle_timeout = model.idle_timeout;
+        cfg.drain_timeout = model.drain_timeout;
+        cfg.sleep_level = model.spec.sleep.level;
+        cfg.min_runtime = model.min_runtime;
+        cfg.max_wait_time = model.max_wait_time;
+        cfg.popular = model.spec.fairness.popular;
+        match at.ledger {
+            LedgerAt::Memory => cfg.ledger = LedgerKind::Memory,
+            LedgerAt::Kube { gpus, namespace } => {
+                cfg.ledger = LedgerKind::Kube;
+                cfg.gpus = gpus;
+                cfg.namespace = namespace;
+            }
+        }
+        cfg.memory_bytes = at.memory_bytes;
+        cfg
+    }
+
+    /// The command line that [`SidecarConfig::from_args`] parses back into this
+    /// configuration, for what [`SidecarConfig::for_model`] sets (the rest stays at the
+    /// defaults). Fixed order, so that rendered pods are stable.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            self.listen.to_string(),
+            "--metrics-listen".into(),
+            self.metrics_listen.to_string(),
+        ];
+        if let Some(url) = &self.engine_url {
+            args.extend(["--engine-url".into(), url.clone()]);
+        }
+        args.extend(["--model".into(), self.model.clone()]);
+        if let Some(pod) = &self.pod_name {
+            args.extend(["--pod-name".into(), pod.clone()]);
+        }
+        args.extend([
+            "--idle-timeout".into(),
+            format_duration(self.idle_timeout),
+            "--drain-timeout".into(),
+            format_duration(self.drain_timeout),
+            "--sleep-level".into(),
+            self.sleep_level.to_string(),
+            "--min-runtime".into(),
+            format_duration(self.min_runtime),
+            "--max-wait-time".into(),
+            format_duration(self.max_wait_time),
+        ]);
+        if self.ledger == LedgerKind::Kube {
+            args.extend([
+                "--ledger".into(),
+                "kube".into(),
+                "--gpus".into(),
+                self.gpus.join(","),
+                "--namespace".into(),
+                self.namespace.clone(),
+            ]);
+        }
+        if let Some(bytes) = self.memory_bytes {
+            args.extend(["--memory-bytes".into(), bytes.to_string()]);
+        }
+        if self.popular {
+            args.push("--popular".into());
+        }
+        args.extend(["--engine".into(), self.engine.flag().into()]);
+        if let Some(command) = &self.engine_command {
+            args.extend(["--engine-command".into(), command.clone()]);
+        }
+        args
+    }
+
     /// The defaults of the command line for `model`, then `args` on top (for tests and
     /// embedding, e.g. `["--idle-timeout", "1s"]`).
     pub fn from_args(model: &str, args: &[&str]) -> Result<Self, clap::Error> {
@@ -202,5 +347,47 @@ impl SidecarConfig {
             Some(ns) if !ns.is_empty() => greenthread_api::ledger_key(ns, &name),
             _ => name,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `local`'s shape (an owned simulator, the in-process ledger, a pod name) survives
+    /// the same round trip as a pod's.
+    #[test]
+    fn a_local_assembly_parses_back_from_its_args() {
+        let spec: greenthread_api::ModelSpec = serde_json::from_value(serde_json::json!({
+            "modelName": "org/m", "engine": "sim",
+            "sleep": {"idleTimeout": "2m", "drainTimeout": "250ms", "level": 2},
+            "fairness": {"minRuntime": "1m5s", "maxWaitTime": "0s", "popular": true},
+        }))
+        .unwrap();
+        let valid = spec.validate("spec").unwrap();
+        let cfg = SidecarConfig::for_model(
+            &valid,
+            Assignment {
+                listen: None,
+                engine_url: "http://127.0.0.1:4321".into(),
+                engine: EngineKind::of(valid.spec.engine, true),
+                engine_command: None,
+                pod_name: Some("m-3".into()),
+                ledger: LedgerAt::Memory,
+                memory_bytes: Some(7 << 30),
+            },
+        );
+        assert_eq!(cfg.engine, EngineKind::Sim);
+        assert_eq!(cfg.sleep_level, 2);
+        assert_eq!(cfg.drain_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.pod_name(), "m-3");
+        let args = cfg.to_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(SidecarConfig::from_args("ignored", &args).unwrap(), cfg);
+        // In a pod the simulator runs beside the sidecar: it is just another vLLM there.
+        assert_eq!(
+            EngineKind::of(greenthread_api::EngineKind::Sim, false),
+            EngineKind::Vllm
+        );
     }
 }

@@ -23,7 +23,7 @@ use greenthread_ledger::{KubeLedger, Ledger, MemoryLedger};
 use tokio::{net::TcpListener, sync::mpsc};
 
 pub use admission::InFlight;
-pub use config::{EngineKind, LedgerKind, SidecarConfig};
+pub use config::{Assignment, EngineKind, LedgerAt, LedgerKind, SidecarConfig};
 pub use error::{BootError, Rejection, SleepError, WaitReason};
 pub use greenthread_ledger::Clock;
 pub use ledger_client::GpuRef;

@@ -1,9 +1,13 @@
 //! `greenthread local`'s configuration: GPUs (simulated, or `auto` for NVML) and models
 //! with exactly the fields of the `Model` resource's spec.
 
-use std::path::Path;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
-use greenthread_api::{ByteSize, EngineKind, ModelSpec, ValidModel};
+use greenthread_api::{ByteSize, EngineKind, Gpu, GpuSpec, ModelSpec, ValidModel};
+use greenthread_controller::placement;
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = include_str!("default.yaml");
@@ -198,13 +202,38 @@ fn nvml_present() -> bool {
     true
 }
 
-/// Spreads model replicas over GPUs: each replica goes to the GPUs with the least
-/// utilization requested so far (models sharing a GPU may not fit together: that is what
-/// sleeping is for). Returns, per model, per replica, its GPU indices.
-pub fn place(plan: &Plan) -> Vec<Vec<Vec<u32>>> {
-    let mut load = vec![0.0f64; plan.gpus.len()];
+/// The name of GPU `index` in `local`'s ledger.
+pub fn gpu_name(index: u32) -> String {
+    format!("local-{index}")
+}
+
+/// The configured GPUs as ledger records: one node, `local`, simulated UUIDs.
+pub fn gpu_records(plan: &Plan) -> Vec<Gpu> {
+    plan.gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| Gpu {
+            name: gpu_name(i as u32),
+            spec: GpuSpec {
+                node: "local".into(),
+                index: i as u32,
+                uuid: format!("GPU-sim-{i:04}"),
+                product: g.product.clone(),
+                memory_bytes: g.memory_bytes,
+            },
+            status: Default::default(),
+            resource_version: String::new(),
+        })
+        .collect()
+}
+
+/// GPU indices for every replica of every model (in the plan's order), chosen by the
+/// controller's [`placement::place`], so that `local` and Kubernetes place alike: best
+/// fit where the model fits with everything else awake, else the least over-committed
+/// GPUs, replicas of one model apart. The biggest models are placed first (declaration
+/// order among equals), as they have the fewest good places.
+pub fn place(plan: &Plan, gpus: &[Gpu]) -> anyhow::Result<Vec<Vec<Vec<u32>>>> {
     let mut order: Vec<usize> = (0..plan.models.len()).collect();
-    // Biggest first, declaration order among equals.
     order.sort_by(|a, b| {
         plan.models[*b]
             .1
@@ -212,24 +241,37 @@ pub fn place(plan: &Plan) -> Vec<Vec<Vec<u32>>> {
             .total_cmp(&plan.models[*a].1.gpu_memory_utilization)
             .then(a.cmp(b))
     });
+    let index: BTreeMap<&str, u32> = gpus
+        .iter()
+        .map(|g| (g.name.as_str(), g.spec.index))
+        .collect();
+    let mut placed: BTreeMap<String, u64> = BTreeMap::new();
     let mut out: Vec<Vec<Vec<u32>>> = plan.models.iter().map(|_| Vec::new()).collect();
     for i in order {
-        let m = &plan.models[i].1;
+        let (name, m) = &plan.models[i];
+        let need = |g: &Gpu| m.share_of(g.spec.memory_bytes);
+        let mut same_model = BTreeSet::new();
         for _ in 0..m.spec.replicas {
-            let mut gpus: Vec<usize> = (0..load.len()).collect();
-            gpus.sort_by(|a, b| load[*a].total_cmp(&load[*b]).then(a.cmp(b)));
-            let chosen: Vec<u32> = gpus
-                .iter()
-                .take(m.spec.tensor_parallel_size as usize)
-                .map(|g| *g as u32)
-                .collect();
+            let chosen = placement::place(
+                gpus,
+                &placement::Request {
+                    tensor_parallel_size: m.spec.tensor_parallel_size,
+                    need: &need,
+                    placed: &placed,
+                    same_model: &same_model,
+                    nodes: None,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
             for g in &chosen {
-                load[*g as usize] += m.gpu_memory_utilization;
+                let gpu = &gpus[index[g.as_str()] as usize];
+                *placed.entry(g.clone()).or_default() += need(gpu);
+                same_model.insert(g.clone());
             }
-            out[i].push(chosen);
+            out[i].push(chosen.iter().map(|g| index[g.as_str()]).collect());
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -248,7 +290,7 @@ mod tests {
                 .count(),
             1
         );
-        let placement = place(&plan);
+        let placement = place(&plan, &gpu_records(&plan)).unwrap();
         let mut per_gpu = [0.0; 2];
         for (m, replicas) in plan.models.iter().zip(&placement) {
             for gpus in replicas {
@@ -298,12 +340,14 @@ models:
     }
 
     #[test]
-    fn placement_spreads_by_requested_utilization() {
+    fn placement_is_the_controllers_best_fit_with_replicas_apart() {
         let text = "gpus: {simulated: [{memory: 10Gi}, {memory: 10Gi}]}\nmodels:\n  - {name: a, spec: {modelName: a, engine: sim, gpuMemoryUtilization: \"0.6\"}}\n  - {name: b, spec: {modelName: b, engine: sim, gpuMemoryUtilization: \"0.5\"}}\n  - {name: c, spec: {modelName: c, engine: sim, gpuMemoryUtilization: \"0.4\", replicas: 2}}\n";
         let plan = parse("t", text).unwrap();
+        // a (6Gi) takes gpu 0; b (5Gi) fits only beside nothing, on gpu 1; c's first
+        // replica (4Gi) fits gpu 0 exactly (the tightest), its second goes apart, to gpu 1.
         assert_eq!(
-            place(&plan),
-            vec![vec![vec![0]], vec![vec![1]], vec![vec![1], vec![0]]]
+            place(&plan, &gpu_records(&plan)).unwrap(),
+            vec![vec![vec![0]], vec![vec![1]], vec![vec![0], vec![1]]]
         );
     }
 }

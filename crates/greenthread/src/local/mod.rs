@@ -7,12 +7,12 @@ mod config;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use greenthread_api::{EngineKind, GpuSpec};
+use greenthread_api::{EngineKind, GpuSpec, ValidModel};
 use greenthread_apiserver::{ApiServer, Auth, ModelRoute, Replica};
 use greenthread_gpu::{GpuMetrics, MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{
-    GpuRef, Parts, Sidecar, SidecarConfig, free_port,
+    Assignment, GpuRef, LedgerAt, Parts, Sidecar, SidecarConfig, free_port,
     metrics::{SidecarFamilies, SidecarMetrics},
     process::EngineProcess,
     shell_quote,
@@ -20,7 +20,7 @@ use greenthread_sidecar::{
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use config::{load, place};
+use config::{gpu_name, gpu_records, load, place};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LocalArgs {
@@ -52,10 +52,6 @@ fn config_name(args: &LocalArgs) -> String {
     )
 }
 
-fn gpu_name(index: u32) -> String {
-    format!("local-{index}")
-}
-
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let plan = load(args.config.as_deref())?;
     let auth = Auth::new(
@@ -67,7 +63,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     )
     .with_context(|| config_name(&args))?;
     auth.check_exposure(args.listen, args.allow_unauthenticated, SOURCES)?;
-    let placement = place(&plan);
+    let records = gpu_records(&plan);
+    let placement = place(&plan, &records).with_context(|| config_name(&args))?;
     let sim_dir = tempfile::Builder::new()
         .prefix("greenthread-local-gpus-")
         .tempdir()?;
@@ -75,20 +72,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the greenthread binary")?;
 
     let ledger = Arc::new(MemoryLedger::new());
-    let specs: Vec<GpuSpec> = plan
-        .gpus
-        .iter()
-        .enumerate()
-        .map(|(i, g)| GpuSpec {
-            node: "local".into(),
-            index: i as u32,
-            uuid: format!("GPU-sim-{i:04}"),
-            product: g.product.clone(),
-            memory_bytes: g.memory_bytes,
-        })
-        .collect();
-    for s in &specs {
-        ledger.add_gpu(&gpu_name(s.index), s.clone());
+    let specs: Vec<GpuSpec> = records.iter().map(|g| g.spec.clone()).collect();
+    for g in &records {
+        ledger.add_gpu(&g.name, g.spec.clone());
     }
 
     let mut registry = Registry::default();
@@ -109,38 +95,22 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             let port = free_port()?;
             let url = format!("http://127.0.0.1:{port}");
             let first_gpu = gpus[0];
-            let memory = (model.gpu_memory_utilization
-                * specs[first_gpu as usize].memory_bytes as f64) as u64;
-            let (command, kind) = engine_command(&exe, &model.spec, port, memory);
-            let level = model.spec.sleep.level.to_string();
-            let mem = memory.to_string();
-            let mut flags = vec![
-                "--engine",
-                kind,
-                "--pod-name",
-                &pod,
-                "--engine-url",
-                &url,
-                "--idle-timeout",
-                &model.spec.sleep.idle_timeout,
-                "--drain-timeout",
-                &model.spec.sleep.drain_timeout,
-                "--sleep-level",
-                &level,
-                "--min-runtime",
-                &model.spec.fairness.min_runtime,
-                "--max-wait-time",
-                &model.spec.fairness.max_wait_time,
-            ];
-            if model.spec.fairness.popular {
-                flags.push("--popular");
-            }
-            // A simulated vLLM takes its share up front; a process engine is measured.
-            if kind == "sim" {
-                flags.extend(["--memory-bytes", &mem]);
-            }
-            let cfg = SidecarConfig::from_args(&model.spec.model_name, &flags)
-                .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
+            let memory = model.share_of(specs[first_gpu as usize].memory_bytes);
+            let (command, kind) = engine_command(&exe, model, port, memory);
+            let cfg = SidecarConfig::for_model(
+                model,
+                Assignment {
+                    listen: None,
+                    engine_url: url.clone(),
+                    engine: kind,
+                    // `local` starts the engine itself (below), with the GPUs' environment.
+                    engine_command: None,
+                    pod_name: Some(pod.clone()),
+                    ledger: LedgerAt::Memory,
+                    // A simulated vLLM takes its share up front; a process engine is measured.
+                    memory_bytes: (kind == greenthread_sidecar::EngineKind::Sim).then_some(memory),
+                },
+            );
             let (exits_tx, exits) = mpsc::unbounded_channel();
             let env = vec![
                 (
@@ -152,7 +122,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     first_gpu.to_string(),
                 ),
             ];
-            let sim_probe = (kind == "sim").then(|| {
+            let sim_probe = (kind == greenthread_sidecar::EngineKind::Sim).then(|| {
                 Arc::new(SimGpuProbe {
                     gpu: sim.clone(),
                     indices: gpus.clone(),
@@ -281,19 +251,23 @@ async fn report_gpu_stats(ledger: Arc<MemoryLedger>, sim: SimGpu, specs: Vec<Gpu
     }
 }
 
-/// The engine's command line on `port`, and the sidecar's `--engine` for it. `sim`: the
-/// built-in simulator taking `memory` up front; `llamacpp`: `llama-server` (the spec's
-/// `command`, or `llama-server` on the PATH) with the spec's `extraArgs`; `process`: the
-/// spec's `command` and `extraArgs`, where `{port}` stands for the port (also in `$PORT`).
+/// The engine's command line on `port`, and the API the sidecar speaks to it. `sim`:
+/// the built-in simulator taking `memory` up front; `llamacpp`: `llama-server` (the
+/// spec's `command`, or `llama-server` on the PATH) with the spec's `extraArgs`;
+/// `process`: the spec's `command` and `extraArgs`, where `{port}` stands for the port
+/// (also in `$PORT`).
 fn engine_command(
     exe: &std::path::Path,
-    spec: &greenthread_api::ModelSpec,
+    model: &ValidModel,
     port: u16,
     memory: u64,
-) -> (String, &'static str) {
+) -> (String, greenthread_sidecar::EngineKind) {
+    let spec = &model.spec;
+    let kind = greenthread_sidecar::EngineKind::of(spec.engine, true);
     match spec.engine {
-        EngineKind::Llamacpp => (spec.owned_engine_command(port, "llama-server"), "llamacpp"),
-        EngineKind::Process => (spec.owned_engine_command(port, "llama-server"), "process"),
+        EngineKind::Llamacpp | EngineKind::Process => {
+            (spec.owned_engine_command(port, "llama-server"), kind)
+        }
         _ => {
             // vLLM takes its share of the GPU up front: weights, then KV cache.
             let weights = memory / 5 * 3;
@@ -307,7 +281,7 @@ fn engine_command(
                 command.push(' ');
                 command.push_str(&shell_quote(a));
             }
-            (command, "sim")
+            (command, kind)
         }
     }
 }
