@@ -14,6 +14,7 @@ mod redact;
 mod secret;
 mod server;
 mod shutdown;
+pub mod transport;
 
 pub use auth::{Gate, bearer, bearer_value, ct_eq, require};
 pub use body::{BodyError, read_body};
@@ -25,3 +26,4 @@ pub use redact::redact_command;
 pub use secret::{SecretError, secret, secrets};
 pub use server::{EdgeStats, serve, serve_with_stats};
 pub use shutdown::{Shutdown, end_on_shutdown, signal};
+pub use transport::{Connector, Listener, Stream};

@@ -21,14 +21,17 @@ use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
     time::Instant,
 };
 use tower_service::Service;
 
-use crate::{ApiError, EdgeConfig, Shutdown, body::Bounded};
+use crate::{
+    ApiError, EdgeConfig, Shutdown,
+    body::Bounded,
+    transport::{Listener, Stream},
+};
 
 /// What a server refused and holds, for metrics and tests.
 #[derive(Debug, Default)]
@@ -47,7 +50,7 @@ pub struct EdgeStats {
 
 /// Serves `router` on `listener` until `shutdown`, then drains (see [`EdgeConfig`]).
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     router: Router,
     cfg: EdgeConfig,
     shutdown: Shutdown,
@@ -56,12 +59,13 @@ pub async fn serve(
 }
 
 pub async fn serve_with_stats(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     router: Router,
     cfg: EdgeConfig,
     shutdown: Shutdown,
     stats: Arc<EdgeStats>,
 ) -> io::Result<()> {
+    let listener: Listener = listener.into();
     let conns = Arc::new(Semaphore::new(cfg.max_connections));
     let requests = Arc::new(Semaphore::new(cfg.max_concurrency));
     let mut tasks = JoinSet::new();
@@ -71,14 +75,12 @@ pub async fn serve_with_stats(
         tokio::select! {
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok(stream) => {
                     let Ok(permit) = conns.clone().try_acquire_owned() else {
                         stats.connections_refused.fetch_add(1, Ordering::Relaxed);
                         drop(stream);
                         continue;
                     };
-                    // Streamed tokens are small writes: send each at once.
-                    let _ = stream.set_nodelay(true);
                     tasks.spawn(connection(Conn {
                         stream,
                         router: router.clone(),
@@ -116,7 +118,7 @@ pub async fn serve_with_stats(
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     router: Router,
     cfg: EdgeConfig,
     requests: Arc<Semaphore>,
@@ -362,7 +364,7 @@ impl<G: Unpin> HttpBody for Held<G> {
 
 /// The socket, noting the first byte of each request for the header-read timeout.
 struct Watched {
-    inner: TcpStream,
+    inner: Stream,
     activity: Arc<Activity>,
 }
 

@@ -198,13 +198,34 @@ pub fn adapter(
     indices: &[u32],
     probe: Option<Arc<dyn MemoryProbe>>,
 ) -> anyhow::Result<(Arc<dyn EngineAdapter>, Option<Arc<dyn MemoryProbe>>)> {
+    adapter_over(cfg, engine_url, None, process, indices, probe)
+}
+
+/// [`adapter`], reaching the engine through `connector` when given (an in-memory pipe to
+/// an engine in this process) instead of TCP to `engine_url`.
+#[allow(clippy::type_complexity)]
+pub fn adapter_over(
+    cfg: &SidecarConfig,
+    engine_url: &str,
+    connector: Option<greenthread_edge::Connector>,
+    process: Option<&Arc<EngineProcess>>,
+    indices: &[u32],
+    probe: Option<Arc<dyn MemoryProbe>>,
+) -> anyhow::Result<(Arc<dyn EngineAdapter>, Option<Arc<dyn MemoryProbe>>)> {
+    let key = cfg.engine_api_key.as_deref();
     let flavor = match cfg.engine {
         EngineKind::Vllm | EngineKind::Sim => {
-            let a = VllmAdapter::new(engine_url).with_api_key(cfg.engine_api_key.as_deref());
+            let mut a = VllmAdapter::new(engine_url).with_api_key(key);
+            if let Some(c) = connector {
+                a = a.with_connector(c);
+            }
             return Ok((Arc::new(a), probe));
         }
         EngineKind::Sglang => {
-            let a = SglangAdapter::new(engine_url).with_api_key(cfg.engine_api_key.as_deref());
+            let mut a = SglangAdapter::new(engine_url).with_api_key(key);
+            if let Some(c) = connector {
+                a = a.with_connector(c);
+            }
             return Ok((Arc::new(a), probe));
         }
         EngineKind::Llamacpp => Flavor::LlamaCpp,
@@ -216,8 +237,11 @@ pub fn adapter(
             cfg.engine
         )
     })?;
-    let adapter = ProcessAdapter::new(engine_url, process.clone(), flavor, cfg.boot_timeout)
-        .with_api_key(cfg.engine_api_key.as_deref());
+    let mut adapter = ProcessAdapter::new(engine_url, process.clone(), flavor, cfg.boot_timeout)
+        .with_api_key(key);
+    if let Some(c) = connector {
+        adapter = adapter.with_connector(c);
+    }
     let probe = probe.or_else(|| {
         Some(Arc::new(RssProbe {
             process: process.clone(),

@@ -10,6 +10,7 @@ use std::{
 
 use axum::body::Body;
 use bytes::Bytes;
+use greenthread_edge::Connector;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::Full;
@@ -47,7 +48,8 @@ type IdleConns = Arc<Mutex<Vec<EngineConn>>>;
 pub struct Forwarder {
     idle: IdleConns,
     authority: http::uri::Authority,
-    addr: String,
+    /// TCP to the URL's address, or an in-memory pipe in a simulated fleet.
+    connector: Connector,
     connect_timeout: Duration,
     response_timeout: Duration,
     /// Headers removed from every request besides [`CREDENTIALS`].
@@ -95,12 +97,19 @@ impl Forwarder {
         Ok(Self {
             idle: Arc::default(),
             authority,
-            addr,
+            connector: Connector::Tcp(addr),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(600),
             strip: Vec::new(),
             authorization: None,
         })
+    }
+
+    /// Reaches the engine through `connector` instead of TCP to the URL's address (the
+    /// URL still names the `Host`).
+    pub fn with_connector(mut self, connector: Connector) -> Self {
+        self.connector = connector;
+        self
     }
 
     /// Longest waits for a connection and for the response headers.
@@ -139,19 +148,17 @@ impl Forwarder {
                 return Ok(conn);
             }
         }
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(&self.addr),
-        )
-        .await
-        .map_err(|_| {
-            ForwardError::Unreachable(format!(
-                "connecting to {}: no answer within {:?}",
-                self.addr, self.connect_timeout
-            ))
-        })?
-        .map_err(|e| ForwardError::Unreachable(format!("connecting to {}: {e}", self.addr)))?;
-        let _ = stream.set_nodelay(true);
+        let stream = tokio::time::timeout(self.connect_timeout, self.connector.connect())
+            .await
+            .map_err(|_| {
+                ForwardError::Unreachable(format!(
+                    "connecting to {}: no answer within {:?}",
+                    self.connector, self.connect_timeout
+                ))
+            })?
+            .map_err(|e| {
+                ForwardError::Unreachable(format!("connecting to {}: {e}", self.connector))
+            })?;
         let (conn, driver) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ForwardError::Unreachable(e.to_string()))?;

@@ -1,109 +1,214 @@
 //! What every engine adapter does over HTTP: calls that turn transport failures and
 //! non-2xx answers into [`EngineError`]s, and the calls every OpenAI-style engine answers
-//! alike (model list, metrics, the one-token warm-up).
+//! alike (model list, metrics, the one-token warm-up). Calls go through a [`Connector`]:
+//! TCP to the engine's loopback port, or an in-memory pipe in a simulated fleet. Control
+//! calls are rare (probes, sleep, wake), so each has a connection of its own.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use greenthread_edge::Connector;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
 use super::EngineError;
 
-fn client(api_key: Option<&str>) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(v) = api_key.and_then(greenthread_edge::bearer_value) {
-        headers.insert(reqwest::header::AUTHORIZATION, v);
+/// Longest wait for a connection to the engine.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One call to the engine, built like a request: method, path, optional JSON body and
+/// deadline (none: the caller bounds it, as the wake does).
+#[derive(Debug, Clone)]
+pub struct Call {
+    method: Method,
+    path: String,
+    body: Option<Bytes>,
+    timeout: Option<Duration>,
+}
+
+impl Call {
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
     }
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .default_headers(headers)
-        .no_proxy()
-        .build()
-        .expect("a plain http client builds")
+
+    pub fn json(mut self, v: &serde_json::Value) -> Self {
+        self.body = Some(Bytes::from(v.to_string()));
+        self
+    }
+}
+
+/// A 2xx answer, read to its end.
+#[derive(Debug)]
+pub struct Answer {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self, call: &str) -> Result<serde_json::Value, EngineError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| EngineError::Protocol(format!("{call}: {e}")))
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub struct EngineHttp {
-    base: String,
-    client: reqwest::Client,
+    /// `host:port`, sent as `Host`.
+    authority: String,
+    connector: Connector,
+    authorization: Option<HeaderValue>,
 }
 
 impl EngineHttp {
+    /// The engine at `base` (`http://host:port`), over TCP.
     pub fn new(base: &str) -> Self {
+        let authority = base
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
         Self {
-            base: base.trim_end_matches('/').to_string(),
-            client: client(None),
+            connector: Connector::Tcp(authority.clone()),
+            authority,
+            authorization: None,
         }
+    }
+
+    /// Reaches the engine through `connector` instead.
+    pub fn with_connector(mut self, connector: Connector) -> Self {
+        self.connector = connector;
+        self
     }
 
     /// Sends the engine's own API key (vLLM/SGLang `--api-key`) on every call.
     pub fn with_api_key(mut self, key: Option<&str>) -> Self {
-        if key.is_some() {
-            self.client = client(key);
-        }
+        self.authorization = key.and_then(greenthread_edge::bearer_value);
         self
     }
 
-    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.get(format!("{}{path}", self.base))
+    pub fn get(&self, path: &str) -> Call {
+        self.request(Method::GET, path)
     }
 
-    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.post(format!("{}{path}", self.base))
+    pub fn post(&self, path: &str) -> Call {
+        self.request(Method::POST, path)
+    }
+
+    fn request(&self, method: Method, path: &str) -> Call {
+        Call {
+            method,
+            path: path.to_string(),
+            body: None,
+            timeout: None,
+        }
     }
 
     /// Sends `req`; a 2xx answer or the error naming `call`.
-    pub async fn call(
-        &self,
-        call: &'static str,
-        req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, EngineError> {
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() {
-                EngineError::Timeout(call)
-            } else {
-                EngineError::Unreachable(format!("{call}: {e}"))
-            }
-        })?;
-        if resp.status().is_success() {
-            return Ok(resp);
+    pub async fn call(&self, call: &'static str, req: Call) -> Result<Answer, EngineError> {
+        let exchange = self.exchange(call, &req);
+        let (status, answer) = match req.timeout {
+            Some(d) => tokio::time::timeout(d, exchange)
+                .await
+                .map_err(|_| EngineError::Timeout(call))??,
+            None => exchange.await?,
+        };
+        if status.is_success() {
+            return Ok(answer);
         }
-        let status = resp.status().as_u16();
         Err(EngineError::Status {
             call,
-            status,
-            body: resp.text().await.unwrap_or_default(),
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&answer.body).into_owned(),
         })
     }
 
+    async fn exchange(
+        &self,
+        call: &'static str,
+        req: &Call,
+    ) -> Result<(StatusCode, Answer), EngineError> {
+        let unreachable =
+            |e: &dyn std::fmt::Display| EngineError::Unreachable(format!("{call}: {e}"));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect())
+            .await
+            .map_err(|_| EngineError::Timeout(call))?
+            .map_err(|e| unreachable(&e))?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        // One call, one connection: it ends with the answer, or with this call's deadline
+        // (which drops this future and with it the guard).
+        let _driver = AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "engine control connection ended");
+            }
+        }));
+        let mut builder = Request::builder()
+            .method(req.method.clone())
+            .uri(&req.path)
+            .header(header::HOST, &self.authority);
+        if let Some(auth) = &self.authorization {
+            builder = builder.header(header::AUTHORIZATION, auth.clone());
+        }
+        if req.body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(req.body.clone().unwrap_or_default()))
+            .map_err(|e| EngineError::Protocol(format!("{call}: {e}")))?;
+        let resp = sender
+            .send_request(request)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| EngineError::Protocol(format!("{call}: {e}")))?
+            .to_bytes();
+        Ok((
+            parts.status,
+            Answer {
+                headers: parts.headers,
+                body,
+            },
+        ))
+    }
+
     pub async fn models(&self) -> Result<Bytes, EngineError> {
-        self.call(
-            "models",
-            self.get("/v1/models").timeout(Duration::from_secs(10)),
-        )
-        .await?
-        .bytes()
-        .await
-        .map_err(|e| EngineError::Protocol(format!("models: {e}")))
+        Ok(self
+            .call(
+                "models",
+                self.get("/v1/models").timeout(Duration::from_secs(10)),
+            )
+            .await?
+            .body)
     }
 
     /// The engine's exposition and its content type.
     pub async fn metrics(&self) -> Result<(String, Bytes), EngineError> {
-        let resp = self
+        let answer = self
             .call(
                 "metrics",
                 self.get("/metrics").timeout(Duration::from_secs(10)),
             )
             .await?;
-        let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("text/plain; version=0.0.4")
             .to_string();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| EngineError::Protocol(format!("metrics: {e}")))?;
-        Ok((content_type, body))
+        Ok((content_type, answer.body))
     }
 
     /// One greedy token of `model`: the proof that the engine serves, not just listens.

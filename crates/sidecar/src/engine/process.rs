@@ -37,6 +37,12 @@ impl ProcessAdapter {
         self
     }
 
+    /// Reaches the engine through `connector` (an in-memory pipe in a simulated fleet).
+    pub fn with_connector(mut self, connector: greenthread_edge::Connector) -> Self {
+        self.http = self.http.with_connector(connector);
+        self
+    }
+
     pub fn new(
         base: &str,
         process: Arc<EngineProcess>,

@@ -3,7 +3,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 
-use super::{EngineAdapter, EngineError, http::EngineHttp};
+use super::{
+    EngineAdapter, EngineError,
+    http::{Answer, Call, EngineHttp},
+};
 
 /// vLLM's sleep-mode API (also spoken by `greenthread sim-engine`).
 pub struct VllmAdapter {
@@ -17,25 +20,27 @@ impl VllmAdapter {
         self
     }
 
+    /// Reaches the engine through `connector` (an in-memory pipe in a simulated fleet).
+    pub fn with_connector(mut self, connector: greenthread_edge::Connector) -> Self {
+        self.http = self.http.with_connector(connector);
+        self
+    }
+
     pub fn new(base: &str) -> Self {
         Self {
             http: EngineHttp::new(base),
         }
     }
 
-    async fn call(
-        &self,
-        call: &'static str,
-        req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, EngineError> {
+    async fn call(&self, call: &'static str, req: Call) -> Result<Answer, EngineError> {
         self.http.call(call, req).await
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+    fn post(&self, path: &str) -> Call {
         self.http.post(path)
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+    fn get(&self, path: &str) -> Call {
         self.http.get(path)
     }
 }
@@ -77,10 +82,7 @@ impl EngineAdapter for VllmAdapter {
             }
             other => other?,
         };
-        let v: serde_json::Value = resp
-            .json()
-            .await
-            .map_err(|e| EngineError::Protocol(format!("is_sleeping: {e}")))?;
+        let v = resp.json("is_sleeping")?;
         v["is_sleeping"]
             .as_bool()
             .ok_or_else(|| EngineError::Protocol(format!("is_sleeping answered {v}")))

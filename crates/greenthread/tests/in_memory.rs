@@ -1,0 +1,157 @@
+//! The whole request path in one process with no socket, on tokio's paused clock: a
+//! client reaches a real sidecar's public router, which reaches the real simulated
+//! engine's router, each through the same HTTP edge as in production but over in-memory
+//! pipes. This is what the fleet simulator runs: virtual seconds pass (a boot, a wake),
+//! wall time does not.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{body::Bytes, http};
+use greenthread_api::GpuSpec;
+use greenthread_edge::{Connector, EdgeConfig, Shutdown, transport::memory};
+use greenthread_ledger::{Ledger, MemoryLedger};
+use greenthread_sidecar::{
+    AppState, Clock, Forwarder, GpuRef, Parts, Sidecar, SidecarConfig, adapter_over,
+    engine_forwarder, public_router, state::State,
+};
+use greenthread_simulator::{SimConfig, SimEngine, router};
+use tokio::time::Instant;
+
+const GI: u64 = 1 << 30;
+/// Only a name here: no socket is ever opened for it.
+const ENGINE_URL: &str = "http://engine.in-memory:8001";
+
+fn chat(model: &str) -> (http::request::Parts, Bytes) {
+    let body = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4}}"#
+    );
+    let (parts, ()) = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+        .into_parts();
+    (parts, Bytes::from(body))
+}
+
+async fn send(client: &Forwarder, model: &str) -> (u16, String) {
+    let (parts, body) = chat(model);
+    let resp = client
+        .forward(&parts, body, ())
+        .await
+        .expect("reaches the sidecar");
+    let status = resp.status().as_u16();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
+    let start = Instant::now();
+    let stop = Shutdown::new();
+
+    // The engine: 8 GiB of weights that come back from host memory at 4 GiB/s.
+    let mut sim = SimConfig::for_model("m");
+    sim.weights_bytes = 8 * GI;
+    sim.h2d_bandwidth = 4 * GI;
+    sim.boot_time = Duration::from_secs(20);
+    let engine = SimEngine::new(sim);
+    engine.boot().await.unwrap();
+    let (engine_addr, engine_listener) = memory("engine");
+    tokio::spawn(greenthread_edge::serve(
+        engine_listener,
+        router(engine.clone()),
+        EdgeConfig::default(),
+        stop.clone(),
+    ));
+
+    // The sidecar, its engine reached over the pipe.
+    let ledger = Arc::new(MemoryLedger::new());
+    ledger.add_gpu(
+        "g-0",
+        GpuSpec {
+            node: "n".into(),
+            index: 0,
+            memory_bytes: 80 * GI,
+            ..Default::default()
+        },
+    );
+    let cfg = SidecarConfig::from_args(
+        "m",
+        &[
+            "--engine-url",
+            ENGINE_URL,
+            "--memory-bytes",
+            "10737418240",
+            "--idle-timeout",
+            "1h",
+        ],
+    )
+    .unwrap();
+    let pipe = Connector::Memory(engine_addr);
+    let (adapter, probe) =
+        adapter_over(&cfg, ENGINE_URL, Some(pipe.clone()), None, &[0], None).unwrap();
+    let sidecar = Sidecar::new(
+        cfg.clone(),
+        Parts {
+            engine: adapter,
+            process: None,
+            ledger: ledger.clone() as Arc<dyn Ledger>,
+            gpus: vec![GpuRef {
+                name: "g-0".into(),
+                index: 0,
+            }],
+            probe,
+            clock: Clock::tokio(),
+        },
+    );
+    let (sidecar_addr, sidecar_listener) = memory("sidecar");
+    tokio::spawn(greenthread_edge::serve(
+        sidecar_listener,
+        public_router(AppState {
+            sidecar: sidecar.clone(),
+            forwarder: Arc::new(
+                engine_forwarder(&cfg, ENGINE_URL)
+                    .unwrap()
+                    .with_connector(pipe),
+            ),
+        }),
+        EdgeConfig::default(),
+        stop.clone(),
+    ));
+    sidecar.start().await.unwrap().unwrap();
+
+    // A client of the sidecar, as the API server is of a replica in a pod.
+    let client = Forwarder::new("http://sidecar.in-memory:8080")
+        .unwrap()
+        .with_connector(Connector::Memory(sidecar_addr));
+    let (status, body) = send(&client, "m").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("chat.completion"), "{body}");
+    assert_eq!(sidecar.state(), State::Serving);
+
+    // Asleep through the pipe, then woken by the next request: the wake copies 8 GiB at
+    // 4 GiB/s, two virtual seconds.
+    sidecar.deactivate("test").await.unwrap();
+    assert!(engine.is_sleeping());
+    let asleep_at = Instant::now();
+    let (status, body) = send(&client, "m").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!engine.is_sleeping());
+    let waited = asleep_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the wake took {waited:?} of virtual time"
+    );
+
+    stop.trigger();
+    sidecar.shutdown().await;
+    assert_eq!(sidecar.tasks_running(), 0);
+    // Virtual time covered the 20 s boot and the 2 s wake.
+    assert!(
+        start.elapsed() >= Duration::from_secs(22),
+        "{:?}",
+        start.elapsed()
+    );
+}
