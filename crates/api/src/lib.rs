@@ -22,3 +22,43 @@ pub use units::{ByteSize, ParseError, arg, format_duration, parse_duration};
 pub fn ledger_key(namespace: &str, pod: &str) -> String {
     format!("{namespace}/{pod}")
 }
+
+/// Declares a struct of metric families with each family's exposition name and help next
+/// to its field, and `fn registered(&mut Registry) -> Self`, which creates them and
+/// registers the named ones (a field without `=> (name, help)` is created, not
+/// registered). The crates that use it depend on `prometheus-client` themselves.
+///
+/// ```ignore
+/// greenthread_api::metric_families! {
+///     pub struct ApiFamilies {
+///         requests: Family<Labels, Counter> = Family::default()
+///             => ("gthread_apiserver_requests", "API server requests"),
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! metric_families {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $(
+                $(#[$fmeta:meta])*
+                $fvis:vis $field:ident : $ty:ty = $init:expr $(=> ($metric:expr, $help:expr))?
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $( $(#[$fmeta])* $fvis $field: $ty, )*
+        }
+
+        impl $name {
+            /// The families, each registered under its exposition name.
+            $vis fn registered(registry: &mut ::prometheus_client::registry::Registry) -> Self {
+                let m = Self { $( $field: $init, )* };
+                $( $( registry.register($metric, $help, m.$field.clone()); )? )*
+                m
+            }
+        }
+    };
+}

@@ -100,7 +100,7 @@ impl ApiServer {
         families: Arc<SidecarFamilies>,
         refresh: Box<dyn Fn() + Send + Sync>,
     ) -> Arc<Self> {
-        let metrics = ApiMetrics::register(&mut registry);
+        let metrics = ApiMetrics::registered(&mut registry);
         let events = events::EventHub::new();
         for m in &models {
             for r in &m.replicas {

@@ -1,9 +1,18 @@
 use prometheus_client::{
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
-    registry::Registry,
 };
 
-type Labels = Vec<(&'static str, String)>;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelCode {
+    model: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
 
 fn latency() -> Histogram {
     Histogram::new([
@@ -11,40 +20,28 @@ fn latency() -> Histogram {
     ])
 }
 
-/// The API server's own request counts (by model and status code) and latency.
-pub struct ApiMetrics {
-    requests: Family<Labels, Counter>,
-    duration: Family<Labels, Histogram, fn() -> Histogram>,
+greenthread_api::metric_families! {
+    /// The API server's own request counts (by model and status code) and latency.
+    pub struct ApiMetrics {
+        requests: Family<ModelCode, Counter> = Family::default()
+            => ("gthread_apiserver_requests", "API server requests by model and status code"),
+        duration: Family<ModelLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency)
+            => ("gthread_apiserver_request_duration_seconds", "API server request latency to the response headers, by model"),
+    }
 }
 
 impl ApiMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(latency),
-        };
-        registry.register(
-            "gthread_apiserver_requests",
-            "API server requests by model and status code",
-            m.requests.clone(),
-        );
-        registry.register(
-            "gthread_apiserver_request_duration_seconds",
-            "API server request latency to the response headers, by model",
-            m.duration.clone(),
-        );
-        m
-    }
-
     pub fn observe(&self, model: &str, code: u16, seconds: f64) {
         self.requests
-            .get_or_create(&vec![
-                ("model", model.to_string()),
-                ("code", code.to_string()),
-            ])
+            .get_or_create(&ModelCode {
+                model: model.to_string(),
+                code: code.to_string(),
+            })
             .inc();
         self.duration
-            .get_or_create(&vec![("model", model.to_string())])
+            .get_or_create(&ModelLabel {
+                model: model.to_string(),
+            })
             .observe(seconds);
     }
 }

@@ -37,15 +37,30 @@ pub struct LeaderLabels {
     pub identity: String,
 }
 
-#[derive(Clone)]
-pub struct ControllerMetrics {
-    pub reconciliations: Family<ResultLabels, Counter>,
-    pub duration: Family<ResourceLabels, Histogram>,
-    pub queue_depth: Family<ResourceLabels, Gauge>,
-    pub errors: Family<ReasonLabels, Counter>,
-    pub leader: Family<LeaderLabels, Gauge>,
-    pub ledger_entries_removed: Counter,
-    pub model_phase: Family<PhaseLabels, Gauge>,
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+greenthread_api::metric_families! {
+    #[derive(Clone)]
+    pub struct ControllerMetrics {
+        pub reconciliations: Family<ResultLabels, Counter> = Family::default()
+            => ("gthread_controller_reconciliations", "Reconciliations by resource and result (success, error)"),
+        pub duration: Family<ResourceLabels, Histogram> = Family::new_with_constructor(duration_histogram)
+            => ("gthread_controller_reconcile_duration_seconds", "Time one reconciliation took"),
+        pub queue_depth: Family<ResourceLabels, Gauge> = Family::default()
+            => ("gthread_controller_workqueue_depth", "Objects with changes not yet reconciled, or waiting for a retry"),
+        pub errors: Family<ReasonLabels, Counter> = Family::default()
+            => ("gthread_controller_errors", "Reconcile errors by reason"),
+        pub leader: Family<LeaderLabels, Gauge> = Family::default()
+            => ("gthread_controller_leader", "1 while this replica holds the leader Lease"),
+        pub ledger_entries_removed: Counter = Counter::default()
+            => ("gthread_controller_ledger_entries_removed", "Occupants, intents and wake locks removed from GPU records because their pod is gone"),
+        pub model_phase: Family<PhaseLabels, Gauge> = Family::default()
+            => ("gthread_controller_model_phase", "1 for each Model's current phase (Pending, Ready, Failed), 0 for the others"),
+    }
 }
 
 /// The resources the controller reconciles, pre-created so that every series exists
@@ -53,55 +68,9 @@ pub struct ControllerMetrics {
 pub const RESOURCES: [&str; 2] = ["model", "gpu"];
 
 impl ControllerMetrics {
+    /// The families, registered, with every per-resource series created at zero.
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            reconciliations: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                Histogram::new([
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ])
-            }),
-            queue_depth: Family::default(),
-            errors: Family::default(),
-            leader: Family::default(),
-            ledger_entries_removed: Counter::default(),
-            model_phase: Family::default(),
-        };
-        registry.register(
-            "gthread_controller_reconciliations",
-            "Reconciliations by resource and result (success, error)",
-            m.reconciliations.clone(),
-        );
-        registry.register(
-            "gthread_controller_reconcile_duration_seconds",
-            "Time one reconciliation took",
-            m.duration.clone(),
-        );
-        registry.register(
-            "gthread_controller_workqueue_depth",
-            "Objects with changes not yet reconciled, or waiting for a retry",
-            m.queue_depth.clone(),
-        );
-        registry.register(
-            "gthread_controller_errors",
-            "Reconcile errors by reason",
-            m.errors.clone(),
-        );
-        registry.register(
-            "gthread_controller_leader",
-            "1 while this replica holds the leader Lease",
-            m.leader.clone(),
-        );
-        registry.register(
-            "gthread_controller_ledger_entries_removed",
-            "Occupants, intents and wake locks removed from GPU records because their pod is gone",
-            m.ledger_entries_removed.clone(),
-        );
-        registry.register(
-            "gthread_controller_model_phase",
-            "1 for each Model's current phase (Pending, Ready, Failed), 0 for the others",
-            m.model_phase.clone(),
-        );
+        let m = Self::registered(registry);
         for resource in RESOURCES {
             for result in ["success", "error"] {
                 m.reconciliations

@@ -3,22 +3,60 @@
 
 use greenthread_api::{GpuSpec, GpuStats};
 use prometheus_client::{
+    encoding::EncodeLabelSet,
     metrics::{family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
+/// Our own labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+    node: String,
+}
+
+/// The DCGM exporter's own label names, so that its dashboards work unchanged.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[allow(non_snake_case)]
+struct DcgmLabels {
+    gpu: String,
+    UUID: String,
+    Hostname: String,
+    modelName: String,
+}
+
+greenthread_api::metric_families! {
+    struct Ours {
+        total: Family<GpuLabels, Gauge> = Family::default()
+            => ("gthread_gpu_memory_total_bytes", "GPU memory"),
+        used: Family<GpuLabels, Gauge> = Family::default()
+            => ("gthread_gpu_memory_used_bytes", "GPU memory in use (measured)"),
+    }
+}
+
+greenthread_api::metric_families! {
+    struct Dcgm {
+        fb_used: Family<DcgmLabels, FloatGauge> = Family::default()
+            => ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (MiB)"),
+        fb_free: Family<DcgmLabels, FloatGauge> = Family::default()
+            => ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (MiB)"),
+        util: Family<DcgmLabels, FloatGauge> = Family::default()
+            => ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (%)"),
+        mem_copy_util: Family<DcgmLabels, FloatGauge> = Family::default()
+            => ("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory copy utilization (%)"),
+        temp: Family<DcgmLabels, FloatGauge> = Family::default()
+            => ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (C)"),
+        power: Family<DcgmLabels, FloatGauge> = Family::default()
+            => ("DCGM_FI_DEV_POWER_USAGE", "Power draw (W)"),
+    }
+}
+
 pub struct GpuMetrics {
-    total: Family<Labels, Gauge>,
-    used: Family<Labels, Gauge>,
-    fb_used: Family<Labels, FloatGauge>,
-    fb_free: Family<Labels, FloatGauge>,
-    util: Family<Labels, FloatGauge>,
-    mem_copy_util: Family<Labels, FloatGauge>,
-    temp: Family<Labels, FloatGauge>,
-    power: Family<Labels, FloatGauge>,
+    ours: Ours,
+    /// Under the DCGM exporter's names, where no DCGM exporter runs.
+    dcgm: Option<Dcgm>,
 }
 
 impl GpuMetrics {
@@ -29,89 +67,45 @@ impl GpuMetrics {
 
     /// Our names, and the DCGM exporter's when `dcgm` (where no DCGM exporter runs).
     pub fn register_with(registry: &mut Registry, dcgm: bool) -> Self {
-        let m = Self {
-            total: Family::default(),
-            used: Family::default(),
-            fb_used: Family::default(),
-            fb_free: Family::default(),
-            util: Family::default(),
-            mem_copy_util: Family::default(),
-            temp: Family::default(),
-            power: Family::default(),
-        };
-        registry.register(
-            "gthread_gpu_memory_total_bytes",
-            "GPU memory",
-            m.total.clone(),
-        );
-        registry.register(
-            "gthread_gpu_memory_used_bytes",
-            "GPU memory in use (measured)",
-            m.used.clone(),
-        );
-        if dcgm {
-            registry.register(
-                "DCGM_FI_DEV_FB_USED",
-                "Framebuffer memory used (MiB)",
-                m.fb_used.clone(),
-            );
-            registry.register(
-                "DCGM_FI_DEV_FB_FREE",
-                "Framebuffer memory free (MiB)",
-                m.fb_free.clone(),
-            );
-            registry.register(
-                "DCGM_FI_DEV_GPU_UTIL",
-                "GPU utilization (%)",
-                m.util.clone(),
-            );
-            registry.register(
-                "DCGM_FI_DEV_MEM_COPY_UTIL",
-                "Memory copy utilization (%)",
-                m.mem_copy_util.clone(),
-            );
-            registry.register(
-                "DCGM_FI_DEV_GPU_TEMP",
-                "GPU temperature (C)",
-                m.temp.clone(),
-            );
-            registry.register("DCGM_FI_DEV_POWER_USAGE", "Power draw (W)", m.power.clone());
+        Self {
+            ours: Ours::registered(registry),
+            dcgm: dcgm.then(|| Dcgm::registered(registry)),
         }
-        m
     }
 
     pub fn set(&self, spec: &GpuSpec, stats: &GpuStats) {
-        let ours: Labels = vec![("gpu", spec.index.to_string()), ("node", spec.node.clone())];
-        // The DCGM exporter's own label names.
-        let dcgm: Labels = vec![
-            ("gpu", spec.index.to_string()),
-            ("UUID", spec.uuid.clone()),
-            ("Hostname", spec.node.clone()),
-            ("modelName", spec.product.clone()),
-        ];
-        const MIB: f64 = (1u64 << 20) as f64;
-        self.total
+        let ours = GpuLabels {
+            gpu: spec.index.to_string(),
+            node: spec.node.clone(),
+        };
+        self.ours
+            .total
             .get_or_create(&ours)
             .set(spec.memory_bytes as i64);
-        self.used
+        self.ours
+            .used
             .get_or_create(&ours)
             .set(stats.used_memory_bytes as i64);
-        self.fb_used
+        let Some(d) = &self.dcgm else { return };
+        let dcgm = DcgmLabels {
+            gpu: spec.index.to_string(),
+            UUID: spec.uuid.clone(),
+            Hostname: spec.node.clone(),
+            modelName: spec.product.clone(),
+        };
+        const MIB: f64 = (1u64 << 20) as f64;
+        d.fb_used
             .get_or_create(&dcgm)
             .set(stats.used_memory_bytes as f64 / MIB);
-        self.fb_free
+        d.fb_free
             .get_or_create(&dcgm)
             .set(stats.free_memory_bytes as f64 / MIB);
-        self.util
-            .get_or_create(&dcgm)
-            .set(stats.utilization_percent);
-        self.mem_copy_util
+        d.util.get_or_create(&dcgm).set(stats.utilization_percent);
+        d.mem_copy_util
             .get_or_create(&dcgm)
             .set(stats.utilization_percent / 2.0);
-        self.temp
-            .get_or_create(&dcgm)
-            .set(stats.temperature_celsius);
-        self.power.get_or_create(&dcgm).set(stats.power_watts);
+        d.temp.get_or_create(&dcgm).set(stats.temperature_celsius);
+        d.power.get_or_create(&dcgm).set(stats.power_watts);
     }
 }
 

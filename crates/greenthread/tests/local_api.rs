@@ -275,80 +275,30 @@ async fn api_keys_guard_the_api_and_the_admin_token_guards_admin() {
     assert_eq!(r.status(), 401);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error"]["type"], "invalid_api_key");
-    assert_eq!(
-        local
-            .chat("alpha", 2)
-            .bearer_auth("wrong")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        local
-            .chat("alpha", 2)
-            .bearer_auth("k1")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        local
-            .client
-            .get(url("/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        local
-            .client
-            .get(url("/v1/models"))
-            .bearer_auth("k1")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        local
-            .client
-            .get(url("/api/v1/gpus"))
-            .bearer_auth("k1")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        local
-            .client
-            .get(url("/api/v1/gpus"))
-            .bearer_auth("root-token")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    // Scrapes stay open, as Prometheus expects.
-    assert_eq!(
-        local
-            .client
-            .get(url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    // (what, request, bearer token, status). Scrapes stay open, as Prometheus expects.
+    let chat = || local.chat("alpha", 2);
+    let get = |p: &str| local.client.get(url(p));
+    let table = [
+        ("chat, wrong key", chat(), Some("wrong"), 401),
+        ("chat, key", chat(), Some("k1"), 200),
+        ("models, no key", get("/v1/models"), None, 401),
+        ("models, key", get("/v1/models"), Some("k1"), 200),
+        ("admin, an API key", get("/api/v1/gpus"), Some("k1"), 401),
+        (
+            "admin, admin token",
+            get("/api/v1/gpus"),
+            Some("root-token"),
+            200,
+        ),
+        ("metrics, nothing", get("/metrics"), None, 200),
+    ];
+    for (what, req, token, want) in table {
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        assert_eq!(req.send().await.unwrap().status(), want, "{what}");
+    }
 }
 
 #[test]

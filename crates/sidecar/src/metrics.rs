@@ -15,6 +15,9 @@ use prometheus_client::{
 
 use crate::state::State;
 
+/// A list rather than an `EncodeLabelSet` struct: a sidecar's base labels depend on the
+/// shape it runs in (none standalone, where Prometheus adds the pod's; `model` and `pod`
+/// in `local`), and each series adds its own (`state`, `role`, `gpu`, `reason`).
 pub type Labels = Vec<(&'static str, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
@@ -27,133 +30,51 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
-/// The metric families of every sidecar in a process.
-pub struct SidecarFamilies {
-    /// Held while a one-hot state gauge changes and while encoding, so that a scrape
-    /// never sees zero or two states at 1.
-    state_lock: Mutex<()>,
-    state: Family<Labels, Gauge>,
-    wake_duration: HistogramFamily,
-    sleep_duration: HistogramFamily,
-    requests: Family<Labels, Counter>,
-    queue_depth: Family<Labels, Gauge>,
-    in_flight: Family<Labels, Gauge>,
-    reserved: Family<Labels, Gauge>,
-    serving: Family<Labels, Gauge>,
-    residual: Family<Labels, Gauge>,
-    preemptions: Family<Labels, Counter>,
-    barrier_timeouts: Family<Labels, Counter>,
-    wake_dedups: Family<Labels, Counter>,
-    cas_conflicts: Family<Labels, Counter>,
-    engine_restarts: Family<Labels, Counter>,
-    wake_failures: Family<Labels, Counter>,
-    rejections: Family<Labels, Counter>,
+greenthread_api::metric_families! {
+    /// The metric families of every sidecar in a process.
+    pub struct SidecarFamilies {
+        /// Held while a one-hot state gauge changes and while encoding, so that a scrape
+        /// never sees zero or two states at 1.
+        state_lock: Mutex<()> = Mutex::new(()),
+        state: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_state", "Current sidecar state; exactly one state is 1"),
+        wake_duration: HistogramFamily = Family::new_with_constructor(duration_histogram)
+            => ("gthread_sidecar_wake_duration_seconds", "Time to wake a model from sleeping to serving"),
+        sleep_duration: HistogramFamily = Family::new_with_constructor(duration_histogram)
+            => ("gthread_sidecar_sleep_duration_seconds", "Time to sleep a model (drain + GPU release)"),
+        requests: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_requests", "Total requests processed"),
+        queue_depth: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_queue_depth", "Current request queue depth"),
+        in_flight: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_in_flight_requests", "Number of requests currently being processed"),
+        reserved: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_gpu_memory_reserved_bytes", "Reserved GPU memory in bytes per GPU index"),
+        serving: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_gpu_memory_serving_bytes", "Measured serving GPU memory in bytes per GPU index"),
+        residual: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_gpu_memory_residual_bytes", "Measured GPU memory a sleeping engine still holds, per GPU index"),
+        preemptions: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_preemptions", "Preemption events by role"),
+        barrier_timeouts: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_preemption_barrier_timeouts", "Drain timeouts during preemption barrier"),
+        wake_dedups: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_wake_deduplications", "Times a wake request was coalesced with an in-flight wake"),
+        cas_conflicts: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_gpu_cas_conflicts", "Optimistic CAS conflicts on GPU CRD updates"),
+        engine_restarts: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_engine_restarts", "Cold restarts of the engine after a failed wake or a crash"),
+        wake_failures: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_wake_failures", "Engine wake attempts that failed"),
+        rejections: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_rejections", "Requests refused without reaching the engine, by reason (queue_full, deadline, failed)"),
+    }
 }
 
 impl SidecarFamilies {
     /// Creates the families and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Arc<Self> {
-        let f = Arc::new(Self {
-            state_lock: Mutex::new(()),
-            state: Family::default(),
-            wake_duration: Family::new_with_constructor(duration_histogram),
-            sleep_duration: Family::new_with_constructor(duration_histogram),
-            requests: Family::default(),
-            queue_depth: Family::default(),
-            in_flight: Family::default(),
-            reserved: Family::default(),
-            serving: Family::default(),
-            residual: Family::default(),
-            preemptions: Family::default(),
-            barrier_timeouts: Family::default(),
-            wake_dedups: Family::default(),
-            cas_conflicts: Family::default(),
-            engine_restarts: Family::default(),
-            wake_failures: Family::default(),
-            rejections: Family::default(),
-        });
-        let r = registry;
-        r.register(
-            "gthread_sidecar_state",
-            "Current sidecar state; exactly one state is 1",
-            f.state.clone(),
-        );
-        r.register(
-            "gthread_sidecar_wake_duration_seconds",
-            "Time to wake a model from sleeping to serving",
-            f.wake_duration.clone(),
-        );
-        r.register(
-            "gthread_sidecar_sleep_duration_seconds",
-            "Time to sleep a model (drain + GPU release)",
-            f.sleep_duration.clone(),
-        );
-        r.register(
-            "gthread_sidecar_requests",
-            "Total requests processed",
-            f.requests.clone(),
-        );
-        r.register(
-            "gthread_sidecar_queue_depth",
-            "Current request queue depth",
-            f.queue_depth.clone(),
-        );
-        r.register(
-            "gthread_sidecar_in_flight_requests",
-            "Number of requests currently being processed",
-            f.in_flight.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_memory_reserved_bytes",
-            "Reserved GPU memory in bytes per GPU index",
-            f.reserved.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_memory_serving_bytes",
-            "Measured serving GPU memory in bytes per GPU index",
-            f.serving.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_memory_residual_bytes",
-            "Measured GPU memory a sleeping engine still holds, per GPU index",
-            f.residual.clone(),
-        );
-        r.register(
-            "gthread_sidecar_preemptions",
-            "Preemption events by role",
-            f.preemptions.clone(),
-        );
-        r.register(
-            "gthread_sidecar_preemption_barrier_timeouts",
-            "Drain timeouts during preemption barrier",
-            f.barrier_timeouts.clone(),
-        );
-        r.register(
-            "gthread_sidecar_wake_deduplications",
-            "Times a wake request was coalesced with an in-flight wake",
-            f.wake_dedups.clone(),
-        );
-        r.register(
-            "gthread_sidecar_gpu_cas_conflicts",
-            "Optimistic CAS conflicts on GPU CRD updates",
-            f.cas_conflicts.clone(),
-        );
-        r.register(
-            "gthread_sidecar_engine_restarts",
-            "Cold restarts of the engine after a failed wake or a crash",
-            f.engine_restarts.clone(),
-        );
-        r.register(
-            "gthread_sidecar_wake_failures",
-            "Engine wake attempts that failed",
-            f.wake_failures.clone(),
-        );
-        r.register(
-            "gthread_sidecar_rejections",
-            "Requests refused without reaching the engine, by reason (queue_full, deadline, failed)",
-            f.rejections.clone(),
-        );
-        f
+        Arc::new(Self::registered(registry))
     }
 
     /// Encodes `registry` while no state gauge is mid-change.
