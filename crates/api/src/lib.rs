@@ -28,7 +28,7 @@ pub fn ledger_key(namespace: &str, pod: &str) -> String {
 /// registers the named ones (a field without `=> (name, help)` is created, not
 /// registered). The crates that use it depend on `prometheus-client` themselves.
 ///
-/// ```ignore
+/// ```text
 /// greenthread_api::metric_families! {
 ///     pub struct ApiFamilies {
 ///         requests: Family<Labels, Counter> = Family::default()
