@@ -1,10 +1,10 @@
 //! What every engine adapter does over HTTP: calls that turn transport failures and
 //! non-2xx answers into [`EngineError`]s, and the calls every OpenAI-style engine answers
 //! alike (model list, metrics, the one-token warm-up). Calls go through a [`Connector`]:
-//! TCP to the engine's loopback port, or an in-memory pipe in a simulated fleet. Control
-//! calls are rare (probes, sleep, wake), so each has a connection of its own.
+//! TCP to the engine's loopback port, or an in-memory pipe in a simulated fleet; a few
+//! connections are kept open between calls, as the wake path makes several in a row.
 
-use std::time::Duration;
+use std::{sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use greenthread_edge::Connector;
@@ -54,19 +54,17 @@ impl Answer {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+type Conn = http1::SendRequest<Full<Bytes>>;
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// Idle control connections kept: probes, sleep and wake come one or two at a time.
+const MAX_IDLE: usize = 4;
 
 pub struct EngineHttp {
     /// `host:port`, sent as `Host`.
     authority: String,
     connector: Connector,
     authorization: Option<HeaderValue>,
+    idle: Mutex<Vec<Conn>>,
 }
 
 impl EngineHttp {
@@ -80,12 +78,14 @@ impl EngineHttp {
             connector: Connector::Tcp(authority.clone()),
             authority,
             authorization: None,
+            idle: Mutex::default(),
         }
     }
 
     /// Reaches the engine through `connector` instead.
     pub fn with_connector(mut self, connector: Connector) -> Self {
         self.connector = connector;
+        self.idle = Mutex::default();
         self
     }
 
@@ -131,6 +131,33 @@ impl EngineHttp {
         })
     }
 
+    /// An idle connection the engine has kept open, or a new one.
+    async fn connection(&self, call: &'static str) -> Result<Conn, EngineError> {
+        loop {
+            let pooled = self.idle.lock().unwrap().pop();
+            let Some(mut conn) = pooled else { break };
+            if conn.ready().await.is_ok() {
+                return Ok(conn);
+            }
+        }
+        let unreachable =
+            |e: &dyn std::fmt::Display| EngineError::Unreachable(format!("{call}: {e}"));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect())
+            .await
+            .map_err(|_| EngineError::Timeout(call))?
+            .map_err(|e| unreachable(&e))?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        // The connection lives while a handle to it does (in a call or in the pool).
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "engine control connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
     async fn exchange(
         &self,
         call: &'static str,
@@ -138,20 +165,7 @@ impl EngineHttp {
     ) -> Result<(StatusCode, Answer), EngineError> {
         let unreachable =
             |e: &dyn std::fmt::Display| EngineError::Unreachable(format!("{call}: {e}"));
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect())
-            .await
-            .map_err(|_| EngineError::Timeout(call))?
-            .map_err(|e| unreachable(&e))?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        // One call, one connection: it ends with the answer, or with this call's deadline
-        // (which drops this future and with it the guard).
-        let _driver = AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "engine control connection ended");
-            }
-        }));
+        let mut sender = self.connection(call).await?;
         let mut builder = Request::builder()
             .method(req.method.clone())
             .uri(&req.path)
@@ -175,6 +189,13 @@ impl EngineHttp {
             .await
             .map_err(|e| EngineError::Protocol(format!("{call}: {e}")))?
             .to_bytes();
+        // Answered to the end: the connection serves the next call. (A call cut short by
+        // its deadline drops it instead, and the engine sees the connection close.)
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+        drop(idle);
         Ok((
             parts.status,
             Answer {
