@@ -4,7 +4,10 @@
 #  2. the sidecar's measurement of an engine process that takes and frees GPU memory
 #     (`--engine process`, a PyTorch engine holding 2 GiB): serving bytes measured by
 #     NVML per process after boot, nothing held after sleep, the same after a wake;
-#  3. host-to-device copy bandwidth from pinned memory, which bounds every wake.
+#  3. host-to-device copy bandwidth from pinned memory, which bounds every wake;
+#  4. `greenthread local` on the real GPU 0 (`gpus: {devices: [0]}`) with two PyTorch
+#     process engines that do not fit together: a request to the second preempts the
+#     first; the ledger's reservations against nvidia-smi's per-process memory.
 # Needs a release build of greenthread at target/release/greenthread (carried over) and
 # PyTorch on the machine.
 set -uo pipefail
@@ -67,3 +70,50 @@ for gib in (1, 4):
     t = time.perf_counter(); dev.copy_(pageable); torch.cuda.synchronize()
     print(f"pageable H2D {gib} GiB: {n / (time.perf_counter() - t) / 1e9:.1f} GB/s")
 PY
+
+echo "== 4. local on a real GPU: two engines that do not fit together"
+TOTAL_GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 | awk '{printf "%d", $1 / 1024}')
+HOLD=$(( TOTAL_GIB * 6 / 10 ))
+cat > "$OUT/local.yaml" <<YAML
+gpus: {devices: [0]}
+models:
+  - name: first
+    spec:
+      modelName: first
+      engine: process
+      command: [python3, scripts/device/torch_engine.py, --port, "{port}", --gib, "$HOLD", --model, first]
+      gpuMemoryUtilization: "0.6"
+      fairness: {minRuntime: 0s, maxWaitTime: 1s}
+  - name: second
+    spec:
+      modelName: second
+      engine: process
+      command: [python3, scripts/device/torch_engine.py, --port, "{port}", --gib, "$HOLD", --model, second]
+      gpuMemoryUtilization: "0.6"
+      fairness: {minRuntime: 0s, maxWaitTime: 1s}
+YAML
+"$BIN" local --config "$OUT/local.yaml" --listen 127.0.0.1:18500 > "$OUT/local.log" 2>&1 &
+LOCAL=$!
+fail=0
+for _ in $(seq 1 240); do curl -sf localhost:18500/health >/dev/null && break; sleep 0.5; done
+ask() { curl -s -o /dev/null -w '%{http_code}' localhost:18500/v1/chat/completions -H 'Content-Type: application/json' \
+  -d "{\"model\":\"$1\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}"; }
+code=$(ask first); echo "first: $code"; [ "$code" = 200 ] || fail=1
+code=$(ask second); echo "second (preempts first): $code"; [ "$code" = 200 ] || fail=1
+curl -s localhost:18500/api/v1/gpus > "$OUT/local-gpus.json"
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits > "$OUT/local-smi.csv"
+python3 - "$OUT" <<'PY' || fail=1
+import json, sys
+out = sys.argv[1]
+gpu = json.load(open(f"{out}/local-gpus.json"))["items"][0]
+states = {o["modelName"]: o["state"] for o in gpu["status"]["occupants"]}
+print("occupants:", states)
+held = sum(int(r.split(",")[1]) for r in open(f"{out}/local-smi.csv") if r.strip()) * 2**20
+reserved = sum(o["reservedMemoryBytes"] for o in gpu["status"]["occupants"] if o["state"] == "serving")
+print(f"nvidia-smi compute processes hold {held / 2**30:.2f} GiB; the ledger reserves {reserved / 2**30:.2f} GiB for the serving one")
+ok = states.get("second") == "serving" and states.get("first") == "sleeping" and abs(held - reserved) <= 0.05 * held
+sys.exit(0 if ok else 1)
+PY
+kill -INT $LOCAL; wait $LOCAL 2>/dev/null
+echo "== local on a real GPU: $([ $fail = 0 ] && echo PASS || echo FAIL)"
+exit $fail

@@ -28,6 +28,9 @@ pub enum DiscoveryError {
 pub trait GpuSource: Send + Sync + 'static {
     fn devices(&self) -> Result<Vec<DeviceInfo>, DiscoveryError>;
     fn stats(&self, index: u32) -> Result<GpuStats, DiscoveryError>;
+    /// GPU memory held by each compute process on device `index` (pid → bytes), as the
+    /// driver accounts it. Processes whose usage the driver cannot report count 0.
+    fn process_memory(&self, index: u32) -> Result<Vec<(u32, u64)>, DiscoveryError>;
 }
 
 /// The NVIDIA driver's management library.
@@ -44,9 +47,7 @@ impl NvmlSource {
 }
 
 impl NvmlSource {
-    /// GPU memory held by each compute process on device `index` (pid → bytes), as the
-    /// driver accounts it. Processes whose usage the driver cannot report count 0.
-    pub fn process_memory(&self, index: u32) -> Result<Vec<(u32, u64)>, DiscoveryError> {
+    fn compute_processes(&self, index: u32) -> Result<Vec<(u32, u64)>, DiscoveryError> {
         use nvml_wrapper::enums::device::UsedGpuMemory;
         let d = self.nvml.device_by_index(index).map_err(nvml_err)?;
         Ok(d.running_compute_processes()
@@ -68,6 +69,10 @@ fn nvml_err(e: nvml_wrapper::error::NvmlError) -> DiscoveryError {
 }
 
 impl GpuSource for NvmlSource {
+    fn process_memory(&self, index: u32) -> Result<Vec<(u32, u64)>, DiscoveryError> {
+        self.compute_processes(index)
+    }
+
     fn devices(&self) -> Result<Vec<DeviceInfo>, DiscoveryError> {
         let count = self.nvml.device_count().map_err(nvml_err)?;
         (0..count)
@@ -101,10 +106,11 @@ impl GpuSource for NvmlSource {
     }
 }
 
-/// Devices and statistics set by a test.
+/// Devices, statistics and per-process memory set by a test.
 pub struct FakeSource {
     devices: Vec<DeviceInfo>,
     stats: Mutex<Vec<GpuStats>>,
+    processes: Mutex<Vec<Vec<(u32, u64)>>>,
 }
 
 impl FakeSource {
@@ -127,9 +133,15 @@ impl FakeSource {
             })
             .collect();
         Self {
+            processes: Mutex::new(vec![Vec::new(); devices.len()]),
             devices,
             stats: Mutex::new(stats),
         }
+    }
+
+    /// The compute processes device `index` reports (pid, bytes).
+    pub fn set_processes(&self, index: u32, processes: Vec<(u32, u64)>) {
+        self.processes.lock().unwrap()[index as usize] = processes;
     }
 
     pub fn set_stats(&self, index: u32, stats: GpuStats) {
@@ -144,6 +156,15 @@ impl GpuSource for FakeSource {
 
     fn stats(&self, index: u32) -> Result<GpuStats, DiscoveryError> {
         self.stats
+            .lock()
+            .unwrap()
+            .get(index as usize)
+            .cloned()
+            .ok_or(DiscoveryError::NoSuchGpu(index))
+    }
+
+    fn process_memory(&self, index: u32) -> Result<Vec<(u32, u64)>, DiscoveryError> {
+        self.processes
             .lock()
             .unwrap()
             .get(index as usize)

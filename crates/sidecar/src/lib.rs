@@ -78,7 +78,7 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
             use greenthread_gpu::GpuSource;
             n.devices().is_ok_and(|d| !d.is_empty())
         })
-        .map(Arc::new);
+        .map(|n| Arc::new(n) as Arc<dyn greenthread_gpu::GpuSource>);
     if cfg.engine_command.is_some()
         && cfg.sim_gpu_dir.is_none()
         && nvml.is_none()

@@ -299,7 +299,7 @@ pub fn group_rss(pgid: u32) -> std::io::Result<u64> {
 /// GPU memory of an engine process group, per GPU, as NVML accounts it per process: what
 /// a real engine (vLLM, SGLang, llama.cpp with CUDA) holds, awake or asleep.
 pub struct NvmlProbe {
-    pub nvml: Arc<greenthread_gpu::NvmlSource>,
+    pub nvml: Arc<dyn greenthread_gpu::GpuSource>,
     pub process: Arc<EngineProcess>,
     pub indices: Vec<u32>,
 }

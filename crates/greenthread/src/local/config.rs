@@ -4,10 +4,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
+    sync::Arc,
 };
 
 use greenthread_api::{ByteSize, EngineKind, Gpu, GpuSpec, ModelSpec, ValidModel};
 use greenthread_controller::placement;
+use greenthread_gpu::{DeviceInfo, DiscoveryError, GpuSource, NvmlSource};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = include_str!("default.yaml");
@@ -35,8 +37,23 @@ pub struct LocalConfig {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum GpusConfig {
+    /// `auto`: every GPU NVML finds.
     Keyword(String),
-    Simulated { simulated: Vec<SimulatedGpu> },
+    Simulated {
+        simulated: Vec<SimulatedGpu>,
+    },
+    /// Some of the GPUs NVML finds, by index or UUID, in this order.
+    Devices {
+        devices: Vec<DeviceRef>,
+    },
+}
+
+/// A real GPU as a config names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceRef {
+    Index(u32),
+    Uuid(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,17 +75,35 @@ pub struct LocalModel {
     pub spec: ModelSpec,
 }
 
-/// A GPU as configured: capacity and product.
+/// A GPU as configured: capacity and product; for a real GPU, its NVML index and UUID.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuPlan {
     pub memory_bytes: u64,
     pub product: String,
+    pub device: Option<(u32, String)>,
+}
+
+/// Where the GPUs are: simulated in this process, or real, seen through NVML.
+#[derive(Clone)]
+pub enum GpuBackend {
+    Simulated,
+    Nvml(Arc<dyn GpuSource>),
+}
+
+impl std::fmt::Debug for GpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GpuBackend::Simulated => "Simulated",
+            GpuBackend::Nvml(_) => "Nvml",
+        })
+    }
 }
 
 /// The checked configuration.
 #[derive(Debug)]
 pub struct Plan {
     pub gpus: Vec<GpuPlan>,
+    pub backend: GpuBackend,
     pub models: Vec<(String, ValidModel)>,
     pub api_keys: Vec<String>,
     pub admin_token: Option<String>,
@@ -91,21 +126,31 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Plan> {
 }
 
 pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
+    parse_with(source, text, &|| {
+        NvmlSource::new().map(|n| Arc::new(n) as Arc<dyn GpuSource>)
+    })
+}
+
+/// [`parse`], discovering real GPUs (`gpus: auto` or `devices`) through `discover`.
+pub fn parse_with(
+    source: &str,
+    text: &str,
+    discover: &dyn Fn() -> Result<Arc<dyn GpuSource>, DiscoveryError>,
+) -> anyhow::Result<Plan> {
     let cfg: LocalConfig =
         serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("config {source}: {e}"))?;
     let mut errors: Vec<String> = Vec::new();
+    let mut backend = GpuBackend::Simulated;
     let gpus = match &cfg.gpus {
         GpusConfig::Keyword(k) if k == "auto" => {
-            errors.push(if nvml_present() {
-                "gpus: `auto` found an NVIDIA driver, but `local` runs only simulated engines so far, and they need simulated GPUs; list them instead (gpus: {simulated: [{memory: 80Gi}]})".into()
-            } else {
-                "gpus: `auto` discovers GPUs through NVML, and no NVIDIA driver (libnvidia-ml.so.1) was found on this machine; list simulated GPUs instead (gpus: {simulated: [{memory: 80Gi}]})".into()
-            });
-            vec![]
+            real_gpus(discover, None, &mut backend, &mut errors)
+        }
+        GpusConfig::Devices { devices } => {
+            real_gpus(discover, Some(devices), &mut backend, &mut errors)
         }
         GpusConfig::Keyword(k) => {
             errors.push(format!(
-                "gpus: {k:?} is neither `auto` nor `{{simulated: [...]}}`"
+                "gpus: {k:?} is none of `auto`, `{{devices: [...]}}` or `{{simulated: [...]}}`"
             ));
             vec![]
         }
@@ -116,6 +161,7 @@ pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
                 Ok(b) if b.bytes() > 0 => Some(GpuPlan {
                     memory_bytes: b.bytes(),
                     product: g.product.clone(),
+                    device: None,
                 }),
                 Ok(_) => {
                     errors.push(format!("gpus.simulated[{i}].memory: must be more than 0"));
@@ -154,14 +200,16 @@ pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
         }
         match m.spec.validate(&format!("models[{i}].spec")) {
             Ok(v) => {
-                if !matches!(
-                    v.spec.engine,
-                    EngineKind::Sim | EngineKind::Llamacpp | EngineKind::Process
-                ) {
-                    errors.push(format!(
-                        "models[{i}].spec.engine: {:?} engines are not supported by `local` yet; use `sim`, `llamacpp` or `process`",
-                        v.spec.engine
-                    ));
+                let real = matches!(backend, GpuBackend::Nvml(_));
+                match v.spec.engine {
+                    EngineKind::Vllm | EngineKind::Sglang => errors.push(format!(
+                        "models[{i}].spec.engine: `{}` engines are not supported by `local` yet; use `sim` (simulated GPUs), `llamacpp` or `process`",
+                        engine_name(v.spec.engine)
+                    )),
+                    EngineKind::Sim if real => errors.push(format!(
+                        "models[{i}].spec.engine: `sim` engines run on simulated GPUs (gpus: {{simulated: [...]}}), and these GPUs are real ones found through NVML; on them use `llamacpp` or `process`"
+                    )),
+                    _ => {}
                 }
                 if !gpus.is_empty() && v.spec.tensor_parallel_size as usize > gpus.len() {
                     errors.push(format!(
@@ -180,6 +228,7 @@ pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
     }
     Ok(Plan {
         gpus,
+        backend,
         models,
         api_keys: cfg.api_keys,
         admin_token: cfg.admin_token,
@@ -188,18 +237,88 @@ pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
     })
 }
 
-/// Whether NVML (the NVIDIA driver's management library) can be loaded here.
-fn nvml_present() -> bool {
-    let name = c"libnvidia-ml.so.1";
-    // SAFETY: dlopen with a valid C string; the handle is closed at once.
-    unsafe {
-        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY);
-        if handle.is_null() {
-            return false;
+/// An engine kind as users write it in a config.
+fn engine_name(kind: EngineKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The real GPUs NVML finds, all (`wanted` is `None`) or those named, in that order.
+fn real_gpus(
+    discover: &dyn Fn() -> Result<Arc<dyn GpuSource>, DiscoveryError>,
+    wanted: Option<&[DeviceRef]>,
+    backend: &mut GpuBackend,
+    errors: &mut Vec<String>,
+) -> Vec<GpuPlan> {
+    let field = if wanted.is_some() {
+        "gpus.devices"
+    } else {
+        "gpus"
+    };
+    let found = match discover().and_then(|s| Ok((s.devices()?, s))) {
+        Ok(found) => found,
+        Err(e) => {
+            errors.push(format!(
+                "{field}: real GPUs are discovered through NVML: {e}; without a driver, list simulated GPUs instead (gpus: {{simulated: [{{memory: 80Gi}}]}})"
+            ));
+            return vec![];
         }
-        libc::dlclose(handle);
+    };
+    let (devices, source) = found;
+    if devices.is_empty() {
+        errors.push(format!("{field}: NVML found no GPU on this machine"));
+        return vec![];
     }
-    true
+    let plan = |d: &DeviceInfo| GpuPlan {
+        memory_bytes: d.memory_bytes,
+        product: d.product.clone(),
+        device: Some((d.index, d.uuid.clone())),
+    };
+    let chosen: Vec<GpuPlan> = match wanted {
+        None => devices.iter().map(plan).collect(),
+        Some(wanted) => {
+            let mut chosen: Vec<GpuPlan> = Vec::new();
+            for (i, w) in wanted.iter().enumerate() {
+                let hit = devices.iter().find(|d| match w {
+                    DeviceRef::Index(n) => d.index == *n,
+                    DeviceRef::Uuid(u) => d.uuid == *u,
+                });
+                match hit {
+                    None => errors.push(format!(
+                        "gpus.devices[{i}]: no GPU {} here; NVML found {}",
+                        match w {
+                            DeviceRef::Index(n) => format!("with index {n}"),
+                            DeviceRef::Uuid(u) => format!("{u:?}"),
+                        },
+                        devices
+                            .iter()
+                            .map(|d| format!("{} ({})", d.index, d.uuid))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                    Some(d)
+                        if chosen
+                            .iter()
+                            .any(|c| c.device.as_ref().is_some_and(|(n, _)| *n == d.index)) =>
+                    {
+                        errors.push(format!(
+                            "gpus.devices[{i}]: GPU {} is listed twice",
+                            d.index
+                        ))
+                    }
+                    Some(d) => chosen.push(plan(d)),
+                }
+            }
+            if wanted.is_empty() {
+                errors.push("gpus.devices: at least one GPU is needed".into());
+            }
+            chosen
+        }
+    };
+    *backend = GpuBackend::Nvml(source);
+    chosen
 }
 
 /// The name of GPU `index` in `local`'s ledger.
@@ -207,27 +326,34 @@ pub fn gpu_name(index: u32) -> String {
     format!("local-{index}")
 }
 
-/// The configured GPUs as ledger records: one node, `local`, simulated UUIDs.
+/// The configured GPUs as ledger records on one node, `local`: a real GPU keeps its
+/// NVML index and UUID; simulated ones are numbered in order.
 pub fn gpu_records(plan: &Plan) -> Vec<Gpu> {
     plan.gpus
         .iter()
         .enumerate()
-        .map(|(i, g)| Gpu {
-            name: gpu_name(i as u32),
-            spec: GpuSpec {
-                node: "local".into(),
-                index: i as u32,
-                uuid: format!("GPU-sim-{i:04}"),
-                product: g.product.clone(),
-                memory_bytes: g.memory_bytes,
-            },
-            status: Default::default(),
-            resource_version: String::new(),
+        .map(|(i, g)| {
+            let (index, uuid) = g
+                .device
+                .clone()
+                .unwrap_or_else(|| (i as u32, format!("GPU-sim-{i:04}")));
+            Gpu {
+                name: gpu_name(index),
+                spec: GpuSpec {
+                    node: "local".into(),
+                    index,
+                    uuid,
+                    product: g.product.clone(),
+                    memory_bytes: g.memory_bytes,
+                },
+                status: Default::default(),
+                resource_version: String::new(),
+            }
         })
         .collect()
 }
 
-/// GPU indices for every replica of every model (in the plan's order), chosen by the
+/// Positions in `gpus` for every replica of every model (in the plan's order), chosen by the
 /// controller's [`placement::place`], so that `local` and Kubernetes place alike: best
 /// fit where the model fits with everything else awake, else the least over-committed
 /// GPUs, replicas of one model apart. The biggest models are placed first (declaration
@@ -243,7 +369,8 @@ pub fn place(plan: &Plan, gpus: &[Gpu]) -> anyhow::Result<Vec<Vec<Vec<u32>>>> {
     });
     let index: BTreeMap<&str, u32> = gpus
         .iter()
-        .map(|g| (g.name.as_str(), g.spec.index))
+        .enumerate()
+        .map(|(i, g)| (g.name.as_str(), i as u32))
         .collect();
     let mut placed: BTreeMap<String, u64> = BTreeMap::new();
     let mut out: Vec<Vec<Vec<u32>>> = plan.models.iter().map(|_| Vec::new()).collect();
@@ -276,7 +403,138 @@ pub fn place(plan: &Plan, gpus: &[Gpu]) -> anyhow::Result<Vec<Vec<Vec<u32>>>> {
 
 #[cfg(test)]
 mod tests {
+    use greenthread_gpu::FakeSource;
+
     use super::*;
+
+    const GI: u64 = 1 << 30;
+
+    /// Two 80 GiB GPUs, as a fake NVML reports them.
+    fn fake() -> Result<Arc<dyn GpuSource>, DiscoveryError> {
+        Ok(Arc::new(FakeSource::new(2, 80 * GI)))
+    }
+
+    fn with_gpus(gpus: &str, engine: &str) -> String {
+        format!(
+            "gpus: {gpus}\nmodels:\n  - name: a\n    spec: {{modelName: m, engine: {engine}, command: [srv]}}\n"
+        )
+    }
+
+    #[test]
+    fn gpus_auto_takes_every_gpu_nvml_finds_with_its_uuid() {
+        let plan = parse_with("cfg", &with_gpus("auto", "llamacpp"), &fake).unwrap();
+        assert!(matches!(plan.backend, GpuBackend::Nvml(_)));
+        let records = gpu_records(&plan);
+        let seen: Vec<(&str, u32, &str, u64)> = records
+            .iter()
+            .map(|g| {
+                (
+                    g.name.as_str(),
+                    g.spec.index,
+                    g.spec.uuid.as_str(),
+                    g.spec.memory_bytes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("local-0", 0, "GPU-fake-0000", 80 * GI),
+                ("local-1", 1, "GPU-fake-0001", 80 * GI)
+            ]
+        );
+        assert_eq!(records[0].spec.product, "Fake GPU");
+    }
+
+    #[test]
+    fn a_subset_of_gpus_is_chosen_by_index_or_uuid_in_order() {
+        let text = with_gpus("{devices: [1, GPU-fake-0000]}", "process");
+        let plan = parse_with("cfg", &text, &fake).unwrap();
+        let records = gpu_records(&plan);
+        let names: Vec<&str> = records.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["local-1", "local-0"]);
+        // Placement speaks positions in the records, whatever the devices' indices.
+        let one = parse_with("cfg", &with_gpus("{devices: [1]}", "process"), &fake).unwrap();
+        let records = gpu_records(&one);
+        assert_eq!(place(&one, &records).unwrap(), vec![vec![vec![0]]]);
+        assert_eq!(records[0].spec.index, 1);
+    }
+
+    #[test]
+    fn wrong_devices_and_missing_drivers_are_named() {
+        let e = parse_with("cfg", &with_gpus("{devices: [7, 0, 0]}", "process"), &fake)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gpus.devices[0]: no GPU with index 7 here; NVML found 0 (GPU-fake-0000), 1 (GPU-fake-0001)"),
+            "{e}"
+        );
+        assert!(e.contains("gpus.devices[2]: GPU 0 is listed twice"), "{e}");
+        let e = parse_with("cfg", &with_gpus("{devices: [GPU-nope]}", "process"), &fake)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gpus.devices[0]: no GPU \"GPU-nope\" here"),
+            "{e}"
+        );
+        let e = parse_with("cfg", &with_gpus("{devices: []}", "process"), &fake)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gpus.devices: at least one GPU is needed"),
+            "{e}"
+        );
+        let no_driver = || -> Result<Arc<dyn GpuSource>, DiscoveryError> {
+            Err(DiscoveryError::NoDriver(
+                "libnvidia-ml.so.1: cannot open".into(),
+            ))
+        };
+        let e = parse_with("cfg", &with_gpus("auto", "process"), &no_driver)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config cfg is invalid"), "{e}");
+        assert!(
+            e.contains("gpus: real GPUs are discovered through NVML"),
+            "{e}"
+        );
+        assert!(e.contains("NVIDIA driver installed"), "{e}");
+        assert!(e.contains("list simulated GPUs instead"), "{e}");
+        let none = || -> Result<Arc<dyn GpuSource>, DiscoveryError> {
+            Ok(Arc::new(FakeSource::new(0, 0)))
+        };
+        let e = parse_with("cfg", &with_gpus("auto", "process"), &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gpus: NVML found no GPU on this machine"), "{e}");
+    }
+
+    #[test]
+    fn engines_must_match_the_gpus() {
+        let e = parse_with("cfg", &with_gpus("auto", "sim"), &fake)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("models[0].spec.engine: `sim` engines run on simulated GPUs"),
+            "{e}"
+        );
+        let e = parse_with(
+            "cfg",
+            &with_gpus("{simulated: [{memory: 8Gi}]}", "vllm"),
+            &fake,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("models[0].spec.engine: `vllm` engines are not supported by `local` yet"),
+            "{e}"
+        );
+        let tp = "gpus: {devices: [0]}\nmodels:\n  - name: a\n    spec: {modelName: m, engine: process, command: [srv], tensorParallelSize: 2}\n";
+        let e = parse_with("cfg", tp, &fake).unwrap_err().to_string();
+        assert!(
+            e.contains("models[0].spec.tensorParallelSize: 2 is more than the 1 GPUs configured"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_embedded_default_is_valid_and_cannot_serve_everything_at_once() {

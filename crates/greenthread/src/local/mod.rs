@@ -7,20 +7,20 @@ mod config;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use greenthread_api::{EngineKind, GpuSpec, ValidModel};
+use greenthread_api::{EngineKind, GpuSpec, GpuStats, ValidModel};
 use greenthread_apiserver::{ApiServer, Auth, ModelRoute, Replica};
 use greenthread_gpu::{GpuMetrics, MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{
     Assignment, GpuRef, LedgerAt, Parts, Sidecar, SidecarConfig, free_port,
     metrics::{SidecarFamilies, SidecarMetrics},
-    process::EngineProcess,
+    process::{EngineProcess, NvmlProbe},
     shell_quote,
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use config::{gpu_name, gpu_records, load, place};
+use config::{GpuBackend, gpu_records, load, place};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LocalArgs {
@@ -72,6 +72,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the greenthread binary")?;
 
     let ledger = Arc::new(MemoryLedger::new());
+    let ledger_for_stats = ledger.clone();
     let specs: Vec<GpuSpec> = records.iter().map(|g| g.spec.clone()).collect();
     for g in &records {
         ledger.add_gpu(&g.name, g.spec.clone());
@@ -90,12 +91,17 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             model_name: model.spec.model_name.clone(),
             replicas: vec![],
         };
-        for (r, gpus) in replicas.iter().enumerate() {
+        for (r, positions) in replicas.iter().enumerate() {
             let pod = format!("{name}-{r}");
             let port = free_port()?;
             let url = format!("http://127.0.0.1:{port}");
+            let placed: Vec<&greenthread_api::Gpu> =
+                positions.iter().map(|p| &records[*p as usize]).collect();
+            // Device indices: NVML's for real GPUs, positions for simulated ones.
+            let gpus: Vec<u32> = placed.iter().map(|g| g.spec.index).collect();
+            let gpus = &gpus;
             let first_gpu = gpus[0];
-            let memory = model.share_of(specs[first_gpu as usize].memory_bytes);
+            let memory = model.share_of(placed[0].spec.memory_bytes);
             let (command, kind) = engine_command(&exe, model, port, memory);
             let cfg = SidecarConfig::for_model(
                 model,
@@ -112,26 +118,48 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                 },
             );
             let (exits_tx, exits) = mpsc::unbounded_channel();
-            let env = vec![
-                (
-                    "GREENTHREAD_SIM_GPU_DIR".to_string(),
-                    sim_dir.path().to_string_lossy().into_owned(),
-                ),
-                (
-                    "GREENTHREAD_SIM_GPU_INDEX".to_string(),
-                    first_gpu.to_string(),
-                ),
-            ];
-            let sim_probe = (kind == greenthread_sidecar::EngineKind::Sim).then(|| {
-                Arc::new(SimGpuProbe {
-                    gpu: sim.clone(),
-                    indices: gpus.clone(),
-                    engine_listen: format!("127.0.0.1:{port}"),
-                }) as Arc<dyn MemoryProbe>
-            });
+            let (env, probe) = match &plan.backend {
+                GpuBackend::Simulated => {
+                    let env = vec![
+                        (
+                            "GREENTHREAD_SIM_GPU_DIR".to_string(),
+                            sim_dir.path().to_string_lossy().into_owned(),
+                        ),
+                        (
+                            "GREENTHREAD_SIM_GPU_INDEX".to_string(),
+                            first_gpu.to_string(),
+                        ),
+                    ];
+                    let probe = (kind == greenthread_sidecar::EngineKind::Sim).then(|| {
+                        Arc::new(SimGpuProbe {
+                            gpu: sim.clone(),
+                            indices: gpus.clone(),
+                            engine_listen: format!("127.0.0.1:{port}"),
+                        }) as Arc<dyn MemoryProbe>
+                    });
+                    (env, probe)
+                }
+                // A real engine sees only its placed GPUs, by UUID, and is measured per
+                // process by the driver.
+                GpuBackend::Nvml(_) => {
+                    let uuids: Vec<&str> = placed.iter().map(|g| g.spec.uuid.as_str()).collect();
+                    (
+                        vec![("CUDA_VISIBLE_DEVICES".to_string(), uuids.join(","))],
+                        None,
+                    )
+                }
+            };
             let process = Arc::new(EngineProcess::new(command, env, exits_tx));
+            let probe = match &plan.backend {
+                GpuBackend::Nvml(source) => Some(Arc::new(NvmlProbe {
+                    nvml: source.clone(),
+                    process: process.clone(),
+                    indices: gpus.clone(),
+                }) as Arc<dyn MemoryProbe>),
+                GpuBackend::Simulated => probe,
+            };
             let (engine, probe) =
-                greenthread_sidecar::adapter(&cfg, &url, Some(&process), gpus, sim_probe)
+                greenthread_sidecar::adapter(&cfg, &url, Some(&process), gpus, probe)
                     .with_context(|| format!("model {name}"))?;
             let sidecar = Sidecar::with_metrics(
                 cfg,
@@ -139,11 +167,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     engine,
                     process: Some(process),
                     ledger: ledger.clone() as Arc<dyn Ledger>,
-                    gpus: gpus
+                    gpus: placed
                         .iter()
                         .map(|g| GpuRef {
-                            name: gpu_name(*g),
-                            index: *g,
+                            name: g.name.clone(),
+                            index: g.spec.index,
                         })
                         .collect(),
                     probe,
@@ -165,19 +193,40 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         routes.push(route);
     }
 
-    // The agent's job: keep each GPU's measured stats in its record.
+    // The agent's job: keep each GPU's measured stats in its record, from NVML for real
+    // GPUs, from the simulated devices' processes otherwise.
+    let sample: Sampler = match &plan.backend {
+        GpuBackend::Nvml(source) => {
+            let source = source.clone();
+            Arc::new(move |s: &GpuSpec| source.stats(s.index).ok())
+        }
+        GpuBackend::Simulated => {
+            let sim = sim.clone();
+            Arc::new(move |s: &GpuSpec| sim.stats(s).ok())
+        }
+    };
     let refresh = {
-        let (sim, specs, metrics) = (sim.clone(), specs.clone(), gpu_metrics.clone());
+        let (sample, specs, metrics) = (sample.clone(), specs.clone(), gpu_metrics.clone());
         move || {
             for s in &specs {
-                if let Ok(stats) = sim.stats(s) {
+                if let Some(stats) = sample(s) {
                     metrics.set(s, &stats);
                 }
             }
         }
     };
     refresh();
-    tokio::spawn(report_gpu_stats(ledger.clone(), sim.clone(), specs.clone()));
+    let names: Vec<(String, GpuSpec)> = records
+        .iter()
+        .map(|g| (g.name.clone(), g.spec.clone()))
+        .collect();
+    tokio::spawn(async move {
+        loop {
+            report_gpu_stats(&*ledger_for_stats, &sample, &names).await;
+            // Device statistics are sampled, as an agent samples NVML.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
 
     let api = ApiServer::new(
         routes,
@@ -232,22 +281,22 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn report_gpu_stats(ledger: Arc<MemoryLedger>, sim: SimGpu, specs: Vec<GpuSpec>) {
-    loop {
-        for s in &specs {
-            let Ok(stats) = sim.stats(s) else { continue };
-            let r = greenthread_ledger::update(&*ledger, &gpu_name(s.index), &|| {}, |g| {
-                let mut next = g.status.clone();
-                next.stats = Some(stats.clone());
-                Ok::<_, greenthread_ledger::LedgerError>((Some(next), ()))
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(gpu = s.index, error = %e, "could not report gpu stats");
-            }
+/// Measured statistics of a GPU, if it can be sampled now.
+type Sampler = Arc<dyn Fn(&GpuSpec) -> Option<GpuStats> + Send + Sync>;
+
+/// One round of the agent's job: each GPU's sampled statistics into its ledger record.
+async fn report_gpu_stats(ledger: &dyn Ledger, sample: &Sampler, gpus: &[(String, GpuSpec)]) {
+    for (name, spec) in gpus {
+        let Some(stats) = sample(spec) else { continue };
+        let r = greenthread_ledger::update(ledger, name, &|| {}, |g| {
+            let mut next = g.status.clone();
+            next.stats = Some(stats.clone());
+            Ok::<_, greenthread_ledger::LedgerError>((Some(next), ()))
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(gpu = spec.index, error = %e, "could not report gpu stats");
         }
-        // Device statistics are sampled, as an agent samples NVML.
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
@@ -283,5 +332,52 @@ fn engine_command(
             }
             (command, kind)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use greenthread_gpu::{FakeSource, GpuSource};
+    use greenthread_ledger::MemoryLedger;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn real_gpus_stats_are_sampled_into_their_records() {
+        let source = Arc::new(FakeSource::new(2, 80 << 30));
+        let stats = GpuStats {
+            used_memory_bytes: 7 << 30,
+            free_memory_bytes: 73 << 30,
+            utilization_percent: 42.0,
+            temperature_celsius: 55.0,
+            power_watts: 300.0,
+        };
+        source.set_stats(1, stats.clone());
+        let ledger = MemoryLedger::new();
+        let gpus: Vec<(String, GpuSpec)> = source
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|d| {
+                let spec = GpuSpec {
+                    node: "local".into(),
+                    index: d.index,
+                    uuid: d.uuid,
+                    product: d.product,
+                    memory_bytes: d.memory_bytes,
+                };
+                ledger.add_gpu(&format!("local-{}", d.index), spec.clone());
+                (format!("local-{}", d.index), spec)
+            })
+            .collect();
+        let sample: Sampler = {
+            let source = source.clone();
+            Arc::new(move |s: &GpuSpec| source.stats(s.index).ok())
+        };
+        report_gpu_stats(&ledger, &sample, &gpus).await;
+        let record = ledger.get("local-1").await.unwrap();
+        assert_eq!(record.status.stats, Some(stats));
+        let other = ledger.get("local-0").await.unwrap();
+        assert_eq!(other.status.stats.unwrap().used_memory_bytes, 0);
     }
 }
