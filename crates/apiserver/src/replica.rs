@@ -82,8 +82,11 @@ impl Replica {
         }
     }
 
+    /// The sidecar's state, or `booting` while its engine has not come up yet (a real
+    /// engine's first boot can take minutes: weights, compilation, CUDA graphs).
     pub fn state(&self) -> &'static str {
         match &self.backend {
+            Backend::Local(s) if !s.boot_ready() => "booting",
             Backend::Local(s) => s.state().as_str(),
             Backend::Remote { states, .. } => states.get(&self.pod).unwrap_or(UNREPORTED),
         }

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use greenthread_api::{EngineKind, FieldError, GpuSpec, Model, ValidModel};
+use greenthread_api::{EngineKind, FieldError, GpuSpec, Model, ModelSpec, ValidModel};
 use greenthread_sidecar::{Assignment, EngineKind as SidecarEngine, LedgerAt, SidecarConfig};
 use k8s_openapi::{
     ByteString,
@@ -114,15 +114,16 @@ fn labels(model: &Model) -> BTreeMap<String, String> {
 
 /// An engine server's command line: `head`, its loopback address, `switches`, then the
 /// spec's memory share, parallelism, dtype, quantization under each engine's flag names,
-/// and the user's extra arguments last (so that they win).
+/// the names it answers to, and the user's extra arguments last (so that they win).
 fn serve_args(
-    model: &Model,
+    spec: &ModelSpec,
     port: u16,
     head: &[&str],
     switches: &[&str],
     (share_flag, tp_flag): (&str, &str),
+    served: &[&str],
 ) -> Vec<String> {
-    let s = &model.spec;
+    let s = spec;
     let mut args: Vec<String> = head.iter().map(|a| a.to_string()).collect();
     args.push(s.model_name.clone());
     args.extend([
@@ -143,20 +144,79 @@ fn serve_args(
     if !s.quantization.is_empty() {
         args.extend(["--quantization".to_string(), s.quantization.clone()]);
     }
+    if !served.is_empty() {
+        args.push("--served-model-name".into());
+        args.extend(served.iter().map(|n| n.to_string()));
+    }
     args.extend(s.extra_args.iter().cloned());
     args
 }
 
-/// vLLM's command line for the spec: sleep mode on, the spec's memory share, parallelism,
-/// dtype, quantization, then the user's extra arguments.
-pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
+/// vLLM's whole command line for `spec`, served as `name` and as its engine id, on
+/// `port`: `vllm serve <modelName>` (or the spec's `command`, with `--model`), sleep
+/// mode on, the spec's memory share, parallelism, dtype, quantization, then the user's
+/// extra arguments. The controller and `local` both run it.
+pub fn vllm_command(spec: &ModelSpec, name: &str, port: u16) -> Vec<String> {
+    let mut served = vec![name];
+    if spec.model_name != name {
+        served.push(&spec.model_name);
+    }
+    let custom: Vec<&str> = spec.command.iter().map(String::as_str).collect();
+    let head: Vec<&str> = if custom.is_empty() {
+        vec!["vllm", "serve"]
+    } else {
+        custom.into_iter().chain(["--model"]).collect()
+    };
     serve_args(
-        model,
+        spec,
         port,
-        &["serve"],
+        &head,
         &["--enable-sleep-mode"],
         ("--gpu-memory-utilization", "--tensor-parallel-size"),
+        &served,
     )
+}
+
+/// The engine container's arguments for vLLM (its command is `vllm`).
+pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
+    let name = model.metadata.name.clone().unwrap_or_default();
+    vllm_command(&model.spec, &name, port)
+        .into_iter()
+        .skip(1)
+        .collect()
+}
+
+/// SGLang's whole command line: `python3 -m sglang.launch_server` (or the spec's
+/// `command`), its memory saver on, weights backed up on the CPU so that they come back
+/// intact, metrics, then the spec's values as for vLLM. The controller and `local` both
+/// run it.
+pub fn sglang_command(spec: &ModelSpec, port: u16) -> Vec<String> {
+    let custom: Vec<&str> = spec.command.iter().map(String::as_str).collect();
+    let head: Vec<&str> = if custom.is_empty() {
+        vec!["python3", "-m", "sglang.launch_server", "--model-path"]
+    } else {
+        custom.into_iter().chain(["--model-path"]).collect()
+    };
+    serve_args(
+        spec,
+        port,
+        &head,
+        &[
+            "--enable-memory-saver",
+            "--enable-weights-cpu-backup",
+            "--enable-metrics",
+        ],
+        ("--mem-fraction-static", "--tp"),
+        &[],
+    )
+}
+
+/// The engine container's arguments for SGLang (its command is `python3`).
+pub fn sglang_args(model: &Model, port: u16) -> Vec<String> {
+    sglang_command(&model.spec, port)
+        .into_iter()
+        .skip(1)
+        .collect()
 }
 
 /// A spec that [`ModelSpec::validate`](greenthread_api::ModelSpec::validate) refuses:
@@ -206,22 +266,6 @@ fn http_probe(path: &str, period: i32) -> Probe {
         failure_threshold: Some(3),
         ..Default::default()
     }
-}
-
-/// SGLang's command line: its memory saver on, weights backed up on the CPU so that they
-/// come back intact, metrics, then the spec's values as for vLLM.
-pub fn sglang_args(model: &Model, port: u16) -> Vec<String> {
-    serve_args(
-        model,
-        port,
-        &["-m", "sglang.launch_server", "--model-path"],
-        &[
-            "--enable-memory-saver",
-            "--enable-weights-cpu-backup",
-            "--enable-metrics",
-        ],
-        ("--mem-fraction-static", "--tp"),
-    )
 }
 
 /// Where the `greenthread` binary is put for engines the sidecar runs in their own image.
@@ -409,19 +453,23 @@ pub fn render_pod(
                         s.model_name.clone(),
                     ],
                 ),
-                EngineKind::Sglang => (
-                    SGLANG_IMAGE.to_string(),
-                    vec!["python3".to_string()],
-                    sglang_args(model, port)
-                        .into_iter()
-                        .chain(["--api-key".to_string(), "$(VLLM_API_KEY)".to_string()])
-                        .collect(),
-                ),
-                _ => (
-                    settings.vllm_image.clone(),
-                    vec!["vllm".to_string()],
-                    vllm_args(model, port),
-                ),
+                EngineKind::Sglang => {
+                    let mut argv = sglang_command(s, port);
+                    let args = argv.split_off(1);
+                    (
+                        SGLANG_IMAGE.to_string(),
+                        argv,
+                        args.into_iter()
+                            .chain(["--api-key".to_string(), "$(VLLM_API_KEY)".to_string()])
+                            .collect(),
+                    )
+                }
+                _ => {
+                    let name = model.metadata.name.clone().unwrap_or_default();
+                    let mut argv = vllm_command(s, &name, port);
+                    let args = argv.split_off(1);
+                    (settings.vllm_image.clone(), argv, args)
+                }
             };
             let engine = Container {
                 name: "engine".into(),

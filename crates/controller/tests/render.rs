@@ -78,6 +78,10 @@ fn the_engine_gets_exactly_the_vllm_arguments_of_the_spec() {
             "bfloat16",
             "--quantization",
             "awq",
+            // The Model's name and the engine id are both accepted.
+            "--served-model-name",
+            "qwen",
+            "Qwen/Qwen2.5-7B-Instruct",
             "--max-model-len",
             "8192",
         ]

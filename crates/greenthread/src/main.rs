@@ -37,6 +37,19 @@ enum Command {
     Sidecar(Box<greenthread_sidecar::SidecarConfig>),
     /// A vLLM-compatible simulated engine.
     SimEngine(greenthread_simulator::SimConfig),
+    /// The simulator behind vLLM's command line (`vllm serve MODEL …`), for tests: a
+    /// `vllm` on the PATH that runs `greenthread vllm-stand-in "$@"`.
+    #[command(hide = true)]
+    VllmStandIn {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The simulator behind SGLang's launcher (`python3 -m sglang.launch_server …`).
+    #[command(hide = true)]
+    SglangStandIn {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +92,16 @@ fn main() -> anyhow::Result<()> {
             Command::Local(args) => local::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(*cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,
+            Command::VllmStandIn { args } => {
+                greenthread_simulator::bind_and_serve(greenthread_simulator::stand_in::vllm(&args)?)
+                    .await
+            }
+            Command::SglangStandIn { args } => {
+                greenthread_simulator::bind_and_serve(greenthread_simulator::stand_in::sglang(
+                    &args,
+                )?)
+                .await
+            }
             Command::Crds | Command::InstallBinary { .. } | Command::Gpus => {
                 unreachable!("handled before the runtime starts")
             }

@@ -23,6 +23,14 @@ pub struct SimConfig {
     /// Model id served (`/v1/models`, the `model` field of requests).
     #[arg(long)]
     pub model: String,
+    /// Like vLLM's `--served-model-name`: the names requests may use instead of
+    /// `--model` (repeatable). Without it, `--model` is the one name.
+    #[arg(long = "served-model-name")]
+    pub served_model_names: Vec<String>,
+    /// Like vLLM without `--enable-sleep-mode` or without `VLLM_SERVER_DEV_MODE=1`: the
+    /// sleep API (`/sleep`, `/wake_up`, `/is_sleeping`, `/collective_rpc`) is not there.
+    #[arg(long, hide = true)]
+    pub no_sleep_api: bool,
     /// Bytes of weights held on the GPU while awake.
     #[arg(long, default_value = "2Gi", value_parser = arg::size)]
     pub weights_bytes: u64,
@@ -113,6 +121,15 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
+    /// The names requests may use.
+    pub fn names(&self) -> Vec<&str> {
+        if self.served_model_names.is_empty() {
+            vec![self.model.as_str()]
+        } else {
+            self.served_model_names.iter().map(String::as_str).collect()
+        }
+    }
+
     /// A fast engine for tests, with everything else at its defaults.
     pub fn for_model(model: &str) -> Self {
         use clap::Parser;

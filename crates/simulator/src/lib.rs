@@ -6,6 +6,7 @@ mod engine;
 mod metrics;
 mod openai;
 mod server;
+pub mod stand_in;
 
 pub use config::{AsleepBehavior, SimConfig};
 pub use engine::SimEngine;

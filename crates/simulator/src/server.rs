@@ -54,7 +54,25 @@ pub fn router(engine: Shared) -> Router {
             engine.clone(),
             require_api_key,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            sleep_api_gate,
+        ))
         .with_state(engine)
+}
+
+/// vLLM serves its sleep API only with `--enable-sleep-mode` and `VLLM_SERVER_DEV_MODE=1`;
+/// without them these paths are not found.
+async fn sleep_api_gate(
+    State(e): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    const SLEEP_API: [&str; 4] = ["/sleep", "/wake_up", "/is_sleeping", "/collective_rpc"];
+    if e.cfg.no_sleep_api && SLEEP_API.contains(&req.uri().path()) {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    }
+    next.run(req).await
 }
 
 /// vLLM's `--api-key`: every `/v1` path needs `Authorization: Bearer <key>`.
@@ -118,10 +136,13 @@ impl IntoResponse for EngineError {
 }
 
 async fn models(State(e): State<Shared>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": e.cfg.model, "object": "model", "owned_by": "greenthread-sim", "max_model_len": 8192}],
-    }))
+    let data: Vec<Value> = e
+        .cfg
+        .names()
+        .iter()
+        .map(|n| json!({"id": n, "object": "model", "owned_by": "greenthread-sim", "max_model_len": 8192}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 async fn health(State(e): State<Shared>) -> StatusCode {
@@ -286,7 +307,7 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
         }
     };
     if let Some(m) = &req.model
-        && m != &e.cfg.model
+        && !e.cfg.names().contains(&m.as_str())
     {
         return error(
             StatusCode::NOT_FOUND,

@@ -74,6 +74,11 @@ impl LocalProc {
 
     /// `start` with more command-line flags for `local`.
     pub async fn start_with(bin: &str, config: &str, flags: &[&str]) -> Self {
+        Self::start_env(bin, config, flags, &[]).await
+    }
+
+    /// `start_with` and more environment for `local` (and the engines it starts).
+    pub async fn start_env(bin: &str, config: &str, flags: &[&str], envs: &[(&str, &str)]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("gt-local-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -87,7 +92,7 @@ impl LocalProc {
             format!("127.0.0.1:{port}"),
         ];
         args.extend(flags.iter().map(|f| f.to_string()));
-        let proc = Proc::spawn(bin, &args);
+        let proc = Proc::spawn_env(bin, &args, envs);
         let me = Self {
             url: format!("http://127.0.0.1:{port}"),
             client: http(),

@@ -126,8 +126,28 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Plan> {
 }
 
 pub fn parse(source: &str, text: &str) -> anyhow::Result<Plan> {
-    parse_with(source, text, &|| {
-        NvmlSource::new().map(|n| Arc::new(n) as Arc<dyn GpuSource>)
+    parse_with(source, text, &|| match fake_gpus() {
+        Some(fake) => fake,
+        None => NvmlSource::new().map(|n| Arc::new(n) as Arc<dyn GpuSource>),
+    })
+}
+
+/// `GREENTHREAD_LOCAL_FAKE_GPUS=2x80Gi`: GPUs that look real to `local` without a driver,
+/// as the agent's `--fake-gpus` (for tests of real engines' command lines through
+/// stand-ins, and demos). They report no process memory, so nothing is measured held.
+fn fake_gpus() -> Option<Result<Arc<dyn GpuSource>, DiscoveryError>> {
+    let v = std::env::var("GREENTHREAD_LOCAL_FAKE_GPUS").ok()?;
+    let parsed = v.split_once('x').and_then(|(n, size)| {
+        Some((
+            n.parse::<u32>().ok()?,
+            size.parse::<ByteSize>().ok()?.bytes(),
+        ))
+    });
+    Some(match parsed {
+        Some((n, bytes)) => Ok(Arc::new(greenthread_gpu::FakeSource::new(n, bytes))),
+        None => Err(DiscoveryError::Nvml(format!(
+            "GREENTHREAD_LOCAL_FAKE_GPUS={v:?} is not COUNTxSIZE (e.g. 2x80Gi)"
+        ))),
     })
 }
 
@@ -202,12 +222,12 @@ pub fn parse_with(
             Ok(v) => {
                 let real = matches!(backend, GpuBackend::Nvml(_));
                 match v.spec.engine {
-                    EngineKind::Vllm | EngineKind::Sglang => errors.push(format!(
-                        "models[{i}].spec.engine: `{}` engines are not supported by `local` yet; use `sim` (simulated GPUs), `llamacpp` or `process`",
+                    EngineKind::Vllm | EngineKind::Sglang if !real => errors.push(format!(
+                        "models[{i}].spec.engine: `{}` runs on real GPUs; use `engine: sim` to simulate it on these simulated GPUs, or `gpus: auto` to run it",
                         engine_name(v.spec.engine)
                     )),
                     EngineKind::Sim if real => errors.push(format!(
-                        "models[{i}].spec.engine: `sim` engines run on simulated GPUs (gpus: {{simulated: [...]}}), and these GPUs are real ones found through NVML; on them use `llamacpp` or `process`"
+                        "models[{i}].spec.engine: `sim` engines run on simulated GPUs (gpus: {{simulated: [...]}}), and these GPUs are real ones found through NVML; on them use `vllm`, `sglang`, `llamacpp` or `process`"
                     )),
                     _ => {}
                 }
@@ -525,7 +545,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("models[0].spec.engine: `vllm` engines are not supported by `local` yet"),
+            e.contains("models[0].spec.engine: `vllm` runs on real GPUs; use `engine: sim` to simulate it on these simulated GPUs, or `gpus: auto` to run it"),
             "{e}"
         );
         let tp = "gpus: {devices: [0]}\nmodels:\n  - name: a\n    spec: {modelName: m, engine: process, command: [srv], tensorParallelSize: 2}\n";

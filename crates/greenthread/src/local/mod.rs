@@ -9,6 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use greenthread_api::{EngineKind, GpuSpec, GpuStats, ValidModel};
 use greenthread_apiserver::{ApiServer, Auth, ModelRoute, Replica};
+use greenthread_controller::render;
 use greenthread_gpu::{GpuMetrics, MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{
@@ -102,7 +103,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             let gpus = &gpus;
             let first_gpu = gpus[0];
             let memory = model.share_of(placed[0].spec.memory_bytes);
-            let (command, kind) = engine_command(&exe, model, port, memory);
+            let (command, kind) = engine_command(&exe, name, model, port, memory);
             let cfg = SidecarConfig::for_model(
                 model,
                 Assignment {
@@ -143,10 +144,12 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                 // process by the driver.
                 GpuBackend::Nvml(_) => {
                     let uuids: Vec<&str> = placed.iter().map(|g| g.spec.uuid.as_str()).collect();
-                    (
-                        vec![("CUDA_VISIBLE_DEVICES".to_string(), uuids.join(","))],
-                        None,
-                    )
+                    let mut env = vec![("CUDA_VISIBLE_DEVICES".to_string(), uuids.join(","))];
+                    if model.spec.engine == EngineKind::Vllm {
+                        // vLLM's sleep API lives behind its development endpoints.
+                        env.push(("VLLM_SERVER_DEV_MODE".to_string(), "1".to_string()));
+                    }
+                    (env, None)
                 }
             };
             let process = Arc::new(EngineProcess::new(command, env, exits_tx));
@@ -260,6 +263,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         api.known_models()
     );
     println!("  Admin API    {base}/api/v1/models  {base}/api/v1/gpus  {base}/api/v1/events");
+    println!(
+        "  Engines      boot in the background (`booting` in /v1/models until up); their output and boot progress are logged below"
+    );
     println!("  Metrics      {base}/metrics");
     println!(
         "  Try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
@@ -301,23 +307,33 @@ async fn report_gpu_stats(ledger: &dyn Ledger, sample: &Sampler, gpus: &[(String
 }
 
 /// The engine's command line on `port`, and the API the sidecar speaks to it. `sim`:
-/// the built-in simulator taking `memory` up front; `llamacpp`: `llama-server` (the
-/// spec's `command`, or `llama-server` on the PATH) with the spec's `extraArgs`;
-/// `process`: the spec's `command` and `extraArgs`, where `{port}` stands for the port
-/// (also in `$PORT`).
+/// the built-in simulator taking `memory` up front; `vllm` and `sglang`: the command
+/// lines the controller renders for their containers (one function for both);
+/// `llamacpp`: `llama-server` (the spec's `command`, or `llama-server` on the PATH) with
+/// the spec's `extraArgs`; `process`: the spec's `command` and `extraArgs`, where
+/// `{port}` stands for the port (also in `$PORT`).
 fn engine_command(
     exe: &std::path::Path,
+    name: &str,
     model: &ValidModel,
     port: u16,
     memory: u64,
 ) -> (String, greenthread_sidecar::EngineKind) {
     let spec = &model.spec;
     let kind = greenthread_sidecar::EngineKind::of(spec.engine, true);
-    match spec.engine {
+    let join = |argv: Vec<String>| {
+        argv.iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let command = match spec.engine {
         EngineKind::Llamacpp | EngineKind::Process => {
-            (spec.owned_engine_command(port, "llama-server"), kind)
+            spec.owned_engine_command(port, "llama-server")
         }
-        _ => {
+        EngineKind::Vllm => join(render::vllm_command(spec, name, port)),
+        EngineKind::Sglang => join(render::sglang_command(spec, port)),
+        EngineKind::Sim => {
             // vLLM takes its share of the GPU up front: weights, then KV cache.
             let weights = memory / 5 * 3;
             let mut command = format!(
@@ -330,9 +346,10 @@ fn engine_command(
                 command.push(' ');
                 command.push_str(&shell_quote(a));
             }
-            (command, kind)
+            command
         }
-    }
+    };
+    (command, kind)
 }
 
 #[cfg(test)]
