@@ -11,6 +11,7 @@
 # Needs a release build of greenthread at target/release/greenthread (carried over) and
 # PyTorch on the machine.
 set -uo pipefail
+fail=0
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 BIN="${GREENTHREAD_BIN:-target/release/greenthread}"
@@ -25,13 +26,22 @@ import csv, json, sys
 out = sys.argv[1]
 smi = list(csv.reader(open(f"{out}/nvidia-smi.csv")))
 ours = json.load(open(f"{out}/greenthread-gpus.json"))
+bad = [] if len(smi) == len(ours) else [f"{len(smi)} GPUs in nvidia-smi, {len(ours)} in ours"]
 for row, g in zip(smi, ours):
     idx, uuid, name, total_mib, used_mib = [c.strip() for c in row[:5]]
-    print(f"gpu {idx}: uuid match={uuid == g['uuid']} name match={name == g['product']} "
-          f"total MiB smi={total_mib} ours={g['memoryBytes'] / 2**20:.0f} "
-          f"used MiB smi={used_mib} ours={g['stats']['usedMemoryBytes'] / 2**20:.0f} "
+    ours_total, ours_used = g["memoryBytes"] / 2**20, g["stats"]["usedMemoryBytes"] / 2**20
+    print(f"gpu {idx}: uuid smi={uuid} ours={g['uuid']}; name smi={name} ours={g['product']}; "
+          f"total MiB smi={total_mib} ours={ours_total:.0f}; used MiB smi={used_mib} ours={ours_used:.0f}; "
           f"temp={g['stats']['temperatureCelsius']} power={g['stats']['powerWatts']:.1f} W")
+    if uuid != g["uuid"]: bad.append(f"gpu {idx}: uuid")
+    if name != g["product"]: bad.append(f"gpu {idx}: name")
+    if abs(float(total_mib) - ours_total) > 1: bad.append(f"gpu {idx}: total memory")
+    # Sampled a moment apart: within 256 MiB.
+    if abs(float(used_mib) - ours_used) > 256: bad.append(f"gpu {idx}: used memory")
+print("step 1:", "PASS" if not bad else "FAIL " + ", ".join(bad))
+sys.exit(1 if bad else 0)
 PY
+[ $? = 0 ] || fail=1
 
 echo "== 2. the sidecar measures a process that takes and frees GPU memory"
 PUB=18080 PRIV=18090 ENG=18001
@@ -42,14 +52,22 @@ PUB=18080 PRIV=18090 ENG=18001
 SC=$!
 for _ in $(seq 1 240); do curl -sf localhost:$PUB/ready >/dev/null && break; sleep 0.5; done
 m() { curl -s localhost:$PRIV/metrics | grep -E "^gthread_sidecar_gpu_memory_(serving|residual|reserved)_bytes"; }
+# held NAME LOW_GIB HIGH_GIB: the metric's value (GPU 0) must lie in [LOW, HIGH] GiB.
+held() {
+  v=$(curl -s localhost:$PRIV/metrics | awk -v n="gthread_sidecar_gpu_memory_$1_bytes" '$1 ~ "^"n {print $2; exit}')
+  python3 -c "import sys; v=float('${v:-nan}')/2**30; ok=$2<=v<=$3; print(f'  $1 = {v:.2f} GiB, want [$2, $3]:', 'ok' if ok else 'WRONG'); sys.exit(0 if ok else 1)" || fail=1
+}
 echo "-- after boot (started, measured, stopped):"; m
+held serving 1.9 2.6
 t0=$(date +%s.%N)
 curl -s localhost:$PUB/v1/chat/completions -H 'Content-Type: application/json' \
   -d '{"model":"torch-engine","messages":[{"role":"user","content":"hi"}],"max_tokens":1}'; echo
 echo "-- awake (wake took $(python3 -c "import time; print(round(time.time() - $t0, 3))") s):"; m
+held serving 1.9 2.6; held reserved 1.9 2.6
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv
 curl -s -X POST localhost:$PRIV/admin/sleep > /dev/null
 echo "-- asleep:"; m
+held residual 0 0.1
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv
 kill $SC; wait $SC 2>/dev/null
 
@@ -94,7 +112,6 @@ models:
 YAML
 "$BIN" local --config "$OUT/local.yaml" --listen 127.0.0.1:18500 > "$OUT/local.log" 2>&1 &
 LOCAL=$!
-fail=0
 for _ in $(seq 1 240); do curl -sf localhost:18500/health >/dev/null && break; sleep 0.5; done
 ask() { curl -s -o /dev/null -w '%{http_code}' localhost:18500/v1/chat/completions -H 'Content-Type: application/json' \
   -d "{\"model\":\"$1\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}"; }
@@ -115,5 +132,5 @@ ok = states.get("second") == "serving" and states.get("first") == "sleeping" and
 sys.exit(0 if ok else 1)
 PY
 kill -INT $LOCAL; wait $LOCAL 2>/dev/null
-echo "== local on a real GPU: $([ $fail = 0 ] && echo PASS || echo FAIL)"
+echo "== gpu-check: $([ $fail = 0 ] && echo PASS || echo FAIL)"
 exit $fail

@@ -487,12 +487,38 @@ async fn of_two_replicas_exactly_one_leads_and_the_other_takes_over_when_its_lea
         assert_eq!(holder(&client).await.as_deref(), Some(leader));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Only the leader reconciles.
+    // Only the leader reconciles: the follower's counters stay at zero.
     create_model(&client, "llama", 1).await;
     wait_until("the leader to place the Model", WAIT, || async {
         (pods_of(&client, "llama").await.len() == 1).then_some(())
     })
     .await;
+    let reconciled = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        Exposition::parse(&text)
+            .unwrap()
+            .find(
+                "gthread_controller_reconciliations_total",
+                &[("resource", "model")],
+            )
+            .map(|s| s.value)
+            .sum::<f64>()
+    };
+    let (leader_registry, follower_registry) = if leader == "replica-a" {
+        (&ra, &rb)
+    } else {
+        (&rb, &ra)
+    };
+    assert!(
+        reconciled(leader_registry) >= 1.0,
+        "the leader reconciled the Model"
+    );
+    assert_eq!(
+        reconciled(follower_registry),
+        0.0,
+        "the follower reconciled nothing"
+    );
 
     let (dead, survivor, survivor_name) = if leader == "replica-a" {
         (&a, &b, "replica-b")

@@ -8,7 +8,9 @@ mod metrics;
 mod probe;
 mod sim;
 
-pub use discovery::{DeviceInfo, DiscoveryError, FakeSource, GpuSource, NvmlSource};
+pub use discovery::{
+    DeviceInfo, DiscoveryError, FakeSource, GpuSource, NvmlSource, nvml_library_present,
+};
 pub use metrics::GpuMetrics;
 pub use probe::{MemoryProbe, ProbeError, SimGpuProbe};
 pub use sim::{ProcessMemory, SimGpu};

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::{StreamExt, TryStreamExt};
 use greenthread_api::{GpuResource, GpuSpec, GpuStatus};
-use greenthread_ledger::{KubeLedger, Ledger, LedgerError, MemoryLedger, decide};
+use greenthread_ledger::{KubeLedger, Ledger, LedgerError, MemoryLedger};
 use greenthread_sidecar::{GpuRef, Sidecar, SidecarConfig};
 use greenthread_test_support::{FakeApiServer, FakeEngine};
 use kube::{
@@ -183,7 +183,8 @@ async fn sixteen_sidecars_race(mut b: Backend) {
     // Every committed record: never more charged than the GPU has.
     let mut seen = 0;
     while let Ok((memory, status)) = b.commits.try_recv() {
-        let charged = decide::committed_bytes(&status);
+        let charged =
+            greenthread_test_support::charged_bytes(&serde_json::to_value(&status).unwrap());
         assert!(
             charged <= memory,
             "over-commit: {charged} > {memory}: {status:?}"

@@ -12,7 +12,6 @@ use std::{
 };
 
 use greenthread_api::GpuStatus;
-use greenthread_ledger::decide;
 use greenthread_test_support::{LocalProc, TEST_CONFIG, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
@@ -39,9 +38,8 @@ struct Outcomes {
 
 fn check_no_overcommit(gpus: &serde_json::Value) {
     for g in gpus["items"].as_array().unwrap() {
-        let status: GpuStatus = serde_json::from_value(g["status"].clone()).unwrap();
         let memory = g["spec"]["memoryBytes"].as_u64().unwrap();
-        let committed = decide::committed_bytes(&status);
+        let committed = greenthread_test_support::charged_bytes(&g["status"]);
         assert!(
             committed <= memory,
             "over-commit on {}: {committed} > {memory}",
@@ -212,4 +210,8 @@ async fn soak_four_models_on_two_gpus() {
         .sum();
     eprintln!("soak: {preempted} preemptions, {sleeps} sleeps");
     assert!(sleeps > 0.0, "models went to sleep during the soak");
+    assert!(
+        preempted > 0.0,
+        "the setup makes models preempt each other: beta and gamma do not fit together"
+    );
 }
