@@ -32,7 +32,8 @@ fn spec() -> GpuSpec {
 /// every committed record of the GPU.
 struct Backend {
     ledgers: Vec<Arc<dyn Ledger>>,
-    commits: mpsc::UnboundedReceiver<(u64, GpuStatus)>,
+    /// Every committed record: resource version, GPU memory, status.
+    commits: mpsc::UnboundedReceiver<(String, u64, GpuStatus)>,
     _server: Option<FakeApiServer>,
 }
 
@@ -44,7 +45,7 @@ async fn memory(participants: usize) -> Backend {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(g) = commits.recv().await {
-            let _ = tx.send((g.spec.memory_bytes, g.status));
+            let _ = tx.send((g.resource_version, g.spec.memory_bytes, g.status));
         }
     });
     Backend {
@@ -69,7 +70,11 @@ async fn kube(participants: usize) -> Backend {
         let mut stream = stream.boxed();
         while let Ok(Some(e)) = stream.try_next().await {
             if let WatchEvent::Added(r) | WatchEvent::Modified(r) = e {
-                let _ = tx.send((r.spec.memory_bytes, r.status.unwrap_or_default()));
+                let _ = tx.send((
+                    r.metadata.resource_version.clone().unwrap_or_default(),
+                    r.spec.memory_bytes,
+                    r.status.unwrap_or_default(),
+                ));
             }
         }
     });
@@ -180,9 +185,19 @@ async fn sixteen_sidecars_race(mut b: Backend) {
     .expect("the race converges");
     let conflicts: u64 = sidecars.iter().map(|s| s.metrics.cas_conflicts.get()).sum();
     assert!(conflicts > 0, "16 racing sidecars conflict at least once");
-    // Every committed record: never more charged than the GPU has.
+    // Every committed record up to the last one: never more charged than the GPU has.
+    // The observer's stream is drained to the record's final version before judging.
+    let last = b.ledgers[0].get(GPU).await.unwrap().resource_version;
     let mut seen = 0;
-    while let Ok((memory, status)) = b.commits.try_recv() {
+    let mut reached = false;
+    while !reached {
+        let (rv, memory, status) = tokio::time::timeout(Duration::from_secs(20), b.commits.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the observer never saw version {last} ({seen} commits seen)")
+            })
+            .expect("the observer runs");
+        reached = rv == last;
         let charged =
             greenthread_test_support::charged_bytes(&serde_json::to_value(&status).unwrap());
         assert!(

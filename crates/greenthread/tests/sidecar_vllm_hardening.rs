@@ -49,12 +49,36 @@ async fn a_request_still_running_when_the_drain_times_out_finishes() {
     assert!(sc.engine_sleeping().await);
 }
 
+fn sim_engine_args(dir: &std::path::Path, model: &str, port: u16) -> Vec<String> {
+    let listen = format!("127.0.0.1:{port}");
+    let dir = dir.display().to_string();
+    [
+        "sim-engine",
+        "--listen",
+        &listen,
+        "--model",
+        model,
+        "--boot-time",
+        "1200ms",
+        "--weights-bytes",
+        "1Gi",
+        "--kv-cache-bytes",
+        "1Gi",
+        "--sim-gpu-dir",
+        &dir,
+        "--fail-concurrent-boot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The engine's command line for a sidecar to start (a shell command).
 fn sim_engine(dir: &std::path::Path, model: &str, port: u16) -> String {
-    format!(
-        "{BIN} sim-engine --listen 127.0.0.1:{port} --model {model} --boot-time 1200ms \
-         --weights-bytes 1Gi --kv-cache-bytes 1Gi --sim-gpu-dir {} --fail-concurrent-boot",
-        dir.display()
-    )
+    std::iter::once(BIN.to_string())
+        .chain(sim_engine_args(dir, model, port))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,8 +87,8 @@ async fn engines_sharing_a_gpu_start_one_at_a_time_even_past_the_lock_ttl() {
     // The fault is real: two engines started together on one GPU, one fails.
     let (p1, p2) = (free_port(), free_port());
     let start = |model: &str, port: u16| {
-        std::process::Command::new("sh")
-            .args(["-c", &sim_engine(dir.path(), model, port)])
+        std::process::Command::new(BIN)
+            .args(sim_engine_args(dir.path(), model, port))
             .env("RUST_LOG", "off")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -72,19 +96,29 @@ async fn engines_sharing_a_gpu_start_one_at_a_time_even_past_the_lock_ttl() {
             .unwrap()
     };
     let (mut a, mut b) = (start("a", p1), start("b", p2));
-    let failed = tokio::task::spawn_blocking(move || {
-        let sa = a.wait().unwrap();
-        let failed_b = b.wait().unwrap();
-        (!sa.success()) as u32 + (!failed_b.success()) as u32
-    });
-    // Neither serves for long: stop whichever came up.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for p in [p1, p2] {
-        let _ = std::process::Command::new("pkill")
-            .args(["-f", &format!("127.0.0.1:{p}")])
-            .status();
+    // A healthy engine never exits by itself: wait (bounded) for one to fail on its own,
+    // then stop the other by its PID. Only the engines' own exits count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let own_failures = loop {
+        let (ea, eb) = (a.try_wait().unwrap(), b.try_wait().unwrap());
+        if ea.is_some() || eb.is_some() {
+            break [ea, eb]
+                .into_iter()
+                .flatten()
+                .filter(|s| !s.success())
+                .count();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither engine failed its concurrent start-up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    assert!(failed.await.unwrap() >= 1, "concurrent start-ups must fail");
+    assert!(own_failures >= 1, "concurrent start-ups must fail");
 
     // Through sidecars: the wake lock serializes the boots, kept alive by heartbeats
     // although each start-up (1.2 s) outlasts the lock's TTL (300 ms).
