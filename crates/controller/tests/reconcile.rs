@@ -202,7 +202,7 @@ async fn a_model_becomes_placed_pods_a_service_and_status_and_leaves_nothing_whe
         // 0.45 of an 80 GiB GPU counted for placement until memory is measured.
         assert_eq!(
             pod.annotations()["greenthread.ai/memory-per-gpu"],
-            ((80 * GI) as f64 * 0.45).floor().to_string()
+            "38654705664"
         );
     }
     let services: Api<Service> = Api::namespaced(client.clone(), TEAM);

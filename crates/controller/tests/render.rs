@@ -131,13 +131,30 @@ fn the_sidecar_gets_its_ports_probes_and_gpus() {
     );
 
     let sidecar = container(&pod, "sidecar");
-    let args = sidecar.args.clone().unwrap().join(" ");
+    // What the sidecar will run with: its own parser reads the arguments.
+    let args = sidecar.args.clone().unwrap();
+    assert_eq!(args[0], "sidecar");
+    let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    let cfg = greenthread_sidecar::SidecarConfig::from_args("unset", &rest).unwrap();
+    use std::time::Duration;
+    assert_eq!(cfg.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(cfg.metrics_listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(cfg.engine_url.as_deref(), Some("http://127.0.0.1:8001"));
+    assert_eq!(cfg.engine, greenthread_sidecar::EngineKind::Vllm);
+    assert_eq!(cfg.model, "Qwen/Qwen2.5-7B-Instruct");
     assert_eq!(
-        args,
-        "sidecar --listen 0.0.0.0:8080 --metrics-listen 0.0.0.0:9090 --engine-url http://127.0.0.1:8001 \
-         --model Qwen/Qwen2.5-7B-Instruct --idle-timeout 10m --drain-timeout 20s --sleep-level 2 \
-         --min-runtime 30s --max-wait-time 3s --ledger kube --gpus gpu-node-1-2,gpu-node-1-3 --namespace greenthread-system --memory-bytes 38654705664 --popular --engine vllm"
+        (cfg.idle_timeout, cfg.drain_timeout, cfg.sleep_level),
+        (Duration::from_secs(600), Duration::from_secs(20), 2)
     );
+    assert_eq!(
+        (cfg.min_runtime, cfg.max_wait_time, cfg.popular),
+        (Duration::from_secs(30), Duration::from_secs(3), true)
+    );
+    assert_eq!(cfg.ledger, greenthread_sidecar::LedgerKind::Kube);
+    assert_eq!(cfg.gpus, ["gpu-node-1-2", "gpu-node-1-3"]);
+    assert_eq!(cfg.namespace, "greenthread-system");
+    // 0.45 × 80 GiB: the engine's share, reserved when waking.
+    assert_eq!(cfg.memory_bytes, Some(38_654_705_664));
     let ports: Vec<(String, i32)> = sidecar
         .ports
         .as_ref()

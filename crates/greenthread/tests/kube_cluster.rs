@@ -178,7 +178,7 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
         .reserved_memory_bytes;
     assert_eq!(
         reserved,
-        (80.0 * GI as f64 * 0.3) as u64,
+        25_769_803_776, // 0.3 × 80 GiB
         "what the controller passed as --memory-bytes"
     );
     wait_until("alpha listed as serving", WAIT, || async {
