@@ -325,6 +325,13 @@ fn a_bad_config_is_refused_naming_the_file_and_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_stops_every_engine() {
+    // Ctrl-C (SIGINT) from a terminal, SIGTERM from a service manager: the same clean end.
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        stops_every_engine_on(signal, name).await;
+    }
+}
+
+async fn stops_every_engine_on(signal: libc::c_int, name: &str) {
     let mut local = LocalProc::start(BIN, TEST_CONFIG).await;
     assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
     let pid = local.proc.pid();
@@ -352,7 +359,7 @@ async fn ctrl_c_stops_every_engine() {
     let first = stream.next().await.unwrap().unwrap();
     // SAFETY: signals our own child process.
     unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        libc::kill(pid as libc::pid_t, signal);
     }
     let mut body = String::from_utf8_lossy(&first).into_owned();
     let rest = tokio::time::timeout(Duration::from_secs(20), async {
@@ -363,17 +370,22 @@ async fn ctrl_c_stops_every_engine() {
     rest.await.expect("the stream ends");
     assert!(
         body.ends_with("data: [DONE]\n\n"),
-        "the in-flight stream completed"
+        "{name}: the in-flight stream completed"
     );
+    let exit = local.proc.wait_exit(Duration::from_secs(20)).await;
     assert!(
-        local.proc.terminate(Duration::from_secs(20)),
-        "exits cleanly on SIGTERM"
+        exit.is_some_and(|s| s.success()),
+        "exits cleanly on {name}: {exit:?}"
     );
-    wait_until("engines to exit", Duration::from_secs(5), || async {
-        engines
-            .iter()
-            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-            .then_some(())
-    })
+    wait_until(
+        &format!("engines to exit on {name}"),
+        Duration::from_secs(5),
+        || async {
+            engines
+                .iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+                .then_some(())
+        },
+    )
     .await;
 }

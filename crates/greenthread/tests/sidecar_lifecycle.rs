@@ -124,6 +124,11 @@ async fn level_two_sleep_wakes_through_reload_weights() {
         Some(2.0),
         "weights, then kv_cache"
     );
+    // The prefix cache was computed with the old weights: it is reset once per wake.
+    assert_eq!(
+        engine.value("greenthread_sim_prefix_cache_resets_total", &[]),
+        Some(1.0)
+    );
     assert_eq!(
         engine.value("vllm:engine_sleep_state", &[("sleep_state", "awake")]),
         Some(1.0)

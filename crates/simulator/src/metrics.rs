@@ -27,6 +27,8 @@ pub struct Metrics {
     pub sleep_state: Family<Labels, Gauge>,
     /// The simulator's own counters (not vLLM's), for tests and benchmarks.
     pub wake_calls: Counter,
+    /// `/reset_prefix_cache` calls (after a level-2 wake the old cache is invalid).
+    pub prefix_cache_resets: Counter,
     pub sleep_calls: Counter,
     /// SGLang's memory-saver calls (`/release_memory_occupation`, `/resume_…`).
     pub release_calls: Counter,
@@ -60,6 +62,7 @@ impl Metrics {
             generation_tokens: Counter::default(),
             sleep_state: Family::default(),
             wake_calls: Counter::default(),
+            prefix_cache_resets: Counter::default(),
             sleep_calls: Counter::default(),
             release_calls: Counter::default(),
             resume_calls: Counter::default(),
@@ -136,6 +139,11 @@ impl Metrics {
             "greenthread_sim_wake_calls",
             "wake_up calls received",
             m.wake_calls.clone(),
+        );
+        registry.register(
+            "greenthread_sim_prefix_cache_resets",
+            "Prefix cache resets asked of the simulator",
+            m.prefix_cache_resets.clone(),
         );
         registry.register(
             "greenthread_sim_sleep_calls",

@@ -40,7 +40,13 @@ pub fn router(engine: Shared) -> Router {
         .route("/resume_memory_occupation", post(resume_memory))
         .route("/health_generate", get(health))
         .route("/get_model_info", get(model_info))
-        .route("/reset_prefix_cache", post(|| async { StatusCode::OK }))
+        .route(
+            "/reset_prefix_cache",
+            post(|State(e): State<Shared>| async move {
+                e.metrics.prefix_cache_resets.inc();
+                StatusCode::OK
+            }),
+        )
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/tokenize", post(tokenize))
