@@ -274,6 +274,30 @@ mod tests {
         assert!(a.drained(Duration::ZERO).await);
     }
 
+    /// The README's claim: queued requests go to the engine in the order they came.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_released_in_arrival_order() {
+        let a = admission(8);
+        let tickets: Vec<Ticket> = (0..5).map(|_| queued(a.enter())).collect();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        // Spawned last-first, so that spawn order cannot pass for arrival order.
+        let mut tasks = Vec::new();
+        for (i, t) in tickets.into_iter().enumerate().rev() {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let slot = t.wait(Duration::from_secs(1)).await.ok().unwrap();
+                order.lock().unwrap().push(i);
+                slot
+            }));
+        }
+        tokio::task::yield_now().await;
+        a.open();
+        for t in tasks {
+            drop(t.await.unwrap());
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_and_a_leaving_waiter_frees_its_place() {
         let a = admission(1);
