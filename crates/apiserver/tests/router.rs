@@ -1,0 +1,178 @@
+//! The API server's router in process, with no socket: how a `model` routes, what each
+//! refusal says, and which credential opens which path. Tables, one request per row.
+
+use std::sync::Arc;
+
+use axum::{Router, body::Body};
+use greenthread_apiserver::{ApiServer, Auth, AuthSources, ModelRoute, router};
+use greenthread_ledger::{Ledger, MemoryLedger};
+use greenthread_sidecar::metrics::SidecarFamilies;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tower_service::Service;
+
+const SOURCES: AuthSources = AuthSources {
+    keys: "keys",
+    admin: "admin",
+    admin_open: "admin open",
+};
+
+/// `alpha` in one namespace, `beta` in two; no replica runs, so a request that routes
+/// gets 503 "no replica", which tells routing apart from refusal.
+fn app(auth: Auth) -> Router {
+    let route = |ns: &str, name: &str| ModelRoute {
+        namespace: ns.into(),
+        name: name.into(),
+        model_name: format!("org/{name}"),
+        replicas: vec![],
+    };
+    let mut registry = Registry::default();
+    let families = SidecarFamilies::register(&mut registry);
+    router(ApiServer::new(
+        vec![
+            route("team-a", "alpha"),
+            route("team-a", "beta"),
+            route("team-b", "beta"),
+        ],
+        Arc::new(MemoryLedger::new()) as Arc<dyn Ledger>,
+        auth,
+        registry,
+        families,
+        Box::new(|| {}),
+    ))
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app.clone().call(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn chat(model: &str) -> Request<Body> {
+    Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(format!(
+            r#"{{"model":{model:?},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_model_routes_by_name_engine_id_or_namespace_and_every_refusal_says_why() {
+    let app = app(Auth::open());
+    // (model, status, error type, a piece of the message)
+    let table = [
+        (
+            "alpha",
+            503,
+            "service_unavailable",
+            "no replica of model \"alpha\"",
+        ),
+        (
+            "org/alpha",
+            503,
+            "service_unavailable",
+            // The engine id routes to the Model it belongs to.
+            "no replica of model \"alpha\"",
+        ),
+        ("team-a/alpha", 503, "service_unavailable", "no replica"),
+        ("team-b/beta", 503, "service_unavailable", "no replica"),
+        ("beta", 409, "model_ambiguous", "team-a/beta"),
+        ("nope", 404, "model_not_found", "Known models:"),
+        ("team-c/alpha", 404, "model_not_found", "does not exist"),
+    ];
+    for (model, status, kind, piece) in table {
+        let (got, body) = send(&app, chat(model)).await;
+        assert_eq!(got.as_u16(), status, "{model}: {body}");
+        let e = &body["error"];
+        assert_eq!(e["type"], kind, "{model}: {body}");
+        assert!(
+            e["message"].as_str().unwrap().contains(piece),
+            "{model}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_naming_the_problem() {
+    let app = app(Auth::open());
+    let post = |body: &'static str| {
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    // (body, status, a piece of the message)
+    let table = [
+        ("not json", 400, "JSON"),
+        (r#"{"messages": []}"#, 400, "model"),
+        (r#"{"model": 7}"#, 400, "model"),
+        (r#"{"model": "alpha", "model": "beta"}"#, 400, "model"),
+    ];
+    for (body, status, piece) in table {
+        let (got, v) = send(&app, post(body)).await;
+        assert_eq!(got.as_u16(), status, "{body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(piece), "{body}: {v}");
+    }
+    let (got, _) = send(&app, Request::get("/v1/nope").body(Body::empty()).unwrap()).await;
+    assert!(got.is_client_error(), "{got}");
+}
+
+#[tokio::test]
+async fn each_credential_opens_what_it_is_for() {
+    let auth = Auth::new(
+        vec!["k1".into()],
+        Some("root".into()),
+        Some("scrape".into()),
+        false,
+        SOURCES,
+    )
+    .unwrap();
+    let app = app(auth);
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = Request::get(path);
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    // (what, request, status)
+    let table = [
+        ("models, no key", get("/v1/models", None), 401),
+        ("models, wrong key", get("/v1/models", Some("k2")), 401),
+        ("models, key", get("/v1/models", Some("k1")), 200),
+        // The admin token opens the API too: an operator may try what users see.
+        ("models, admin token", get("/v1/models", Some("root")), 200),
+        ("admin, API key", get("/api/v1/gpus", Some("k1")), 401),
+        ("admin, admin token", get("/api/v1/gpus", Some("root")), 200),
+        ("metrics, nothing", get("/metrics", None), 401),
+        ("metrics, API key", get("/metrics", Some("k1")), 401),
+        ("metrics, its token", get("/metrics", Some("scrape")), 200),
+    ];
+    for (what, req, status) in table {
+        let resp = app.clone().call(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+    }
+    // A refusal is an OpenAI-style error, and no credential is echoed.
+    let (status, v) = send(&app, get("/v1/models", Some("k2"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"]["type"], "invalid_api_key");
+    assert!(!v.to_string().contains("k2"), "{v}");
+    // Without keys, the API lists every model with its state, waking nothing.
+    let (status, v) = send(&app, get("/v1/models", Some("k1"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["alpha", "team-a/beta", "team-b/beta"]);
+}
