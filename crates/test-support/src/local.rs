@@ -77,20 +77,36 @@ impl LocalProc {
         Self::start_env(bin, config, flags, &[]).await
     }
 
+    /// `greenthread local` on its embedded default (no `--config`), as the README's
+    /// quick start runs it.
+    pub async fn start_default(bin: &str) -> Self {
+        Self::launch(bin, None, &[], &[]).await
+    }
+
     /// `start_with` and more environment for `local` (and the engines it starts).
     pub async fn start_env(bin: &str, config: &str, flags: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::launch(bin, Some(config), flags, envs).await
+    }
+
+    async fn launch(
+        bin: &str,
+        config: Option<&str>,
+        flags: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("gt-local-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("local.yaml");
-        std::fs::write(&path, config).unwrap();
         let mut args: Vec<String> = vec![
             "local".into(),
-            "--config".into(),
-            path.display().to_string(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
         ];
+        if let Some(config) = config {
+            std::fs::write(&path, config).unwrap();
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
         args.extend(flags.iter().map(|f| f.to_string()));
         let proc = Proc::spawn_env(bin, &args, envs);
         let me = Self {
@@ -100,7 +116,7 @@ impl LocalProc {
             _dir: tempfile_like::Dir(dir),
             proc,
         };
-        let admin = me.admin_token(config);
+        let admin = config.and_then(|c| me.admin_token(c));
         wait_until("every model to boot", Duration::from_secs(60), || async {
             let mut req = me.client.get(format!("{}/api/v1/models", me.url));
             if let Some(t) = &admin {
