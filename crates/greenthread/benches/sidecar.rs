@@ -4,8 +4,9 @@
 //!     cargo bench -p greenthread --bench sidecar            (about two minutes)
 //!     BENCH_SECONDS=3 cargo bench -p greenthread --bench sidecar   (longer cells)
 //!
-//! nginx comes from Debian's `nginx-light` (or `nginx`) package; without it that column
-//! is skipped.
+//! nginx is the baseline and is required: Debian's `nginx-light` (or `nginx`) package.
+//! Without it the benchmark stops and says how to install it, as the tests do for
+//! Prometheus: a ratio against a missing baseline is no result.
 
 use std::{
     path::{Path, PathBuf},
@@ -268,7 +269,12 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
-    let nginx_bin = nginx_binary();
+    let nginx_bin = Some(nginx_binary().unwrap_or_else(|| {
+        panic!(
+            "nginx is this benchmark's baseline and is not installed: \
+             sudo apt-get install -y --no-install-recommends nginx-light"
+        )
+    }));
     let dir = tempfile::tempdir().unwrap();
     // nginx workers run as an unprivileged user: let them write their temp files.
     #[cfg(unix)]
@@ -278,9 +284,6 @@ async fn main() {
     }
     let mut procs = Vec::new();
     let nginx = nginx_bin.as_deref().map(|b| (b, dir.path()));
-    if nginx.is_none() {
-        eprintln!("nginx not found (apt-get install nginx-light): its column is skipped");
-    }
     let stacks = [
         (
             &INSTANT,
