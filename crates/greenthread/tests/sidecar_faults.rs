@@ -116,4 +116,10 @@ async fn an_engine_that_never_wakes_fails_the_queue_with_a_reason_and_holds_noth
     assert!(msg.contains("failed to wake"), "{msg}");
     assert_eq!(sc.state().await, "sleeping");
     assert_eq!(sc.status().await["memory"]["reservedBytes"], 0);
+    // `GreenThreadModelFailing` reads this series.
+    let m = sc.metrics().await;
+    assert_eq!(
+        m.value("gthread_sidecar_rejections_total", &[("reason", "failed")]),
+        Some(1.0)
+    );
 }

@@ -41,6 +41,21 @@ async fn a_full_queue_answers_429_with_retry_after() {
         m.value("gthread_sidecar_requests_total", &[("status", "error")]),
         Some(1.0)
     );
+    // The series the shipped alerts read, by reason: this one refusal, queue_full.
+    assert_eq!(
+        m.value(
+            "gthread_sidecar_rejections_total",
+            &[("reason", "queue_full")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value(
+            "gthread_sidecar_rejections_total",
+            &[("reason", "deadline")]
+        ),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,6 +80,15 @@ async fn a_request_past_its_deadline_gets_503_with_a_json_reason() {
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("model d is waking"), "{msg}");
     assert_eq!(queue_depth(&sc).await, 0.0);
+    // `GreenThreadQueueTimeouts` reads this series.
+    let m = sc.metrics().await;
+    assert_eq!(
+        m.value(
+            "gthread_sidecar_rejections_total",
+            &[("reason", "deadline")]
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
