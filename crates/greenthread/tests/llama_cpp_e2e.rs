@@ -4,7 +4,18 @@
 //! where only one fits, and the official `openai` Python SDK as the client
 //! (`scripts/openai_e2e.py`): every request to the other model forces a sleep and a wake.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::StreamExt;
 
 use greenthread_test_support::{LocalProc, chart::repo_root, llama, wait_until};
 use serde_json::Value;
@@ -47,6 +58,41 @@ async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() 
         footprints.iter().sum::<f64>() > 600.0 * 1024.0 * 1024.0,
         "the budget must not hold both: {footprints:?}"
     );
+
+    // Watched over the whole run, two ways: the state changes, in the order the sidecars
+    // made them (never both serving), and the processes (never two llama-servers alive),
+    // sampled every 10 ms.
+    let events = local
+        .client
+        .get(format!("{}/api/v1/events", local.url))
+        .send()
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let collector = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let mut stream = events.bytes_stream();
+            while let Some(Ok(chunk)) = stream.next().await {
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk));
+            }
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn({
+        let (stop, root) = (stop.clone(), local.proc.pid());
+        async move {
+            let (mut samples, mut most) = (0u32, 0usize);
+            while !stop.load(Ordering::SeqCst) {
+                most = most.max(llama_servers_under(root));
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (samples, most)
+        }
+    });
 
     let out = tokio::task::spawn_blocking({
         let url = local.url.clone();
@@ -92,12 +138,32 @@ async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() 
             "{pod}: stopping to sleep is not a crash"
         );
     }
-    // Never both resident at once: the ledger's reservations stayed within the budget.
-    let gpus = local.get_json("/api/v1/gpus").await;
-    let available = gpus["items"][0]["status"]["availableMemoryBytes"]
-        .as_u64()
-        .unwrap();
-    assert!(available <= 600 * 1024 * 1024);
+    // Never both resident at once, over the whole run.
+    stop.store(true, Ordering::SeqCst);
+    let (samples, most) = watcher.await.unwrap();
+    assert!(samples > 50, "the process watcher ran ({samples} samples)");
+    assert_eq!(most, 1, "llama-servers alive at once, at most");
+    collector.abort();
+    let seen = seen.lock().unwrap().clone();
+    let mut state: BTreeMap<String, String> = BTreeMap::new();
+    let mut changes = 0;
+    for data in seen
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+    {
+        let e: Value = serde_json::from_str(data).unwrap();
+        state.insert(
+            e["model"].as_str().unwrap().into(),
+            e["to"].as_str().unwrap().into(),
+        );
+        changes += 1;
+        let serving = state.values().filter(|s| *s == "serving").count();
+        assert!(serving <= 1, "both serving at once after {e}: {state:?}");
+    }
+    assert!(
+        changes > 12,
+        "the run's state changes were seen ({changes})"
+    );
     // The engine's own metrics come through for the one awake.
     wait_until(
         "an awake llama-server's metrics",
@@ -116,4 +182,38 @@ async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() 
         },
     )
     .await;
+}
+
+/// llama-server processes among `root`'s descendants, from `/proc`.
+fn llama_servers_under(root: u32) -> usize {
+    let parent = |pid: u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim().starts_with("llama-server"))
+        })
+        .filter(|pid| {
+            let mut p = *pid;
+            for _ in 0..6 {
+                match parent(p) {
+                    Some(pp) if pp == root => return true,
+                    Some(pp) if pp > 1 => p = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .count()
 }
