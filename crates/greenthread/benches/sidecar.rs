@@ -16,7 +16,7 @@ use std::{
 use futures_util::StreamExt;
 use greenthread_test_support::{
     Proc,
-    bench::{ROUNDS, Stats, body, load, median, ms, percentile, wait_http},
+    bench::{ROUNDS, Stats, body, load, ms, percentile, wait_http},
     free_port, http,
 };
 
@@ -182,7 +182,9 @@ async fn stack(
 
 /// First byte of a request to a sleeping model through the sidecar, against the engine's
 /// own wake time measured directly, `n` rounds each.
-async fn wake_overhead(n: usize) -> (Duration, Duration, Duration) {
+/// Per round, the same engine woken through the sidecar and then directly, back to back:
+/// medians of each and of the per-round difference, with its min and max.
+async fn wake_overhead(n: usize) -> (Duration, Duration, (f64, f64, f64)) {
     let mut procs = Vec::new();
     // 1 GiB of weights at 8 GiB/s: a 125 ms engine wake.
     let flags = [
@@ -200,36 +202,24 @@ async fn wake_overhead(n: usize) -> (Duration, Duration, Duration) {
     wait_http(&format!("http://127.0.0.1:{ep}/health")).await;
     let engine = format!("http://127.0.0.1:{ep}");
     let client = http();
-
-    let mut direct = Vec::new();
-    for _ in 0..n {
-        client
-            .post(format!("{engine}/sleep?level=1"))
-            .send()
-            .await
-            .unwrap();
-        let t = Instant::now();
-        let r = client
-            .post(format!("{engine}/wake_up"))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-        let r = client
-            .post(format!("{engine}/v1/chat/completions"))
-            .json(&body("wake", 1, false))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-        direct.push(t.elapsed());
-    }
-
     procs.push(spawn_sidecar("wake", ep, sp, sa));
     wait_http(&format!("http://127.0.0.1:{sp}/ready")).await;
-    let mut through = Vec::new();
+    let chat = |base: String| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&body("wake", 1, false))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+            let _ = r.bytes().await;
+        }
+    };
+    let (mut direct, mut through, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
-        // The sidecar's boot (first round) or the admin sleep below leaves it asleep.
+        // Asleep (the sidecar's boot, or the end of the last round): through the sidecar.
         let state: serde_json::Value = client
             .get(format!("http://127.0.0.1:{sp}/status"))
             .send()
@@ -246,20 +236,41 @@ async fn wake_overhead(n: usize) -> (Duration, Duration, Duration) {
                 .unwrap();
         }
         let t = Instant::now();
-        let r = client
-            .post(format!("http://127.0.0.1:{sp}/v1/chat/completions"))
-            .json(&body("wake", 1, false))
+        chat(format!("http://127.0.0.1:{sp}")).await;
+        let s = t.elapsed();
+        // Asleep again through the sidecar, then woken directly, then put back to sleep
+        // directly: the sidecar, asleep all along, finds it asleep next round.
+        client
+            .post(format!("http://127.0.0.1:{sa}/admin/sleep"))
             .send()
             .await
             .unwrap();
-        through.push(t.elapsed());
+        let t = Instant::now();
+        let r = client
+            .post(format!("{engine}/wake_up"))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success());
-        let _ = r.bytes().await;
+        chat(engine.clone()).await;
+        let d = t.elapsed();
+        client
+            .post(format!("{engine}/sleep?level=1"))
+            .send()
+            .await
+            .unwrap();
+        through.push(s);
+        direct.push(d);
+        diffs.push((s.as_secs_f64() - d.as_secs_f64()) * 1e3);
     }
     direct.sort();
     through.sort();
-    let (d, s) = (percentile(&direct, 0.5), percentile(&through, 0.5));
-    (d, s, s.saturating_sub(d))
+    diffs.sort_by(f64::total_cmp);
+    (
+        percentile(&direct, 0.5),
+        percentile(&through, 0.5),
+        (diffs[diffs.len() / 2], diffs[0], diffs[diffs.len() - 1]),
+    )
 }
 
 #[tokio::main]
@@ -296,45 +307,59 @@ async fn main() {
     ];
 
     println!(
-        "\n## Throughput and latency ({ROUNDS} interleaved rounds of {seconds:.1} s per path and cell, medians; closed-loop clients on loopback)\n"
+        "\n## Throughput and latency ({ROUNDS} rounds of {seconds:.1} s per path and cell; closed-loop clients on loopback)\n"
     );
     println!(
-        "| engine | conc | direct rps | direct p50 ms | direct p99 ms | sidecar rps | sidecar p50 ms | sidecar p99 ms | nginx rps | nginx p50 ms | nginx p99 ms | sidecar p50 added ms | nginx p50 added ms | sidecar/direct rps | sidecar/nginx rps |"
+        "Each round runs direct, sidecar and nginx back to back. The absolute columns are one \
+         round's (the round with the median sidecar/nginx ratio); the paired columns are the \
+         median of the per-round values [min, max], never clamped.\n"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| engine | conc | direct rps | direct p50 ms | sidecar rps | sidecar p50 ms | sidecar p99 ms | nginx rps | nginx p50 ms | nginx p99 ms | sidecar p50 added ms | nginx p50 added ms | sidecar/direct rps | sidecar/nginx rps |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (engine, s) in &stacks {
         for conc in [1, 16, 64] {
-            let mut targets = vec![s.direct.clone(), s.sidecar.clone()];
-            targets.extend(s.nginx.clone());
-            // Interleaved so that a slow moment of this shared machine hits every path.
-            let mut rounds: Vec<Vec<Stats>> = targets.iter().map(|_| Vec::new()).collect();
+            let nginx = s.nginx.clone().expect("nginx is required");
+            let targets = [s.direct.clone(), s.sidecar.clone(), nginx];
+            // Interleaved so that a slow moment of this shared machine hits every path
+            // of the same round.
+            let mut rounds: Vec<[Stats; 3]> = Vec::new();
             for _ in 0..ROUNDS {
-                for (i, t) in targets.iter().enumerate() {
-                    rounds[i].push(load(t, engine.name, engine.max_tokens, conc, seconds).await);
+                let mut round = Vec::new();
+                for t in &targets {
+                    round.push(load(t, engine.name, engine.max_tokens, conc, seconds).await);
                 }
+                rounds.push(round.try_into().ok().unwrap());
             }
-            let med: Vec<Stats> = rounds.into_iter().map(median).collect();
-            let (d, sc) = (&med[0], &med[1]);
-            let ng = med.get(2);
-            let errors: usize = med.iter().map(|m| m.errors).sum();
-            let ngs = ng.map_or("| - | - | -".to_string(), |n| {
-                format!("| {:.0} | {} | {}", n.rps, ms(n.p50), ms(n.p99))
-            });
-            let added =
-                |x: &Stats| format!("{:+.3}", (x.p50.as_secs_f64() - d.p50.as_secs_f64()) * 1e3);
+            let p50 = |x: &Stats| x.p50.as_secs_f64() * 1e3;
+            let paired = |f: &dyn Fn(&[Stats; 3]) -> f64, fmt: &dyn Fn(f64) -> String| {
+                let mut v: Vec<f64> = rounds.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                format!("{} [{}, {}]", fmt(v[v.len() / 2]), fmt(v[0]), fmt(v[v.len() - 1]))
+            };
+            let ratio = |r: &[Stats; 3]| r[1].rps / r[2].rps;
+            let mut order: Vec<usize> = (0..rounds.len()).collect();
+            order.sort_by(|a, b| ratio(&rounds[*a]).total_cmp(&ratio(&rounds[*b])));
+            let [d, sc, ng] = &rounds[order[order.len() / 2]];
+            let errors: usize = rounds.iter().flatten().map(|m| m.errors).sum();
+            let ms3 = |x: f64| format!("{x:+.3}");
+            let pct = |x: f64| format!("{:.1} %", 100.0 * x);
             println!(
-                "| {} | {conc} | {:.0} | {} | {} | {:.0} | {} | {} {ngs} | {} | {} | {:.1} % | {} |{}",
+                "| {} | {conc} | {:.0} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |{}",
                 engine.name,
                 d.rps,
                 ms(d.p50),
-                ms(d.p99),
                 sc.rps,
                 ms(sc.p50),
                 ms(sc.p99),
-                added(sc),
-                ng.map_or("-".into(), added),
-                100.0 * sc.rps / d.rps,
-                ng.map_or("-".into(), |n| format!("{:.1} %", 100.0 * sc.rps / n.rps)),
+                ng.rps,
+                ms(ng.p50),
+                ms(ng.p99),
+                paired(&|r| p50(&r[1]) - p50(&r[0]), &ms3),
+                paired(&|r| p50(&r[2]) - p50(&r[0]), &ms3),
+                paired(&|r| r[1].rps / r[0].rps, &pct),
+                paired(&ratio, &pct),
                 if errors > 0 {
                     format!(" {errors} errors")
                 } else {
@@ -357,13 +382,19 @@ async fn main() {
         println!("| {name} | {} | {} |", ms(p50), ms(p99));
     }
 
-    println!("\n## Wake path (20 rounds, medians)\n");
-    let (engine, through, overhead) = wake_overhead(20).await;
+    println!(
+        "\n## Wake path (20 rounds, each through the sidecar and then direct; medians, and the per-round difference's median [min, max])\n"
+    );
+    let (engine, through, (mid, lo, hi)) = wake_overhead(20).await;
     println!(
         "| engine wake + first answer, direct ms | first byte through the sidecar from sleeping ms | sidecar overhead ms |"
     );
     println!("|---|---|---|");
-    println!("| {} | {} | {} |", ms(engine), ms(through), ms(overhead));
+    println!(
+        "| {} | {} | {mid:+.3} [{lo:+.3}, {hi:+.3}] |",
+        ms(engine),
+        ms(through)
+    );
     drop(stacks);
     drop(procs);
 }
