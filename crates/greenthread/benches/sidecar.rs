@@ -336,7 +336,12 @@ async fn main() {
             let paired = |f: &dyn Fn(&[Stats; 3]) -> f64, fmt: &dyn Fn(f64) -> String| {
                 let mut v: Vec<f64> = rounds.iter().map(f).collect();
                 v.sort_by(f64::total_cmp);
-                format!("{} [{}, {}]", fmt(v[v.len() / 2]), fmt(v[0]), fmt(v[v.len() - 1]))
+                format!(
+                    "{} [{}, {}]",
+                    fmt(v[v.len() / 2]),
+                    fmt(v[0]),
+                    fmt(v[v.len() - 1])
+                )
             };
             let ratio = |r: &[Stats; 3]| r[1].rps / r[2].rps;
             let mut order: Vec<usize> = (0..rounds.len()).collect();
