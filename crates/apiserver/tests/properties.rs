@@ -2,42 +2,18 @@
 //! paths. None may panic or be answered 5xx by our own code, and every refusal must be an
 //! OpenAI-style error that says what was wrong.
 
-use std::sync::Arc;
+mod common;
 
 use axum::{Router, body::Body};
-use greenthread_apiserver::{ApiServer, Auth, ModelRoute, router};
-use greenthread_ledger::{Ledger, MemoryLedger};
-use greenthread_sidecar::metrics::SidecarFamilies;
+use greenthread_apiserver::Auth;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use prometheus_client::registry::Registry;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use tower_service::Service;
 
-/// `alpha` (one namespace), `beta` in two namespaces; no replica runs, so a request that
-/// routes gets 503 "no replica", which tells routing apart from refusal.
 fn app() -> Router {
-    let route = |ns: &str, name: &str| ModelRoute {
-        namespace: ns.into(),
-        name: name.into(),
-        model_name: format!("org/{name}"),
-        replicas: vec![],
-    };
-    let mut registry = Registry::default();
-    let families = SidecarFamilies::register(&mut registry);
-    router(ApiServer::new(
-        vec![
-            route("team-a", "alpha"),
-            route("team-a", "beta"),
-            route("team-b", "beta"),
-        ],
-        Arc::new(MemoryLedger::new()) as Arc<dyn Ledger>,
-        Auth::open(),
-        registry,
-        families,
-        Box::new(|| {}),
-    ))
+    common::app(Auth::open())
 }
 
 fn call(rt: &tokio::runtime::Runtime, app: &Router, req: Request<Body>) -> (StatusCode, Value) {

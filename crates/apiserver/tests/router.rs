@@ -1,15 +1,12 @@
 //! The API server's router in process, with no socket: how a `model` routes, what each
 //! refusal says, and which credential opens which path. Tables, one request per row.
 
-use std::sync::Arc;
+mod common;
 
 use axum::{Router, body::Body};
-use greenthread_apiserver::{ApiServer, Auth, AuthSources, ModelRoute, router};
-use greenthread_ledger::{Ledger, MemoryLedger};
-use greenthread_sidecar::metrics::SidecarFamilies;
+use greenthread_apiserver::{Auth, AuthSources};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tower_service::Service;
 
@@ -19,30 +16,7 @@ const SOURCES: AuthSources = AuthSources {
     admin_open: "admin open",
 };
 
-/// `alpha` in one namespace, `beta` in two; no replica runs, so a request that routes
-/// gets 503 "no replica", which tells routing apart from refusal.
-fn app(auth: Auth) -> Router {
-    let route = |ns: &str, name: &str| ModelRoute {
-        namespace: ns.into(),
-        name: name.into(),
-        model_name: format!("org/{name}"),
-        replicas: vec![],
-    };
-    let mut registry = Registry::default();
-    let families = SidecarFamilies::register(&mut registry);
-    router(ApiServer::new(
-        vec![
-            route("team-a", "alpha"),
-            route("team-a", "beta"),
-            route("team-b", "beta"),
-        ],
-        Arc::new(MemoryLedger::new()) as Arc<dyn Ledger>,
-        auth,
-        registry,
-        families,
-        Box::new(|| {}),
-    ))
-}
+use common::app;
 
 async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
     let resp = app.clone().call(req).await.unwrap();
