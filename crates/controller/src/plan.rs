@@ -172,16 +172,7 @@ fn place_missing(
             .iter()
             .map(|n| by_name[n.as_str()].spec.clone())
             .collect();
-        let mut pod = match render::render_pod(model, replica, &specs, settings) {
-            Ok(pod) => pod,
-            Err(e) => {
-                return Some(Problem {
-                    reason: "InvalidSpec",
-                    message: e.to_string(),
-                    fatal: true,
-                });
-            }
-        };
+        let mut pod = render::render_valid_pod(model, valid, replica, &specs, settings);
         let estimate = need(by_name[chosen[0].as_str()]);
         pod.metadata
             .annotations

@@ -387,6 +387,17 @@ pub fn render_pod(
     settings: &Settings,
 ) -> Result<Pod, InvalidSpec> {
     let valid = model.spec.validate("spec").map_err(InvalidSpec)?;
+    Ok(render_valid_pod(model, &valid, replica, gpus, settings))
+}
+
+/// [`render_pod`] for a spec already validated (the reconcile's plan validates first).
+pub fn render_valid_pod(
+    model: &Model,
+    valid: &ValidModel,
+    replica: u32,
+    gpus: &[GpuSpec],
+    settings: &Settings,
+) -> Pod {
     let s = &model.spec;
     let name = format!(
         "{}-{replica}",
@@ -417,7 +428,7 @@ pub fn render_pod(
         },
     ];
     let args: Vec<String> = std::iter::once("sidecar".to_string())
-        .chain(sidecar_config(&valid, gpus, settings).to_args())
+        .chain(sidecar_config(valid, gpus, settings).to_args())
         .collect();
     let sidecar_container = |name: &str, image: String, command, args, env, resources| Container {
         name: name.into(),
@@ -547,7 +558,7 @@ pub fn render_pod(
     let owner = model
         .controller_owner_ref(&())
         .expect("a Model from the API server has a name and uid");
-    Ok(Pod {
+    Pod {
         metadata: ObjectMeta {
             name: Some(name),
             namespace: model.metadata.namespace.clone(),
@@ -583,7 +594,7 @@ pub fn render_pod(
             ..Default::default()
         }),
         status: None,
-    })
+    }
 }
 
 /// The key of the Secret holding a Model's engine API key.
