@@ -39,17 +39,88 @@ const CREDENTIALS: [header::HeaderName; 3] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-type EngineConn = SendRequest<Full<Bytes>>;
-type IdleConns = Arc<Mutex<Vec<EngineConn>>>;
+pub(crate) type EngineConn = SendRequest<Full<Bytes>>;
+
+/// Why no connection to the engine could be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("connecting to {to}: no answer within {after:?}")]
+    Timeout { to: String, after: Duration },
+    #[error("connecting to {to}: {error}")]
+    Failed { to: String, error: String },
+}
+
+/// HTTP/1 connections to one engine, through one connector: an idle one the engine has
+/// kept open, or a new one. The proxy and the engine adapters' control calls share this.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    idle: Arc<Mutex<Vec<EngineConn>>>,
+    connector: Connector,
+    /// Idle connections kept; more are closed when handed back.
+    max_idle: usize,
+}
+
+impl Pool {
+    pub(crate) fn new(connector: Connector, max_idle: usize) -> Self {
+        Self {
+            idle: Arc::default(),
+            connector,
+            max_idle,
+        }
+    }
+
+    pub(crate) async fn take(&self, timeout: Duration) -> Result<EngineConn, ConnectError> {
+        loop {
+            let pooled = self.idle.lock().unwrap().pop();
+            let Some(mut conn) = pooled else { break };
+            // A connection the engine closed while idle is dropped, not used.
+            if conn.ready().await.is_ok() {
+                return Ok(conn);
+            }
+        }
+        let to = || self.connector.to_string();
+        let stream = tokio::time::timeout(timeout, self.connector.connect())
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                to: to(),
+                after: timeout,
+            })?
+            .map_err(|e| ConnectError::Failed {
+                to: to(),
+                error: e.to_string(),
+            })?;
+        let (conn, driver) =
+            http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| ConnectError::Failed {
+                    to: to(),
+                    error: e.to_string(),
+                })?;
+        // The connection lives while a handle to it does (in use or idle here).
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %e, "engine connection closed");
+            }
+        });
+        Ok(conn)
+    }
+
+    /// A connection whose last exchange ended: kept for the next one, up to `max_idle`.
+    pub(crate) fn give_back(&self, conn: EngineConn) {
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+}
 
 /// HTTP/1 connections to the one engine. A connection goes back to the pool only once
 /// its response body has ended, so a long stream never holds up another request.
 #[derive(Clone)]
 pub struct Forwarder {
-    idle: IdleConns,
-    authority: http::uri::Authority,
     /// TCP to the URL's address, or an in-memory pipe in a simulated fleet.
-    connector: Connector,
+    pool: Pool,
+    authority: http::uri::Authority,
     connect_timeout: Duration,
     response_timeout: Duration,
     /// Headers removed from every request besides [`CREDENTIALS`].
@@ -95,9 +166,8 @@ impl Forwarder {
             authority.port_u16().unwrap_or(80)
         );
         Ok(Self {
-            idle: Arc::default(),
+            pool: Pool::new(Connector::Tcp(addr), MAX_IDLE),
             authority,
-            connector: Connector::Tcp(addr),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(600),
             strip: Vec::new(),
@@ -108,7 +178,7 @@ impl Forwarder {
     /// Reaches the engine through `connector` instead of TCP to the URL's address (the
     /// URL still names the `Host`).
     pub fn with_connector(mut self, connector: Connector) -> Self {
-        self.connector = connector;
+        self.pool = Pool::new(connector, MAX_IDLE);
         self
     }
 
@@ -139,37 +209,6 @@ impl Forwarder {
         Ok(self)
     }
 
-    async fn connection(&self) -> Result<EngineConn, ForwardError> {
-        loop {
-            let pooled = self.idle.lock().unwrap().pop();
-            let Some(mut conn) = pooled else { break };
-            // A connection the engine closed while idle is dropped, not used.
-            if conn.ready().await.is_ok() {
-                return Ok(conn);
-            }
-        }
-        let stream = tokio::time::timeout(self.connect_timeout, self.connector.connect())
-            .await
-            .map_err(|_| {
-                ForwardError::Unreachable(format!(
-                    "connecting to {}: no answer within {:?}",
-                    self.connector, self.connect_timeout
-                ))
-            })?
-            .map_err(|e| {
-                ForwardError::Unreachable(format!("connecting to {}: {e}", self.connector))
-            })?;
-        let (conn, driver) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = driver.await {
-                tracing::debug!(error = %e, "engine connection closed");
-            }
-        });
-        Ok(conn)
-    }
-
     /// Sends `parts` + `body` to the engine; `guard` lives until the response body ends.
     pub async fn forward<G: Send + Sync + Unpin + 'static>(
         &self,
@@ -198,7 +237,11 @@ impl Forwarder {
                 .map_err(|e| ForwardError::Failed(e.to_string()))?,
         );
         req.headers_mut().remove(header::CONTENT_LENGTH);
-        let mut conn = self.connection().await?;
+        let mut conn = self
+            .pool
+            .take(self.connect_timeout)
+            .await
+            .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
         // On a timeout the connection is dropped with the request: it is not reused.
         let resp = tokio::time::timeout(self.response_timeout, conn.send_request(req))
             .await
@@ -219,7 +262,7 @@ impl Forwarder {
                 .headers
                 .insert("x-accel-buffering", HeaderValue::from_static("no"));
         }
-        let pool = Some((self.idle.clone(), conn));
+        let pool = Some((self.pool.clone(), conn));
         Ok(Response::from_parts(
             parts,
             Body::new(Guarded {
@@ -243,7 +286,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 struct Guarded<B, G> {
     inner: B,
     _guard: G,
-    pool: Option<(IdleConns, EngineConn)>,
+    pool: Option<(Pool, EngineConn)>,
 }
 
 impl<B, G> HttpBody for Guarded<B, G>
@@ -263,10 +306,7 @@ where
         let ended = matches!(polled, Poll::Ready(None))
             || (polled.is_ready() && self.inner.is_end_stream());
         if ended && let Some((pool, conn)) = self.pool.take() {
-            let mut idle = pool.lock().unwrap();
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
+            pool.give_back(conn);
         }
         polled
     }

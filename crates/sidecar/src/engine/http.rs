@@ -4,16 +4,14 @@
 //! TCP to the engine's loopback port, or an in-memory pipe in a simulated fleet; a few
 //! connections are kept open between calls, as the wake path makes several in a row.
 
-use std::{sync::Mutex, time::Duration};
+use std::time::Duration;
 
+use super::EngineError;
+use crate::proxy::{ConnectError, Pool};
 use bytes::Bytes;
 use greenthread_edge::Connector;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-
-use super::EngineError;
 
 /// Longest wait for a connection to the engine.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,17 +52,14 @@ impl Answer {
     }
 }
 
-type Conn = http1::SendRequest<Full<Bytes>>;
-
 /// Idle control connections kept: probes, sleep and wake come one or two at a time.
 const MAX_IDLE: usize = 4;
 
 pub struct EngineHttp {
     /// `host:port`, sent as `Host`.
     authority: String,
-    connector: Connector,
+    pool: Pool,
     authorization: Option<HeaderValue>,
-    idle: Mutex<Vec<Conn>>,
 }
 
 impl EngineHttp {
@@ -75,17 +70,15 @@ impl EngineHttp {
             .trim_end_matches('/')
             .to_string();
         Self {
-            connector: Connector::Tcp(authority.clone()),
+            pool: Pool::new(Connector::Tcp(authority.clone()), MAX_IDLE),
             authority,
             authorization: None,
-            idle: Mutex::default(),
         }
     }
 
     /// Reaches the engine through `connector` instead.
     pub fn with_connector(mut self, connector: Connector) -> Self {
-        self.connector = connector;
-        self.idle = Mutex::default();
+        self.pool = Pool::new(connector, MAX_IDLE);
         self
     }
 
@@ -131,33 +124,6 @@ impl EngineHttp {
         })
     }
 
-    /// An idle connection the engine has kept open, or a new one.
-    async fn connection(&self, call: &'static str) -> Result<Conn, EngineError> {
-        loop {
-            let pooled = self.idle.lock().unwrap().pop();
-            let Some(mut conn) = pooled else { break };
-            if conn.ready().await.is_ok() {
-                return Ok(conn);
-            }
-        }
-        let unreachable =
-            |e: &dyn std::fmt::Display| EngineError::Unreachable(format!("{call}: {e}"));
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect())
-            .await
-            .map_err(|_| EngineError::Timeout(call))?
-            .map_err(|e| unreachable(&e))?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        // The connection lives while a handle to it does (in a call or in the pool).
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "engine control connection ended");
-            }
-        });
-        Ok(sender)
-    }
-
     async fn exchange(
         &self,
         call: &'static str,
@@ -165,7 +131,10 @@ impl EngineHttp {
     ) -> Result<(StatusCode, Answer), EngineError> {
         let unreachable =
             |e: &dyn std::fmt::Display| EngineError::Unreachable(format!("{call}: {e}"));
-        let mut sender = self.connection(call).await?;
+        let mut sender = self.pool.take(CONNECT_TIMEOUT).await.map_err(|e| match e {
+            ConnectError::Timeout { .. } => EngineError::Timeout(call),
+            ConnectError::Failed { .. } => unreachable(&e),
+        })?;
         let mut builder = Request::builder()
             .method(req.method.clone())
             .uri(&req.path)
@@ -191,11 +160,7 @@ impl EngineHttp {
             .to_bytes();
         // Answered to the end: the connection serves the next call. (A call cut short by
         // its deadline drops it instead, and the engine sees the connection close.)
-        let mut idle = self.idle.lock().unwrap();
-        if idle.len() < MAX_IDLE {
-            idle.push(sender);
-        }
-        drop(idle);
+        self.pool.give_back(sender);
         Ok((
             parts.status,
             Answer {
