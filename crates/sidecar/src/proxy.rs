@@ -52,9 +52,12 @@ pub(crate) enum ConnectError {
 
 /// HTTP/1 connections to one engine, through one connector: an idle one the engine has
 /// kept open, or a new one. The proxy and the engine adapters' control calls share this.
+/// Cloned for every response body that hands its connection back: one `Arc`.
 #[derive(Clone)]
-pub(crate) struct Pool {
-    idle: Arc<Mutex<Vec<EngineConn>>>,
+pub(crate) struct Pool(Arc<PoolInner>);
+
+struct PoolInner {
+    idle: Mutex<Vec<EngineConn>>,
     connector: Connector,
     /// Idle connections kept; more are closed when handed back.
     max_idle: usize,
@@ -62,24 +65,24 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub(crate) fn new(connector: Connector, max_idle: usize) -> Self {
-        Self {
-            idle: Arc::default(),
+        Self(Arc::new(PoolInner {
+            idle: Mutex::default(),
             connector,
             max_idle,
-        }
+        }))
     }
 
     pub(crate) async fn take(&self, timeout: Duration) -> Result<EngineConn, ConnectError> {
         loop {
-            let pooled = self.idle.lock().unwrap().pop();
+            let pooled = self.0.idle.lock().unwrap().pop();
             let Some(mut conn) = pooled else { break };
             // A connection the engine closed while idle is dropped, not used.
             if conn.ready().await.is_ok() {
                 return Ok(conn);
             }
         }
-        let to = || self.connector.to_string();
-        let stream = tokio::time::timeout(timeout, self.connector.connect())
+        let to = || self.0.connector.to_string();
+        let stream = tokio::time::timeout(timeout, self.0.connector.connect())
             .await
             .map_err(|_| ConnectError::Timeout {
                 to: to(),
@@ -107,8 +110,8 @@ impl Pool {
 
     /// A connection whose last exchange ended: kept for the next one, up to `max_idle`.
     pub(crate) fn give_back(&self, conn: EngineConn) {
-        let mut idle = self.idle.lock().unwrap();
-        if idle.len() < self.max_idle {
+        let mut idle = self.0.idle.lock().unwrap();
+        if idle.len() < self.0.max_idle {
             idle.push(conn);
         }
     }
