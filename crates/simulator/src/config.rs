@@ -46,15 +46,29 @@ pub struct SimConfig {
     /// Disk bandwidth in bytes per second (boot and level 2 wake load weights from disk).
     #[arg(long, default_value = "2Gi", value_parser = arg::size)]
     pub disk_bandwidth: u64,
+    /// Fixed cost of a wake besides copying the weights (allocator, CUDA graphs).
+    #[arg(long, default_value = "0s", value_parser = arg::duration)]
+    pub wake_fixed: Duration,
+    /// Fixed cost of going to sleep besides offloading the weights.
+    #[arg(long, default_value = "0s", value_parser = arg::duration)]
+    pub sleep_fixed: Duration,
     /// Fixed start-up cost before weights load (process start, compilation, graphs).
     #[arg(long, default_value = "500ms", value_parser = arg::duration)]
     pub boot_time: Duration,
-    /// Time to first token.
+    /// Time to first token, besides the prefill (`--prefill-tokens-per-second`).
     #[arg(long, default_value = "20ms", value_parser = arg::duration)]
     pub ttft: Duration,
+    /// Prompt tokens prefilled per second, one request at a time (the engine's prefill
+    /// throughput is shared by its requests); 0: no prefill cost.
+    #[arg(long, default_value_t = 0.0)]
+    pub prefill_tokens_per_second: f64,
     /// Output tokens per second per request.
     #[arg(long, default_value_t = 1000.0)]
     pub tokens_per_second: f64,
+    /// Streams send the first token, then the rest in one piece when the last is due:
+    /// the same times for a client, far fewer frames (the fleet simulator's engines).
+    #[arg(long, hide = true)]
+    pub coalesce_stream: bool,
     /// Output tokens when a request sets no `max_tokens`.
     #[arg(long, default_value_t = 16)]
     pub default_max_tokens: u32,
@@ -139,6 +153,45 @@ impl SimConfig {
             cfg: SimConfig,
         }
         Wrapper::parse_from(["sim", "--model", model]).cfg
+    }
+
+    /// The `sim-engine` flags for an engine given `share` bytes of its GPU, as vLLM takes
+    /// its share up front: weights three fifths of it, KV cache the rest, unless `extra`
+    /// (the Model's `extraArgs`, appended) sets them itself.
+    pub fn share_args(model: &str, share: u64, extra: &[String]) -> Vec<String> {
+        let sets = |flag: &str| {
+            extra
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let weights = share / 5 * 3;
+        let mut args = vec!["--model".to_string(), model.to_string()];
+        if !sets("--weights-bytes") {
+            args.extend(["--weights-bytes".to_string(), weights.to_string()]);
+        }
+        if !sets("--kv-cache-bytes") {
+            args.extend([
+                "--kv-cache-bytes".to_string(),
+                (share - weights).to_string(),
+            ]);
+        }
+        args.extend(extra.iter().cloned());
+        args
+    }
+
+    /// Parses `sim-engine` flags (without the program name).
+    pub fn parse(args: &[String]) -> Result<Self, String> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            cfg: SimConfig,
+        }
+        Wrapper::try_parse_from(
+            std::iter::once("sim-engine".to_string()).chain(args.iter().cloned()),
+        )
+        .map(|w| w.cfg)
+        .map_err(|e| e.to_string())
     }
 
     pub fn transfer_time(bytes: u64, bandwidth: u64) -> Duration {

@@ -42,6 +42,8 @@ pub struct SimEngine {
     /// Bumped when running requests must be aborted (sleep with `mode=abort`).
     abort: watch::Sender<u64>,
     seqs: Arc<Semaphore>,
+    /// One prefill at a time: the engine's prefill throughput is shared.
+    prefill: tokio::sync::Mutex<()>,
     running: AtomicUsize,
     idle: Notify,
     wake_failures_left: AtomicU32,
@@ -85,6 +87,7 @@ impl SimEngine {
             transition: tokio::sync::Mutex::new(()),
             abort: watch::Sender::new(0),
             seqs: Arc::new(Semaphore::new(cfg.max_num_seqs.max(1))),
+            prefill: tokio::sync::Mutex::new(()),
             running: AtomicUsize::new(0),
             idle: Notify::new(),
             wake_failures_left: AtomicU32::new(cfg.fail_wakes),
@@ -252,12 +255,14 @@ impl SimEngine {
         } else {
             self.abort.send_modify(|n| *n += 1);
         }
-        if level == 1 {
-            tokio::time::sleep(SimConfig::transfer_time(
-                self.cfg.weights_bytes,
-                self.cfg.d2h_bandwidth,
-            ))
-            .await;
+        let offload = if level == 1 {
+            SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.d2h_bandwidth)
+        } else {
+            Duration::ZERO
+        };
+        let took = offload + self.cfg.sleep_fixed;
+        if !took.is_zero() {
+            tokio::time::sleep(took).await;
         }
         let leak = self
             .cfg
@@ -293,6 +298,9 @@ impl SimEngine {
             return Err(EngineError::Failed(format!("unknown wake_up tag {bad:?}")));
         }
         let s = self.state();
+        if s.level != 0 && !self.cfg.wake_fixed.is_zero() {
+            tokio::time::sleep(self.cfg.wake_fixed).await;
+        }
         if want_weights && !s.weights_on_gpu {
             if s.level == 1 {
                 tokio::time::sleep(SimConfig::transfer_time(
@@ -373,6 +381,19 @@ impl SimEngine {
         RunGuard {
             engine: self.clone(),
             _permit: permit,
+        }
+    }
+
+    /// Prefills `tokens` prompt tokens, queued behind the prefills before it. Returns
+    /// when the first token can be sent.
+    pub async fn prefill(&self, tokens: u32) {
+        let rate = self.cfg.prefill_tokens_per_second;
+        if rate > 0.0 {
+            let _lane = self.prefill.lock().await;
+            tokio::time::sleep(Duration::from_secs_f64(f64::from(tokens) / rate)).await;
+        }
+        if !self.cfg.ttft.is_zero() {
+            tokio::time::sleep(self.cfg.ttft).await;
         }
     }
 

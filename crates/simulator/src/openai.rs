@@ -57,16 +57,27 @@ pub fn count_tokens(text: &str) -> u32 {
     text.split_whitespace().count().max(1) as u32
 }
 
-/// Token `i` of the answer to `prompt`: a pure function of both.
-pub fn token(prompt: &str, i: u32) -> &'static str {
-    // FNV-1a over the prompt, then mixed with the position.
+/// What the answer to `prompt` is made from (FNV-1a of the prompt): computed once per
+/// request, however long the prompt and the answer.
+pub fn prompt_hash(prompt: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in prompt.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
     }
-    h ^= u64::from(i).wrapping_mul(0x9e3779b97f4a7c15);
+    h
+}
+
+/// Token `i` of the answer to the prompt of hash `h`: a pure function of both.
+pub fn token_of(h: u64, i: u32) -> &'static str {
+    let mut h = h ^ u64::from(i).wrapping_mul(0x9e3779b97f4a7c15);
     h = h.wrapping_mul(0x100000001b3);
     WORDS[(h >> 60) as usize]
+}
+
+/// Token `i` of the answer to `prompt`.
+#[cfg(test)]
+pub fn token(prompt: &str, i: u32) -> &'static str {
+    token_of(prompt_hash(prompt), i)
 }
 
 pub fn completion_body(

@@ -346,6 +346,8 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     let guard = e.admit().await;
     let prompt = req.prompt_text();
     let prompt_tokens = openai::count_tokens(&prompt);
+    let answer = openai::prompt_hash(&prompt);
+    drop(prompt);
     let n = req.max_tokens(e.cfg.default_max_tokens);
     let id = format!(
         "{}-sim-{}",
@@ -361,21 +363,25 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     } else {
         0.0
     };
-    let first_token = start + e.cfg.ttft;
-    let token_at =
-        move |i: u32| first_token + std::time::Duration::from_secs_f64(per_token * f64::from(i));
+    // Token `i` is due `i` decode steps after the first, which comes after the prefill.
+    let token_at = move |first: Instant, i: u32| {
+        first + std::time::Duration::from_secs_f64(per_token * f64::from(i))
+    };
     let mut abort = e.abort_signal();
     abort.mark_unchanged();
     e.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
 
     if !req.stream {
-        let done = token_at(n);
         tokio::select! {
-            _ = wait_until(done) => {}
+            biased;
             _ = abort.changed() => return error(StatusCode::INTERNAL_SERVER_ERROR, "request aborted: engine is going to sleep"),
+            _ = async {
+                e.prefill(prompt_tokens).await;
+                wait_until(token_at(Instant::now(), n)).await;
+            } => {}
         }
         let text: String = (0..n)
-            .map(|i| format!("{} ", openai::token(&prompt, i)))
+            .map(|i| format!("{} ", openai::token_of(answer, i)))
             .collect();
         record_finished(&e, start, n);
         drop(guard);
@@ -391,10 +397,12 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     }
 
     let model = e.cfg.model.clone();
+    let coalesce = e.cfg.coalesce_stream;
+    // (next token, when the first was due, the sequence slot, the abort signal)
     let stream = futures_util::stream::unfold(
-        (0u32, Some(guard), abort),
-        move |(i, guard, mut abort)| {
-            let (e, prompt, id, model) = (e.clone(), prompt.clone(), id.clone(), model.clone());
+        (0u32, None::<Instant>, Some(guard), abort),
+        move |(i, first, guard, mut abort)| {
+            let (e, id, model) = (e.clone(), id.clone(), model.clone());
             async move {
                 let guard = guard?;
                 if i > n {
@@ -407,26 +415,38 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
                     let frame = format!("data: {last}\n\ndata: [DONE]\n\n");
                     return Some((
                         Ok::<_, std::io::Error>(Bytes::from(frame)),
-                        (i + 1, None, abort),
+                        (i + 1, first, None, abort),
                     ));
                 }
-                tokio::select! {
-                    _ = wait_until(token_at(i)) => {}
+                // The rest of the answer in one frame, when its last token is due.
+                let upto = if coalesce && i > 0 { n } else { i + 1 };
+                let due = async {
+                    match first {
+                        Some(first) => {
+                            wait_until(token_at(first, upto - 1)).await;
+                            first
+                        }
+                        None => {
+                            e.prefill(prompt_tokens).await;
+                            Instant::now()
+                        }
+                    }
+                };
+                let first = tokio::select! {
+                    biased;
                     _ = abort.changed() => {
                         // vLLM aborts running requests when put to sleep without mode=wait.
-                        return Some((Err(std::io::Error::other("aborted: engine is going to sleep")), (n + 1, None, abort)));
+                        return Some((Err(std::io::Error::other("aborted: engine is going to sleep")), (n + 1, first, None, abort)));
                     }
-                }
-                let chunk = openai::chunk(
-                    kind,
-                    &id,
-                    &model,
-                    Some(&format!("{} ", openai::token(&prompt, i))),
-                    None,
-                );
+                    first = due => first,
+                };
+                let text: String = (i..upto)
+                    .map(|t| format!("{} ", openai::token_of(answer, t)))
+                    .collect();
+                let chunk = openai::chunk(kind, &id, &model, Some(&text), None);
                 Some((
                     Ok(Bytes::from(format!("data: {chunk}\n\n"))),
-                    (i + 1, Some(guard), abort),
+                    (upto, Some(first), Some(guard), abort),
                 ))
             }
         },

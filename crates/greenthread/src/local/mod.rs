@@ -2,7 +2,7 @@
 //! simulated GPUs, one simulated engine process and one sidecar per model replica, the
 //! simulated GPUs' stats kept in the ledger (the agent's job), and the API server.
 
-mod config;
+pub(crate) mod config;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -334,19 +334,14 @@ fn engine_command(
         EngineKind::Vllm => join(render::vllm_command(spec, name, port)),
         EngineKind::Sglang => join(render::sglang_command(spec, port)),
         EngineKind::Sim => {
-            // vLLM takes its share of the GPU up front: weights, then KV cache.
-            let weights = memory / 5 * 3;
-            let mut command = format!(
-                "{} sim-engine --listen 127.0.0.1:{port} --model {} --weights-bytes {weights} --kv-cache-bytes {}",
-                shell_quote(&exe.to_string_lossy()),
-                shell_quote(&spec.model_name),
-                memory - weights,
-            );
-            for a in &spec.extra_args {
-                command.push(' ');
-                command.push_str(&shell_quote(a));
-            }
-            command
+            let mut argv = vec![exe.to_string_lossy().into_owned(), "sim-engine".to_string()];
+            argv.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
+            argv.extend(greenthread_simulator::SimConfig::share_args(
+                &spec.model_name,
+                memory,
+                &spec.extra_args,
+            ));
+            join(argv)
         }
     };
     (command, kind)
