@@ -73,6 +73,8 @@ pub async fn serve_with_stats(
     tokio::pin!(stop);
     loop {
         tokio::select! {
+            // In order: a fleet simulation replays the same run from the same seed.
+            biased;
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
@@ -227,6 +229,8 @@ async fn connection(c: Conn) {
     tokio::pin!(timer);
     loop {
         tokio::select! {
+            // In order: a fleet simulation replays the same run from the same seed.
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended");

@@ -51,6 +51,8 @@ pub async fn signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
     tokio::select! {
+        // In order: a fleet simulation replays the same run from the same seed.
+        biased;
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

@@ -15,14 +15,13 @@ use kube::{
     Api, Client,
     api::{ListParams, PostParams, WatchEvent, WatchParams},
 };
-use tokio::sync::watch;
 
 use crate::{Ledger, LedgerError};
 
 pub struct KubeLedger {
     api: Api<GpuResource>,
     namespace: String,
-    cache: Arc<Mutex<BTreeMap<String, watch::Sender<Gpu>>>>,
+    cache: Arc<Mutex<BTreeMap<String, crate::Feed<Gpu>>>>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -61,7 +60,7 @@ fn newer(candidate: &str, held: &str) -> bool {
     }
 }
 
-fn store(cache: &Mutex<BTreeMap<String, watch::Sender<Gpu>>>, gpu: Gpu) {
+fn store(cache: &Mutex<BTreeMap<String, crate::Feed<Gpu>>>, gpu: Gpu) {
     let mut cache = cache.lock().unwrap();
     match cache.get(&gpu.name) {
         Some(tx) => {
@@ -75,7 +74,7 @@ fn store(cache: &Mutex<BTreeMap<String, watch::Sender<Gpu>>>, gpu: Gpu) {
             });
         }
         None => {
-            cache.insert(gpu.name.clone(), watch::Sender::new(gpu));
+            cache.insert(gpu.name.clone(), crate::Feed::new(gpu));
         }
     }
 }
@@ -97,7 +96,7 @@ impl KubeLedger {
 
     async fn relist(
         api: &Api<GpuResource>,
-        cache: &Mutex<BTreeMap<String, watch::Sender<Gpu>>>,
+        cache: &Mutex<BTreeMap<String, crate::Feed<Gpu>>>,
     ) -> Result<String, LedgerError> {
         let list = api
             .list(&ListParams::default())
@@ -111,7 +110,7 @@ impl KubeLedger {
 
     async fn watch_loop(
         api: Api<GpuResource>,
-        cache: Arc<Mutex<BTreeMap<String, watch::Sender<Gpu>>>>,
+        cache: Arc<Mutex<BTreeMap<String, crate::Feed<Gpu>>>>,
         mut version: String,
     ) {
         let params = WatchParams {
@@ -168,7 +167,7 @@ impl KubeLedger {
             .lock()
             .unwrap()
             .get(gpu)
-            .map(|tx| tx.borrow().clone())
+            .map(|tx| (*tx.borrow()).clone())
     }
 }
 
@@ -191,7 +190,7 @@ impl Ledger for KubeLedger {
             .lock()
             .unwrap()
             .values()
-            .map(|tx| tx.borrow().clone())
+            .map(|tx| (*tx.borrow()).clone())
             .collect())
     }
 
@@ -230,7 +229,7 @@ impl Ledger for KubeLedger {
         }
     }
 
-    fn watch(&self, gpu: &str) -> Result<watch::Receiver<Gpu>, LedgerError> {
+    fn watch(&self, gpu: &str) -> Result<crate::Subscriber<Gpu>, LedgerError> {
         self.cache
             .lock()
             .unwrap()

@@ -1,6 +1,5 @@
 use async_trait::async_trait;
 use greenthread_api::{Gpu, GpuStatus};
-use tokio::sync::watch;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
@@ -62,14 +61,38 @@ impl Backoff {
     }
 }
 
+thread_local! {
+    /// SplitMix64 state of this thread's jitter; seeded from the OS unless
+    /// [`seed_jitter`] fixed it.
+    static JITTER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes this thread's backoff jitter a fixed sequence from `seed`: a simulation on one
+/// thread then retries at the same moments on every run.
+pub fn seed_jitter(seed: u64) {
+    JITTER.with(|j| j.set(Some(seed)));
+}
+
 /// A number in [0, 1), different on every call (no RNG crate needed for jitter).
 fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    let state = JITTER.with(|j| {
+        let s = j
+            .get()
+            .unwrap_or_else(|| {
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            })
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        j.set(Some(s));
+        s
+    });
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Storage for GPU records with compare-and-swap on the status.
@@ -89,7 +112,7 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<Gpu, LedgerError>;
 
     /// The latest record, updated on every change.
-    fn watch(&self, gpu: &str) -> Result<watch::Receiver<Gpu>, LedgerError>;
+    fn watch(&self, gpu: &str) -> Result<crate::Subscriber<Gpu>, LedgerError>;
 }
 
 /// Read-modify-write with compare-and-swap: `decide` sees the current record and returns
@@ -176,7 +199,7 @@ mod tests {
                 version: version.into(),
             })
         }
-        fn watch(&self, gpu: &str) -> Result<watch::Receiver<Gpu>, LedgerError> {
+        fn watch(&self, gpu: &str) -> Result<crate::Subscriber<Gpu>, LedgerError> {
             self.0.watch(gpu)
         }
     }

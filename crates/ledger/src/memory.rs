@@ -8,14 +8,14 @@ use std::{
 
 use async_trait::async_trait;
 use greenthread_api::{Gpu, GpuSpec, GpuStatus};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
-use crate::{Ledger, LedgerError};
+use crate::{Feed, Ledger, LedgerError, Subscriber};
 
 /// In-process ledger with the same semantics as the Kubernetes one: every write bumps a
 /// resource version, stale writes conflict, and watchers see every committed record.
 pub struct MemoryLedger {
-    gpus: Mutex<BTreeMap<String, watch::Sender<Gpu>>>,
+    gpus: Mutex<BTreeMap<String, Feed<Gpu>>>,
     version: Mutex<u64>,
     /// Every committed record, in commit order (a watch keeps only the latest).
     commits: broadcast::Sender<Gpu>,
@@ -77,7 +77,7 @@ impl MemoryLedger {
         let version = self.next_version();
         let mut gpus = self.gpus.lock().unwrap();
         gpus.entry(name.to_string()).or_insert_with(|| {
-            watch::Sender::new(Gpu {
+            Feed::new(Gpu {
                 name: name.to_string(),
                 spec,
                 status: GpuStatus::default(),
@@ -93,7 +93,7 @@ impl Ledger for MemoryLedger {
         let record = {
             let gpus = self.gpus.lock().unwrap();
             gpus.get(gpu)
-                .map(|tx| tx.borrow().clone())
+                .map(|tx| (*tx.borrow()).clone())
                 .ok_or_else(|| LedgerError::NotFound(gpu.to_string()))
         };
         self.round_trip().await;
@@ -102,7 +102,7 @@ impl Ledger for MemoryLedger {
 
     async fn list(&self) -> Result<Vec<Gpu>, LedgerError> {
         let gpus = self.gpus.lock().unwrap();
-        Ok(gpus.values().map(|tx| tx.borrow().clone()).collect())
+        Ok(gpus.values().map(|tx| (*tx.borrow()).clone()).collect())
     }
 
     async fn replace_status(
@@ -141,7 +141,7 @@ impl Ledger for MemoryLedger {
         result
     }
 
-    fn watch(&self, gpu: &str) -> Result<watch::Receiver<Gpu>, LedgerError> {
+    fn watch(&self, gpu: &str) -> Result<Subscriber<Gpu>, LedgerError> {
         let gpus = self.gpus.lock().unwrap();
         gpus.get(gpu)
             .map(|tx| tx.subscribe())

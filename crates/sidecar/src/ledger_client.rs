@@ -7,7 +7,6 @@ use std::{sync::Arc, time::Duration};
 use greenthread_api::{Gpu, GpuStatus};
 use greenthread_ledger::{Backoff, Clock, Ledger, decide};
 use jiff::Timestamp;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -225,6 +224,8 @@ impl LedgerClient {
                 }
             };
             tokio::select! {
+                // In order: a fleet simulation replays the same run from the same seed.
+                biased;
                 _ = changes.changed() => {}
                 () = emptied => {}
                 () = tokio::time::sleep_until(recheck) => {}
@@ -324,7 +325,7 @@ impl LedgerClient {
     }
 
     /// Watches of this pod's GPU records (the preemption watch).
-    pub fn watches(&self) -> Vec<watch::Receiver<Gpu>> {
+    pub fn watches(&self) -> Vec<greenthread_ledger::Subscriber<Gpu>> {
         let mut watches = Vec::new();
         for gpu in &self.gpus {
             match self.ledger.watch(&gpu.name) {

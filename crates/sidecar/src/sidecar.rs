@@ -587,6 +587,8 @@ impl Sidecar {
                 deadline
             };
             tokio::select! {
+                // In order: a fleet simulation replays the same run from the same seed.
+                biased;
                 () = tokio::time::sleep_until(next) => {}
                 _ = states.changed() => {}
             }

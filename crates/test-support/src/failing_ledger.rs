@@ -9,7 +9,6 @@ use std::sync::{
 use async_trait::async_trait;
 use greenthread_api::{Gpu, GpuStatus};
 use greenthread_ledger::{Ledger, LedgerError, MemoryLedger};
-use tokio::sync::watch;
 
 type Matcher = Box<dyn Fn(&GpuStatus, &GpuStatus) -> bool + Send + Sync>;
 
@@ -81,7 +80,7 @@ impl Ledger for FailingLedger {
             .await
     }
 
-    fn watch(&self, gpu: &str) -> Result<watch::Receiver<Gpu>, LedgerError> {
+    fn watch(&self, gpu: &str) -> Result<greenthread_ledger::Subscriber<Gpu>, LedgerError> {
         self.inner.watch(gpu)
     }
 }
