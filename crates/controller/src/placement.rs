@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use greenthread_api::Gpu;
+use greenthread_api::{Gpu, ValidModel};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlacementError {
@@ -124,6 +124,58 @@ pub fn place(gpus: &[Gpu], req: &Request) -> Result<Vec<String>, PlacementError>
             })
         }
     }
+}
+
+/// Positions in `gpus` for every replica of every model (in the given order), each chosen
+/// by [`place`]: best fit where the model fits with everything else awake, else the least
+/// over-committed GPUs, replicas of one model apart. The biggest models are placed first
+/// (the given order among equals), as they have the fewest good places. `local` and the
+/// fleet simulator place this way; a model that cannot be placed comes back by name.
+#[allow(clippy::type_complexity)]
+pub fn place_models(
+    models: &[(String, ValidModel)],
+    gpus: &[Gpu],
+) -> Result<Vec<Vec<Vec<u32>>>, (String, PlacementError)> {
+    let mut order: Vec<usize> = (0..models.len()).collect();
+    order.sort_by(|a, b| {
+        models[*b]
+            .1
+            .gpu_memory_utilization
+            .total_cmp(&models[*a].1.gpu_memory_utilization)
+            .then(a.cmp(b))
+    });
+    let index: BTreeMap<&str, u32> = gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.name.as_str(), i as u32))
+        .collect();
+    let mut placed: BTreeMap<String, u64> = BTreeMap::new();
+    let mut out: Vec<Vec<Vec<u32>>> = models.iter().map(|_| Vec::new()).collect();
+    for i in order {
+        let (name, m) = &models[i];
+        let need = |g: &Gpu| m.share_of(g.spec.memory_bytes);
+        let mut same_model = BTreeSet::new();
+        for _ in 0..m.spec.replicas {
+            let chosen = place(
+                gpus,
+                &Request {
+                    tensor_parallel_size: m.spec.tensor_parallel_size,
+                    need: &need,
+                    placed: &placed,
+                    same_model: &same_model,
+                    nodes: None,
+                },
+            )
+            .map_err(|e| (name.clone(), e))?;
+            for g in &chosen {
+                let gpu = &gpus[index[g.as_str()] as usize];
+                *placed.entry(g.clone()).or_default() += need(gpu);
+                same_model.insert(g.clone());
+            }
+            out[i].push(chosen.iter().map(|g| index[g.as_str()]).collect());
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

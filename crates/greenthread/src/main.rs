@@ -1,4 +1,5 @@
 mod local;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,9 @@ enum Command {
     InstallBinary { dir: std::path::PathBuf },
     /// Everything on one machine: ledger, engines, sidecars and the API server.
     Local(local::LocalArgs),
+    /// How many GPUs do my models and my traffic need? Replays a request trace through
+    /// the real control plane over simulated engines, in virtual time.
+    Simulate(Box<simulate::SimulateArgs>),
     /// Sleep/wake proxy in front of one inference engine.
     Sidecar(Box<greenthread_sidecar::SidecarConfig>),
     /// A vLLM-compatible simulated engine.
@@ -63,13 +67,20 @@ fn main() -> anyhow::Result<()> {
         Command::Gpus => return gpus(),
         _ => {}
     }
+    // A simulation runs thousands of sidecars: only errors, unless RUST_LOG says more.
+    let quiet = matches!(cli.command, Command::Simulate(_));
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if quiet { "error" } else { "info" })
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Simulate(args) = cli.command {
+        // Its own runtime: one thread on a paused clock.
+        return simulate::main(*args);
+    }
     let threads = cli.worker_threads.unwrap_or(match cli.command {
         Command::Sidecar(_) => 1,
         _ => std::thread::available_parallelism().map_or(2, usize::from),
@@ -102,7 +113,10 @@ fn main() -> anyhow::Result<()> {
                 )?)
                 .await
             }
-            Command::Crds | Command::InstallBinary { .. } | Command::Gpus => {
+            Command::Crds
+            | Command::InstallBinary { .. }
+            | Command::Gpus
+            | Command::Simulate(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }

@@ -1,11 +1,7 @@
 //! `greenthread local`'s configuration: GPUs (simulated, or `auto` for NVML) and models
 //! with exactly the fields of the `Model` resource's spec.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::Path,
-    sync::Arc,
-};
+use std::{path::Path, sync::Arc};
 
 use greenthread_api::{ByteSize, EngineKind, Gpu, GpuSpec, ModelSpec, ValidModel};
 use greenthread_controller::placement;
@@ -373,52 +369,11 @@ pub fn gpu_records(plan: &Plan) -> Vec<Gpu> {
         .collect()
 }
 
-/// Positions in `gpus` for every replica of every model (in the plan's order), chosen by the
-/// controller's [`placement::place`], so that `local` and Kubernetes place alike: best
-/// fit where the model fits with everything else awake, else the least over-committed
-/// GPUs, replicas of one model apart. The biggest models are placed first (declaration
-/// order among equals), as they have the fewest good places.
+/// Positions in `gpus` for every replica of every model (in the plan's order): the
+/// controller's placement, so that `local` and Kubernetes place alike.
 pub fn place(plan: &Plan, gpus: &[Gpu]) -> anyhow::Result<Vec<Vec<Vec<u32>>>> {
-    let mut order: Vec<usize> = (0..plan.models.len()).collect();
-    order.sort_by(|a, b| {
-        plan.models[*b]
-            .1
-            .gpu_memory_utilization
-            .total_cmp(&plan.models[*a].1.gpu_memory_utilization)
-            .then(a.cmp(b))
-    });
-    let index: BTreeMap<&str, u32> = gpus
-        .iter()
-        .enumerate()
-        .map(|(i, g)| (g.name.as_str(), i as u32))
-        .collect();
-    let mut placed: BTreeMap<String, u64> = BTreeMap::new();
-    let mut out: Vec<Vec<Vec<u32>>> = plan.models.iter().map(|_| Vec::new()).collect();
-    for i in order {
-        let (name, m) = &plan.models[i];
-        let need = |g: &Gpu| m.share_of(g.spec.memory_bytes);
-        let mut same_model = BTreeSet::new();
-        for _ in 0..m.spec.replicas {
-            let chosen = placement::place(
-                gpus,
-                &placement::Request {
-                    tensor_parallel_size: m.spec.tensor_parallel_size,
-                    need: &need,
-                    placed: &placed,
-                    same_model: &same_model,
-                    nodes: None,
-                },
-            )
-            .map_err(|e| anyhow::anyhow!("model {name}: {e}"))?;
-            for g in &chosen {
-                let gpu = &gpus[index[g.as_str()] as usize];
-                *placed.entry(g.clone()).or_default() += need(gpu);
-                same_model.insert(g.clone());
-            }
-            out[i].push(chosen.iter().map(|g| index[g.as_str()]).collect());
-        }
-    }
-    Ok(out)
+    placement::place_models(&plan.models, gpus)
+        .map_err(|(name, e)| anyhow::anyhow!("model {name}: {e}"))
 }
 
 #[cfg(test)]

@@ -1,0 +1,285 @@
+//! What a run comes to: per model and overall, as JSON (one object, stable field order)
+//! and as a table.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Serialize;
+
+use crate::run::{Outcome, Run};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    pub requests: usize,
+    pub answered: usize,
+    pub rejected: usize,
+    /// Accepted, then cut off mid-answer.
+    pub broken: usize,
+    pub hung: usize,
+    /// Requests answered with a first token within the SLO, over all requests (refused,
+    /// broken and hung ones count as misses).
+    pub slo_attainment: f64,
+    /// Over answered requests; `null` when none was.
+    pub ttft_p50_seconds: Option<f64>,
+    pub ttft_p99_seconds: Option<f64>,
+    pub wakes: u64,
+    pub preemptions: u64,
+    pub awake_gpu_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRow {
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    #[serde(flatten)]
+    pub totals: Totals,
+    pub ttft_slo_seconds: f64,
+    /// Refusals by their error code.
+    pub rejections: BTreeMap<String, usize>,
+    pub simulated_seconds: f64,
+    /// Virtual time the replicas took to boot before the workload (not in the above).
+    pub boot_seconds: f64,
+    pub wall_seconds: f64,
+    pub models: Vec<ModelRow>,
+}
+
+/// The `q`-quantile by nearest rank of sorted `v`.
+fn quantile(v: &[Duration], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1].as_secs_f64())
+}
+
+fn totals<'a>(outcomes: impl Iterator<Item = &'a Outcome>, slo: Duration) -> Totals {
+    let mut t = Totals {
+        requests: 0,
+        answered: 0,
+        rejected: 0,
+        broken: 0,
+        hung: 0,
+        slo_attainment: 0.0,
+        ttft_p50_seconds: None,
+        ttft_p99_seconds: None,
+        wakes: 0,
+        preemptions: 0,
+        awake_gpu_seconds: 0.0,
+    };
+    let mut ttfts = Vec::new();
+    let mut met = 0usize;
+    for o in outcomes {
+        t.requests += 1;
+        match o {
+            Outcome::Answered { ttft, .. } => {
+                t.answered += 1;
+                ttfts.push(*ttft);
+                if *ttft <= slo {
+                    met += 1;
+                }
+            }
+            Outcome::Rejected { .. } => t.rejected += 1,
+            Outcome::Broken { .. } => t.broken += 1,
+            Outcome::Hung => t.hung += 1,
+        }
+    }
+    ttfts.sort();
+    t.ttft_p50_seconds = quantile(&ttfts, 0.5);
+    t.ttft_p99_seconds = quantile(&ttfts, 0.99);
+    t.slo_attainment = if t.requests == 0 {
+        1.0
+    } else {
+        met as f64 / t.requests as f64
+    };
+    t
+}
+
+pub fn report(
+    run: &Run,
+    names: &[String],
+    models_of: &[usize],
+    slo: Duration,
+    wall: Duration,
+) -> Report {
+    let mut overall = totals(run.outcomes.iter(), slo);
+    let mut rows = Vec::with_capacity(names.len());
+    for (m, name) in names.iter().enumerate() {
+        let mut t = totals(
+            run.outcomes
+                .iter()
+                .zip(models_of)
+                .filter(|(_, of)| **of == m)
+                .map(|(o, _)| o),
+            slo,
+        );
+        for r in run.replicas.iter().filter(|r| r.model == m) {
+            t.wakes += r.wakes;
+            t.preemptions += r.preempted;
+            t.awake_gpu_seconds += r.awake_gpu_seconds;
+        }
+        overall.wakes += t.wakes;
+        overall.preemptions += t.preemptions;
+        overall.awake_gpu_seconds += t.awake_gpu_seconds;
+        rows.push(ModelRow {
+            model: name.clone(),
+            totals: t,
+        });
+    }
+    let mut rejections = BTreeMap::new();
+    for o in &run.outcomes {
+        if let Outcome::Rejected { code, .. } = o {
+            *rejections.entry(code.clone()).or_insert(0) += 1;
+        }
+    }
+    Report {
+        totals: overall,
+        ttft_slo_seconds: slo.as_secs_f64(),
+        rejections,
+        simulated_seconds: run.simulated.as_secs_f64(),
+        boot_seconds: run.boot.as_secs_f64(),
+        wall_seconds: wall.as_secs_f64(),
+        models: rows,
+    }
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or("-".into(), |s| format!("{s:.2}"))
+}
+
+impl Report {
+    /// The human table: one row per model, then the whole fleet.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let header = format!(
+            "{:<12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>8} {:>10}\n",
+            "MODEL",
+            "REQUESTS",
+            "ANSWERED",
+            "REJECTED",
+            "SLO",
+            "TTFT P50",
+            "TTFT P99",
+            "WAKES",
+            "PREEMPT",
+            "AWAKE GPU-S"
+        );
+        out.push_str(&header);
+        let row = |name: &str, t: &Totals| {
+            format!(
+                "{:<12} {:>8} {:>8} {:>8} {:>7.1}% {:>8}s {:>8}s {:>7} {:>8} {:>10.0}\n",
+                name,
+                t.requests,
+                t.answered,
+                t.rejected + t.broken + t.hung,
+                t.slo_attainment * 100.0,
+                secs(t.ttft_p50_seconds),
+                secs(t.ttft_p99_seconds),
+                t.wakes,
+                t.preemptions,
+                t.awake_gpu_seconds
+            )
+        };
+        for m in &self.models {
+            out.push_str(&row(&m.model, &m.totals));
+        }
+        out.push_str(&row("ALL", &self.totals));
+        out.push_str(&format!(
+            "TTFT SLO {}s; {:.0} s simulated (after {:.0} s of boots) in {:.1} s of wall time",
+            self.ttft_slo_seconds, self.simulated_seconds, self.boot_seconds, self.wall_seconds
+        ));
+        if !self.rejections.is_empty() {
+            let r: Vec<String> = self
+                .rejections
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            out.push_str(&format!("; refused: {}", r.join(", ")));
+        }
+        out.push('\n');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::ReplicaStats;
+
+    #[test]
+    fn attainment_counts_refusals_as_misses_and_quantiles_are_nearest_rank() {
+        let s = Duration::from_secs;
+        let run = Run {
+            outcomes: vec![
+                Outcome::Answered {
+                    ttft: s(1),
+                    total: s(2),
+                },
+                Outcome::Answered {
+                    ttft: s(5),
+                    total: s(6),
+                },
+                Outcome::Rejected {
+                    status: 429,
+                    code: "queue_full".into(),
+                },
+                Outcome::Answered {
+                    ttft: s(2),
+                    total: s(9),
+                },
+            ],
+            replicas: vec![
+                ReplicaStats {
+                    model: 0,
+                    wakes: 2,
+                    preempted: 1,
+                    awake_gpu_seconds: 10.0,
+                    ..Default::default()
+                },
+                ReplicaStats {
+                    model: 1,
+                    wakes: 1,
+                    awake_gpu_seconds: 4.0,
+                    ..Default::default()
+                },
+            ],
+            simulated: s(100),
+            boot: s(3),
+        };
+        let r = report(&run, &["a".into(), "b".into()], &[0, 0, 1, 1], s(3), s(1));
+        assert_eq!(r.totals.requests, 4);
+        assert_eq!(r.totals.answered, 3);
+        // 1 s and 2 s are within 3 s; 5 s is not; the refusal is a miss.
+        assert_eq!(r.totals.slo_attainment, 0.5);
+        assert_eq!(r.totals.ttft_p50_seconds, Some(2.0));
+        assert_eq!(r.totals.ttft_p99_seconds, Some(5.0));
+        assert_eq!((r.totals.wakes, r.totals.preemptions), (3, 1));
+        assert_eq!(r.totals.awake_gpu_seconds, 14.0);
+        assert_eq!(r.rejections.get("queue_full"), Some(&1));
+        assert_eq!(r.models[0].totals.slo_attainment, 0.5);
+        assert_eq!(r.models[1].totals.ttft_p50_seconds, Some(2.0));
+        let json = serde_json::to_value(&r).unwrap();
+        for key in [
+            "requests",
+            "answered",
+            "rejected",
+            "sloAttainment",
+            "ttftP50Seconds",
+            "ttftP99Seconds",
+            "wakes",
+            "preemptions",
+            "awakeGpuSeconds",
+            "simulatedSeconds",
+            "wallSeconds",
+        ] {
+            assert!(json.get(key).is_some(), "{key} missing from {json}");
+        }
+        assert!(r.table().contains("ALL"));
+    }
+}

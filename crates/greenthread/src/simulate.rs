@@ -1,0 +1,275 @@
+//! `greenthread simulate`: replays a request trace through the real control plane over
+//! simulated engines in virtual time, and says how the fleet did — or, with
+//! `--find-gpus`, how many GPUs it needs.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use greenthread_api::{ValidModel, arg};
+use greenthread_fleet::{
+    assign,
+    report::{Report, report},
+    run::{OnProgress, Setup, run},
+    trace::{self, Arrivals, Workload},
+    zoo,
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Request trace in the Azure LLM inference format
+    /// (`TIMESTAMP,ContextTokens,GeneratedTokens`), e.g. `traces/AzureLLMInferenceTrace_conv.csv`.
+    #[arg(long, required_unless_present = "rate")]
+    pub trace: Option<PathBuf>,
+    /// A generated workload instead of a trace: this many requests per second (for
+    /// `--minutes`, 60 by default).
+    #[arg(long, conflicts_with = "trace")]
+    pub rate: Option<f64>,
+    /// Generated arrivals: the coefficient of variation of the gaps (1: Poisson; above 1:
+    /// burstier, Gamma-distributed).
+    #[arg(long, default_value_t = 1.0, requires = "rate")]
+    pub arrival_cv: f64,
+    /// A generated zoo of N models: half 8B-class, a quarter 3B, a quarter 14B, in a fixed order.
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    pub models: Option<usize>,
+    /// The models of a `greenthread local` configuration instead (and its GPUs unless
+    /// `--gpus` is given).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// GPUs of `--gpu-memory` each.
+    #[arg(long)]
+    pub gpus: Option<usize>,
+    #[arg(long, default_value = "80Gi", value_parser = arg::size)]
+    pub gpu_memory: u64,
+    /// Popularity skew: request shares ∝ 1/rank^skew over the models (0: uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub skew: f64,
+    /// Seeds the workload (which model each request goes to, generated arrivals).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The TTFT a request must meet to count as served in time.
+    #[arg(long, default_value = "3s", value_parser = arg::duration)]
+    pub ttft_slo: Duration,
+    /// Only the first M minutes of the workload.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Searches for the fewest GPUs whose SLO attainment reaches `--target`.
+    #[arg(long)]
+    pub find_gpus: bool,
+    /// The attainment `--find-gpus` looks for.
+    #[arg(long, default_value_t = 0.99)]
+    pub target: f64,
+}
+
+fn workload(args: &SimulateArgs) -> anyhow::Result<Workload> {
+    let w = match (&args.trace, args.rate) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--trace {}", path.display()))?;
+            let w =
+                trace::parse_azure(&text).with_context(|| format!("--trace {}", path.display()))?;
+            if w.clamped > 0 {
+                eprintln!(
+                    "note: {} requests of the trace were cut to {} tokens",
+                    w.clamped,
+                    trace::MAX_TOKENS
+                );
+            }
+            w
+        }
+        (None, Some(rate)) => {
+            anyhow::ensure!(rate > 0.0, "--rate must be above 0");
+            let arrivals = if (args.arrival_cv - 1.0).abs() < 1e-9 {
+                Arrivals::Poisson
+            } else {
+                anyhow::ensure!(args.arrival_cv > 0.0, "--arrival-cv must be above 0");
+                Arrivals::Gamma {
+                    cv: args.arrival_cv,
+                }
+            };
+            let minutes = args.minutes.unwrap_or(60.0);
+            let mut rng = greenthread_fleet::rng::Rng::new(args.seed ^ 0x7261_7465);
+            trace::generate(
+                rate,
+                Duration::from_secs_f64(minutes * 60.0),
+                arrivals,
+                &mut rng,
+            )
+        }
+        (None, None) => anyhow::bail!("give --trace FILE or --rate R"),
+    };
+    Ok(match args.minutes {
+        Some(m) => {
+            anyhow::ensure!(m > 0.0, "--minutes must be above 0");
+            w.first_minutes(m)
+        }
+        None => w,
+    })
+}
+
+type Models = Vec<(String, ValidModel)>;
+
+/// The models, and the GPUs of the configuration if it names them.
+fn models(args: &SimulateArgs) -> anyhow::Result<(Models, Option<Vec<u64>>)> {
+    match (&args.config, args.models) {
+        (Some(path), _) => {
+            let plan = crate::local::config::load(Some(path))?;
+            let gpus = plan.gpus.iter().map(|g| g.memory_bytes).collect();
+            Ok((plan.models, Some(gpus)))
+        }
+        (None, Some(n)) => {
+            anyhow::ensure!(n > 0, "--models must be at least 1");
+            Ok((
+                zoo::zoo(n, args.gpu_memory).map_err(anyhow::Error::msg)?,
+                None,
+            ))
+        }
+        (None, None) => anyhow::bail!("give --models N or --config FILE"),
+    }
+}
+
+fn progress_line() -> OnProgress {
+    let started = std::time::Instant::now();
+    std::sync::Arc::new(move |p: greenthread_fleet::run::Progress| {
+        eprintln!(
+            "simulated {:>3.0} of {:.0} min: {} requests sent, {} done ({:.1} s wall)",
+            p.simulated.as_secs_f64() / 60.0,
+            p.total.as_secs_f64() / 60.0,
+            p.sent,
+            p.done,
+            started.elapsed().as_secs_f64()
+        );
+    })
+}
+
+/// One run on `gpus`.
+fn once(
+    args: &SimulateArgs,
+    models: &[(String, ValidModel)],
+    gpus: Vec<u64>,
+    w: &Workload,
+    quiet: bool,
+) -> anyhow::Result<Report> {
+    let (requests, _) = assign(w, models.len(), args.skew, args.seed);
+    let models_of: Vec<usize> = requests.iter().map(|r| r.model).collect();
+    let names: Vec<String> = models.iter().map(|m| m.0.clone()).collect();
+    let wall = std::time::Instant::now();
+    let ran = run(
+        Setup {
+            models: models.to_vec(),
+            gpus,
+            requests,
+            seed: args.seed,
+        },
+        (!quiet).then(progress_line),
+    )?;
+    Ok(report(
+        &ran,
+        &names,
+        &models_of,
+        args.ttft_slo,
+        wall.elapsed(),
+    ))
+}
+
+pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.skew >= 0.0, "--skew must be 0 or more");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.target),
+        "--target must be a fraction between 0 and 1"
+    );
+    let w = workload(&args)?;
+    anyhow::ensure!(!w.arrivals.is_empty(), "the workload has no requests");
+    let (models, config_gpus) = models(&args)?;
+    let gpus_of = |n: usize| vec![args.gpu_memory; n];
+    if args.find_gpus {
+        return find_gpus(&args, &models, &w);
+    }
+    let gpus = match (args.gpus, config_gpus) {
+        (Some(n), _) => gpus_of(n),
+        (None, Some(g)) => g,
+        (None, None) => anyhow::bail!("give --gpus G"),
+    };
+    anyhow::ensure!(!gpus.is_empty(), "--gpus must be at least 1");
+    let r = once(&args, &models, gpus, &w, args.json)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!("{}", r.table());
+    }
+    Ok(())
+}
+
+/// The fewest GPUs whose attainment reaches the target: doubling until one does, then
+/// bisecting (attainment grows with GPUs, give or take a seed's noise).
+fn find_gpus(
+    args: &SimulateArgs,
+    models: &[(String, ValidModel)],
+    w: &Workload,
+) -> anyhow::Result<()> {
+    let mut tried: Vec<(usize, Report)> = Vec::new();
+    let attempt = |n: usize, tried: &mut Vec<(usize, Report)>| -> anyhow::Result<bool> {
+        if let Some((_, r)) = tried.iter().find(|(g, _)| *g == n) {
+            return Ok(r.totals.slo_attainment >= args.target);
+        }
+        let r = once(args, models, vec![args.gpu_memory; n], w, true)?;
+        if !args.json {
+            eprintln!(
+                "{n:>4} GPUs: {:.1}% within {:?} ({:.1} s wall)",
+                r.totals.slo_attainment * 100.0,
+                args.ttft_slo,
+                r.wall_seconds
+            );
+        }
+        let ok = r.totals.slo_attainment >= args.target;
+        tried.push((n, r));
+        Ok(ok)
+    };
+    // Every model alone on a GPU is the most that can help.
+    let most = models
+        .iter()
+        .map(|m| m.1.spec.replicas as usize)
+        .sum::<usize>()
+        .max(1);
+    let mut hi = 1;
+    while !attempt(hi, &mut tried)? {
+        if hi >= most {
+            anyhow::bail!(
+                "even {hi} GPUs (every replica alone) reach only {:.1}%, below --target {}",
+                tried
+                    .last()
+                    .map_or(0.0, |t| t.1.totals.slo_attainment * 100.0),
+                args.target
+            );
+        }
+        hi = (hi * 2).min(most);
+    }
+    let mut lo = hi / 2; // fails (or 0)
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if attempt(mid, &mut tried)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let (_, r) = tried.iter().find(|(g, _)| *g == hi).expect("tried");
+    if args.json {
+        let mut v = serde_json::to_value(r)?;
+        v["gpus"] = hi.into();
+        v["target"] = args.target.into();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "{hi} GPUs of {} GiB reach {:.1}% of requests within {:?} (target {:.1}%)",
+            args.gpu_memory >> 30,
+            r.totals.slo_attainment * 100.0,
+            args.ttft_slo,
+            args.target * 100.0
+        );
+        print!("{}", r.table());
+    }
+    Ok(())
+}

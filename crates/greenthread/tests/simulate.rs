@@ -1,0 +1,183 @@
+//! `greenthread simulate` as a user runs it: the real control plane in virtual time,
+//! replaying a real trace. The same seed must give the same run, byte for byte (but for
+//! the wall time it took); every request must be accounted for.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const TRACE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../traces/AzureLLMInferenceTrace_conv.csv"
+);
+
+fn simulate(args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_greenthread"))
+        .arg("simulate")
+        .args(args)
+        .output()
+        .expect("runs");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {:?}", out.stdout))
+}
+
+fn without_wall(mut v: Value) -> String {
+    v.as_object_mut().unwrap().remove("wallSeconds");
+    v.to_string()
+}
+
+/// Requests in the trace's first `minutes`, counted here from the file.
+fn rows_in_first(minutes: f64) -> usize {
+    let text = std::fs::read_to_string(TRACE).unwrap();
+    let times: Vec<jiff::civil::DateTime> = text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    let first = *times.iter().min().unwrap();
+    times
+        .iter()
+        .filter(|t| first.duration_until(**t).as_secs_f64() < minutes * 60.0)
+        .count()
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run_and_every_request_is_accounted_for() {
+    let args = |seed: &'static str| {
+        vec![
+            "--trace",
+            TRACE,
+            "--models",
+            "28",
+            "--gpus",
+            "4",
+            "--minutes",
+            "10",
+            "--seed",
+            seed,
+            "--json",
+        ]
+    };
+    let a = simulate(&args("1")).unwrap();
+    let b = simulate(&args("1")).unwrap();
+    let c = simulate(&args("2")).unwrap();
+    assert_eq!(
+        without_wall(a.clone()),
+        without_wall(b),
+        "same seed, same run"
+    );
+    assert_ne!(
+        without_wall(a.clone()),
+        without_wall(c),
+        "another seed sends the requests to other models"
+    );
+
+    let n = |k: &str| a[k].as_u64().unwrap_or_else(|| panic!("{k} in {a}"));
+    assert_eq!(n("requests") as usize, rows_in_first(10.0));
+    assert_eq!(
+        n("answered") + n("rejected") + n("broken") + n("hung"),
+        n("requests")
+    );
+    assert_eq!(n("hung"), 0, "{a}");
+    // 28 models on 4 GPUs of 80 GiB: at most 6 fit at once, so models take turns.
+    assert!(n("wakes") > 28, "{a}");
+    assert!(n("preemptions") > 0, "{a}");
+    let attainment = a["sloAttainment"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&attainment), "{a}");
+    let (p50, p99) = (
+        a["ttftP50Seconds"].as_f64().unwrap(),
+        a["ttftP99Seconds"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99, "{a}");
+    assert!(
+        a["simulatedSeconds"].as_f64().unwrap() >= 600.0 * 0.95,
+        "{a}"
+    );
+    // Per model: the rows add up to the whole.
+    let models = a["models"].as_array().unwrap();
+    assert_eq!(models.len(), 28);
+    let sum = |k: &str| models.iter().map(|m| m[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("requests"), n("requests"));
+    assert_eq!(sum("wakes"), n("wakes"));
+}
+
+#[test]
+fn a_generated_workload_runs_and_more_gpus_serve_it_better() {
+    let run = |gpus: &str| {
+        simulate(&[
+            "--rate",
+            "2",
+            "--minutes",
+            "5",
+            "--models",
+            "8",
+            "--gpus",
+            gpus,
+            "--json",
+        ])
+        .unwrap()
+    };
+    let few = run("1");
+    let many = run("8");
+    let (a, b) = (
+        few["sloAttainment"].as_f64().unwrap(),
+        many["sloAttainment"].as_f64().unwrap(),
+    );
+    // Eight models alone on eight GPUs never wait for a wake once all are awake.
+    assert!(b > a, "1 GPU {a}, 8 GPUs {b}");
+    assert_eq!(many["preemptions"], 0, "{many}");
+}
+
+#[test]
+fn bad_input_is_refused_with_the_flag_or_the_line_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,12,x\n",
+    )
+    .unwrap();
+    let bad = bad.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "--trace",
+                "/nonexistent.csv",
+                "--models",
+                "2",
+                "--gpus",
+                "1",
+            ],
+            "--trace /nonexistent.csv",
+        ),
+        (
+            &["--trace", bad, "--models", "2", "--gpus", "1"],
+            "line 2: GeneratedTokens \"x\"",
+        ),
+        (
+            &[
+                "--trace",
+                TRACE,
+                "--models",
+                "2",
+                "--gpus",
+                "1",
+                "--gpu-memory",
+                "16Gi",
+            ],
+            "more than a 16 GiB GPU",
+        ),
+        (&["--trace", TRACE, "--gpus", "1"], "--models"),
+        (
+            &["--rate", "0", "--models", "2", "--gpus", "1"],
+            "--rate must be above 0",
+        ),
+    ];
+    for (args, expected) in cases {
+        let err = simulate(args).unwrap_err();
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}
