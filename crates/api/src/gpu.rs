@@ -93,6 +93,17 @@ pub struct Occupant {
     pub min_runtime: Duration,
     #[schemars(with = "String")]
     pub heartbeat: Timestamp,
+    /// Requests in flight at its last report (0: idle, nothing to drain).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub in_flight: u32,
+    /// Requests that arrived in the ten minutes before its last report: how much it
+    /// would be missed asleep.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recent_requests: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A waker's declaration that it needs memory on this GPU and may preempt for it.
@@ -174,6 +185,8 @@ mod tests {
                 became_serving_at: None,
                 min_runtime: Duration::from_secs(10),
                 heartbeat: "2026-01-01T00:00:00Z".parse().unwrap(),
+                in_flight: 0,
+                recent_requests: 0,
             }],
             preemption_intents: vec![],
             wake_lock: None,

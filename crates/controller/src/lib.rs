@@ -80,6 +80,10 @@ pub struct ControllerConfig {
     /// Model with another image is Failed with reason `ImageNotAllowed`. Empty: any.
     #[arg(long, value_delimiter = ',')]
     pub allowed_images: Vec<String>,
+    /// The scheduling policy of every Model's sidecar: whom a wake short of memory
+    /// preempts, and when (`cost-aware`, the default, or `lru`).
+    #[arg(long, default_value = "cost-aware", value_parser = |s: &str| s.parse::<greenthread_ledger::Policy>())]
+    pub policy: greenthread_ledger::Policy,
 }
 
 impl ControllerConfig {
@@ -96,6 +100,7 @@ impl ControllerConfig {
                 engine: self.engine_port,
             },
             allowed_images: self.allowed_images.clone(),
+            policy: self.policy,
         }
     }
 

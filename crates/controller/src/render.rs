@@ -43,6 +43,8 @@ pub struct Settings {
     pub ports: Ports,
     /// Engine images a Model may run (globs, `*` any characters); empty: any.
     pub allowed_images: Vec<String>,
+    /// The scheduling policy every sidecar applies.
+    pub policy: greenthread_ledger::Policy,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +74,7 @@ impl Default for Settings {
             service_account: None,
             ports: Ports::default(),
             allowed_images: Vec::new(),
+            policy: greenthread_ledger::Policy::default(),
         }
     }
 }
@@ -251,6 +254,7 @@ pub fn sidecar_config(model: &ValidModel, gpus: &[GpuSpec], settings: &Settings)
                 namespace: settings.gpu_namespace.clone(),
             },
             memory_bytes: gpus.iter().map(|g| model.share_of(g.memory_bytes)).max(),
+            policy: settings.policy,
         },
     )
 }

@@ -248,6 +248,8 @@ mod tests {
                         became_serving_at: None,
                         min_runtime: Default::default(),
                         heartbeat: jiff::Timestamp::now(),
+                        in_flight: 0,
+                        recent_requests: 0,
                     })
                     .collect(),
                 ..Default::default()

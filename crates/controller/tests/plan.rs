@@ -140,6 +140,8 @@ fn gpus(case: &Case) -> Vec<Gpu> {
                         became_serving_at: None,
                         min_runtime: Default::default(),
                         heartbeat: jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+                        in_flight: 0,
+                        recent_requests: 0,
                     })
                 })
                 .collect();

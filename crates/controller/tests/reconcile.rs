@@ -47,6 +47,7 @@ fn config(identity: &str) -> ControllerConfig {
         sidecar_metrics_port: 9090,
         engine_port: 8001,
         allowed_images: vec![],
+        policy: Default::default(),
     }
 }
 
@@ -106,6 +107,8 @@ fn occupant(pod: &str, state: OccupantState, reserved: u64) -> Occupant {
         became_serving_at: None,
         min_runtime: Duration::from_secs(10),
         heartbeat: jiff::Timestamp::now(),
+        in_flight: 0,
+        recent_requests: 0,
     }
 }
 

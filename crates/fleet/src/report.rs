@@ -31,6 +31,8 @@ pub struct Totals {
 #[serde(rename_all = "camelCase")]
 pub struct ModelRow {
     pub model: String,
+    /// The GPUs its replicas were placed on (by position), one list per replica.
+    pub gpus: Vec<Vec<u32>>,
     #[serde(flatten)]
     pub totals: Totals,
 }
@@ -47,6 +49,9 @@ pub struct Report {
     /// Virtual time the replicas took to boot before the workload (not in the above).
     pub boot_seconds: f64,
     pub wall_seconds: f64,
+    /// Requests by the state their model was in when they arrived (serving, sleeping,
+    /// pending, waking, deactivating), each with its SLO attainment: where time is lost.
+    pub by_state_at_arrival: BTreeMap<String, Totals>,
     pub models: Vec<ModelRow>,
 }
 
@@ -129,8 +134,28 @@ pub fn report(
         overall.awake_gpu_seconds += t.awake_gpu_seconds;
         rows.push(ModelRow {
             model: name.clone(),
+            gpus: run
+                .replicas
+                .iter()
+                .filter(|r| r.model == m)
+                .map(|r| r.gpus.clone())
+                .collect(),
             totals: t,
         });
+    }
+    let mut by_state_at_arrival = BTreeMap::new();
+    for state in greenthread_sidecar::state::State::ALL {
+        let t = totals(
+            run.outcomes
+                .iter()
+                .zip(&run.arrived_to)
+                .filter(|(_, s)| **s == state)
+                .map(|(o, _)| o),
+            slo,
+        );
+        if t.requests > 0 {
+            by_state_at_arrival.insert(state.as_str().to_string(), t);
+        }
     }
     let mut rejections = BTreeMap::new();
     for o in &run.outcomes {
@@ -145,6 +170,7 @@ pub fn report(
         simulated_seconds: run.simulated.as_secs_f64(),
         boot_seconds: run.boot.as_secs_f64(),
         wall_seconds: wall.as_secs_f64(),
+        by_state_at_arrival,
         models: rows,
     }
 }
@@ -203,6 +229,21 @@ impl Report {
             out.push_str(&format!("; refused: {}", r.join(", ")));
         }
         out.push('\n');
+        let states: Vec<String> = self
+            .by_state_at_arrival
+            .iter()
+            .map(|(state, t)| {
+                format!(
+                    "{state} {} ({:.1}% in SLO)",
+                    t.requests,
+                    t.slo_attainment * 100.0
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "requests by their model's state at arrival: {}\n",
+            states.join(", ")
+        ));
         out
     }
 }
@@ -211,6 +252,7 @@ impl Report {
 mod tests {
     use super::*;
     use crate::run::ReplicaStats;
+    use greenthread_sidecar::state::State;
 
     #[test]
     fn attainment_counts_refusals_as_misses_and_quantiles_are_nearest_rank() {
@@ -251,6 +293,12 @@ mod tests {
             ],
             simulated: s(100),
             boot: s(3),
+            arrived_to: vec![
+                State::Serving,
+                State::Sleeping,
+                State::Sleeping,
+                State::Serving,
+            ],
         };
         let r = report(&run, &["a".into(), "b".into()], &[0, 0, 1, 1], s(3), s(1));
         assert_eq!(r.totals.requests, 4);
@@ -281,5 +329,9 @@ mod tests {
             assert!(json.get(key).is_some(), "{key} missing from {json}");
         }
         assert!(r.table().contains("ALL"));
+        let serving = &r.by_state_at_arrival["serving"];
+        assert_eq!((serving.requests, serving.slo_attainment), (2, 1.0));
+        assert_eq!(r.by_state_at_arrival["sleeping"].slo_attainment, 0.0);
+        assert!(!r.by_state_at_arrival.contains_key("waking"));
     }
 }

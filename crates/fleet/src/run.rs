@@ -46,6 +46,7 @@ pub struct Setup {
     pub requests: Vec<Request>,
     /// Seeds what the control plane draws at random (backoff jitter).
     pub seed: u64,
+    pub policy: greenthread_ledger::Policy,
 }
 
 /// How one request ended, as its client saw it.
@@ -89,6 +90,8 @@ pub struct Run {
     pub simulated: Duration,
     /// Virtual time the replicas took to boot before the workload started.
     pub boot: Duration,
+    /// The state of each request's model (its first replica) when it arrived.
+    pub arrived_to: Vec<State>,
 }
 
 /// Progress while it runs.
@@ -217,6 +220,7 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
                     pod_name: Some(pod.clone()),
                     ledger: LedgerAt::Memory,
                     memory_bytes: Some(share),
+                    policy: setup.policy,
                 },
             );
             let indices: Vec<u32> = positions.clone();
@@ -430,8 +434,16 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         })
     });
     let mut clients = tokio::task::JoinSet::new();
+    let mut arrived_to = Vec::with_capacity(setup.requests.len());
     for (i, r) in setup.requests.iter().enumerate() {
         tokio::time::sleep_until(start + r.at).await;
+        arrived_to.push(
+            fleet
+                .sidecars
+                .iter()
+                .find(|s| s.0 == r.model)
+                .map_or(State::Sleeping, |s| s.1.state()),
+        );
         let body = chat_body(&setup.models[r.model].0, r);
         let (router, done) = (router.clone(), done.clone());
         clients.spawn(async move {
@@ -469,5 +481,6 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         replicas,
         simulated,
         boot,
+        arrived_to,
     })
 }

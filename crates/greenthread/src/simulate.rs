@@ -46,6 +46,10 @@ pub struct SimulateArgs {
     /// Seeds the workload (which model each request goes to, generated arrivals).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The scheduling policy: `default` (cost-aware) or `lru` (the documented original).
+    /// With `--config`, the config's `policy` unless this is given.
+    #[arg(long, value_parser = |s: &str| s.parse::<greenthread_ledger::Policy>())]
+    pub policy: Option<greenthread_ledger::Policy>,
     /// The TTFT a request must meet to count as served in time.
     #[arg(long, default_value = "3s", value_parser = arg::duration)]
     pub ttft_slo: Duration,
@@ -109,22 +113,32 @@ fn workload(args: &SimulateArgs) -> anyhow::Result<Workload> {
     })
 }
 
-type Models = Vec<(String, ValidModel)>;
+/// What the simulated installation declares.
+struct Declared {
+    models: Vec<(String, ValidModel)>,
+    /// A configuration's GPUs.
+    gpus: Option<Vec<u64>>,
+    policy: greenthread_ledger::Policy,
+}
 
-/// The models, and the GPUs of the configuration if it names them.
-fn models(args: &SimulateArgs) -> anyhow::Result<(Models, Option<Vec<u64>>)> {
+/// The models (a configuration's or the zoo), and what else a configuration sets.
+fn declared(args: &SimulateArgs) -> anyhow::Result<Declared> {
     match (&args.config, args.models) {
         (Some(path), _) => {
             let plan = crate::local::config::load(Some(path))?;
-            let gpus = plan.gpus.iter().map(|g| g.memory_bytes).collect();
-            Ok((plan.models, Some(gpus)))
+            Ok(Declared {
+                gpus: Some(plan.gpus.iter().map(|g| g.memory_bytes).collect()),
+                policy: args.policy.unwrap_or(plan.policy),
+                models: plan.models,
+            })
         }
         (None, Some(n)) => {
             anyhow::ensure!(n > 0, "--models must be at least 1");
-            Ok((
-                zoo::zoo(n, args.gpu_memory).map_err(anyhow::Error::msg)?,
-                None,
-            ))
+            Ok(Declared {
+                models: zoo::zoo(n, args.gpu_memory).map_err(anyhow::Error::msg)?,
+                gpus: None,
+                policy: args.policy.unwrap_or_default(),
+            })
         }
         (None, None) => anyhow::bail!("give --models N or --config FILE"),
     }
@@ -147,6 +161,7 @@ fn progress_line() -> OnProgress {
 /// One run on `gpus`.
 fn once(
     args: &SimulateArgs,
+    policy: greenthread_ledger::Policy,
     models: &[(String, ValidModel)],
     gpus: Vec<u64>,
     w: &Workload,
@@ -162,6 +177,7 @@ fn once(
             gpus,
             requests,
             seed: args.seed,
+            policy,
         },
         (!quiet).then(progress_line),
     )?;
@@ -182,10 +198,14 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
     );
     let w = workload(&args)?;
     anyhow::ensure!(!w.arrivals.is_empty(), "the workload has no requests");
-    let (models, config_gpus) = models(&args)?;
+    let Declared {
+        models,
+        gpus: config_gpus,
+        policy,
+    } = declared(&args)?;
     let gpus_of = |n: usize| vec![args.gpu_memory; n];
     if args.find_gpus {
-        return find_gpus(&args, &models, &w);
+        return find_gpus(&args, policy, &models, &w);
     }
     let gpus = match (args.gpus, config_gpus) {
         (Some(n), _) => gpus_of(n),
@@ -193,7 +213,7 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --gpus G"),
     };
     anyhow::ensure!(!gpus.is_empty(), "--gpus must be at least 1");
-    let r = once(&args, &models, gpus, &w, args.json)?;
+    let r = once(&args, policy, &models, gpus, &w, args.json)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -206,6 +226,7 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
 /// bisecting (attainment grows with GPUs, give or take a seed's noise).
 fn find_gpus(
     args: &SimulateArgs,
+    policy: greenthread_ledger::Policy,
     models: &[(String, ValidModel)],
     w: &Workload,
 ) -> anyhow::Result<()> {
@@ -214,7 +235,7 @@ fn find_gpus(
         if let Some((_, r)) = tried.iter().find(|(g, _)| *g == n) {
             return Ok(r.totals.slo_attainment >= args.target);
         }
-        let r = once(args, models, vec![args.gpu_memory; n], w, true)?;
+        let r = once(args, policy, models, vec![args.gpu_memory; n], w, true)?;
         if !args.json {
             eprintln!(
                 "{n:>4} GPUs: {:.1}% within {:?} ({:.1} s wall)",

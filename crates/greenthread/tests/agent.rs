@@ -85,6 +85,7 @@ async fn an_occupant_write_racing_with_stats_writes_loses_nothing() {
     // Meanwhile sidecars register, claim and serve, by compare-and-swap on the same record.
     for p in 0..20 {
         let claim = decide::Claim {
+            recent_requests: 0,
             pod: format!("pod-{p}"),
             model: format!("m{p}"),
             bytes: GI,

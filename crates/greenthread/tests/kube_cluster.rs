@@ -43,6 +43,7 @@ fn controller_config() -> ControllerConfig {
         sidecar_metrics_port: free_port() as i32,
         engine_port: free_port(),
         allowed_images: vec![],
+        policy: Default::default(),
     }
 }
 

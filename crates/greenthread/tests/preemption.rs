@@ -216,6 +216,7 @@ async fn a_wake_lock_held_by_a_dead_sidecar_expires() {
     // A sidecar that took the lock and died: it never heartbeats again.
     let g = l.get("g-0").await.unwrap();
     let dead = decide::Claim {
+        recent_requests: 0,
         pod: "dead-0".into(),
         model: "dead".into(),
         bytes: 0,

@@ -28,6 +28,8 @@ pub struct Claim {
     pub bytes: u64,
     pub popular: bool,
     pub min_runtime: Duration,
+    /// Requests the waker received in the last ten minutes (those queued included).
+    pub recent_requests: u32,
 }
 
 /// Memory that counts against a GPU for one occupant: the reservation while serving or
@@ -78,6 +80,7 @@ pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus 
             o.popular = claim.popular;
             o.min_runtime = claim.min_runtime;
             o.heartbeat = now;
+            o.recent_requests = claim.recent_requests;
         }
         None => next.occupants.push(Occupant {
             pod_name: claim.pod.clone(),
@@ -90,6 +93,8 @@ pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus 
             became_serving_at: None,
             min_runtime: claim.min_runtime,
             heartbeat: now,
+            in_flight: 0,
+            recent_requests: claim.recent_requests,
         }),
     }
     next
@@ -173,19 +178,28 @@ pub fn release(status: &GpuStatus, pod: &str, residual: u64, now: Timestamp) -> 
     next
 }
 
-/// Heartbeat, and the access time used for least-recently-used victim choice.
-pub fn touch(
-    status: &GpuStatus,
-    pod: &str,
-    accessed: Option<Timestamp>,
-    now: Timestamp,
-) -> GpuStatus {
+/// What a sidecar reports of its traffic with each heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Load {
+    /// When a request last started or ended.
+    pub accessed: Option<Timestamp>,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Requests that arrived in the last ten minutes.
+    pub recent_requests: u32,
+}
+
+/// Heartbeat, and the traffic victim choice goes by (access time, requests in flight
+/// and recent).
+pub fn touch(status: &GpuStatus, pod: &str, load: Load, now: Timestamp) -> GpuStatus {
     let mut next = status.clone();
     if let Some(o) = next.occupant_mut(pod) {
         o.heartbeat = now;
-        if accessed.is_some() {
-            o.last_accessed = accessed;
+        if load.accessed.is_some() {
+            o.last_accessed = load.accessed;
         }
+        o.in_flight = load.in_flight;
+        o.recent_requests = load.recent_requests;
     }
     next
 }
@@ -543,6 +557,11 @@ pub struct WakeRequest<'a> {
     pub lock_ttl: Duration,
     /// How long to wait for memory to free by itself before preempting.
     pub max_wait: Duration,
+    /// Whom to preempt, and whether to wait out `max_wait` first.
+    pub policy: crate::Policy,
+    /// Under the cost-aware policy, how long a waker waits at most before it may preempt
+    /// anyone (half its requests' queue deadline).
+    pub starvation_bound: Duration,
     /// When this wake first found the GPU short of memory (the fairness clock), if it has.
     pub short_since: Option<Timestamp>,
 }
@@ -577,16 +596,35 @@ pub fn wake_step(
         Err(Refusal::DoesNotFit { .. }) => {}
         Err(refused) => return (None, wait(GpuWait::Refused(refused), None)),
     }
-    let with_intent = write_intent(status, &claim.pod, &claim.model, claim.bytes, now);
+    // The cost-aware policy weighs the waker's recent requests: they are recorded with
+    // its intent. The documented policy writes the intent alone, as it always did.
+    let registered;
+    let base = if req.policy == crate::Policy::Lru {
+        status
+    } else {
+        registered = register(status, claim, now);
+        &registered
+    };
+    let with_intent = write_intent(base, &claim.pod, &claim.model, claim.bytes, now);
     let since = req.short_since.unwrap_or(now);
     let fairness_ends = plus(since, req.max_wait);
-    if now < fairness_ends {
+    if now < fairness_ends && crate::policy::waits_for_fairness(req.policy) {
         let why = GpuWait::Fairness {
             max_wait: req.max_wait,
         };
         return (Some(with_intent), wait(why, Some(fairness_ends)));
     }
-    match choose_victims(spec, &with_intent, &claim.pod, claim.bytes, now) {
+    match crate::policy::victims(
+        req.policy,
+        spec,
+        &with_intent,
+        &claim.pod,
+        claim.bytes,
+        req.starvation_bound,
+        now,
+    ) {
+        // One victim at a time: the next is chosen once it slept, on what is left then
+        // (naming them all at once drains more models than turn out to be needed).
         Ok(victims) => match victims.into_iter().next() {
             Some(victim) => {
                 let named_now = !with_intent.preemption_intents.iter().any(|i| {
@@ -599,7 +637,13 @@ pub fn wake_step(
             None => (Some(with_intent), wait(GpuWait::Claiming, None)),
         },
         Err(why) => {
-            let eligible = next_eligibility(&with_intent, &claim.pod, now);
+            let eligible = crate::policy::recheck_at(
+                req.policy,
+                &with_intent,
+                &claim.pod,
+                req.starvation_bound,
+                now,
+            );
             (Some(with_intent), wait(GpuWait::NoVictim(why), eligible))
         }
     }
@@ -706,6 +750,7 @@ mod tests {
             bytes,
             popular: false,
             min_runtime: Duration::from_secs(10),
+            recent_requests: 0,
         }
     }
 
@@ -721,6 +766,8 @@ mod tests {
             became_serving_at: None,
             min_runtime: Duration::ZERO,
             heartbeat: t(0),
+            in_flight: 0,
+            recent_requests: 0,
         }
     }
 
@@ -817,7 +864,7 @@ mod tests {
         // Re-entrant for its holder.
         assert!(acquire_wake_lock(&status, "a", ttl, t(5)).is_ok());
         // A heartbeat keeps it alive past the ttl counted from `since`.
-        let alive = touch(&status, "a", None, t(8));
+        let alive = touch(&status, "a", Load::default(), t(8));
         assert!(acquire_wake_lock(&alive, "b", ttl, t(15)).is_err());
         // Silence past the ttl lets the next waker in.
         let taken = acquire_wake_lock(&alive, "b", ttl, t(19)).unwrap();
@@ -1158,6 +1205,8 @@ mod tests {
         ];
         for c in cases {
             let req = WakeRequest {
+                policy: crate::Policy::Lru,
+                starvation_bound: Duration::MAX,
                 claim: &claim,
                 lock_ttl: ttl,
                 max_wait,

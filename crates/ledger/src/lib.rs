@@ -8,9 +8,11 @@ pub mod feed;
 mod kube_ledger;
 mod ledger;
 mod memory;
+pub mod policy;
 
 pub use clock::Clock;
 pub use feed::{Feed, Subscriber};
 pub use kube_ledger::KubeLedger;
 pub use ledger::{Backoff, Ledger, LedgerError, MAX_CONFLICTS, seed_jitter, update};
 pub use memory::MemoryLedger;
+pub use policy::Policy;

@@ -29,6 +29,7 @@ fn gpu(rv: &str, occupants: &[&str]) -> Value {
         status = decide::register(
             &status,
             &decide::Claim {
+                recent_requests: 0,
                 pod: pod.to_string(),
                 model: format!("m-{pod}"),
                 bytes: 0,
@@ -129,6 +130,7 @@ async fn a_conflict_is_reread_decided_again_and_written_at_the_new_version() {
             let next = decide::register(
                 &g.status,
                 &decide::Claim {
+                    recent_requests: 0,
                     pod: "me-0".into(),
                     model: "m".into(),
                     bytes: 0,

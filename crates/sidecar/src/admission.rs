@@ -7,9 +7,10 @@ use std::{
     time::Duration,
 };
 
+use greenthread_ledger::{Feed, Subscriber};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
-    sync::{Notify, oneshot, watch},
+    sync::{Notify, oneshot},
     time::Instant,
 };
 
@@ -21,7 +22,8 @@ use crate::error::Failure;
 pub struct Admission {
     queue: Mutex<Queue>,
     max_queue: usize,
-    in_flight_tx: watch::Sender<usize>,
+    /// Requests in flight; subscribers are woken on 0 ↔ busy alone.
+    in_flight_tx: Feed<usize>,
     emptied: Notify,
     depth_gauge: Gauge,
     in_flight_gauge: Gauge,
@@ -34,7 +36,12 @@ struct Queue {
     in_flight: usize,
     /// When a request last started or ended: the idle clock.
     last_activity: Instant,
+    /// When each request of the last [`RECENT`] arrived, oldest first.
+    arrivals: VecDeque<Instant>,
 }
+
+/// How far back "recent requests" look.
+pub const RECENT: Duration = Duration::from_secs(600);
 
 struct Waiter {
     id: u64,
@@ -119,9 +126,10 @@ impl Admission {
                 next_id: 0,
                 in_flight: 0,
                 last_activity: Instant::now(),
+                arrivals: VecDeque::new(),
             }),
             max_queue,
-            in_flight_tx: watch::Sender::new(0),
+            in_flight_tx: Feed::new(0),
             emptied: Notify::new(),
             depth_gauge,
             in_flight_gauge,
@@ -131,6 +139,9 @@ impl Admission {
     /// Admits a request at once when open, queues it otherwise.
     pub fn enter(self: &Arc<Self>) -> Result<Entry, QueueFull> {
         let mut q = self.queue.lock().unwrap();
+        let now = Instant::now();
+        q.arrivals.push_back(now);
+        forget_before(&mut q.arrivals, now);
         if q.open {
             return Ok(Entry::Admitted(self.admit_locked(&mut q)));
         }
@@ -228,6 +239,19 @@ impl Admission {
         (q.last_activity, q.in_flight > 0 || !q.waiters.is_empty())
     }
 
+    /// Requests in flight, and requests that arrived in the last [`RECENT`]: what the
+    /// ledger is told so that preemption spares the models that would be missed most.
+    pub fn load(&self) -> (usize, usize) {
+        let mut q = self.queue.lock().unwrap();
+        forget_before(&mut q.arrivals, Instant::now());
+        (q.in_flight, q.arrivals.len())
+    }
+
+    /// Wakes when requests start being in flight and when none is any more.
+    pub fn busy_changes(&self) -> Subscriber<usize> {
+        self.in_flight_tx.subscribe()
+    }
+
     /// (waiting, in flight).
     pub fn counts(&self) -> (usize, usize) {
         let q = self.queue.lock().unwrap();
@@ -237,9 +261,19 @@ impl Admission {
     /// Waits until nothing is in flight, at most `timeout`; whether it drained.
     pub async fn drained(&self, timeout: Duration) -> bool {
         let mut in_flight = self.in_flight_tx.subscribe();
-        tokio::time::timeout(timeout, in_flight.wait_for(|n| *n == 0))
+        tokio::time::timeout(timeout, in_flight.wait_for(|n: &usize| *n == 0))
             .await
             .is_ok()
+    }
+}
+
+/// Drops arrivals older than [`RECENT`] before `now`.
+fn forget_before(arrivals: &mut VecDeque<Instant>, now: Instant) {
+    while arrivals
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) > RECENT)
+    {
+        arrivals.pop_front();
     }
 }
 

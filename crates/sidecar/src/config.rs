@@ -1,6 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use greenthread_api::{ValidModel, arg, format_duration};
+use greenthread_ledger::Policy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
@@ -101,6 +102,10 @@ pub struct SidecarConfig {
     /// Popular models are never chosen as preemption victims.
     #[arg(long)]
     pub popular: bool,
+    /// The installation's scheduling policy: whom a wake short of memory preempts, and
+    /// when (`cost-aware`, the default, or `lru`, the documented original).
+    #[arg(long, default_value = "cost-aware", value_parser = |s: &str| s.parse::<Policy>())]
+    pub policy: Policy,
     /// Requests held at once while the model is not serving; more get 429.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
@@ -216,6 +221,8 @@ pub struct Assignment {
     pub ledger: LedgerAt,
     /// Bytes to reserve per GPU when waking; measured when `None`.
     pub memory_bytes: Option<u64>,
+    /// The installation's scheduling policy.
+    pub policy: Policy,
 }
 
 impl SidecarConfig {
@@ -244,6 +251,7 @@ impl SidecarConfig {
         cfg.min_runtime = model.min_runtime;
         cfg.max_wait_time = model.max_wait_time;
         cfg.popular = model.spec.fairness.popular;
+        cfg.policy = at.policy;
         match at.ledger {
             LedgerAt::Memory => cfg.ledger = LedgerKind::Memory,
             LedgerAt::Kube { gpus, namespace } => {
@@ -284,6 +292,8 @@ impl SidecarConfig {
             format_duration(self.min_runtime),
             "--max-wait-time".into(),
             format_duration(self.max_wait_time),
+            "--policy".into(),
+            self.policy.to_string(),
         ]);
         if self.ledger == LedgerKind::Kube {
             args.extend([
@@ -375,6 +385,7 @@ mod tests {
                 pod_name: Some("m-3".into()),
                 ledger: LedgerAt::Memory,
                 memory_bytes: Some(7 << 30),
+                policy: Policy::Lru,
             },
         );
         assert_eq!(cfg.engine, EngineKind::Sim);

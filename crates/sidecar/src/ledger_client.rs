@@ -36,6 +36,9 @@ pub struct LedgerClient {
     min_runtime: Duration,
     lock_ttl: Duration,
     max_wait: Duration,
+    policy: greenthread_ledger::Policy,
+    /// Half the queue deadline: a waker may preempt anyone after waiting this long.
+    starvation_bound: Duration,
     pub(crate) clock: Clock,
     metrics: Arc<SidecarMetrics>,
     /// Cancelled at shutdown: failed writes are not retried any more.
@@ -70,6 +73,8 @@ impl LedgerClient {
             min_runtime: cfg.min_runtime,
             lock_ttl: cfg.wake_lock_ttl,
             max_wait: cfg.max_wait_time,
+            policy: cfg.policy,
+            starvation_bound: cfg.queue_timeout / 2,
             clock,
             metrics,
             stop,
@@ -80,8 +85,9 @@ impl LedgerClient {
         self.clock.now()
     }
 
-    fn claim_for(&self, bytes: u64) -> decide::Claim {
+    fn claim_for(&self, bytes: u64, recent_requests: usize) -> decide::Claim {
         decide::Claim {
+            recent_requests: u32::try_from(recent_requests).unwrap_or(u32::MAX),
             pod: self.pod.clone(),
             model: self.model.clone(),
             bytes,
@@ -176,16 +182,18 @@ impl LedgerClient {
         waiting: &(dyn Fn(WaitReason) + Send + Sync),
     ) -> Result<Claimed, ClaimError> {
         let mut changes = self.ledger.watch(&gpu.name)?;
-        let claim = self.claim_for(bytes);
         // When this wake first found the GPU short of memory (the fairness clock).
         let mut short_since: Option<Timestamp> = None;
         loop {
             changes.borrow_and_update();
+            let claim = self.claim_for(bytes, abandon.map_or(0, |a| a.load().1));
             let now = self.clock.now();
             let req = decide::WakeRequest {
                 claim: &claim,
                 lock_ttl: self.lock_ttl,
                 max_wait: self.max_wait,
+                policy: self.policy,
+                starvation_bound: self.starvation_bound,
                 short_since,
             };
             let step = self
@@ -291,7 +299,7 @@ impl LedgerClient {
     /// a wake or sleep that starts meanwhile changes the record, and this runs again).
     pub async fn heartbeat(
         &self,
-        accessed: Option<Timestamp>,
+        load: decide::Load,
         settled: &(dyn Fn(u32) -> Option<decide::Settled> + Send + Sync),
     ) {
         let pod = &self.pod;
@@ -302,7 +310,7 @@ impl LedgerClient {
                         return Ok((None, ()));
                     }
                     let now = self.clock.now();
-                    let mut next = decide::touch(&g.status, pod, accessed, now);
+                    let mut next = decide::touch(&g.status, pod, load, now);
                     if let Some(settled) = settled(gpu.index) {
                         next = decide::reconcile_own(&next, pod, settled, now);
                     }

@@ -614,14 +614,37 @@ impl Sidecar {
     /// reservation outlives its reason.
     async fn run_heartbeat(self: Arc<Self>) {
         let period = (self.cfg.wake_lock_ttl / 3).max(Duration::from_millis(100));
+        // Under the cost-aware policy a model's traffic starting and stopping is reported
+        // at once: whom a waker preempts depends on whether its victims have requests to
+        // drain. The documented policy heartbeats on its period alone, as it always did.
+        let report_edges = self.cfg.policy == greenthread_ledger::Policy::CostAware;
+        let mut busy = self.admission.busy_changes();
+        let mut beat = Instant::now() + period;
         loop {
-            tokio::time::sleep(period).await;
+            let edge = async {
+                if report_edges {
+                    busy.changed().await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                // In order: a fleet simulation replays the same run from the same seed.
+                biased;
+                () = tokio::time::sleep_until(beat) => beat = Instant::now() + period,
+                changed = edge => if changed.is_err() { return },
+            }
             let (last_activity, _) = self.admission.activity();
-            let accessed = jiff::SignedDuration::try_from(last_activity.elapsed())
-                .ok()
-                .and_then(|ago| self.ledger.now().checked_sub(ago).ok());
+            let (in_flight, recent) = self.admission.load();
+            let load = decide::Load {
+                accessed: jiff::SignedDuration::try_from(last_activity.elapsed())
+                    .ok()
+                    .and_then(|ago| self.ledger.now().checked_sub(ago).ok()),
+                in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+                recent_requests: u32::try_from(recent).unwrap_or(u32::MAX),
+            };
             self.ledger
-                .heartbeat(accessed, &|index| self.settled(index))
+                .heartbeat(load, &|index| self.settled(index))
                 .await;
         }
     }

@@ -28,6 +28,9 @@ pub struct LocalConfig {
     /// Bearer token for `/metrics` (open when absent).
     #[serde(default)]
     pub metrics_token: Option<String>,
+    /// Scheduling policy: `cost-aware` (the default) or `lru`.
+    #[serde(default)]
+    pub policy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +108,7 @@ pub struct Plan {
     pub admin_token: Option<String>,
     pub admin_open: bool,
     pub metrics_token: Option<String>,
+    pub policy: greenthread_ledger::Policy,
 }
 
 /// Reads and checks `path`, or the embedded default when `None`. Every message names the
@@ -239,10 +243,23 @@ pub fn parse_with(
             Err(es) => errors.extend(es.iter().map(ToString::to_string)),
         }
     }
+    let policy = match cfg
+        .policy
+        .as_deref()
+        .map(str::parse::<greenthread_ledger::Policy>)
+    {
+        None => greenthread_ledger::Policy::default(),
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            errors.push(format!("policy: {e}"));
+            greenthread_ledger::Policy::default()
+        }
+    };
     if !errors.is_empty() {
         anyhow::bail!("config {source} is invalid:\n  {}", errors.join("\n  "));
     }
     Ok(Plan {
+        policy,
         gpus,
         backend,
         models,

@@ -116,6 +116,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     ledger: LedgerAt::Memory,
                     // A simulated vLLM takes its share up front; a process engine is measured.
                     memory_bytes: (kind == greenthread_sidecar::EngineKind::Sim).then_some(memory),
+                    policy: plan.policy,
                 },
             );
             let (exits_tx, exits) = mpsc::unbounded_channel();

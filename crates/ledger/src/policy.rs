@@ -1,0 +1,546 @@
+//! Scheduling policies: when a waker that is short of memory may preempt, and whom. Pure
+//! functions of a GPU's record, chosen per installation.
+//!
+//! - [`Policy::Lru`], the documented behaviour: wait `maxWaitTime` for memory to free by
+//!   itself, then preempt the least recently accessed serving models (not popular, past
+//!   their `minRuntime`), as few as free enough memory, one at a time.
+//! - [`Policy::CostAware`], the default, weighs demand. A waker *stands* at its requests
+//!   of the last ten minutes plus one for every second it has waited; it may preempt a
+//!   serving model (not popular, past its `minRuntime`) whose recent requests do not
+//!   exceed its standing, and does so at once (no `maxWaitTime`: waiting only adds to its
+//!   requests' time to first token). Among those it takes the cheapest first: idle ones
+//!   (nothing to drain), then the fewest recent requests, then the least recently
+//!   accessed. A model with little traffic thus waits for one with much to finish rather
+//!   than evict it — evicting a busy model makes every request that arrives while it
+//!   drains, sleeps and wakes again wait — but not for ever: after half its requests'
+//!   queue deadline it may preempt anyone, so that it is served before they time out.
+//!   Measured with `greenthread simulate` (see `docs/simulate.md`).
+//!
+//! Both are table-tested below; `lru` is kept unchanged as the documented original.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use greenthread_api::{GpuSpec, GpuStatus, Occupant, OccupantState};
+use jiff::Timestamp;
+
+use crate::decide::{NoVictim, available_bytes};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    Lru,
+    #[default]
+    CostAware,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 2] = [Policy::Lru, Policy::CostAware];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Lru => "lru",
+            Policy::CostAware => "cost-aware",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lru" => Ok(Policy::Lru),
+            "cost-aware" | "default" => Ok(Policy::CostAware),
+            other => Err(format!(
+                "unknown scheduling policy {other:?}: expected lru or cost-aware (default)"
+            )),
+        }
+    }
+}
+
+/// What a second of waiting adds to a waker's standing, in requests: as if it received
+/// a request every second it has waited.
+pub const AGING_PER_SECOND: u64 = 1;
+
+/// Served past its `minRuntime` at `now`.
+fn past_min_runtime(o: &Occupant, now: Timestamp) -> bool {
+    let Some(since) = o.became_serving_at else {
+        return false;
+    };
+    let min = jiff::SignedDuration::try_from(o.min_runtime).unwrap_or(jiff::SignedDuration::MAX);
+    since.checked_add(min).is_ok_and(|t| t <= now)
+}
+
+/// How long the waker has waited for memory on this GPU (since its intent).
+fn waited(status: &GpuStatus, waker: &str, now: Timestamp) -> u64 {
+    status
+        .preemption_intents
+        .iter()
+        .find(|i| i.pod_name == waker)
+        .map_or(0, |i| now.duration_since(i.since).as_secs().max(0) as u64)
+}
+
+/// The waker's standing at `now`: its recent requests plus [`AGING_PER_SECOND`] for each
+/// second waited; past `bound` of waiting, above everyone.
+fn standing(status: &GpuStatus, waker: &str, bound: Duration, now: Timestamp) -> u64 {
+    let waited = waited(status, waker, now);
+    if waited >= bound.as_secs() {
+        return u64::MAX;
+    }
+    let own = status
+        .occupant(waker)
+        .map_or(0, |o| u64::from(o.recent_requests));
+    own + waited * AGING_PER_SECOND
+}
+
+/// The cost-aware choice: the victims that free `needed` bytes for `waker` at the least
+/// cost, cheapest first, among those it stands above. Cost, in order: requests in flight
+/// (they must drain while the waker's requests wait), recent requests (they would wait
+/// for a wake), least recently accessed.
+pub fn cost_aware_victims(
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    waker: &str,
+    needed: u64,
+    bound: Duration,
+    now: Timestamp,
+) -> Result<Vec<String>, NoVictim> {
+    let deficit = needed.saturating_sub(available_bytes(spec, status, Some(waker)));
+    if deficit == 0 {
+        return Ok(vec![]);
+    }
+    let serving: Vec<&Occupant> = status
+        .occupants
+        .iter()
+        .filter(|o| o.pod_name != waker && o.state == OccupantState::Serving)
+        .collect();
+    if serving.is_empty() {
+        return Err(NoVictim::NobodyServing);
+    }
+    if serving.iter().all(|o| o.popular) {
+        let names: Vec<&str> = serving.iter().map(|o| o.model_name.as_str()).collect();
+        return Err(NoVictim::AllPopular(names.join(", ")));
+    }
+    let standing = standing(status, waker, bound, now);
+    let mut eligible: Vec<&Occupant> = serving
+        .iter()
+        .copied()
+        .filter(|o| {
+            !o.popular && past_min_runtime(o, now) && u64::from(o.recent_requests) <= standing
+        })
+        .collect();
+    if eligible.is_empty() {
+        let why: Vec<String> = serving
+            .iter()
+            .filter(|o| !o.popular)
+            .map(|o| {
+                if u64::from(o.recent_requests) > standing {
+                    format!(
+                        "{} is in more demand ({} recent requests, this wake stands at {standing})",
+                        o.model_name, o.recent_requests
+                    )
+                } else {
+                    format!(
+                        "{} has not served its minRuntime of {:?}",
+                        o.model_name, o.min_runtime
+                    )
+                }
+            })
+            .collect();
+        return Err(NoVictim::NotEligible(why.join("; ")));
+    }
+    eligible.sort_by_key(|o| {
+        (
+            o.in_flight > 0,
+            o.recent_requests,
+            o.last_accessed.unwrap_or(Timestamp::MIN),
+            o.pod_name.clone(),
+        )
+    });
+    let freeable: u64 = eligible.iter().map(|o| o.reserved_memory_bytes).sum();
+    if freeable < deficit {
+        let names: Vec<&str> = eligible.iter().map(|o| o.model_name.as_str()).collect();
+        return Err(NoVictim::NotEnough {
+            eligible: names.join(", "),
+            freeable,
+            deficit,
+        });
+    }
+    // The cheapest first until enough is freed; then the dearest of those that turn out
+    // not to be needed (a large one taken late can make small ones before it redundant)
+    // are spared.
+    let mut chosen: Vec<&Occupant> = Vec::new();
+    let mut freed = 0u64;
+    for o in eligible {
+        if freed >= deficit {
+            break;
+        }
+        freed += o.reserved_memory_bytes;
+        chosen.push(o);
+    }
+    for i in (0..chosen.len()).rev() {
+        let bytes = chosen[i].reserved_memory_bytes;
+        if freed - bytes >= deficit {
+            freed -= bytes;
+            chosen.remove(i);
+        }
+    }
+    Ok(chosen.into_iter().map(|o| o.pod_name.clone()).collect())
+}
+
+/// The victims `policy` would preempt for `waker` now. `bound`: how long a waker may
+/// wait before it stands above everyone (cost-aware).
+pub fn victims(
+    policy: Policy,
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    waker: &str,
+    needed: u64,
+    bound: Duration,
+    now: Timestamp,
+) -> Result<Vec<String>, NoVictim> {
+    match policy {
+        Policy::Lru => crate::decide::choose_victims(spec, status, waker, needed, now),
+        Policy::CostAware => cost_aware_victims(spec, status, waker, needed, bound, now),
+    }
+}
+
+/// Whether `policy` waits out `maxWaitTime` before preempting: only the documented one.
+pub fn waits_for_fairness(policy: Policy) -> bool {
+    policy == Policy::Lru
+}
+
+/// When only time can change a waiter's answer, the moment it may: an occupant passing
+/// its `minRuntime`, and for the cost-aware policy the waker's standing rising past the
+/// next occupant's recent requests, or reaching the bound.
+pub fn recheck_at(
+    policy: Policy,
+    status: &GpuStatus,
+    waker: &str,
+    bound: Duration,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let eligibility = crate::decide::next_eligibility(status, waker, now);
+    if policy == Policy::Lru {
+        return eligibility;
+    }
+    let standing = standing(status, waker, bound, now);
+    let waited = waited(status, waker, now);
+    let after = |secs: u64| {
+        now.checked_add(jiff::SignedDuration::from_secs(
+            secs.min(i64::MAX as u64) as i64
+        ))
+        .unwrap_or(Timestamp::MAX)
+    };
+    let rises = status
+        .occupants
+        .iter()
+        .filter(|o| o.pod_name != waker && o.state == OccupantState::Serving && !o.popular)
+        .map(|o| u64::from(o.recent_requests))
+        .filter(|r| *r > standing)
+        .min()
+        .map(|r| {
+            let to_bound = bound.as_secs().saturating_sub(waited).max(1);
+            after((r - standing).div_ceil(AGING_PER_SECOND).min(to_bound))
+        });
+    match (eligibility, rises) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use greenthread_api::PreemptionIntent;
+
+    use super::*;
+    use crate::decide::{Claim, GpuWait, WakeRequest, WakeStep, wake_step};
+
+    const GI: u64 = 1 << 30;
+    const BOUND: Duration = Duration::from_secs(150);
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn spec() -> GpuSpec {
+        GpuSpec {
+            memory_bytes: 80 * GI,
+            ..Default::default()
+        }
+    }
+
+    /// A serving occupant: `gib` reserved, serving since `since`, `in_flight` requests
+    /// now, `recent` in the last ten minutes, last accessed at `accessed`.
+    fn serving(
+        pod: &str,
+        gib: u64,
+        since: i64,
+        in_flight: u32,
+        recent: u32,
+        accessed: i64,
+    ) -> Occupant {
+        Occupant {
+            pod_name: pod.into(),
+            model_name: pod.into(),
+            state: OccupantState::Serving,
+            reserved_memory_bytes: gib * GI,
+            residual_memory_bytes: 0,
+            popular: false,
+            last_accessed: Some(t(accessed)),
+            became_serving_at: Some(t(since)),
+            min_runtime: Duration::from_secs(10),
+            heartbeat: t(0),
+            in_flight,
+            recent_requests: recent,
+        }
+    }
+
+    /// The waker, asleep, with `recent` requests, waiting since `since`.
+    fn waker(recent: u32, since: i64) -> (Occupant, PreemptionIntent) {
+        let mut o = serving("w", 0, 0, 0, recent, 0);
+        o.state = OccupantState::Sleeping;
+        o.became_serving_at = None;
+        let i = PreemptionIntent {
+            pod_name: "w".into(),
+            model_name: "w".into(),
+            needed_bytes: 24 * GI,
+            since: t(since),
+            victim_pod_name: None,
+        };
+        (o, i)
+    }
+
+    fn status(others: Vec<Occupant>, waker_recent: u32, waiting_since: i64) -> GpuStatus {
+        let (w, i) = waker(waker_recent, waiting_since);
+        let mut occupants = others;
+        occupants.push(w);
+        GpuStatus {
+            occupants,
+            preemption_intents: vec![i],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_cost_aware_policy_takes_the_cheapest_victims_it_stands_above() {
+        // (others, waker's recent requests, waited since, now, needed GiB) → victims
+        type Case = (
+            &'static str,
+            Vec<Occupant>,
+            u32,
+            i64,
+            i64,
+            u64,
+            Result<Vec<&'static str>, &'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "idle before busy, though the busy one has fewer recent requests",
+                vec![
+                    serving("busy", 24, 0, 2, 5, 50),
+                    serving("idle", 24, 0, 0, 9, 99),
+                    serving("big", 24, 0, 1, 40, 1),
+                ],
+                50,
+                100,
+                100,
+                24,
+                Ok(vec!["idle"]),
+            ),
+            (
+                "among idle ones, the fewest recent requests, then the least recently used",
+                vec![
+                    serving("a", 24, 0, 0, 7, 10),
+                    serving("b", 24, 0, 0, 3, 90),
+                    serving("c", 24, 0, 0, 3, 20),
+                ],
+                50,
+                100,
+                100,
+                24,
+                Ok(vec!["c"]),
+            ),
+            (
+                "a model in more demand than the waker stands is spared",
+                vec![
+                    serving("hot", 40, 0, 0, 800, 99),
+                    serving("warm", 24, 0, 3, 60, 99),
+                ],
+                20,
+                100,
+                100,
+                24,
+                Err("in more demand"),
+            ),
+            (
+                "each second waited adds one: after 40 s, 20 + 40 reaches warm's 60",
+                vec![
+                    serving("hot", 40, 0, 0, 800, 99),
+                    serving("warm", 24, 0, 3, 60, 99),
+                ],
+                20,
+                100,
+                140,
+                24,
+                Ok(vec!["warm"]),
+            ),
+            (
+                "past the bound the waker stands above everyone",
+                vec![
+                    serving("hot", 40, 0, 0, 800, 99),
+                    serving("warm", 24, 0, 3, 60, 99),
+                ],
+                0,
+                100,
+                250,
+                40,
+                Ok(vec!["hot"]),
+            ),
+            (
+                "never a popular model, nor one inside its minRuntime",
+                vec![
+                    Occupant {
+                        popular: true,
+                        ..serving("popular", 24, 0, 0, 0, 0)
+                    },
+                    serving("fresh", 24, 95, 0, 0, 0),
+                    serving("ok", 24, 0, 0, 5, 0),
+                ],
+                50,
+                100,
+                100,
+                24,
+                Ok(vec!["ok"]),
+            ),
+            (
+                "a small victim taken before a large one that alone suffices is spared",
+                vec![
+                    serving("small", 12, 0, 0, 1, 0),
+                    serving("large", 40, 0, 0, 2, 0),
+                    serving("mid", 24, 0, 0, 30, 0),
+                ],
+                50,
+                100,
+                100,
+                32,
+                Ok(vec!["large"]),
+            ),
+            (
+                "not enough memory among those it may take",
+                vec![
+                    serving("only", 12, 0, 0, 1, 0),
+                    serving("hot", 60, 0, 0, 900, 0),
+                ],
+                50,
+                100,
+                100,
+                24,
+                Err("frees"),
+            ),
+        ];
+        for (name, others, recent, since, now, gib, expected) in cases {
+            let status = status(others, recent, since);
+            let got = cost_aware_victims(&spec(), &status, "w", gib * GI, BOUND, t(now));
+            match (&got, &expected) {
+                (Ok(v), Ok(e)) => assert_eq!(v, e, "{name}"),
+                (Err(err), Err(e)) => assert!(err.to_string().contains(e), "{name}: {err}"),
+                _ => panic!("{name}: got {got:?}, expected {expected:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_waiting_waker_looks_again_when_its_standing_reaches_the_next_victim() {
+        let st = status(vec![serving("warm", 24, 0, 3, 60, 99)], 20, 100);
+        // Standing 20 at t=100; warm has 60: forty seconds later.
+        assert_eq!(
+            recheck_at(Policy::CostAware, &st, "w", BOUND, t(100)),
+            Some(t(140))
+        );
+        // The bound comes first when it is nearer.
+        let st = status(vec![serving("hot", 24, 0, 3, 900, 99)], 0, 100);
+        assert_eq!(
+            recheck_at(Policy::CostAware, &st, "w", BOUND, t(200)),
+            Some(t(250))
+        );
+        // The documented policy looks again only when someone becomes eligible.
+        assert_eq!(recheck_at(Policy::Lru, &st, "w", BOUND, t(200)), None);
+    }
+
+    #[test]
+    fn only_the_documented_policy_waits_out_max_wait_before_preempting() {
+        let others = vec![serving("a", 40, 0, 0, 1, 0), serving("b", 40, 0, 0, 1, 5)];
+        let claim = Claim {
+            pod: "w".into(),
+            model: "w".into(),
+            bytes: 24 * GI,
+            popular: false,
+            min_runtime: Duration::from_secs(10),
+            recent_requests: 5,
+        };
+        let status = GpuStatus {
+            occupants: others,
+            ..Default::default()
+        };
+        for (policy, expected_victim) in [(Policy::Lru, None), (Policy::CostAware, Some("a"))] {
+            let req = WakeRequest {
+                claim: &claim,
+                lock_ttl: Duration::from_secs(30),
+                max_wait: Duration::from_secs(5),
+                policy,
+                starvation_bound: BOUND,
+                short_since: None,
+            };
+            let (next, step) = wake_step(&spec(), &status, &req, t(100));
+            let named = next
+                .as_ref()
+                .and_then(|n| n.preemption_intents.first())
+                .and_then(|i| i.victim_pod_name.as_deref());
+            assert_eq!(named, expected_victim, "{policy}");
+            match (policy, step) {
+                (
+                    Policy::Lru,
+                    WakeStep::Wait {
+                        why: GpuWait::Fairness { .. },
+                        ..
+                    },
+                ) => {}
+                (
+                    Policy::CostAware,
+                    WakeStep::Wait {
+                        why: GpuWait::Preempting { .. },
+                        ..
+                    },
+                ) => {}
+                (p, s) => panic!("{p}: {s:?}"),
+            }
+            // The cost-aware intent carries the waker's demand; the documented one does not touch its record.
+            let recorded = next.unwrap().occupant("w").map(|o| o.recent_requests);
+            assert_eq!(
+                recorded,
+                (policy == Policy::CostAware).then_some(5),
+                "{policy}"
+            );
+        }
+    }
+
+    #[test]
+    fn policies_parse_from_their_names() {
+        for p in Policy::ALL {
+            assert_eq!(p.as_str().parse::<Policy>(), Ok(p));
+        }
+        assert_eq!("default".parse::<Policy>(), Ok(Policy::CostAware));
+        assert!(
+            "fifo"
+                .parse::<Policy>()
+                .unwrap_err()
+                .contains("lru or cost-aware")
+        );
+    }
+}
