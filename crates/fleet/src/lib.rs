@@ -40,3 +40,77 @@ pub fn assign(
     }
     (requests, rank_of)
 }
+
+/// What [`find_gpus`] found.
+pub struct Found {
+    pub gpus: usize,
+    /// The run on that many GPUs.
+    pub report: report::Report,
+    /// Every count tried, with its attainment, by count.
+    pub tried: Vec<(usize, f64)>,
+}
+
+/// The fewest GPUs whose SLO attainment reaches `target`, running `on(n)` for each count
+/// it tries: doubling from one until a count reaches it (at most `most`, every replica
+/// alone), then bisecting between the last that did not and the first that did
+/// (attainment grows with GPUs, give or take a seed's noise). An error when even `most`
+/// fall short.
+pub fn find_gpus(
+    target: f64,
+    most: usize,
+    mut on: impl FnMut(usize) -> anyhow::Result<report::Report>,
+) -> anyhow::Result<Found> {
+    let mut tried: Vec<(usize, report::Report)> = Vec::new();
+    let mut attempt =
+        |n: usize, tried: &mut Vec<(usize, report::Report)>| -> anyhow::Result<bool> {
+            if let Some((_, r)) = tried.iter().find(|(g, _)| *g == n) {
+                return Ok(r.totals.slo_attainment >= target);
+            }
+            let r = on(n)?;
+            let ok = r.totals.slo_attainment >= target;
+            tried.push((n, r));
+            Ok(ok)
+        };
+    let most = most.max(1);
+    let mut hi = 1;
+    while !attempt(hi, &mut tried)? {
+        if hi >= most {
+            anyhow::bail!(
+                "even {hi} GPUs (every replica alone) reach only {:.1}%, below the target of {:.1}%",
+                tried
+                    .last()
+                    .map_or(0.0, |t| t.1.totals.slo_attainment * 100.0),
+                target * 100.0
+            );
+        }
+        hi = (hi * 2).min(most);
+    }
+    // `lo` fell short (or is 0, which nothing reaches).
+    let mut lo = hi / 2;
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if attempt(mid, &mut tried)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let curve: Vec<(usize, f64)> = {
+        let mut c: Vec<(usize, f64)> = tried
+            .iter()
+            .map(|(n, r)| (*n, r.totals.slo_attainment))
+            .collect();
+        c.sort_by_key(|(n, _)| *n);
+        c
+    };
+    let at = tried
+        .into_iter()
+        .find(|(g, _)| *g == hi)
+        .map(|(_, r)| r)
+        .expect("the count found was tried");
+    Ok(Found {
+        gpus: hi,
+        report: at,
+        tried: curve,
+    })
+}

@@ -222,19 +222,22 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The fewest GPUs whose attainment reaches the target: doubling until one does, then
-/// bisecting (attainment grows with GPUs, give or take a seed's noise).
+/// The fewest GPUs whose attainment reaches the target ([`greenthread_fleet::find_gpus`]).
 fn find_gpus(
     args: &SimulateArgs,
     policy: greenthread_ledger::Policy,
     models: &[(String, ValidModel)],
     w: &Workload,
 ) -> anyhow::Result<()> {
-    let mut tried: Vec<(usize, Report)> = Vec::new();
-    let attempt = |n: usize, tried: &mut Vec<(usize, Report)>| -> anyhow::Result<bool> {
-        if let Some((_, r)) = tried.iter().find(|(g, _)| *g == n) {
-            return Ok(r.totals.slo_attainment >= args.target);
-        }
+    let most = models
+        .iter()
+        .map(|m| m.1.spec.replicas as usize)
+        .sum::<usize>();
+    let greenthread_fleet::Found {
+        gpus: n,
+        report: r,
+        tried: curve,
+    } = greenthread_fleet::find_gpus(args.target, most, |n| {
         let r = once(args, policy, models, vec![args.gpu_memory; n], w, true)?;
         if !args.json {
             eprintln!(
@@ -244,47 +247,20 @@ fn find_gpus(
                 r.wall_seconds
             );
         }
-        let ok = r.totals.slo_attainment >= args.target;
-        tried.push((n, r));
-        Ok(ok)
-    };
-    // Every model alone on a GPU is the most that can help.
-    let most = models
-        .iter()
-        .map(|m| m.1.spec.replicas as usize)
-        .sum::<usize>()
-        .max(1);
-    let mut hi = 1;
-    while !attempt(hi, &mut tried)? {
-        if hi >= most {
-            anyhow::bail!(
-                "even {hi} GPUs (every replica alone) reach only {:.1}%, below --target {}",
-                tried
-                    .last()
-                    .map_or(0.0, |t| t.1.totals.slo_attainment * 100.0),
-                args.target
-            );
-        }
-        hi = (hi * 2).min(most);
-    }
-    let mut lo = hi / 2; // fails (or 0)
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if attempt(mid, &mut tried)? {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    let (_, r) = tried.iter().find(|(g, _)| *g == hi).expect("tried");
+        Ok(r)
+    })?;
     if args.json {
-        let mut v = serde_json::to_value(r)?;
-        v["gpus"] = hi.into();
+        let mut v = serde_json::to_value(&r)?;
+        v["gpus"] = n.into();
         v["target"] = args.target.into();
+        v["tried"] = curve
+            .iter()
+            .map(|(g, a)| serde_json::json!({"gpus": g, "sloAttainment": a}))
+            .collect();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
-            "{hi} GPUs of {} GiB reach {:.1}% of requests within {:?} (target {:.1}%)",
+            "{n} GPUs of {} GiB reach {:.1}% of requests within {:?} (target {:.1}%)",
             args.gpu_memory >> 30,
             r.totals.slo_attainment * 100.0,
             args.ttft_slo,

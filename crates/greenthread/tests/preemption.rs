@@ -1,4 +1,5 @@
-//! Sidecars sharing GPUs through one ledger: fairness wait, victim choice on both sides,
+//! Sidecars sharing GPUs through one ledger: the documented policy's fairness wait, the
+//! cost-aware policy's standing, victim choice on both sides,
 //! lock expiry (the 16-sidecar race runs on both ledgers in `ledger_backends.rs`). Real
 //! sidecar and ledger code, in one process, with in-process engines, on tokio's paused
 //! clock: the ledger's time follows it ([`Clock::tokio`]), so waits of seconds take none.
@@ -79,13 +80,25 @@ async fn request(sc: &Arc<Sidecar>) -> Result<(), Rejection> {
 #[tokio::test(start_paused = true)]
 async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
     let l = ledger(&[("g-0", 100 * GI)]);
-    let (a, a_engine) = sidecar(&l, "g-0", "a", 60 * GI, &["--min-runtime", "0s"]).await;
+    let lru = ["--policy", "lru"];
+    let (a, a_engine) = sidecar(
+        &l,
+        "g-0",
+        "a",
+        60 * GI,
+        &[&lru[..], &["--min-runtime", "0s"]].concat(),
+    )
+    .await;
     let (b, _) = sidecar(
         &l,
         "g-0",
         "b",
         60 * GI,
-        &["--max-wait-time", "300ms", "--min-runtime", "3s"],
+        &[
+            &lru[..],
+            &["--max-wait-time", "300ms", "--min-runtime", "3s"],
+        ]
+        .concat(),
     )
     .await;
     request(&a).await.unwrap();
@@ -155,10 +168,78 @@ async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_cost_aware_policy_preempts_less_demand_at_once_and_more_demand_after_a_wait() {
+    let l = ledger(&[("g-0", 100 * GI)]);
+    let cost_aware = ["--policy", "cost-aware", "--max-wait-time", "5s"];
+    let (a, _) = sidecar(&l, "g-0", "a", 60 * GI, &cost_aware).await;
+    let (b, _) = sidecar(&l, "g-0", "b", 60 * GI, &cost_aware).await;
+    request(&a).await.unwrap();
+
+    // B (1 recent request) stands at A's 1: it preempts at once, not after maxWaitTime.
+    let t = Instant::now();
+    request(&b).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(a.state().as_str(), "sleeping");
+    assert_eq!(
+        (
+            a.metrics.preemptions("preempted"),
+            b.metrics.preemptions("preemptor")
+        ),
+        (1, 1)
+    );
+
+    // B takes five more: six recent requests, reported as it goes busy and idle.
+    for _ in 0..5 {
+        request(&b).await.unwrap();
+    }
+    let reported = async {
+        loop {
+            let r = l.get("g-0").await.unwrap();
+            if r.status
+                .occupant(&b.pod)
+                .is_some_and(|o| o.recent_requests == 6)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), reported)
+        .await
+        .expect("B's demand reaches the ledger");
+
+    // A (now 2) stands below B's 6 and gains one a second: four seconds of waiting.
+    let t = Instant::now();
+    request(&a).await.unwrap();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "waited for its standing ({took:?})"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(b.state().as_str(), "sleeping");
+    assert_eq!(b.metrics.preemptions("preempted"), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_voluntary_idle_sleep_inside_the_fairness_wait_is_not_a_preemption() {
     let l = ledger(&[("g-0", 100 * GI)]);
-    let (a, _) = sidecar(&l, "g-0", "a", 60 * GI, &["--idle-timeout", "300ms"]).await;
-    let (b, _) = sidecar(&l, "g-0", "b", 60 * GI, &["--max-wait-time", "5s"]).await;
+    let (a, _) = sidecar(
+        &l,
+        "g-0",
+        "a",
+        60 * GI,
+        &["--policy", "lru", "--idle-timeout", "300ms"],
+    )
+    .await;
+    let (b, _) = sidecar(
+        &l,
+        "g-0",
+        "b",
+        60 * GI,
+        &["--policy", "lru", "--max-wait-time", "5s"],
+    )
+    .await;
     request(&a).await.unwrap();
     let t = Instant::now();
     request(&b).await.unwrap();

@@ -78,13 +78,20 @@ async fn every_seed_query_answers_against_a_real_prometheus() {
         .filter(|s| *s == "serving")
         .count() as f64;
 
-    // Give Prometheus a few scrapes of the final state.
+    // Wait for a scrape taken after the traffic ended: the serving count alone could
+    // match a scrape from the middle of a round, when a request was still queued.
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     wait_until(
-        "the serving count to reach prometheus",
+        "a scrape of the final state to reach prometheus",
         Duration::from_secs(30),
         || async {
-            let r = prom.query(SEED_QUERIES[2].1).await;
-            (r.len() == 1 && r[0].1 == serving_now).then_some(())
+            let r = prom
+                .query("min(timestamp(gthread_sidecar_queue_depth))")
+                .await;
+            (r.len() == 1 && r[0].1 > ended).then_some(())
         },
     )
     .await;

@@ -36,12 +36,51 @@ struct Queue {
     in_flight: usize,
     /// When a request last started or ended: the idle clock.
     last_activity: Instant,
-    /// When each request of the last [`RECENT`] arrived, oldest first.
-    arrivals: VecDeque<Instant>,
+    /// Requests that arrived, per minute, for the last [`RECENT_MINUTES`].
+    arrivals: Arrivals,
 }
 
-/// How far back "recent requests" look.
-pub const RECENT: Duration = Duration::from_secs(600);
+/// How far back "recent requests" look, in whole minutes (the current one besides).
+pub const RECENT_MINUTES: u64 = 10;
+
+/// Arrivals counted per minute in a ring: constant memory however busy the model.
+struct Arrivals {
+    since: Instant,
+    /// (minute number since `since`, requests that arrived in it).
+    ring: [(u64, u32); RECENT_MINUTES as usize + 1],
+}
+
+impl Arrivals {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            ring: [(u64::MAX, 0); RECENT_MINUTES as usize + 1],
+        }
+    }
+
+    fn minute(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.since).as_secs() / 60
+    }
+
+    fn count(&mut self, at: Instant) {
+        let m = self.minute(at);
+        let slot = &mut self.ring[(m % self.ring.len() as u64) as usize];
+        if slot.0 != m {
+            *slot = (m, 0);
+        }
+        slot.1 = slot.1.saturating_add(1);
+    }
+
+    /// Requests of this minute and the [`RECENT_MINUTES`] before it.
+    fn recent(&self, now: Instant) -> usize {
+        let m = self.minute(now);
+        self.ring
+            .iter()
+            .filter(|(minute, _)| *minute <= m && m - *minute <= RECENT_MINUTES)
+            .map(|(_, n)| *n as usize)
+            .sum()
+    }
+}
 
 struct Waiter {
     id: u64,
@@ -126,7 +165,7 @@ impl Admission {
                 next_id: 0,
                 in_flight: 0,
                 last_activity: Instant::now(),
-                arrivals: VecDeque::new(),
+                arrivals: Arrivals::new(),
             }),
             max_queue,
             in_flight_tx: Feed::new(0),
@@ -139,9 +178,7 @@ impl Admission {
     /// Admits a request at once when open, queues it otherwise.
     pub fn enter(self: &Arc<Self>) -> Result<Entry, QueueFull> {
         let mut q = self.queue.lock().unwrap();
-        let now = Instant::now();
-        q.arrivals.push_back(now);
-        forget_before(&mut q.arrivals, now);
+        q.arrivals.count(Instant::now());
         if q.open {
             return Ok(Entry::Admitted(self.admit_locked(&mut q)));
         }
@@ -239,12 +276,11 @@ impl Admission {
         (q.last_activity, q.in_flight > 0 || !q.waiters.is_empty())
     }
 
-    /// Requests in flight, and requests that arrived in the last [`RECENT`]: what the
-    /// ledger is told so that preemption spares the models that would be missed most.
+    /// Requests in flight, and requests that arrived in the last [`RECENT_MINUTES`]: what
+    /// the ledger is told so that preemption spares the models that would be missed most.
     pub fn load(&self) -> (usize, usize) {
-        let mut q = self.queue.lock().unwrap();
-        forget_before(&mut q.arrivals, Instant::now());
-        (q.in_flight, q.arrivals.len())
+        let q = self.queue.lock().unwrap();
+        (q.in_flight, q.arrivals.recent(Instant::now()))
     }
 
     /// Wakes when requests start being in flight and when none is any more.
@@ -267,22 +303,32 @@ impl Admission {
     }
 }
 
-/// Drops arrivals older than [`RECENT`] before `now`.
-fn forget_before(arrivals: &mut VecDeque<Instant>, now: Instant) {
-    while arrivals
-        .front()
-        .is_some_and(|t| now.saturating_duration_since(*t) > RECENT)
-    {
-        arrivals.pop_front();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn admission(max: usize) -> Arc<Admission> {
         Admission::new(max, Gauge::default(), Gauge::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recent_requests_are_those_of_the_last_ten_minutes() {
+        let a = admission(8);
+        a.open();
+        for _ in 0..3 {
+            drop(a.enter());
+        }
+        tokio::time::advance(Duration::from_secs(5 * 60)).await;
+        drop(a.enter());
+        assert_eq!(a.load(), (0, 4));
+        // Eleven minutes on, the first three are out; sixteen on, all are.
+        tokio::time::advance(Duration::from_secs(6 * 60)).await;
+        assert_eq!(a.load().1, 1);
+        tokio::time::advance(Duration::from_secs(5 * 60)).await;
+        assert_eq!(a.load().1, 0);
+        // A slot of the ring reused a lap later starts from zero.
+        drop(a.enter());
+        assert_eq!(a.load().1, 1);
     }
 
     fn queued(e: Result<Entry, QueueFull>) -> Ticket {
