@@ -560,7 +560,7 @@ pub struct WakeRequest<'a> {
     /// Whom to preempt, and whether to wait out `max_wait` first.
     pub policy: crate::Policy,
     /// Under the cost-aware policy, how long a waker waits at most before it may preempt
-    /// anyone (half its requests' queue deadline).
+    /// anyone (two fifths of its requests' queue deadline).
     pub starvation_bound: Duration,
     /// When this wake first found the GPU short of memory (the fairness clock), if it has.
     pub short_since: Option<Timestamp>,

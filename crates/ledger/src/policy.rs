@@ -12,8 +12,9 @@
 //!   (nothing to drain), then the fewest recent requests, then the least recently
 //!   accessed. A model with little traffic thus waits for one with much to finish rather
 //!   than evict it — evicting a busy model makes every request that arrives while it
-//!   drains, sleeps and wakes again wait — but not for ever: after half its requests'
-//!   queue deadline it may preempt anyone, so that it is served before they time out.
+//!   drains, sleeps and wakes again wait — but not for ever: after two fifths of its
+//!   requests' queue deadline it may preempt anyone, so that they are served well before
+//!   they time out (the rest of the deadline covers a victim's drain, sleep and wake).
 //!   Measured with `greenthread simulate` (see `docs/simulate.md`).
 //!
 //! Both are table-tested below; `lru` is kept unchanged as the documented original.

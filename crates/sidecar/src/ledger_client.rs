@@ -37,7 +37,8 @@ pub struct LedgerClient {
     lock_ttl: Duration,
     max_wait: Duration,
     policy: greenthread_ledger::Policy,
-    /// Half the queue deadline: a waker may preempt anyone after waiting this long.
+    /// Two fifths of the queue deadline (2 minutes by default): a waker may preempt
+    /// anyone after waiting this long, leaving the rest for a drain, a sleep and a wake.
     starvation_bound: Duration,
     pub(crate) clock: Clock,
     metrics: Arc<SidecarMetrics>,
@@ -74,7 +75,7 @@ impl LedgerClient {
             lock_ttl: cfg.wake_lock_ttl,
             max_wait: cfg.max_wait_time,
             policy: cfg.policy,
-            starvation_bound: cfg.queue_timeout / 2,
+            starvation_bound: cfg.queue_timeout * 2 / 5,
             clock,
             metrics,
             stop,

@@ -81,6 +81,9 @@ pub struct Sidecar {
     heartbeat_started: AtomicBool,
 }
 
+/// The shortest time between two reports of a model going busy or idle.
+const EDGE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// `t + d`, or far in the future when that overflows (an idle timeout of years).
 fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
@@ -620,6 +623,7 @@ impl Sidecar {
         let report_edges = self.cfg.policy == greenthread_ledger::Policy::CostAware;
         let mut busy = self.admission.busy_changes();
         let mut beat = Instant::now() + period;
+        let mut last_report = Instant::now();
         loop {
             let edge = async {
                 if report_edges {
@@ -632,8 +636,17 @@ impl Sidecar {
                 // In order: a fleet simulation replays the same run from the same seed.
                 biased;
                 () = tokio::time::sleep_until(beat) => beat = Instant::now() + period,
-                changed = edge => if changed.is_err() { return },
+                changed = edge => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // At most one edge report per EDGE_REPORT_INTERVAL: a model busy and
+                    // idle in turn (one request at a time) would otherwise write its
+                    // records twice per request. What changed meanwhile goes with it.
+                    tokio::time::sleep_until(last_report + EDGE_REPORT_INTERVAL).await;
+                }
             }
+            last_report = Instant::now();
             let (last_activity, _) = self.admission.activity();
             let (in_flight, recent) = self.admission.load();
             let load = decide::Load {
