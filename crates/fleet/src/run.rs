@@ -186,6 +186,7 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
     let stop = Shutdown::new();
     let mut routes = Vec::new();
     let mut sidecars = Vec::new();
+    let mut engines = Vec::new();
     for (m, ((name, model), replicas)) in setup.models.iter().zip(&placement).enumerate() {
         let mut route = ModelRoute {
             namespace: "sim".into(),
@@ -198,10 +199,7 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
             let placed: Vec<&Gpu> = positions.iter().map(|p| &records[*p as usize]).collect();
             let share = model.share_of(placed[0].spec.memory_bytes);
             let engine = SimEngine::new(engine_config(model, share).map_err(anyhow::Error::msg)?);
-            engine
-                .boot()
-                .await
-                .map_err(|e| anyhow::anyhow!("{pod}: {e}"))?;
+            engines.push((pod.clone(), engine.clone()));
             let (addr, listener) = memory(&pod);
             tokio::spawn(greenthread_edge::serve(
                 listener,
@@ -260,6 +258,12 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
             sidecars.push((m, sidecar, indices));
         }
         routes.push(route);
+    }
+    // Every engine loads its weights at once, as the engines of a fleet start together;
+    // their sidecars then boot them (measure, put to sleep) one GPU lock at a time.
+    let booted = futures_util::future::join_all(engines.iter().map(|(_, e)| e.boot())).await;
+    for ((pod, _), b) in engines.iter().zip(booted) {
+        b.map_err(|e| anyhow::anyhow!("{pod}: {e}"))?;
     }
     let auth = Auth::new(vec![], None, None, false, AUTH)?;
     let api = ApiServer::new(
