@@ -407,6 +407,20 @@ pub fn next_eligibility(status: &GpuStatus, waker: &str, now: Timestamp) -> Opti
         .min()
 }
 
+/// Whether preempting every one of `eligible` frees `deficit` bytes; if not, why not.
+pub(crate) fn frees_enough(eligible: &[&Occupant], deficit: u64) -> Result<(), NoVictim> {
+    let freeable: u64 = eligible.iter().map(|o| o.reserved_memory_bytes).sum();
+    if freeable < deficit {
+        let names: Vec<&str> = eligible.iter().map(|o| o.model_name.as_str()).collect();
+        return Err(NoVictim::NotEnough {
+            eligible: names.join(", "),
+            freeable,
+            deficit,
+        });
+    }
+    Ok(())
+}
+
 /// Picks the fewest eligible victims whose reservations free `needed` bytes for `waker`,
 /// least recently accessed first among sets of that size. Eligible: serving, not popular,
 /// served at least its `minRuntime`, not the waker.
@@ -463,15 +477,7 @@ pub fn choose_victims(
             o.pod_name.clone(),
         )
     });
-    let freeable: u64 = eligible.iter().map(|o| o.reserved_memory_bytes).sum();
-    if freeable < deficit {
-        let names: Vec<&str> = eligible.iter().map(|o| o.model_name.as_str()).collect();
-        return Err(NoVictim::NotEnough {
-            eligible: names.join(", "),
-            freeable,
-            deficit,
-        });
-    }
+    frees_enough(&eligible, deficit)?;
     // Fewest victims: the smallest k whose k largest reservations cover the deficit.
     let mut sizes: Vec<u64> = eligible.iter().map(|o| o.reserved_memory_bytes).collect();
     sizes.sort_unstable_by(|a, b| b.cmp(a));

@@ -163,15 +163,7 @@ pub fn cost_aware_victims(
             o.pod_name.clone(),
         )
     });
-    let freeable: u64 = eligible.iter().map(|o| o.reserved_memory_bytes).sum();
-    if freeable < deficit {
-        let names: Vec<&str> = eligible.iter().map(|o| o.model_name.as_str()).collect();
-        return Err(NoVictim::NotEnough {
-            eligible: names.join(", "),
-            freeable,
-            deficit,
-        });
-    }
+    crate::decide::frees_enough(&eligible, deficit)?;
     // The cheapest first until enough is freed; then the dearest of those that turn out
     // not to be needed (a large one taken late can make small ones before it redundant)
     // are spared.
