@@ -100,6 +100,16 @@ pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus 
     next
 }
 
+/// Records the waker's recent requests on its entry (nothing else: a step that finds
+/// nothing new writes nothing, or every waker would wake itself with its own write).
+pub fn note_demand(status: &GpuStatus, claim: &Claim) -> GpuStatus {
+    let mut next = status.clone();
+    if let Some(o) = next.occupant_mut(&claim.pod) {
+        o.recent_requests = claim.recent_requests;
+    }
+    next
+}
+
 /// Claims `claim.bytes` for a wake: the occupant becomes `waking` with that reservation.
 /// The pod's own residual is part of what it will hold, so it is not counted twice.
 pub fn claim(
@@ -604,12 +614,12 @@ pub fn wake_step(
     }
     // The cost-aware policy weighs the waker's recent requests: they are recorded with
     // its intent. The documented policy writes the intent alone, as it always did.
-    let registered;
+    let noted;
     let base = if req.policy == crate::Policy::Lru {
         status
     } else {
-        registered = register(status, claim, now);
-        &registered
+        noted = note_demand(status, claim);
+        &noted
     };
     let with_intent = write_intent(base, &claim.pod, &claim.model, claim.bytes, now);
     let since = req.short_since.unwrap_or(now);

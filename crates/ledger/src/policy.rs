@@ -477,8 +477,11 @@ mod tests {
             min_runtime: Duration::from_secs(10),
             recent_requests: 5,
         };
+        // The waker's entry exists from its boot; only the cost-aware step writes its demand.
+        let mut occupants = others;
+        occupants.push(waker(0, 0).0);
         let status = GpuStatus {
-            occupants: others,
+            occupants,
             ..Default::default()
         };
         for (policy, expected_victim) in [(Policy::Lru, None), (Policy::CostAware, Some("a"))] {
@@ -515,12 +518,47 @@ mod tests {
             }
             // The cost-aware intent carries the waker's demand; the documented one does not touch its record.
             let recorded = next.unwrap().occupant("w").map(|o| o.recent_requests);
-            assert_eq!(
-                recorded,
-                (policy == Policy::CostAware).then_some(5),
-                "{policy}"
-            );
+            let expected = if policy == Policy::CostAware { 5 } else { 0 };
+            assert_eq!(recorded, Some(expected), "{policy}");
         }
+    }
+
+    #[test]
+    fn a_waiting_step_that_finds_nothing_new_leaves_the_record_as_it_is() {
+        // A waker below a busy model's demand waits; its next look, a second later, must
+        // not rewrite the record (on the wall clock, a rewrite wakes the waker itself:
+        // it spun on its own writes).
+        let st = status(vec![serving("hot", 60, 0, 2, 900, 99)], 5, 100);
+        let claim = Claim {
+            pod: "w".into(),
+            model: "w".into(),
+            bytes: 24 * GI,
+            popular: false,
+            min_runtime: Duration::from_secs(10),
+            recent_requests: 5,
+        };
+        let req = WakeRequest {
+            claim: &claim,
+            lock_ttl: Duration::from_secs(30),
+            max_wait: Duration::from_secs(5),
+            policy: Policy::CostAware,
+            starvation_bound: BOUND,
+            short_since: Some(t(100)),
+        };
+        let (first, step) = wake_step(&spec(), &st, &req, t(101));
+        assert!(
+            matches!(
+                step,
+                WakeStep::Wait {
+                    why: GpuWait::NoVictim(_),
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+        let first = first.unwrap_or(st);
+        let (again, _) = wake_step(&spec(), &first, &req, t(102));
+        assert_eq!(again.unwrap_or_else(|| first.clone()), first);
     }
 
     #[test]
