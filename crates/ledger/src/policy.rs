@@ -309,6 +309,18 @@ mod tests {
         (o, i)
     }
 
+    /// The waker's claim for 24 GiB with `recent` requests.
+    fn waker_claim(recent: u32) -> Claim {
+        Claim {
+            pod: "w".into(),
+            model: "w".into(),
+            bytes: 24 * GI,
+            popular: false,
+            min_runtime: Duration::from_secs(10),
+            recent_requests: recent,
+        }
+    }
+
     fn status(others: Vec<Occupant>, waker_recent: u32, waiting_since: i64) -> GpuStatus {
         let (w, i) = waker(waker_recent, waiting_since);
         let mut occupants = others;
@@ -469,14 +481,7 @@ mod tests {
     #[test]
     fn only_the_documented_policy_waits_out_max_wait_before_preempting() {
         let others = vec![serving("a", 40, 0, 0, 1, 0), serving("b", 40, 0, 0, 1, 5)];
-        let claim = Claim {
-            pod: "w".into(),
-            model: "w".into(),
-            bytes: 24 * GI,
-            popular: false,
-            min_runtime: Duration::from_secs(10),
-            recent_requests: 5,
-        };
+        let claim = waker_claim(5);
         // The waker's entry exists from its boot; only the cost-aware step writes its demand.
         let mut occupants = others;
         occupants.push(waker(0, 0).0);
@@ -529,14 +534,7 @@ mod tests {
         // not rewrite the record (on the wall clock, a rewrite wakes the waker itself:
         // it spun on its own writes).
         let st = status(vec![serving("hot", 60, 0, 2, 900, 99)], 5, 100);
-        let claim = Claim {
-            pod: "w".into(),
-            model: "w".into(),
-            bytes: 24 * GI,
-            popular: false,
-            min_runtime: Duration::from_secs(10),
-            recent_requests: 5,
-        };
+        let claim = waker_claim(5);
         let req = WakeRequest {
             claim: &claim,
             lock_ttl: Duration::from_secs(30),
