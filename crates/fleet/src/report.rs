@@ -55,8 +55,8 @@ pub struct Report {
     pub models: Vec<ModelRow>,
 }
 
-/// The `q`-quantile by nearest rank of sorted `v`.
-fn quantile(v: &[Duration], q: f64) -> Option<f64> {
+/// The `q`-quantile by nearest rank of sorted `v`, in seconds.
+pub fn quantile(v: &[Duration], q: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

@@ -438,16 +438,15 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         })
     });
     let mut clients = tokio::task::JoinSet::new();
+    // Each model's first replica, whose state a request finds on arrival.
+    let mut first_replica: Vec<Option<&Arc<Sidecar>>> = vec![None; setup.models.len()];
+    for (m, sidecar, _) in fleet.sidecars.iter().rev() {
+        first_replica[*m] = Some(sidecar);
+    }
     let mut arrived_to = Vec::with_capacity(setup.requests.len());
     for (i, r) in setup.requests.iter().enumerate() {
         tokio::time::sleep_until(start + r.at).await;
-        arrived_to.push(
-            fleet
-                .sidecars
-                .iter()
-                .find(|s| s.0 == r.model)
-                .map_or(State::Sleeping, |s| s.1.state()),
-        );
+        arrived_to.push(first_replica[r.model].map_or(State::Sleeping, |s| s.state()));
         let body = chat_body(&setup.models[r.model].0, r);
         let (router, done) = (router.clone(), done.clone());
         clients.spawn(async move {

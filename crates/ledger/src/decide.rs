@@ -395,8 +395,29 @@ pub enum NoVictim {
     },
 }
 
+/// The serving occupants other than `waker`, of which some may be preempted; why none
+/// can when none serves or all that serve are popular.
+pub(crate) fn serving_others<'a>(
+    status: &'a GpuStatus,
+    waker: &str,
+) -> Result<Vec<&'a Occupant>, NoVictim> {
+    let serving: Vec<&Occupant> = status
+        .occupants
+        .iter()
+        .filter(|o| o.pod_name != waker && o.state == OccupantState::Serving)
+        .collect();
+    if serving.is_empty() {
+        return Err(NoVictim::NobodyServing);
+    }
+    if serving.iter().all(|o| o.popular) {
+        let names: Vec<&str> = serving.iter().map(|o| o.model_name.as_str()).collect();
+        return Err(NoVictim::AllPopular(names.join(", ")));
+    }
+    Ok(serving)
+}
+
 /// When an occupant may be preempted: serving, not popular, served its `minRuntime`.
-fn eligible_at(o: &Occupant) -> Option<Timestamp> {
+pub(crate) fn eligible_at(o: &Occupant) -> Option<Timestamp> {
     if o.state != OccupantState::Serving || o.popular {
         return None;
     }
@@ -443,26 +464,11 @@ pub fn choose_victims(
 ) -> Result<Vec<String>, NoVictim> {
     let available = available_bytes(spec, status, Some(waker));
     let deficit = needed.saturating_sub(available);
-    let others: Vec<&Occupant> = status
-        .occupants
-        .iter()
-        .filter(|o| o.pod_name != waker)
-        .collect();
     if deficit == 0 {
         return Ok(vec![]);
     }
-    let serving: Vec<&&Occupant> = others
-        .iter()
-        .filter(|o| o.state == OccupantState::Serving)
-        .collect();
-    if serving.is_empty() {
-        return Err(NoVictim::NobodyServing);
-    }
-    if serving.iter().all(|o| o.popular) {
-        let names: Vec<&str> = serving.iter().map(|o| o.model_name.as_str()).collect();
-        return Err(NoVictim::AllPopular(names.join(", ")));
-    }
-    let mut eligible: Vec<&Occupant> = others
+    let serving = serving_others(status, waker)?;
+    let mut eligible: Vec<&Occupant> = serving
         .iter()
         .copied()
         .filter(|o| eligible_at(o).is_some_and(|t| t <= now))

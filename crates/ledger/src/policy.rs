@@ -68,15 +68,6 @@ impl FromStr for Policy {
 /// a request every second it has waited.
 pub const AGING_PER_SECOND: u64 = 1;
 
-/// Served past its `minRuntime` at `now`.
-fn past_min_runtime(o: &Occupant, now: Timestamp) -> bool {
-    let Some(since) = o.became_serving_at else {
-        return false;
-    };
-    let min = jiff::SignedDuration::try_from(o.min_runtime).unwrap_or(jiff::SignedDuration::MAX);
-    since.checked_add(min).is_ok_and(|t| t <= now)
-}
-
 /// How long the waker has waited for memory on this GPU (since its intent).
 fn waited(status: &GpuStatus, waker: &str, now: Timestamp) -> u64 {
     status
@@ -115,24 +106,14 @@ pub fn cost_aware_victims(
     if deficit == 0 {
         return Ok(vec![]);
     }
-    let serving: Vec<&Occupant> = status
-        .occupants
-        .iter()
-        .filter(|o| o.pod_name != waker && o.state == OccupantState::Serving)
-        .collect();
-    if serving.is_empty() {
-        return Err(NoVictim::NobodyServing);
-    }
-    if serving.iter().all(|o| o.popular) {
-        let names: Vec<&str> = serving.iter().map(|o| o.model_name.as_str()).collect();
-        return Err(NoVictim::AllPopular(names.join(", ")));
-    }
+    let serving = crate::decide::serving_others(status, waker)?;
     let standing = standing(status, waker, bound, now);
     let mut eligible: Vec<&Occupant> = serving
         .iter()
         .copied()
         .filter(|o| {
-            !o.popular && past_min_runtime(o, now) && u64::from(o.recent_requests) <= standing
+            crate::decide::eligible_at(o).is_some_and(|t| t <= now)
+                && u64::from(o.recent_requests) <= standing
         })
         .collect();
     if eligible.is_empty() {
