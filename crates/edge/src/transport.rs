@@ -90,7 +90,22 @@ impl AsyncWrite for Stream {
 #[derive(Clone)]
 pub struct MemoryAddr {
     name: Arc<str>,
-    tx: mpsc::UnboundedSender<DuplexStream>,
+    /// Shared by every clone, so that [`MemoryAddr::rebind`] moves them all at once.
+    tx: Arc<std::sync::Mutex<mpsc::UnboundedSender<DuplexStream>>>,
+}
+
+impl MemoryAddr {
+    /// A new listener at this address, as a restarted server binds its port again: the
+    /// old listener receives nothing more, and while the new one is dropped (the server
+    /// is down) dialing is refused.
+    pub fn rebind(&self) -> MemoryListener {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.tx.lock().unwrap() = tx;
+        MemoryListener {
+            name: self.name.clone(),
+            rx: Mutex::new(rx),
+        }
+    }
 }
 
 /// The server side of an in-memory address.
@@ -106,7 +121,7 @@ pub fn memory(name: &str) -> (MemoryAddr, MemoryListener) {
     (
         MemoryAddr {
             name: name.clone(),
-            tx,
+            tx: Arc::new(std::sync::Mutex::new(tx)),
         },
         MemoryListener {
             name,
@@ -185,7 +200,8 @@ impl Connector {
             }
             Connector::Memory(addr) => {
                 let (client, server) = tokio::io::duplex(PIPE_BUFFER);
-                addr.tx.send(server).map_err(|_| {
+                let sent = addr.tx.lock().unwrap().send(server);
+                sent.map_err(|_| {
                     io::Error::new(
                         io::ErrorKind::ConnectionRefused,
                         format!("{addr:?} is not listening"),
@@ -241,5 +257,24 @@ mod tests {
         let e = Connector::Memory(addr).connect().await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
         assert!(e.to_string().contains("memory://gone"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_rebound_address_reaches_the_new_listener_and_is_refused_while_it_is_down() {
+        let (addr, first) = memory("engine");
+        let connector = Connector::Memory(addr.clone());
+        connector.connect().await.unwrap();
+        assert!(first.rx.lock().await.try_recv().is_ok());
+        // Down: the new listener is dropped at once, as a crashed server's port is closed.
+        drop(addr.rebind());
+        let e = connector.connect().await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        let second = addr.rebind();
+        connector.connect().await.unwrap();
+        assert!(second.rx.lock().await.try_recv().is_ok());
+        assert!(
+            first.rx.lock().await.try_recv().is_err(),
+            "the old listener gets nothing"
+        );
     }
 }

@@ -64,6 +64,7 @@ fn simulate(
             requests,
             seed,
             policy,
+            faults: None,
         },
         None,
     )

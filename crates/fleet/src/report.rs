@@ -53,6 +53,26 @@ pub struct Report {
     /// pending, waking, deactivating), each with its SLO attainment: where time is lost.
     pub by_state_at_arrival: BTreeMap<String, Totals>,
     pub models: Vec<ModelRow>,
+    /// With `--faults`: what was injected and which invariants broke.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults: Option<FaultsReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultsReport {
+    pub seed: u64,
+    pub injected: Vec<Injected>,
+    /// Each with its seed, step and moment: `simulate --faults --seed N` replays it.
+    pub violations: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Injected {
+    pub at_seconds: f64,
+    pub kind: &'static str,
+    pub fault: String,
 }
 
 /// The `q`-quantile by nearest rank of sorted `v`, in seconds.
@@ -172,6 +192,19 @@ pub fn report(
         wall_seconds: wall.as_secs_f64(),
         by_state_at_arrival,
         models: rows,
+        faults: run.faults_seed.map(|seed| FaultsReport {
+            seed,
+            injected: run
+                .injected
+                .iter()
+                .map(|i| Injected {
+                    at_seconds: i.at.as_secs_f64(),
+                    kind: i.kind,
+                    fault: i.what.clone(),
+                })
+                .collect(),
+            violations: run.violations.iter().map(|v| v.to_string()).collect(),
+        }),
     }
 }
 
@@ -244,6 +277,20 @@ impl Report {
             "requests by their model's state at arrival: {}\n",
             states.join(", ")
         ));
+        if let Some(f) = &self.faults {
+            out.push_str(&format!(
+                "faults (seed {}): {} injected, {} invariants broken\n",
+                f.seed,
+                f.injected.len(),
+                f.violations.len()
+            ));
+            for i in &f.injected {
+                out.push_str(&format!("  {:>8.1} s  {}\n", i.at_seconds, i.fault));
+            }
+            for v in &f.violations {
+                out.push_str(&format!("  BROKEN: {v}\n"));
+            }
+        }
         out
     }
 }
@@ -299,6 +346,9 @@ mod tests {
                 State::Sleeping,
                 State::Serving,
             ],
+            injected: vec![],
+            violations: vec![],
+            faults_seed: None,
         };
         let r = report(&run, &["a".into(), "b".into()], &[0, 0, 1, 1], s(3), s(1));
         assert_eq!(r.totals.requests, 4);

@@ -12,21 +12,30 @@ use std::{
 use axum::body::Body;
 use greenthread_api::{Gpu, GpuSpec, ValidModel};
 use greenthread_apiserver::{ApiServer, Auth, AuthSources, ModelRoute, Replica};
-use greenthread_edge::{Connector, EdgeConfig, Shutdown, transport::memory};
+use greenthread_edge::{
+    Connector, EdgeConfig, Shutdown,
+    transport::{self, MemoryAddr, MemoryListener},
+};
 use greenthread_gpu::{MemoryProbe, ProbeError};
 use greenthread_ledger::{Clock, Ledger, MemoryLedger};
 use greenthread_sidecar::{
-    Assignment, GpuRef, LedgerAt, Parts, Sidecar, SidecarConfig, adapter_over, engine_forwarder,
+    Assignment, Forwarder, GpuRef, LedgerAt, Parts, Sidecar, SidecarConfig, adapter_over,
+    engine_forwarder,
     metrics::{SidecarFamilies, SidecarMetrics},
     state::State,
 };
-use greenthread_simulator::SimEngine;
+use greenthread_simulator::{SimConfig, SimEngine};
 use http_body_util::BodyExt;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::zoo::engine_config;
+use crate::{
+    faults::{
+        CRASH_PATIENCE, CrashWhen, ENGINE_RESTART_DELAY, Fault, FaultPlan, FaultyLedger, Violation,
+    },
+    zoo::engine_config,
+};
 
 /// A request of the simulation: when, to which model, how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +56,8 @@ pub struct Setup {
     /// Seeds what the control plane draws at random (backoff jitter).
     pub seed: u64,
     pub policy: greenthread_ledger::Policy,
+    /// Faults to inject, with the invariants checked throughout.
+    pub faults: Option<FaultPlan>,
 }
 
 /// How one request ended, as its client saw it.
@@ -65,6 +76,17 @@ pub enum Outcome {
 /// A request neither answered nor refused by then counts as hung. Queued requests are
 /// refused at the queue's deadline (5 minutes by default), well before.
 pub const HANG_LIMIT: Duration = Duration::from_secs(3600);
+
+/// A fault as it struck.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injected {
+    /// From the first arrival.
+    pub at: Duration,
+    /// [`Fault::kind`].
+    pub kind: &'static str,
+    /// What and where.
+    pub what: String,
+}
 
 /// What a model replica did over the simulation.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -92,6 +114,12 @@ pub struct Run {
     pub boot: Duration,
     /// The state of each request's model (its first replica) when it arrived.
     pub arrived_to: Vec<State>,
+    /// The faults injected, each when it struck (from the first arrival).
+    pub injected: Vec<Injected>,
+    /// Invariants broken (only checked when faults are injected).
+    pub violations: Vec<Violation>,
+    /// The seed of the faults injected, if any were.
+    pub faults_seed: Option<u64>,
 }
 
 /// Progress while it runs.
@@ -125,24 +153,195 @@ const AUTH: AuthSources = AuthSources {
     admin_open: "none (simulation)",
 };
 
-/// What an engine holds, read from the engine itself (a simulated GPU without files).
+/// One replica's engine process: started, crashed, started again at the same address.
+struct EngineSlot {
+    cfg: SimConfig,
+    addr: MemoryAddr,
+    /// The running engine; none while it is down.
+    current: Mutex<Option<Arc<SimEngine>>>,
+    /// Its server: aborting it cuts every connection, as a dead process's sockets close.
+    serving: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stop: Shutdown,
+}
+
+impl EngineSlot {
+    fn engine(&self) -> Option<Arc<SimEngine>> {
+        self.current.lock().unwrap().clone()
+    }
+
+    fn run(&self, engine: Arc<SimEngine>, listener: MemoryListener) {
+        let serve = greenthread_edge::serve(
+            listener,
+            greenthread_simulator::router(engine.clone()),
+            EdgeConfig::default(),
+            self.stop.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let _ = serve.await;
+        });
+        *self.current.lock().unwrap() = Some(engine);
+        *self.serving.lock().unwrap() = Some(task);
+    }
+
+    /// The process dies: its memory is freed, its connections cut, its port closed.
+    /// Whether it was running.
+    fn crash(&self) -> bool {
+        let Some(_dead) = self.current.lock().unwrap().take() else {
+            return false;
+        };
+        if let Some(task) = self.serving.lock().unwrap().take() {
+            task.abort();
+        }
+        drop(self.addr.rebind());
+        true
+    }
+}
+
+/// Bytes the engines on `gpu` hold now, but for `except`'s.
+fn held_on(fleet: &Fleet, gpu: &str, except: &str) -> u64 {
+    fleet
+        .slots
+        .iter()
+        .filter(|s| s.pod != except && s.gpus.iter().any(|g| g.name == gpu))
+        .filter_map(|s| s.engine.engine())
+        .map(|e| e.held_bytes())
+        .sum()
+}
+
+/// A crashed engine is started again as a kubelet restarts a container: after a pause,
+/// it loads its weights and comes back awake — unless the memory it needs is not free
+/// on one of its GPUs, where it fails as vLLM's start-up memory check does, and is
+/// tried again after a back-off that doubles to five minutes (CrashLoopBackOff).
+async fn restart_engine(fleet: Arc<Fleet>, slot: Arc<ReplicaSlot>) {
+    let need = slot.engine.cfg.weights_bytes + slot.engine.cfg.kv_cache_bytes;
+    let fits = || {
+        slot.gpus.iter().all(|g| {
+            let memory = fleet.capacity.get(&g.name).copied().unwrap_or(0);
+            held_on(&fleet, &g.name, &slot.pod) + need <= memory
+        })
+    };
+    let mut pause = ENGINE_RESTART_DELAY;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).clamp(Duration::from_secs(10), Duration::from_secs(300));
+        let engine = SimEngine::new(slot.engine.cfg.clone());
+        if engine.boot().await.is_ok() && fits() {
+            slot.engine.run(engine, slot.engine.addr.rebind());
+            return;
+        }
+        tracing::info!(pod = %slot.pod, retry_in = ?pause, "restarted engine found too little free memory and exited");
+    }
+}
+
+/// What an engine holds, read from the engine itself (a simulated GPU without files):
+/// nothing while its process is down.
 struct EngineMemory {
-    engine: Arc<SimEngine>,
+    slot: Arc<EngineSlot>,
     gpus: Vec<u32>,
 }
 
 #[async_trait::async_trait]
 impl MemoryProbe for EngineMemory {
     async fn engine_memory(&self) -> Result<Vec<(u32, u64)>, ProbeError> {
-        let held = self.engine.held_bytes();
+        let held = self.slot.engine().map_or(0, |e| e.held_bytes());
         Ok(self.gpus.iter().map(|g| (*g, held)).collect())
     }
 }
 
+/// One replica: its engine, and the sidecar in front of it (replaced when restarted).
+struct ReplicaSlot {
+    model: usize,
+    pod: String,
+    cfg: SidecarConfig,
+    url: String,
+    gpus: Vec<GpuRef>,
+    indices: Vec<u32>,
+    engine: Arc<EngineSlot>,
+    forwarder: Arc<Forwarder>,
+    /// Set once built, and replaced when restarted.
+    sidecar: Mutex<Option<Arc<Sidecar>>>,
+    /// Bumped at each restart of the sidecar.
+    incarnation: tokio::sync::watch::Sender<u64>,
+}
+
+impl ReplicaSlot {
+    fn sidecar(&self) -> Arc<Sidecar> {
+        self.sidecar
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("built with the slot")
+    }
+}
+
+/// What a sidecar is built from, kept to build it again after a restart.
+struct Parts0 {
+    ledger: Arc<dyn Ledger>,
+    families: Arc<SidecarFamilies>,
+    clock: Clock,
+}
+
 struct Fleet {
     api: Arc<ApiServer>,
-    sidecars: Vec<(usize, Arc<Sidecar>, Vec<u32>)>,
+    slots: Vec<Arc<ReplicaSlot>>,
+    parts: Parts0,
+    memory: Arc<MemoryLedger>,
+    faulty: Option<Arc<FaultyLedger>>,
+    /// Each GPU's memory, by name.
+    capacity: std::collections::BTreeMap<String, u64>,
+    clock: Clock,
     _stop: Shutdown,
+}
+
+impl Fleet {
+    fn new_sidecar(parts: &Parts0, slot: &ReplicaSlot) -> anyhow::Result<Arc<Sidecar>> {
+        let pipe = Connector::Memory(slot.engine.addr.clone());
+        let probe = Arc::new(EngineMemory {
+            slot: slot.engine.clone(),
+            gpus: slot.indices.clone(),
+        }) as Arc<dyn MemoryProbe>;
+        let (adapter, probe) = adapter_over(
+            &slot.cfg,
+            &slot.url,
+            Some(pipe),
+            None,
+            &slot.indices,
+            Some(probe),
+        )?;
+        Ok(Sidecar::with_metrics(
+            slot.cfg.clone(),
+            Parts {
+                engine: adapter,
+                process: None,
+                ledger: parts.ledger.clone(),
+                gpus: slot.gpus.clone(),
+                probe,
+                clock: parts.clock,
+            },
+            SidecarMetrics::with_labels(
+                parts.families.clone(),
+                vec![("model", slot.cfg.model.clone()), ("pod", slot.pod.clone())],
+            ),
+        ))
+    }
+
+    /// The API server's routes to the sidecars there are now.
+    fn routes(models: &[(String, ValidModel)], slots: &[Arc<ReplicaSlot>]) -> Vec<ModelRoute> {
+        models
+            .iter()
+            .enumerate()
+            .map(|(m, (name, model))| ModelRoute {
+                namespace: "sim".into(),
+                name: name.clone(),
+                model_name: model.spec.model_name.clone(),
+                replicas: slots
+                    .iter()
+                    .filter(|s| s.model == m)
+                    .map(|s| Replica::local(s.pod.clone(), s.sidecar(), s.forwarder.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 fn gpu_records(setup: &Setup) -> Vec<Gpu> {
@@ -172,10 +371,18 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
     let records = gpu_records(setup);
     let placement = greenthread_controller::placement::place_models(&setup.models, &records)
         .map_err(|(name, e)| anyhow::anyhow!("model {name}: {e}"))?;
-    let ledger = Arc::new(MemoryLedger::new());
+    let memory = Arc::new(MemoryLedger::new());
     for g in &records {
-        ledger.add_gpu(&g.name, g.spec.clone());
+        memory.add_gpu(&g.name, g.spec.clone());
     }
+    let faulty = setup
+        .faults
+        .as_ref()
+        .map(|plan| Arc::new(FaultyLedger::new(memory.clone(), plan.seed)));
+    let ledger: Arc<dyn Ledger> = match &faulty {
+        Some(f) => f.clone(),
+        None => memory.clone(),
+    };
     let mut registry = Registry::default();
     let families = SidecarFamilies::register(&mut registry);
     // Ledger time follows the virtual clock from a fixed origin: the same on every run.
@@ -183,30 +390,28 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
         anchor: jiff::Timestamp::from_second(1_700_000_000).expect("a valid instant"),
         at: Instant::now(),
     };
+    let parts = Parts0 {
+        ledger: ledger.clone(),
+        families: families.clone(),
+        clock,
+    };
     let stop = Shutdown::new();
-    let mut routes = Vec::new();
-    let mut sidecars = Vec::new();
-    let mut engines = Vec::new();
+    let mut slots = Vec::new();
     for (m, ((name, model), replicas)) in setup.models.iter().zip(&placement).enumerate() {
-        let mut route = ModelRoute {
-            namespace: "sim".into(),
-            name: name.clone(),
-            model_name: model.spec.model_name.clone(),
-            replicas: vec![],
-        };
         for (r, positions) in replicas.iter().enumerate() {
             let pod = format!("{name}-{r}");
             let placed: Vec<&Gpu> = positions.iter().map(|p| &records[*p as usize]).collect();
             let share = model.share_of(placed[0].spec.memory_bytes);
-            let engine = SimEngine::new(engine_config(model, share).map_err(anyhow::Error::msg)?);
-            engines.push((pod.clone(), engine.clone()));
-            let (addr, listener) = memory(&pod);
-            tokio::spawn(greenthread_edge::serve(
-                listener,
-                greenthread_simulator::router(engine.clone()),
-                EdgeConfig::default(),
-                stop.clone(),
-            ));
+            let engine_cfg = engine_config(model, share).map_err(anyhow::Error::msg)?;
+            let (addr, listener) = transport::memory(&pod);
+            let engine = Arc::new(EngineSlot {
+                cfg: engine_cfg.clone(),
+                addr: addr.clone(),
+                current: Mutex::new(None),
+                serving: Mutex::new(None),
+                stop: stop.clone(),
+            });
+            engine.run(SimEngine::new(engine_cfg), listener);
             let url = format!("http://{pod}.engine:8001");
             let cfg = SidecarConfig::for_model(
                 model,
@@ -221,54 +426,50 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
                     policy: setup.policy,
                 },
             );
-            let indices: Vec<u32> = positions.clone();
-            let pipe = Connector::Memory(addr);
-            let probe = Arc::new(EngineMemory {
-                engine: engine.clone(),
-                gpus: indices.clone(),
-            }) as Arc<dyn MemoryProbe>;
-            let (adapter, probe) =
-                adapter_over(&cfg, &url, Some(pipe.clone()), None, &indices, Some(probe))?;
-            let sidecar = Sidecar::with_metrics(
-                cfg.clone(),
-                Parts {
-                    engine: adapter,
-                    process: None,
-                    ledger: ledger.clone() as Arc<dyn Ledger>,
-                    gpus: placed
-                        .iter()
-                        .zip(&indices)
-                        .map(|(g, i)| GpuRef {
-                            name: g.name.clone(),
-                            index: *i,
-                        })
-                        .collect(),
-                    probe,
-                    clock,
-                },
-                SidecarMetrics::with_labels(
-                    families.clone(),
-                    vec![("model", name.clone()), ("pod", pod.clone())],
-                ),
-            );
-            let forwarder = engine_forwarder(&cfg, &url)?.with_connector(pipe);
-            route
-                .replicas
-                .push(Replica::local(pod, sidecar.clone(), Arc::new(forwarder)));
-            sidecars.push((m, sidecar, indices));
+            let forwarder = engine_forwarder(&cfg, &url)?.with_connector(Connector::Memory(addr));
+            let gpus = placed
+                .iter()
+                .zip(positions)
+                .map(|(g, i)| GpuRef {
+                    name: g.name.clone(),
+                    index: *i,
+                })
+                .collect();
+            let slot = ReplicaSlot {
+                model: m,
+                pod,
+                cfg,
+                url,
+                gpus,
+                indices: positions.clone(),
+                engine,
+                forwarder: Arc::new(forwarder),
+                sidecar: Mutex::new(None),
+                incarnation: tokio::sync::watch::Sender::new(0),
+            };
+            *slot.sidecar.lock().unwrap() = Some(Fleet::new_sidecar(&parts, &slot)?);
+            slots.push(Arc::new(slot));
         }
-        routes.push(route);
     }
     // Every engine loads its weights at once, as the engines of a fleet start together;
     // their sidecars then boot them (measure, put to sleep) one GPU lock at a time.
-    let booted = futures_util::future::join_all(engines.iter().map(|(_, e)| e.boot())).await;
+    let engines: Vec<_> = slots
+        .iter()
+        .map(|s| (s.pod.clone(), s.engine.engine()))
+        .collect();
+    let booted = futures_util::future::join_all(
+        engines
+            .iter()
+            .map(|(_, e)| async move { e.as_ref().expect("just started").boot().await }),
+    )
+    .await;
     for ((pod, _), b) in engines.iter().zip(booted) {
         b.map_err(|e| anyhow::anyhow!("{pod}: {e}"))?;
     }
     let auth = Auth::new(vec![], None, None, false, AUTH)?;
     let api = ApiServer::new(
-        routes,
-        ledger as Arc<dyn Ledger>,
+        Fleet::routes(&setup.models, &slots),
+        ledger,
         auth,
         registry,
         families,
@@ -276,7 +477,15 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
     );
     Ok(Fleet {
         api,
-        sidecars,
+        slots,
+        parts,
+        memory,
+        faulty,
+        capacity: records
+            .iter()
+            .map(|g| (g.name.clone(), g.spec.memory_bytes))
+            .collect(),
+        clock,
         _stop: stop,
     })
 }
@@ -342,39 +551,55 @@ async fn send(router: axum::Router, body: String) -> Outcome {
     }
 }
 
-/// Follows a replica's transitions: wakes, and time holding GPU memory.
-async fn follow(sidecar: Arc<Sidecar>, stats: Arc<Mutex<ReplicaStats>>, end: Arc<Shutdown>) {
+/// Follows a replica's transitions, through its sidecar's restarts: wakes, and time
+/// holding GPU memory.
+async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Arc<Shutdown>) {
     let holds = |s: State| matches!(s, State::Waking | State::Serving | State::Deactivating);
     let gpus = stats.lock().unwrap().gpus.len().max(1) as f64;
-    let mut transitions = sidecar.transitions();
-    let mut since: Option<Instant> = holds(sidecar.state()).then(Instant::now);
+    let mut incarnations = slot.incarnation.subscribe();
     let ended = end.wait();
     tokio::pin!(ended);
-    loop {
-        let next = tokio::select! {
-            biased;
-            t = transitions.recv() => t,
-            () = &mut ended => break,
-        };
-        let (from, to) = match next {
-            Ok(t) => t,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "fleet: transitions missed");
-                continue;
-            }
-            Err(_) => break,
-        };
-        let mut s = stats.lock().unwrap();
-        if from == State::Waking && to == State::Serving {
-            s.wakes += 1;
+    let mut since: Option<Instant> = None;
+    'incarnations: loop {
+        let sidecar = slot.sidecar();
+        incarnations.mark_unchanged();
+        let mut transitions = sidecar.transitions();
+        if since.is_none() && holds(sidecar.state()) {
+            since = Some(Instant::now());
         }
-        match (holds(from), holds(to), since) {
-            (false, true, _) => since = Some(Instant::now()),
-            (true, false, Some(t)) => {
-                s.awake_gpu_seconds += t.elapsed().as_secs_f64() * gpus;
-                since = None;
+        loop {
+            let next = tokio::select! {
+                biased;
+                t = transitions.recv() => t,
+                _ = incarnations.changed() => {
+                    // A new sidecar starts asleep; the killed one's state is gone with it.
+                    if let Some(t) = since.take() {
+                        stats.lock().unwrap().awake_gpu_seconds += t.elapsed().as_secs_f64() * gpus;
+                    }
+                    continue 'incarnations;
+                }
+                () = &mut ended => break 'incarnations,
+            };
+            let (from, to) = match next {
+                Ok(t) => t,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "fleet: transitions missed");
+                    continue;
+                }
+                Err(_) => break 'incarnations,
+            };
+            let mut s = stats.lock().unwrap();
+            if from == State::Waking && to == State::Serving {
+                s.wakes += 1;
             }
-            _ => {}
+            match (holds(from), holds(to), since) {
+                (false, true, _) => since = Some(Instant::now()),
+                (true, false, Some(t)) => {
+                    s.awake_gpu_seconds += t.elapsed().as_secs_f64() * gpus;
+                    since = None;
+                }
+                _ => {}
+            }
         }
     }
     if let Some(t) = since {
@@ -382,44 +607,466 @@ async fn follow(sidecar: Arc<Sidecar>, stats: Arc<Mutex<ReplicaStats>>, end: Arc
     }
 }
 
+/// The longest a request may take under faults before it counts as hung: every
+/// admission the relay may make waits at most the queue's deadline, then the answer
+/// streams at the engine's pace (twice over, for a shared engine), plus a minute.
+fn deadline(cfg: &SidecarConfig, engine: &SimConfig, r: &Request) -> Duration {
+    let decode = if engine.tokens_per_second > 0.0 {
+        Duration::from_secs_f64(f64::from(r.output_tokens) / engine.tokens_per_second)
+    } else {
+        Duration::ZERO
+    };
+    cfg.queue_timeout * 3 + decode * 2 + Duration::from_secs(60)
+}
+
+/// What the invariant checks share with the run.
+struct Watch {
+    seed: u64,
+    /// The first arrival, from which times are reported.
+    origin: Mutex<Instant>,
+    steps: std::sync::atomic::AtomicU64,
+    violations: Mutex<Vec<Violation>>,
+    injected: Mutex<Vec<Injected>>,
+}
+
+impl Watch {
+    fn at(&self) -> Duration {
+        Instant::now().saturating_duration_since(*self.origin.lock().unwrap())
+    }
+
+    fn violated(&self, what: String) {
+        let v = Violation {
+            seed: self.seed,
+            at: self.at(),
+            step: self.steps.load(std::sync::atomic::Ordering::Relaxed),
+            what,
+        };
+        tracing::warn!(violation = %v, "invariant broken");
+        self.violations.lock().unwrap().push(v);
+    }
+
+    fn injected(&self, fault: &Fault, at: Option<&str>) {
+        let what = match at {
+            Some(pod) => format!("{fault} on {pod}"),
+            None => fault.to_string(),
+        };
+        tracing::info!(at = ?self.at(), %what, "fault injected");
+        self.injected.lock().unwrap().push(Injected {
+            at: self.at(),
+            kind: fault.kind(),
+            what,
+        });
+    }
+}
+
+/// Whether a sidecar is where it may hold its GPUs' wake lock: booting, or waking.
+fn needs_lock(s: &Sidecar) -> bool {
+    !s.boot_ready() || matches!(s.state(), State::Pending | State::Waking)
+}
+
+/// Checks every committed ledger record: no GPU is charged more than its memory, and no
+/// wake lock is honoured after its wake ended (held, unexpired, by a sidecar that no
+/// longer wakes, for longer than the lock's lifetime).
+async fn check_commits(fleet: Arc<Fleet>, watch: Arc<Watch>, end: Arc<Shutdown>) {
+    use std::sync::atomic::Ordering;
+    let mut commits = fleet.memory.commits();
+    let ttl = fleet
+        .slots
+        .first()
+        .map_or(Duration::from_secs(30), |s| s.cfg.wake_lock_ttl);
+    let mut stale: std::collections::BTreeMap<String, (String, Instant)> = Default::default();
+    let ended = end.wait();
+    tokio::pin!(ended);
+    let mut over_since: std::collections::BTreeMap<String, Instant> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let gpu = tokio::select! {
+            biased;
+            _ = tick.tick() => {
+                check_engine_memory(&fleet, &watch, &mut over_since, ttl);
+                continue;
+            }
+            c = commits.recv() => match c {
+                Ok(g) => g,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    watch.violated(format!("the checker missed {n} ledger commits"));
+                    continue;
+                }
+                Err(_) => return,
+            },
+            () = &mut ended => return,
+        };
+        watch.steps.fetch_add(1, Ordering::Relaxed);
+        let charged = greenthread_ledger::decide::committed_bytes(&gpu.status);
+        if charged > gpu.spec.memory_bytes {
+            watch.violated(format!(
+                "{}: {charged} bytes charged, more than its {} bytes",
+                gpu.name, gpu.spec.memory_bytes
+            ));
+        }
+        let Some(lock) = &gpu.status.wake_lock else {
+            stale.remove(&gpu.name);
+            continue;
+        };
+        let holder = fleet.slots.iter().find(|s| s.pod == lock.pod_name);
+        let needed = holder.is_some_and(|s| needs_lock(&s.sidecar()));
+        let expired =
+            greenthread_ledger::decide::lock_expired(&gpu.status, lock, ttl, fleet.clock.now());
+        if needed || expired {
+            stale.remove(&gpu.name);
+            continue;
+        }
+        let now = Instant::now();
+        let since = stale
+            .entry(gpu.name.clone())
+            .or_insert_with(|| (lock.pod_name.clone(), now));
+        if since.0 != lock.pod_name {
+            *since = (lock.pod_name.clone(), now);
+        } else if now - since.1 > ttl {
+            watch.violated(format!(
+                "{}: the wake lock of {} is still honoured {:.1} s after its wake ended",
+                gpu.name,
+                lock.pod_name,
+                (now - since.1).as_secs_f64()
+            ));
+            stale.remove(&gpu.name);
+        }
+    }
+}
+
+/// What the engines really hold on each GPU must fit it: an engine that holds memory
+/// its sidecar has not charged (one that came back awake on its own) pushes others out
+/// of memory on real hardware. Brief overlaps are tolerated for `grace` (a sidecar
+/// notices on its next heartbeat); longer ones break the invariant.
+fn check_engine_memory(
+    fleet: &Fleet,
+    watch: &Watch,
+    over_since: &mut std::collections::BTreeMap<String, Instant>,
+    grace: Duration,
+) {
+    let now = Instant::now();
+    for (gpu, memory) in &fleet.capacity {
+        let held = held_on(fleet, gpu, "");
+        if held <= *memory {
+            over_since.remove(gpu);
+            continue;
+        }
+        let since = *over_since.entry(gpu.clone()).or_insert(now);
+        if now - since > grace {
+            let who: Vec<String> = fleet
+                .slots
+                .iter()
+                .filter(|s| s.gpus.iter().any(|g| &g.name == gpu))
+                .filter_map(|s| {
+                    let e = s.engine.engine()?;
+                    (e.held_bytes() > 0).then(|| {
+                        format!(
+                            "{} {} GiB ({})",
+                            s.pod,
+                            e.held_bytes() >> 30,
+                            s.sidecar().state()
+                        )
+                    })
+                })
+                .collect();
+            let charged: Vec<String> = fleet
+                .memory
+                .gpu(gpu)
+                .map(|g| {
+                    g.status
+                        .occupants
+                        .iter()
+                        .map(|o| {
+                            format!(
+                                "{} {} {} GiB",
+                                o.pod_name,
+                                o.state.as_str(),
+                                greenthread_ledger::decide::charged_bytes(o) >> 30
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            watch.violated(format!(
+                "{gpu}: its engines have held {} GiB, more than its {} GiB, for {:.0} s: {}; the ledger charges {}",
+                held >> 30,
+                memory >> 30,
+                (now - since).as_secs_f64(),
+                who.join(", "),
+                charged.join(", ")
+            ));
+            over_since.remove(gpu);
+        }
+    }
+}
+
+/// Kills the sidecar of `slot` and starts a new one in its place, again (as a kubelet
+/// would, after a pause) for as long as it fails to boot.
+async fn restart_sidecar(
+    fleet: Arc<Fleet>,
+    slot: Arc<ReplicaSlot>,
+    models: Arc<Vec<(String, ValidModel)>>,
+) {
+    for attempt in 0..10u32 {
+        slot.sidecar().kill().await;
+        // Its connections to the engine closed with it: the engine aborts what they
+        // carried, as vLLM aborts the requests of clients that went away.
+        if let Some(e) = slot.engine.engine() {
+            e.abort_running();
+        }
+        let new = match Fleet::new_sidecar(&fleet.parts, &slot) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(pod = %slot.pod, error = %e, "could not build a sidecar");
+                return;
+            }
+        };
+        *slot.sidecar.lock().unwrap() = Some(new.clone());
+        slot.incarnation.send_modify(|n| *n += 1);
+        fleet.api.set_models(Fleet::routes(&models, &fleet.slots));
+        match new.start().await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(pod = %slot.pod, attempt, error = %e, "restarted sidecar did not boot")
+            }
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+/// Whether `slot` is where a crash `when` strikes.
+fn crash_point(slot: &ReplicaSlot, when: CrashWhen) -> bool {
+    let sidecar = slot.sidecar();
+    match when {
+        CrashWhen::Waking => sidecar.state() == State::Waking,
+        CrashWhen::Streaming => {
+            sidecar.state() == State::Serving
+                && slot.engine.engine().is_some_and(|e| e.running() > 0)
+        }
+        CrashWhen::Asleep => sidecar.boot_ready() && sidecar.state() == State::Sleeping,
+    }
+}
+
+async fn inject(
+    fleet: Arc<Fleet>,
+    watch: Arc<Watch>,
+    plan: FaultPlan,
+    start: Instant,
+    models: Arc<Vec<(String, ValidModel)>>,
+) {
+    for (at, fault) in plan.events {
+        tokio::time::sleep_until(start + at).await;
+        let slot = |r: usize| fleet.slots[r % fleet.slots.len()].clone();
+        match fault {
+            Fault::Crash { replica, when } => {
+                let (slot, watch, fleet) = (slot(replica), watch.clone(), fleet.clone());
+                tokio::spawn(async move {
+                    let patience = Instant::now() + CRASH_PATIENCE;
+                    while !crash_point(&slot, when) {
+                        if Instant::now() >= patience {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    if slot.engine.crash() {
+                        watch.injected(&fault, Some(&slot.pod));
+                        tokio::spawn(restart_engine(fleet, slot.clone()));
+                    }
+                });
+            }
+            Fault::WakeFails { replica, times } => {
+                let slot = slot(replica);
+                if let Some(e) = slot.engine.engine() {
+                    e.fail_next_wakes(times);
+                    watch.injected(&fault, Some(&slot.pod));
+                }
+            }
+            Fault::WakeHangs { replica } => {
+                let slot = slot(replica);
+                if let Some(e) = slot.engine.engine() {
+                    e.hang_next_wakes(1);
+                    watch.injected(&fault, Some(&slot.pod));
+                }
+            }
+            Fault::SlowLedger { lasting, delay } => {
+                if let Some(l) = &fleet.faulty {
+                    l.slow_for(lasting, delay);
+                    watch.injected(&fault, None);
+                }
+            }
+            Fault::ConflictingWrites { lasting } => {
+                if let Some(l) = &fleet.faulty {
+                    l.conflicts_for(lasting);
+                    watch.injected(&fault, None);
+                }
+            }
+            Fault::Corrupt { gpu } => {
+                let name = format!("gpu-{gpu}");
+                // A copy of a booted sidecar's entry, renamed.
+                if let Some(g) = fleet.memory.gpu(&name)
+                    && let Some(mut intruder) = g.status.occupants.first().cloned()
+                {
+                    let mut status = g.status.clone();
+                    intruder.pod_name = "planted-bug".into();
+                    intruder.state = greenthread_api::OccupantState::Serving;
+                    intruder.reserved_memory_bytes = g.spec.memory_bytes + 1;
+                    status.occupants.push(intruder);
+                    let _ = fleet
+                        .memory
+                        .replace_status(&name, &g.resource_version, status)
+                        .await;
+                    watch.injected(&fault, None);
+                }
+            }
+            Fault::SidecarRestart { replica } => {
+                let slot = slot(replica);
+                watch.injected(&fault, Some(&slot.pod));
+                tokio::spawn(restart_sidecar(fleet.clone(), slot, models.clone()));
+            }
+        }
+    }
+}
+
+/// After the faults: every sidecar booted and settled, the ledger says what each
+/// sidecar is, and each engine is asleep or awake as its sidecar says.
+async fn check_converged(fleet: &Fleet, watch: &Watch) {
+    let settled =
+        |s: &Sidecar| s.boot_ready() && matches!(s.state(), State::Sleeping | State::Serving);
+    let patience = Instant::now() + Duration::from_secs(600);
+    while !fleet.slots.iter().all(|s| settled(&s.sidecar())) && Instant::now() < patience {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two heartbeats: a record a failed write left wrong is repaired by then.
+    let beat = fleet
+        .slots
+        .first()
+        .map_or(Duration::from_secs(10), |s| s.cfg.wake_lock_ttl / 3);
+    tokio::time::sleep(beat * 2).await;
+    for slot in &fleet.slots {
+        let sidecar = slot.sidecar();
+        let state = sidecar.state();
+        if !settled(&sidecar) {
+            let booted = if sidecar.boot_ready() {
+                "booted"
+            } else {
+                "not booted"
+            };
+            watch.violated(format!("{}: did not settle ({booted}, {state})", slot.pod));
+            continue;
+        }
+        for g in &slot.gpus {
+            let Ok(record) = fleet.memory.get(&g.name).await else {
+                continue;
+            };
+            let says = record.status.occupant(&slot.pod).map(|o| o.state);
+            let expected = match state {
+                State::Serving => greenthread_api::OccupantState::Serving,
+                _ => greenthread_api::OccupantState::Sleeping,
+            };
+            if says != Some(expected) {
+                watch.violated(format!(
+                    "{} on {}: the ledger says {says:?}, the sidecar {state}",
+                    slot.pod, g.name
+                ));
+            }
+            if record
+                .status
+                .wake_lock
+                .as_ref()
+                .is_some_and(|l| l.pod_name == slot.pod)
+            {
+                watch.violated(format!(
+                    "{} on {}: still holds the wake lock",
+                    slot.pod, g.name
+                ));
+            }
+            if record
+                .status
+                .preemption_intents
+                .iter()
+                .any(|i| i.pod_name == slot.pod)
+            {
+                watch.violated(format!(
+                    "{} on {}: an intent outlived its wake",
+                    slot.pod, g.name
+                ));
+            }
+        }
+        match slot.engine.engine() {
+            None => watch.violated(format!("{}: its engine is still down", slot.pod)),
+            Some(e) if e.is_sleeping() != (state == State::Sleeping) => {
+                let engine = if e.is_sleeping() { "asleep" } else { "awake" };
+                watch.violated(format!(
+                    "{}: the engine is {engine}, its sidecar {state}",
+                    slot.pod
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<Run> {
     greenthread_ledger::seed_jitter(setup.seed);
     let booting = Instant::now();
-    let fleet = assemble(&setup).await?;
-    let boots: Vec<_> = fleet.sidecars.iter().map(|(_, s, _)| s.start()).collect();
-    for (rx, (_, s, _)) in boots.into_iter().zip(&fleet.sidecars) {
+    let fleet = Arc::new(assemble(&setup).await?);
+    let watch = Arc::new(Watch {
+        seed: setup.faults.as_ref().map_or(setup.seed, |p| p.seed),
+        origin: Mutex::new(booting),
+        steps: Default::default(),
+        violations: Mutex::default(),
+        injected: Mutex::default(),
+    });
+    let end = Arc::new(Shutdown::new());
+    let checker = setup
+        .faults
+        .as_ref()
+        .map(|_| tokio::spawn(check_commits(fleet.clone(), watch.clone(), end.clone())));
+    let boots: Vec<_> = fleet.slots.iter().map(|s| s.sidecar().start()).collect();
+    for (rx, slot) in boots.into_iter().zip(&fleet.slots) {
         match rx.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => anyhow::bail!("{} did not boot: {e}", s.pod),
-            Err(_) => anyhow::bail!("{} stopped while booting", s.pod),
+            Ok(Err(e)) => anyhow::bail!("{} did not boot: {e}", slot.pod),
+            Err(_) => anyhow::bail!("{} stopped while booting", slot.pod),
         }
     }
     let boot = booting.elapsed();
 
-    let end = Arc::new(Shutdown::new());
     let mut followers = tokio::task::JoinSet::new();
     let stats: Vec<Arc<Mutex<ReplicaStats>>> = fleet
-        .sidecars
+        .slots
         .iter()
-        .map(|(m, s, gpus)| {
+        .map(|slot| {
             let stats = Arc::new(Mutex::new(ReplicaStats {
-                model: *m,
-                pod: s.pod.clone(),
-                gpus: gpus.clone(),
+                model: slot.model,
+                pod: slot.pod.clone(),
+                gpus: slot.indices.clone(),
                 ..Default::default()
             }));
-            followers.spawn(follow(s.clone(), stats.clone(), end.clone()));
+            followers.spawn(follow(slot.clone(), stats.clone(), end.clone()));
             stats
         })
         .collect();
     let preempted_before: Vec<u64> = fleet
-        .sidecars
+        .slots
         .iter()
-        .map(|(_, s, _)| s.metrics.preemptions("preempted"))
+        .map(|s| s.sidecar().metrics.preemptions("preempted"))
         .collect();
 
     let router = greenthread_apiserver::router(fleet.api.clone());
     let start = Instant::now();
+    *watch.origin.lock().unwrap() = start;
+    let models = Arc::new(setup.models.clone());
+    let injector = setup.faults.clone().map(|plan| {
+        tokio::spawn(inject(
+            fleet.clone(),
+            watch.clone(),
+            plan,
+            start,
+            models.clone(),
+        ))
+    });
     let total = setup.requests.last().map_or(Duration::ZERO, |r| r.at);
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -439,20 +1086,31 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
     });
     let mut clients = tokio::task::JoinSet::new();
     // Each model's first replica, whose state a request finds on arrival.
-    let mut first_replica: Vec<Option<&Arc<Sidecar>>> = vec![None; setup.models.len()];
-    for (m, sidecar, _) in fleet.sidecars.iter().rev() {
-        first_replica[*m] = Some(sidecar);
+    let mut first_replica: Vec<Option<&Arc<ReplicaSlot>>> = vec![None; setup.models.len()];
+    for slot in fleet.slots.iter().rev() {
+        first_replica[slot.model] = Some(slot);
     }
     let mut arrived_to = Vec::with_capacity(setup.requests.len());
     for (i, r) in setup.requests.iter().enumerate() {
         tokio::time::sleep_until(start + r.at).await;
-        arrived_to.push(first_replica[r.model].map_or(State::Sleeping, |s| s.state()));
+        arrived_to.push(first_replica[r.model].map_or(State::Sleeping, |s| s.sidecar().state()));
         let body = chat_body(&setup.models[r.model].0, r);
-        let (router, done) = (router.clone(), done.clone());
+        let limit = match (setup.faults.is_some(), first_replica[r.model]) {
+            (true, Some(slot)) => deadline(&slot.cfg, &slot.engine.cfg, r),
+            _ => HANG_LIMIT,
+        };
+        let (router, done, watch) = (router.clone(), done.clone(), watch.clone());
+        let model = setup.models[r.model].0.clone();
+        let checked = setup.faults.is_some();
         clients.spawn(async move {
-            let outcome = tokio::time::timeout(HANG_LIMIT, send(router, body))
+            let outcome = tokio::time::timeout(limit, send(router, body))
                 .await
                 .unwrap_or(Outcome::Hung);
+            if checked && outcome == Outcome::Hung {
+                watch.violated(format!(
+                    "request {i} to {model} neither answered nor refused within {limit:?}"
+                ));
+            }
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (i, outcome)
         });
@@ -467,23 +1125,38 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
     if let Some(r) = reporter {
         r.abort();
     }
+    if let Some(plan) = &setup.faults {
+        if let Some(i) = injector {
+            let _ = i.await;
+        }
+        tokio::time::sleep_until(start + plan.until).await;
+        check_converged(&fleet, &watch).await;
+    }
     end.trigger();
+    if let Some(c) = checker {
+        let _ = c.await;
+    }
     while followers.join_next().await.is_some() {}
     let replicas = stats
         .iter()
-        .zip(&fleet.sidecars)
+        .zip(&fleet.slots)
         .zip(preempted_before)
-        .map(|((s, (_, sidecar, _)), before)| {
+        .map(|((s, slot), before)| {
             let mut s = s.lock().unwrap().clone();
-            s.preempted = sidecar.metrics.preemptions("preempted") - before;
+            s.preempted = slot.sidecar().metrics.preemptions("preempted") - before;
             s
         })
         .collect();
+    let violations = std::mem::take(&mut *watch.violations.lock().unwrap());
+    let injected = std::mem::take(&mut *watch.injected.lock().unwrap());
     Ok(Run {
         outcomes,
         replicas,
         simulated,
         boot,
         arrived_to,
+        injected,
+        violations,
+        faults_seed: setup.faults.as_ref().map(|p| p.seed),
     })
 }

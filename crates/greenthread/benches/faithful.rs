@@ -51,6 +51,7 @@ fn main() {
             requests: requests.clone(),
             seed: 1,
             policy: greenthread_ledger::Policy::CostAware,
+            faults: None,
         },
         None,
     )

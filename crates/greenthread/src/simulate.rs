@@ -8,6 +8,7 @@ use anyhow::Context;
 use greenthread_api::{ValidModel, arg};
 use greenthread_fleet::{
     assign,
+    faults::FaultPlan,
     report::{Report, report},
     run::{OnProgress, Setup, run},
     trace::{self, Arrivals, Workload},
@@ -65,6 +66,36 @@ pub struct SimulateArgs {
     /// The attainment `--find-gpus` looks for.
     #[arg(long, default_value_t = 0.99)]
     pub target: f64,
+    /// Injects faults drawn from the seed — engine crashes (mid-wake, mid-stream, while
+    /// asleep), failed and hung wakes, slow and conflicting ledger writes, sidecars killed
+    /// and restarted — over the first two thirds of the workload, and checks the
+    /// invariants at every ledger commit. Exits with 1 when one broke.
+    #[arg(long, conflicts_with = "find_gpus")]
+    pub faults: bool,
+    /// With `--faults`: about one fault this often.
+    #[arg(long, default_value = "30s", value_parser = arg::duration, requires = "faults")]
+    pub fault_every: Duration,
+    /// With `--faults`: every seed of `FIRST..=LAST` (its workload and its faults), runs
+    /// in parallel; prints the seeds that broke an invariant.
+    #[arg(long, requires = "faults", value_parser = seed_range)]
+    pub seeds: Option<(u64, u64)>,
+}
+
+fn seed_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?}: expected FIRST..LAST, e.g. 1..200"))?;
+    let b = b.strip_prefix('=').unwrap_or(b);
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{s:?}: {v:?} is not a seed: {e}"))
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a > b {
+        return Err(format!("{s:?}: the first seed is after the last"));
+    }
+    Ok((a, b))
 }
 
 fn workload(args: &SimulateArgs) -> anyhow::Result<Workload> {
@@ -168,6 +199,11 @@ fn once(
     quiet: bool,
 ) -> anyhow::Result<Report> {
     let (requests, _) = assign(w, models.len(), args.skew, args.seed);
+    let faults = args.faults.then(|| {
+        let span = requests.last().map_or(Duration::ZERO, |r| r.at);
+        let replicas = models.iter().map(|m| m.1.spec.replicas as usize).sum();
+        FaultPlan::generate(args.seed, replicas, span * 2 / 3, args.fault_every)
+    });
     let models_of: Vec<usize> = requests.iter().map(|r| r.model).collect();
     let names: Vec<String> = models.iter().map(|m| m.0.clone()).collect();
     let wall = std::time::Instant::now();
@@ -178,6 +214,7 @@ fn once(
             requests,
             seed: args.seed,
             policy,
+            faults,
         },
         (!quiet).then(progress_line),
     )?;
@@ -213,12 +250,117 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --gpus G"),
     };
     anyhow::ensure!(!gpus.is_empty(), "--gpus must be at least 1");
+    if let Some(seeds) = args.seeds {
+        return many_seeds(&args, policy, &models, &gpus, seeds);
+    }
     let r = once(&args, policy, &models, gpus, &w, args.json)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         print!("{}", r.table());
     }
+    match &r.faults {
+        Some(f) if !f.violations.is_empty() => {
+            anyhow::bail!("{} invariants broken (seed {})", f.violations.len(), f.seed)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `--faults --seeds A..B`: each seed's workload and faults, on every core.
+fn many_seeds(
+    args: &SimulateArgs,
+    policy: greenthread_ledger::Policy,
+    models: &[(String, ValidModel)],
+    gpus: &[u64],
+    (first, last): (u64, u64),
+) -> anyhow::Result<()> {
+    let wall = std::time::Instant::now();
+    let seeds: Vec<u64> = (first..=last).collect();
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::with_capacity(seeds.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(seeds.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&seed) = seeds.get(i) else { return };
+                    let mut a = args.clone();
+                    a.seed = seed;
+                    let r = workload(&a)
+                        .and_then(|w| once(&a, policy, models, gpus.to_vec(), &w, true));
+                    results.lock().unwrap().push((seed, r));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|(seed, _)| *seed);
+    let (mut injected, mut broken_seeds, mut totals) = (0, Vec::new(), [0usize; 4]);
+    let mut by_kind = std::collections::BTreeMap::<&str, usize>::new();
+    let mut simulated = 0.0;
+    for (seed, r) in results {
+        let r = r.with_context(|| format!("seed {seed}"))?;
+        let f = r
+            .faults
+            .as_ref()
+            .expect("--faults runs report their faults");
+        injected += f.injected.len();
+        for i in &f.injected {
+            *by_kind.entry(i.kind).or_default() += 1;
+        }
+        simulated += r.simulated_seconds;
+        let t = &r.totals;
+        for (sum, n) in totals
+            .iter_mut()
+            .zip([t.answered, t.rejected, t.broken, t.hung])
+        {
+            *sum += n;
+        }
+        if !f.violations.is_empty() {
+            if !args.json {
+                for v in &f.violations {
+                    println!("BROKEN {v}");
+                }
+            }
+            broken_seeds.push(serde_json::json!({"seed": seed, "violations": f.violations}));
+        }
+    }
+    let [answered, rejected, broken, hung] = totals;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "seeds": seeds.len(),
+                "faultsInjected": injected,
+                "injectedByKind": by_kind,
+                "simulatedSeconds": simulated,
+                "answered": answered,
+                "rejected": rejected,
+                "broken": broken,
+                "hung": hung,
+                "failed": broken_seeds,
+                "wallSeconds": wall.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "{} seeds, {:.0} simulated minutes, {injected} faults injected: {} broke an invariant; requests {answered} answered, {rejected} refused, {broken} cut off, {hung} hung ({:.1} s wall)",
+            seeds.len(),
+            simulated / 60.0,
+            broken_seeds.len(),
+            wall.elapsed().as_secs_f64()
+        );
+        let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("faults by kind: {}", kinds.join(", "));
+    }
+    anyhow::ensure!(
+        broken_seeds.is_empty(),
+        "{} of {} seeds broke an invariant",
+        broken_seeds.len(),
+        seeds.len()
+    );
     Ok(())
 }
 

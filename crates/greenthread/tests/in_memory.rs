@@ -155,3 +155,97 @@ async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
         start.elapsed()
     );
 }
+
+/// An engine that comes back awake on its own while its model sleeps (its container
+/// restarted) holds memory nothing charges: the sidecar notices on a heartbeat, puts it
+/// back to sleep and stays asleep itself.
+#[tokio::test(start_paused = true)]
+async fn an_engine_awake_behind_a_sleeping_sidecar_is_put_back_to_sleep() {
+    let stop = Shutdown::new();
+    let mut sim = SimConfig::for_model("m");
+    sim.weights_bytes = 8 * GI;
+    let engine = SimEngine::new(sim);
+    engine.boot().await.unwrap();
+    let (engine_addr, engine_listener) = memory("engine");
+    tokio::spawn(greenthread_edge::serve(
+        engine_listener,
+        router(engine.clone()),
+        EdgeConfig::default(),
+        stop.clone(),
+    ));
+    let ledger = Arc::new(MemoryLedger::new());
+    ledger.add_gpu(
+        "g-0",
+        GpuSpec {
+            node: "n".into(),
+            index: 0,
+            memory_bytes: 80 * GI,
+            ..Default::default()
+        },
+    );
+    let cfg = SidecarConfig::from_args(
+        "m",
+        &[
+            "--engine-url",
+            ENGINE_URL,
+            "--memory-bytes",
+            "10737418240",
+            "--wake-lock-ttl",
+            "30s",
+        ],
+    )
+    .unwrap();
+    let (adapter, probe) = adapter_over(
+        &cfg,
+        ENGINE_URL,
+        Some(Connector::Memory(engine_addr)),
+        None,
+        &[0],
+        None,
+    )
+    .unwrap();
+    let sidecar = Sidecar::new(
+        cfg,
+        Parts {
+            engine: adapter,
+            process: None,
+            ledger: ledger.clone() as Arc<dyn Ledger>,
+            gpus: vec![GpuRef {
+                name: "g-0".into(),
+                index: 0,
+            }],
+            probe,
+            clock: Clock::tokio(),
+        },
+    );
+    sidecar.start().await.unwrap().unwrap();
+    assert!(engine.is_sleeping(), "booted asleep");
+
+    // Behind the sidecar's back, as a restarted container comes up.
+    engine.wake(&[]).await.unwrap();
+    assert!(!engine.is_sleeping());
+    let woke = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !engine.is_sleeping() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("put back to sleep");
+    // Within a heartbeat (a third of the lock's lifetime) and the sleep itself.
+    assert!(
+        woke.elapsed() <= Duration::from_secs(11),
+        "{:?}",
+        woke.elapsed()
+    );
+    assert_eq!(sidecar.state(), State::Sleeping);
+    let record = ledger.get("g-0").await.unwrap();
+    let entry = record.status.occupant(&sidecar.pod).unwrap();
+    assert_eq!(
+        entry.reserved_memory_bytes, 0,
+        "nothing is charged while asleep"
+    );
+
+    stop.trigger();
+    sidecar.shutdown().await;
+}

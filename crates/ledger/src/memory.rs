@@ -61,6 +61,12 @@ impl MemoryLedger {
         self.commits.subscribe()
     }
 
+    /// The record of `gpu` as it is now, without waiting (for observers).
+    pub fn gpu(&self, gpu: &str) -> Option<Gpu> {
+        let gpus = self.gpus.lock().unwrap();
+        gpus.get(gpu).map(|tx| (*tx.borrow()).clone())
+    }
+
     /// Stale writes refused so far.
     pub fn conflicts(&self) -> u64 {
         self.conflicts.load(Ordering::SeqCst)

@@ -75,6 +75,9 @@ pub struct Sidecar {
     transitions: broadcast::Sender<(State, State)>,
     /// Serializes sleeps (idle, admin, preemption).
     sleep_lock: tokio::sync::Mutex<()>,
+    /// Held while a wake brings the engine up, and while an engine found awake in a
+    /// sleeping model is put back to sleep: the two never cross.
+    engine_op: tokio::sync::Mutex<()>,
     /// Every background task (wakes, loops, releases), ended together by `shutdown`.
     tasks: Mutex<JoinSet<()>>,
     stop: CancellationToken,
@@ -147,6 +150,7 @@ impl Sidecar {
             state_tx: watch::Sender::new(State::Sleeping),
             transitions: broadcast::Sender::new(256),
             sleep_lock: tokio::sync::Mutex::new(()),
+            engine_op: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(JoinSet::new()),
             stop,
             heartbeat_started: AtomicBool::new(false),
@@ -365,7 +369,11 @@ impl Sidecar {
             self.metrics.set_reserved(g.index, bytes);
             self.metrics.set_residual(g.index, 0);
         }
-        match self.driver.bring_up(&waiting).await {
+        let bring_up = async {
+            let _op = self.engine_op.lock().await;
+            self.driver.bring_up(&waiting).await
+        };
+        match bring_up.await {
             Ok(()) => {
                 self.ledger.mark_serving().await;
                 {
@@ -463,7 +471,9 @@ impl Sidecar {
                 // A dead process holds nothing; measure anyway rather than assume.
                 let residual = me.driver.measure().await.unwrap_or_default();
                 me.release_all(&residual).await;
+                // Only now may a wake claim again: requests wait behind the barrier.
                 let mut life = me.life.lock().unwrap();
+                me.apply(&mut life, Event::Slept);
                 me.demand_locked(&mut life);
             });
         }
@@ -509,9 +519,26 @@ impl Sidecar {
             None => self.ledger.free_bytes().await?,
         };
         let waiting = |why| self.set_waiting(why);
-        self.ledger
-            .claim_all(boot_bytes, &[], None, &waiting)
-            .await?;
+        // The claim may wait long for memory. An engine that runs already (this sidecar
+        // restarted beside it) or starts meanwhile (its container restarted) holds memory
+        // the claim has not charged yet: it sleeps while the claim waits.
+        let period = (self.cfg.wake_lock_ttl / 3).max(Duration::from_millis(100));
+        let claim = self.ledger.claim_all(boot_bytes, &[], None, &waiting);
+        tokio::pin!(claim);
+        let mut next_look = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                claimed = &mut claim => {
+                    claimed?;
+                    break;
+                }
+                () = tokio::time::sleep_until(next_look) => {
+                    next_look = Instant::now() + period;
+                    self.sleep_uncharged_engine().await;
+                }
+            }
+        }
         // Whatever fails from here on, the claim and the wake lock are given back.
         let booted = async {
             if self.driver.start().await? {
@@ -647,6 +674,7 @@ impl Sidecar {
                 }
             }
             last_report = Instant::now();
+            self.check_engine_asleep();
             let (last_activity, _) = self.admission.activity();
             let (in_flight, recent) = self.admission.load();
             let load = decide::Load {
@@ -660,6 +688,55 @@ impl Sidecar {
                 .heartbeat(load, &|index| self.settled(index))
                 .await;
         }
+    }
+
+    /// An engine awake while its model sleeps started again on its own (its container
+    /// restarted, or it came back after a crash): it holds memory nobody has charged,
+    /// and on a shared GPU that memory is someone else's. Looked at on each heartbeat;
+    /// such an engine is put back to sleep, and what it still holds is recorded (the
+    /// heartbeat writes it).
+    fn check_engine_asleep(self: &Arc<Self>) {
+        // Pending too: until the claim is through, nothing charges the engine either (a
+        // wake that gets its claim meanwhile waits for the sleep, then wakes it).
+        let asleep =
+            |life: &Life| life.boot_ready && matches!(life.state, State::Sleeping | State::Pending);
+        if !asleep(&self.life.lock().unwrap()) {
+            return;
+        }
+        let me = self.clone();
+        self.spawn(async move {
+            let Ok(_op) = me.engine_op.try_lock() else {
+                return;
+            };
+            if !asleep(&me.life.lock().unwrap()) {
+                return;
+            }
+            if let Some(residual) = me.sleep_uncharged_engine().await {
+                let mut life = me.life.lock().unwrap();
+                if life.state == State::Sleeping {
+                    life.residual_bytes = residual;
+                }
+            }
+        });
+    }
+
+    /// Puts an engine that is awake though nothing charges its memory to sleep
+    /// (measuring it first, as a boot does); what it still holds, or `None` when it was
+    /// not awake or would not sleep. The caller holds `engine_op` or is the boot.
+    async fn sleep_uncharged_engine(&self) -> Option<Vec<(u32, u64)>> {
+        if self.driver.engine().is_sleeping().await.unwrap_or(true) {
+            return None;
+        }
+        tracing::warn!(model = %self.cfg.model, "the engine is awake but its memory is not charged (it started on its own): putting it to sleep");
+        self.metrics.engine_restarts.inc();
+        if let Some(m) = self.driver.measure().await {
+            self.record_serving(&m);
+        }
+        if let Err(e) = self.driver.sleep("sleep").await {
+            tracing::warn!(model = %self.cfg.model, error = %e, reason = e.metric_label(), "could not put the engine to sleep");
+            return None;
+        }
+        Some(self.driver.measure().await.unwrap_or_default())
     }
 
     /// What this pod's entry on GPU `index` must say, when no wake or sleep is under way.
@@ -703,6 +780,19 @@ impl Sidecar {
                 return;
             }
         }
+    }
+
+    /// Ends the sidecar as a kill would (SIGKILL, the OOM killer, a node losing power):
+    /// its tasks stop wherever they are and nothing more is written, so the ledger keeps
+    /// what it last said (a wake lock included) and the engine runs on as it was. What
+    /// still waits in the queue is failed, as its clients' connections would be cut.
+    /// Fault injection uses it; the sidecar that replaces it must repair the records.
+    pub async fn kill(&self) {
+        self.stop.cancel();
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        self.admission.fail_all(&Failure::ShuttingDown);
     }
 
     /// Shutdown: ends every background task, stops an owned engine, leaves the ledger and

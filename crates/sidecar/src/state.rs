@@ -57,7 +57,8 @@ pub enum Event {
     Deactivate,
     /// The engine slept and the reservation was released.
     Slept,
-    /// The engine process died; its reservation is released.
+    /// The engine process died: held like a sleep until its reservation is released
+    /// (a wake that claimed meanwhile would have its claim overwritten by the release).
     EngineLost,
 }
 
@@ -79,7 +80,7 @@ pub fn transition(from: State, event: Event) -> Result<State, IllegalTransition>
         (Waking, WakeFailed) => Sleeping,
         (Serving, Deactivate) => Deactivating,
         (Deactivating, Slept) => Sleeping,
-        (Serving | Deactivating, EngineLost) => Sleeping,
+        (Serving, EngineLost) => Deactivating,
         _ => return Err(IllegalTransition { from, event }),
     };
     Ok(to)
@@ -105,8 +106,7 @@ mod tests {
             (Waking, WakeFailed, Sleeping),
             (Serving, Deactivate, Deactivating),
             (Deactivating, Slept, Sleeping),
-            (Serving, EngineLost, Sleeping),
-            (Deactivating, EngineLost, Sleeping),
+            (Serving, EngineLost, Deactivating),
         ];
         for (from, event, to) in legal {
             assert_eq!(transition(from, event), Ok(to), "{from} --{event:?}-->");

@@ -47,6 +47,8 @@ pub struct SimEngine {
     running: AtomicUsize,
     idle: Notify,
     wake_failures_left: AtomicU32,
+    /// Wake calls still to hang (never answered), injected at run time.
+    wake_hangs_left: AtomicU32,
     /// Wakes completed (for the wedge fault).
     wakes_done: AtomicU32,
     served: AtomicU64,
@@ -91,6 +93,7 @@ impl SimEngine {
             running: AtomicUsize::new(0),
             idle: Notify::new(),
             wake_failures_left: AtomicU32::new(cfg.fail_wakes),
+            wake_hangs_left: AtomicU32::new(0),
             wakes_done: AtomicU32::new(0),
             served: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -102,6 +105,11 @@ impl SimEngine {
 
     pub fn state(&self) -> State {
         *self.state.lock().unwrap()
+    }
+
+    /// Sequences running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
     }
 
     pub fn is_sleeping(&self) -> bool {
@@ -278,9 +286,23 @@ impl SimEngine {
         Ok(())
     }
 
+    /// The next `n` wake calls fail (a fault injected while the engine runs).
+    pub fn fail_next_wakes(&self, n: u32) {
+        self.wake_failures_left.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` wake calls are never answered (a fault injected while it runs).
+    pub fn hang_next_wakes(&self, n: u32) {
+        self.wake_hangs_left.fetch_add(n, Ordering::SeqCst);
+    }
+
     pub async fn wake(&self, tags: &[String]) -> Result<(), EngineError> {
         self.metrics.wake_calls.inc();
-        if self.cfg.wake_hang {
+        let hang = self
+            .wake_hangs_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if self.cfg.wake_hang || hang {
             std::future::pending::<()>().await;
         }
         let _t = self.transition.lock().await;
@@ -397,6 +419,11 @@ impl SimEngine {
         }
     }
 
+    /// Aborts every running request, as vLLM does for requests whose client went away.
+    pub fn abort_running(&self) {
+        self.abort.send_modify(|n| *n += 1);
+    }
+
     pub fn abort_signal(&self) -> watch::Receiver<u64> {
         self.abort.subscribe()
     }
@@ -416,5 +443,35 @@ impl SimEngine {
                 std::process::exit(70);
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn injected_wake_faults_strike_the_next_wakes_then_wakes_work_again() {
+        let e = SimEngine::new(SimConfig::for_model("m"));
+        e.sleep(1, false).await.unwrap();
+        e.fail_next_wakes(2);
+        assert!(e.wake(&[]).await.is_err());
+        assert!(e.wake(&[]).await.is_err());
+        assert!(e.is_sleeping());
+        e.hang_next_wakes(1);
+        let hung = tokio::time::timeout(Duration::from_secs(600), e.wake(&[])).await;
+        assert!(hung.is_err(), "the hung wake never answers");
+        assert!(e.is_sleeping());
+        e.wake(&[]).await.unwrap();
+        assert!(!e.is_sleeping());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aborting_running_requests_signals_every_one_of_them() {
+        let e = SimEngine::new(SimConfig::for_model("m"));
+        let mut signal = e.abort_signal();
+        signal.mark_unchanged();
+        e.abort_running();
+        assert!(signal.has_changed().unwrap());
     }
 }
