@@ -65,6 +65,7 @@ fn simulate(
             seed,
             policy,
             faults: None,
+            preemption: greenthread_sidecar::Preemption::Drain,
         },
         None,
     )

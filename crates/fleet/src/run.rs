@@ -58,6 +58,8 @@ pub struct Setup {
     pub policy: greenthread_ledger::Policy,
     /// Faults to inject, with the invariants checked throughout.
     pub faults: Option<FaultPlan>,
+    /// What a preempted model's running generations do.
+    pub preemption: greenthread_sidecar::Preemption,
 }
 
 /// How one request ended, as its client saw it.
@@ -426,6 +428,10 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
                     policy: setup.policy,
                 },
             );
+            let cfg = SidecarConfig {
+                preemption: setup.preemption,
+                ..cfg
+            };
             let forwarder = engine_forwarder(&cfg, &url)?.with_connector(Connector::Memory(addr));
             let gpus = placed
                 .iter()
@@ -530,6 +536,9 @@ async fn send(router: axum::Router, body: String) -> Outcome {
         return Outcome::Rejected { status, code };
     }
     let mut ttft = None;
+    // An answer that ends with an error event (a continuation that could not be had)
+    // was cut off, however it ended.
+    let mut failed = false;
     loop {
         match body.frame().await {
             None => break,
@@ -537,6 +546,9 @@ async fn send(router: axum::Router, body: String) -> Outcome {
                 if ttft.is_none() && frame.data_ref().is_some_and(|d| !d.is_empty()) {
                     ttft = Some(sent.elapsed());
                 }
+                failed |= frame
+                    .data_ref()
+                    .is_some_and(|d| d.windows(10).any(|w| w == b"{\"error\":{"));
             }
             Some(Err(_)) => {
                 return Outcome::Broken {
@@ -544,6 +556,11 @@ async fn send(router: axum::Router, body: String) -> Outcome {
                 };
             }
         }
+    }
+    if failed {
+        return Outcome::Broken {
+            ttft: ttft.unwrap_or_default(),
+        };
     }
     Outcome::Answered {
         ttft: ttft.unwrap_or_else(|| sent.elapsed()),
@@ -934,15 +951,21 @@ async fn check_converged(fleet: &Fleet, watch: &Watch) {
     let settled =
         |s: &Sidecar| s.boot_ready() && matches!(s.state(), State::Sleeping | State::Serving);
     let patience = Instant::now() + Duration::from_secs(600);
-    while !fleet.slots.iter().all(|s| settled(&s.sidecar())) && Instant::now() < patience {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // Two heartbeats: a record a failed write left wrong is repaired by then.
     let beat = fleet
         .slots
         .first()
         .map_or(Duration::from_secs(10), |s| s.cfg.wake_lock_ttl / 3);
-    tokio::time::sleep(beat * 2).await;
+    loop {
+        while !fleet.slots.iter().all(|s| settled(&s.sidecar())) && Instant::now() < patience {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(beat * 2).await;
+        // Settled still (an idle timeout may have started a sleep meanwhile)?
+        if fleet.slots.iter().all(|s| settled(&s.sidecar())) || Instant::now() >= patience {
+            break;
+        }
+    }
     for slot in &fleet.slots {
         let sidecar = slot.sidecar();
         let state = sidecar.state();

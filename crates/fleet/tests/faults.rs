@@ -30,6 +30,7 @@ fn setup(models: usize, gpus: usize, minutes: u64, seed: u64, faults: FaultPlan)
         seed,
         policy: Default::default(),
         faults: Some(faults),
+        preemption: greenthread_sidecar::Preemption::Drain,
     }
 }
 

@@ -52,6 +52,7 @@ fn main() {
             seed: 1,
             policy: greenthread_ledger::Policy::CostAware,
             faults: None,
+            preemption: greenthread_sidecar::Preemption::Drain,
         },
         None,
     )

@@ -51,6 +51,10 @@ pub struct SimulateArgs {
     /// With `--config`, the config's `policy` unless this is given.
     #[arg(long, value_parser = |s: &str| s.parse::<greenthread_ledger::Policy>())]
     pub policy: Option<greenthread_ledger::Policy>,
+    /// What a preempted model's running generations do: `drain` (finish before it
+    /// sleeps) or `resume` (stopped at once, continued after its next wake).
+    #[arg(long, value_enum, default_value = "drain")]
+    pub preemption: greenthread_sidecar::Preemption,
     /// The TTFT a request must meet to count as served in time.
     #[arg(long, default_value = "3s", value_parser = arg::duration)]
     pub ttft_slo: Duration,
@@ -215,6 +219,7 @@ fn once(
             seed: args.seed,
             policy,
             faults,
+            preemption: args.preemption,
         },
         (!quiet).then(progress_line),
     )?;
@@ -232,6 +237,11 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.target),
         "--target must be a fraction between 0 and 1"
+    );
+    anyhow::ensure!(
+        !(args.policy == Some(greenthread_ledger::Policy::Lru)
+            && args.preemption == greenthread_sidecar::Preemption::Resume),
+        "--preemption resume needs the default policy: lru always drains"
     );
     let w = workload(&args)?;
     anyhow::ensure!(!w.arrivals.is_empty(), "the workload has no requests");

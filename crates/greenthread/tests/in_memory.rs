@@ -249,3 +249,46 @@ async fn an_engine_awake_behind_a_sleeping_sidecar_is_put_back_to_sleep() {
     stop.trigger();
     sidecar.shutdown().await;
 }
+
+/// A stream whose client goes away ends in the engine at once, as vLLM aborts the
+/// requests of disconnected clients: a resumed preemption relies on it (the engine's
+/// sleep waits for its running requests).
+#[tokio::test(start_paused = true)]
+async fn a_stream_whose_client_goes_away_stops_running_in_the_engine() {
+    let stop = Shutdown::new();
+    let mut sim = SimConfig::for_model("m");
+    sim.tokens_per_second = 40.0;
+    sim.coalesce_stream = true;
+    let engine = SimEngine::new(sim);
+    engine.boot().await.unwrap();
+    let (engine_addr, engine_listener) = memory("engine");
+    tokio::spawn(greenthread_edge::serve(
+        engine_listener,
+        router(engine.clone()),
+        EdgeConfig::default(),
+        stop.clone(),
+    ));
+    let client = Forwarder::new(ENGINE_URL)
+        .unwrap()
+        .with_connector(Connector::Memory(engine_addr));
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
+    let (parts, ()) = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let resp = client.forward(&parts, Bytes::from(body), ()).await.unwrap();
+    let mut b = resp.into_body().into_data_stream();
+    use futures_util::StreamExt;
+    let _ = b.next().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(engine.running(), 1);
+    drop(b);
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while engine.running() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the sequence slot is freed well before the 25 s the answer would take");
+}

@@ -106,6 +106,13 @@ pub struct SidecarConfig {
     /// when (`cost-aware`, the default, or `lru`, the documented original).
     #[arg(long, default_value = "cost-aware", value_parser = |s: &str| s.parse::<Policy>())]
     pub policy: Policy,
+    /// What happens to a preempted model's running generations: `drain` waits for them
+    /// (at most `--drain-timeout`) before the engine sleeps; `resume` stops the ones it
+    /// can resume at once and continues each where it stopped once the model serves again
+    /// (the client sees one answer with a pause). Requests it cannot resume faithfully
+    /// (tools, `n` > 1, log-probabilities, structured output, not streamed) are drained.
+    #[arg(long, value_enum, default_value = "drain")]
+    pub preemption: Preemption,
     /// Requests held at once while the model is not serving; more get 429.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
@@ -157,6 +164,21 @@ pub struct SidecarConfig {
         default_value = "greenthread-system"
     )]
     pub namespace: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preemption {
+    Drain,
+    Resume,
+}
+
+impl Preemption {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Preemption::Drain => "drain",
+            Preemption::Resume => "resume",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -294,6 +316,8 @@ impl SidecarConfig {
             format_duration(self.max_wait_time),
             "--policy".into(),
             self.policy.to_string(),
+            "--preemption".into(),
+            self.preemption.flag().into(),
         ]);
         if self.ledger == LedgerKind::Kube {
             args.extend([

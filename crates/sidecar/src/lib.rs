@@ -10,6 +10,7 @@ mod ledger_client;
 pub mod metrics;
 pub mod process;
 mod proxy;
+mod resume;
 mod server;
 mod sidecar;
 pub mod state;
@@ -23,7 +24,7 @@ use greenthread_ledger::{KubeLedger, Ledger, MemoryLedger};
 use tokio::{net::TcpListener, sync::mpsc};
 
 pub use admission::InFlight;
-pub use config::{Assignment, EngineKind, LedgerAt, LedgerKind, SidecarConfig};
+pub use config::{Assignment, EngineKind, LedgerAt, LedgerKind, Preemption, SidecarConfig};
 pub use error::{BootError, Rejection, SleepError, WaitReason};
 pub use greenthread_ledger::Clock;
 pub use ledger_client::GpuRef;

@@ -66,6 +66,8 @@ greenthread_api::metric_families! {
             => ("gthread_sidecar_engine_restarts", "Cold restarts of the engine after a failed wake or a crash"),
         wake_failures: Family<Labels, Counter> = Family::default()
             => ("gthread_sidecar_wake_failures", "Engine wake attempts that failed"),
+        resumed: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_generations_resumed", "Streamed answers stopped by a preemption or a lost engine and continued after the next wake"),
         rejections: Family<Labels, Counter> = Family::default()
             => ("gthread_sidecar_rejections", "Requests refused without reaching the engine, by reason (queue_full, deadline, failed)"),
     }
@@ -104,6 +106,7 @@ pub struct SidecarMetrics {
     pub cas_conflicts: Counter,
     pub engine_restarts: Counter,
     pub wake_failures: Counter,
+    pub resumed: Counter,
 }
 
 impl SidecarMetrics {
@@ -148,6 +151,7 @@ impl SidecarMetrics {
             cas_conflicts: counter(&f.cas_conflicts, &base),
             engine_restarts: counter(&f.engine_restarts, &base),
             wake_failures: counter(&f.wake_failures, &base),
+            resumed: counter(&f.resumed, &base),
             families: families.clone(),
             registry: None,
             base: base.clone(),

@@ -14,8 +14,10 @@ pub use greenthread_edge::api_error;
 use greenthread_edge::{ApiError, Gate, PathCheck, check_inference_path, echo, read_body};
 
 use crate::{
+    Preemption,
     error::Rejection,
     proxy::{ForwardError, Forwarder},
+    resume,
     sidecar::Sidecar,
 };
 
@@ -143,12 +145,30 @@ async fn infer(State(s): State<AppState>, req: Request) -> Response {
 
 /// Admits one inference request through `sidecar` (queueing and waking as needed) and
 /// relays it to the engine. A request that could not reach the engine is sent again
-/// once the engine is back.
+/// once the engine is back. Under `--preemption resume`, a streamed request that can be
+/// continued is stopped when its model is preempted and continued once it serves again.
 pub async fn relay(
     sidecar: &Arc<Sidecar>,
     forwarder: &Forwarder,
     parts: &http::request::Parts,
     body: bytes::Bytes,
+) -> Response {
+    if sidecar.cfg.preemption == Preemption::Resume
+        && let Some(r) = resume::resumable(parts.uri.path(), &body)
+    {
+        return relay_resumable(sidecar, forwarder, parts, body, r).await;
+    }
+    relay_leg(sidecar, forwarder, parts, body, None).await
+}
+
+/// One admission and exchange with the engine. `pause`, when given, is marked seen as
+/// the request is admitted: a preemption after that stops it.
+async fn relay_leg(
+    sidecar: &Arc<Sidecar>,
+    forwarder: &Forwarder,
+    parts: &http::request::Parts,
+    body: bytes::Bytes,
+    mut pause: Option<&mut greenthread_ledger::Subscriber<u64>>,
 ) -> Response {
     for _ in 0..3 {
         let slot = match sidecar.admit().await {
@@ -158,6 +178,9 @@ pub async fn relay(
                 return rejection.into_response();
             }
         };
+        if let Some(p) = pause.as_deref_mut() {
+            p.borrow_and_update();
+        }
         match forwarder.forward(parts, body.clone(), slot).await {
             Ok(resp) => {
                 sidecar.engine_answered();
@@ -190,6 +213,135 @@ pub async fn relay(
         "service_unavailable",
         "engine unreachable after restarts",
     )
+}
+
+/// Continuations one answer may take before it is given up (each after a preemption or
+/// an engine lost mid-answer).
+const MAX_LEGS: u32 = 16;
+
+async fn relay_resumable(
+    sidecar: &Arc<Sidecar>,
+    forwarder: &Forwarder,
+    parts: &http::request::Parts,
+    body: bytes::Bytes,
+    r: resume::Resumable,
+) -> Response {
+    let mut pause = sidecar.pause_signal();
+    let first = relay_leg(sidecar, forwarder, parts, body, Some(&mut pause)).await;
+    if first.status() != StatusCode::OK || !is_event_stream(first.headers()) {
+        return first;
+    }
+    let (head, upstream) = first.into_parts();
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(32);
+    tokio::spawn(pump(
+        sidecar.clone(),
+        forwarder.clone(),
+        parts.clone(),
+        r,
+        upstream,
+        pause,
+        tx,
+    ));
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Response::from_parts(head, Body::from_stream(events))
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// Carries one resumable answer to its client across the engine's sleeps.
+async fn pump(
+    sidecar: Arc<Sidecar>,
+    forwarder: Forwarder,
+    parts: http::request::Parts,
+    r: resume::Resumable,
+    mut upstream: Body,
+    mut pause: greenthread_ledger::Subscriber<u64>,
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+) {
+    use http_body_util::BodyExt;
+    let mut splice = resume::Splice::new(r.kind());
+    let mut legs = 0;
+    loop {
+        let stopped = loop {
+            let frame = tokio::select! {
+                biased;
+                // The client went away: dropping the engine's stream aborts it there.
+                () = tx.closed() => return,
+                changed = pause.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break true;
+                }
+                frame = upstream.frame() => frame,
+            };
+            match frame {
+                None => break false,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let out = splice.feed(&data);
+                        if !out.is_empty() && tx.send(out.into()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                // The engine went away mid-answer (it crashed): continued as after a
+                // preemption, on the engine that comes back.
+                Some(Err(_)) => break true,
+            }
+        };
+        if !stopped || splice.finished {
+            return;
+        }
+        // Gives back the slot (the drain does not wait for it) and the connection.
+        drop(std::mem::replace(&mut upstream, Body::empty()));
+        legs += 1;
+        if legs > MAX_LEGS {
+            let _ = tx
+                .send(
+                    resume::error_event(
+                        "service_unavailable",
+                        "the answer was stopped too many times",
+                    )
+                    .into(),
+                )
+                .await;
+            return;
+        }
+        sidecar.metrics.resumed.inc();
+        let Some(next) = r.continuation(&splice.text, splice.tokens) else {
+            let _ = tx.send(splice.finish_for_length().into()).await;
+            return;
+        };
+        let resp = relay_leg(&sidecar, &forwarder, &parts, next.into(), Some(&mut pause)).await;
+        if resp.status() != StatusCode::OK || !is_event_stream(resp.headers()) {
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let code = v["error"]["code"]
+                .as_str()
+                .or(v["error"]["type"].as_str())
+                .unwrap_or("engine_error");
+            let message = v["error"]["message"]
+                .as_str()
+                .map_or_else(|| format!("the continuation got {status}"), str::to_string);
+            let _ = tx.send(resume::error_event(code, &message).into()).await;
+            return;
+        }
+        splice.next_leg();
+        upstream = resp.into_body();
+    }
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {

@@ -73,6 +73,11 @@ pub struct Sidecar {
     state_tx: watch::Sender<State>,
     /// Every transition, in order (a watch would coalesce quick ones).
     transitions: broadcast::Sender<(State, State)>,
+    /// Bumped when the engine is about to sleep under `--preemption resume`: the
+    /// generations that can be continued stop now and wait for the next wake.
+    /// (An ordered feed: a fleet simulation wakes the stopped ones in the same order
+    /// on every run; a tokio watch wakes its receivers in a random order.)
+    pause: greenthread_ledger::Feed<u64>,
     /// Serializes sleeps (idle, admin, preemption).
     sleep_lock: tokio::sync::Mutex<()>,
     /// Held while a wake brings the engine up, and while an engine found awake in a
@@ -149,6 +154,7 @@ impl Sidecar {
             }),
             state_tx: watch::Sender::new(State::Sleeping),
             transitions: broadcast::Sender::new(256),
+            pause: greenthread_ledger::Feed::new(0),
             sleep_lock: tokio::sync::Mutex::new(()),
             engine_op: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(JoinSet::new()),
@@ -163,6 +169,11 @@ impl Sidecar {
     }
 
     /// Every state transition `(from, to)` from now on.
+    /// Changes when resumable generations must stop (see [`crate::Preemption`]).
+    pub(crate) fn pause_signal(&self) -> greenthread_ledger::Subscriber<u64> {
+        self.pause.subscribe()
+    }
+
     pub fn transitions(&self) -> broadcast::Receiver<(State, State)> {
         self.transitions.subscribe()
     }
@@ -434,6 +445,13 @@ impl Sidecar {
             self.apply(&mut life, Event::Deactivate);
         }
         tracing::info!(model = %self.cfg.model, why, "deactivating");
+        if self.cfg.preemption == crate::Preemption::Resume {
+            // Stopped now, continued after the next wake: only the rest is drained.
+            self.pause.send_if_modified(|n| {
+                *n += 1;
+                true
+            });
+        }
         if !self.admission.drained(self.cfg.drain_timeout).await {
             self.metrics.barrier_timeouts.inc();
             tracing::warn!(model = %self.cfg.model, timeout = ?self.cfg.drain_timeout, "drain timed out; sleeping anyway");

@@ -21,6 +21,19 @@ pub struct InferenceRequest {
     pub stream: bool,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
+    /// `{"include_usage": true}`: a last event with the usage, as vLLM and OpenAI send.
+    #[serde(default)]
+    pub stream_options: Option<Value>,
+}
+
+impl InferenceRequest {
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
 }
 
 impl InferenceRequest {
@@ -127,6 +140,18 @@ pub fn chunk(kind: Kind, id: &str, model: &str, text: Option<&str>, finish: Opti
         "created": created(),
         "model": model,
         "choices": [choice],
+    })
+}
+
+/// The usage event that ends a stream asked for it (no choices).
+pub fn usage_chunk(kind: Kind, id: &str, model: &str, prompt: u32, completion: u32) -> Value {
+    json!({
+        "id": id,
+        "object": if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": created(),
+        "model": model,
+        "choices": [],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
     })
 }
 

@@ -398,6 +398,7 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
 
     let model = e.cfg.model.clone();
     let coalesce = e.cfg.coalesce_stream;
+    let include_usage = req.include_usage();
     // (next token, when the first was due, the sequence slot, the abort signal)
     let stream = futures_util::stream::unfold(
         (0u32, None::<Instant>, Some(guard), abort),
@@ -412,7 +413,13 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
                     let last = openai::chunk(kind, &id, &model, None, Some("length"));
                     record_finished(&e, start, n);
                     drop(guard);
-                    let frame = format!("data: {last}\n\ndata: [DONE]\n\n");
+                    let usage = if include_usage {
+                        let u = openai::usage_chunk(kind, &id, &model, prompt_tokens, n);
+                        format!("data: {u}\n\n")
+                    } else {
+                        String::new()
+                    };
+                    let frame = format!("data: {last}\n\n{usage}data: [DONE]\n\n");
                     return Some((
                         Ok::<_, std::io::Error>(Bytes::from(frame)),
                         (i + 1, first, None, abort),

@@ -31,6 +31,10 @@ pub struct LocalConfig {
     /// Scheduling policy: `cost-aware` (the default) or `lru`.
     #[serde(default)]
     pub policy: Option<String>,
+    /// What a preempted model's running generations do: `drain` (the default) or
+    /// `resume` (stopped at once, continued after its next wake).
+    #[serde(default)]
+    pub preemption: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +113,7 @@ pub struct Plan {
     pub admin_open: bool,
     pub metrics_token: Option<String>,
     pub policy: greenthread_ledger::Policy,
+    pub preemption: greenthread_sidecar::Preemption,
 }
 
 /// Reads and checks `path`, or the embedded default when `None`. Every message names the
@@ -255,11 +260,20 @@ pub fn parse_with(
             greenthread_ledger::Policy::default()
         }
     };
+    let preemption = match cfg.preemption.as_deref() {
+        None | Some("drain") => greenthread_sidecar::Preemption::Drain,
+        Some("resume") => greenthread_sidecar::Preemption::Resume,
+        Some(other) => {
+            errors.push(format!("preemption: {other:?} is not drain or resume"));
+            greenthread_sidecar::Preemption::Drain
+        }
+    };
     if !errors.is_empty() {
         anyhow::bail!("config {source} is invalid:\n  {}", errors.join("\n  "));
     }
     Ok(Plan {
         policy,
+        preemption,
         gpus,
         backend,
         models,

@@ -119,6 +119,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     policy: plan.policy,
                 },
             );
+            let cfg = SidecarConfig {
+                preemption: plan.preemption,
+                ..cfg
+            };
             let (exits_tx, exits) = mpsc::unbounded_channel();
             let (env, probe) = match &plan.backend {
                 GpuBackend::Simulated => {
