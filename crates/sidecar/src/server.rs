@@ -156,7 +156,8 @@ pub async fn relay(
     if sidecar.cfg.preemption == Preemption::Resume
         && let Some(r) = resume::resumable(parts.uri.path(), &body)
     {
-        return relay_resumable(sidecar, forwarder, parts, body, r).await;
+        // Boxed: the common path's future stays as small as it was.
+        return Box::pin(relay_resumable(sidecar, forwarder, parts, body, r)).await;
     }
     relay_leg(sidecar, forwarder, parts, body, None).await
 }

@@ -604,6 +604,26 @@ models:
     }
 
     #[test]
+    fn preemption_is_drain_unless_resume_is_asked_and_anything_else_is_named() {
+        let base = "gpus: {simulated: [{memory: 10Gi}]}\nmodels:\n  - {name: a, spec: {modelName: a, engine: sim}}\n";
+        assert_eq!(
+            parse("t", base).unwrap().preemption,
+            greenthread_sidecar::Preemption::Drain
+        );
+        let resume = format!("preemption: resume\n{base}");
+        assert_eq!(
+            parse("t", &resume).unwrap().preemption,
+            greenthread_sidecar::Preemption::Resume
+        );
+        let bad = format!("preemption: pause\n{base}");
+        let e = parse("cfg.yaml", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("cfg.yaml") && e.contains("preemption: \"pause\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn placement_is_the_controllers_best_fit_with_replicas_apart() {
         let text = "gpus: {simulated: [{memory: 10Gi}, {memory: 10Gi}]}\nmodels:\n  - {name: a, spec: {modelName: a, engine: sim, gpuMemoryUtilization: \"0.6\"}}\n  - {name: b, spec: {modelName: b, engine: sim, gpuMemoryUtilization: \"0.5\"}}\n  - {name: c, spec: {modelName: c, engine: sim, gpuMemoryUtilization: \"0.4\", replicas: 2}}\n";
         let plan = parse("t", text).unwrap();
