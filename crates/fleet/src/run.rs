@@ -993,27 +993,23 @@ async fn check_converged(fleet: &Fleet, watch: &Watch) {
                     slot.pod, g.name
                 ));
             }
-            if record
-                .status
-                .wake_lock
-                .as_ref()
-                .is_some_and(|l| l.pod_name == slot.pod)
-            {
-                watch.violated(format!(
-                    "{} on {}: still holds the wake lock",
-                    slot.pod, g.name
-                ));
-            }
-            if record
-                .status
-                .preemption_intents
-                .iter()
-                .any(|i| i.pod_name == slot.pod)
-            {
-                watch.violated(format!(
-                    "{} on {}: an intent outlived its wake",
-                    slot.pod, g.name
-                ));
+            let lock = record.status.wake_lock.as_ref();
+            let left = [
+                (
+                    lock.is_some_and(|l| l.pod_name == slot.pod),
+                    "still holds the wake lock",
+                ),
+                (
+                    record
+                        .status
+                        .preemption_intents
+                        .iter()
+                        .any(|i| i.pod_name == slot.pod),
+                    "an intent outlived its wake",
+                ),
+            ];
+            for (_, what) in left.iter().filter(|(held, _)| *held) {
+                watch.violated(format!("{} on {}: {what}", slot.pod, g.name));
             }
         }
         match slot.engine.engine() {

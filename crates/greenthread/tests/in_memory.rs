@@ -46,16 +46,17 @@ async fn send(client: &Forwarder, model: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
-    let start = Instant::now();
-    let stop = Shutdown::new();
+/// A booted simulated engine served over an in-memory pipe, and a sidecar in front of
+/// it (not started) on an in-memory ledger with one 80 GiB GPU.
+struct Rig {
+    engine: Arc<SimEngine>,
+    pipe: Connector,
+    ledger: Arc<MemoryLedger>,
+    sidecar: Arc<Sidecar>,
+    cfg: SidecarConfig,
+}
 
-    // The engine: 8 GiB of weights that come back from host memory at 4 GiB/s.
-    let mut sim = SimConfig::for_model("m");
-    sim.weights_bytes = 8 * GI;
-    sim.h2d_bandwidth = 4 * GI;
-    sim.boot_time = Duration::from_secs(20);
+async fn rig(sim: SimConfig, sidecar_args: &[&str], stop: &Shutdown) -> Rig {
     let engine = SimEngine::new(sim);
     engine.boot().await.unwrap();
     let (engine_addr, engine_listener) = memory("engine");
@@ -65,8 +66,6 @@ async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
         EdgeConfig::default(),
         stop.clone(),
     ));
-
-    // The sidecar, its engine reached over the pipe.
     let ledger = Arc::new(MemoryLedger::new());
     ledger.add_gpu(
         "g-0",
@@ -77,18 +76,9 @@ async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
             ..Default::default()
         },
     );
-    let cfg = SidecarConfig::from_args(
-        "m",
-        &[
-            "--engine-url",
-            ENGINE_URL,
-            "--memory-bytes",
-            "10737418240",
-            "--idle-timeout",
-            "1h",
-        ],
-    )
-    .unwrap();
+    let mut args = vec!["--engine-url", ENGINE_URL, "--memory-bytes", "10737418240"];
+    args.extend_from_slice(sidecar_args);
+    let cfg = SidecarConfig::from_args("m", &args).unwrap();
     let pipe = Connector::Memory(engine_addr);
     let (adapter, probe) =
         adapter_over(&cfg, ENGINE_URL, Some(pipe.clone()), None, &[0], None).unwrap();
@@ -106,6 +96,32 @@ async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
             clock: Clock::tokio(),
         },
     );
+    Rig {
+        engine,
+        pipe,
+        ledger,
+        sidecar,
+        cfg,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
+    let start = Instant::now();
+    let stop = Shutdown::new();
+
+    // The engine: 8 GiB of weights that come back from host memory at 4 GiB/s.
+    let mut sim = SimConfig::for_model("m");
+    sim.weights_bytes = 8 * GI;
+    sim.h2d_bandwidth = 4 * GI;
+    sim.boot_time = Duration::from_secs(20);
+    let Rig {
+        engine,
+        pipe,
+        sidecar,
+        cfg,
+        ..
+    } = rig(sim, &["--idle-timeout", "1h"], &stop).await;
     let (sidecar_addr, sidecar_listener) = memory("sidecar");
     tokio::spawn(greenthread_edge::serve(
         sidecar_listener,
@@ -164,60 +180,12 @@ async fn an_engine_awake_behind_a_sleeping_sidecar_is_put_back_to_sleep() {
     let stop = Shutdown::new();
     let mut sim = SimConfig::for_model("m");
     sim.weights_bytes = 8 * GI;
-    let engine = SimEngine::new(sim);
-    engine.boot().await.unwrap();
-    let (engine_addr, engine_listener) = memory("engine");
-    tokio::spawn(greenthread_edge::serve(
-        engine_listener,
-        router(engine.clone()),
-        EdgeConfig::default(),
-        stop.clone(),
-    ));
-    let ledger = Arc::new(MemoryLedger::new());
-    ledger.add_gpu(
-        "g-0",
-        GpuSpec {
-            node: "n".into(),
-            index: 0,
-            memory_bytes: 80 * GI,
-            ..Default::default()
-        },
-    );
-    let cfg = SidecarConfig::from_args(
-        "m",
-        &[
-            "--engine-url",
-            ENGINE_URL,
-            "--memory-bytes",
-            "10737418240",
-            "--wake-lock-ttl",
-            "30s",
-        ],
-    )
-    .unwrap();
-    let (adapter, probe) = adapter_over(
-        &cfg,
-        ENGINE_URL,
-        Some(Connector::Memory(engine_addr)),
-        None,
-        &[0],
-        None,
-    )
-    .unwrap();
-    let sidecar = Sidecar::new(
-        cfg,
-        Parts {
-            engine: adapter,
-            process: None,
-            ledger: ledger.clone() as Arc<dyn Ledger>,
-            gpus: vec![GpuRef {
-                name: "g-0".into(),
-                index: 0,
-            }],
-            probe,
-            clock: Clock::tokio(),
-        },
-    );
+    let Rig {
+        engine,
+        ledger,
+        sidecar,
+        ..
+    } = rig(sim, &["--wake-lock-ttl", "30s"], &stop).await;
     sidecar.start().await.unwrap().unwrap();
     assert!(engine.is_sleeping(), "booted asleep");
 

@@ -17,7 +17,7 @@ use std::{
 
 use futures_util::StreamExt;
 
-use greenthread_test_support::{LocalProc, chart::repo_root, llama, wait_until};
+use greenthread_test_support::{LocalProc, chart::repo_root, llama, openai_script, wait_until};
 use serde_json::Value;
 
 /// The README's config (`scripts/real-model-config`): two models, a 600 MiB budget.
@@ -94,26 +94,7 @@ async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() 
         }
     });
 
-    let out = tokio::task::spawn_blocking({
-        let url = local.url.clone();
-        move || {
-            Command::new("python3")
-                .arg(repo_root().join("scripts/openai_e2e.py"))
-                .args([&url, "gemma-a", "gemma-b", "6"])
-                .output()
-                .expect("python3 with openai (scripts/test installs it)")
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the openai SDK run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    println!("openai SDK report: {report}");
+    openai_script("openai_e2e.py", &[&local.url, "gemma-a", "gemma-b", "6"]).await;
 
     // Every alternation slept one model and woke the other.
     let m = local.metrics().await;

@@ -2,10 +2,7 @@
 //! whose model is preempted midway pauses and goes on after the other model's turn, as
 //! one answer; a request that cannot be continued (not streamed) is drained as before.
 
-use std::process::Command;
-
-use greenthread_test_support::{LocalProc, chart::repo_root};
-use serde_json::Value;
+use greenthread_test_support::{LocalProc, openai_script};
 
 /// One simulated GPU that holds either model, not both; the first streams slowly
 /// enough (20 tokens/s) to be preempted midway.
@@ -36,26 +33,7 @@ models:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preempted_stream_pauses_and_goes_on_as_one_answer_through_the_openai_sdk() {
     let local = LocalProc::start(env!("CARGO_BIN_EXE_greenthread"), CONFIG).await;
-    let out = tokio::task::spawn_blocking({
-        let url = local.url.clone();
-        move || {
-            Command::new("python3")
-                .arg(repo_root().join("scripts/openai_resume.py"))
-                .args([&url, "slow", "quick"])
-                .output()
-                .expect("python3 with openai (scripts/test installs it)")
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the openai SDK run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    println!("openai SDK report: {report}");
+    let report = openai_script("openai_resume.py", &[&local.url, "slow", "quick"]).await;
     // The pause is the other model's turn: a wake, its answer, a wake back.
     assert!(
         report["streamed"]["longestPauseSeconds"].as_f64().unwrap() > 0.1,

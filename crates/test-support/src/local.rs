@@ -176,3 +176,30 @@ impl LocalProc {
             .collect()
     }
 }
+
+/// Runs `scripts/NAME` (a check through the official `openai` SDK, which prints a JSON
+/// report last) with `args`; fails the test with its output unless it succeeds, and
+/// returns the report.
+pub async fn openai_script(name: &str, args: &[&str]) -> serde_json::Value {
+    let script = crate::chart::repo_root().join("scripts").join(name);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("python3 with openai (scripts/test installs it)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the openai SDK run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    println!("openai SDK report: {report}");
+    report
+}
