@@ -227,18 +227,9 @@ async fn a_stream_whose_client_goes_away_stops_running_in_the_engine() {
     let mut sim = SimConfig::for_model("m");
     sim.tokens_per_second = 40.0;
     sim.coalesce_stream = true;
-    let engine = SimEngine::new(sim);
-    engine.boot().await.unwrap();
-    let (engine_addr, engine_listener) = memory("engine");
-    tokio::spawn(greenthread_edge::serve(
-        engine_listener,
-        router(engine.clone()),
-        EdgeConfig::default(),
-        stop.clone(),
-    ));
-    let client = Forwarder::new(ENGINE_URL)
-        .unwrap()
-        .with_connector(Connector::Memory(engine_addr));
+    // The engine alone: its sidecar is not started.
+    let Rig { engine, pipe, .. } = rig(sim, &[], &stop).await;
+    let client = Forwarder::new(ENGINE_URL).unwrap().with_connector(pipe);
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
     let (parts, ()) = http::Request::post("/v1/chat/completions")
         .header("content-type", "application/json")
