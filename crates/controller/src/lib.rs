@@ -84,6 +84,10 @@ pub struct ControllerConfig {
     /// preempts, and when (`cost-aware`, the default, or `lru`).
     #[arg(long, default_value = "cost-aware", value_parser = |s: &str| s.parse::<greenthread_ledger::Policy>())]
     pub policy: greenthread_ledger::Policy,
+    /// What a preempted Model's running answers do: `drain` (finish first, the default)
+    /// or `resume` (stopped at once, continued after the next wake).
+    #[arg(long, value_enum, default_value = "drain")]
+    pub preemption: greenthread_sidecar::Preemption,
 }
 
 impl ControllerConfig {
@@ -101,6 +105,7 @@ impl ControllerConfig {
             },
             allowed_images: self.allowed_images.clone(),
             policy: self.policy,
+            preemption: self.preemption,
         }
     }
 

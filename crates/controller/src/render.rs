@@ -45,6 +45,8 @@ pub struct Settings {
     pub allowed_images: Vec<String>,
     /// The scheduling policy every sidecar applies.
     pub policy: greenthread_ledger::Policy,
+    /// What every sidecar does with a preempted model's running answers.
+    pub preemption: greenthread_sidecar::Preemption,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +77,7 @@ impl Default for Settings {
             ports: Ports::default(),
             allowed_images: Vec::new(),
             policy: greenthread_ledger::Policy::default(),
+            preemption: greenthread_sidecar::Preemption::Drain,
         }
     }
 }
@@ -238,7 +241,7 @@ pub fn sidecar_config(model: &ValidModel, gpus: &[GpuSpec], settings: &Settings)
     let engine = SidecarEngine::of(s.engine, false);
     let engine_command = matches!(engine, SidecarEngine::Llamacpp | SidecarEngine::Process)
         .then(|| s.owned_engine_command(p.engine, "/app/llama-server"));
-    SidecarConfig::for_model(
+    let cfg = SidecarConfig::for_model(
         model,
         Assignment {
             listen: Some((any(p.http as u16), any(p.metrics as u16))),
@@ -256,7 +259,11 @@ pub fn sidecar_config(model: &ValidModel, gpus: &[GpuSpec], settings: &Settings)
             memory_bytes: gpus.iter().map(|g| model.share_of(g.memory_bytes)).max(),
             policy: settings.policy,
         },
-    )
+    );
+    SidecarConfig {
+        preemption: settings.preemption,
+        ..cfg
+    }
 }
 
 fn http_probe(path: &str, period: i32) -> Probe {

@@ -48,6 +48,7 @@ fn config(identity: &str) -> ControllerConfig {
         engine_port: 8001,
         allowed_images: vec![],
         policy: Default::default(),
+        preemption: greenthread_sidecar::Preemption::Drain,
     }
 }
 

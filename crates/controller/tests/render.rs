@@ -471,19 +471,33 @@ fn the_sidecar_args_parse_back_into_the_configuration_they_were_rendered_from() 
     for v in variants {
         let m = with_engine(v.clone());
         let valid = m.spec.validate("spec").unwrap();
-        let settings = Settings::default();
-        let want = greenthread_controller::render::sidecar_config(&valid, &gpus(), &settings);
-        let pod = render_pod(&m, 0, &gpus(), &settings).unwrap();
-        let c = &pod.spec.as_ref().unwrap().containers;
-        let c = c.iter().find(|c| c.name == "sidecar").unwrap_or(&c[0]);
-        let args = c.args.as_ref().unwrap();
-        assert_eq!(args[0], "sidecar", "{v}");
-        let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
-        let parsed = SidecarConfig::from_args(&valid.spec.model_name, &rest).unwrap();
-        assert_eq!(parsed, want, "{v}: {}", args.join(" "));
-        // And the assembly carries the spec's values, not the defaults.
-        assert_eq!(parsed.idle_timeout, valid.idle_timeout, "{v}");
-        assert_eq!(parsed.max_wait_time, valid.max_wait_time, "{v}");
-        assert_eq!(parsed.popular, valid.spec.fairness.popular, "{v}");
+        // Every variant also with the installation's non-default choices.
+        for settings in [
+            Settings::default(),
+            Settings {
+                policy: greenthread_ledger::Policy::Lru,
+                preemption: greenthread_sidecar::Preemption::Resume,
+                ..Settings::default()
+            },
+        ] {
+            let want = greenthread_controller::render::sidecar_config(&valid, &gpus(), &settings);
+            let pod = render_pod(&m, 0, &gpus(), &settings).unwrap();
+            let c = &pod.spec.as_ref().unwrap().containers;
+            let c = c.iter().find(|c| c.name == "sidecar").unwrap_or(&c[0]);
+            let args = c.args.as_ref().unwrap();
+            assert_eq!(args[0], "sidecar", "{v}");
+            let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+            let parsed = SidecarConfig::from_args(&valid.spec.model_name, &rest).unwrap();
+            assert_eq!(parsed, want, "{v}: {}", args.join(" "));
+            // And the assembly carries the spec's values, not the defaults.
+            assert_eq!(parsed.idle_timeout, valid.idle_timeout, "{v}");
+            assert_eq!(parsed.max_wait_time, valid.max_wait_time, "{v}");
+            assert_eq!(parsed.popular, valid.spec.fairness.popular, "{v}");
+            assert_eq!(
+                (parsed.policy, parsed.preemption),
+                (settings.policy, settings.preemption),
+                "{v}"
+            );
+        }
     }
 }

@@ -44,6 +44,7 @@ fn controller_config() -> ControllerConfig {
         engine_port: free_port(),
         allowed_images: vec![],
         policy: Default::default(),
+        preemption: greenthread_sidecar::Preemption::Drain,
     }
 }
 
