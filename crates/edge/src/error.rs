@@ -48,6 +48,16 @@ impl ApiError {
         self.retry_after = Some(seconds);
         self
     }
+
+    /// The JSON body: also what an event stream that must end in an error sends.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": null,
+            "code": self.status.as_u16(),
+        }})
+    }
 }
 
 impl std::fmt::Display for ApiError {
@@ -60,13 +70,7 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": null,
-            "code": self.status.as_u16(),
-        }});
-        let mut r = (self.status, Json(body)).into_response();
+        let mut r = (self.status, Json(self.body())).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));

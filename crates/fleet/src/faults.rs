@@ -190,11 +190,10 @@ impl fmt::Display for Violation {
 }
 
 /// What the ledger does wrong for a while.
-#[derive(Default)]
 struct Trouble {
     slow: Option<(Instant, Duration)>,
     conflicts: Option<Instant>,
-    rng: Option<Rng>,
+    rng: Rng,
 }
 
 /// The in-memory ledger with seeded trouble: slow writes, and writes that lose a race
@@ -209,8 +208,9 @@ impl FaultyLedger {
         Self {
             inner,
             trouble: Mutex::new(Trouble {
-                rng: Some(Rng::new(seed ^ 0x6c65_6467_6572)),
-                ..Default::default()
+                slow: None,
+                conflicts: None,
+                rng: Rng::new(seed ^ 0x6c65_6467_6572),
             }),
         }
     }
@@ -229,9 +229,8 @@ impl FaultyLedger {
         let now = Instant::now();
         let slow = t.slow.filter(|(until, _)| now < *until).map(|(_, d)| d);
         let conflicting = t.conflicts.is_some_and(|until| now < until);
-        let rng = t.rng.as_mut().expect("set at construction");
-        let delay = slow.map_or(Duration::ZERO, |d| d.mul_f64(rng.unit()));
-        let race = conflicting && rng.unit() < 0.5;
+        let delay = slow.map_or(Duration::ZERO, |d| d.mul_f64(t.rng.unit()));
+        let race = conflicting && t.rng.unit() < 0.5;
         (delay, race)
     }
 }

@@ -204,7 +204,7 @@ fn held_on(fleet: &Fleet, gpu: &str, except: &str) -> u64 {
     fleet
         .slots
         .iter()
-        .filter(|s| s.pod != except && s.gpus.iter().any(|g| g.name == gpu))
+        .filter(|s| s.pod != except && s.on(gpu))
         .filter_map(|s| s.engine.engine())
         .map(|e| e.held_bytes())
         .sum()
@@ -267,6 +267,11 @@ struct ReplicaSlot {
 }
 
 impl ReplicaSlot {
+    /// Whether it holds memory on GPU `gpu`.
+    fn on(&self, gpu: &str) -> bool {
+        self.gpus.iter().any(|g| g.name == gpu)
+    }
+
     fn sidecar(&self) -> Arc<Sidecar> {
         self.sidecar
             .lock()
@@ -291,7 +296,8 @@ struct Fleet {
     faulty: Option<Arc<FaultyLedger>>,
     /// Each GPU's memory, by name.
     capacity: std::collections::BTreeMap<String, u64>,
-    clock: Clock,
+    /// The models, for the API server's routes when a sidecar is replaced.
+    models: Vec<(String, ValidModel)>,
     _stop: Shutdown,
 }
 
@@ -491,7 +497,7 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
             .iter()
             .map(|g| (g.name.clone(), g.spec.memory_bytes))
             .collect(),
-        clock,
+        models: setup.models.clone(),
         _stop: stop,
     })
 }
@@ -727,8 +733,12 @@ async fn check_commits(fleet: Arc<Fleet>, watch: Arc<Watch>, end: Arc<Shutdown>)
         };
         let holder = fleet.slots.iter().find(|s| s.pod == lock.pod_name);
         let needed = holder.is_some_and(|s| needs_lock(&s.sidecar()));
-        let expired =
-            greenthread_ledger::decide::lock_expired(&gpu.status, lock, ttl, fleet.clock.now());
+        let expired = greenthread_ledger::decide::lock_expired(
+            &gpu.status,
+            lock,
+            ttl,
+            fleet.parts.clock.now(),
+        );
         if needed || expired {
             stale.remove(&gpu.name);
             continue;
@@ -773,7 +783,7 @@ fn check_engine_memory(
             let who: Vec<String> = fleet
                 .slots
                 .iter()
-                .filter(|s| s.gpus.iter().any(|g| &g.name == gpu))
+                .filter(|s| s.on(gpu))
                 .filter_map(|s| {
                     let e = s.engine.engine()?;
                     (e.held_bytes() > 0).then(|| {
@@ -819,11 +829,7 @@ fn check_engine_memory(
 
 /// Kills the sidecar of `slot` and starts a new one in its place, again (as a kubelet
 /// would, after a pause) for as long as it fails to boot.
-async fn restart_sidecar(
-    fleet: Arc<Fleet>,
-    slot: Arc<ReplicaSlot>,
-    models: Arc<Vec<(String, ValidModel)>>,
-) {
+async fn restart_sidecar(fleet: Arc<Fleet>, slot: Arc<ReplicaSlot>) {
     for attempt in 0..10u32 {
         slot.sidecar().kill().await;
         // Its connections to the engine closed with it: the engine aborts what they
@@ -840,7 +846,9 @@ async fn restart_sidecar(
         };
         *slot.sidecar.lock().unwrap() = Some(new.clone());
         slot.incarnation.send_modify(|n| *n += 1);
-        fleet.api.set_models(Fleet::routes(&models, &fleet.slots));
+        fleet
+            .api
+            .set_models(Fleet::routes(&fleet.models, &fleet.slots));
         match new.start().await {
             Ok(Ok(())) => return,
             Ok(Err(e)) => {
@@ -865,13 +873,7 @@ fn crash_point(slot: &ReplicaSlot, when: CrashWhen) -> bool {
     }
 }
 
-async fn inject(
-    fleet: Arc<Fleet>,
-    watch: Arc<Watch>,
-    plan: FaultPlan,
-    start: Instant,
-    models: Arc<Vec<(String, ValidModel)>>,
-) {
+async fn inject(fleet: Arc<Fleet>, watch: Arc<Watch>, plan: FaultPlan, start: Instant) {
     for (at, fault) in plan.events {
         tokio::time::sleep_until(start + at).await;
         let slot = |r: usize| fleet.slots[r % fleet.slots.len()].clone();
@@ -939,7 +941,7 @@ async fn inject(
             Fault::SidecarRestart { replica } => {
                 let slot = slot(replica);
                 watch.injected(&fault, Some(&slot.pod));
-                tokio::spawn(restart_sidecar(fleet.clone(), slot, models.clone()));
+                tokio::spawn(restart_sidecar(fleet.clone(), slot));
             }
         }
     }
@@ -1076,16 +1078,10 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
     let router = greenthread_apiserver::router(fleet.api.clone());
     let start = Instant::now();
     *watch.origin.lock().unwrap() = start;
-    let models = Arc::new(setup.models.clone());
-    let injector = setup.faults.clone().map(|plan| {
-        tokio::spawn(inject(
-            fleet.clone(),
-            watch.clone(),
-            plan,
-            start,
-            models.clone(),
-        ))
-    });
+    let injector = setup
+        .faults
+        .clone()
+        .map(|plan| tokio::spawn(inject(fleet.clone(), watch.clone(), plan, start)));
     let total = setup.requests.last().map_or(Duration::ZERO, |r| r.at);
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));

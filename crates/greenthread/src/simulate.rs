@@ -238,11 +238,6 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.target),
         "--target must be a fraction between 0 and 1"
     );
-    anyhow::ensure!(
-        !(args.policy == Some(greenthread_ledger::Policy::Lru)
-            && args.preemption == greenthread_sidecar::Preemption::Resume),
-        "--preemption resume needs the default policy: lru always drains"
-    );
     let w = workload(&args)?;
     anyhow::ensure!(!w.arrivals.is_empty(), "the workload has no requests");
     let Declared {
@@ -250,6 +245,12 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
         gpus: config_gpus,
         policy,
     } = declared(&args)?;
+    // Whether `lru` came from --policy or from --config's `policy:`.
+    anyhow::ensure!(
+        !(policy == greenthread_ledger::Policy::Lru
+            && args.preemption == greenthread_sidecar::Preemption::Resume),
+        "--preemption resume needs the default policy: lru always drains"
+    );
     let gpus_of = |n: usize| vec![args.gpu_memory; n];
     if args.find_gpus {
         return find_gpus(&args, policy, &models, &w);

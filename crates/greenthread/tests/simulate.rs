@@ -187,6 +187,21 @@ fn bad_input_is_refused_with_the_flag_or_the_line_named() {
             ],
             "--faults",
         ),
+        (
+            &[
+                "--rate",
+                "1",
+                "--models",
+                "2",
+                "--gpus",
+                "1",
+                "--policy",
+                "lru",
+                "--preemption",
+                "resume",
+            ],
+            "lru always drains",
+        ),
     ];
     for (args, expected) in cases {
         let err = simulate(args).unwrap_err();

@@ -96,12 +96,9 @@ impl MemoryLedger {
 #[async_trait]
 impl Ledger for MemoryLedger {
     async fn get(&self, gpu: &str) -> Result<Gpu, LedgerError> {
-        let record = {
-            let gpus = self.gpus.lock().unwrap();
-            gpus.get(gpu)
-                .map(|tx| (*tx.borrow()).clone())
-                .ok_or_else(|| LedgerError::NotFound(gpu.to_string()))
-        };
+        let record = self
+            .gpu(gpu)
+            .ok_or_else(|| LedgerError::NotFound(gpu.to_string()));
         self.round_trip().await;
         record
     }

@@ -263,10 +263,10 @@ impl Splice {
     }
 }
 
-/// An OpenAI-style error event ending a stream that could not be continued.
-pub(crate) fn error_event(code: &str, message: &str) -> Vec<u8> {
-    let event = serde_json::json!({"error": {"message": message, "type": code, "code": code}});
-    format!("data: {event}\n\ndata: [DONE]\n\n").into_bytes()
+/// The event that ends a stream that could not be continued: `error`, an OpenAI-style
+/// error body (what the continuation was refused with, or our own).
+pub(crate) fn error_event(error: &Value) -> Vec<u8> {
+    format!("data: {error}\n\ndata: [DONE]\n\n").into_bytes()
 }
 
 /// The end of the first complete event in `buf` (after its blank line).

@@ -16,7 +16,7 @@ use greenthread_edge::{ApiError, Gate, PathCheck, check_inference_path, echo, re
 use crate::{
     Preemption,
     error::Rejection,
-    proxy::{ForwardError, Forwarder},
+    proxy::{ForwardError, Forwarder, is_event_stream},
     resume,
     sidecar::Sidecar,
 };
@@ -251,13 +251,6 @@ async fn relay_resumable(
     Response::from_parts(head, Body::from_stream(events))
 }
 
-fn is_event_stream(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
 /// Carries one resumable answer to its client across the engine's sleeps.
 async fn pump(
     sidecar: Arc<Sidecar>,
@@ -307,15 +300,8 @@ async fn pump(
         drop(std::mem::replace(&mut upstream, Body::empty()));
         legs += 1;
         if legs > MAX_LEGS {
-            let _ = tx
-                .send(
-                    resume::error_event(
-                        "service_unavailable",
-                        "the answer was stopped too many times",
-                    )
-                    .into(),
-                )
-                .await;
+            let error = ApiError::unavailable("the answer was stopped too many times");
+            let _ = tx.send(resume::error_event(&error.body()).into()).await;
             return;
         }
         sidecar.metrics.resumed.inc();
@@ -325,19 +311,24 @@ async fn pump(
         };
         let resp = relay_leg(&sidecar, &forwarder, &parts, next.into(), Some(&mut pause)).await;
         if resp.status() != StatusCode::OK || !is_event_stream(resp.headers()) {
+            // The refusal goes to the client as it came (ours or the engine's), or ours
+            // when it is not an OpenAI-style error.
             let status = resp.status();
             let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
                 .await
                 .unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let code = v["error"]["code"]
-                .as_str()
-                .or(v["error"]["type"].as_str())
-                .unwrap_or("engine_error");
-            let message = v["error"]["message"]
-                .as_str()
-                .map_or_else(|| format!("the continuation got {status}"), str::to_string);
-            let _ = tx.send(resume::error_event(code, &message).into()).await;
+            let error = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .filter(|v| v.get("error").is_some())
+                .unwrap_or_else(|| {
+                    ApiError::new(
+                        status,
+                        "engine_error",
+                        format!("the continuation got {status}"),
+                    )
+                    .body()
+                });
+            let _ = tx.send(resume::error_event(&error).into()).await;
             return;
         }
         splice.next_leg();

@@ -168,12 +168,12 @@ impl Sidecar {
         self.life.lock().unwrap().state
     }
 
-    /// Every state transition `(from, to)` from now on.
     /// Changes when resumable generations must stop (see [`crate::Preemption`]).
     pub(crate) fn pause_signal(&self) -> greenthread_ledger::Subscriber<u64> {
         self.pause.subscribe()
     }
 
+    /// Every state transition `(from, to)` from now on.
     pub fn transitions(&self) -> broadcast::Receiver<(State, State)> {
         self.transitions.subscribe()
     }

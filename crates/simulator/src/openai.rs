@@ -34,9 +34,7 @@ impl InferenceRequest {
             .and_then(Value::as_bool)
             .unwrap_or(false)
     }
-}
 
-impl InferenceRequest {
     pub fn prompt_text(&self) -> String {
         let mut text = String::new();
         for m in &self.messages {
@@ -145,14 +143,10 @@ pub fn chunk(kind: Kind, id: &str, model: &str, text: Option<&str>, finish: Opti
 
 /// The usage event that ends a stream asked for it (no choices).
 pub fn usage_chunk(kind: Kind, id: &str, model: &str, prompt: u32, completion: u32) -> Value {
-    json!({
-        "id": id,
-        "object": if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
-        "created": created(),
-        "model": model,
-        "choices": [],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-    })
+    let mut v = chunk(kind, id, model, None, None);
+    v["choices"] = json!([]);
+    v["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    v
 }
 
 pub fn error_body(message: &str, kind: &str, code: u16) -> Value {

@@ -261,12 +261,11 @@ pub fn parse_with(
         }
     };
     let preemption = match cfg.preemption.as_deref() {
-        None | Some("drain") => greenthread_sidecar::Preemption::Drain,
-        Some("resume") => greenthread_sidecar::Preemption::Resume,
-        Some(other) => {
-            errors.push(format!("preemption: {other:?} is not drain or resume"));
+        None => greenthread_sidecar::Preemption::Drain,
+        Some(s) => clap::ValueEnum::from_str(s, false).unwrap_or_else(|_| {
+            errors.push(format!("preemption: {s:?} is not drain or resume"));
             greenthread_sidecar::Preemption::Drain
-        }
+        }),
     };
     if !errors.is_empty() {
         anyhow::bail!("config {source} is invalid:\n  {}", errors.join("\n  "));
