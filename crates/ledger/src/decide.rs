@@ -385,6 +385,8 @@ pub enum NoVictim {
     AllPopular(String),
     #[error("no serving occupant is eligible yet: {0}")]
     NotEligible(String),
+    #[error("the memory of this gpu is held for {0}, which has waited longer than its bound")]
+    HeldFor(String),
     #[error(
         "preempting every eligible occupant ({eligible}) frees {freeable} of the {deficit} bytes missing"
     )]
@@ -611,6 +613,29 @@ pub fn wake_step(
         why,
         recheck_at: at.map_or(lapse, |t| t.min(lapse)),
     };
+    if req.policy == crate::Policy::CostAware
+        && let Some(holder) = crate::policy::held_for(
+            spec,
+            status,
+            &claim.pod,
+            claim.bytes,
+            req.starvation_bound,
+            req.lock_ttl,
+            now,
+        )
+    {
+        let next = write_intent(
+            &note_demand(status, claim),
+            &claim.pod,
+            &claim.model,
+            claim.bytes,
+            now,
+        );
+        return (
+            Some(next),
+            wait(GpuWait::NoVictim(NoVictim::HeldFor(holder)), None),
+        );
+    }
     let claimed = acquire_wake_lock(&register(status, claim, now), &claim.pod, req.lock_ttl, now)
         .and_then(|locked| self::claim(spec, &locked, claim, now));
     match claimed {

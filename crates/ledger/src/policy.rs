@@ -15,6 +15,12 @@
 //!   drains, sleeps and wakes again wait — but not for ever: after two fifths of its
 //!   requests' queue deadline it may preempt anyone, so that they are served well before
 //!   they time out (the rest of the deadline covers a victim's drain, sleep and wake).
+//!   Past that bound it still takes the victims in least demand (busy or not), waiting a
+//!   few seconds for cheap ones inside their `minRuntime` rather than evicting the busiest
+//!   model, and the memory freed meanwhile is held for it: younger wakers on the GPU
+//!   must not take what it needs. Without the hold, a large model on a GPU whose other
+//!   half rotates among small ones never finds its memory, and past the bound it evicts
+//!   the one busy model big enough (on the conversation trace, the busiest of all).
 //!   Measured with `greenthread simulate` (see `docs/simulate.md`).
 //!
 //! Both are table-tested below; `lru` is kept unchanged as the documented original.
@@ -108,6 +114,9 @@ pub fn cost_aware_victims(
     }
     let serving = crate::decide::serving_others(status, waker)?;
     let standing = standing(status, waker, bound, now);
+    if standing == u64::MAX {
+        return starved_victims(&serving, deficit, now);
+    }
     let mut eligible: Vec<&Occupant> = serving
         .iter()
         .copied()
@@ -145,12 +154,16 @@ pub fn cost_aware_victims(
         )
     });
     crate::decide::frees_enough(&eligible, deficit)?;
-    // The cheapest first until enough is freed; then the dearest of those that turn out
-    // not to be needed (a large one taken late can make small ones before it redundant)
-    // are spared.
+    Ok(cheapest_first(eligible, deficit))
+}
+
+/// Takes `candidates` (cheapest first) until `deficit` bytes are freed; then spares the
+/// dearest of those that turn out not to be needed (a large one taken late can make small
+/// ones before it redundant).
+fn cheapest_first(candidates: Vec<&Occupant>, deficit: u64) -> Vec<String> {
     let mut chosen: Vec<&Occupant> = Vec::new();
     let mut freed = 0u64;
-    for o in eligible {
+    for o in candidates {
         if freed >= deficit {
             break;
         }
@@ -164,7 +177,82 @@ pub fn cost_aware_victims(
             chosen.remove(i);
         }
     }
-    Ok(chosen.into_iter().map(|o| o.pod_name.clone()).collect())
+    chosen.into_iter().map(|o| o.pod_name.clone()).collect()
+}
+
+/// Past the bound the waker may preempt anyone, and takes the victims in least demand,
+/// whether or not they are busy: for a large waker the only eligible model that frees
+/// enough is often the busiest one on the GPU (the others rotate through their
+/// `minRuntime`), and evicting it makes every request it would have served wait. When the
+/// cheapest set includes models still inside their `minRuntime`, it waits for them (at
+/// most that long; the memory others free meanwhile is held for it, see [`held_for`]).
+fn starved_victims(
+    serving: &[&Occupant],
+    deficit: u64,
+    now: Timestamp,
+) -> Result<Vec<String>, NoVictim> {
+    let mut candidates: Vec<&Occupant> = serving.iter().copied().filter(|o| !o.popular).collect();
+    candidates.sort_by_key(|o| {
+        (
+            o.recent_requests,
+            o.in_flight > 0,
+            o.last_accessed.unwrap_or(Timestamp::MIN),
+            o.pod_name.clone(),
+        )
+    });
+    crate::decide::frees_enough(&candidates, deficit)?;
+    let chosen = cheapest_first(candidates.clone(), deficit);
+    let young: Vec<String> = candidates
+        .iter()
+        .filter(|o| chosen.contains(&o.pod_name))
+        .filter(|o| !crate::decide::eligible_at(o).is_some_and(|t| t <= now))
+        .map(|o| {
+            format!(
+                "{} has not served its minRuntime of {:?}",
+                o.model_name, o.min_runtime
+            )
+        })
+        .collect();
+    if young.is_empty() {
+        Ok(chosen)
+    } else {
+        Err(NoVictim::NotEligible(young.join("; ")))
+    }
+}
+
+/// The older waker that has waited past the bound and for which this GPU's free memory is
+/// held: a claim of `bytes` by `pod` that would leave less than it needs must wait.
+/// Without this a large waker starves behind small ones that keep taking the memory
+/// freed by each other, and past the bound it evicts the one busy model big enough.
+/// Intents of wakers that stopped heartbeating for `ttl` hold nothing.
+pub fn held_for(
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    pod: &str,
+    bytes: u64,
+    bound: Duration,
+    ttl: Duration,
+    now: Timestamp,
+) -> Option<String> {
+    let mine = status
+        .preemption_intents
+        .iter()
+        .find(|i| i.pod_name == pod)
+        .map_or(now, |i| i.since);
+    let available = available_bytes(spec, status, Some(pod));
+    status
+        .preemption_intents
+        .iter()
+        .filter(|i| i.pod_name != pod && i.since < mine)
+        .filter(|i| now.duration_since(i.since).unsigned_abs() >= bound)
+        .filter(|i| {
+            status.occupant(&i.pod_name).is_some_and(|o| {
+                o.state == OccupantState::Sleeping
+                    && now.duration_since(o.heartbeat).unsigned_abs() <= ttl
+            })
+        })
+        .find(|i| available.saturating_sub(bytes) < i.needed_bytes)
+        .map(|i| i.model_name.clone())
 }
 
 /// The victims `policy` would preempt for `waker` now. `bound`: how long a waker may
@@ -385,6 +473,45 @@ mod tests {
                 0,
                 100,
                 250,
+                24,
+                Ok(vec!["warm"]),
+            ),
+            (
+                "past the bound, the least demand first even if busy: an idle hot model is spared",
+                vec![
+                    serving("hot", 40, 0, 0, 800, 99),
+                    serving("a", 24, 0, 2, 30, 99),
+                    serving("b", 24, 0, 1, 20, 99),
+                ],
+                0,
+                100,
+                250,
+                40,
+                Ok(vec!["b", "a"]),
+            ),
+            (
+                "past the bound, it waits for a cheap model inside its minRuntime rather than \
+                 take the hot one that is eligible now",
+                vec![
+                    serving("hot", 40, 0, 3, 800, 99),
+                    serving("fresh", 24, 245, 1, 10, 99),
+                    serving("b", 24, 0, 1, 20, 99),
+                ],
+                0,
+                100,
+                250,
+                40,
+                Err("fresh has not served its minRuntime"),
+            ),
+            (
+                "past the bound, the hot one when nothing cheaper frees enough",
+                vec![
+                    serving("hot", 60, 0, 3, 800, 99),
+                    serving("b", 12, 0, 1, 20, 99),
+                ],
+                0,
+                100,
+                250,
                 40,
                 Ok(vec!["hot"]),
             ),
@@ -439,6 +566,117 @@ mod tests {
                 _ => panic!("{name}: got {got:?}, expected {expected:?}"),
             }
         }
+    }
+
+    #[test]
+    fn memory_is_held_for_an_older_waker_past_the_bound() {
+        // "w" (40 GiB) has waited since t=100; 16 GiB are free (hot 40 + small 24 serve).
+        let mut st = status(
+            vec![
+                serving("hot", 40, 0, 3, 800, 99),
+                serving("small", 24, 0, 0, 5, 99),
+            ],
+            0,
+            100,
+        );
+        st.preemption_intents[0].needed_bytes = 40 * GI;
+        let young = |st: &GpuStatus, bytes: u64, now: i64| {
+            held_for(
+                &spec(),
+                st,
+                "y",
+                bytes * GI,
+                BOUND,
+                Duration::from_secs(30),
+                t(now),
+            )
+        };
+        // Before the bound nothing is held.
+        assert_eq!(young(&st, 12, 240), None);
+        // Past it, a younger claim that would leave less than 40 GiB free waits...
+        st.occupants.iter_mut().for_each(|o| o.heartbeat = t(240));
+        assert_eq!(young(&st, 12, 260).as_deref(), Some("w"));
+        // ...also a younger waker with an intent of its own...
+        let mut with_intent = st.clone();
+        with_intent.preemption_intents.push(PreemptionIntent {
+            pod_name: "y".into(),
+            model_name: "y".into(),
+            needed_bytes: 12 * GI,
+            since: t(200),
+            victim_pod_name: None,
+        });
+        assert_eq!(young(&with_intent, 12, 260).as_deref(), Some("w"));
+        // ...but not an older one, nor "w" itself.
+        with_intent.preemption_intents[1].since = t(50);
+        assert_eq!(young(&with_intent, 12, 260), None);
+        assert_eq!(
+            held_for(
+                &spec(),
+                &st,
+                "w",
+                40 * GI,
+                BOUND,
+                Duration::from_secs(30),
+                t(260)
+            ),
+            None
+        );
+        // A claim that leaves enough for both goes ahead (56 GiB free).
+        let mut roomy = st.clone();
+        roomy.occupants.retain(|o| o.pod_name != "hot");
+        assert_eq!(young(&roomy, 12, 260), None);
+        // A waker that stopped heartbeating holds nothing.
+        assert_eq!(young(&st, 12, 300), None);
+    }
+
+    #[test]
+    fn a_held_wake_waits_and_ages_without_claiming() {
+        let mut st = status(
+            vec![
+                serving("hot", 40, 0, 3, 800, 99),
+                serving("small", 24, 0, 0, 5, 99),
+            ],
+            0,
+            100,
+        );
+        st.preemption_intents[0].needed_bytes = 40 * GI;
+        st.occupants.iter_mut().for_each(|o| o.heartbeat = t(250));
+        let claim = Claim {
+            pod: "y".into(),
+            model: "y".into(),
+            bytes: 12 * GI,
+            popular: false,
+            min_runtime: Duration::from_secs(10),
+            recent_requests: 3,
+        };
+        let req = WakeRequest {
+            claim: &claim,
+            lock_ttl: Duration::from_secs(30),
+            max_wait: Duration::from_secs(5),
+            policy: Policy::CostAware,
+            starvation_bound: BOUND,
+            short_since: None,
+        };
+        let (next, step) = wake_step(&spec(), &st, &req, t(260));
+        match step {
+            WakeStep::Wait {
+                why: GpuWait::NoVictim(NoVictim::HeldFor(w)),
+                ..
+            } => assert_eq!(w, "w"),
+            other => panic!("expected a held wait, got {other:?}"),
+        }
+        let next = next.expect("the intent is written");
+        assert!(next.preemption_intents.iter().any(|i| i.pod_name == "y"));
+        assert!(
+            next.occupant("y")
+                .is_none_or(|o| o.reserved_memory_bytes == 0)
+        );
+        // The documented policy holds nothing: it claims the free memory.
+        let lru = WakeRequest {
+            policy: Policy::Lru,
+            ..req
+        };
+        assert_eq!(wake_step(&spec(), &st, &lru, t(260)).1, WakeStep::Claimed);
     }
 
     #[test]
