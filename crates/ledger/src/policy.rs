@@ -205,7 +205,7 @@ fn starved_victims(
     let young: Vec<String> = candidates
         .iter()
         .filter(|o| chosen.contains(&o.pod_name))
-        .filter(|o| !crate::decide::eligible_at(o).is_some_and(|t| t <= now))
+        .filter(|o| crate::decide::eligible_at(o).is_none_or(|t| t > now))
         .map(|o| {
             format!(
                 "{} has not served its minRuntime of {:?}",
