@@ -146,6 +146,9 @@ pub async fn start(
 }
 
 pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
+    cfg.preemption
+        .check(cfg.policy)
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
     let client = Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;

@@ -246,11 +246,9 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
         policy,
     } = declared(&args)?;
     // Whether `lru` came from --policy or from --config's `policy:`.
-    anyhow::ensure!(
-        !(policy == greenthread_ledger::Policy::Lru
-            && args.preemption == greenthread_sidecar::Preemption::Resume),
-        "--preemption resume needs the default policy: lru always drains"
-    );
+    args.preemption
+        .check(policy)
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
     let gpus_of = |n: usize| vec![args.gpu_memory; n];
     if args.find_gpus {
         return find_gpus(&args, policy, &models, &w);

@@ -482,6 +482,11 @@ fn bad_values_are_rejected_with_a_message_naming_the_field() {
         ("monitoring.enabeld=true", "enabeld"),
         ("apiserver.service.port=70000", "/apiserver/service/port"),
         ("models.namespaces[0]=Team_A", "/models/namespaces/0"),
+        ("controller.preemption=pause", "/controller/preemption"),
+        (
+            "controller.schedulingPolicy=lru,controller.preemption=resume",
+            "/controller/preemption",
+        ),
     ] {
         let out = helm("schema", &["--set", set]);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -179,6 +179,15 @@ impl Preemption {
             Preemption::Resume => "resume",
         }
     }
+
+    /// Whether this preemption goes with `policy`: the documented `lru` always drains
+    /// (it is kept as it was), so `resume` needs the cost-aware policy.
+    pub fn check(self, policy: Policy) -> Result<(), String> {
+        if self == Preemption::Resume && policy == Policy::Lru {
+            return Err("preemption resume needs the cost-aware policy: lru always drains".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -387,6 +396,24 @@ impl SidecarConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lru_always_drains() {
+        for (policy, preemption, ok) in [
+            (Policy::Lru, Preemption::Drain, true),
+            (Policy::Lru, Preemption::Resume, false),
+            (Policy::CostAware, Preemption::Drain, true),
+            (Policy::CostAware, Preemption::Resume, true),
+        ] {
+            assert_eq!(
+                preemption.check(policy).is_ok(),
+                ok,
+                "{policy} {preemption:?}"
+            );
+        }
+        let e = Preemption::Resume.check(Policy::Lru).unwrap_err();
+        assert!(e.contains("lru always drains"), "{e}");
+    }
 
     /// `local`'s shape (an owned simulator, the in-process ledger, a pod name) survives
     /// the same round trip as a pod's.

@@ -42,6 +42,9 @@ use crate::{
 /// Assembles a sidecar from flags alone: an in-memory ledger with one simulated GPU, and
 /// with `--engine sim` a simulator it starts itself on a free loopback port.
 pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
+    cfg.preemption
+        .check(cfg.policy)
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
     cfg.load_secrets()?;
     // Keeps the simulated GPU directory for as long as the sidecar runs.
     let mut _tempdir = None;

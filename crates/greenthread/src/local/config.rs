@@ -267,6 +267,9 @@ pub fn parse_with(
             greenthread_sidecar::Preemption::Drain
         }),
     };
+    if preemption.check(policy).is_err() {
+        errors.push("preemption: resume needs policy: cost-aware (lru always drains)".into());
+    }
     if !errors.is_empty() {
         anyhow::bail!("config {source} is invalid:\n  {}", errors.join("\n  "));
     }
@@ -613,6 +616,12 @@ models:
         assert_eq!(
             parse("t", &resume).unwrap().preemption,
             greenthread_sidecar::Preemption::Resume
+        );
+        let lru = format!("policy: lru\npreemption: resume\n{base}");
+        let e = parse("cfg.yaml", &lru).unwrap_err().to_string();
+        assert!(
+            e.contains("cfg.yaml") && e.contains("preemption: resume needs policy: cost-aware"),
+            "{e}"
         );
         let bad = format!("preemption: pause\n{base}");
         let e = parse("cfg.yaml", &bad).unwrap_err().to_string();
