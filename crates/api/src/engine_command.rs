@@ -6,13 +6,79 @@ use crate::{EngineKind, ModelSpec};
 
 /// Quotes `s` for `/bin/sh` when it needs it.
 pub fn shell_quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
     {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// A command line as a program, its arguments and leading `NAME=value` assignments (with
+/// or without `env` before them), when it is only words, plain or quoted as
+/// [`shell_quote`] quotes them; `None` when it needs a shell (expansions, pipes,
+/// redirections, double quotes, globs...). The sidecar execs such a line itself: the
+/// image has no `/bin/sh` (and no `env`), and the engine is then its own child.
+pub fn split_simple(line: &str) -> Option<Exec> {
+    let mut words: Vec<String> = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        c => w.push(c),
+                    }
+                }
+            }
+            // `'\''` (close, an escaped quote, reopen) is how shell_quote writes a quote.
+            '\\' => match chars.next()? {
+                '\'' => word.get_or_insert_with(String::new).push('\''),
+                _ => return None,
+            },
+            c if c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c) => {
+                word.get_or_insert_with(String::new).push(c)
+            }
+            _ => return None,
+        }
+    }
+    words.extend(word);
+    let mut rest = words.as_slice();
+    if rest.first().is_some_and(|w| w == "env") {
+        rest = &rest[1..];
+    }
+    let mut env = Vec::new();
+    while let Some((name, value)) = rest.first().and_then(|w| w.split_once('=')) {
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || name.starts_with(|c: char| c.is_ascii_digit())
+        {
+            break;
+        }
+        env.push((name.to_string(), value.to_string()));
+        rest = &rest[1..];
+    }
+    (!rest.is_empty()).then(|| Exec {
+        env,
+        argv: rest.to_vec(),
+    })
+}
+
+/// A command line split for exec: assignments, then the program and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exec {
+    pub env: Vec<(String, String)>,
+    pub argv: Vec<String>,
 }
 
 impl ModelSpec {
@@ -52,6 +118,52 @@ impl ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simple_lines_split_as_the_shell_would_and_others_need_it() {
+        let tricky = [
+            "plain",
+            "a b",
+            "it's",
+            "{\"json\": [1, 2]}",
+            "",
+            "--x=$HOME",
+            "*",
+        ];
+        let line = format!(
+            "env PORT=8080 /bin/engine {}",
+            tricky
+                .iter()
+                .map(|a| shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let Exec { env, argv } = split_simple(&line).unwrap();
+        assert_eq!(env, vec![("PORT".to_string(), "8080".to_string())]);
+        assert_eq!(argv[0], "/bin/engine");
+        assert_eq!(&argv[1..], tricky.map(String::from));
+        // Bare assignments, and no env at all.
+        let Exec { env, argv } = split_simple("A=1 B_2=x y --flag=v").unwrap();
+        assert_eq!(env.len(), 2);
+        assert_eq!(argv, ["y", "--flag=v"]);
+        assert_eq!(split_simple("vllm serve m").unwrap().env, vec![]);
+        // What only a shell can run.
+        for line in [
+            "engine $PORT",
+            "a | b",
+            "a > log",
+            "a && b",
+            "a; b",
+            "engine \"quoted\"",
+            "ls *.gguf",
+            "echo `id`",
+            "a 'unterminated",
+            "env",
+            "A=1",
+        ] {
+            assert_eq!(split_simple(line), None, "{line}");
+        }
+    }
 
     fn spec(engine: &str, command: &[&str], extra: &[&str]) -> ModelSpec {
         serde_json::from_value(serde_json::json!({

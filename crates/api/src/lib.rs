@@ -7,7 +7,7 @@ pub mod gpu;
 pub mod model;
 pub mod units;
 
-pub use engine_command::shell_quote;
+pub use engine_command::{shell_quote, split_simple};
 pub use gpu::{
     Gpu, GpuResource, GpuSpec, GpuStats, GpuStatus, Occupant, OccupantState, PreemptionIntent,
     WakeLock,

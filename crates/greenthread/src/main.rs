@@ -4,7 +4,11 @@ mod simulate;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "greenthread", version, about = "Many LLMs on few GPUs")]
+#[command(
+    name = "greenthread",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GREENTHREAD_REVISION"), ")"),
+    about = "Many LLMs on few GPUs"
+)]
 struct Cli {
     /// Runtime worker threads. The sidecar defaults to one: proxying is I/O-bound, and
     /// one thread avoids cross-thread wake-ups (lower latency) and leaves the cores to

@@ -66,11 +66,22 @@ impl EngineProcess {
         if slot.as_ref().is_some_and(|r| !*r.exited.borrow()) {
             return Ok(());
         }
-        let mut cmd = Command::new("/bin/sh");
-        // `exec` so that the engine itself is the process we watch and signal.
-        cmd.arg("-c")
-            .arg(format!("exec {}", self.command))
-            .envs(self.env.iter().cloned())
+        // A line of plain words is exec'd directly (the image has no shell); others go
+        // through /bin/sh, with `exec` so that the engine itself is the process we
+        // watch and signal.
+        let mut cmd = match greenthread_api::split_simple(&self.command) {
+            Some(greenthread_api::engine_command::Exec { env, argv }) => {
+                let mut cmd = Command::new(&argv[0]);
+                cmd.args(&argv[1..]).envs(env);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("/bin/sh");
+                cmd.arg("-c").arg(format!("exec {}", self.command));
+                cmd
+            }
+        };
+        cmd.envs(self.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
