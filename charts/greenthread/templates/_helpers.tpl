@@ -8,7 +8,11 @@
 {{- end -}}
 
 {{- define "greenthread.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Selector labels of one component: pass (dict "root" $ "component" "controller"). */}}

@@ -80,6 +80,10 @@ pub struct ControllerConfig {
     /// Model with another image is Failed with reason `ImageNotAllowed`. Empty: any.
     #[arg(long, value_delimiter = ',')]
     pub allowed_images: Vec<String>,
+    /// Secrets (names, repeatable) every Model pod pulls its images with; each must
+    /// exist in the Model's namespace.
+    #[arg(long = "image-pull-secret")]
+    pub image_pull_secrets: Vec<String>,
     /// The scheduling policy of every Model's sidecar: whom a wake short of memory
     /// preempts, and when (`cost-aware`, the default, or `lru`).
     #[arg(long, default_value = "cost-aware", value_parser = |s: &str| s.parse::<greenthread_ledger::Policy>())]
@@ -104,6 +108,7 @@ impl ControllerConfig {
                 engine: self.engine_port,
             },
             allowed_images: self.allowed_images.clone(),
+            image_pull_secrets: self.image_pull_secrets.clone(),
             policy: self.policy,
             preemption: self.preemption,
         }

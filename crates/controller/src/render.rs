@@ -8,10 +8,11 @@ use k8s_openapi::{
     ByteString,
     api::core::v1::{
         Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
-        DownwardAPIVolumeFile, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-        Pod, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret,
-        SecretKeySelector, SecurityContext, Service, ServiceAccountTokenProjection, ServicePort,
-        ServiceSpec, Volume, VolumeMount, VolumeProjection,
+        DownwardAPIVolumeFile, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+        LocalObjectReference, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe,
+        ProjectedVolumeSource, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service,
+        ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount,
+        VolumeProjection,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -43,6 +44,8 @@ pub struct Settings {
     pub ports: Ports,
     /// Engine images a Model may run (globs, `*` any characters); empty: any.
     pub allowed_images: Vec<String>,
+    /// Secrets in each Model's namespace that its pod pulls images with.
+    pub image_pull_secrets: Vec<String>,
     /// The scheduling policy every sidecar applies.
     pub policy: greenthread_ledger::Policy,
     /// What every sidecar does with a preempted model's running answers.
@@ -76,6 +79,7 @@ impl Default for Settings {
             service_account: None,
             ports: Ports::default(),
             allowed_images: Vec::new(),
+            image_pull_secrets: Vec::new(),
             policy: greenthread_ledger::Policy::default(),
             preemption: greenthread_sidecar::Preemption::Drain,
         }
@@ -589,6 +593,13 @@ pub fn render_valid_pod(
             node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
             tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
             runtime_class_name: settings.runtime_class.clone(),
+            image_pull_secrets: (!settings.image_pull_secrets.is_empty()).then(|| {
+                settings
+                    .image_pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
             service_account_name: settings.service_account.clone(),
             // Mounted only where it is needed (the sidecar), never by default.
             automount_service_account_token: Some(false),

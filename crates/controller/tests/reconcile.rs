@@ -47,6 +47,7 @@ fn config(identity: &str) -> ControllerConfig {
         sidecar_metrics_port: 9090,
         engine_port: 8001,
         allowed_images: vec![],
+        image_pull_secrets: vec![],
         policy: Default::default(),
         preemption: greenthread_sidecar::Preemption::Drain,
     }

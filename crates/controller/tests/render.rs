@@ -501,3 +501,25 @@ fn the_sidecar_args_parse_back_into_the_configuration_they_were_rendered_from() 
         }
     }
 }
+
+#[test]
+fn model_pods_pull_with_the_installations_secrets() {
+    let plain = render_pod(&model(), 0, &gpus(), &Settings::default()).unwrap();
+    assert_eq!(plain.spec.as_ref().unwrap().image_pull_secrets, None);
+    let settings = Settings {
+        image_pull_secrets: vec!["regcred".into(), "mirror".into()],
+        ..Settings::default()
+    };
+    let pod = render_pod(&model(), 0, &gpus(), &settings).unwrap();
+    let names: Vec<&str> = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .image_pull_secrets
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(names, ["regcred", "mirror"]);
+}

@@ -43,6 +43,7 @@ fn controller_config() -> ControllerConfig {
         sidecar_metrics_port: free_port() as i32,
         engine_port: free_port(),
         allowed_images: vec![],
+        image_pull_secrets: vec![],
         policy: Default::default(),
         preemption: greenthread_sidecar::Preemption::Drain,
     }
