@@ -17,8 +17,11 @@ use crate::{Feed, Ledger, LedgerError, Subscriber};
 pub struct MemoryLedger {
     gpus: Mutex<BTreeMap<String, Feed<Gpu>>>,
     version: Mutex<u64>,
-    /// Every committed record, in commit order (a watch keeps only the latest).
-    commits: broadcast::Sender<Gpu>,
+    /// Every committed record, in commit order (a watch keeps only the latest). Made on
+    /// the first `commits()`: its 65,536 slots are 20 MB, which a sidecar or `local`
+    /// that nobody observes should not carry (a receiver sees only what is sent after
+    /// it subscribed, so nothing is lost by sending nothing before).
+    commits: std::sync::OnceLock<broadcast::Sender<Gpu>>,
     conflicts: AtomicU64,
     /// Simulated round trip of a remote store: a read is stale by the time it returns.
     latency: std::time::Duration,
@@ -29,7 +32,7 @@ impl Default for MemoryLedger {
         Self {
             gpus: Mutex::default(),
             version: Mutex::default(),
-            commits: broadcast::Sender::new(1 << 16),
+            commits: std::sync::OnceLock::new(),
             conflicts: AtomicU64::new(0),
             latency: std::time::Duration::ZERO,
         }
@@ -58,7 +61,9 @@ impl MemoryLedger {
 
     /// Every record committed from now on, for observers that must see each change.
     pub fn commits(&self) -> broadcast::Receiver<Gpu> {
-        self.commits.subscribe()
+        self.commits
+            .get_or_init(|| broadcast::Sender::new(1 << 16))
+            .subscribe()
     }
 
     /// The record of `gpu` as it is now, without waiting (for observers).
@@ -135,7 +140,9 @@ impl Ledger for MemoryLedger {
         });
         match &result {
             Ok(record) => {
-                let _ = self.commits.send(record.clone());
+                if let Some(commits) = self.commits.get() {
+                    let _ = commits.send(record.clone());
+                }
             }
             Err(_) => {
                 self.conflicts.fetch_add(1, Ordering::SeqCst);
