@@ -75,9 +75,9 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.root.join("proc")).status();
-        let _ = Command::new("buildah").args(["umount", &self.ctr]).status();
-        let _ = Command::new("buildah").args(["rm", &self.ctr]).status();
+        let _ = Command::new("umount").arg(self.root.join("proc")).output();
+        let _ = Command::new("buildah").args(["umount", &self.ctr]).output();
+        let _ = Command::new("buildah").args(["rm", &self.ctr]).output();
     }
 }
 
