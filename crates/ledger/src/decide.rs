@@ -597,6 +597,24 @@ fn plus(t: Timestamp, d: Duration) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
+/// The record with the waker's intent declared. The cost-aware policy weighs the waker's
+/// recent requests: they are recorded with its intent. The documented policy writes the
+/// intent alone, as it always did.
+fn declare_intent(
+    status: &GpuStatus,
+    claim: &Claim,
+    policy: crate::Policy,
+    now: Timestamp,
+) -> GpuStatus {
+    let (pod, model, bytes) = (&claim.pod, &claim.model, claim.bytes);
+    match policy {
+        crate::Policy::Lru => write_intent(status, pod, model, bytes, now),
+        crate::Policy::CostAware => {
+            write_intent(&note_demand(status, claim), pod, model, bytes, now)
+        }
+    }
+}
+
 /// The wake's next step on one GPU, and the record to write for it (`None`: write
 /// nothing). Claims under the wake lock when the memory fits; when it does not, declares
 /// the intent, waits out `max_wait`, then names a victim.
@@ -624,15 +642,8 @@ pub fn wake_step(
             now,
         )
     {
-        let next = write_intent(
-            &note_demand(status, claim),
-            &claim.pod,
-            &claim.model,
-            claim.bytes,
-            now,
-        );
         return (
-            Some(next),
+            Some(declare_intent(status, claim, req.policy, now)),
             wait(GpuWait::NoVictim(NoVictim::HeldFor(holder)), None),
         );
     }
@@ -643,16 +654,7 @@ pub fn wake_step(
         Err(Refusal::DoesNotFit { .. }) => {}
         Err(refused) => return (None, wait(GpuWait::Refused(refused), None)),
     }
-    // The cost-aware policy weighs the waker's recent requests: they are recorded with
-    // its intent. The documented policy writes the intent alone, as it always did.
-    let noted;
-    let base = if req.policy == crate::Policy::Lru {
-        status
-    } else {
-        noted = note_demand(status, claim);
-        &noted
-    };
-    let with_intent = write_intent(base, &claim.pod, &claim.model, claim.bytes, now);
+    let with_intent = declare_intent(status, claim, req.policy, now);
     let since = req.short_since.unwrap_or(now);
     let fairness_ends = plus(since, req.max_wait);
     if now < fairness_ends && crate::policy::waits_for_fairness(req.policy) {

@@ -154,13 +154,17 @@ pub fn cost_aware_victims(
         )
     });
     crate::decide::frees_enough(&eligible, deficit)?;
-    Ok(cheapest_first(eligible, deficit))
+    Ok(names(&cheapest_first(eligible, deficit)))
+}
+
+fn names(victims: &[&Occupant]) -> Vec<String> {
+    victims.iter().map(|o| o.pod_name.clone()).collect()
 }
 
 /// Takes `candidates` (cheapest first) until `deficit` bytes are freed; then spares the
 /// dearest of those that turn out not to be needed (a large one taken late can make small
 /// ones before it redundant).
-fn cheapest_first(candidates: Vec<&Occupant>, deficit: u64) -> Vec<String> {
+fn cheapest_first(candidates: Vec<&Occupant>, deficit: u64) -> Vec<&Occupant> {
     let mut chosen: Vec<&Occupant> = Vec::new();
     let mut freed = 0u64;
     for o in candidates {
@@ -177,7 +181,7 @@ fn cheapest_first(candidates: Vec<&Occupant>, deficit: u64) -> Vec<String> {
             chosen.remove(i);
         }
     }
-    chosen.into_iter().map(|o| o.pod_name.clone()).collect()
+    chosen
 }
 
 /// Past the bound the waker may preempt anyone, and takes the victims in least demand,
@@ -201,10 +205,9 @@ fn starved_victims(
         )
     });
     crate::decide::frees_enough(&candidates, deficit)?;
-    let chosen = cheapest_first(candidates.clone(), deficit);
-    let young: Vec<String> = candidates
+    let chosen = cheapest_first(candidates, deficit);
+    let young: Vec<String> = chosen
         .iter()
-        .filter(|o| chosen.contains(&o.pod_name))
         .filter(|o| crate::decide::eligible_at(o).is_none_or(|t| t > now))
         .map(|o| {
             format!(
@@ -214,7 +217,7 @@ fn starved_victims(
         })
         .collect();
     if young.is_empty() {
-        Ok(chosen)
+        Ok(names(&chosen))
     } else {
         Err(NoVictim::NotEligible(young.join("; ")))
     }
