@@ -4,12 +4,17 @@
 
 use crate::{EngineKind, ModelSpec};
 
+/// Characters `/bin/sh` takes literally besides letters and digits, as [`shell_quote`]
+/// leaves them unquoted.
+const PLAIN: &str = "-_./:=@,";
+
+fn plain(c: char) -> bool {
+    c.is_ascii_alphanumeric() || PLAIN.contains(c)
+}
+
 /// Quotes `s` for `/bin/sh` when it needs it.
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
-    {
+    if !s.is_empty() && s.chars().all(plain) {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -46,9 +51,8 @@ pub fn split_simple(line: &str) -> Option<Exec> {
                 '\'' => word.get_or_insert_with(String::new).push('\''),
                 _ => return None,
             },
-            c if c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c) => {
-                word.get_or_insert_with(String::new).push(c)
-            }
+            // What shell_quote leaves plain, and `+` and `%`, also literal to the shell.
+            c if plain(c) || "+%".contains(c) => word.get_or_insert_with(String::new).push(c),
             _ => return None,
         }
     }

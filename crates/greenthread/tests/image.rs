@@ -12,19 +12,11 @@ use std::{
     time::Duration,
 };
 
-use greenthread_test_support::{LocalProc, chart::repo_root};
+use greenthread_test_support::{LocalProc, chart::repo_root, run_ok};
 
+/// Commands of the host: buildah, mount, chroot, git, the build script.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    run_ok(cmd, "scripts/test installs buildah and mmdebstrap")
 }
 
 fn buildah(args: &[&str]) -> String {

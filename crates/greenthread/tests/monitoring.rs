@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use greenthread_test_support::{LocalProc, Prometheus, TEST_CONFIG};
+use greenthread_test_support::{LocalProc, Prometheus, TEST_CONFIG, run_ok};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
@@ -20,17 +20,9 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         ["check", "rules", "greenthread.rules.yaml"],
         ["test", "rules", "greenthread.rules.test.yaml"],
     ] {
-        let out = Command::new("promtool")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .expect("promtool (Debian's prometheus package)");
-        assert!(
-            out.status.success(),
-            "promtool {}:\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new("promtool").args(args).current_dir(&dir),
+            "Debian's prometheus package",
         );
     }
 }

