@@ -144,3 +144,68 @@ async fn two_models_that_need_each_others_gpus_take_turns_instead_of_deadlocking
     assert!(serving <= 1, "both serving on GPUs that hold one");
     assert!(x.metrics.preemptions("preemptor") + y.metrics.preemptions("preemptor") >= 2);
 }
+
+/// A tensor-parallel wake that waits on one GPU holds nothing on the others: neither
+/// memory nor the wake lock, so another model can wake there meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_tensor_parallel_wake_holds_nothing_on_its_other_gpus() {
+    let l = ledger(&["g-0", "g-1"]);
+    let other = sidecar(&l, &["g-1"], "other", 60 * GI, &[]).await;
+    let tp = sidecar(&l, &["g-0", "g-1"], "tp", 60 * GI, &[]).await;
+    // A request in flight: `other` cannot sleep until it ends (or its 30 s drain timeout).
+    let busy = other.admit().await.unwrap();
+    let waking = tokio::spawn({
+        let tp = tp.clone();
+        async move { tp.admit().await.map(drop) }
+    });
+    // Well past the fairness wait, `other` is tp's victim on g-1 and still draining.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    if waking.is_finished() {
+        panic!("tp cannot serve while other drains: {:?}", waking.await);
+    }
+    assert_eq!(
+        on(&l, "g-1", "other-0").await.map(|o| o.0),
+        Some(OccupantState::Serving)
+    );
+    let g0 = l.get("g-0").await.unwrap();
+    assert_eq!(
+        on(&l, "g-0", "tp-0").await.map(|o| o.1).unwrap_or(0),
+        0,
+        "tp reserves nothing on g-0 while it waits on g-1: {:?}",
+        g0.status
+    );
+    assert!(
+        g0.status.wake_lock.is_none(),
+        "tp holds no wake lock on g-0 while it waits on g-1: {:?}",
+        g0.status.wake_lock
+    );
+    // So another model wakes on g-0 meanwhile.
+    let c = sidecar(&l, &["g-0"], "c", 50 * GI, &[]).await;
+    tokio::time::timeout(Duration::from_secs(5), c.admit())
+        .await
+        .expect("c wakes on g-0 while tp waits on g-1")
+        .map(drop)
+        .unwrap();
+    assert_eq!(c.state().as_str(), "serving");
+    // Once other drains, tp takes both GPUs (preempting the now idle c on g-0).
+    drop(busy);
+    tokio::time::timeout(Duration::from_secs(60), waking)
+        .await
+        .expect("tp is served once other drains")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            other.state().as_str(),
+            c.state().as_str(),
+            tp.state().as_str()
+        ),
+        ("sleeping", "sleeping", "serving")
+    );
+    for gpu in ["g-0", "g-1"] {
+        assert_eq!(
+            on(&l, gpu, "tp-0").await,
+            Some((OccupantState::Serving, 60 * GI))
+        );
+    }
+}

@@ -54,6 +54,14 @@ pub enum Claimed {
     Abandoned,
 }
 
+/// How a claim on one GPU ended.
+enum One {
+    Claimed,
+    Abandoned,
+    /// It would have to wait (only when told not to).
+    Blocked,
+}
+
 impl LedgerClient {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -152,6 +160,13 @@ impl LedgerClient {
     /// time; every wait reacts to ledger changes at once, and to time when only time can
     /// change the answer. With `abandon`, gives up once nobody waits in it any more. On
     /// failure the GPUs claimed so far go back to holding `residual`.
+    ///
+    /// All or nothing: a claim holds its GPU's wake lock and reserves memory there, so it
+    /// is never kept while waiting on another GPU (a tensor-parallel wake that waits for a
+    /// victim on one GPU would otherwise keep every other model off the GPUs it already
+    /// has). When one GPU makes it wait, the claims on the others go back, it waits on
+    /// that one alone, and then claims the others again; each GPU keeps its fairness
+    /// clock across the rounds, so giving claims back does not restart its wait.
     pub async fn claim_all(
         &self,
         bytes: u64,
@@ -159,32 +174,92 @@ impl LedgerClient {
         abandon: Option<&Admission>,
         waiting: &(dyn Fn(WaitReason) + Send + Sync),
     ) -> Result<Claimed, ClaimError> {
-        let mut claimed: Vec<&GpuRef> = Vec::new();
-        for gpu in &self.gpus {
-            match self.claim_one(gpu, bytes, abandon, waiting).await {
-                Ok(Claimed::All) => claimed.push(gpu),
-                other => {
-                    self.withdraw(gpu).await;
-                    for g in claimed {
-                        self.release(g, held(residual, g.index)).await;
-                    }
-                    return other;
+        let mut short_since: Vec<Option<Timestamp>> = vec![None; self.gpus.len()];
+        let mut claimed: Vec<usize> = Vec::new();
+        // The GPU to wait on before trying the others: none at first.
+        let mut blocked: Option<usize> = None;
+        loop {
+            if let Some(k) = blocked.take() {
+                match self
+                    .claim_one(
+                        &self.gpus[k],
+                        bytes,
+                        abandon,
+                        waiting,
+                        &mut short_since[k],
+                        true,
+                    )
+                    .await
+                {
+                    Ok(One::Claimed) => claimed.push(k),
+                    other => return self.give_back(k, &claimed, residual, other).await,
                 }
             }
+            for k in 0..self.gpus.len() {
+                if claimed.contains(&k) {
+                    continue;
+                }
+                // Waiting is only allowed while holding nothing.
+                let wait = claimed.is_empty();
+                match self
+                    .claim_one(
+                        &self.gpus[k],
+                        bytes,
+                        abandon,
+                        waiting,
+                        &mut short_since[k],
+                        wait,
+                    )
+                    .await
+                {
+                    Ok(One::Claimed) => claimed.push(k),
+                    Ok(One::Blocked) => {
+                        for &c in &claimed {
+                            let g = &self.gpus[c];
+                            self.release(g, held(residual, g.index)).await;
+                        }
+                        claimed.clear();
+                        blocked = Some(k);
+                        break;
+                    }
+                    other => return self.give_back(k, &claimed, residual, other).await,
+                }
+            }
+            if blocked.is_none() {
+                return Ok(Claimed::All);
+            }
         }
-        Ok(Claimed::All)
     }
 
+    /// A claim on every GPU ended without them all: withdraws from GPU `k` and gives the
+    /// claimed ones back to holding `residual`.
+    async fn give_back(
+        &self,
+        k: usize,
+        claimed: &[usize],
+        residual: &[(u32, u64)],
+        outcome: Result<One, ClaimError>,
+    ) -> Result<Claimed, ClaimError> {
+        self.withdraw(&self.gpus[k]).await;
+        for &c in claimed {
+            let g = &self.gpus[c];
+            self.release(g, held(residual, g.index)).await;
+        }
+        outcome.map(|_| Claimed::Abandoned)
+    }
+
+    /// Claims one GPU. Without `wait`, the first step that would wait returns
+    /// [`One::Blocked`] instead (its intent stays written: the caller waits here next).
     async fn claim_one(
         &self,
         gpu: &GpuRef,
         bytes: u64,
         abandon: Option<&Admission>,
         waiting: &(dyn Fn(WaitReason) + Send + Sync),
-    ) -> Result<Claimed, ClaimError> {
+        short_since: &mut Option<Timestamp>,
+        wait: bool,
+    ) -> Result<One, ClaimError> {
         let mut changes = self.ledger.watch(&gpu.name)?;
-        // When this wake first found the GPU short of memory (the fairness clock).
-        let mut short_since: Option<Timestamp> = None;
         loop {
             changes.borrow_and_update();
             let claim = self.claim_for(bytes, abandon.map_or(0, |a| a.load().1));
@@ -195,7 +270,7 @@ impl LedgerClient {
                 max_wait: self.max_wait,
                 policy: self.policy,
                 starvation_bound: self.starvation_bound,
-                short_since,
+                short_since: *short_since,
             };
             let step = self
                 .update(&gpu.name, |g| {
@@ -203,7 +278,7 @@ impl LedgerClient {
                 })
                 .await?;
             let (why, recheck_at) = match step {
-                decide::WakeStep::Claimed => return Ok(Claimed::All),
+                decide::WakeStep::Claimed => return Ok(One::Claimed),
                 decide::WakeStep::Wait { why, recheck_at } => (why, recheck_at),
             };
             if why.short_of_memory() {
@@ -221,10 +296,13 @@ impl LedgerClient {
                 gpu: gpu.index,
                 why,
             });
+            if !wait {
+                return Ok(One::Blocked);
+            }
             let wait = self.clock.now().duration_until(recheck_at).unsigned_abs();
             let recheck = tokio::time::Instant::now() + wait;
             if abandon.is_some_and(|a| !a.has_waiters()) {
-                return Ok(Claimed::Abandoned);
+                return Ok(One::Abandoned);
             }
             let emptied = async {
                 match abandon {
