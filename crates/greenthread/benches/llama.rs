@@ -1,15 +1,17 @@
 //! Wake time of a real engine (llama.cpp's `llama-server`, Gemma 3 270M on CPU), each path
 //! next to its baseline, interleaved round by round in one run:
 //!
-//! - cold start: `llama-server` started directly, until it answers a one-token completion;
-//! - llama.cpp's own sleep (`--sleep-idle-seconds`): the first one-token completion after
-//!   it has put itself to sleep;
+//! - cold start: `llama-server` started directly, until it answers a one-token chat;
+//! - llama.cpp's own sleep (`--sleep-idle-seconds`): the first one-token chat after it has
+//!   put itself to sleep;
 //! - GreenThread: a sleeping `greenthread sidecar --engine llamacpp` (engine stopped),
 //!   until a one-token chat answers through it — process start, model load, the warm-up
 //!   token that verifies the wake, then the request;
 //! - a one-token chat through the sidecar to the awake engine (the request's own cost).
 //!
-//! GreenThread's own overhead is the wake minus the cold start minus the request's cost.
+//! Every path is timed to the answer of the same request on the same endpoint (a one-token
+//! `/v1/chat/completions`). GreenThread's own overhead is, per round, the wake minus that
+//! round's cold start minus its awake request, reported signed as median [min, max].
 //!
 //!     cargo bench -p greenthread --bench llama
 
@@ -18,7 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use greenthread_test_support::{Proc, bench::ms, free_port, http, llama};
+use greenthread_test_support::{
+    Proc,
+    bench::{ms, paired},
+    free_port, http, llama,
+};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
@@ -53,10 +59,16 @@ fn engine_args(model: &Path, port: u16) -> Vec<String> {
     .collect()
 }
 
+/// The one request every path is timed with: a one-token chat completion, the same
+/// endpoint and body whether it goes to llama-server directly or through the sidecar.
+fn chat() -> serde_json::Value {
+    json!({"model": "gemma", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1, "temperature": 0})
+}
+
 async fn one_token(client: &reqwest::Client, url: &str) -> bool {
     client
-        .post(format!("{url}/v1/completions"))
-        .json(&json!({"model": "gemma", "prompt": "Hello", "max_tokens": 1, "temperature": 0}))
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat())
         .send()
         .await
         .is_ok_and(|r| r.status().is_success())
@@ -73,23 +85,22 @@ async fn until_one_token(client: &reqwest::Client, url: &str) {
 async fn chat_one_token(client: &reqwest::Client, url: &str) {
     let r = client
         .post(format!("{url}/v1/chat/completions"))
-        .json(&json!({"model": "gemma", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1, "temperature": 0}))
+        .json(&chat())
         .send()
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
 }
 
-fn row(name: &str, mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    let p50 = samples[samples.len() / 2];
+fn row(name: &str, samples: &[Duration]) {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
     println!(
         "| {name} | {} | {} | {} |",
-        ms(p50),
-        ms(samples[0]),
-        ms(*samples.last().unwrap())
+        ms(sorted[sorted.len() / 2]),
+        ms(sorted[0]),
+        ms(*sorted.last().unwrap())
     );
-    p50
 }
 
 #[tokio::main]
@@ -170,19 +181,31 @@ async fn main() {
         awake.push(start.elapsed());
     }
 
-    println!("llama.cpp llama-server, Gemma 3 270M Q4_K_M, CPU; {ROUNDS} interleaved rounds\n");
+    // GreenThread's own share of each wake, from that round's own cold start and awake
+    // request: signed, never clamped.
+    let overheads: Vec<f64> = (0..ROUNDS)
+        .map(|i| (wake[i].as_secs_f64() - cold[i].as_secs_f64() - awake[i].as_secs_f64()) * 1e3)
+        .collect();
+    println!(
+        "llama.cpp llama-server, Gemma 3 270M Q4_K_M, CPU; {ROUNDS} interleaved rounds; every path timed to the first answer of the same one-token /v1/chat/completions\n"
+    );
     println!("| path | p50 ms | min ms | max ms |");
     println!("|---|---|---|---|");
-    let cold = row("cold start, direct (spawn → first token)", cold);
     row(
-        "llama.cpp's own sleep (--sleep-idle-seconds) → first token",
-        own_wake,
+        "cold start, direct (spawn → one-token chat, polled every 5 ms)",
+        &cold,
     );
-    let wake = row("GreenThread wake (engine stopped → one-token chat)", wake);
-    let awake = row("one-token chat through the sidecar, engine awake", awake);
-    let overhead = wake.saturating_sub(cold).saturating_sub(awake);
+    row(
+        "llama.cpp's own sleep (--sleep-idle-seconds) → one-token chat",
+        &own_wake,
+    );
+    row(
+        "GreenThread wake (engine stopped → one-token chat through the sidecar)",
+        &wake,
+    );
+    row("one-token chat through the sidecar, engine awake", &awake);
     println!(
-        "\nGreenThread's own overhead on a wake (wake − cold start − awake request): {} ms",
-        ms(overhead)
+        "\nGreenThread's own overhead on a wake, per round (wake − that round's cold start − its awake request): {} ms",
+        paired(&overheads, |x| *x, |x| format!("{x:+.1}"))
     );
 }

@@ -6,7 +6,7 @@
 //! 2. preemption reaction time: victim named in the ledger → the victim's barrier up
 //!    (the original product polls every 2 s);
 //! 3. a model switch on a full GPU, broken into fairness wait, drain, engine sleep,
-//!    engine wake and GreenThread's own overhead.
+//!    engine wake (timed inside the engines) and GreenThread's own overhead, per switch.
 //!
 //!     cargo bench -p greenthread --bench local
 
@@ -20,7 +20,7 @@ use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{GpuRef, Sidecar, SidecarConfig, state::State};
 use greenthread_test_support::{
     FakeEngine, Proc,
-    bench::{ROUNDS, Stats, load, median, ms, percentile, wait_http},
+    bench::{ROUNDS, Stats, load, median_round, ms, paired, percentile, wait_http},
     free_port, http,
 };
 
@@ -111,33 +111,41 @@ async fn api_server_overhead(seconds: f64) {
     .await;
 
     println!(
-        "\n## 1. API server added latency (instant engine; {ROUNDS} interleaved rounds of {seconds:.1} s, medians)\n"
+        "\n## 1. API server added latency (instant engine; {ROUNDS} rounds of {seconds:.1} s, each running direct, sidecar and API server back to back)\n"
     );
     println!(
-        "| conc | direct p50 ms | sidecar p50 ms | API server p50 ms | API server rps | sidecar rps | API server added over sidecar, p50 ms |"
+        "The absolute columns are one round's (the round with the median API server/sidecar ratio); the paired columns are the median of the per-round values [min, max], never clamped.\n"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| conc | direct p50 ms | sidecar p50 ms | API server p50 ms | sidecar rps | API server rps | API server added over sidecar, p50 ms | API server/sidecar rps |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let targets = [
         format!("http://127.0.0.1:{ep}"),
         format!("http://127.0.0.1:{sp}"),
         local.clone(),
     ];
     for conc in [1, 16] {
-        let mut rounds: Vec<Vec<Stats>> = targets.iter().map(|_| Vec::new()).collect();
+        let mut rounds: Vec<[Stats; 3]> = Vec::new();
         for _ in 0..ROUNDS {
-            for (i, t) in targets.iter().enumerate() {
-                rounds[i].push(load(t, "inst", 1, conc, seconds).await);
+            let mut round = Vec::new();
+            for t in &targets {
+                round.push(load(t, "inst", 1, conc, seconds).await);
             }
+            rounds.push(round.try_into().ok().unwrap());
         }
-        let m: Vec<Stats> = rounds.into_iter().map(median).collect();
+        let p50 = |x: &Stats| x.p50.as_secs_f64() * 1e3;
+        let ratio = |r: &[Stats; 3]| r[2].rps / r[1].rps;
+        let [d, sc, api] = median_round(&rounds, ratio);
         println!(
-            "| {conc} | {} | {} | {} | {:.0} | {:.0} | {:+.3} |",
-            ms(m[0].p50),
-            ms(m[1].p50),
-            ms(m[2].p50),
-            m[2].rps,
-            m[1].rps,
-            (m[2].p50.as_secs_f64() - m[1].p50.as_secs_f64()) * 1e3
+            "| {conc} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
+            ms(d.p50),
+            ms(sc.p50),
+            ms(api.p50),
+            sc.rps,
+            api.rps,
+            paired(&rounds, |r| p50(&r[2]) - p50(&r[1]), |x| format!("{x:+.3}")),
+            paired(&rounds, ratio, |x| format!("{:.1} %", 100.0 * x)),
         );
     }
     drop(procs);
@@ -257,31 +265,27 @@ async fn model_switch(rounds: usize) {
     );
     let l = gpu_ledger();
     let wait = format!("{}ms", max_wait.as_millis());
-    let a = sidecar(
-        &l,
-        "a",
+    let engines = [
         FakeEngine::with_times("a", 60 * GI, sleep_time, wake_time),
-        &["--max-wait-time", &wait],
-    )
-    .await;
-    let b = sidecar(
-        &l,
-        "b",
         FakeEngine::with_times("b", 60 * GI, sleep_time, wake_time),
-        &["--max-wait-time", &wait],
-    )
-    .await;
-    let mut rows: Vec<[Duration; 5]> = Vec::new();
-    // GreenThread's own share of each switch, signed: never clamped at zero.
-    let mut overheads: Vec<f64> = Vec::new();
+    ];
+    let a = sidecar(&l, "a", engines[0].clone(), &["--max-wait-time", &wait]).await;
+    let b = sidecar(&l, "b", engines[1].clone(), &["--max-wait-time", &wait]).await;
+    // Per switch: request → admitted, fairness wait, drain, engine sleep, engine wake,
+    // the drain's tail after the last request ended, GreenThread's own share (signed).
+    let mut rows: Vec<[f64; 7]> = Vec::new();
     for i in 0..rounds {
-        let (holder, waker) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let (holder, waker, holder_engine, waker_engine) = if i % 2 == 0 {
+            (&a, &b, &engines[0], &engines[1])
+        } else {
+            (&b, &a, &engines[1], &engines[0])
+        };
         if holder.state() != State::Serving {
             drop(holder.admit().await.unwrap());
         }
         // The holder is busy with a request when it is named: it must drain first.
         let slot = holder.admit().await.unwrap();
-        let named_then_drained = {
+        let named_then_released = {
             let named = victim_named(&l, &holder.pod);
             tokio::spawn(async move {
                 let named = named.await.unwrap();
@@ -290,55 +294,65 @@ async fn model_switch(rounds: usize) {
                 (named, Instant::now())
             })
         };
-        let slept = entered(holder, State::Sleeping);
-        let waking = entered(waker, State::Waking);
-        let serving = entered(waker, State::Serving);
         let t0 = Instant::now();
         drop(waker.admit().await.unwrap());
-        let first = Instant::now();
-        let ((named, drained), slept, waking, serving) = (
-            named_then_drained.await.unwrap(),
-            slept.await.unwrap(),
-            waking.await.unwrap(),
-            serving.await.unwrap(),
-        );
-        let fairness = named - t0;
-        let drain = drained.saturating_duration_since(named);
-        let sleep = slept.saturating_duration_since(drained);
-        let wake = serving.saturating_duration_since(waking);
-        let total = first - t0;
-        overheads
-            .push((total.as_secs_f64() - (fairness + drain + sleep + wake).as_secs_f64()) * 1e3);
-        rows.push([total, fairness, drain, sleep, wake]);
+        let admitted = Instant::now();
+        let (named, released) = named_then_released.await.unwrap();
+        // What the engines saw: when each call began and ended.
+        let since = tokio::time::Instant::from_std(t0);
+        let slept = holder_engine
+            .last_call(false, since)
+            .expect("the victim slept");
+        let woke = waker_engine.last_call(true, since).expect("the waker woke");
+        let (sleep_began, sleep_ended) = (slept.began.into_std(), slept.ended.into_std());
+        let (wake_began, wake_ended) = (woke.began.into_std(), woke.ended.into_std());
+        let secs = |later: Instant, earlier: Instant| {
+            if later >= earlier {
+                (later - earlier).as_secs_f64() * 1e3
+            } else {
+                -((earlier - later).as_secs_f64() * 1e3)
+            }
+        };
+        let total = secs(admitted, t0);
+        let fairness = secs(named, t0);
+        let drain = secs(sleep_began, named);
+        let sleep = secs(sleep_ended, sleep_began);
+        let wake = secs(wake_ended, wake_began);
+        let tail = secs(sleep_began, released);
+        rows.push([
+            total,
+            fairness,
+            drain,
+            sleep,
+            wake,
+            tail,
+            total - (fairness + drain + sleep + wake),
+        ]);
     }
-    let med = |k: usize| {
-        let mut v: Vec<Duration> = rows.iter().map(|r| r[k]).collect();
-        v.sort();
-        percentile(&v, 0.5)
-    };
     println!(
-        "\n## 3. Model switch on a full GPU ({rounds} switches, medians; engine sleep {} ms and wake {} ms simulated, maxWaitTime {} ms, the victim busy for {} ms)\n",
+        "\n## 3. Model switch on a full GPU ({rounds} switches; engines that take {} ms to sleep and {} ms to wake, maxWaitTime {} ms (the cost-aware policy names a victim of no more demand than the waker at once), the victim's request ends {} ms after it is named)\n",
         sleep_time.as_millis(),
         wake_time.as_millis(),
         max_wait.as_millis(),
         in_flight.as_millis()
     );
-    overheads.sort_by(f64::total_cmp);
     println!(
-        "| request → first byte ms | fairness wait ms | drain ms | engine sleep ms | engine wake ms | GreenThread overhead ms, median [min, max] per switch |"
+        "Each phase measured per switch: fairness wait (request → victim named in the ledger), drain (named → the victim's engine told to sleep), engine sleep and wake (as long as the engines' calls took, timed inside the engines), the drain's tail (the victim's last request ended → its engine told to sleep), and GreenThread's own share (request → admitted, less the four phases). Median [min, max].\n"
     );
-    println!("|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {:+.3} [{:+.3}, {:+.3}] |",
-        ms(med(0)),
-        ms(med(1)),
-        ms(med(2)),
-        ms(med(3)),
-        ms(med(4)),
-        overheads[overheads.len() / 2],
-        overheads[0],
-        overheads[overheads.len() - 1]
+        "| request → admitted ms | fairness wait ms | drain ms | engine sleep ms | engine wake ms | drain tail ms | GreenThread overhead ms |"
     );
+    println!("|---|---|---|---|---|---|---|");
+    let cells: Vec<String> = (0..7)
+        .map(|k| {
+            if k >= 5 {
+                paired(&rows, |r| r[k], |x| format!("{x:+.3}"))
+            } else {
+                paired(&rows, |r| r[k], |x| format!("{x:.1}"))
+            }
+        })
+        .collect();
+    println!("| {} |", cells.join(" | "));
 }
 
 #[tokio::main]

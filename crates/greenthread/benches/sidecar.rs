@@ -16,7 +16,7 @@ use std::{
 use futures_util::StreamExt;
 use greenthread_test_support::{
     Proc,
-    bench::{ROUNDS, Stats, body, load, ms, percentile, wait_http},
+    bench::{ROUNDS, Stats, body, load, median_round, ms, paired, percentile, wait_http},
     free_port, http,
 };
 
@@ -333,20 +333,8 @@ async fn main() {
                 rounds.push(round.try_into().ok().unwrap());
             }
             let p50 = |x: &Stats| x.p50.as_secs_f64() * 1e3;
-            let paired = |f: &dyn Fn(&[Stats; 3]) -> f64, fmt: &dyn Fn(f64) -> String| {
-                let mut v: Vec<f64> = rounds.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                format!(
-                    "{} [{}, {}]",
-                    fmt(v[v.len() / 2]),
-                    fmt(v[0]),
-                    fmt(v[v.len() - 1])
-                )
-            };
             let ratio = |r: &[Stats; 3]| r[1].rps / r[2].rps;
-            let mut order: Vec<usize> = (0..rounds.len()).collect();
-            order.sort_by(|a, b| ratio(&rounds[*a]).total_cmp(&ratio(&rounds[*b])));
-            let [d, sc, ng] = &rounds[order[order.len() / 2]];
+            let [d, sc, ng] = median_round(&rounds, ratio);
             let errors: usize = rounds.iter().flatten().map(|m| m.errors).sum();
             let ms3 = |x: f64| format!("{x:+.3}");
             let pct = |x: f64| format!("{:.1} %", 100.0 * x);
@@ -361,10 +349,10 @@ async fn main() {
                 ng.rps,
                 ms(ng.p50),
                 ms(ng.p99),
-                paired(&|r| p50(&r[1]) - p50(&r[0]), &ms3),
-                paired(&|r| p50(&r[2]) - p50(&r[0]), &ms3),
-                paired(&|r| r[1].rps / r[0].rps, &pct),
-                paired(&ratio, &pct),
+                paired(&rounds, |r| p50(&r[1]) - p50(&r[0]), ms3),
+                paired(&rounds, |r| p50(&r[2]) - p50(&r[0]), ms3),
+                paired(&rounds, |r| r[1].rps / r[0].rps, pct),
+                paired(&rounds, ratio, pct),
                 if errors > 0 {
                     format!(" {errors} errors")
                 } else {

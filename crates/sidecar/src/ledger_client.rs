@@ -195,21 +195,14 @@ impl LedgerClient {
                     other => return self.give_back(k, &claimed, residual, other).await,
                 }
             }
-            for k in 0..self.gpus.len() {
+            for (k, since) in short_since.iter_mut().enumerate() {
                 if claimed.contains(&k) {
                     continue;
                 }
                 // Waiting is only allowed while holding nothing.
                 let wait = claimed.is_empty();
                 match self
-                    .claim_one(
-                        &self.gpus[k],
-                        bytes,
-                        abandon,
-                        waiting,
-                        &mut short_since[k],
-                        wait,
-                    )
+                    .claim_one(&self.gpus[k], bytes, abandon, waiting, since, wait)
                     .await
                 {
                     Ok(One::Claimed) => claimed.push(k),

@@ -15,22 +15,6 @@ pub struct Stats {
 
 pub const ROUNDS: usize = 3;
 
-/// Per-field medians over rounds; errors are summed.
-pub fn median(rounds: Vec<Stats>) -> Stats {
-    let mid = rounds.len() / 2;
-    let pick = |f: fn(&Stats) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[mid]
-    };
-    Stats {
-        rps: pick(|s| s.rps),
-        p50: Duration::from_secs_f64(pick(|s| s.p50.as_secs_f64())),
-        p99: Duration::from_secs_f64(pick(|s| s.p99.as_secs_f64())),
-        errors: rounds.iter().map(|s| s.errors).sum(),
-    }
-}
-
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -102,4 +86,25 @@ pub async fn load(
 
 pub fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+/// A per-round value over paired rounds (each round ran every path back to back), as
+/// "median [min, max]" in `fmt`: never a difference of medians from different rounds,
+/// never clamped.
+pub fn paired<R>(rounds: &[R], value: impl Fn(&R) -> f64, fmt: impl Fn(f64) -> String) -> String {
+    let mut v: Vec<f64> = rounds.iter().map(value).collect();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "{} [{}, {}]",
+        fmt(v[v.len() / 2]),
+        fmt(v[0]),
+        fmt(v[v.len() - 1])
+    )
+}
+
+/// The round whose `value` is the median: where one row's absolute columns come from.
+pub fn median_round<R>(rounds: &[R], value: impl Fn(&R) -> f64) -> &R {
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|a, b| value(&rounds[*a]).total_cmp(&value(&rounds[*b])));
+    &rounds[order[order.len() / 2]]
 }

@@ -4,11 +4,13 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -28,6 +30,17 @@ pub struct FakeEngine {
     asleep: AtomicBool,
     pub wakes: AtomicU64,
     pub sleeps: AtomicU64,
+    /// Every sleep and wake call as the engine saw it: when it began and ended, so a
+    /// benchmark measures the engine's share of a switch rather than assume it.
+    calls: Mutex<Vec<Call>>,
+}
+
+/// One sleep or wake call, as the engine saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call {
+    pub wake: bool,
+    pub began: Instant,
+    pub ended: Instant,
 }
 
 impl FakeEngine {
@@ -41,6 +54,7 @@ impl FakeEngine {
             asleep: AtomicBool::new(false),
             wakes: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
+            calls: Mutex::new(Vec::new()),
         })
     }
 
@@ -59,6 +73,25 @@ impl FakeEngine {
 
     pub fn is_asleep(&self) -> bool {
         self.asleep.load(Ordering::SeqCst)
+    }
+
+    /// The last sleep (`wake` false) or wake call that ended after `since`.
+    pub fn last_call(&self, wake: bool, since: Instant) -> Option<Call> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .rev()
+            .find(|c| c.wake == wake && c.ended >= since)
+            .copied()
+    }
+
+    fn record(&self, wake: bool, began: Instant) {
+        let call = Call {
+            wake,
+            began,
+            ended: Instant::now(),
+        };
+        self.calls.lock().unwrap().push(call);
     }
 
     /// An in-process sidecar's parts in front of this engine on one GPU of `ledger`:
@@ -86,16 +119,20 @@ impl EngineAdapter for FakeEngine {
     }
 
     async fn sleep(&self, _level: u8) -> Result<(), EngineError> {
+        let began = Instant::now();
         tokio::time::sleep(self.sleep_time).await;
         self.sleeps.fetch_add(1, Ordering::SeqCst);
         self.asleep.store(true, Ordering::SeqCst);
+        self.record(false, began);
         Ok(())
     }
 
     async fn wake(&self, _level: u8) -> Result<(), EngineError> {
+        let began = Instant::now();
         tokio::time::sleep(self.wake_time).await;
         self.wakes.fetch_add(1, Ordering::SeqCst);
         self.asleep.store(false, Ordering::SeqCst);
+        self.record(true, began);
         Ok(())
     }
 
