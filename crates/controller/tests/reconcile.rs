@@ -481,15 +481,36 @@ async fn of_two_replicas_exactly_one_leads_and_the_other_takes_over_when_its_lea
     })
     .await;
     assert_eq!(holder(&client).await.as_deref(), Some(leader));
-    // Over two Lease durations of renewals, never two leaders and never a change.
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tokio::time::Instant::now() < until {
+    // Over four renewals of the Lease (two Lease durations, each long enough for the
+    // follower to take an expired Lease): never two leaders and never a change. Counted
+    // in renewals, not seconds, so a slow machine stretches the window instead of
+    // shortening what it observes.
+    let renewed = |client: Client| async move {
+        let api: Api<Lease> = Api::namespaced(client, SYSTEM);
+        api.get("greenthread-controller")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.renew_time)
+    };
+    let (mut last, mut renewals) = (renewed(client.clone()).await, 0);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while renewals < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader renewed its Lease only {renewals} times"
+        );
         let both = (*a.leading.borrow(), *b.leading.borrow());
         assert!(
             both == (true, false) || both == (false, true),
             "exactly one leader, got {both:?}"
         );
         assert_eq!(holder(&client).await.as_deref(), Some(leader));
+        let now = renewed(client.clone()).await;
+        if now != last {
+            renewals += 1;
+            last = now;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Only the leader reconciles: the follower's counters stay at zero.

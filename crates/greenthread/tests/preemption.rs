@@ -107,15 +107,11 @@ async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
     let t = Instant::now();
     request(&b).await.unwrap();
     let took = t.elapsed();
-    // maxWaitTime + A's drain + A's sleep + B's wake, with room for scheduling.
-    assert!(
-        took >= Duration::from_millis(300),
-        "waited the fairness time first ({took:?})"
-    );
-    assert!(
-        took < Duration::from_millis(300 + 20 + 20 + 1000),
-        "{took:?}"
-    );
+    // On the paused clock only the policy's wait and the engines' simulated calls take
+    // time: the switch is exactly maxWaitTime (300 ms) + A's sleep (20 ms) + B's wake
+    // (20 ms). A needless poll or a missed wake-up would show here; how long the real
+    // code takes on a real clock is the `local` benchmark's (its model-switch table).
+    assert_eq!(took, Duration::from_millis(300 + 20 + 20));
     assert_eq!(b.state().as_str(), "serving");
     assert_eq!(a.state().as_str(), "sleeping");
     assert!(a_engine.is_asleep());

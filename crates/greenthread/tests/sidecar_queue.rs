@@ -93,7 +93,11 @@ async fn a_request_past_its_deadline_gets_503_with_a_json_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_while_queued_never_reaches_the_engine() {
-    let sc = SidecarProc::start(BIN, "x", &[], &["--h2d-bandwidth", "512Mi"]).await;
+    // The engine's wake waits for this file: the model stays waking until the test says,
+    // however slow the machine.
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("wake");
+    let sc = SidecarProc::start(BIN, "x", &[], &["--wake-gate", gate.to_str().unwrap()]).await;
     let impatient = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_millis(300))
@@ -106,7 +110,7 @@ async fn a_client_that_disconnects_while_queued_never_reaches_the_engine() {
         .await
         .unwrap_err();
     assert!(err.is_timeout());
-    wait_until("the queue to empty", Duration::from_secs(1), || async {
+    wait_until("the queue to empty", Duration::from_secs(10), || async {
         (queue_depth(&sc).await == 0.0).then_some(())
     })
     .await;
@@ -115,6 +119,7 @@ async fn a_client_that_disconnects_while_queued_never_reaches_the_engine() {
         "waking",
         "removed from the queue, not released by the wake"
     );
+    std::fs::write(&gate, b"").unwrap();
     sc.wait_state("serving", Duration::from_secs(10)).await;
     // Only the wake's one-token warm-up reached the engine, not the client's request.
     let engine = sc.engine_metrics().await;

@@ -88,6 +88,10 @@ pub struct SimConfig {
     /// Fault: wake-up calls never return.
     #[arg(long)]
     pub wake_hang: bool,
+    /// Fault: a wake-up call waits until this file exists, so that a test holds a wake
+    /// open for as long as it needs, however loaded the machine.
+    #[arg(long)]
+    pub wake_gate: Option<PathBuf>,
     /// Fault: the process exits right after answering its Nth inference request.
     #[arg(long)]
     pub crash_after_requests: Option<u64>,

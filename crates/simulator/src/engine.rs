@@ -305,6 +305,11 @@ impl SimEngine {
         if self.cfg.wake_hang || hang {
             std::future::pending::<()>().await;
         }
+        if let Some(gate) = &self.cfg.wake_gate {
+            while !gate.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
         let _t = self.transition.lock().await;
         let left = self.wake_failures_left.load(Ordering::SeqCst);
         if left > 0 {
