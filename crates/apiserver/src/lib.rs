@@ -1,7 +1,7 @@
 //! The API server: one OpenAI-compatible endpoint for every model (routed by the
 //! request's `model`, or a `/<model>/v1/…` prefix), `/v1/models` with each model's state
 //! (never waking one), admin REST under `/api/v1`, a server-sent event stream of state
-//! changes, API keys, and metrics.
+//! changes, API keys, metrics, and a status page at `/`.
 
 mod auth;
 pub mod cluster;
@@ -10,6 +10,7 @@ pub mod kube_discovery;
 mod metrics;
 mod replica;
 mod routes;
+mod ui;
 
 use std::{
     collections::BTreeMap,

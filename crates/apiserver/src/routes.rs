@@ -18,7 +18,8 @@ use crate::{ApiServer, Lookup, ModelRoute};
 
 type Shared = Arc<ApiServer>;
 
-/// The API server's routes, each part behind its gate: `/health` open; metrics behind
+/// The API server's routes, each part behind its gate: `/health` and the status page's
+/// files (they hold no data; the page reads the admin API) open; metrics behind
 /// the metrics token (if any); the OpenAI API behind the API keys; `/api/v1` behind the
 /// admin token.
 pub fn router(api: Shared) -> Router {
@@ -48,6 +49,7 @@ pub fn router(api: Shared) -> Router {
     let auth = api.auth.clone();
     Router::new()
         .route("/health", get(|| async { StatusCode::OK }))
+        .merge(crate::ui::router())
         .merge(require(metrics, auth.metrics, "the metrics token"))
         .merge(require(openai, auth.api, "a valid API key"))
         .merge(require(admin, auth.admin, "a valid admin token"))

@@ -129,6 +129,13 @@ async fn each_credential_opens_what_it_is_for() {
         ("metrics, nothing", get("/metrics", None), 401),
         ("metrics, API key", get("/metrics", Some("k1")), 401),
         ("metrics, its token", get("/metrics", Some("scrape")), 200),
+        // The status page's files hold no data (the page reads the admin API with the
+        // token the user enters): open, like /health.
+        ("status page, nothing", get("/", None), 200),
+        ("status page /ui/, nothing", get("/ui/", None), 200),
+        ("status page script, nothing", get("/ui/app.js", None), 200),
+        ("status page style, nothing", get("/ui/app.css", None), 200),
+        ("events, nothing", get("/api/v1/events", None), 401),
     ];
     for (what, req, status) in table {
         let resp = app.clone().call(req).await.unwrap();
@@ -149,4 +156,70 @@ async fn each_credential_opens_what_it_is_for() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["alpha", "team-a/beta", "team-b/beta"]);
+}
+
+#[tokio::test]
+async fn the_status_page_is_served_from_the_binary_with_a_strict_policy() {
+    let app = app(Auth::open());
+    // (path, content type)
+    let table = [
+        ("/", "text/html; charset=utf-8"),
+        ("/ui", "text/html; charset=utf-8"),
+        ("/ui/", "text/html; charset=utf-8"),
+        ("/ui/app.js", "text/javascript; charset=utf-8"),
+        ("/ui/app.css", "text/css; charset=utf-8"),
+        ("/favicon.ico", "image/svg+xml"),
+    ];
+    for (path, kind) in table {
+        let resp = app
+            .clone()
+            .call(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let h = resp.headers();
+        assert_eq!(h["content-type"], kind, "{path}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        // No inline script, nothing from other origins, no framing.
+        for part in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(part), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+    }
+    // The page loads only its own files, and its script sets names as text, never HTML.
+    let body = |path: &'static str| {
+        let app = app.clone();
+        async move {
+            let resp = app
+                .clone()
+                .call(Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            String::from_utf8(
+                resp.into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+            )
+            .unwrap()
+        }
+    };
+    let html = body("/").await;
+    assert!(
+        html.contains(r#"src="/ui/app.js""#) && !html.contains("http"),
+        "{html}"
+    );
+    let js = body("/ui/app.js").await;
+    assert!(
+        !js.contains("innerHTML") && !js.contains("eval("),
+        "the script builds the DOM from text"
+    );
 }
