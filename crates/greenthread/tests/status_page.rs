@@ -5,14 +5,14 @@
 //! (pressed from the keyboard) puts it back to sleep; with an admin token it asks for the
 //! token first. The screenshots are kept under `target/test-artifacts/`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use greenthread_test_support::{LocalProc, chart::repo_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
 /// Runs the browser script; returns what it saw.
-async fn drive(url: &str, shot: &PathBuf, token: Option<&str>) -> serde_json::Value {
+async fn drive(url: &str, shot: &Path, token: Option<&str>) -> serde_json::Value {
     let script = repo_root().join("scripts/ui_check.py");
     let mut args = vec![url.to_string(), shot.display().to_string()];
     args.extend(token.map(str::to_string));
@@ -43,7 +43,7 @@ fn artifact(name: &str) -> PathBuf {
     path
 }
 
-fn assert_png(path: &PathBuf) {
+fn assert_png(path: &Path) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     assert!(
