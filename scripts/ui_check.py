@@ -6,8 +6,9 @@ the DevTools protocol (PyPI websocket-client), against a running `greenthread lo
 
 Checks, each with a deadline: the page loads with no console error and no uncaught
 exception; it lists the four default models, all sleeping; a chat request to one makes
-its row say `serving` within two seconds of the answer; the row's Sleep button, pressed
-from the keyboard, puts it back to sleep; with ADMIN_TOKEN the page first asks for the
+its row say `serving` within two seconds of the answer; a second model on the same GPU
+preempts it and the event log names the preemptor; the second model's Sleep button,
+pressed from the keyboard, puts it back to sleep; with ADMIN_TOKEN the page first asks for the
 token and works once it is entered. Saves a screenshot at SCREENSHOT and prints one
 JSON line (what it saw)."""
 
@@ -166,13 +167,33 @@ def main():
         until("the wake in the event log", 2,
               lambda: "llama-8b: woke in" in b.js("document.getElementById('log').textContent"))
 
+        # mistral-7b shares GPU 0 with llama-8b and does not fit beside it: once llama-8b
+        # has served its minRuntime (10 s), it is preempted, and the log says by whom.
+        import threading
+        other = {}
+
+        def ask_mistral():
+            req = urllib.request.Request(f"{URL}/v1/chat/completions",
+                                         body.replace(b"llama-8b", b"mistral-7b"), headers)
+            with urllib.request.urlopen(req, timeout=120) as r:
+                other["status"] = r.status
+
+        t = threading.Thread(target=ask_mistral)
+        t.start()
+        until("the preemption in the event log", 30,
+              lambda: "llama-8b: preempted by mistral-7b" in b.js("document.getElementById('log').textContent"))
+        until("mistral-7b to show serving", 30, lambda: b.js(ROW_STATES).get("mistral-7b") == "serving")
+        t.join(30)
+        assert other.get("status") == 200, other
+        seen["preemption_logged"] = True
+
         # The Sleep button, from the keyboard: focus it, press Enter.
-        label = b.js("document.querySelector('tr[data-model=\"llama-8b\"] button.sleep').getAttribute('aria-label')")
-        assert label == "Sleep llama-8b", label
-        b.js("document.querySelector('tr[data-model=\"llama-8b\"] button.sleep').focus()")
+        label = b.js("document.querySelector('tr[data-model=\"mistral-7b\"] button.sleep').getAttribute('aria-label')")
+        assert label == "Sleep mistral-7b", label
+        b.js("document.querySelector('tr[data-model=\"mistral-7b\"] button.sleep').focus()")
         b.key("Enter", "Enter", 13)
-        until("llama-8b to show sleeping again", 15, lambda: b.js(ROW_STATES).get("llama-8b") == "sleeping")
-        seen["after_sleep"] = b.js(ROW_STATES)["llama-8b"]
+        until("mistral-7b to show sleeping again", 15, lambda: b.js(ROW_STATES).get("mistral-7b") == "sleeping")
+        seen["after_sleep"] = b.js(ROW_STATES)["mistral-7b"]
 
         # The picture: another model serving, its GPU's record read again (at most once
         # a second), at a desktop width.

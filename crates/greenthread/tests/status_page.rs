@@ -1,9 +1,10 @@
 //! The status page in a real browser: headless Chromium (Debian's package) driven over
 //! the DevTools protocol by `scripts/ui_check.py` against `greenthread local` on its
 //! embedded default. The page loads with no console error, lists the four models asleep,
-//! shows a model serving within two seconds of a chat's answer, and its Sleep button
-//! (pressed from the keyboard) puts it back to sleep; with an admin token it asks for the
-//! token first. The screenshots are kept under `target/test-artifacts/`.
+//! shows a model serving within two seconds of a chat's answer, logs its preemption by
+//! the model that shares its GPU (naming the preemptor), and a Sleep button (pressed from
+//! the keyboard) puts that one back to sleep; with an admin token it asks for the token
+//! first. The screenshots are kept under `target/test-artifacts/`.
 
 use std::path::{Path, PathBuf};
 

@@ -239,7 +239,8 @@ function logEvent(text, at) {
   while (log.children.length > 200) log.lastChild.remove();
 }
 
-// The preemptor that named `pod` its victim, from the last read of the GPU records.
+// Who preempted `pod`: the intent that names it in the last read of the GPU records, or
+// else a pod on one of its GPUs that is waking or waiting for memory at this moment.
 function preemptorOf(pod) {
   for (const g of state.gpus) {
     for (const i of (g.status && g.status.preemptionIntents) || []) {
@@ -247,7 +248,14 @@ function preemptorOf(pod) {
       if (v === pod || v.endsWith("/" + pod)) return i.podName;
     }
   }
-  return null;
+  const gpusOf = (p) => new Set((p.memory.servingBytes || []).map((g) => g.gpu));
+  const pods = state.models.flatMap((m) => m.pods);
+  const victim = pods.find((p) => p.pod === pod);
+  if (!victim) return null;
+  const mine = gpusOf(victim);
+  const waker = pods.find((p) => p.pod !== pod && ["pending", "waking"].includes(podState(p)) &&
+    [...gpusOf(p)].some((g) => mine.has(g)));
+  return waker ? waker.pod : null;
 }
 
 function onState(e) {
