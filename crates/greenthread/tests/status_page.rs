@@ -8,32 +8,21 @@
 
 use std::path::{Path, PathBuf};
 
-use greenthread_test_support::{LocalProc, chart::repo_root};
+use greenthread_test_support::{LocalProc, chart::repo_root, python_script};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
 /// Runs the browser script; returns what it saw.
 async fn drive(url: &str, shot: &Path, token: Option<&str>) -> serde_json::Value {
-    let script = repo_root().join("scripts/ui_check.py");
-    let mut args = vec![url.to_string(), shot.display().to_string()];
-    args.extend(token.map(str::to_string));
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .args(args)
-            .output()
-            .expect("python3")
-    })
+    let shot = shot.display().to_string();
+    let mut args = vec![url, shot.as_str()];
+    args.extend(token);
+    python_script(
+        "ui_check.py",
+        &args,
+        "Debian's chromium and PyPI's websocket-client; scripts/test installs both",
+    )
     .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the browser check failed (needs Debian's chromium and PyPI's websocket-client; scripts/test installs both):\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
 fn artifact(name: &str) -> PathBuf {

@@ -21,7 +21,7 @@ pub use fake_apiserver::FakeApiServer;
 pub use fake_engine::FakeEngine;
 pub use fake_kubelet::FakeKubelet;
 pub use kubectl::{SEED_GPU_JSONPATH, kubectl_jsonpath};
-pub use local::{LocalProc, TEST_CONFIG, openai_script};
+pub use local::{LocalProc, TEST_CONFIG, openai_script, python_script};
 pub use procs::{
     Proc, SidecarProc, free_port, get_json, http, run_ok, scrape, scrape_text, sim_bin,
 };

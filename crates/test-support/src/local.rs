@@ -181,6 +181,15 @@ impl LocalProc {
 /// report last) with `args`; fails the test with its output unless it succeeds, and
 /// returns the report.
 pub async fn openai_script(name: &str, args: &[&str]) -> serde_json::Value {
+    let report = python_script(name, args, "the openai SDK (scripts/test installs it)").await;
+    println!("openai SDK report: {report}");
+    report
+}
+
+/// Runs the Python check `scripts/NAME` with `args`; it prints a JSON report as its last
+/// line. Fails the test with both outputs, and `needs` (what the script depends on),
+/// unless it succeeds; returns the report.
+pub async fn python_script(name: &str, args: &[&str], needs: &str) -> serde_json::Value {
     let script = crate::chart::repo_root().join("scripts").join(name);
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
@@ -188,18 +197,16 @@ pub async fn openai_script(name: &str, args: &[&str]) -> serde_json::Value {
             .arg(script)
             .args(args)
             .output()
-            .expect("python3 with openai (scripts/test installs it)")
+            .expect("python3")
     })
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "the openai SDK run failed:\n{stdout}\n{}",
+        "scripts/{name} failed (it needs {needs}):\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
-    println!("openai SDK report: {report}");
-    report
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
