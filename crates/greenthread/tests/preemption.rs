@@ -112,6 +112,31 @@ async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
     // (20 ms). A needless poll or a missed wake-up would show here; how long the real
     // code takes on a real clock is the `local` benchmark's (its model-switch table).
     assert_eq!(took, Duration::from_millis(300 + 20 + 20));
+    // B's status says where the wake's time went, phase by phase: the fairness wait,
+    // A's drain and sleep, B's engine wake (the warm-up takes no virtual time).
+    let last = &b.status_json()["lastWake"];
+    assert_eq!(last["seconds"], 0.34, "{last}");
+    let phases: Vec<(String, f64)> = last["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["phase"].as_str().unwrap().to_string(),
+                p["seconds"].as_f64().unwrap(),
+            )
+        })
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("fairness wait".to_string(), 0.3),
+            ("victim drain".to_string(), 0.02),
+            ("engine wake".to_string(), 0.02),
+        ],
+        "{last}"
+    );
     assert_eq!(b.state().as_str(), "serving");
     assert_eq!(a.state().as_str(), "sleeping");
     assert!(a_engine.is_asleep());

@@ -131,6 +131,10 @@ pub struct SidecarConfig {
     /// Cold restarts per wake before the queued requests fail.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
+    /// A wake that takes at least this long is logged with its phases (lock wait,
+    /// fairness wait, victim drain, engine wake, warm-up).
+    #[arg(long, default_value = "10s", value_parser = arg::duration)]
+    pub log_slow_wakes: Duration,
     /// Memory to reserve per GPU when waking; measured serving memory when omitted.
     #[arg(long, value_parser = arg::size)]
     pub memory_bytes: Option<u64>,

@@ -246,7 +246,10 @@ impl EngineDriver {
             )
             .await
             {
-                Ok(Ok(())) => self.verify_awake().await,
+                Ok(Ok(())) => {
+                    waiting(WaitReason::WarmingUp);
+                    self.verify_awake().await
+                }
                 Ok(Err(e)) => Err(e.into()),
                 Err(_) => Err(EngineError::Timeout("wake_up").into()),
             };

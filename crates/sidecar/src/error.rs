@@ -98,6 +98,8 @@ pub enum WaitReason {
     Gpu { gpu: u32, why: decide::GpuWait },
     #[error("the engine is waking")]
     EngineWaking,
+    #[error("the engine woke and is answering its warm-up request")]
+    WarmingUp,
     #[error("engine cold restart #{restarts} after: {after}")]
     ColdRestart { restarts: u32, after: String },
     #[error("the model is going to sleep; held until the next wake")]

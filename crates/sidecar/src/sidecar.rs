@@ -60,6 +60,66 @@ struct Life {
     claimed_bytes: u64,
     residual_bytes: Vec<(u32, u64)>,
     serving_bytes: Vec<(u32, u64)>,
+    /// The last wake that served: how long it took from the first request, and where.
+    last_wake: Option<(Duration, Vec<(&'static str, Duration)>)>,
+}
+
+/// Where a wake's time goes, phase by phase, as the reasons its requests wait change.
+struct Phases {
+    current: Option<(&'static str, Instant)>,
+    spent: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            current: None,
+            spent: Vec::new(),
+        }
+    }
+
+    /// The wake is in `phase` from now on (a repeated phase goes on).
+    fn enter(&mut self, phase: &'static str) {
+        if self.current.is_some_and(|(p, _)| p == phase) {
+            return;
+        }
+        self.close();
+        self.current = Some((phase, Instant::now()));
+    }
+
+    fn close(&mut self) {
+        if let Some((phase, since)) = self.current.take() {
+            let d = since.elapsed();
+            match self.spent.iter_mut().find(|(p, _)| *p == phase) {
+                Some((_, total)) => *total += d,
+                None => self.spent.push((phase, d)),
+            }
+        }
+    }
+
+    fn finish(mut self) -> Vec<(&'static str, Duration)> {
+        self.close();
+        self.spent
+    }
+}
+
+/// The phase of a wake whose requests wait for `why`.
+fn phase(why: &WaitReason) -> &'static str {
+    use decide::GpuWait;
+    match why {
+        WaitReason::Gpu { why, .. } => match why {
+            GpuWait::Refused(_) => "lock wait",
+            GpuWait::Fairness { .. } => "fairness wait",
+            GpuWait::Preempting { .. } => "victim drain",
+            GpuWait::Claiming => "claim",
+            GpuWait::NoVictim(_) => "waiting for memory",
+        },
+        WaitReason::EngineWaking => "engine wake",
+        WaitReason::WarmingUp => "warm-up",
+        WaitReason::ColdRestart { .. } => "cold restart",
+        WaitReason::Booting => "boot",
+        WaitReason::Memory | WaitReason::Nothing | WaitReason::GoingToSleep => "claim",
+    }
 }
 
 pub struct Sidecar {
@@ -151,6 +211,7 @@ impl Sidecar {
                 claimed_bytes: 0,
                 residual_bytes: vec![],
                 serving_bytes: vec![],
+                last_wake: None,
             }),
             state_tx: watch::Sender::new(State::Sleeping),
             transitions: broadcast::Sender::new(256),
@@ -213,6 +274,13 @@ impl Sidecar {
                 "servingBytes": per_gpu(&life.serving_bytes),
                 "residualBytes": per_gpu(&life.residual_bytes),
             },
+            "lastWake": life.last_wake.as_ref().map(|(total, phases)| serde_json::json!({
+                "seconds": total.as_secs_f64(),
+                "phases": phases
+                    .iter()
+                    .map(|(p, d)| serde_json::json!({"phase": p, "seconds": d.as_secs_f64()}))
+                    .collect::<Vec<_>>(),
+            })),
         })
     }
 
@@ -357,7 +425,12 @@ impl Sidecar {
             let life = self.life.lock().unwrap();
             (life.reserve_bytes, life.residual_bytes.clone())
         };
-        let waiting = |why| self.set_waiting(why);
+        let phases = Mutex::new(Phases::new());
+        phases.lock().unwrap().enter("claim");
+        let waiting = |why: WaitReason| {
+            phases.lock().unwrap().enter(phase(&why));
+            self.set_waiting(why)
+        };
         let claimed = self
             .ledger
             .claim_all(bytes, &residual, Some(&self.admission), &waiting)
@@ -390,9 +463,18 @@ impl Sidecar {
                 {
                     let mut life = self.life.lock().unwrap();
                     if let Some(since) = life.demand_since.take() {
-                        self.metrics
-                            .wake_duration
-                            .observe(since.elapsed().as_secs_f64());
+                        let took = since.elapsed();
+                        self.metrics.wake_duration.observe(took.as_secs_f64());
+                        let spent =
+                            std::mem::replace(&mut *phases.lock().unwrap(), Phases::new()).finish();
+                        if took >= self.cfg.log_slow_wakes {
+                            let detail: Vec<String> = spent
+                                .iter()
+                                .map(|(p, d)| format!("{p} {:.2} s", d.as_secs_f64()))
+                                .collect();
+                            tracing::info!(model = %self.cfg.model, seconds = took.as_secs_f64(), phases = %detail.join(", "), "slow wake");
+                        }
+                        life.last_wake = Some((took, spent));
                     }
                     life.serving_since = Some(Instant::now());
                     life.residual_bytes.clear();
