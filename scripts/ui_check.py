@@ -164,6 +164,10 @@ def main():
         answered = time.monotonic()
         until("llama-8b to show serving", 2, lambda: b.js(ROW_STATES).get("llama-8b") == "serving")
         seen["serving_after_seconds"] = round(time.monotonic() - answered, 3)
+        # The row's last wake is the sidecar's own account, with its longest phases.
+        seen["last_wake_cell"] = until("llama-8b's last wake with its phases", 3, lambda: (
+            lambda t: t if "engine wake" in t else None)(b.js(
+                "document.querySelector('tr[data-model=\"llama-8b\"] td:nth-of-type(7)').textContent")))
         until("the wake in the event log", 2,
               lambda: "llama-8b: woke in" in b.js("document.getElementById('log').textContent"))
 

@@ -132,7 +132,7 @@ async fn a_model_that_does_not_fit_preempts_after_the_fairness_wait() {
         phases,
         [
             ("fairness wait".to_string(), 0.3),
-            ("victim drain".to_string(), 0.02),
+            ("victim drain and sleep".to_string(), 0.02),
             ("engine wake".to_string(), 0.02),
         ],
         "{last}"

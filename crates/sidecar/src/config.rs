@@ -132,7 +132,7 @@ pub struct SidecarConfig {
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
     /// A wake that takes at least this long is logged with its phases (lock wait,
-    /// fairness wait, victim drain, engine wake, warm-up).
+    /// fairness wait, victim drain and sleep, engine wake, warm-up).
     #[arg(long, default_value = "10s", value_parser = arg::duration)]
     pub log_slow_wakes: Duration,
     /// Memory to reserve per GPU when waking; measured serving memory when omitted.

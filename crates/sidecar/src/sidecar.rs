@@ -110,7 +110,7 @@ fn phase(why: &WaitReason) -> &'static str {
         WaitReason::Gpu { why, .. } => match why {
             GpuWait::Refused(_) => "lock wait",
             GpuWait::Fairness { .. } => "fairness wait",
-            GpuWait::Preempting { .. } => "victim drain",
+            GpuWait::Preempting { .. } => "victim drain and sleep",
             GpuWait::Claiming => "claim",
             GpuWait::NoVictim(_) => "waiting for memory",
         },

@@ -154,7 +154,7 @@ function renderModels() {
         el("td", { class: "num" }, gib(residual)),
         el("td", { class: "num" }, p.queue.depth),
         el("td", { class: "num" }, p.queue.inFlight),
-        el("td", { class: "num" }, wake === undefined ? "–" : wake.toFixed(2) + " s"),
+        el("td", { class: "num" }, wakeText(p, wake)),
         el("td", { class: "num" }, perMinute),
         el("td", {}, action("wake"), action("sleep"))));
     }
@@ -168,6 +168,19 @@ function renderModels() {
     const again = body.querySelector(`tr[data-pod="${CSS.escape(key[0])}"] button.${key[1]}`);
     if (again) again.focus();
   }
+}
+
+// The last wake: the sidecar's own account (`lastWake` in its status: total and phases)
+// when it has one, else the time between the events; its two longest phases in words.
+function wakeText(pod, fromEvents) {
+  const w = pod.lastWake;
+  if (!w) return fromEvents === undefined ? "–" : fromEvents.toFixed(2) + " s";
+  const top = (w.phases || [])
+    .filter((p) => p.seconds >= 0.005)
+    .sort((a, b) => b.seconds - a.seconds)
+    .slice(0, 2)
+    .map((p) => `${p.phase} ${p.seconds.toFixed(2)}`);
+  return w.seconds.toFixed(2) + " s" + (top.length ? ` (${top.join(", ")})` : "");
 }
 
 function renderGpus() {
