@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -173,7 +174,6 @@ def main():
 
         # mistral-7b shares GPU 0 with llama-8b and does not fit beside it: once llama-8b
         # has served its minRuntime (10 s), it is preempted, and the log says by whom.
-        import threading
         other = {}
 
         def ask_mistral():

@@ -20,7 +20,7 @@ use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{GpuRef, Sidecar, SidecarConfig, state::State};
 use greenthread_test_support::{
     FakeEngine, Proc,
-    bench::{ROUNDS, Stats, load, median_round, ms, paired, percentile, wait_http},
+    bench::{ROUNDS, Stats, interleaved, median_round, ms, paired, percentile, wait_http},
     free_port, http,
 };
 
@@ -126,14 +126,7 @@ async fn api_server_overhead(seconds: f64) {
         local.clone(),
     ];
     for conc in [1, 16] {
-        let mut rounds: Vec<[Stats; 3]> = Vec::new();
-        for _ in 0..ROUNDS {
-            let mut round = Vec::new();
-            for t in &targets {
-                round.push(load(t, "inst", 1, conc, seconds).await);
-            }
-            rounds.push(round.try_into().ok().unwrap());
-        }
+        let rounds = interleaved(&targets, "inst", 1, conc, seconds).await;
         let p50 = |x: &Stats| x.p50.as_secs_f64() * 1e3;
         let ratio = |r: &[Stats; 3]| r[2].rps / r[1].rps;
         let [d, sc, api] = median_round(&rounds, ratio);

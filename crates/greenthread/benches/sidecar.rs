@@ -16,7 +16,7 @@ use std::{
 use futures_util::StreamExt;
 use greenthread_test_support::{
     Proc,
-    bench::{ROUNDS, Stats, body, load, median_round, ms, paired, percentile, wait_http},
+    bench::{ROUNDS, Stats, body, interleaved, median_round, ms, paired, percentile, wait_http},
     free_port, http,
 };
 
@@ -322,16 +322,7 @@ async fn main() {
         for conc in [1, 16, 64] {
             let nginx = s.nginx.clone().expect("nginx is required");
             let targets = [s.direct.clone(), s.sidecar.clone(), nginx];
-            // Interleaved so that a slow moment of this shared machine hits every path
-            // of the same round.
-            let mut rounds: Vec<[Stats; 3]> = Vec::new();
-            for _ in 0..ROUNDS {
-                let mut round = Vec::new();
-                for t in &targets {
-                    round.push(load(t, engine.name, engine.max_tokens, conc, seconds).await);
-                }
-                rounds.push(round.try_into().ok().unwrap());
-            }
+            let rounds = interleaved(&targets, engine.name, engine.max_tokens, conc, seconds).await;
             let p50 = |x: &Stats| x.p50.as_secs_f64() * 1e3;
             let ratio = |r: &[Stats; 3]| r[1].rps / r[2].rps;
             let [d, sc, ng] = median_round(&rounds, ratio);

@@ -154,7 +154,9 @@ fn sidecar_monitor_relabelings() -> Vec<(String, String)> {
     for line in first.lines().map(str::trim) {
         if let Some(s) = line.strip_prefix("- sourceLabels: [") {
             source = Some(s.trim_end_matches(']').to_string());
-        } else if let (Some(t), Some(s)) = (line.strip_prefix("targetLabel: "), source.take()) {
+        } else if let Some(t) = line.strip_prefix("targetLabel: ")
+            && let Some(s) = source.take()
+        {
             pairs.push((s, t.to_string()));
         }
     }
@@ -189,12 +191,8 @@ async fn the_rejection_alerts_fire_on_the_series_the_real_sidecar_exports() {
         &["--h2d-bandwidth", "256Mi"],
     )
     .await;
-    for sc in [&broken, &busy] {
-        let model = if std::ptr::eq(sc, &broken) {
-            "broken"
-        } else {
-            "busy"
-        };
+    let sidecars = [(&broken, "broken"), (&busy, "busy")];
+    for (sc, model) in sidecars {
         assert_eq!(sc.chat(model, 2, false).send().await.unwrap().status(), 503);
     }
 
@@ -216,7 +214,7 @@ async fn the_rejection_alerts_fire_on_the_series_the_real_sidecar_exports() {
         ));
     }
     let mut targets = String::new();
-    for (sc, model) in [(&broken, "broken"), (&busy, "busy")] {
+    for (sc, model) in sidecars {
         let address = sc.private.trim_start_matches("http://");
         targets.push_str(&format!(
             "      - targets: ['{address}']\n        labels: {{__meta_kubernetes_namespace: team-a, __meta_kubernetes_pod_name: {model}-7d9f-0, __meta_kubernetes_pod_container_name: sidecar, __meta_kubernetes_pod_container_port_name: metrics, __meta_kubernetes_pod_label_greenthread_ai_model: {model}}}\n"

@@ -192,7 +192,7 @@ impl LedgerClient {
                     .await
                 {
                     Ok(One::Claimed) => claimed.push(k),
-                    other => return self.give_back(k, &claimed, residual, other).await,
+                    other => return self.give_back(k, claimed, residual, other).await,
                 }
             }
             for (k, since) in short_since.iter_mut().enumerate() {
@@ -207,15 +207,11 @@ impl LedgerClient {
                 {
                     Ok(One::Claimed) => claimed.push(k),
                     Ok(One::Blocked) => {
-                        for &c in &claimed {
-                            let g = &self.gpus[c];
-                            self.release(g, held(residual, g.index)).await;
-                        }
-                        claimed.clear();
+                        self.release_claimed(&mut claimed, residual).await;
                         blocked = Some(k);
                         break;
                     }
-                    other => return self.give_back(k, &claimed, residual, other).await,
+                    other => return self.give_back(k, claimed, residual, other).await,
                 }
             }
             if blocked.is_none() {
@@ -229,16 +225,21 @@ impl LedgerClient {
     async fn give_back(
         &self,
         k: usize,
-        claimed: &[usize],
+        mut claimed: Vec<usize>,
         residual: &[(u32, u64)],
         outcome: Result<One, ClaimError>,
     ) -> Result<Claimed, ClaimError> {
         self.withdraw(&self.gpus[k]).await;
-        for &c in claimed {
+        self.release_claimed(&mut claimed, residual).await;
+        outcome.map(|_| Claimed::Abandoned)
+    }
+
+    /// The claims made so far go back: each of those GPUs holds `residual` again.
+    async fn release_claimed(&self, claimed: &mut Vec<usize>, residual: &[(u32, u64)]) {
+        for c in claimed.drain(..) {
             let g = &self.gpus[c];
             self.release(g, held(residual, g.index)).await;
         }
-        outcome.map(|_| Claimed::Abandoned)
     }
 
     /// Claims one GPU. Without `wait`, the first step that would wait returns

@@ -65,19 +65,13 @@ struct Life {
 }
 
 /// Where a wake's time goes, phase by phase, as the reasons its requests wait change.
+#[derive(Default)]
 struct Phases {
     current: Option<(&'static str, Instant)>,
     spent: Vec<(&'static str, Duration)>,
 }
 
 impl Phases {
-    fn new() -> Self {
-        Self {
-            current: None,
-            spent: Vec::new(),
-        }
-    }
-
     /// The wake is in `phase` from now on (a repeated phase goes on).
     fn enter(&mut self, phase: &'static str) {
         if self.current.is_some_and(|(p, _)| p == phase) {
@@ -425,7 +419,7 @@ impl Sidecar {
             let life = self.life.lock().unwrap();
             (life.reserve_bytes, life.residual_bytes.clone())
         };
-        let phases = Mutex::new(Phases::new());
+        let phases = Mutex::new(Phases::default());
         phases.lock().unwrap().enter("claim");
         let waiting = |why: WaitReason| {
             phases.lock().unwrap().enter(phase(&why));
@@ -460,13 +454,12 @@ impl Sidecar {
         match bring_up.await {
             Ok(()) => {
                 self.ledger.mark_serving().await;
+                let spent = std::mem::take(&mut *phases.lock().unwrap()).finish();
                 {
                     let mut life = self.life.lock().unwrap();
                     if let Some(since) = life.demand_since.take() {
                         let took = since.elapsed();
                         self.metrics.wake_duration.observe(took.as_secs_f64());
-                        let spent =
-                            std::mem::replace(&mut *phases.lock().unwrap(), Phases::new()).finish();
                         if took >= self.cfg.log_slow_wakes {
                             let detail: Vec<String> = spent
                                 .iter()

@@ -88,6 +88,26 @@ pub fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
+/// [`ROUNDS`] rounds of [`load`], each running every target back to back, so that a slow
+/// moment of a shared machine hits every path of the same round.
+pub async fn interleaved<const N: usize>(
+    targets: &[String; N],
+    model: &str,
+    max_tokens: u32,
+    concurrency: usize,
+    seconds: f64,
+) -> Vec<[Stats; N]> {
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let mut round = Vec::new();
+        for t in targets {
+            round.push(load(t, model, max_tokens, concurrency, seconds).await);
+        }
+        rounds.push(round.try_into().ok().expect("one result per target"));
+    }
+    rounds
+}
+
 /// A per-round value over paired rounds (each round ran every path back to back), as
 /// "median [min, max]" in `fmt`: never a difference of medians from different rounds,
 /// never clamped.

@@ -10,9 +10,8 @@ const state = {
   gpus: [],
   // pod → {to, at} of its latest state event, newer than the last read of the API.
   live: new Map(),
-  // pod → when its current wake began (ms), and its last wake's duration (s).
+  // pod → when its current wake began (ms), for the chart of waking → serving.
   wakeBegan: new Map(),
-  lastWake: new Map(),
   wakes: [],
   lastRefresh: 0,
   refreshTimer: null,
@@ -126,7 +125,6 @@ function renderModels() {
       const residual = (p.memory.residualBytes || []).reduce((a, g) => a + g.bytes, 0);
       const o = occupant(p.pod);
       const perMinute = o && o.recentRequests ? (o.recentRequests / 10).toFixed(1) : "0";
-      const wake = state.lastWake.get(p.pod);
       const path = `/api/v1/models/${encodeURIComponent(m.namespace)}/${encodeURIComponent(m.name)}`;
       const action = (verb) =>
         el("button", {
@@ -154,7 +152,7 @@ function renderModels() {
         el("td", { class: "num" }, gib(residual)),
         el("td", { class: "num" }, p.queue.depth),
         el("td", { class: "num" }, p.queue.inFlight),
-        el("td", { class: "num" }, wakeText(p, wake)),
+        el("td", { class: "num" }, wakeText(p)),
         el("td", { class: "num" }, perMinute),
         el("td", {}, action("wake"), action("sleep"))));
     }
@@ -170,11 +168,11 @@ function renderModels() {
   }
 }
 
-// The last wake: the sidecar's own account (`lastWake` in its status: total and phases)
-// when it has one, else the time between the events; its two longest phases in words.
-function wakeText(pod, fromEvents) {
+// The last wake as the sidecar accounts for it (`lastWake` in its status: from the first
+// request, with its phases): the total and its two longest phases in words.
+function wakeText(pod) {
   const w = pod.lastWake;
-  if (!w) return fromEvents === undefined ? "–" : fromEvents.toFixed(2) + " s";
+  if (!w) return "–";
   const top = (w.phases || [])
     .filter((p) => p.seconds >= 0.005)
     .sort((a, b) => b.seconds - a.seconds)
@@ -272,27 +270,24 @@ function preemptorOf(pod) {
 }
 
 function onState(e) {
-  const known = state.live.get(e.pod) || {};
   state.live.set(e.pod, { to: e.to, at: e.at });
+  // A stream (re)connected: its first events are a snapshot of every state, not changes.
+  if (e.from === null) return render();
   const t = Date.parse(e.at) || Date.now();
-  if (e.from === null) {
-    if (known.to === undefined) return;
-  }
   if (e.to === "waking") {
     state.wakeBegan.set(e.pod, t);
     logEvent(`${e.model}: waking`, e.at);
   } else if (e.to === "serving" && state.wakeBegan.has(e.pod)) {
     const seconds = (t - state.wakeBegan.get(e.pod)) / 1000;
     state.wakeBegan.delete(e.pod);
-    state.lastWake.set(e.pod, seconds);
     state.wakes.push({ pod: e.pod, seconds });
     logEvent(`${e.model}: woke in ${seconds.toFixed(2)} s`, e.at);
   } else if (e.to === "deactivating" && e.from === "serving") {
     const by = preemptorOf(e.pod);
     logEvent(by ? `${e.model}: preempted by ${by}` : `${e.model}: going to sleep`, e.at);
-  } else if (e.to === "sleeping" && e.from) {
+  } else if (e.to === "sleeping") {
     logEvent(`${e.model}: asleep`, e.at);
-  } else if (e.from) {
+  } else {
     logEvent(`${e.model}: ${e.from} → ${e.to}`, e.at);
   }
   render();
