@@ -30,6 +30,10 @@ pub struct SleepSpec {
     pub drain_timeout: String,
     #[serde(default = "defaults::level")]
     pub level: u8,
+    /// A streamed request waiting this long for a wake starts receiving SSE comments
+    /// (`: waking <model>, 3.0 s`), one every this long; `0s` turns them off.
+    #[serde(default = "defaults::wake_feedback")]
+    pub wake_feedback: String,
 }
 
 impl Default for SleepSpec {
@@ -38,6 +42,7 @@ impl Default for SleepSpec {
             idle_timeout: defaults::idle_timeout(),
             drain_timeout: defaults::drain_timeout(),
             level: 1,
+            wake_feedback: defaults::wake_feedback(),
         }
     }
 }
@@ -87,6 +92,7 @@ impl Default for FairnessSpec {
 #[x_kube(validation = Rule::new("self.gpuMemoryUtilization.matches('^[0-9]*[.]?[0-9]+$') && double(self.gpuMemoryUtilization) > 0.0 && double(self.gpuMemoryUtilization) <= 1.0").message("gpuMemoryUtilization must be a number in (0, 1], e.g. \"0.90\""))]
 #[x_kube(validation = Rule::new("self.sleep.level in [1, 2]").message("sleep.level must be 1 (offload weights to CPU) or 2 (discard weights)"))]
 #[x_kube(validation = Rule::new("self.sleep.idleTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && self.sleep.drainTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("sleep.idleTimeout and sleep.drainTimeout must be durations such as 500ms, 30s or 5m"))]
+#[x_kube(validation = Rule::new("self.sleep.wakeFeedback.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("sleep.wakeFeedback must be a duration such as 3s (0s turns it off)"))]
 #[x_kube(validation = Rule::new("self.fairness.minRuntime.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && self.fairness.maxWaitTime.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("fairness.minRuntime and fairness.maxWaitTime must be durations such as 500ms, 30s or 5m"))]
 #[x_kube(validation = Rule::new("self.engine != 'process' || (has(self.command) && size(self.command) > 0)").message("engine process needs a command to run"))]
 #[x_kube(validation = Rule::new("self.replicas >= 1").message("replicas must be at least 1"))]
@@ -107,6 +113,10 @@ pub struct ModelSpec {
     pub tensor_parallel_size: u32,
     #[serde(default = "defaults::one")]
     pub replicas: u32,
+    /// Requests the API server has outstanding on every serving replica at which it
+    /// wakes a sleeping one (0: never); requests go to the least loaded serving replica.
+    #[serde(default = "defaults::scale_out")]
+    pub scale_out: u32,
     #[serde(default)]
     pub quantization: String,
     #[serde(default)]
@@ -171,6 +181,9 @@ mod defaults {
     pub fn drain_timeout() -> String {
         "30s".into()
     }
+    pub fn wake_feedback() -> String {
+        "3s".into()
+    }
     pub fn level() -> u8 {
         1
     }
@@ -189,6 +202,9 @@ mod defaults {
     pub fn one() -> u32 {
         1
     }
+    pub fn scale_out() -> u32 {
+        8
+    }
 }
 
 /// A spec field that is wrong, and why.
@@ -206,6 +222,7 @@ pub struct ValidModel {
     pub gpu_memory_utilization: f64,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    pub wake_feedback: Duration,
     pub min_runtime: Duration,
     pub max_wait_time: Duration,
 }
@@ -272,6 +289,7 @@ impl ModelSpec {
         };
         let idle_timeout = dur("sleep.idleTimeout", &self.sleep.idle_timeout);
         let drain_timeout = dur("sleep.drainTimeout", &self.sleep.drain_timeout);
+        let wake_feedback = dur("sleep.wakeFeedback", &self.sleep.wake_feedback);
         let min_runtime = dur("fairness.minRuntime", &self.fairness.min_runtime);
         let max_wait_time = dur("fairness.maxWaitTime", &self.fairness.max_wait_time);
         if !errors.is_empty() {
@@ -282,6 +300,7 @@ impl ModelSpec {
             gpu_memory_utilization: utilization,
             idle_timeout,
             drain_timeout,
+            wake_feedback,
             min_runtime,
             max_wait_time,
         })
@@ -315,6 +334,7 @@ mod tests {
             (Duration::from_secs(10), Duration::from_secs(5))
         );
         assert_eq!(s.sleep.level, 1);
+        assert_eq!(v.wake_feedback, Duration::from_secs(3));
         assert!(!s.fairness.popular);
     }
 
@@ -325,7 +345,7 @@ mod tests {
             "gpuMemoryUtilization": "1.5",
             "tensorParallelSize": 3,
             "replicas": 0,
-            "sleep": {"idleTimeout": "soon", "level": 3},
+            "sleep": {"idleTimeout": "soon", "level": 3, "wakeFeedback": "often"},
             "fairness": {"maxWaitTime": "5 parsecs"},
         }))
         .unwrap();
@@ -340,6 +360,7 @@ mod tests {
                 "models[2].spec.replicas",
                 "models[2].spec.sleep.level",
                 "models[2].spec.sleep.idleTimeout",
+                "models[2].spec.sleep.wakeFeedback",
                 "models[2].spec.fairness.maxWaitTime",
             ]
         );

@@ -134,16 +134,13 @@ fn routes(
                             admin: pools.get(&private, true)?,
                             states: states.clone(),
                         },
+                        outstanding: Default::default(),
                     })
                 })
                 .collect();
             replicas.sort_by(|a, b| a.pod.cmp(&b.pod));
-            ModelRoute {
-                namespace: ns,
-                name,
-                model_name: m.spec.model_name.clone(),
-                replicas,
-            }
+            ModelRoute::new(ns, name, m.spec.model_name.clone(), replicas)
+                .with_scale_out(m.spec.scale_out as usize)
         })
         .collect()
 }

@@ -4,6 +4,7 @@
 //! changes, API keys, metrics, and a status page at `/`.
 
 mod auth;
+pub mod balance;
 pub mod cluster;
 mod events;
 pub mod kube_discovery;
@@ -14,7 +15,10 @@ mod ui;
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use greenthread_ledger::Ledger;
@@ -36,26 +40,69 @@ pub struct ModelRoute {
     /// The engine's model id (also accepted as `model`).
     pub model_name: String,
     pub replicas: Vec<Replica>,
+    /// Requests outstanding on every serving replica at which another one wakes
+    /// (`spec.scaleOut`; 0: never). See [`balance`].
+    pub scale_out: usize,
+    /// Advanced per request: round-robin among equals, and the two choices.
+    turn: AtomicU64,
+    /// A scale-out wake is under way from here.
+    scaling: Arc<AtomicBool>,
 }
 
 impl ModelRoute {
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        model_name: impl Into<String>,
+        replicas: Vec<Replica>,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            model_name: model_name.into(),
+            replicas,
+            scale_out: 0,
+            turn: AtomicU64::new(0),
+            scaling: Arc::default(),
+        }
+    }
+
+    pub fn with_scale_out(self, scale_out: usize) -> Self {
+        Self { scale_out, ..self }
+    }
+
     /// `namespace/name`: unique across the cluster.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// A serving replica if there is one (no wake needed), else the first; none while
-    /// no replica runs yet.
-    pub fn pick(&self) -> Option<&Replica> {
-        self.replicas
-            .iter()
-            .find(|r| r.state() == "serving")
-            .or(self.replicas.first())
+    /// Where the next request goes ([`balance::choose`]); none while no replica runs
+    /// yet. Starts a scale-out wake when the decision asks for one.
+    pub fn pick(self: &Arc<Self>) -> Option<&Replica> {
+        let loads: Vec<balance::Load> = self.replicas.iter().map(Replica::load).collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let pick = balance::choose(&loads, self.scale_out, turn)?;
+        if let Some(w) = pick.wake
+            && !self.scaling.swap(true, Ordering::AcqRel)
+        {
+            let route = self.clone();
+            tokio::spawn(async move {
+                let replica = &route.replicas[w];
+                tracing::info!(model = %route.name, pod = %replica.pod, "every serving replica is busy: waking another");
+                let _ = replica.wake().await;
+                route.scaling.store(false, Ordering::Release);
+            });
+        }
+        Some(&self.replicas[pick.send])
     }
 
-    /// `serving` if any replica serves, else the first replica's state.
+    /// `serving` if any replica serves, else that of the replica a request would go to.
     pub fn state(&self) -> &'static str {
-        self.pick().map_or("pending", Replica::state)
+        if self.replicas.iter().any(|r| r.state() == "serving") {
+            return "serving";
+        }
+        let loads: Vec<balance::Load> = self.replicas.iter().map(Replica::load).collect();
+        balance::choose(&loads, 0, 0).map_or("pending", |p| self.replicas[p.send].state())
     }
 }
 

@@ -3,7 +3,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use axum::{
@@ -51,6 +54,50 @@ pub struct Replica {
     pub pod: String,
     pub forwarder: Arc<Forwarder>,
     pub backend: Backend,
+    /// Requests this server has sent here whose answers have not ended.
+    pub outstanding: Arc<AtomicUsize>,
+}
+
+/// One outstanding request on a replica, until dropped.
+struct Outstanding(Arc<AtomicUsize>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that counts as outstanding until it ends or is dropped: a stream is
+/// outstanding for as long as it runs, not only until its headers.
+struct Tracked {
+    inner: Body,
+    guard: Option<Outstanding>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        // Both fields are Unpin (axum's body is boxed).
+        let this = self.get_mut();
+        let frame = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = frame {
+            this.guard.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// What a remote sidecar is before its GPU record shows it.
@@ -79,6 +126,15 @@ impl Replica {
             pod,
             forwarder,
             backend: Backend::Local(sidecar),
+            outstanding: Arc::default(),
+        }
+    }
+
+    /// What the balancer sees of this replica.
+    pub fn load(&self) -> crate::balance::Load {
+        crate::balance::Load {
+            state: self.state(),
+            outstanding: self.outstanding.load(Ordering::Relaxed),
         }
     }
 
@@ -99,8 +155,21 @@ impl Replica {
         }
     }
 
-    /// Sends one inference request through this replica (waking it as needed).
+    /// Sends one inference request through this replica (waking it as needed); it is
+    /// outstanding here until its answer ends.
     pub async fn relay(&self, parts: &http::request::Parts, body: Bytes) -> Response {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        let guard = Outstanding(self.outstanding.clone());
+        let resp = self.relay_untracked(parts, body).await;
+        resp.map(|inner| {
+            Body::new(Tracked {
+                inner,
+                guard: Some(guard),
+            })
+        })
+    }
+
+    async fn relay_untracked(&self, parts: &http::request::Parts, body: Bytes) -> Response {
         match &self.backend {
             Backend::Local(s) => relay(s, &self.forwarder, parts, body).await,
             Backend::Remote { .. } => match self.forwarder.forward(parts, body, ()).await {

@@ -9,7 +9,7 @@ use axum::{
     routing::{get, post},
 };
 use futures_util::StreamExt;
-use greenthread_edge::{ApiError, echo, read_body, require};
+use greenthread_edge::{ApiError, echo, multipart, read_body, require};
 use greenthread_sidecar::{api_error, public_path};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
@@ -112,17 +112,68 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// The body with its `model` value replaced by `name` (the engine's own id), every other
-/// byte as it was.
-fn with_model(body: &Bytes, raw: &RawValue, name: &str) -> Bytes {
-    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-    let end = start + raw.get().len();
-    let name = serde_json::to_string(name).expect("a string serializes");
-    let mut out = Vec::with_capacity(body.len() - (end - start) + name.len());
-    out.extend_from_slice(&body[..start]);
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(&body[end..]);
+/// `body` with the bytes at `at` replaced by `with`, every other byte as it was.
+fn splice(body: &Bytes, at: std::ops::Range<usize>, with: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() - at.len() + with.len());
+    out.extend_from_slice(&body[..at.start]);
+    out.extend_from_slice(with);
+    out.extend_from_slice(&body[at.end..]);
     Bytes::from(out)
+}
+
+/// Where a request names its model: the `model` of a JSON body, or the `model` field of
+/// a `multipart/form-data` one (OpenAI's audio endpoints).
+enum Named<'a> {
+    Json(std::borrow::Cow<'a, str>, std::ops::Range<usize>),
+    Form(&'a str, std::ops::Range<usize>),
+}
+
+impl Named<'_> {
+    fn model(&self) -> &str {
+        match self {
+            Named::Json(m, _) => m,
+            Named::Form(m, _) => m,
+        }
+    }
+
+    /// The body naming `name` instead (the engine's own id).
+    fn rename(self, body: &Bytes, name: &str) -> Bytes {
+        match self {
+            Named::Json(_, at) => {
+                let name = serde_json::to_string(name).expect("a string serializes");
+                splice(body, at, name.as_bytes())
+            }
+            Named::Form(_, at) => splice(body, at, name.as_bytes()),
+        }
+    }
+}
+
+/// The model a request body names, or the 400 that says why it names none.
+fn named<'a>(headers: &http::HeaderMap, body: &'a Bytes) -> Result<Named<'a>, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if let Some(boundary) = multipart::boundary(content_type) {
+        let bad = |e: multipart::MultipartError| {
+            ApiError::bad_request(format!("request body is not a valid form: {e}"))
+        };
+        let at = multipart::field(body, boundary.map_err(bad)?, "model")
+            .map_err(bad)?
+            .ok_or_else(|| ApiError::bad_request("the form has no `model` field"))?;
+        let model = std::str::from_utf8(&body[at.clone()])
+            .map_err(|_| ApiError::bad_request("the form's `model` must be UTF-8 text"))?;
+        return Ok(Named::Form(model, at));
+    }
+    let field: ModelField = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let raw = field
+        .model
+        .ok_or_else(|| ApiError::bad_request("the request body has no `model` field (a string)"))?;
+    let model = serde_json::from_str::<std::borrow::Cow<str>>(raw.get())
+        .map_err(|_| ApiError::bad_request("the request body's `model` must be a string"))?;
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    Ok(Named::Json(model, start..start + raw.get().len()))
 }
 
 async fn by_body(State(api): State<Shared>, req: Request) -> Response {
@@ -134,28 +185,17 @@ async fn by_body(State(api): State<Shared>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let field: ModelField = match serde_json::from_slice(&body) {
-        Ok(f) => f,
-        Err(e) => {
-            return ApiError::bad_request(format!("request body is not valid JSON: {e}"))
-                .into_response();
-        }
+    let named = match named(&parts.headers, &body) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
-    let Some(raw) = field.model else {
-        return ApiError::bad_request("the request body has no `model` field (a string)")
-            .into_response();
-    };
-    let Ok(model) = serde_json::from_str::<std::borrow::Cow<str>>(raw.get()) else {
-        return ApiError::bad_request("the request body's `model` must be a string")
-            .into_response();
-    };
-    let route = match resolve(&api, &model) {
+    let route = match resolve(&api, named.model()) {
         Ok(r) => r,
         Err(e) => return refused(&api, e),
     };
     // The engine knows its model by its own id.
-    let body = if *model != route.model_name {
-        with_model(&body, raw, &route.model_name)
+    let body = if named.model() != route.model_name {
+        named.rename(&body, &route.model_name)
     } else {
         body
     };
@@ -213,7 +253,7 @@ fn refused(api: &ApiServer, e: ApiError) -> Response {
 
 async fn send(
     api: &ApiServer,
-    route: &ModelRoute,
+    route: &Arc<ModelRoute>,
     parts: http::request::Parts,
     body: Bytes,
 ) -> Response {
@@ -458,24 +498,43 @@ mod tests {
 
     #[test]
     fn the_model_is_replaced_in_place_and_nothing_else_moves() {
+        let json = http::HeaderMap::new();
         let body = Bytes::from_static(
             br#"{"messages":[{"role":"user","content":"\"model\": x"}], "model" : "alpha","stream":true}"#,
         );
-        let f: ModelField = serde_json::from_slice(&body).unwrap();
-        let out = with_model(&body, f.model.unwrap(), "org/\"alpha\"");
+        let n = named(&json, &body).unwrap();
+        assert_eq!(n.model(), "alpha");
+        let out = n.rename(&body, "org/\"alpha\"");
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"messages":[{"role":"user","content":"\"model\": x"}], "model" : "org/\"alpha\"","stream":true}"#
         );
-        assert!(serde_json::from_slice::<ModelField>(br#"{"model":"a","model":"b"}"#).is_err());
+        let error = |h: &http::HeaderMap, b: &'static [u8]| {
+            named(h, &Bytes::from_static(b)).err().unwrap().message
+        };
+        assert!(error(&json, br#"{"model":"a","model":"b"}"#).contains("duplicate field"));
         // `null` is a model that is not a string, not a missing one.
-        let f: ModelField = serde_json::from_slice(br#"{"model": null}"#).unwrap();
-        assert_eq!(f.model.unwrap().get(), "null");
-        assert!(
-            serde_json::from_slice::<ModelField>(b"{}")
-                .unwrap()
-                .model
-                .is_none()
+        assert!(error(&json, br#"{"model": null}"#).contains("must be a string"));
+        assert!(error(&json, b"{}").contains("no `model` field"));
+
+        // A form: the field's bytes, and only them, change.
+        let mut form = http::HeaderMap::new();
+        form.insert(
+            header::CONTENT_TYPE,
+            "multipart/form-data; boundary=XyZ".parse().unwrap(),
         );
+        let body = Bytes::from_static(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF model\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nalpha\r\n--XyZ--\r\n",
+        );
+        let n = named(&form, &body).unwrap();
+        assert_eq!(n.model(), "alpha");
+        assert_eq!(
+            n.rename(&body, "org/alpha"),
+            Bytes::from_static(
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF model\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\norg/alpha\r\n--XyZ--\r\n"
+            )
+        );
+        assert!(error(&form, b"--XyZ--\r\n").contains("no `model` field"));
+        assert!(error(&form, b"{\"model\":\"alpha\"}").contains("not a valid form"));
     }
 }

@@ -34,6 +34,19 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The credential a request presents: `Authorization: Bearer <token>`, or, as Anthropic's
+/// SDKs send it, `x-api-key: <token>`.
+pub fn credential(headers: &HeaderMap) -> Option<&str> {
+    bearer(headers).or_else(|| {
+        headers
+            .get("x-api-key")?
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    })
+}
+
 /// `Bearer <token>` as a header value marked sensitive (kept out of debug output);
 /// `None` when the token has characters a header cannot hold.
 pub fn bearer_value(token: &str) -> Option<http::HeaderValue> {
@@ -70,7 +83,7 @@ impl Gate {
         match self {
             Self::Open => true,
             Self::Tokens(tokens) => {
-                let Some(given) = bearer(headers) else {
+                let Some(given) = credential(headers) else {
                     return false;
                 };
                 tokens
@@ -108,7 +121,7 @@ fn unauthorized(what: &str) -> Response {
     let mut r = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "invalid_api_key",
-        format!("this endpoint needs {what} as `Authorization: Bearer …`"),
+        format!("this endpoint needs {what} as `Authorization: Bearer …` (or `x-api-key: …`)"),
     )
     .into_response();
     r.headers_mut().insert(
@@ -158,5 +171,15 @@ mod tests {
         assert_eq!(v, "Bearer k1");
         assert!(v.is_sensitive());
         assert!(bearer_value("k\n1").is_none());
+        // Anthropic's header is a credential too, Bearer first when both are given.
+        let mut m = HeaderMap::new();
+        m.insert("x-api-key", " bb ".parse().unwrap());
+        assert_eq!(credential(&m), Some("bb"));
+        assert!(gate.allows(&m));
+        m.insert(header::AUTHORIZATION, "Bearer a".parse().unwrap());
+        assert_eq!(credential(&m), Some("a"));
+        m.insert("x-api-key", " ".parse().unwrap());
+        m.remove(header::AUTHORIZATION);
+        assert_eq!(credential(&m), None);
     }
 }

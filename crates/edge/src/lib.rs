@@ -9,6 +9,7 @@ mod body;
 mod config;
 mod error;
 mod metrics;
+pub mod multipart;
 mod paths;
 mod redact;
 mod secret;
@@ -16,7 +17,7 @@ mod server;
 mod shutdown;
 pub mod transport;
 
-pub use auth::{Gate, bearer, bearer_value, ct_eq, require};
+pub use auth::{Gate, bearer, bearer_value, credential, ct_eq, require};
 pub use body::{BodyError, read_body};
 pub use config::EdgeConfig;
 pub use error::{ApiError, api_error, echo};

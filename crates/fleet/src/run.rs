@@ -338,15 +338,14 @@ impl Fleet {
         models
             .iter()
             .enumerate()
-            .map(|(m, (name, model))| ModelRoute {
-                namespace: "sim".into(),
-                name: name.clone(),
-                model_name: model.spec.model_name.clone(),
-                replicas: slots
+            .map(|(m, (name, model))| {
+                let replicas = slots
                     .iter()
                     .filter(|s| s.model == m)
                     .map(|s| Replica::local(s.pod.clone(), s.sidecar(), s.forwarder.clone()))
-                    .collect(),
+                    .collect();
+                ModelRoute::new("sim", name, &model.spec.model_name, replicas)
+                    .with_scale_out(model.spec.scale_out as usize)
             })
             .collect()
     }
@@ -436,6 +435,9 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
             );
             let cfg = SidecarConfig {
                 preemption: setup.preemption,
+                // The simulated clients read answers, not comments: a comment would
+                // count as a first token, and a refusal after it as a cut-off answer.
+                wake_feedback: std::time::Duration::ZERO,
                 ..cfg
             };
             let forwarder = engine_forwarder(&cfg, &url)?.with_connector(Connector::Memory(addr));

@@ -117,6 +117,7 @@ async fn f02_client_credentials_never_reach_the_engine() {
             .bearer_auth("user-key")
             .header("cookie", "session=abc")
             .header("proxy-authorization", "Basic dXNlcjpwYXNz")
+            .header("x-api-key", "user-key")
             .header("x-team-secret", "t0p")
             .header("x-request-id", "r-1")
     };
@@ -130,7 +131,12 @@ async fn f02_client_credentials_never_reach_the_engine() {
     let r = with_credentials(&sc).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let headers = seen(&sc).await;
-    for h in ["authorization", "cookie", "proxy-authorization"] {
+    for h in [
+        "authorization",
+        "cookie",
+        "proxy-authorization",
+        "x-api-key",
+    ] {
         assert!(
             headers.get(h).is_none(),
             "{h} reached the engine: {headers}"

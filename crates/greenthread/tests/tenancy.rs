@@ -133,15 +133,17 @@ async fn routes_are_distinct_and_a_shared_name_is_a_conflict_not_a_guess() {
     let (a, _) = sidecar(l.clone(), "team-a", &[]).await;
     let (b, _) = sidecar(l.clone(), "team-b", &[]).await;
     let (solo, _) = sidecar(l.clone(), "team-c", &["--pod-name", "solo-0"]).await;
-    let route = |ns: &str, name: &str, sc: &Arc<Sidecar>| ModelRoute {
-        namespace: ns.into(),
-        name: name.into(),
-        model_name: "org/llama".into(),
-        replicas: vec![Replica::local(
-            sc.pod.clone(),
-            sc.clone(),
-            Arc::new(Forwarder::new("http://127.0.0.1:9").unwrap()),
-        )],
+    let route = |ns: &str, name: &str, sc: &Arc<Sidecar>| {
+        ModelRoute::new(
+            ns,
+            name,
+            "org/llama",
+            vec![Replica::local(
+                sc.pod.clone(),
+                sc.clone(),
+                Arc::new(Forwarder::new("http://127.0.0.1:9").unwrap()),
+            )],
+        )
     };
     let mut registry = Registry::default();
     let families = SidecarFamilies::register(&mut registry);

@@ -135,6 +135,11 @@ pub struct SidecarConfig {
     /// fairness wait, victim drain and sleep, engine wake, warm-up).
     #[arg(long, default_value = "10s", value_parser = arg::duration)]
     pub log_slow_wakes: Duration,
+    /// A streamed request that waits this long for a wake gets its answer started as an
+    /// event stream of SSE comments (`: waking <model>, 3.0 s`), one every this long,
+    /// until the engine answers; 0s turns it off.
+    #[arg(long, default_value = "3s", value_parser = arg::duration)]
+    pub wake_feedback: Duration,
     /// Memory to reserve per GPU when waking; measured serving memory when omitted.
     #[arg(long, value_parser = arg::size)]
     pub memory_bytes: Option<u64>,
@@ -282,6 +287,7 @@ impl SidecarConfig {
         cfg.pod_name = at.pod_name;
         cfg.idle_timeout = model.idle_timeout;
         cfg.drain_timeout = model.drain_timeout;
+        cfg.wake_feedback = model.wake_feedback;
         cfg.sleep_level = model.spec.sleep.level;
         cfg.min_runtime = model.min_runtime;
         cfg.max_wait_time = model.max_wait_time;
@@ -321,6 +327,8 @@ impl SidecarConfig {
             format_duration(self.idle_timeout),
             "--drain-timeout".into(),
             format_duration(self.drain_timeout),
+            "--wake-feedback".into(),
+            format_duration(self.wake_feedback),
             "--sleep-level".into(),
             self.sleep_level.to_string(),
             "--min-runtime".into(),

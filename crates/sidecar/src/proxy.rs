@@ -33,10 +33,12 @@ pub enum ForwardError {
 const MAX_IDLE: usize = 64;
 
 /// Request headers that carry a client's credentials: they stop at our edge.
-const CREDENTIALS: [header::HeaderName; 3] = [
+/// `x-api-key` is how Anthropic's SDKs send a key.
+const CREDENTIALS: [header::HeaderName; 4] = [
     header::AUTHORIZATION,
     header::COOKIE,
     header::PROXY_AUTHORIZATION,
+    header::HeaderName::from_static("x-api-key"),
 ];
 
 pub(crate) type EngineConn = SendRequest<Full<Bytes>>;

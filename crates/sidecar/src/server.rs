@@ -153,6 +153,149 @@ pub async fn relay(
     parts: &http::request::Parts,
     body: bytes::Bytes,
 ) -> Response {
+    let every = sidecar.cfg.wake_feedback;
+    if !every.is_zero() && !sidecar.serving() && wants_stream(&body) {
+        // Boxed, as below.
+        return Box::pin(relay_with_feedback(sidecar, forwarder, parts, body, every)).await;
+    }
+    relay_request(sidecar, forwarder, parts, body).await
+}
+
+/// Whether a JSON body asks for a streamed answer (`"stream": true`).
+fn wants_stream(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Stream {
+        #[serde(default)]
+        stream: bool,
+    }
+    serde_json::from_slice::<Stream>(body).is_ok_and(|s| s.stream)
+}
+
+/// [`relay`] for a streamed request that may wait for a wake: an answer that is not
+/// ready within `every` is started at once as an event stream of SSE comment lines
+/// (`: waking org/model, 3.0 s`), one every `every`, so that clients and proxies with
+/// idle timeouts keep the request, then carries the engine's events. SSE clients (the
+/// openai SDK among them) skip comments. A refusal after that point can no longer be a
+/// status: it ends the stream as an `error` event, as OpenAI's streams carry errors.
+async fn relay_with_feedback(
+    sidecar: &Arc<Sidecar>,
+    forwarder: &Forwarder,
+    parts: &http::request::Parts,
+    body: bytes::Bytes,
+    every: std::time::Duration,
+) -> Response {
+    let started = tokio::time::Instant::now();
+    let mut answer = {
+        let (sidecar, forwarder, parts) = (sidecar.clone(), forwarder.clone(), parts.clone());
+        tokio::spawn(async move { relay_request(&sidecar, &forwarder, &parts, body).await })
+    };
+    // Aborts the request (its queue place, or its engine exchange) when the client goes.
+    let abort = AbortOnDrop(answer.abort_handle());
+    tokio::select! {
+        done = &mut answer => return done.unwrap_or_else(|e| lost(&e)),
+        () = tokio::time::sleep(every) => {}
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let sidecar = sidecar.clone();
+    tokio::spawn(async move {
+        let _abort = abort;
+        let mut tick = tokio::time::interval_at(started + every, every);
+        let resp = loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                done = &mut answer => break done.unwrap_or_else(|e| lost(&e)),
+                _ = tick.tick() => {
+                    let doing = if sidecar.serving() { "waiting for" } else { "waking" };
+                    let line = format!(": {doing} {}, {:.1} s\n\n", sidecar.cfg.model, started.elapsed().as_secs_f64());
+                    if tx.send(line.into()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        if resp.status() != StatusCode::OK || !is_event_stream(resp.headers()) {
+            let error = error_of(resp).await;
+            let _ = tx.send(resume::error_event(&error).into()).await;
+            return;
+        }
+        let mut upstream = resp.into_body();
+        use http_body_util::BodyExt;
+        loop {
+            let frame = tokio::select! {
+                // The client went away: dropping the engine's stream aborts it there.
+                () = tx.closed() => return,
+                frame = upstream.frame() => frame,
+            };
+            match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && tx.send(data).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                // The engine's stream broke: the client's ends too, as it would have.
+                Some(Err(_)) | None => return,
+            }
+        }
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(events))
+        .expect("static headers are valid")
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The answer to a request whose relaying task panicked.
+fn lost(e: &tokio::task::JoinError) -> Response {
+    api_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        format!("the request was lost: {e}"),
+    )
+}
+
+/// The OpenAI-style error a refusal carries (ours or the engine's), or ours naming its
+/// status when its body is not one.
+async fn error_of(resp: Response) -> serde_json::Value {
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+        .await
+        .unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .filter(|v| v.get("error").is_some())
+        .unwrap_or_else(|| {
+            ApiError::new(
+                status,
+                "engine_error",
+                format!("the engine answered {status}"),
+            )
+            .body()
+        })
+}
+
+/// [`relay`] without wake feedback.
+async fn relay_request(
+    sidecar: &Arc<Sidecar>,
+    forwarder: &Forwarder,
+    parts: &http::request::Parts,
+    body: bytes::Bytes,
+) -> Response {
     if sidecar.cfg.preemption == Preemption::Resume
         && let Some(r) = resume::resumable(parts.uri.path(), &body)
     {
@@ -311,23 +454,8 @@ async fn pump(
         };
         let resp = relay_leg(&sidecar, &forwarder, &parts, next.into(), Some(&mut pause)).await;
         if resp.status() != StatusCode::OK || !is_event_stream(resp.headers()) {
-            // The refusal goes to the client as it came (ours or the engine's), or ours
-            // when it is not an OpenAI-style error.
-            let status = resp.status();
-            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
-                .await
-                .unwrap_or_default();
-            let error = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .filter(|v| v.get("error").is_some())
-                .unwrap_or_else(|| {
-                    ApiError::new(
-                        status,
-                        "engine_error",
-                        format!("the continuation got {status}"),
-                    )
-                    .body()
-                });
+            // The refusal goes to the client as it came (ours or the engine's).
+            let error = error_of(resp).await;
             let _ = tx.send(resume::error_event(&error).into()).await;
             return;
         }

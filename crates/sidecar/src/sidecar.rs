@@ -233,6 +233,12 @@ impl Sidecar {
         self.transitions.subscribe()
     }
 
+    /// Whether the model serves now, without the life lock (a read of the published
+    /// state): cheap enough for every request.
+    pub fn serving(&self) -> bool {
+        *self.state_tx.borrow() == State::Serving
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<State> {
         self.state_tx.subscribe()
     }

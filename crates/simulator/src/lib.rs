@@ -2,6 +2,7 @@
 //! bandwidths, whose memory lives on a simulated GPU, and which can misbehave on purpose.
 
 mod config;
+mod endpoints;
 mod engine;
 mod metrics;
 mod openai;

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::{
-    AsleepBehavior, SimConfig,
+    AsleepBehavior, SimConfig, endpoints,
     engine::{EngineError, SimEngine},
     openai::{self, InferenceRequest, Kind},
 };
@@ -49,6 +49,14 @@ pub fn router(engine: Shared) -> Router {
         )
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(endpoints::embeddings))
+        .route("/v1/responses", post(endpoints::responses))
+        .route("/v1/messages", post(endpoints::messages))
+        .route("/v1/rerank", post(endpoints::rerank))
+        .route("/v2/rerank", post(endpoints::rerank))
+        .route("/rerank", post(endpoints::rerank))
+        .route("/v1/audio/transcriptions", post(endpoints::transcriptions))
+        .route("/v1/audio/translations", post(endpoints::transcriptions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
@@ -122,7 +130,7 @@ pub async fn bind_and_serve(cfg: SimConfig) -> anyhow::Result<()> {
     result.map_err(Into::into)
 }
 
-fn error(status: StatusCode, message: impl AsRef<str>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl AsRef<str>) -> Response {
     let kind = if status.is_client_error() {
         "BadRequestError"
     } else {
@@ -293,7 +301,9 @@ async fn last_request_headers(State(e): State<Shared>) -> Response {
     Json(e.last_headers()).into_response()
 }
 
-async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
+/// What every inference request goes through before its answer: counted, then the
+/// faults that hang it (`--hang-after-requests`).
+pub(crate) async fn arrive(e: &SimEngine, body: &Bytes) {
     e.metrics.inference_requests.inc();
     let served = e.count_request();
     if e.cfg.print_requests {
@@ -303,30 +313,27 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
     if e.cfg.hang_after_requests.is_some_and(|n| served > n) {
         std::future::pending::<()>().await;
     }
-    let req: InferenceRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(err) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request body: {err}"),
-            );
-        }
-    };
-    if let Some(m) = &req.model
-        && !e.cfg.names().contains(&m.as_str())
+}
+
+/// Whether the engine can answer a request for `model` now: an unknown model is 404, a
+/// sleeping engine errs (or hangs), a wedged one never answers, one woken without its
+/// weights errs, as vLLM does.
+pub(crate) async fn ready(e: &SimEngine, model: Option<&str>) -> Result<(), Response> {
+    if let Some(m) = model
+        && !e.cfg.names().contains(&m)
     {
-        return error(
+        return Err(error(
             StatusCode::NOT_FOUND,
             format!("The model `{m}` does not exist."),
-        );
+        ));
     }
     if e.is_sleeping() {
         match e.cfg.asleep_behavior {
             AsleepBehavior::Error => {
-                return error(
+                return Err(error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "engine is sleeping; wake it up first",
-                );
+                ));
             }
             AsleepBehavior::Hang => std::future::pending::<()>().await,
         }
@@ -336,10 +343,32 @@ async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
         std::future::pending::<()>().await;
     }
     if !e.state().weights_valid {
-        return error(
+        return Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "model weights are not loaded (woken from level 2 without reload_weights)",
-        );
+        ));
+    }
+    Ok(())
+}
+
+/// A request body as `T`, or the 400 that says why not (boxed: a response is large).
+pub(crate) fn parse<'a, T: serde::Deserialize<'a>>(body: &'a Bytes) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|err| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {err}"),
+        ))
+    })
+}
+
+async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
+    arrive(&e, &body).await;
+    let req: InferenceRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    if let Err(r) = ready(&e, req.model.as_deref()).await {
+        return r;
     }
 
     let start = Instant::now();
@@ -473,7 +502,7 @@ async fn wait_until(deadline: tokio::time::Instant) {
     }
 }
 
-fn record_finished(e: &SimEngine, start: Instant, n: u32) {
+pub(crate) fn record_finished(e: &SimEngine, start: Instant, n: u32) {
     let elapsed = start.elapsed().as_secs_f64();
     e.metrics.request_duration.observe(elapsed);
     e.metrics.e2e_latency.observe(elapsed);

@@ -10,12 +10,7 @@ use greenthread_sidecar::metrics::SidecarFamilies;
 use prometheus_client::registry::Registry;
 
 pub fn app(auth: Auth) -> Router {
-    let route = |ns: &str, name: &str| ModelRoute {
-        namespace: ns.into(),
-        name: name.into(),
-        model_name: format!("org/{name}"),
-        replicas: vec![],
-    };
+    let route = |ns: &str, name: &str| ModelRoute::new(ns, name, format!("org/{name}"), vec![]);
     let mut registry = Registry::default();
     let families = SidecarFamilies::register(&mut registry);
     router(ApiServer::new(

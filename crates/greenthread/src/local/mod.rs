@@ -86,12 +86,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut routes = Vec::new();
     let mut sidecars = Vec::new();
     for ((name, model), replicas) in plan.models.iter().zip(&placement) {
-        let mut route = ModelRoute {
-            namespace: "local".into(),
-            name: name.clone(),
-            model_name: model.spec.model_name.clone(),
-            replicas: vec![],
-        };
+        let mut route = ModelRoute::new("local", name, &model.spec.model_name, vec![])
+            .with_scale_out(model.spec.scale_out as usize);
         for (r, positions) in replicas.iter().enumerate() {
             let pod = format!("{name}-{r}");
             let port = free_port()?;
