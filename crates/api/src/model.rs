@@ -79,6 +79,12 @@ impl Default for FairnessSpec {
     shortname = "gtm",
     namespaced,
     status = "ModelStatus",
+    // `kubectl scale`, HPA and KEDA set `spec.replicas` through `/scale`.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn = r#"{"name":"PHASE","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"REPLICAS","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"SERVING","type":"integer","jsonPath":".status.servingReplicas"}"#,
@@ -170,6 +176,10 @@ pub struct ModelStatus {
     pub serving_memory_per_gpu: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The label selector of the Model's pods, for the `/scale` subresource (an HPA
+    /// reads the pods' metrics through it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }

@@ -1,6 +1,6 @@
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -11,6 +11,14 @@ struct ModelCode {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabel {
+    model: String,
+}
+
+/// A Model by namespace: `model_namespace`, since Prometheus sets `namespace` to the
+/// API server's own on every series it scrapes from it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespacedModel {
+    model_namespace: String,
     model: String,
 }
 
@@ -27,6 +35,8 @@ greenthread_api::metric_families! {
             => ("gthread_apiserver_requests", "API server requests by model and status code"),
         duration: Family<ModelLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency)
             => ("gthread_apiserver_request_duration_seconds", "API server request latency to the response headers, by model"),
+        in_flight: Family<NamespacedModel, Gauge> = Family::default()
+            => ("gthread_apiserver_requests_in_flight", "Requests sent to a Model's replicas whose answers have not ended: the load an autoscaler (HPA, KEDA) scales replicas on"),
     }
 }
 
@@ -43,5 +53,18 @@ impl ApiMetrics {
                 model: model.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Each Model's requests in flight now (set at scrape time; Models gone are dropped).
+    pub fn set_in_flight<'a>(&self, models: impl Iterator<Item = (&'a str, &'a str, usize)>) {
+        self.in_flight.clear();
+        for (namespace, model, n) in models {
+            self.in_flight
+                .get_or_create(&NamespacedModel {
+                    model_namespace: namespace.to_string(),
+                    model: model.to_string(),
+                })
+                .set(n as i64);
+        }
     }
 }

@@ -294,6 +294,15 @@ async fn list_models(State(api): State<Shared>) -> Response {
 
 async fn metrics(State(api): State<Shared>) -> Response {
     (api.refresh)();
+    let routes = api.models();
+    api.metrics.set_in_flight(routes.values().map(|m| {
+        let n = m
+            .replicas
+            .iter()
+            .map(|r| r.outstanding.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        (m.namespace.as_str(), m.name.as_str(), n)
+    }));
     greenthread_edge::metrics(api.families.encode(&api.registry))
 }
 

@@ -191,6 +191,7 @@ pub fn model_status(
                 .and_then(|s| s.serving_memory_per_gpu.clone())
         },
         url: Some(format!("http://{name}.{namespace}.svc")),
+        selector: Some(format!("{}={name}", crate::render::MODEL_LABEL)),
         conditions,
     }
 }
@@ -292,6 +293,8 @@ mod tests {
         assert_eq!(s.serving_memory_per_gpu.as_deref(), Some("21Gi"));
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(s.url.as_deref(), Some("http://m.ns.svc"));
+        // What `/scale` gives an autoscaler: the selector of exactly these pods.
+        assert_eq!(s.selector.as_deref(), Some("greenthread.ai/model=m"));
         let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),

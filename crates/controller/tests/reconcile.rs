@@ -322,6 +322,28 @@ async fn a_model_becomes_placed_pods_a_service_and_status_and_leaves_nothing_whe
     })
     .await;
 
+    // `/scale`, as `kubectl scale`, an HPA or KEDA use it: the replicas and the selector
+    // of the pods; a new count lands in the spec and the controller follows it.
+    let scale = models.get_scale("qwen").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(2));
+    assert_eq!(
+        scale.status.unwrap().selector.as_deref(),
+        Some("greenthread.ai/model=qwen")
+    );
+    models
+        .patch_scale(
+            "qwen",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(models.get("qwen").await.unwrap().spec.replicas, 1);
+    wait_until("one pod after scaling to 1", WAIT, || async {
+        (pods_of(&client, "qwen").await.len() == 1).then_some(())
+    })
+    .await;
+
     // Deleting the Model removes its pods, Service, ledger entries, then the Model.
     models
         .delete("qwen", &DeleteParams::default())

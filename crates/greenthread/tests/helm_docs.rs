@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use greenthread_api::Model;
 use greenthread_test_support::chart::{find, helm, render, repo_root};
+use kube::CustomResourceExt;
 use serde_json::Value;
 
 fn doc() -> String {
@@ -240,7 +241,10 @@ fn every_object_the_docs_name_is_rendered() {
 #[test]
 fn the_documented_model_is_valid_and_lands_where_model_pods_may_run() {
     let (objects, _, _) = documented_install();
-    let yaml = blocks(&doc(), "yaml").pop().expect("a Model in the docs");
+    let yaml = blocks(&doc(), "yaml")
+        .into_iter()
+        .find(|b| b.contains("\nkind: Model\n"))
+        .expect("a Model in the docs");
     let model: Model = serde_saphyr::from_str(&yaml).unwrap();
     model.spec.validate("spec").unwrap();
     let ns = model.metadata.namespace.clone().unwrap();
@@ -248,4 +252,59 @@ fn the_documented_model_is_valid_and_lands_where_model_pods_may_run() {
     assert!(objects.iter().any(|o| o["kind"] == "ServiceAccount"
         && o["metadata"]["name"] == "greenthread-model"
         && o["metadata"]["namespace"] == ns.as_str()));
+}
+
+/// The autoscaling example: a valid ScaledObject by KEDA's own schema, aimed at the
+/// documented Model through `/scale` (which the CRD declares), scaling on a series the
+/// API server exports, for that Model.
+#[test]
+fn the_keda_example_is_valid_and_scales_the_documented_model_on_a_real_series() {
+    let blocks = blocks(&doc(), "yaml");
+    let find = |kind: &str| {
+        let b = blocks
+            .iter()
+            .find(|b| b.contains(&format!("\nkind: {kind}\n")))
+            .unwrap_or_else(|| panic!("a {kind} in the docs"));
+        serde_saphyr::from_str::<serde_json::Value>(b).unwrap()
+    };
+    let (model, scaled) = (find("Model"), find("ScaledObject"));
+    let report = greenthread_test_support::chart::validate_monitors(std::slice::from_ref(&scaled))
+        .unwrap_or_else(|e| panic!("KEDA's schema refuses the example: {e}"));
+    assert!(report.contains("valid ScaledObject/qwen"), "{report}");
+    let target = &scaled["spec"]["scaleTargetRef"];
+    assert_eq!(target["apiVersion"], "greenthread.ai/v1alpha1");
+    assert_eq!(target["kind"], "Model");
+    assert_eq!(target["name"], model["metadata"]["name"]);
+    assert_eq!(
+        scaled["metadata"]["namespace"],
+        model["metadata"]["namespace"]
+    );
+    let crd = Model::crd();
+    let scale = crd.spec.versions[0]
+        .subresources
+        .as_ref()
+        .and_then(|s| s.scale.as_ref())
+        .expect("the Model CRD has a /scale subresource");
+    assert_eq!(
+        (
+            scale.spec_replicas_path.as_str(),
+            scale.status_replicas_path.as_str()
+        ),
+        (".spec.replicas", ".status.replicas")
+    );
+    let query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap();
+    assert!(
+        query.contains("gthread_apiserver_requests_in_flight{")
+            && query.contains(&format!(
+                "model_namespace=\"{}\"",
+                model["metadata"]["namespace"].as_str().unwrap()
+            ))
+            && query.contains(&format!(
+                "model=\"{}\"",
+                model["metadata"]["name"].as_str().unwrap()
+            )),
+        "{query}"
+    );
 }

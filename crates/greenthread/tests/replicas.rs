@@ -100,6 +100,14 @@ async fn the_least_loaded_replica_answers_and_a_busy_model_wakes_another() {
         held.push(long(&local));
     }
     in_flight(9).await;
+    // What an autoscaler reads: the API server's count of the same requests.
+    assert_eq!(
+        local.metrics().await.value(
+            "gthread_apiserver_requests_in_flight",
+            &[("model_namespace", "local"), ("model", "duo")]
+        ),
+        Some(9.0)
+    );
     let load: Vec<u64> = pods(&local).await.into_iter().map(|p| p.2).collect();
     assert!(
         load.len() == 2 && load[0].abs_diff(load[1]) <= 2,

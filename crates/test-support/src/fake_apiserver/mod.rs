@@ -2,7 +2,8 @@
 //! the code built on it) where no real API server can run. It keeps what controllers and
 //! CAS-based writers rely on: a global `resourceVersion` bumped on every write, 409
 //! `Conflict` on a stale write, 409 `AlreadyExists`, 404 `NotFound` as `Status` objects,
-//! the `status` subresource (spec writes leave status alone and the reverse), merge and
+//! the `status` subresource (spec writes leave status alone and the reverse), `scale`
+//! (`autoscaling/v1` Scale over `spec.replicas`), merge and
 //! apply patches, finalizers and `deletionTimestamp`, owner-reference garbage collection,
 //! list, and watch from a resource version with bookmarks (410 `Gone` when too old).
 //! Server-side apply keeps field ownership by field manager: an apply that would change
@@ -301,6 +302,27 @@ async fn route(
                 })
             }),
         ),
+        (method, Some(name)) if path.sub.as_deref() == Some("scale") => {
+            let key = Key::new(&path.resource, &ns, &name);
+            let result = match method {
+                Method::GET => store.objects.lock().unwrap().get(&key),
+                Method::PUT | Method::PATCH => json_body().and_then(|incoming| {
+                    // A Scale carries only replicas (and, for a PUT, the version it
+                    // read): written into the object's spec as its CRD's
+                    // specReplicasPath says.
+                    let Some(replicas) = incoming["spec"]["replicas"].as_i64() else {
+                        return Err(Refusal::new(422, "Invalid", "spec.replicas is required"));
+                    };
+                    let mut write = json!({"spec": {"replicas": replicas}});
+                    if let Some(rv) = incoming["metadata"]["resourceVersion"].as_str() {
+                        write["metadata"] = json!({"resourceVersion": rv});
+                    }
+                    store.with(|s| s.write(&key, false, Write::Merge(write), &manager))
+                }),
+                _ => return method_not_allowed(),
+            };
+            answer(StatusCode::OK, result.map(|o| scale_of(&o)))
+        }
         (method, Some(name)) => {
             let key = Key::new(&path.resource, &ns, &name);
             let is_status = path.sub.as_deref() == Some("status");
@@ -329,6 +351,22 @@ async fn route(
         }
         _ => method_not_allowed(),
     }
+}
+
+/// The `autoscaling/v1` Scale of an object whose CRD declares the conventional paths
+/// (`.spec.replicas`, `.status.replicas`, `.status.selector`), as Model's does.
+fn scale_of(o: &Value) -> Value {
+    let m = &o["metadata"];
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": m["name"], "namespace": m["namespace"],
+            "resourceVersion": m["resourceVersion"], "uid": m["uid"],
+        },
+        "spec": {"replicas": o["spec"]["replicas"]},
+        "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0), "selector": o["status"]["selector"]},
+    })
 }
 
 fn method_not_allowed() -> Response {

@@ -48,7 +48,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
         Self {
             code,
             reason,
