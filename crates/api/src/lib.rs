@@ -4,6 +4,7 @@
 
 pub mod engine_command;
 pub mod gpu;
+pub mod keys;
 pub mod model;
 pub mod units;
 

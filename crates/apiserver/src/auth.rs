@@ -3,11 +3,15 @@
 
 use std::net::SocketAddr;
 
+use greenthread_api::keys::ApiKey;
 use greenthread_edge::Gate;
+
+use crate::keys::Keys;
 
 #[derive(Clone)]
 pub struct Auth {
-    pub api: Gate,
+    /// The OpenAI API's keys (empty: open).
+    pub keys: Keys,
     pub admin: Gate,
     pub metrics: Gate,
 }
@@ -42,7 +46,7 @@ impl Auth {
     /// Everything open (tests, and a loopback-only server with no keys).
     pub fn open() -> Self {
         Self {
-            api: Gate::Open,
+            keys: Keys::default(),
             admin: Gate::Open,
             metrics: Gate::Open,
         }
@@ -51,28 +55,31 @@ impl Auth {
     /// The gates for these secrets. API keys with no admin token are refused unless
     /// `admin_open` says the admin API is meant to be open.
     pub fn new(
-        api_keys: Vec<String>,
+        api_keys: Vec<ApiKey>,
         admin_token: Option<String>,
         metrics_token: Option<String>,
         admin_open: bool,
         sources: AuthSources,
     ) -> Result<Self, AuthError> {
         let admin_token = admin_token.filter(|t| !t.is_empty());
-        let api_keys: Vec<String> = api_keys.into_iter().filter(|k| !k.is_empty()).collect();
+        let mut api_keys: Vec<ApiKey> = api_keys
+            .into_iter()
+            .filter(|k| !k.secret.is_empty())
+            .collect();
         if !api_keys.is_empty() && admin_token.is_none() && !admin_open {
             return Err(AuthError::AdminOpenByAccident {
                 admin: sources.admin,
                 open: sources.admin_open,
             });
         }
-        // The admin token is accepted on the OpenAI API too.
-        let api = if api_keys.is_empty() {
-            Gate::Open
-        } else {
-            Gate::tokens(api_keys.into_iter().chain(admin_token.clone()))
-        };
+        // The admin token is accepted on the OpenAI API too, as the key `admin`.
+        if !api_keys.is_empty()
+            && let Some(t) = &admin_token
+        {
+            api_keys.push(ApiKey::plain("admin", t.clone()));
+        }
         Ok(Self {
-            api,
+            keys: Keys::new(api_keys),
             admin: Gate::tokens(admin_token),
             metrics: Gate::tokens(metrics_token),
         })
@@ -85,7 +92,7 @@ impl Auth {
         allow_unauthenticated: bool,
         sources: AuthSources,
     ) -> Result<(), AuthError> {
-        if self.api.is_open() && !listen.ip().is_loopback() && !allow_unauthenticated {
+        if self.keys.is_open() && !listen.ip().is_loopback() && !allow_unauthenticated {
             return Err(AuthError::ExposedWithoutKeys {
                 listen,
                 keys: sources.keys,
@@ -107,7 +114,7 @@ mod tests {
 
     #[test]
     fn keys_without_an_admin_token_are_refused_unless_declared_open() {
-        let e = Auth::new(vec!["k".into()], None, None, false, SOURCES)
+        let e = Auth::new(vec![ApiKey::plain("k", "k")], None, None, false, SOURCES)
             .err()
             .unwrap();
         let msg = e.to_string();
@@ -115,13 +122,20 @@ mod tests {
             msg.contains("adminToken") && msg.contains("adminOpen: true"),
             "{msg}"
         );
-        let open = Auth::new(vec!["k".into()], None, None, true, SOURCES).unwrap();
-        assert!(open.admin.is_open() && !open.api.is_open());
-        let both = Auth::new(vec!["k".into()], Some("t".into()), None, false, SOURCES).unwrap();
-        assert!(!both.admin.is_open() && !both.api.is_open());
+        let open = Auth::new(vec![ApiKey::plain("k", "k")], None, None, true, SOURCES).unwrap();
+        assert!(open.admin.is_open() && !open.keys.is_open());
+        let both = Auth::new(
+            vec![ApiKey::plain("k", "k")],
+            Some("t".into()),
+            None,
+            false,
+            SOURCES,
+        )
+        .unwrap();
+        assert!(!both.admin.is_open() && !both.keys.is_open());
         // No keys at all: open, which only a loopback address allows.
         let none = Auth::new(vec![], None, None, false, SOURCES).unwrap();
-        assert!(none.api.is_open());
+        assert!(none.keys.is_open());
         let public: SocketAddr = "0.0.0.0:8000".parse().unwrap();
         let e = none.check_exposure(public, false, SOURCES).unwrap_err();
         assert!(e.to_string().contains("--allow-unauthenticated"), "{e}");

@@ -54,9 +54,10 @@ const SOURCES: crate::AuthSources = crate::AuthSources {
 impl ApiServerConfig {
     /// The gates, from the secrets in files or the environment.
     pub fn auth(&self) -> anyhow::Result<Auth> {
-        use greenthread_edge::{secret, secrets};
+        use greenthread_edge::secret;
+        let keys = secret("GREENTHREAD_API_KEYS", self.api_keys_file.as_deref())?;
         let auth = Auth::new(
-            secrets("GREENTHREAD_API_KEYS", self.api_keys_file.as_deref())?,
+            crate::keys::parse_keys(keys.as_deref(), SOURCES.keys)?,
             secret("GREENTHREAD_ADMIN_TOKEN", self.admin_token_file.as_deref())?,
             secret(
                 "GREENTHREAD_METRICS_TOKEN",

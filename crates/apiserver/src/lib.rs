@@ -7,11 +7,13 @@ mod auth;
 pub mod balance;
 pub mod cluster;
 mod events;
+pub mod keys;
 pub mod kube_discovery;
 mod metrics;
 mod replica;
 mod routes;
 mod ui;
+mod usage;
 
 use std::{
     collections::BTreeMap,

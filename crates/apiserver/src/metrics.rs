@@ -3,10 +3,20 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
 };
 
+/// `key`: the API key's name (`none` when the API is open).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelCode {
+    key: String,
     model: String,
     code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    key: String,
+    model: String,
+    /// `prompt` or `completion`.
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,7 +42,9 @@ greenthread_api::metric_families! {
     /// The API server's own request counts (by model and status code) and latency.
     pub struct ApiMetrics {
         requests: Family<ModelCode, Counter> = Family::default()
-            => ("gthread_apiserver_requests", "API server requests by model and status code"),
+            => ("gthread_apiserver_requests", "API server requests by API key, model and status code"),
+        tokens: Family<TokenLabels, Counter> = Family::default()
+            => ("gthread_apiserver_tokens", "Prompt and completion tokens by API key and model, as the engines report them"),
         duration: Family<ModelLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency)
             => ("gthread_apiserver_request_duration_seconds", "API server request latency to the response headers, by model"),
         in_flight: Family<NamespacedModel, Gauge> = Family::default()
@@ -41,9 +53,10 @@ greenthread_api::metric_families! {
 }
 
 impl ApiMetrics {
-    pub fn observe(&self, model: &str, code: u16, seconds: f64) {
+    pub fn observe(&self, key: &str, model: &str, code: u16, seconds: f64) {
         self.requests
             .get_or_create(&ModelCode {
+                key: key.to_string(),
                 model: model.to_string(),
                 code: code.to_string(),
             })
@@ -53,6 +66,19 @@ impl ApiMetrics {
                 model: model.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Tokens one answer used.
+    pub fn tokens(&self, key: &str, model: &str, prompt: u64, completion: u64) {
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    key: key.to_string(),
+                    model: model.to_string(),
+                    kind,
+                })
+                .inc_by(n);
+        }
     }
 
     /// Each Model's requests in flight now (set at scrape time; Models gone are dropped).

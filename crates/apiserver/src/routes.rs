@@ -14,7 +14,11 @@ use greenthread_sidecar::{api_error, public_path};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
-use crate::{ApiServer, Lookup, ModelRoute};
+use crate::{
+    ApiServer, Lookup, ModelRoute,
+    keys::{self, Identity},
+    usage,
+};
 
 type Shared = Arc<ApiServer>;
 
@@ -47,11 +51,16 @@ pub fn router(api: Shared) -> Router {
         .route("/api/v1/gpus/{name}", get(admin_gpu))
         .route("/api/v1/events", get(events));
     let auth = api.auth.clone();
+    let keys = auth.keys.clone();
     Router::new()
         .route("/health", get(|| async { StatusCode::OK }))
         .merge(crate::ui::router())
         .merge(require(metrics, auth.metrics, "the metrics token"))
-        .merge(require(openai, auth.api, "a valid API key"))
+        .merge(
+            openai.route_layer(axum::middleware::from_fn(move |req, next| {
+                keys.clone().layer(req, next)
+            })),
+        )
         .merge(require(admin, auth.admin, "a valid admin token"))
         .fallback(|| async { ApiError::not_found("no such path") })
         .with_state(api)
@@ -189,9 +198,10 @@ async fn by_body(State(api): State<Shared>, req: Request) -> Response {
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    let route = match resolve(&api, named.model()) {
+    let who = identity(&parts);
+    let route = match admit(&api, &who, named.model()) {
         Ok(r) => r,
-        Err(e) => return refused(&api, e),
+        Err(e) => return *e,
     };
     // The engine knows its model by its own id.
     let body = if named.model() != route.model_name {
@@ -199,7 +209,37 @@ async fn by_body(State(api): State<Shared>, req: Request) -> Response {
     } else {
         body
     };
-    send(&api, &route, parts, body).await
+    send(&api, &who, &route, parts, body).await
+}
+
+/// Who sent the request (the key layer put it there).
+fn identity(parts: &http::request::Parts) -> Identity {
+    parts
+        .extensions
+        .get::<Identity>()
+        .cloned()
+        .unwrap_or(Identity(None))
+}
+
+/// The route `model` names if `who` may use it now: 404 for an unknown model, 403 for
+/// one outside the key's models, 429 past its limits, each counted for the key.
+fn admit(api: &ApiServer, who: &Identity, model: &str) -> Result<Arc<ModelRoute>, Box<Response>> {
+    let route = resolve(api, model).map_err(|e| Box::new(refused(api, who, "unknown", e)))?;
+    if let Some(caller) = &who.0 {
+        let key = route.key();
+        if !caller
+            .key
+            .allows(&[route.name.as_str(), key.as_str(), route.model_name.as_str()])
+        {
+            let e = keys::forbidden(&caller.key.name, model);
+            return Err(Box::new(refused(api, who, &route.name, e)));
+        }
+        if let Err(after) = caller.admit(tokio::time::Instant::now()) {
+            let e = keys::limited(&caller.key.name, after);
+            return Err(Box::new(refused(api, who, &route.name, e)));
+        }
+    }
+    Ok(route)
 }
 
 async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
@@ -220,9 +260,10 @@ async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
     if let Err(e) = public_path(forwarded, &[]) {
         return e.into_response();
     }
-    let route = match resolve(&api, &model) {
+    let who = identity(&parts);
+    let route = match admit(&api, &who, &model) {
         Ok(r) => r,
-        Err(e) => return refused(&api, e),
+        Err(e) => return *e,
     };
     if forwarded == "/v1/models" {
         let routes = api.models();
@@ -242,32 +283,61 @@ async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    send(&api, &route, parts, body).await
+    send(&api, &who, &route, parts, body).await
 }
 
-/// An OpenAI request that names no model it can go to, counted as `unknown`.
-fn refused(api: &ApiServer, e: ApiError) -> Response {
-    api.metrics.observe("unknown", e.status.as_u16(), 0.0);
+/// An OpenAI request refused before it went anywhere, counted for `model` (`unknown`
+/// when it names none we know).
+fn refused(api: &ApiServer, who: &Identity, model: &str, e: ApiError) -> Response {
+    api.metrics
+        .observe(who.label(), model, e.status.as_u16(), 0.0);
     e.into_response()
 }
 
 async fn send(
-    api: &ApiServer,
+    api: &Arc<ApiServer>,
+    who: &Identity,
     route: &Arc<ModelRoute>,
     parts: http::request::Parts,
     body: Bytes,
 ) -> Response {
     let start = tokio::time::Instant::now();
+    // A stream counts its tokens only if the engine reports them: asked for when the
+    // client did not say, and taken out again on the way back.
+    let asked = usage::ask_for_usage(parts.uri.path(), &body);
+    let strip = asked.is_some();
+    let body = asked.unwrap_or(body);
     let resp = match route.pick() {
         Some(replica) => replica.relay(&parts, body).await,
         None => no_replica(&route.name).into_response(),
     };
     api.metrics.observe(
+        who.label(),
         &route.name,
         resp.status().as_u16(),
         start.elapsed().as_secs_f64(),
     );
-    resp
+    if !resp.status().is_success() {
+        return resp;
+    }
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let (api, who, model) = (api.clone(), who.clone(), route.name.clone());
+    resp.map(|inner| {
+        Body::new(usage::Metered::new(inner, &content_type, strip, move |u| {
+            if let Some(u) = u {
+                api.metrics
+                    .tokens(who.label(), &model, u.prompt, u.completion);
+                if let Some(caller) = &who.0 {
+                    caller.spend_tokens(tokio::time::Instant::now(), u.prompt + u.completion);
+                }
+            }
+        }))
+    })
 }
 
 fn model_entry(api: &ApiServer, routes: &BTreeRoutes, route: &ModelRoute) -> Value {
@@ -282,11 +352,20 @@ fn model_entry(api: &ApiServer, routes: &BTreeRoutes, route: &ModelRoute) -> Val
 
 type BTreeRoutes = Arc<std::collections::BTreeMap<String, Arc<ModelRoute>>>;
 
-/// Every model with its state, from the sidecars: listing never wakes anything.
-async fn list_models(State(api): State<Shared>) -> Response {
+/// Every model the key may use, with its state, from the sidecars: listing never wakes
+/// anything.
+async fn list_models(State(api): State<Shared>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    let who = identity(&parts);
     let routes = api.models();
     let data: Vec<Value> = routes
         .values()
+        .filter(|m| {
+            who.0.as_ref().is_none_or(|c| {
+                c.key
+                    .allows(&[m.name.as_str(), m.key().as_str(), m.model_name.as_str()])
+            })
+        })
         .map(|m| model_entry(&api, &routes, m))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()

@@ -102,7 +102,7 @@ async fn malformed_requests_are_refused_naming_the_problem() {
 #[tokio::test]
 async fn each_credential_opens_what_it_is_for() {
     let auth = Auth::new(
-        vec!["k1".into()],
+        vec![greenthread_api::keys::ApiKey::plain("key-1", "k1")],
         Some("root".into()),
         Some("scrape".into()),
         false,

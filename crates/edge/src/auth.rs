@@ -117,7 +117,8 @@ pub fn require<S: Clone + Send + Sync + 'static>(
     }))
 }
 
-fn unauthorized(what: &str) -> Response {
+/// 401 saying the request needs `what`, with `WWW-Authenticate: Bearer`.
+pub fn unauthorized(what: &str) -> Response {
     let mut r = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "invalid_api_key",

@@ -17,7 +17,7 @@ mod server;
 mod shutdown;
 pub mod transport;
 
-pub use auth::{Gate, bearer, bearer_value, credential, ct_eq, require};
+pub use auth::{Gate, bearer, bearer_value, credential, ct_eq, require, unauthorized};
 pub use body::{BodyError, read_body};
 pub use config::EdgeConfig;
 pub use error::{ApiError, api_error, echo};

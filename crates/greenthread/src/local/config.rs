@@ -15,9 +15,10 @@ pub const DEFAULT_CONFIG: &str = include_str!("default.yaml");
 pub struct LocalConfig {
     pub gpus: GpusConfig,
     pub models: Vec<LocalModel>,
-    /// Bearer keys for `/v1` (open when empty).
+    /// Keys for `/v1` (open when empty): strings, or objects with a name, the models
+    /// they may use and rate limits (see `docs/multi-tenant.md`).
     #[serde(default)]
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<greenthread_api::keys::ApiKeySpec>,
     /// Bearer token for `/api`. With `apiKeys` and no admin token, `local` refuses to
     /// start unless `adminOpen: true`.
     #[serde(default)]
@@ -108,7 +109,7 @@ pub struct Plan {
     pub gpus: Vec<GpuPlan>,
     pub backend: GpuBackend,
     pub models: Vec<(String, ValidModel)>,
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<greenthread_api::keys::ApiKey>,
     pub admin_token: Option<String>,
     pub admin_open: bool,
     pub metrics_token: Option<String>,
@@ -270,6 +271,13 @@ pub fn parse_with(
     if preemption.check(policy).is_err() {
         errors.push("preemption: resume needs policy: cost-aware (lru always drains)".into());
     }
+    let api_keys = greenthread_api::keys::resolve_keys(&cfg.api_keys, "apiKeys", |p| {
+        std::fs::read_to_string(p)
+    })
+    .unwrap_or_else(|e| {
+        errors.extend(e.iter().map(ToString::to_string));
+        vec![]
+    });
     if !errors.is_empty() {
         anyhow::bail!("config {source} is invalid:\n  {}", errors.join("\n  "));
     }
@@ -279,7 +287,7 @@ pub fn parse_with(
         gpus,
         backend,
         models,
-        api_keys: cfg.api_keys,
+        api_keys,
         admin_token: cfg.admin_token,
         admin_open: cfg.admin_open,
         metrics_token: cfg.metrics_token,
