@@ -82,6 +82,9 @@ pub struct Occupant {
     pub residual_memory_bytes: u64,
     #[serde(default)]
     pub popular: bool,
+    /// The Model's priority class (absent: standard).
+    #[serde(default, skip_serializing_if = "crate::Priority::is_standard")]
+    pub priority: crate::Priority,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
     pub last_accessed: Option<Timestamp>,
@@ -181,6 +184,7 @@ mod tests {
                 reserved_memory_bytes: 10,
                 residual_memory_bytes: 0,
                 popular: false,
+                priority: Default::default(),
                 last_accessed: None,
                 became_serving_at: None,
                 min_runtime: Duration::from_secs(10),

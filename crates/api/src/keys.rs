@@ -68,6 +68,10 @@ pub struct ApiKeyEntry {
     pub models: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// Its requests' priority (default standard); a request may lower it with the
+    /// `x-greenthread-priority` header, never raise it.
+    #[serde(default, skip_serializing_if = "crate::Priority::is_standard")]
+    pub priority: crate::Priority,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -87,6 +91,7 @@ pub struct ApiKey {
     pub secret: String,
     pub models: Vec<String>,
     pub rate_limit: RateLimitSpec,
+    pub priority: crate::Priority,
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -96,6 +101,7 @@ impl std::fmt::Debug for ApiKey {
             .field("name", &self.name)
             .field("models", &self.models)
             .field("rate_limit", &self.rate_limit)
+            .field("priority", &self.priority)
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +114,7 @@ impl ApiKey {
             secret: secret.into(),
             models: vec![],
             rate_limit: RateLimitSpec::default(),
+            priority: crate::Priority::Standard,
         }
     }
 
@@ -188,6 +195,7 @@ pub fn resolve_keys(
                     secret: secret.trim().to_string(),
                     models: vec![],
                     rate_limit: RateLimitSpec::default(),
+                    priority: crate::Priority::Standard,
                 }
             }
             ApiKeySpec::Entry(e) => {
@@ -250,6 +258,7 @@ pub fn resolve_keys(
                     secret,
                     models: e.models.clone(),
                     rate_limit: limit,
+                    priority: e.priority,
                 }
             }
         };

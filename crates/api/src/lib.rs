@@ -6,6 +6,7 @@ pub mod engine_command;
 pub mod gpu;
 pub mod keys;
 pub mod model;
+pub mod priority;
 pub mod units;
 
 pub use engine_command::{shell_quote, split_simple};
@@ -16,6 +17,7 @@ pub use gpu::{
 pub use model::{
     EngineKind, FairnessSpec, FieldError, Model, ModelSpec, ModelStatus, SleepSpec, ValidModel,
 };
+pub use priority::{PRIORITY_HEADER, Priority};
 pub use units::{ByteSize, ParseError, arg, format_duration, parse_duration};
 
 /// A pod's key in the GPU ledger (occupants, intents, wake locks): `namespace/name`, so

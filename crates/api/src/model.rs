@@ -123,6 +123,10 @@ pub struct ModelSpec {
     /// wakes a sleeping one (0: never); requests go to the least loaded serving replica.
     #[serde(default = "defaults::scale_out")]
     pub scale_out: u32,
+    /// `critical` models wait less for memory and are preempted last; `sheddable` ones
+    /// never preempt anyone and are preempted first (docs/multi-tenant.md).
+    #[serde(default)]
+    pub priority: crate::Priority,
     #[serde(default)]
     pub quantization: String,
     #[serde(default)]

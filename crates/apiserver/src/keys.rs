@@ -242,6 +242,7 @@ mod tests {
                 requests_per_minute: rpm,
                 tokens_per_minute: tpm,
             },
+            priority: Default::default(),
         }
     }
 
@@ -287,14 +288,22 @@ mod tests {
         );
         assert!(parse_keys(None, "x").unwrap().is_empty());
         // Errors name the source and the entry, never a key.
-        for bad in ["- name: a\n  key: sk-secret\n  modls: []\n", "- {name: a, key: sk-secret"] {
-            let e = parse_keys(Some(bad), "GREENTHREAD_API_KEYS").unwrap_err().to_string();
+        for bad in [
+            "- name: a\n  key: sk-secret\n  modls: []\n",
+            "- {name: a, key: sk-secret",
+        ] {
+            let e = parse_keys(Some(bad), "GREENTHREAD_API_KEYS")
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("GREENTHREAD_API_KEYS"), "{e}");
             assert!(!e.contains("sk-secret"), "{e}");
         }
-        let e = parse_keys(Some("- name: a\n  key: sk-secret\n- name: a\n  key: sk-other\n"), "S")
-            .unwrap_err()
-            .to_string();
+        let e = parse_keys(
+            Some("- name: a\n  key: sk-secret\n- name: a\n  key: sk-other\n"),
+            "S",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("S[1].name") && !e.contains("sk-"), "{e}");
     }
 

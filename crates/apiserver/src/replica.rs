@@ -206,7 +206,7 @@ impl Replica {
     /// Wakes the replica without sending it a request.
     pub async fn wake(&self) -> Result<(), Response> {
         match &self.backend {
-            Backend::Local(s) => match s.admit().await {
+            Backend::Local(s) => match s.admit_as(greenthread_api::Priority::Critical).await {
                 Ok(slot) => {
                     drop(slot);
                     Ok(())

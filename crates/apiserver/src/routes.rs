@@ -14,6 +14,8 @@ use greenthread_sidecar::{api_error, public_path};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
+use greenthread_api::{PRIORITY_HEADER, Priority};
+
 use crate::{
     ApiServer, Lookup, ModelRoute,
     keys::{self, Identity},
@@ -294,14 +296,33 @@ fn refused(api: &ApiServer, who: &Identity, model: &str, e: ApiError) -> Respons
     e.into_response()
 }
 
+/// A request's priority: its key's (`ceiling`), which the client's header may lower,
+/// never raise; a header that names no class is ignored.
+fn request_priority(headers: &http::HeaderMap, ceiling: Priority) -> Priority {
+    headers
+        .get(PRIORITY_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<Priority>().ok())
+        .map_or(ceiling, |asked| asked.min(ceiling))
+}
+
 async fn send(
     api: &Arc<ApiServer>,
     who: &Identity,
     route: &Arc<ModelRoute>,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: Bytes,
 ) -> Response {
     let start = tokio::time::Instant::now();
+    // The sidecar queues by it.
+    let ceiling = who
+        .0
+        .as_ref()
+        .map_or(Priority::Standard, |c| c.key.priority);
+    let priority = request_priority(&parts.headers, ceiling);
+    parts.headers.insert(
+        PRIORITY_HEADER,
+        http::HeaderValue::from_static(priority.as_str()),
+    );
     // A stream counts its tokens only if the engine reports them: asked for when the
     // client did not say, and taken out again on the way back.
     let asked = usage::ask_for_usage(parts.uri.path(), &body);
@@ -583,6 +604,26 @@ async fn events(State(api): State<Shared>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_may_lower_its_keys_priority_never_raise_it() {
+        use Priority::{Critical as C, Sheddable as D, Standard as S};
+        for (ceiling, header, want) in [
+            (S, None, S),
+            (S, Some("critical"), S),
+            (S, Some("sheddable"), D),
+            (C, Some("standard"), S),
+            (C, None, C),
+            (D, Some("critical"), D),
+            (C, Some("urgent"), C),
+        ] {
+            let mut h = http::HeaderMap::new();
+            if let Some(v) = header {
+                h.insert(PRIORITY_HEADER, v.parse().unwrap());
+            }
+            assert_eq!(request_priority(&h, ceiling), want, "{ceiling} {header:?}");
+        }
+    }
 
     #[test]
     fn the_model_is_replaced_in_place_and_nothing_else_moves() {

@@ -245,6 +245,7 @@ mod tests {
                         reserved_memory_bytes: reserved,
                         residual_memory_bytes: 0,
                         popular: false,
+                        priority: Default::default(),
                         last_accessed: None,
                         became_serving_at: None,
                         min_runtime: Default::default(),

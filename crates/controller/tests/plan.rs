@@ -136,6 +136,7 @@ fn gpus(case: &Case) -> Vec<Gpu> {
                         reserved_memory_bytes: p.measured? * GI,
                         residual_memory_bytes: 0,
                         popular: false,
+                        priority: Default::default(),
                         last_accessed: None,
                         became_serving_at: None,
                         min_runtime: Default::default(),

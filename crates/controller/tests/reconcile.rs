@@ -105,6 +105,7 @@ fn occupant(pod: &str, state: OccupantState, reserved: u64) -> Occupant {
         reserved_memory_bytes: reserved,
         residual_memory_bytes: 0,
         popular: false,
+        priority: Default::default(),
         last_accessed: None,
         became_serving_at: None,
         min_runtime: Duration::from_secs(10),

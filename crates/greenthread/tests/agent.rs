@@ -90,6 +90,7 @@ async fn an_occupant_write_racing_with_stats_writes_loses_nothing() {
             model: format!("m{p}"),
             bytes: GI,
             popular: false,
+            priority: Default::default(),
             min_runtime: Duration::ZERO,
         };
         greenthread_ledger::update(&sidecar_ledger, "node-a-0", &|| {}, |g| {

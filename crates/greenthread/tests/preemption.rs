@@ -323,6 +323,7 @@ async fn a_wake_lock_held_by_a_dead_sidecar_expires() {
         model: "dead".into(),
         bytes: 0,
         popular: false,
+        priority: Default::default(),
         min_runtime: Duration::ZERO,
     };
     let now = jiff::Timestamp::now();

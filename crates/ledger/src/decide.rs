@@ -27,6 +27,9 @@ pub struct Claim {
     pub model: String,
     pub bytes: u64,
     pub popular: bool,
+    /// The Model's priority class: sheddable wakers never preempt, critical ones do not
+    /// wait out the fairness time; victims are taken sheddable first, critical last.
+    pub priority: greenthread_api::Priority,
     pub min_runtime: Duration,
     /// Requests the waker received in the last ten minutes (those queued included).
     pub recent_requests: u32,
@@ -78,6 +81,7 @@ pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus 
         Some(o) => {
             o.model_name.clone_from(&claim.model);
             o.popular = claim.popular;
+            o.priority = claim.priority;
             o.min_runtime = claim.min_runtime;
             o.heartbeat = now;
             o.recent_requests = claim.recent_requests;
@@ -89,6 +93,7 @@ pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus 
             reserved_memory_bytes: 0,
             residual_memory_bytes: 0,
             popular: claim.popular,
+            priority: claim.priority,
             last_accessed: None,
             became_serving_at: None,
             min_runtime: claim.min_runtime,
@@ -387,6 +392,8 @@ pub enum NoVictim {
     NotEligible(String),
     #[error("the memory of this gpu is held for {0}, which has waited longer than its bound")]
     HeldFor(String),
+    #[error("a sheddable model never preempts another; waiting for memory to free")]
+    Sheddable,
     #[error(
         "preempting every eligible occupant ({eligible}) frees {freeable} of the {deficit} bytes missing"
     )]
@@ -657,7 +664,10 @@ pub fn wake_step(
     let with_intent = declare_intent(status, claim, req.policy, now);
     let since = req.short_since.unwrap_or(now);
     let fairness_ends = plus(since, req.max_wait);
-    if now < fairness_ends && crate::policy::waits_for_fairness(req.policy) {
+    if now < fairness_ends
+        && crate::policy::waits_for_fairness(req.policy)
+        && claim.priority != greenthread_api::Priority::Critical
+    {
         let why = GpuWait::Fairness {
             max_wait: req.max_wait,
         };
@@ -798,6 +808,7 @@ mod tests {
             model: format!("model-{pod}"),
             bytes,
             popular: false,
+            priority: Default::default(),
             min_runtime: Duration::from_secs(10),
             recent_requests: 0,
         }
@@ -811,6 +822,7 @@ mod tests {
             reserved_memory_bytes: reserved,
             residual_memory_bytes: residual,
             popular: false,
+            priority: Default::default(),
             last_accessed: None,
             became_serving_at: None,
             min_runtime: Duration::ZERO,
@@ -1241,6 +1253,7 @@ mod tests {
                 name: "only popular models serve: wait, with the reason",
                 status: gpu_with(vec![Occupant {
                     popular: true,
+                    priority: Default::default(),
                     ..b_serving.clone()
                 }]),
                 short_since: Some(0),

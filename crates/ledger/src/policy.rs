@@ -27,7 +27,7 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use greenthread_api::{GpuSpec, GpuStatus, Occupant, OccupantState};
+use greenthread_api::{GpuSpec, GpuStatus, Occupant, OccupantState, Priority};
 use jiff::Timestamp;
 
 use crate::decide::{NoVictim, available_bytes};
@@ -87,7 +87,11 @@ fn waited(status: &GpuStatus, waker: &str, now: Timestamp) -> u64 {
 /// second waited; past `bound` of waiting, above everyone.
 fn standing(status: &GpuStatus, waker: &str, bound: Duration, now: Timestamp) -> u64 {
     let waited = waited(status, waker, now);
-    if waited >= bound.as_secs() {
+    // A critical model does not wait its way up: it stands above everyone at once.
+    let critical = status
+        .occupant(waker)
+        .is_some_and(|o| o.priority == Priority::Critical);
+    if waited >= bound.as_secs() || critical {
         return u64::MAX;
     }
     let own = status
@@ -260,6 +264,11 @@ pub fn held_for(
 
 /// The victims `policy` would preempt for `waker` now. `bound`: how long a waker may
 /// wait before it stands above everyone (cost-aware).
+///
+/// Priority classes come first: a sheddable waker preempts nobody; victims are taken
+/// from the sheddable models if the policy finds a set there, else from the sheddable
+/// and standard ones, and only then from critical ones too. Within a class the policy
+/// chooses as it always does.
 pub fn victims(
     policy: Policy,
     spec: &GpuSpec,
@@ -269,10 +278,36 @@ pub fn victims(
     bound: Duration,
     now: Timestamp,
 ) -> Result<Vec<String>, NoVictim> {
-    match policy {
+    let choose = |status: &GpuStatus| match policy {
         Policy::Lru => crate::decide::choose_victims(spec, status, waker, needed, now),
         Policy::CostAware => cost_aware_victims(spec, status, waker, needed, bound, now),
+    };
+    let others = || status.occupants.iter().filter(|o| o.pod_name != waker);
+    if status
+        .occupant(waker)
+        .is_some_and(|o| o.priority == Priority::Sheddable)
+        && available_bytes(spec, status, Some(waker)) < needed
+    {
+        return Err(NoVictim::Sheddable);
     }
+    for class in [Priority::Sheddable, Priority::Standard] {
+        let serving_in_class = others()
+            .any(|o| o.state == OccupantState::Serving && o.priority <= class && !o.popular);
+        if !serving_in_class || !others().any(|o| o.priority > class) {
+            continue;
+        }
+        // Those above the class are spared, as popular ones are.
+        let mut only = status.clone();
+        for o in only.occupants.iter_mut() {
+            if o.pod_name != waker && o.priority > class {
+                o.popular = true;
+            }
+        }
+        if let Ok(victims) = choose(&only) {
+            return Ok(victims);
+        }
+    }
+    choose(status)
 }
 
 /// Whether `policy` waits out `maxWaitTime` before preempting: only the documented one.
@@ -357,6 +392,7 @@ mod tests {
             reserved_memory_bytes: gib * GI,
             residual_memory_bytes: 0,
             popular: false,
+            priority: Default::default(),
             last_accessed: Some(t(accessed)),
             became_serving_at: Some(t(since)),
             min_runtime: Duration::from_secs(10),
@@ -388,6 +424,7 @@ mod tests {
             model: "w".into(),
             bytes: 24 * GI,
             popular: false,
+            priority: Default::default(),
             min_runtime: Duration::from_secs(10),
             recent_requests: recent,
         }
@@ -523,6 +560,7 @@ mod tests {
                 vec![
                     Occupant {
                         popular: true,
+                        priority: Default::default(),
                         ..serving("popular", 24, 0, 0, 0, 0)
                     },
                     serving("fresh", 24, 95, 0, 0, 0),
@@ -649,6 +687,7 @@ mod tests {
             model: "y".into(),
             bytes: 12 * GI,
             popular: false,
+            priority: Default::default(),
             min_runtime: Duration::from_secs(10),
             recent_requests: 3,
         };
@@ -747,6 +786,143 @@ mod tests {
             let recorded = next.unwrap().occupant("w").map(|o| o.recent_requests);
             let expected = if policy == Policy::CostAware { 5 } else { 0 };
             assert_eq!(recorded, Some(expected), "{policy}");
+        }
+    }
+
+    /// The priority rules, under both policies: (case, others, waker's class, waited
+    /// since, now) → victims. `a` is always the least recently used and the cheapest, so
+    /// that a victim other than `a` shows the class deciding.
+    #[test]
+    fn priority_classes_decide_before_the_policy() {
+        use Priority::{Critical, Sheddable, Standard};
+        let of = |p: Priority, mut o: Occupant| {
+            o.priority = p;
+            o
+        };
+        type Case = (
+            &'static str,
+            Vec<Occupant>,
+            Priority,
+            u64,
+            Result<Vec<&'static str>, &'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "a sheddable model is the first victim",
+                vec![
+                    serving("a", 24, 0, 0, 1, 0),
+                    of(Sheddable, serving("b", 24, 0, 0, 9, 90)),
+                ],
+                Standard,
+                40,
+                Ok(vec!["b"]),
+            ),
+            (
+                "a critical model is spared while a standard one frees enough",
+                vec![
+                    of(Critical, serving("a", 24, 0, 0, 1, 0)),
+                    serving("b", 24, 0, 0, 9, 90),
+                ],
+                Standard,
+                40,
+                Ok(vec!["b"]),
+            ),
+            (
+                "and taken when nothing else frees enough",
+                vec![
+                    of(Critical, serving("a", 60, 0, 0, 1, 0)),
+                    serving("b", 4, 0, 0, 1, 90),
+                ],
+                Standard,
+                40,
+                Ok(vec!["a"]),
+            ),
+            (
+                "sheddable and standard together before critical",
+                vec![
+                    of(Critical, serving("a", 24, 0, 0, 1, 0)),
+                    of(Sheddable, serving("b", 12, 0, 0, 1, 90)),
+                    serving("c", 12, 0, 0, 1, 90),
+                    serving("d", 4, 0, 0, 1, 90),
+                ],
+                Standard,
+                48,
+                Ok(vec!["b", "c"]),
+            ),
+            (
+                "a sheddable waker preempts nobody",
+                vec![of(Sheddable, serving("a", 24, 0, 0, 0, 0))],
+                Sheddable,
+                70,
+                Err("a sheddable model never preempts"),
+            ),
+        ];
+        for policy in Policy::ALL {
+            for (name, others, class, gib, want) in &cases {
+                let mut st = status(others.clone(), 50, 100);
+                st.occupant_mut("w").unwrap().priority = *class;
+                let got = victims(policy, &spec(), &st, "w", gib * GI, BOUND, t(100));
+                let got = got.map(|mut v| {
+                    v.sort();
+                    v
+                });
+                match (want, got) {
+                    (Ok(w), Ok(g)) => assert_eq!(&g, w, "{policy}: {name}"),
+                    (Err(w), Err(e)) => assert!(e.to_string().contains(w), "{policy}: {name}: {e}"),
+                    (w, g) => panic!("{policy}: {name}: want {w:?}, got {g:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_critical_wake_preempts_without_waiting_its_turn() {
+        // Under lru it skips maxWaitTime; under cost-aware it stands above a busy model
+        // in far more demand than its own.
+        let mut hot = serving("hot", 60, 0, 3, 800, 0);
+        hot.priority = Priority::Standard;
+        for policy in Policy::ALL {
+            let claim = Claim {
+                priority: Priority::Critical,
+                ..waker_claim(1)
+            };
+            let mut st = status(vec![hot.clone()], 1, 100);
+            st.occupant_mut("w").unwrap().priority = Priority::Critical;
+            let req = WakeRequest {
+                claim: &claim,
+                lock_ttl: Duration::from_secs(30),
+                max_wait: Duration::from_secs(5),
+                policy,
+                starvation_bound: BOUND,
+                short_since: Some(t(100)),
+            };
+            let (_, step) = wake_step(&spec(), &st, &req, t(100));
+            assert!(
+                matches!(&step, WakeStep::Wait { why: GpuWait::Preempting { victim, .. }, .. } if victim == "hot"),
+                "{policy}: {step:?}"
+            );
+            // The same wake at standard priority waits (lru: its fairness time;
+            // cost-aware: hot is in more demand).
+            let standard = Claim {
+                priority: Priority::Standard,
+                ..claim.clone()
+            };
+            st.occupant_mut("w").unwrap().priority = Priority::Standard;
+            let req = WakeRequest {
+                claim: &standard,
+                ..req
+            };
+            let (_, step) = wake_step(&spec(), &st, &req, t(100));
+            assert!(
+                !matches!(
+                    step,
+                    WakeStep::Wait {
+                        why: GpuWait::Preempting { .. },
+                        ..
+                    }
+                ),
+                "{policy}: {step:?}"
+            );
         }
     }
 

@@ -14,6 +14,8 @@ use tokio::{
     time::Instant,
 };
 
+use greenthread_api::Priority;
+
 use crate::error::Failure;
 
 /// The queue in front of the engine. Open while the model serves: requests pass at once.
@@ -84,7 +86,43 @@ impl Arrivals {
 
 struct Waiter {
     id: u64,
+    priority: Priority,
     tx: oneshot::Sender<Result<InFlight, Failure>>,
+}
+
+/// What a queue does with a newcomer of priority `new`, given the priorities of those
+/// waiting (in arrival order) and its capacity `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Queue,
+    /// Refused (429): the queue is full of requests at least as important, or it is
+    /// past half full and the newcomer is sheddable.
+    Refuse,
+    /// The queue is full: the waiter at this index (the latest of the lowest priority
+    /// below the newcomer's) is refused to make room.
+    Evict(usize),
+}
+
+/// The queue's rule under pressure: sheddable requests are refused first (from half
+/// full on), critical ones last (only when every waiter is critical).
+pub fn place(waiting: &[Priority], new: Priority, max: usize) -> Place {
+    let depth = waiting.len();
+    if new == Priority::Sheddable && depth >= max.div_ceil(2) {
+        return Place::Refuse;
+    }
+    if depth < max {
+        return Place::Queue;
+    }
+    let lowest = waiting.iter().copied().min().filter(|p| *p < new);
+    match lowest {
+        Some(p) => Place::Evict(
+            waiting
+                .iter()
+                .rposition(|w| *w == p)
+                .expect("the minimum is there"),
+        ),
+        None => Place::Refuse,
+    }
 }
 
 /// What [`Admission::enter`] did with a request.
@@ -93,10 +131,11 @@ pub enum Entry {
     Queued(Ticket),
 }
 
-/// The queue is full.
+/// The queue is full (or, for a sheddable request, past half full).
 #[derive(Debug, Clone, Copy)]
 pub struct QueueFull {
     pub depth: usize,
+    pub priority: Priority,
 }
 
 /// How a wait in the queue ended without a slot.
@@ -175,22 +214,31 @@ impl Admission {
         })
     }
 
-    /// Admits a request at once when open, queues it otherwise.
-    pub fn enter(self: &Arc<Self>) -> Result<Entry, QueueFull> {
+    /// Admits a request at once when open, queues it otherwise (see [`place`]).
+    pub fn enter(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
         let mut q = self.queue.lock().unwrap();
         q.arrivals.count(Instant::now());
         if q.open {
             return Ok(Entry::Admitted(self.admit_locked(&mut q)));
         }
-        if q.waiters.len() >= self.max_queue {
-            return Err(QueueFull {
-                depth: q.waiters.len(),
-            });
+        let waiting: Vec<Priority> = q.waiters.iter().map(|w| w.priority).collect();
+        match place(&waiting, priority, self.max_queue) {
+            Place::Queue => {}
+            Place::Refuse => {
+                return Err(QueueFull {
+                    depth: q.waiters.len(),
+                    priority,
+                });
+            }
+            Place::Evict(i) => {
+                let w = q.waiters.remove(i).expect("place names a waiter");
+                let _ = w.tx.send(Err(Failure::Shed(w.priority)));
+            }
         }
         let (tx, rx) = oneshot::channel();
         let id = q.next_id;
         q.next_id += 1;
-        q.waiters.push_back(Waiter { id, tx });
+        q.waiters.push_back(Waiter { id, priority, tx });
         self.depth_gauge.set(q.waiters.len() as i64);
         Ok(Entry::Queued(Ticket {
             admission: self.clone(),
@@ -219,11 +267,15 @@ impl Admission {
         });
     }
 
-    /// The model serves: admit every waiter in arrival order, and newcomers at once.
+    /// The model serves: admit every waiter, the most important first and in arrival
+    /// order among equals, and newcomers at once.
     pub fn open(self: &Arc<Self>) {
         let mut q = self.queue.lock().unwrap();
         q.open = true;
         q.last_activity = Instant::now();
+        q.waiters
+            .make_contiguous()
+            .sort_by_key(|w| (std::cmp::Reverse(w.priority), w.id));
         while let Some(w) = q.waiters.pop_front() {
             let slot = self.admit_locked(&mut q);
             // A waiter that left drops its slot with the unsent value.
@@ -316,10 +368,10 @@ mod tests {
         let a = admission(8);
         a.open();
         for _ in 0..3 {
-            drop(a.enter());
+            drop(a.enter(Priority::Standard));
         }
         tokio::time::advance(Duration::from_secs(5 * 60)).await;
-        drop(a.enter());
+        drop(a.enter(Priority::Standard));
         assert_eq!(a.load(), (0, 4));
         // Eleven minutes on, the first three are out; sixteen on, all are.
         tokio::time::advance(Duration::from_secs(6 * 60)).await;
@@ -327,7 +379,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5 * 60)).await;
         assert_eq!(a.load().1, 0);
         // A slot of the ring reused a lap later starts from zero.
-        drop(a.enter());
+        drop(a.enter(Priority::Standard));
         assert_eq!(a.load().1, 1);
     }
 
@@ -341,14 +393,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_are_admitted_together_when_it_opens_and_newcomers_pass() {
         let a = admission(8);
-        let t1 = queued(a.enter());
-        let t2 = queued(a.enter());
+        let t1 = queued(a.enter(Priority::Standard));
+        let t2 = queued(a.enter(Priority::Standard));
         assert_eq!(a.counts(), (2, 0));
         a.open();
         let s1 = t1.wait(Duration::from_secs(1)).await.ok().unwrap();
         let s2 = t2.wait(Duration::from_secs(1)).await.ok().unwrap();
         assert_eq!(a.counts(), (0, 2));
-        assert!(matches!(a.enter(), Ok(Entry::Admitted(_))));
+        assert!(matches!(
+            a.enter(Priority::Standard),
+            Ok(Entry::Admitted(_))
+        ));
         drop((s1, s2));
         assert_eq!(a.counts(), (0, 0));
         assert!(a.drained(Duration::ZERO).await);
@@ -358,7 +413,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_are_released_in_arrival_order() {
         let a = admission(8);
-        let tickets: Vec<Ticket> = (0..5).map(|_| queued(a.enter())).collect();
+        let tickets: Vec<Ticket> = (0..5)
+            .map(|_| queued(a.enter(Priority::Standard)))
+            .collect();
         let order = Arc::new(Mutex::new(Vec::new()));
         // Spawned last-first, so that spawn order cannot pass for arrival order.
         let mut tasks = Vec::new();
@@ -381,8 +438,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_and_a_leaving_waiter_frees_its_place() {
         let a = admission(1);
-        let t = queued(a.enter());
-        assert!(matches!(a.enter(), Err(QueueFull { depth: 1 })));
+        let t = queued(a.enter(Priority::Standard));
+        assert!(matches!(
+            a.enter(Priority::Standard),
+            Err(QueueFull { depth: 1, .. })
+        ));
         let emptied = tokio::spawn({
             let a = a.clone();
             async move { a.until_empty().await }
@@ -393,7 +453,7 @@ mod tests {
         ));
         emptied.await.unwrap();
         assert!(!a.has_waiters());
-        let t = queued(a.enter());
+        let t = queued(a.enter(Priority::Standard));
         a.fail_all(&Failure::ShuttingDown);
         assert!(matches!(
             t.wait(Duration::from_secs(5)).await,
@@ -405,7 +465,7 @@ mod tests {
     async fn a_slot_is_held_until_dropped_and_drain_waits_for_it() {
         let a = admission(8);
         a.open();
-        let Ok(Entry::Admitted(slot)) = a.enter() else {
+        let Ok(Entry::Admitted(slot)) = a.enter(Priority::Standard) else {
             panic!("open admits at once")
         };
         a.close();
@@ -414,6 +474,66 @@ mod tests {
         assert!(busy);
         drop(slot);
         assert!(a.drained(Duration::from_secs(1)).await);
-        assert!(matches!(a.enter(), Ok(Entry::Queued(_))));
+        assert!(matches!(a.enter(Priority::Standard), Ok(Entry::Queued(_))));
+    }
+
+    #[test]
+    fn under_pressure_sheddable_requests_go_first_and_critical_ones_last() {
+        use Priority::{Critical as C, Sheddable as D, Standard as S};
+        // (waiting, newcomer, capacity) → place
+        let table: &[(&[Priority], Priority, usize, Place)] = &[
+            (&[], D, 4, Place::Queue),
+            (&[S], D, 4, Place::Queue),
+            // From half full on, a sheddable request is refused...
+            (&[S, S], D, 4, Place::Refuse),
+            (&[S], D, 1, Place::Refuse),
+            // ...the others queue until it is full...
+            (&[S, S, S], S, 4, Place::Queue),
+            // ...then take the place of the latest of the least important below them.
+            (&[D, S, D, S], S, 4, Place::Evict(2)),
+            (&[S, C, S, C], C, 4, Place::Evict(2)),
+            (&[D, S, C, C], C, 4, Place::Evict(0)),
+            // Nobody below: refused.
+            (&[S, S, C, S], S, 4, Place::Refuse),
+            (&[C, C], C, 2, Place::Refuse),
+        ];
+        for (waiting, new, max, want) in table {
+            assert_eq!(
+                place(waiting, *new, *max),
+                *want,
+                "{waiting:?} + {new:?} of {max}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_most_important_are_admitted_first_and_an_evicted_waiter_is_told_why() {
+        let a = admission(3);
+        let low = queued(a.enter(Priority::Standard));
+        let mid = queued(a.enter(Priority::Standard));
+        let top = queued(a.enter(Priority::Critical));
+        // Full: a critical newcomer takes the latest standard one's place.
+        let top2 = queued(a.enter(Priority::Critical));
+        assert!(matches!(
+            mid.wait(Duration::from_secs(1)).await,
+            Err(Waited::Failed(Failure::Shed(Priority::Standard)))
+        ));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (name, t) in [("low", low), ("top", top), ("top2", top2)] {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let slot = t.wait(Duration::from_secs(1)).await.ok().unwrap();
+                order.lock().unwrap().push(name);
+                slot
+            }));
+        }
+        tokio::task::yield_now().await;
+        a.open();
+        for t in tasks {
+            drop(t.await.unwrap());
+        }
+        let order = order.lock().unwrap().clone();
+        assert_eq!(order, ["top", "top2", "low"]);
     }
 }

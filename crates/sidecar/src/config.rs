@@ -102,6 +102,11 @@ pub struct SidecarConfig {
     /// Popular models are never chosen as preemption victims.
     #[arg(long)]
     pub popular: bool,
+    /// The Model's priority class: `critical` wakes preempt without waiting out
+    /// `--max-wait-time` and are preempted last; `sheddable` wakes never preempt and are
+    /// preempted first.
+    #[arg(long, default_value = "standard", value_parser = |s: &str| s.parse::<greenthread_api::Priority>())]
+    pub priority: greenthread_api::Priority,
     /// The installation's scheduling policy: whom a wake short of memory preempts, and
     /// when (`cost-aware`, the default, or `lru`, the documented original).
     #[arg(long, default_value = "cost-aware", value_parser = |s: &str| s.parse::<Policy>())]
@@ -292,6 +297,7 @@ impl SidecarConfig {
         cfg.min_runtime = model.min_runtime;
         cfg.max_wait_time = model.max_wait_time;
         cfg.popular = model.spec.fairness.popular;
+        cfg.priority = model.spec.priority;
         cfg.policy = at.policy;
         match at.ledger {
             LedgerAt::Memory => cfg.ledger = LedgerKind::Memory,
@@ -355,6 +361,9 @@ impl SidecarConfig {
         }
         if self.popular {
             args.push("--popular".into());
+        }
+        if !self.priority.is_standard() {
+            args.extend(["--priority".into(), self.priority.to_string()]);
         }
         args.extend(["--engine".into(), self.engine.flag().into()]);
         if let Some(command) = &self.engine_command {

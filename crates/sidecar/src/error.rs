@@ -82,6 +82,11 @@ pub enum Failure {
     Claim(Arc<ClaimError>),
     #[error("{0}")]
     Wake(Arc<DriverError>),
+    /// A request of higher priority took this one's place in the full queue.
+    #[error(
+        "a {0} request was refused to make room in the full queue for a more important one; retry later"
+    )]
+    Shed(greenthread_api::Priority),
 }
 
 /// What a queued request waits on: the end of its 503 message when its deadline passes.
@@ -120,6 +125,9 @@ pub struct Stalled {
 pub enum Rejection {
     #[error("request queue is full ({depth} waiting); retry later")]
     QueueFull { depth: usize },
+    /// A sheddable request past half the queue, or one evicted by a more important one.
+    #[error("{why}")]
+    Shed { why: String },
     #[error("request waited {:.1}s without being served: {reason}", waited.as_secs_f64())]
     Deadline { waited: Duration, reason: Stalled },
     #[error("{0}")]
@@ -130,7 +138,7 @@ impl Rejection {
     /// The `reason` label of `gthread_sidecar_rejections_total`.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Rejection::QueueFull { .. } => "queue_full",
+            Rejection::QueueFull { .. } | Rejection::Shed { .. } => "queue_full",
             Rejection::Deadline { .. } => "deadline",
             Rejection::Failed(_) => "failed",
         }

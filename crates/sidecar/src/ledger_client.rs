@@ -33,6 +33,7 @@ pub struct LedgerClient {
     pod: String,
     model: String,
     popular: bool,
+    priority: greenthread_api::Priority,
     min_runtime: Duration,
     lock_ttl: Duration,
     max_wait: Duration,
@@ -79,6 +80,7 @@ impl LedgerClient {
             pod,
             model: cfg.model.clone(),
             popular: cfg.popular,
+            priority: cfg.priority,
             min_runtime: cfg.min_runtime,
             lock_ttl: cfg.wake_lock_ttl,
             max_wait: cfg.max_wait_time,
@@ -101,6 +103,7 @@ impl LedgerClient {
             model: self.model.clone(),
             bytes,
             popular: self.popular,
+            priority: self.priority,
             min_runtime: self.min_runtime,
         }
     }

@@ -31,7 +31,7 @@ impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         let message = self.to_string();
         match self {
-            Rejection::QueueFull { .. } => {
+            Rejection::QueueFull { .. } | Rejection::Shed { .. } => {
                 let mut r = api_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_exceeded",
@@ -314,8 +314,14 @@ async fn relay_leg(
     body: bytes::Bytes,
     mut pause: Option<&mut greenthread_ledger::Subscriber<u64>>,
 ) -> Response {
+    // Set by the API server from the caller's key (a client may only lower it there).
+    let priority = parts
+        .headers
+        .get(greenthread_api::PRIORITY_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or_default();
     for _ in 0..3 {
-        let slot = match sidecar.admit().await {
+        let slot = match sidecar.admit_as(priority).await {
             Ok(slot) => slot,
             Err(rejection) => {
                 sidecar.metrics.request(false);
@@ -495,7 +501,12 @@ async fn admin_sleep(State(s): State<AppState>) -> Response {
 }
 
 async fn admin_wake(State(s): State<AppState>) -> Response {
-    match s.sidecar.admit().await {
+    // An operator's wake is never shed.
+    match s
+        .sidecar
+        .admit_as(greenthread_api::Priority::Critical)
+        .await
+    {
         Ok(slot) => {
             drop(slot);
             Json(s.sidecar.status_json()).into_response()

@@ -13,6 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use greenthread_api::Priority;
 use greenthread_gpu::MemoryProbe;
 use greenthread_ledger::{Clock, Ledger, decide};
 use tokio::{
@@ -351,11 +352,25 @@ impl Sidecar {
     /// Admits a request at once when serving; otherwise queues it until the model
     /// serves, its deadline passes, or its client goes away (the future is dropped).
     pub async fn admit(self: &Arc<Self>) -> Result<InFlight, Rejection> {
+        self.admit_as(Priority::Standard).await
+    }
+
+    /// [`Sidecar::admit`] for a request of `priority`: the queue admits the most
+    /// important first and, under pressure, refuses the least important first.
+    pub async fn admit_as(self: &Arc<Self>, priority: Priority) -> Result<InFlight, Rejection> {
         let arrived = Instant::now();
-        let entered = self
-            .admission
-            .enter()
-            .map_err(|full| Rejection::QueueFull { depth: full.depth });
+        let entered = self.admission.enter(priority).map_err(|full| {
+            if full.priority == Priority::Sheddable && full.depth < self.cfg.max_queue {
+                Rejection::Shed {
+                    why: format!(
+                        "the request queue is past half full ({} waiting): sheddable requests are refused; retry later",
+                        full.depth
+                    ),
+                }
+            } else {
+                Rejection::QueueFull { depth: full.depth }
+            }
+        });
         let ticket = match entered {
             Ok(Entry::Admitted(slot)) => return Ok(slot),
             Ok(Entry::Queued(ticket)) => ticket,
@@ -377,6 +392,9 @@ impl Sidecar {
         }
         match ticket.wait(self.cfg.queue_timeout).await {
             Ok(slot) => Ok(slot),
+            Err(Waited::Failed(Failure::Shed(p))) => Err(self.rejected(Rejection::Shed {
+                why: Failure::Shed(p).to_string(),
+            })),
             Err(Waited::Failed(why)) => Err(self.rejected(Rejection::Failed(why))),
             Err(Waited::Deadline) => {
                 let reason = {
