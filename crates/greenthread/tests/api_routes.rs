@@ -151,12 +151,7 @@ async fn comments_while_waking_then_the_answer_or_its_error_as_an_event() {
     read_until(&mut body, &mut seen, |s| s.contains(": waking m, ")).await;
     drop(body);
     wait_until("the queue to empty", Duration::from_secs(10), || async {
-        let depth = sc
-            .metrics()
-            .await
-            .value("gthread_sidecar_queue_depth", &[])
-            .unwrap();
-        (depth == 0.0).then_some(())
+        (sc.queue_depth().await == 0.0).then_some(())
     })
     .await;
     assert_ne!(sc.state().await, "serving", "the wake is still held");

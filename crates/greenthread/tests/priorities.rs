@@ -9,13 +9,6 @@ use greenthread_test_support::{LocalProc, SidecarProc, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
-async fn queue_depth(sc: &SidecarProc) -> f64 {
-    sc.metrics()
-        .await
-        .value("gthread_sidecar_queue_depth", &[])
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_sheds_the_least_important_first() {
     let gate = std::env::temp_dir().join(format!("gt-gate-{}-prio", std::process::id()));
@@ -36,7 +29,7 @@ async fn a_full_queue_sheds_the_least_important_first() {
     // One standard request waits for the (held) wake.
     let first = send("standard");
     wait_until("one queued", Duration::from_secs(10), || async {
-        (queue_depth(&sc).await == 1.0).then_some(())
+        (sc.queue_depth().await == 1.0).then_some(())
     })
     .await;
     // Half full: a sheddable one is refused at once.
@@ -54,7 +47,7 @@ async fn a_full_queue_sheds_the_least_important_first() {
     // A second standard one fills it; a critical one then takes its place.
     let second = send("standard");
     wait_until("two queued", Duration::from_secs(10), || async {
-        (queue_depth(&sc).await == 2.0).then_some(())
+        (sc.queue_depth().await == 2.0).then_some(())
     })
     .await;
     let critical = send("critical");

@@ -6,13 +6,6 @@ use greenthread_test_support::{SidecarProc, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
-async fn queue_depth(sc: &SidecarProc) -> f64 {
-    sc.metrics()
-        .await
-        .value("gthread_sidecar_queue_depth", &[])
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_with_retry_after() {
     // 1 GiB at 512 MiB/s: a 2 s wake.
@@ -26,7 +19,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let a = tokio::spawn(sc.chat("q", 2, false).send());
     let b = tokio::spawn(sc.chat("q", 2, false).send());
     wait_until("two queued", Duration::from_secs(5), || async {
-        (queue_depth(&sc).await == 2.0).then_some(())
+        (sc.queue_depth().await == 2.0).then_some(())
     })
     .await;
     let r = sc.chat("q", 2, false).send().await.unwrap();
@@ -79,7 +72,7 @@ async fn a_request_past_its_deadline_gets_503_with_a_json_reason() {
     assert_eq!(body["error"]["type"], "timeout");
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("model d is waking"), "{msg}");
-    assert_eq!(queue_depth(&sc).await, 0.0);
+    assert_eq!(sc.queue_depth().await, 0.0);
     // `GreenThreadQueueTimeouts` reads this series.
     let m = sc.metrics().await;
     assert_eq!(
@@ -111,7 +104,7 @@ async fn a_client_that_disconnects_while_queued_never_reaches_the_engine() {
         .unwrap_err();
     assert!(err.is_timeout());
     wait_until("the queue to empty", Duration::from_secs(10), || async {
-        (queue_depth(&sc).await == 0.0).then_some(())
+        (sc.queue_depth().await == 0.0).then_some(())
     })
     .await;
     assert_eq!(

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::{
     engine::SimEngine,
-    openai,
+    openai::{self, InferenceRequest},
     server::{arrive, error, parse, ready, record_finished},
 };
 
@@ -33,6 +33,43 @@ fn text_of(v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
+    }
+}
+
+/// A JSON request as the endpoints read it.
+pub(crate) trait Request: serde::de::DeserializeOwned {
+    fn model(&self) -> Option<&str>;
+
+    /// What it is, when it asks for a stream this endpoint does not simulate.
+    fn unsupported_stream(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// What every JSON endpoint does first: note the headers, count the request (and hang it
+/// when told to), parse it, refuse a stream it cannot simulate, and check that the engine
+/// can answer for its model now.
+pub(crate) async fn accept<T: Request>(
+    e: &SimEngine,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, Box<Response>> {
+    e.record_headers(headers);
+    arrive(e, body).await;
+    let req: T = parse(body)?;
+    if let Some(what) = req.unsupported_stream() {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("the simulator does not stream {what}; ask without `stream`"),
+        )));
+    }
+    ready(e, req.model()).await.map_err(Box::new)?;
+    Ok(req)
+}
+
+impl Request for InferenceRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 }
 
@@ -75,6 +112,12 @@ struct EmbeddingsRequest {
     dimensions: Option<usize>,
 }
 
+impl Request for EmbeddingsRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
+
 /// A unit vector that depends only on `text`: equal texts embed equally.
 fn embedding(text: &str, dimensions: usize) -> Vec<f32> {
     let h = openai::prompt_hash(text);
@@ -96,15 +139,10 @@ fn embedding(text: &str, dimensions: usize) -> Vec<f32> {
 /// `POST /v1/embeddings`: one vector per input (a string, strings, token ids or lists of
 /// them), as floats or as base64 of little-endian f32 (what the openai SDK asks for).
 pub async fn embeddings(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    e.record_headers(&headers);
-    arrive(&e, &body).await;
-    let req: EmbeddingsRequest = match parse(&body) {
+    let req: EmbeddingsRequest = match accept(&e, &headers, &body).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
-    if let Err(r) = ready(&e, req.model.as_deref()).await {
-        return r;
-    }
     let inputs: Vec<String> = match &req.input {
         Value::Array(items) if items.iter().all(|i| !i.is_number()) => {
             items.iter().map(text_of).collect()
@@ -152,13 +190,6 @@ pub async fn embeddings(State(e): State<Shared>, headers: HeaderMap, body: Bytes
     .into_response()
 }
 
-fn not_streamed(what: &str) -> Response {
-    error(
-        StatusCode::BAD_REQUEST,
-        format!("the simulator does not stream {what}; ask without `stream`"),
-    )
-}
-
 #[derive(Deserialize)]
 struct ResponsesRequest {
     model: Option<String>,
@@ -171,20 +202,22 @@ struct ResponsesRequest {
     stream: bool,
 }
 
+impl Request for ResponsesRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn unsupported_stream(&self) -> Option<&'static str> {
+        self.stream.then_some("responses")
+    }
+}
+
 /// `POST /v1/responses`: one assistant message of output text.
 pub async fn responses(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    e.record_headers(&headers);
-    arrive(&e, &body).await;
-    let req: ResponsesRequest = match parse(&body) {
+    let req: ResponsesRequest = match accept(&e, &headers, &body).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
-    if req.stream {
-        return not_streamed("responses");
-    }
-    if let Err(r) = ready(&e, req.model.as_deref()).await {
-        return r;
-    }
     let prompt = format!(
         "{}\n{}",
         req.instructions.unwrap_or_default(),
@@ -199,7 +232,7 @@ pub async fn responses(State(e): State<Shared>, headers: HeaderMap, body: Bytes)
     Json(json!({
         "id": format!("resp_sim{id}"),
         "object": "response",
-        "created_at": now(),
+        "created_at": openai::created(),
         "status": "incomplete",
         "incomplete_details": {"reason": "max_output_tokens"},
         "model": e.cfg.model,
@@ -236,20 +269,22 @@ struct MessagesRequest {
     stream: bool,
 }
 
+impl Request for MessagesRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn unsupported_stream(&self) -> Option<&'static str> {
+        self.stream.then_some("messages")
+    }
+}
+
 /// `POST /v1/messages`, Anthropic's: one text block, stopped at `max_tokens`.
 pub async fn messages(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    e.record_headers(&headers);
-    arrive(&e, &body).await;
-    let req: MessagesRequest = match parse(&body) {
+    let req: MessagesRequest = match accept(&e, &headers, &body).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
-    if req.stream {
-        return not_streamed("messages");
-    }
-    if let Err(r) = ready(&e, req.model.as_deref()).await {
-        return r;
-    }
     let mut prompt = text_of(&req.system);
     for m in &req.messages {
         prompt.push('\n');
@@ -281,18 +316,19 @@ struct RerankRequest {
     top_n: Option<usize>,
 }
 
+impl Request for RerankRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
+
 /// `POST /v1/rerank` (and `/rerank`, `/v2/rerank`): the documents by a relevance score
 /// that depends only on the query and the document.
 pub async fn rerank(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    e.record_headers(&headers);
-    arrive(&e, &body).await;
-    let req: RerankRequest = match parse(&body) {
+    let req: RerankRequest = match accept(&e, &headers, &body).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
-    if let Err(r) = ready(&e, req.model.as_deref()).await {
-        return r;
-    }
     let start = Instant::now();
     let guard = e.admit().await;
     let docs: Vec<String> = req
@@ -369,13 +405,6 @@ pub async fn transcriptions(State(e): State<Shared>, headers: HeaderMap, body: B
         Some("text") => text.into_response(),
         _ => Json(json!({"text": text, "model": e.cfg.model})).into_response(),
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -153,7 +153,8 @@ pub fn error_body(message: &str, kind: &str, code: u16) -> Value {
     json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
 }
 
-fn created() -> u64 {
+/// Now, in seconds since the epoch (what `created` fields hold).
+pub fn created() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -286,13 +286,11 @@ async fn metrics(State(e): State<Shared>) -> Response {
 }
 
 async fn chat(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    e.record_headers(&headers);
-    infer(e, Kind::Chat, body).await
+    infer(e, Kind::Chat, headers, body).await
 }
 
 async fn completions(State(e): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    e.record_headers(&headers);
-    infer(e, Kind::Completion, body).await
+    infer(e, Kind::Completion, headers, body).await
 }
 
 /// The headers of the last inference request, as this engine received them: what tests
@@ -361,15 +359,11 @@ pub(crate) fn parse<'a, T: serde::Deserialize<'a>>(body: &'a Bytes) -> Result<T,
     })
 }
 
-async fn infer(e: Shared, kind: Kind, body: Bytes) -> Response {
-    arrive(&e, &body).await;
-    let req: InferenceRequest = match parse(&body) {
+async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Response {
+    let req: InferenceRequest = match endpoints::accept(&e, &headers, &body).await {
         Ok(r) => r,
         Err(r) => return *r,
     };
-    if let Err(r) = ready(&e, req.model.as_deref()).await {
-        return r;
-    }
 
     let start = Instant::now();
     let guard = e.admit().await;

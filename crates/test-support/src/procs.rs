@@ -200,6 +200,14 @@ impl SidecarProc {
         scrape(&self.client, &format!("{}/metrics", self.private)).await
     }
 
+    /// Requests waiting in its queue now.
+    pub async fn queue_depth(&self) -> f64 {
+        self.metrics()
+            .await
+            .value("gthread_sidecar_queue_depth", &[])
+            .expect("the sidecar exports its queue depth")
+    }
+
     pub async fn engine_metrics(&self) -> Exposition {
         scrape(&self.client, &format!("{}/metrics", self.engine)).await
     }
