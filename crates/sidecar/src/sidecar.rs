@@ -142,6 +142,9 @@ pub struct Sidecar {
     tasks: Mutex<JoinSet<()>>,
     stop: CancellationToken,
     heartbeat_started: AtomicBool,
+    /// Whether the state is Serving: read by every request, so an atomic (the state's
+    /// watch takes a lock that all requests would contend for).
+    serving_now: AtomicBool,
 }
 
 /// The shortest time between two reports of a model going busy or idle.
@@ -216,6 +219,7 @@ impl Sidecar {
             tasks: Mutex::new(JoinSet::new()),
             stop,
             heartbeat_started: AtomicBool::new(false),
+            serving_now: AtomicBool::new(false),
             cfg,
         })
     }
@@ -234,10 +238,9 @@ impl Sidecar {
         self.transitions.subscribe()
     }
 
-    /// Whether the model serves now, without the life lock (a read of the published
-    /// state): cheap enough for every request.
+    /// Whether the model serves now, without a lock: cheap enough for every request.
     pub fn serving(&self) -> bool {
-        *self.state_tx.borrow() == State::Serving
+        self.serving_now.load(Ordering::Acquire)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<State> {
@@ -322,6 +325,8 @@ impl Sidecar {
                     self.admission.close();
                 }
                 self.metrics.set_state(to);
+                self.serving_now
+                    .store(to == State::Serving, Ordering::Release);
                 self.state_tx.send_replace(to);
                 let _ = self.transitions.send((from, to));
                 tracing::info!(model = %self.cfg.model, %from, %to, ?event, "state changed");
