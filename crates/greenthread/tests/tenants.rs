@@ -171,3 +171,33 @@ async fn each_team_uses_only_its_models_within_its_limits_and_is_counted() {
     // By body and by path.
     assert_eq!(requests("team-a", "team-b-chat", "403"), Some(2.0));
 }
+
+/// The Kubernetes form in the same doc, the API server's Secret: the keys it documents
+/// parse as the API server parses them, with their names, models and classes.
+#[test]
+fn the_documented_secret_parses_as_the_api_server_reads_it() {
+    let doc = std::fs::read_to_string(repo_root().join("docs/multi-tenant.md")).unwrap();
+    let start = doc.rfind("```yaml\n").expect("the keys.yaml block") + 8;
+    let end = start + doc[start..].find("```").unwrap();
+    let keys = greenthread_apiserver::keys::parse_keys(Some(&doc[start..end]), "api-keys")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let summary: Vec<(String, Vec<String>, greenthread_api::Priority)> = keys
+        .into_iter()
+        .map(|k| (k.name, k.models, k.priority))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "team-a".to_string(),
+                vec!["team-a/*".to_string(), "shared/*".to_string()],
+                greenthread_api::Priority::Critical
+            ),
+            (
+                "team-b".to_string(),
+                vec!["team-b/*".to_string(), "shared/*".to_string()],
+                greenthread_api::Priority::Sheddable
+            ),
+        ]
+    );
+}
