@@ -147,10 +147,7 @@ impl Metered {
 
     fn finish(&mut self) {
         if let Shape::Json(buf) = &self.shape
-            && let Some(u) = serde_json::from_slice::<Value>(buf)
-                .ok()
-                .as_ref()
-                .and_then(usage_of)
+            && let Some(u) = json_usage(buf)
         {
             self.record(u);
         }
@@ -158,6 +155,25 @@ impl Metered {
             done(self.usage);
         }
     }
+}
+
+/// The usage of a whole JSON answer, reading only its `usage` object: answers put it
+/// last, and the rest (the text, every embedding) need not be parsed at all.
+fn json_usage(buf: &[u8]) -> Option<Usage> {
+    let at = memmem::rfind(buf, b"\"usage\"")?;
+    let value = at + 7 + buf[at + 7..].iter().position(|b| *b == b'{')?;
+    let between = &buf[at + 7..value];
+    if !between
+        .iter()
+        .all(|b| b.is_ascii_whitespace() || *b == b':')
+    {
+        return None;
+    }
+    let object = serde_json::Deserializer::from_slice(&buf[value..])
+        .into_iter::<Value>()
+        .next()?
+        .ok()?;
+    usage_of(&serde_json::json!({ "usage": object }))
 }
 
 /// The end of the first complete event in `buf` (after its blank line).
