@@ -26,6 +26,15 @@ pub struct Caller {
 pub struct Identity(pub Option<Arc<Caller>>);
 
 impl Identity {
+    /// Whether this caller may use `route` (by its name, `namespace/name` or engine id);
+    /// anyone may when the API is open.
+    pub fn may_use(&self, route: &crate::ModelRoute) -> bool {
+        self.0.as_ref().is_none_or(|c| {
+            c.key
+                .allows(&[&route.name, &route.key(), &route.model_name])
+        })
+    }
+
     /// The `key` label of this caller's requests and tokens.
     pub fn label(&self) -> &str {
         self.0.as_ref().map_or("none", |c| c.key.name.as_str())

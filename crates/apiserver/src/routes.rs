@@ -228,11 +228,7 @@ fn identity(parts: &http::request::Parts) -> Identity {
 fn admit(api: &ApiServer, who: &Identity, model: &str) -> Result<Arc<ModelRoute>, Box<Response>> {
     let route = resolve(api, model).map_err(|e| Box::new(refused(api, who, "unknown", e)))?;
     if let Some(caller) = &who.0 {
-        let key = route.key();
-        if !caller
-            .key
-            .allows(&[route.name.as_str(), key.as_str(), route.model_name.as_str()])
-        {
+        if !who.may_use(&route) {
             let e = keys::forbidden(&caller.key.name, model);
             return Err(Box::new(refused(api, who, &route.name, e)));
         }
@@ -381,12 +377,7 @@ async fn list_models(State(api): State<Shared>, req: Request) -> Response {
     let routes = api.models();
     let data: Vec<Value> = routes
         .values()
-        .filter(|m| {
-            who.0.as_ref().is_none_or(|c| {
-                c.key
-                    .allows(&[m.name.as_str(), m.key().as_str(), m.model_name.as_str()])
-            })
-        })
+        .filter(|m| who.may_use(m))
         .map(|m| model_entry(&api, &routes, m))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()

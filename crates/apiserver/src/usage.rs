@@ -127,7 +127,7 @@ impl Metered {
                 let mut kept = Vec::new();
                 let mut found = Vec::new();
                 let mut start = 0;
-                while let Some(end) = event_end(&carry[start..]) {
+                while let Some(end) = greenthread_edge::sse::event_end(&carry[start..]) {
                     let event = &carry[start..start + end];
                     let (usage, only_usage) = event_usage(event);
                     found.extend(usage);
@@ -174,16 +174,6 @@ fn json_usage(buf: &[u8]) -> Option<Usage> {
         .next()?
         .ok()?;
     usage_of(&serde_json::json!({ "usage": object }))
-}
-
-/// The end of the first complete event in `buf` (after its blank line).
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 /// The usage an event reports, and whether it is nothing else (an OpenAI usage chunk:

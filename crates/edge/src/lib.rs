@@ -15,6 +15,7 @@ mod redact;
 mod secret;
 mod server;
 mod shutdown;
+pub mod sse;
 pub mod transport;
 
 pub use auth::{Gate, bearer, bearer_value, credential, ct_eq, require, unauthorized};

@@ -158,7 +158,7 @@ impl Splice {
     pub(crate) fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
         self.pending.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(end) = find_event_end(&self.pending) {
+        while let Some(end) = greenthread_edge::sse::event_end(&self.pending) {
             let event: Vec<u8> = self.pending.drain(..end).collect();
             self.event(&event, &mut out);
         }
@@ -267,16 +267,6 @@ impl Splice {
 /// error body (what the continuation was refused with, or our own).
 pub(crate) fn error_event(error: &Value) -> Vec<u8> {
     format!("data: {error}\n\ndata: [DONE]\n\n").into_bytes()
-}
-
-/// The end of the first complete event in `buf` (after its blank line).
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 #[cfg(test)]

@@ -239,16 +239,20 @@ async fn relay_with_feedback(
             }
         }
     });
-    let events = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(events))
+        .body(channel_body(rx))
         .expect("static headers are valid")
+}
+
+/// A body of what a task sends on `rx`, ending when the task drops its sender.
+fn channel_body(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Body {
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    }))
 }
 
 /// Aborts a task when dropped.
@@ -392,12 +396,7 @@ async fn relay_resumable(
         pause,
         tx,
     ));
-    let events = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    });
-    Response::from_parts(head, Body::from_stream(events))
+    Response::from_parts(head, channel_body(rx))
 }
 
 /// Carries one resumable answer to its client across the engine's sleeps.
