@@ -15,7 +15,8 @@ pub use gpu::{
     WakeLock,
 };
 pub use model::{
-    EngineKind, FairnessSpec, FieldError, Model, ModelSpec, ModelStatus, SleepSpec, ValidModel,
+    AdapterSpec, EngineKind, FairnessSpec, FieldError, LORA_RANKS, LoraSettings, Model, ModelSpec,
+    ModelStatus, SleepSpec, ValidModel, adapter_clashes,
 };
 pub use priority::{PRIORITY_HEADER, Priority};
 pub use units::{ByteSize, ParseError, arg, format_duration, parse_duration};

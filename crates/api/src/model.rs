@@ -68,6 +68,31 @@ impl Default for FairnessSpec {
     }
 }
 
+/// A LoRA adapter served on top of the Model's base weights, under its own name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdapterSpec {
+    /// What clients send as `model` to use it: unique among the namespace's Model names,
+    /// engine ids and adapters.
+    pub name: String,
+    /// Where the engine finds it: a path in the engine's filesystem or a hub id, passed
+    /// through as it is.
+    pub source: String,
+}
+
+/// The LoRA settings an engine starts with: they bound what adapters it can load later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraSettings {
+    /// Adapters served in one batch at once (vLLM `--max-loras`, SGLang
+    /// `--max-loras-per-batch`).
+    pub max_loras: u32,
+    /// The largest adapter rank the engine can load (`--max-lora-rank`).
+    pub max_lora_rank: u32,
+}
+
+/// The ranks vLLM accepts for `--max-lora-rank`.
+pub const LORA_RANKS: [u32; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
+
 /// `Model.spec`: what a user declares. Defaults are those of the resource; the CEL rules
 /// are checked at admission with the messages below.
 #[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +154,19 @@ pub struct ModelSpec {
     pub priority: crate::Priority,
     #[serde(default)]
     pub quantization: String,
+    /// LoRA adapters served on this Model's replicas; adding or removing one loads or
+    /// unloads it without a restart (docs/adapters.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterSpec>,
+    /// Adapters served in one batch at once (default: the number of adapters, at most
+    /// 4). Set it on a Model that starts without adapters to add some later: the engine
+    /// enables LoRA only when it starts with adapters or with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_loras: Option<u32>,
+    /// The largest adapter rank the engine can load (default 16); one of 1, 8, 16, 32,
+    /// 64, 128, 256, 320, 512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lora_rank: Option<u32>,
     #[serde(default)]
     pub extra_args: Vec<String>,
     #[serde(default)]
@@ -239,6 +277,9 @@ pub struct ValidModel {
     pub wake_feedback: Duration,
     pub min_runtime: Duration,
     pub max_wait_time: Duration,
+    /// LoRA enabled in the engine, and how: `None` when the Model has no adapters and no
+    /// `maxLoras`.
+    pub lora: Option<LoraSettings>,
 }
 
 impl ValidModel {
@@ -250,6 +291,17 @@ impl ValidModel {
 }
 
 impl ModelSpec {
+    /// The LoRA settings the engine starts with: enabled when the Model has adapters or
+    /// sets `maxLoras`.
+    pub fn lora(&self) -> Option<LoraSettings> {
+        (!self.adapters.is_empty() || self.max_loras.is_some()).then(|| LoraSettings {
+            max_loras: self
+                .max_loras
+                .unwrap_or(self.adapters.len().clamp(1, 4) as u32),
+            max_lora_rank: self.max_lora_rank.unwrap_or(16),
+        })
+    }
+
     /// Checks every field; all problems are reported, each naming its field under `path`.
     pub fn validate(&self, path: &str) -> Result<ValidModel, Vec<FieldError>> {
         let mut errors = Vec::new();
@@ -306,6 +358,40 @@ impl ModelSpec {
         let wake_feedback = dur("sleep.wakeFeedback", &self.sleep.wake_feedback);
         let min_runtime = dur("fairness.minRuntime", &self.fairness.min_runtime);
         let max_wait_time = dur("fairness.maxWaitTime", &self.fairness.max_wait_time);
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, a) in self.adapters.iter().enumerate() {
+            if let Err(why) = adapter_name(&a.name) {
+                err(&format!("adapters[{i}].name"), why);
+            } else if a.name == self.model_name {
+                err(
+                    &format!("adapters[{i}].name"),
+                    format!("{:?} is the Model's own modelName", a.name),
+                );
+            } else if !seen.insert(a.name.as_str()) {
+                err(
+                    &format!("adapters[{i}].name"),
+                    format!("{:?} is named twice", a.name),
+                );
+            }
+            if a.source.trim().is_empty() {
+                err(
+                    &format!("adapters[{i}].source"),
+                    "is required (a path in the engine's filesystem or a hub id)".into(),
+                );
+            }
+        }
+        if self.max_loras == Some(0) {
+            err("maxLoras", "must be at least 1".into());
+        }
+        if let Some(rank) = self.max_lora_rank
+            && !LORA_RANKS.contains(&rank)
+        {
+            err(
+                "maxLoraRank",
+                format!("{rank} is not one of 1, 8, 16, 32, 64, 128, 256, 320, 512"),
+            );
+        }
+        let lora = self.lora();
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -317,8 +403,58 @@ impl ModelSpec {
             wake_feedback,
             min_runtime,
             max_wait_time,
+            lora,
         })
     }
+}
+
+/// Adapter names that collide among the Models of one namespace, given as `(Model name,
+/// spec)`: an adapter named like a Model, like another Model's engine id, or like another
+/// Model's adapter would make a request's `model` mean two things. Each clash as
+/// `(Model index, adapter index, what it collides with)`, for every adapter involved.
+pub fn adapter_clashes(models: &[(&str, &ModelSpec)]) -> Vec<(usize, usize, String)> {
+    let mut clashes = Vec::new();
+    for (i, (_, spec)) in models.iter().enumerate() {
+        for (j, a) in spec.adapters.iter().enumerate() {
+            let mut with = Vec::new();
+            for (k, (other, other_spec)) in models.iter().enumerate() {
+                if *other == a.name {
+                    with.push(format!("the Model {other:?}"));
+                }
+                if k != i && other_spec.model_name == a.name {
+                    with.push(format!("the engine id of Model {other:?}"));
+                }
+                if k != i && other_spec.adapters.iter().any(|o| o.name == a.name) {
+                    with.push(format!("an adapter of Model {other:?}"));
+                }
+            }
+            if !with.is_empty() {
+                clashes.push((i, j, format!("{:?} is also {}", a.name, with.join(" and "))));
+            }
+        }
+    }
+    clashes
+}
+
+/// Whether `name` can name an adapter: what clients send as `model`, so letters, digits,
+/// `.`, `_` and `-` (no `/`, which names a namespace, and no `:`, which SGLang reads as
+/// `base:adapter`), at most 128 characters.
+pub fn adapter_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    if name.len() > 128 {
+        return Err(format!("{name:?} is longer than 128 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(format!(
+            "{name:?} may hold only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -379,6 +515,90 @@ mod tests {
             ]
         );
         assert!(errors[1].to_string().contains("outside (0, 1]"));
+    }
+
+    #[test]
+    fn adapters_are_checked_and_enable_lora() {
+        let s = spec(serde_json::json!({"modelName": "base"})).unwrap();
+        assert_eq!(s.validate("spec").unwrap().lora, None);
+        let s = spec(serde_json::json!({"modelName": "base", "adapters": [
+            {"name": "sql", "source": "/adapters/sql"},
+            {"name": "chat", "source": "org/chat-lora"},
+        ]}))
+        .unwrap();
+        assert_eq!(
+            s.validate("spec").unwrap().lora,
+            Some(LoraSettings {
+                max_loras: 2,
+                max_lora_rank: 16
+            })
+        );
+        // No adapters yet, but room for them later.
+        let s = spec(serde_json::json!({"modelName": "base", "maxLoras": 3, "maxLoraRank": 64}))
+            .unwrap();
+        assert_eq!(
+            s.validate("spec").unwrap().lora,
+            Some(LoraSettings {
+                max_loras: 3,
+                max_lora_rank: 64
+            })
+        );
+        let s = spec(
+            serde_json::json!({"modelName": "base", "maxLoras": 0, "maxLoraRank": 12,
+                "adapters": [
+                    {"name": "a/b", "source": "x"},
+                    {"name": "ok", "source": " "},
+                    {"name": "ok", "source": "y"},
+                    {"name": "base", "source": "z"},
+                    {"name": "", "source": "z"},
+            ]}),
+        )
+        .unwrap();
+        let errors = s.validate("spec").unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.adapters[0].name",
+                "spec.adapters[1].source",
+                "spec.adapters[2].name",
+                "spec.adapters[3].name",
+                "spec.adapters[4].name",
+                "spec.maxLoras",
+                "spec.maxLoraRank",
+            ]
+        );
+        assert!(errors[2].message.contains("named twice"), "{}", errors[2]);
+        assert!(errors[3].message.contains("own modelName"), "{}", errors[3]);
+        let e =
+            spec(serde_json::json!({"modelName": "m", "adapters": [{"name": "a"}]})).unwrap_err();
+        assert!(e.to_string().contains("source"), "{e}");
+    }
+
+    #[test]
+    fn adapter_names_that_mean_two_things_are_clashes() {
+        let m = |name: &str, adapters: &[&str]| {
+            spec(serde_json::json!({"modelName": format!("org/{name}"), "adapters":
+                adapters.iter().map(|a| serde_json::json!({"name": a, "source": "s"})).collect::<Vec<_>>()}))
+            .unwrap()
+        };
+        let (a, b, c) = (
+            m("a", &["sql", "b"]),
+            m("b", &["sql", "own"]),
+            m("c", &["org/a"]),
+        );
+        let clashes = adapter_clashes(&[("a", &a), ("b", &b), ("c", &c)]);
+        let at: Vec<(usize, usize)> = clashes.iter().map(|(i, j, _)| (*i, *j)).collect();
+        // `org/a` is not a valid adapter name, but a clash all the same.
+        assert_eq!(at, [(0, 0), (0, 1), (1, 0), (2, 0)]);
+        assert_eq!(clashes[0].2, "\"sql\" is also an adapter of Model \"b\"");
+        assert_eq!(clashes[1].2, "\"b\" is also the Model \"b\"");
+        assert!(
+            clashes[3].2.contains("engine id of Model \"a\""),
+            "{}",
+            clashes[3].2
+        );
+        assert!(adapter_clashes(&[("a", &m("a", &["x"])), ("b", &m("b", &["y"]))]).is_empty());
     }
 
     #[test]

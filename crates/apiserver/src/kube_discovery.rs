@@ -141,6 +141,7 @@ fn routes(
             replicas.sort_by(|a, b| a.pod.cmp(&b.pod));
             ModelRoute::new(ns, name, m.spec.model_name.clone(), replicas)
                 .with_scale_out(m.spec.scale_out as usize)
+                .with_adapters(m.spec.adapters.iter().map(|a| a.name.clone()).collect())
         })
         .collect()
 }

@@ -49,6 +49,8 @@ pub struct ModelRoute {
     turn: AtomicU64,
     /// A scale-out wake is under way from here.
     scaling: Arc<AtomicBool>,
+    /// The LoRA adapters its replicas serve, by name (clients send them as `model`).
+    pub adapters: Vec<String>,
 }
 
 impl ModelRoute {
@@ -66,11 +68,20 @@ impl ModelRoute {
             scale_out: 0,
             turn: AtomicU64::new(0),
             scaling: Arc::default(),
+            adapters: Vec::new(),
         }
     }
 
     pub fn with_scale_out(self, scale_out: usize) -> Self {
         Self { scale_out, ..self }
+    }
+
+    pub fn with_adapters(self, adapters: Vec<String>) -> Self {
+        Self { adapters, ..self }
+    }
+
+    fn serves_adapter(&self, name: &str) -> bool {
+        self.adapters.iter().any(|a| a == name)
     }
 
     /// `namespace/name`: unique across the cluster.
@@ -114,6 +125,8 @@ type Routes = Arc<BTreeMap<String, Arc<ModelRoute>>>;
 /// What a `model` a client sent names.
 pub enum Lookup {
     Found(Arc<ModelRoute>),
+    /// An adapter (its own name) served by the Model's replicas.
+    Adapter(Arc<ModelRoute>, String),
     Unknown,
     /// Several Models answer to the name: the client must say `namespace/name`.
     Ambiguous(Vec<String>),
@@ -187,25 +200,69 @@ impl ApiServer {
     }
 
     /// The Model `model` names: `namespace/name`, else a name no other namespace uses,
-    /// else an engine model id only one Model serves. Never a guess between tenants.
+    /// else an engine model id only one Model serves. Adapters answer to their names like
+    /// Models (`namespace/adapter` too); a name that a Model and an adapter, or two
+    /// adapters, share is ambiguous. Never a guess between tenants.
     pub fn lookup(&self, model: &str) -> Lookup {
         let models = self.models();
         if let Some(m) = models.get(model) {
             return Lookup::Found(m.clone());
         }
-        for matches in [
-            |m: &ModelRoute, s: &str| m.name == s,
-            |m: &ModelRoute, s: &str| m.model_name == s,
-        ] {
-            let found: Vec<&Arc<ModelRoute>> =
-                models.values().filter(|m| matches(m, model)).collect();
-            match found.as_slice() {
-                [] => continue,
-                [one] => return Lookup::Found((*one).clone()),
-                many => return Lookup::Ambiguous(many.iter().map(|m| m.key()).collect()),
-            }
+        if let Some((ns, name)) = model.split_once('/')
+            && let Some(m) = models
+                .values()
+                .find(|m| m.namespace == ns && m.serves_adapter(name))
+        {
+            return Lookup::Adapter(m.clone(), name.to_string());
         }
-        Lookup::Unknown
+        let mut found: Vec<Lookup> = models
+            .values()
+            .filter(|m| m.name == model)
+            .map(|m| Lookup::Found(m.clone()))
+            .collect();
+        found.extend(
+            models
+                .values()
+                .filter(|m| m.serves_adapter(model))
+                .map(|m| Lookup::Adapter(m.clone(), model.to_string())),
+        );
+        if found.is_empty() {
+            found = models
+                .values()
+                .filter(|m| m.model_name == model)
+                .map(|m| Lookup::Found(m.clone()))
+                .collect();
+        }
+        match found.len() {
+            0 => Lookup::Unknown,
+            1 => found.pop().unwrap(),
+            _ => Lookup::Ambiguous(
+                found
+                    .iter()
+                    .map(|l| match l {
+                        Lookup::Found(m) => m.key(),
+                        Lookup::Adapter(m, a) => {
+                            format!("{}/{a} (adapter of {})", m.namespace, m.key())
+                        }
+                        _ => unreachable!("only matches are collected"),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// What clients call adapter `name` of `route`: its name, or `namespace/name` when
+    /// another Model or adapter answers to the same name.
+    pub fn adapter_display(&self, routes: &Routes, route: &ModelRoute, name: &str) -> String {
+        let uses = routes
+            .values()
+            .filter(|m| m.name == name || m.serves_adapter(name))
+            .count();
+        if uses > 1 {
+            format!("{}/{name}", route.namespace)
+        } else {
+            name.to_string()
+        }
     }
 
     /// What clients call `route`: its name, or `namespace/name` when another namespace

@@ -9,10 +9,9 @@ use axum::{
     routing::{get, post},
 };
 use futures_util::StreamExt;
-use greenthread_edge::{ApiError, echo, multipart, read_body, require};
+use greenthread_edge::{ApiError, echo, named::named, read_body, require};
 use greenthread_sidecar::{api_error, public_path};
-use serde::Deserialize;
-use serde_json::{Value, json, value::RawValue};
+use serde_json::{Value, json};
 
 use greenthread_api::{PRIORITY_HEADER, Priority};
 
@@ -92,14 +91,18 @@ fn ambiguous(model: &str, candidates: &[String]) -> ApiError {
     )
 }
 
-/// The route `model` names, or why there is none.
-fn resolve(api: &ApiServer, model: &str) -> Result<Arc<ModelRoute>, ApiError> {
+/// The route `model` names, and the adapter when it names one; or why there is none.
+fn resolve(api: &ApiServer, model: &str) -> Result<Target, ApiError> {
     match api.lookup(model) {
-        Lookup::Found(route) => Ok(route),
+        Lookup::Found(route) => Ok((route, None)),
+        Lookup::Adapter(route, adapter) => Ok((route, Some(adapter))),
         Lookup::Unknown => Err(unknown_model(api, model)),
         Lookup::Ambiguous(c) => Err(ambiguous(model, &c)),
     }
 }
+
+/// A Model's route, and the adapter of it a request names (if any).
+type Target = (Arc<ModelRoute>, Option<String>);
 
 /// A known model with no replica running yet (its pods are still being scheduled).
 fn no_replica(model: &str) -> ApiError {
@@ -107,84 +110,6 @@ fn no_replica(model: &str) -> ApiError {
         "no replica of model {} is running yet",
         echo(model)
     ))
-}
-
-/// Just the `model` of a request body, borrowed from it: every other field is skipped
-/// without being built (no JSON tree of a 30 MB prompt). A duplicate `model` is an error,
-/// so the engine cannot be shown a different one than we routed by.
-#[derive(Deserialize)]
-struct ModelField<'a> {
-    /// Absent: `None`; present, even `null`: its raw value.
-    #[serde(borrow, default, deserialize_with = "present")]
-    model: Option<&'a RawValue>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
-}
-
-/// `body` with the bytes at `at` replaced by `with`, every other byte as it was.
-fn splice(body: &Bytes, at: std::ops::Range<usize>, with: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(body.len() - at.len() + with.len());
-    out.extend_from_slice(&body[..at.start]);
-    out.extend_from_slice(with);
-    out.extend_from_slice(&body[at.end..]);
-    Bytes::from(out)
-}
-
-/// Where a request names its model: the `model` of a JSON body, or the `model` field of
-/// a `multipart/form-data` one (OpenAI's audio endpoints).
-enum Named<'a> {
-    Json(std::borrow::Cow<'a, str>, std::ops::Range<usize>),
-    Form(&'a str, std::ops::Range<usize>),
-}
-
-impl Named<'_> {
-    fn model(&self) -> &str {
-        match self {
-            Named::Json(m, _) => m,
-            Named::Form(m, _) => m,
-        }
-    }
-
-    /// The body naming `name` instead (the engine's own id).
-    fn rename(self, body: &Bytes, name: &str) -> Bytes {
-        match self {
-            Named::Json(_, at) => {
-                let name = serde_json::to_string(name).expect("a string serializes");
-                splice(body, at, name.as_bytes())
-            }
-            Named::Form(_, at) => splice(body, at, name.as_bytes()),
-        }
-    }
-}
-
-/// The model a request body names, or the 400 that says why it names none.
-fn named<'a>(headers: &http::HeaderMap, body: &'a Bytes) -> Result<Named<'a>, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if let Some(boundary) = multipart::boundary(content_type) {
-        let bad = |e: multipart::MultipartError| {
-            ApiError::bad_request(format!("request body is not a valid form: {e}"))
-        };
-        let at = multipart::field(body, boundary.map_err(bad)?, "model")
-            .map_err(bad)?
-            .ok_or_else(|| ApiError::bad_request("the form has no `model` field"))?;
-        let model = std::str::from_utf8(&body[at.clone()])
-            .map_err(|_| ApiError::bad_request("the form's `model` must be UTF-8 text"))?;
-        return Ok(Named::Form(model, at));
-    }
-    let field: ModelField = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
-    let raw = field
-        .model
-        .ok_or_else(|| ApiError::bad_request("the request body has no `model` field (a string)"))?;
-    let model = serde_json::from_str::<std::borrow::Cow<str>>(raw.get())
-        .map_err(|_| ApiError::bad_request("the request body's `model` must be a string"))?;
-    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-    Ok(Named::Json(model, start..start + raw.get().len()))
 }
 
 async fn by_body(State(api): State<Shared>, req: Request) -> Response {
@@ -201,13 +126,15 @@ async fn by_body(State(api): State<Shared>, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     let who = identity(&parts);
-    let route = match admit(&api, &who, named.model()) {
+    let (route, adapter) = match admit(&api, &who, named.model()) {
         Ok(r) => r,
         Err(e) => return *e,
     };
-    // The engine knows its model by its own id.
-    let body = if named.model() != route.model_name {
-        named.rename(&body, &route.model_name)
+    // The engine knows its model by its own id, and an adapter by the adapter's name
+    // (the sidecar turns it into what its engine expects).
+    let engine_name = adapter.as_deref().unwrap_or(&route.model_name);
+    let body = if named.model() != engine_name {
+        named.rename(&body, engine_name)
     } else {
         body
     };
@@ -225,8 +152,10 @@ fn identity(parts: &http::request::Parts) -> Identity {
 
 /// The route `model` names if `who` may use it now: 404 for an unknown model, 403 for
 /// one outside the key's models, 429 past its limits, each counted for the key.
-fn admit(api: &ApiServer, who: &Identity, model: &str) -> Result<Arc<ModelRoute>, Box<Response>> {
-    let route = resolve(api, model).map_err(|e| Box::new(refused(api, who, "unknown", e)))?;
+/// A key that may use a Model may use its adapters (they run on its replicas).
+fn admit(api: &ApiServer, who: &Identity, model: &str) -> Result<Target, Box<Response>> {
+    let (route, adapter) =
+        resolve(api, model).map_err(|e| Box::new(refused(api, who, "unknown", e)))?;
     if let Some(caller) = &who.0 {
         if !who.may_use(&route) {
             let e = keys::forbidden(&caller.key.name, model);
@@ -237,7 +166,7 @@ fn admit(api: &ApiServer, who: &Identity, model: &str) -> Result<Arc<ModelRoute>
             return Err(Box::new(refused(api, who, &route.name, e)));
         }
     }
-    Ok(route)
+    Ok((route, adapter))
 }
 
 async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
@@ -259,14 +188,17 @@ async fn by_prefix(State(api): State<Shared>, req: Request) -> Response {
         return e.into_response();
     }
     let who = identity(&parts);
-    let route = match admit(&api, &who, &model) {
+    let (route, adapter) = match admit(&api, &who, &model) {
         Ok(r) => r,
         Err(e) => return *e,
     };
     if forwarded == "/v1/models" {
         let routes = api.models();
-        return Json(json!({"object": "list", "data": [model_entry(&api, &routes, &route)]}))
-            .into_response();
+        let entry = match &adapter {
+            Some(a) => adapter_entry(&api, &routes, &route, a),
+            None => model_entry(&api, &routes, &route),
+        };
+        return Json(json!({"object": "list", "data": [entry]})).into_response();
     }
     let query = parts
         .uri
@@ -367,6 +299,18 @@ fn model_entry(api: &ApiServer, routes: &BTreeRoutes, route: &ModelRoute) -> Val
     })
 }
 
+/// An adapter, listed as vLLM lists one: `parent` names its base Model.
+fn adapter_entry(api: &ApiServer, routes: &BTreeRoutes, route: &ModelRoute, name: &str) -> Value {
+    json!({
+        "id": api.adapter_display(routes, route, name),
+        "object": "model",
+        "owned_by": "greenthread",
+        "root": route.model_name,
+        "parent": api.display_name(routes, route),
+        "state": route.state(),
+    })
+}
+
 type BTreeRoutes = Arc<std::collections::BTreeMap<String, Arc<ModelRoute>>>;
 
 /// Every model the key may use, with its state, from the sidecars: listing never wakes
@@ -378,7 +322,13 @@ async fn list_models(State(api): State<Shared>, req: Request) -> Response {
     let data: Vec<Value> = routes
         .values()
         .filter(|m| who.may_use(m))
-        .map(|m| model_entry(&api, &routes, m))
+        .flat_map(|m| {
+            std::iter::once(model_entry(&api, &routes, m)).chain(
+                m.adapters
+                    .iter()
+                    .map(|a| adapter_entry(&api, &routes, m, a)),
+            )
+        })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -444,6 +394,7 @@ fn model_status(route: &ModelRoute) -> Value {
         "servingReplicas": count("serving"),
         "sleepingReplicas": count("sleeping"),
         "pods": replicas,
+        "adapters": route.adapters,
     })
 }
 
@@ -453,7 +404,8 @@ fn admin_target(
     Path(p): Path<Vec<(String, String)>>,
 ) -> Result<Arc<ModelRoute>, ApiError> {
     let name = p.into_iter().map(|(_, v)| v).collect::<Vec<_>>().join("/");
-    resolve(api, &name)
+    // An adapter's name stands for the Model that serves it.
+    resolve(api, &name).map(|(route, _)| route)
 }
 
 async fn admin_models(State(api): State<Shared>) -> Response {

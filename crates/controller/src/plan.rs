@@ -31,6 +31,9 @@ pub struct World<'a> {
     pub pods: &'a [Pod],
     /// The nodes the Model's `nodeSelector` allows; `None`: any.
     pub nodes: Option<&'a BTreeSet<String>>,
+    /// The Models of the Model's namespace (itself among them or not), whose names and
+    /// adapters its adapters must not repeat.
+    pub neighbors: &'a [std::sync::Arc<Model>],
 }
 
 /// A replica to create, and the GPU records placement chose for it.
@@ -49,6 +52,8 @@ pub struct Plan {
     pub engine_key: bool,
     pub create: Vec<NewPod>,
     pub service: Service,
+    /// The ConfigMap with the Model's adapters, for Models with LoRA on.
+    pub adapters: Option<k8s_openapi::api::core::v1::ConfigMap>,
     /// Why not every replica could be placed, if so.
     pub problem: Option<Problem<'static>>,
     /// The status once the plan is carried out.
@@ -118,15 +123,78 @@ pub fn plan(model: &Model, world: &World, settings: &Settings, now: Timestamp) -
         Err(problem) => Some(problem),
         Ok(valid) => place_missing(model, &valid, world, settings, &mut mine, &mut create),
     };
-    let status = status::model_status(model, &mine, world.gpus, problem.as_ref(), now);
+    let mut status = status::model_status(model, &mine, world.gpus, problem.as_ref(), now);
+    if !model.spec.adapters.is_empty() {
+        status
+            .conditions
+            .push(adapter_names(model, world.neighbors, now));
+    }
     Plan {
         delete,
         engine_key: runnable && render::takes_engine_key(model),
         create,
         service: render::render_service(model),
+        adapters: runnable
+            .then(|| render::render_adapters_config_map(model))
+            .flatten(),
         problem,
         status,
     }
+}
+
+/// The `AdapterNames` condition: whether each of the Model's adapters names it alone in
+/// its namespace. A clash is not resolved by a silent pick: the API server refuses the
+/// name as ambiguous until it is fixed.
+fn adapter_names(
+    model: &Model,
+    neighbors: &[std::sync::Arc<Model>],
+    now: Timestamp,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let name = model.name_any();
+    let ns = model.namespace();
+    let mut models: Vec<(String, &greenthread_api::ModelSpec)> = vec![(name.clone(), &model.spec)];
+    models.extend(
+        neighbors
+            .iter()
+            .filter(|m| m.namespace() == ns && m.name_any() != name)
+            .filter(|m| m.metadata.deletion_timestamp.is_none())
+            .map(|m| (m.name_any(), &m.spec)),
+    );
+    let named: Vec<(&str, &greenthread_api::ModelSpec)> =
+        models.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let clashes: Vec<String> = greenthread_api::adapter_clashes(&named)
+        .into_iter()
+        .filter(|(i, _, _)| *i == 0)
+        .map(|(_, _, clash)| clash)
+        .collect();
+    let previous = model
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let (reason, message) = if clashes.is_empty() {
+        (
+            "Unique",
+            format!("{} adapters, each named alone", model.spec.adapters.len()),
+        )
+    } else {
+        (
+            "Clash",
+            format!(
+                "{}: requests naming them are refused as ambiguous until renamed",
+                clashes.join("; ")
+            ),
+        )
+    };
+    status::condition(
+        &previous,
+        "AdapterNames",
+        clashes.is_empty(),
+        reason,
+        message,
+        model.metadata.generation,
+        now,
+    )
 }
 
 /// Places and renders each replica missing from `mine` (adding it there); the first that

@@ -12,7 +12,7 @@ use std::{
 use futures_util::StreamExt;
 use greenthread_api::{Gpu, GpuResource, Model};
 use greenthread_ledger::{Ledger, LedgerError, decide};
-use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, ResourceExt,
@@ -95,6 +95,9 @@ pub struct Context {
     reconciled: Mutex<HashMap<ObjectRef<Model>, i64>>,
     /// Models whose last reconcile failed and wait for a retry.
     failing: Mutex<HashSet<ObjectRef<Model>>>,
+    /// Every Model watched, once the controller runs (adapter names are checked against
+    /// the namespace's other Models).
+    models: std::sync::OnceLock<Store<Model>>,
 }
 
 impl Context {
@@ -111,7 +114,20 @@ impl Context {
             ledger,
             reconciled: Mutex::default(),
             failing: Mutex::default(),
+            models: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The Models of `model`'s namespace, as last watched.
+    fn neighbors(&self, model: &Model) -> Vec<Arc<Model>> {
+        let ns = model.namespace();
+        self.models
+            .get()
+            .map(|s| s.state())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.namespace() == ns)
+            .collect()
     }
 
     /// Models with work outstanding: changed since their last reconcile, being deleted, or
@@ -257,10 +273,12 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     let (gpus, all_pods) = snapshot(ctx).await?;
     prune(&*ctx.ledger, &gpus, &names(&all_pods), &ctx.metrics).await?;
     let nodes = allowed_nodes(ctx, &model).await?;
+    let neighbors = ctx.neighbors(&model);
     let world = plan::World {
         gpus: &gpus,
         pods: &all_pods,
         nodes: nodes.as_ref(),
+        neighbors: &neighbors,
     };
     let plan = plan::plan(&model, &world, &ctx.settings, Timestamp::now());
     execute(ctx, &model, plan).await?;
@@ -292,6 +310,9 @@ async fn execute(ctx: &Context, model: &Model, plan: plan::Plan) -> Result<(), E
         tracing::info!(model = %name, pod = %new.pod.name_any(), gpus = ?new.gpus, "replica placed");
     }
     ensure_service(ctx, model, &plan.service).await?;
+    if let Some(adapters) = &plan.adapters {
+        ensure_adapters(ctx, model, adapters).await?;
+    }
     ctx.metrics
         .set_phase(&ns, &name, plan.status.phase.as_deref());
     if model.status.as_ref() != Some(&plan.status) {
@@ -384,6 +405,29 @@ async fn ensure_service(ctx: &Context, model: &Model, wanted: &Service) -> Resul
             }
             Ok(())
         }
+    }
+}
+
+/// The ConfigMap with the Model's adapters, as the spec says now: the kubelet updates
+/// the pods' copies in place, and their sidecars load or unload what changed.
+async fn ensure_adapters(ctx: &Context, model: &Model, wanted: &ConfigMap) -> Result<(), Error> {
+    let api: Api<ConfigMap> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let name = render::adapters_config_map_name(model);
+    match api.get_opt(&name).await? {
+        None => match api.create(&PostParams::default(), wanted).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_already_exists(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+        Some(existing) if existing.data != wanted.data => {
+            let patch = json!({"data": wanted.data});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
+            tracing::info!(model = %model.name_any(), "adapters changed");
+            Ok(())
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -564,13 +608,30 @@ pub async fn run(ctx: Arc<Context>, models_namespace: Option<String>) {
         ),
     };
     let gpus: Api<GpuResource> = Api::namespaced(client.clone(), &ctx.settings.gpu_namespace);
-    let controller = Controller::new(models, watcher::Config::default().any_semantic());
+    let controller = Controller::new(models.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
+    let _ = ctx.models.set(store.clone());
+    // A Model's names are what its neighbors' adapters must not repeat: when one changes,
+    // the namespace's Models with adapters look again (their AdapterNames condition).
+    let neighbors_with_adapters = {
+        let store = store.clone();
+        move |m: Model| {
+            let (ns, name) = (m.namespace(), m.name_any());
+            store
+                .state()
+                .iter()
+                .filter(|o| o.namespace() == ns && o.name_any() != name)
+                .filter(|o| !o.spec.adapters.is_empty())
+                .map(|o| ObjectRef::from_obj(&**o))
+                .collect::<Vec<_>>()
+        }
+    };
     let children = watcher::Config::default().labels(&model_pods_selector());
     let controller = controller
         .owns(pods, children.clone())
         .owns(services, children)
-        .watches(gpus, watcher::Config::default(), gpu_mapper(store.clone()));
+        .watches(gpus, watcher::Config::default(), gpu_mapper(store.clone()))
+        .watches(models, watcher::Config::default(), neighbors_with_adapters);
 
     let sweeper = {
         let ctx = ctx.clone();

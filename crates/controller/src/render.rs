@@ -7,12 +7,12 @@ use greenthread_sidecar::{Assignment, EngineKind as SidecarEngine, LedgerAt, Sid
 use k8s_openapi::{
     ByteString,
     api::core::v1::{
-        Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
-        DownwardAPIVolumeFile, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-        LocalObjectReference, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe,
-        ProjectedVolumeSource, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service,
-        ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount,
-        VolumeProjection,
+        Capabilities, ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container,
+        ContainerPort, DownwardAPIProjection, DownwardAPIVolumeFile, EnvVar, EnvVarSource,
+        HTTPGetAction, KeyToPath, LocalObjectReference, ObjectFieldSelector, Pod,
+        PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, Secret,
+        SecretKeySelector, SecurityContext, Service, ServiceAccountTokenProjection, ServicePort,
+        ServiceSpec, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -177,11 +177,24 @@ pub fn vllm_command(spec: &ModelSpec, name: &str, port: u16) -> Vec<String> {
     } else {
         custom.into_iter().chain(["--model"]).collect()
     };
+    let mut switches = vec!["--enable-sleep-mode".to_string()];
+    if let Some(l) = spec.lora() {
+        // Adapters are loaded by the sidecar at run time (with
+        // VLLM_ALLOW_RUNTIME_LORA_UPDATING); these bound what it can load.
+        switches.extend([
+            "--enable-lora".into(),
+            "--max-loras".into(),
+            l.max_loras.to_string(),
+            "--max-lora-rank".into(),
+            l.max_lora_rank.to_string(),
+        ]);
+    }
+    let switches: Vec<&str> = switches.iter().map(String::as_str).collect();
     serve_args(
         spec,
         port,
         &head,
-        &["--enable-sleep-mode"],
+        &switches,
         ("--gpu-memory-utilization", "--tensor-parallel-size"),
         &served,
     )
@@ -207,15 +220,32 @@ pub fn sglang_command(spec: &ModelSpec, port: u16) -> Vec<String> {
     } else {
         custom.into_iter().chain(["--model-path"]).collect()
     };
+    let mut switches: Vec<String> = [
+        "--enable-memory-saver",
+        "--enable-weights-cpu-backup",
+        "--enable-metrics",
+    ]
+    .map(String::from)
+    .into();
+    if let Some(l) = spec.lora() {
+        // Started without adapters (the sidecar loads them), SGLang must be told which
+        // layers they may touch.
+        switches.extend([
+            "--enable-lora".into(),
+            "--max-loras-per-batch".into(),
+            l.max_loras.to_string(),
+            "--max-lora-rank".into(),
+            l.max_lora_rank.to_string(),
+            "--lora-target-modules".into(),
+            "all".into(),
+        ]);
+    }
+    let switches: Vec<&str> = switches.iter().map(String::as_str).collect();
     serve_args(
         spec,
         port,
         &head,
-        &[
-            "--enable-memory-saver",
-            "--enable-weights-cpu-backup",
-            "--enable-metrics",
-        ],
+        &switches,
         ("--mem-fraction-static", "--tp"),
         &[],
     )
@@ -266,7 +296,71 @@ pub fn sidecar_config(model: &ValidModel, gpus: &[GpuSpec], settings: &Settings)
     );
     SidecarConfig {
         preemption: settings.preemption,
+        // In a pod the adapters come from the Model's ConfigMap, updated in place when
+        // the spec changes (the pod is never re-created for it).
+        adapters: Vec::new(),
+        adapters_file: s
+            .lora()
+            .map(|_| format!("{ADAPTERS_DIR}/{ADAPTERS_KEY}").into()),
         ..cfg
+    }
+}
+
+/// Where the Model's adapters ConfigMap is mounted for the sidecar.
+pub const ADAPTERS_DIR: &str = "/etc/greenthread/adapters";
+/// The ConfigMap's key holding the adapters, as JSON.
+pub const ADAPTERS_KEY: &str = "adapters.json";
+
+/// The ConfigMap holding a Model's adapters (`{model}-adapters`).
+pub fn adapters_config_map_name(model: &Model) -> String {
+    format!(
+        "{}-adapters",
+        model.metadata.name.clone().unwrap_or_default()
+    )
+}
+
+/// `spec.adapters` as the sidecar reads them, in a ConfigMap the Model owns; `None` when
+/// the Model has LoRA off (no adapters, no `maxLoras`).
+pub fn render_adapters_config_map(model: &Model) -> Option<ConfigMap> {
+    model.spec.lora()?;
+    let owner = model
+        .controller_owner_ref(&())
+        .expect("a Model from the API server has a name and uid");
+    Some(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(adapters_config_map_name(model)),
+            namespace: model.metadata.namespace.clone(),
+            labels: Some(labels(model)),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            ADAPTERS_KEY.to_string(),
+            serde_json::to_string(&model.spec.adapters).expect("adapters serialize"),
+        )])),
+        ..Default::default()
+    })
+}
+
+/// The adapters ConfigMap as a volume (optional: a pod may start before it exists).
+fn adapters_volume(model: &Model) -> Volume {
+    Volume {
+        name: "adapters".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: adapters_config_map_name(model),
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn adapters_mount() -> VolumeMount {
+    VolumeMount {
+        name: "adapters".into(),
+        mount_path: ADAPTERS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
     }
 }
 
@@ -426,6 +520,11 @@ pub fn render_valid_pod(
         // The GPUs placement chose, by UUID, for the NVIDIA container runtime.
         env("NVIDIA_VISIBLE_DEVICES", &uuids.join(",")),
     ];
+    let lora = s.lora().is_some();
+    if lora {
+        // vLLM's adapter API (the sidecar loads adapters at run time) lives behind this.
+        engine_env.push(env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"));
+    }
     let mut sidecar_env = vec![
         env_field("POD_NAME", "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
@@ -477,7 +576,10 @@ pub fn render_valid_pod(
                         format!("127.0.0.1:{port}"),
                         "--model".into(),
                         s.model_name.clone(),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(lora.then(|| "--enable-lora".to_string()))
+                    .collect(),
                 ),
                 EngineKind::Sglang => {
                     let mut argv = sglang_command(s, port);
@@ -520,8 +622,14 @@ pub fn render_valid_pod(
                 None,
             );
             sidecar.security_context = Some(restricted(true));
-            sidecar.volume_mounts = Some(vec![token_mount()]);
-            (vec![engine, sidecar], None, Some(vec![token_volume()]))
+            let mut mounts = vec![token_mount()];
+            let mut volumes = vec![token_volume()];
+            if lora {
+                mounts.push(adapters_mount());
+                volumes.push(adapters_volume(model));
+            }
+            sidecar.volume_mounts = Some(mounts);
+            (vec![engine, sidecar], None, Some(volumes))
         }
         EngineKind::Llamacpp | EngineKind::Process => {
             let image = s
@@ -544,7 +652,11 @@ pub fn render_valid_pod(
             // The sidecar runs inside the engine's image here (it stops and starts the
             // engine), so the token is in this container: its engine is the user's own
             // command, run by the sidecar.
-            engine.volume_mounts = Some(vec![mount.clone(), token_mount()]);
+            let mut mounts = vec![mount.clone(), token_mount()];
+            if lora {
+                mounts.push(adapters_mount());
+            }
+            engine.volume_mounts = Some(mounts);
             engine.security_context = Some(
                 s.security_context
                     .clone()
@@ -563,11 +675,11 @@ pub fn render_valid_pod(
                 empty_dir: Some(Default::default()),
                 ..Default::default()
             };
-            (
-                vec![engine],
-                Some(vec![install]),
-                Some(vec![volume, token_volume()]),
-            )
+            let mut volumes = vec![volume, token_volume()];
+            if lora {
+                volumes.push(adapters_volume(model));
+            }
+            (vec![engine], Some(vec![install]), Some(volumes))
         }
     };
     let owner = model

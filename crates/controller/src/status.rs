@@ -50,7 +50,7 @@ fn pod_failed(pod: &Pod) -> bool {
 }
 
 /// Keeps a condition's transition time when its status did not change.
-fn condition(
+pub(crate) fn condition(
     previous: &[Condition],
     type_: &str,
     ok: bool,

@@ -31,6 +31,9 @@ struct Case {
     pods: Vec<PodRow>,
     #[serde(default)]
     nodes: Option<BTreeSet<String>>,
+    /// Other Models of the namespace: name to spec (over `modelName: org/<name>`).
+    #[serde(default)]
+    neighbors: BTreeMap<String, serde_json::Value>,
     expect: Expect,
 }
 
@@ -76,6 +79,12 @@ struct Expect {
     scheduled: Option<String>,
     #[serde(default)]
     engine_key: Option<bool>,
+    /// The AdapterNames condition's reason (absent: no such condition).
+    #[serde(default)]
+    adapter_names: Option<String>,
+    /// The adapters the ConfigMap lists (absent: no ConfigMap).
+    #[serde(default)]
+    adapters_config: Option<Vec<String>>,
 }
 
 fn uid(model: &str) -> String {
@@ -83,19 +92,24 @@ fn uid(model: &str) -> String {
 }
 
 fn model(case: &Case) -> Model {
-    let mut spec = json!({"modelName": "org/m"});
-    for (k, v) in case.spec.as_object().unwrap() {
-        spec[k] = v.clone();
-    }
-    let spec: ModelSpec = serde_json::from_value(spec).unwrap();
-    let mut m = Model::new("m", spec);
-    m.metadata.namespace = Some(NS.into());
-    m.metadata.uid = Some(uid("m"));
-    m.metadata.generation = Some(1);
+    let mut m = named_model("m", &case.spec);
     m.status = case.serving_memory.as_ref().map(|s| ModelStatus {
         serving_memory_per_gpu: Some(s.clone()),
         ..Default::default()
     });
+    m
+}
+
+fn named_model(name: &str, over: &serde_json::Value) -> Model {
+    let mut spec = json!({"modelName": format!("org/{name}")});
+    for (k, v) in over.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    let spec: ModelSpec = serde_json::from_value(spec).unwrap();
+    let mut m = Model::new(name, spec);
+    m.metadata.namespace = Some(NS.into());
+    m.metadata.uid = Some(uid(name));
+    m.metadata.generation = Some(1);
     m
 }
 
@@ -178,10 +192,16 @@ fn plans_match_the_table() {
             allowed_images: case.allowed_images.clone(),
             ..Settings::default()
         };
+        let neighbors: Vec<std::sync::Arc<Model>> = case
+            .neighbors
+            .iter()
+            .map(|(name, spec)| std::sync::Arc::new(named_model(name, spec)))
+            .collect();
         let world = World {
             gpus: &gpus,
             pods: &pods,
             nodes: case.nodes.as_ref(),
+            neighbors: &neighbors,
         };
         let p = plan(
             &m,
@@ -237,6 +257,23 @@ fn plans_match_the_table() {
             kept + created.len(),
             "{what}: status replicas"
         );
+        let c = p
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "AdapterNames");
+        assert_eq!(
+            c.map(|c| &c.reason),
+            e.adapter_names.as_ref(),
+            "{what}: AdapterNames {c:?}"
+        );
+        let listed = p.adapters.as_ref().map(|cm| {
+            let json = &cm.data.as_ref().unwrap()["adapters.json"];
+            let list: Vec<greenthread_api::AdapterSpec> = serde_json::from_str(json).unwrap();
+            assert_eq!(cm.metadata.name.as_deref(), Some("m-adapters"), "{what}");
+            list.into_iter().map(|a| a.name).collect::<Vec<_>>()
+        });
+        assert_eq!(listed, e.adapters_config, "{what}: adapters ConfigMap");
         let engine_key = e.engine_key.unwrap_or(true);
         assert_eq!(p.engine_key, engine_key, "{what}: engine key");
         assert_eq!(

@@ -739,3 +739,99 @@ async fn deleting_a_model_deletes_only_the_pods_it_owns() {
         .collect();
     assert_eq!(left, ["qwen-lookalike"]);
 }
+
+/// Issue 12, LoRA adapters on Kubernetes: a Model's adapters reach its pods through a
+/// ConfigMap the Model owns, which follows the spec without the pods being re-created
+/// (their sidecars read it again); an adapter named like a neighbor's is a condition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_follow_the_spec_through_a_config_map_and_clashes_are_conditions() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let mut registry = Registry::default();
+    let _elected = greenthread_controller::start(client.clone(), &config("only"), &mut registry)
+        .await
+        .unwrap();
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), TEAM);
+    let adapters = |json: serde_json::Value| -> Vec<String> {
+        let list: Vec<greenthread_api::AdapterSpec> =
+            serde_json::from_str(json.as_str().unwrap()).unwrap();
+        list.into_iter().map(|a| a.name).collect()
+    };
+    let spec: ModelSpec = serde_json::from_value(json!({
+        "modelName": "org/qwen", "gpuMemoryUtilization": "0.45",
+        "adapters": [{"name": "sql", "source": "/lora/sql"}],
+    }))
+    .unwrap();
+    models
+        .create(&PostParams::default(), &Model::new("qwen", spec))
+        .await
+        .unwrap();
+    let listed = |wanted: Vec<&'static str>| {
+        let configs = configs.clone();
+        async move {
+            let cm = configs.get_opt("qwen-adapters").await.unwrap()?;
+            let data = serde_json::to_value(cm.data?).unwrap();
+            (adapters(data["adapters.json"].clone()) == wanted).then_some(())
+        }
+    };
+    wait_until("the adapters ConfigMap", WAIT, || listed(vec!["sql"])).await;
+    let pod = wait_until("a placed pod", WAIT, || async {
+        pods_of(&client, "qwen").await.into_iter().next()
+    })
+    .await;
+    let args = pod.spec.as_ref().unwrap().containers[1]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(args.contains("--adapters-file"), "{args}");
+
+    // A second adapter: the ConfigMap follows, the pod stays the same pod.
+    models
+        .patch(
+            "qwen",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"adapters": [
+                {"name": "sql", "source": "/lora/sql"},
+                {"name": "chat", "source": "org/chat-lora"},
+            ]}})),
+        )
+        .await
+        .unwrap();
+    wait_until("the ConfigMap with both", WAIT, || {
+        listed(vec!["sql", "chat"])
+    })
+    .await;
+    let pods = pods_of(&client, "qwen").await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].uid(), pod.uid(), "the pod was not re-created");
+    let unique = wait_until("AdapterNames Unique", WAIT, || async {
+        let s = models.get("qwen").await.unwrap().status?;
+        s.conditions
+            .into_iter()
+            .find(|c| c.type_ == "AdapterNames" && c.reason == "Unique")
+    })
+    .await;
+    assert_eq!(unique.status, "True");
+
+    // A neighbor named like an adapter: the adapter's Model says so, at once.
+    create_model(&client, "chat", 1).await;
+    let clash = wait_until("AdapterNames Clash", WAIT, || async {
+        let s = models.get("qwen").await.unwrap().status?;
+        s.conditions
+            .into_iter()
+            .find(|c| c.type_ == "AdapterNames" && c.reason == "Clash")
+    })
+    .await;
+    assert_eq!(clash.status, "False");
+    assert!(
+        clash
+            .message
+            .contains("\"chat\" is also the Model \"chat\""),
+        "{}",
+        clash.message
+    );
+}

@@ -222,6 +222,114 @@ fn rendered_objects_pass_kubernetes_validate() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Writes `obj` (with its `apiVersion` and `kind`) and checks it with
+/// `kubernetes-validate --strict`.
+fn kubernetes_validate(name: &str, kind: &str, obj: &impl serde::Serialize) {
+    let dir = std::env::temp_dir().join(format!("gt-render-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut json = serde_json::to_value(obj).unwrap();
+    json["apiVersion"] = "v1".into();
+    json["kind"] = kind.into();
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .arg(&path)
+        .output()
+        .expect("kubernetes-validate (PyPI; scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{name}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Model with adapters: LoRA on in the engine within the spec's bounds, its runtime
+/// API enabled, and the sidecar reading the adapters from the Model's ConfigMap (mounted
+/// read-only, optional), never from its own flags: changing them never re-creates a pod.
+#[test]
+fn adapters_turn_lora_on_and_reach_the_sidecar_through_a_config_map() {
+    use greenthread_controller::render::render_adapters_config_map;
+    let m = with_engine(serde_json::json!({
+        "adapters": [{"name": "sql", "source": "/models/lora/sql"}, {"name": "chat", "source": "org/chat-lora"}],
+        "maxLoraRank": 64,
+    }));
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default()).unwrap();
+    let engine = container(&pod, "engine");
+    let args = engine.args.as_ref().unwrap().join(" ");
+    assert!(
+        args.contains("--enable-sleep-mode --enable-lora --max-loras 2 --max-lora-rank 64 --gpu-memory-utilization"),
+        "{args}"
+    );
+    assert_eq!(
+        env(engine, "VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
+        Some("True")
+    );
+    let sidecar = container(&pod, "sidecar");
+    let sargs = sidecar.args.as_ref().unwrap().join(" ");
+    assert!(
+        sargs.contains("--adapters-file /etc/greenthread/adapters/adapters.json"),
+        "{sargs}"
+    );
+    assert!(!sargs.contains("--adapter "), "{sargs}");
+    let mount = sidecar
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "adapters")
+        .unwrap();
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        ("/etc/greenthread/adapters", Some(true))
+    );
+    // The engine sees no adapters volume: only the sidecar reads it.
+    assert!(engine.volume_mounts.is_none(), "{:?}", engine.volume_mounts);
+    let volume = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "adapters")
+        .unwrap();
+    let cm = volume.config_map.as_ref().unwrap();
+    assert_eq!(
+        (cm.name.as_str(), cm.optional),
+        ("qwen-adapters", Some(true))
+    );
+    let config = render_adapters_config_map(&m).unwrap();
+    let listed: Vec<greenthread_api::AdapterSpec> =
+        serde_json::from_str(&config.data.as_ref().unwrap()["adapters.json"]).unwrap();
+    assert_eq!(listed, m.spec.adapters);
+    assert_eq!(
+        config.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "Model"
+    );
+    kubernetes_validate("lora-pod", "Pod", &pod);
+    kubernetes_validate("adapters", "ConfigMap", &config);
+
+    // SGLang starts with no adapters, so it is told which layers they may touch.
+    let m = with_engine(serde_json::json!({"engine": "sglang", "maxLoras": 3}));
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default()).unwrap();
+    let args = container(&pod, "engine").args.as_ref().unwrap().join(" ");
+    assert!(
+        args.contains(
+            "--enable-lora --max-loras-per-batch 3 --max-lora-rank 16 --lora-target-modules all"
+        ),
+        "{args}"
+    );
+    // Without adapters or maxLoras, LoRA stays off and nothing is mounted.
+    let pod = render_pod(&model(), 0, &gpus(), &Settings::default()).unwrap();
+    let args = container(&pod, "engine").args.as_ref().unwrap().join(" ");
+    assert!(!args.contains("lora"), "{args}");
+    assert!(render_adapters_config_map(&model()).is_none());
+}
+
 fn with_engine(engine: serde_json::Value) -> Model {
     let mut m = model();
     let mut spec = serde_json::to_value(&m.spec).unwrap();

@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod metrics;
 pub mod multipart;
+pub mod named;
 mod paths;
 mod redact;
 mod secret;

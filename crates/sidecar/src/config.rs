@@ -77,6 +77,17 @@ pub struct SidecarConfig {
     /// Served model id.
     #[arg(long)]
     pub model: String,
+    /// A LoRA adapter to serve, `NAME=SOURCE` (repeatable; SOURCE is a path in the
+    /// engine's filesystem or a hub id): loaded once the engine serves and again after
+    /// every wake, each load checked with one token through the adapter.
+    #[arg(long = "adapter", value_parser = parse_adapter)]
+    pub adapters: Vec<greenthread_api::AdapterSpec>,
+    /// A JSON file listing the adapters to serve instead (`[{"name": …, "source": …}]`),
+    /// read again whenever it changes: adapters added there are loaded into a serving
+    /// engine at once and removed ones unloaded; a sleeping one picks them up at its
+    /// next wake.
+    #[arg(long, conflicts_with = "adapters")]
+    pub adapters_file: Option<PathBuf>,
     /// This sidecar's pod name.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -178,6 +189,21 @@ pub struct SidecarConfig {
         default_value = "greenthread-system"
     )]
     pub namespace: String,
+}
+
+/// `--adapter NAME=SOURCE`.
+fn parse_adapter(s: &str) -> Result<greenthread_api::AdapterSpec, String> {
+    let (name, source) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=SOURCE"))?;
+    greenthread_api::model::adapter_name(name).map_err(|e| format!("adapter name {e}"))?;
+    if source.is_empty() {
+        return Err(format!("adapter {name:?} has no source"));
+    }
+    Ok(greenthread_api::AdapterSpec {
+        name: name.into(),
+        source: source.into(),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -308,6 +334,7 @@ impl SidecarConfig {
             }
         }
         cfg.memory_bytes = at.memory_bytes;
+        cfg.adapters = model.spec.adapters.clone();
         cfg
     }
 
@@ -368,6 +395,12 @@ impl SidecarConfig {
         args.extend(["--engine".into(), self.engine.flag().into()]);
         if let Some(command) = &self.engine_command {
             args.extend(["--engine-command".into(), command.clone()]);
+        }
+        for a in &self.adapters {
+            args.extend(["--adapter".into(), format!("{}={}", a.name, a.source)]);
+        }
+        if let Some(file) = &self.adapters_file {
+            args.extend(["--adapters-file".into(), file.display().to_string()]);
         }
         args
     }
@@ -443,6 +476,7 @@ mod tests {
         let spec: greenthread_api::ModelSpec = serde_json::from_value(serde_json::json!({
             "modelName": "org/m", "engine": "sim",
             "sleep": {"idleTimeout": "2m", "drainTimeout": "250ms", "level": 2},
+            "adapters": [{"name": "sql", "source": "/lora/sql=v2"}],
             "fairness": {"minRuntime": "1m5s", "maxWaitTime": "0s", "popular": true},
         }))
         .unwrap();
@@ -464,6 +498,7 @@ mod tests {
         assert_eq!(cfg.sleep_level, 2);
         assert_eq!(cfg.drain_timeout, Duration::from_millis(250));
         assert_eq!(cfg.pod_name(), "m-3");
+        assert_eq!(cfg.adapters, valid.spec.adapters);
         let args = cfg.to_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_eq!(SidecarConfig::from_args("ignored", &args).unwrap(), cfg);

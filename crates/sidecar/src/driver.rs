@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     SidecarConfig,
+    adapters::{Adapters, Check},
     engine::{EngineAdapter, EngineError},
     error::{DriverError, WaitReason},
     metrics::SidecarMetrics,
@@ -34,6 +35,7 @@ pub struct EngineDriver {
     timeouts: AtomicU32,
     models: Mutex<Option<Bytes>>,
     stop: CancellationToken,
+    adapters: Arc<Adapters>,
 }
 
 impl EngineDriver {
@@ -45,17 +47,41 @@ impl EngineDriver {
         metrics: Arc<SidecarMetrics>,
         stop: CancellationToken,
     ) -> Self {
+        let renames = engine.adapter_model("base", "adapter") != "adapter";
         Self {
             engine,
             process,
             probe,
-            cfg,
             metrics,
             lost: AtomicBool::new(false),
             timeouts: AtomicU32::new(0),
             models: Mutex::new(None),
             stop,
+            adapters: Arc::new(Adapters::new(
+                cfg.adapters.clone(),
+                cfg.adapters_file.clone(),
+                renames,
+            )),
+            cfg,
         }
+    }
+
+    pub fn adapters(&self) -> &Arc<Adapters> {
+        &self.adapters
+    }
+
+    fn check(&self) -> Check<'_> {
+        Check {
+            timeout: self.cfg.warmup_timeout,
+            metrics: &self.metrics,
+        }
+    }
+
+    /// While the engine serves: loads and unloads what changed in the wanted adapters.
+    pub async fn sync_adapters(&self) {
+        self.adapters
+            .sync(&*self.engine, &self.cfg.model, self.check())
+            .await;
     }
 
     pub fn engine(&self) -> &Arc<dyn EngineAdapter> {
@@ -164,6 +190,7 @@ impl EngineDriver {
                 .await
                 .map_err(|e| DriverError::Start(e.to_string()))?;
         }
+        self.adapters.forget(&self.metrics);
         self.wait_up().await?;
         self.cache_models().await;
         self.lost.store(false, Ordering::SeqCst);
@@ -182,10 +209,16 @@ impl EngineDriver {
         )
         .await
         {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(DriverError::WarmUp(e)),
-            Err(_) => Err(DriverError::Wedged(self.cfg.warmup_timeout)),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(DriverError::WarmUp(e)),
+            Err(_) => return Err(DriverError::Wedged(self.cfg.warmup_timeout)),
         }
+        // The base serves; its adapters are loaded afresh before any request reaches it.
+        // One that fails is reported, and the base serves regardless.
+        self.adapters
+            .load_all(&*self.engine, &self.cfg.model, self.check())
+            .await;
+        Ok(())
     }
 
     /// Wakes the engine: retries the wake call, then cold restarts; the restart budget
@@ -273,7 +306,11 @@ impl EngineDriver {
         )
         .await
         {
-            Ok(r) => Ok(r?),
+            Ok(r) => {
+                r?;
+                self.adapters.forget(&self.metrics);
+                Ok(())
+            }
             Err(_) => Err(EngineError::Timeout(what).into()),
         }
     }

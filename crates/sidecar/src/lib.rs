@@ -1,6 +1,7 @@
 //! `greenthread sidecar`: sits in front of one engine, puts it to sleep when idle and
 //! wakes it on demand, queueing requests meanwhile, with GPU memory claimed in the ledger.
 
+mod adapters;
 mod admission;
 mod config;
 mod driver;
@@ -23,6 +24,7 @@ use greenthread_gpu::{MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{KubeLedger, Ledger, MemoryLedger};
 use tokio::{net::TcpListener, sync::mpsc};
 
+pub use adapters::{Adapters, AdaptersFileError};
 pub use admission::InFlight;
 pub use config::{Assignment, EngineKind, LedgerAt, LedgerKind, Preemption, SidecarConfig};
 pub use error::{BootError, Rejection, SleepError, WaitReason};
@@ -60,8 +62,14 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
             .unwrap()
             .trim_start_matches("http://")
             .to_string();
+        // Adapters need LoRA enabled in the engine, as vLLM's `--enable-lora`.
+        let lora = if cfg.adapters.is_empty() && cfg.adapters_file.is_none() {
+            ""
+        } else {
+            " --enable-lora"
+        };
         cfg.engine_command = Some(format!(
-            "{} sim-engine --listen {listen} --model {} {}",
+            "{} sim-engine --listen {listen} --model {}{lora} {}",
             shell_quote(&exe.to_string_lossy()),
             shell_quote(&cfg.model),
             extra.join(" ")

@@ -70,6 +70,12 @@ greenthread_api::metric_families! {
             => ("gthread_sidecar_generations_resumed", "Streamed answers stopped by a preemption or a lost engine and continued after the next wake"),
         rejections: Family<Labels, Counter> = Family::default()
             => ("gthread_sidecar_rejections", "Requests refused without reaching the engine, by reason (queue_full, deadline, failed)"),
+        adapter_loads: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_adapter_loads", "LoRA adapter loads into the engine that answered their one-token check, per adapter"),
+        adapter_failures: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_adapter_load_failures", "LoRA adapter loads that failed (the load call or its one-token check), per adapter"),
+        adapter_loaded: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_adapter_loaded", "Whether a LoRA adapter is loaded and checked in the engine now (1) or not (0), per adapter"),
     }
 }
 
@@ -215,6 +221,42 @@ impl SidecarMetrics {
             .preemptions
             .get_or_create(&self.labels("role", role))
             .inc();
+    }
+
+    /// Adapter `name` loaded and checked (`Ok`), or failed to.
+    pub fn adapter_load(&self, name: &str, ok: bool) {
+        let l = self.labels("adapter", name);
+        // Both series exist from an adapter's first load, so that rates start at 0.
+        let (done, other) = if ok {
+            (
+                &self.families.adapter_loads,
+                &self.families.adapter_failures,
+            )
+        } else {
+            (
+                &self.families.adapter_failures,
+                &self.families.adapter_loads,
+            )
+        };
+        done.get_or_create(&l).inc();
+        let _ = other.get_or_create(&l);
+        self.set_adapter_loaded(name, ok);
+    }
+
+    /// Whether adapter `name` is loaded in the engine now.
+    pub fn set_adapter_loaded(&self, name: &str, loaded: bool) {
+        self.families
+            .adapter_loaded
+            .get_or_create(&self.labels("adapter", name))
+            .set(i64::from(loaded));
+    }
+
+    /// Loads of adapter `name` that succeeded and that failed.
+    pub fn adapter_loads(&self, name: &str) -> (u64, u64) {
+        let l = self.labels("adapter", name);
+        let ok = self.families.adapter_loads.get_or_create(&l).get();
+        let failed = self.families.adapter_failures.get_or_create(&l).get();
+        (ok, failed)
     }
 
     pub fn set_reserved(&self, gpu: u32, bytes: u64) {

@@ -116,10 +116,14 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(s.sidecar.status_json())
 }
 
-/// Answered from the copy taken at boot: listing models never wakes one.
+/// Answered from the copy taken at boot, with the adapters served (`parent`: the base
+/// model, as vLLM lists them): listing models never wakes one.
 async fn models(State(s): State<AppState>) -> Response {
     match s.sidecar.cached_models() {
-        Some(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Some(body) => {
+            let body = with_adapters(body, &s.sidecar.cfg.model, &s.sidecar.adapters().wanted());
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         None => api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
@@ -128,12 +132,42 @@ async fn models(State(s): State<AppState>) -> Response {
     }
 }
 
+/// The engine's model list with an entry for each of `adapters` it does not list itself
+/// (an engine lists only what it holds now, and a sleeping one holds nothing).
+fn with_adapters(
+    list: bytes::Bytes,
+    base: &str,
+    adapters: &[greenthread_api::AdapterSpec],
+) -> bytes::Bytes {
+    if adapters.is_empty() {
+        return list;
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&list) else {
+        return list;
+    };
+    let Some(data) = v.get_mut("data").and_then(|d| d.as_array_mut()) else {
+        return list;
+    };
+    for a in adapters {
+        if !data.iter().any(|m| m["id"] == a.name.as_str()) {
+            data.push(serde_json::json!({
+                "id": a.name, "object": "model", "owned_by": "greenthread",
+                "root": a.source, "parent": base,
+            }));
+        }
+    }
+    bytes::Bytes::from(v.to_string())
+}
+
 async fn infer(State(s): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     if let Err(e) = public_path(parts.uri.path(), &s.sidecar.cfg.extra_public_paths) {
         return e.into_response();
     }
-    let body = match read_body(body, usize::MAX).await {
+    let body = match read_body(body, usize::MAX)
+        .await
+        .and_then(|b| s.sidecar.engine_request(&parts.headers, b))
+    {
         Ok(b) => b,
         Err(e) => {
             s.sidecar.metrics.request(false);

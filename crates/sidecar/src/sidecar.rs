@@ -147,6 +147,9 @@ pub struct Sidecar {
     serving_now: AtomicBool,
 }
 
+/// How often the adapters file is read again.
+const ADAPTERS_FILE_PERIOD: Duration = Duration::from_secs(2);
+
 /// The shortest time between two reports of a model going busy or idle.
 const EDGE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -255,6 +258,21 @@ impl Sidecar {
         self.driver.engine()
     }
 
+    /// The LoRA adapters this sidecar serves.
+    pub fn adapters(&self) -> &Arc<crate::Adapters> {
+        self.driver.adapters()
+    }
+
+    /// The request as the engine must see it: an adapter named as the engine names it.
+    pub fn engine_request(
+        &self,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Result<Bytes, greenthread_edge::ApiError> {
+        self.adapters()
+            .engine_request(&**self.engine(), &self.cfg.model, headers, body)
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let (depth, in_flight) = self.admission.counts();
         let life = self.life.lock().unwrap();
@@ -278,6 +296,8 @@ impl Sidecar {
                 "servingBytes": per_gpu(&life.serving_bytes),
                 "residualBytes": per_gpu(&life.residual_bytes),
             },
+            "adapters": self.adapters().status_json(),
+            "adaptersFileError": self.adapters().file_error(),
             "lastWake": life.last_wake.as_ref().map(|(total, phases)| serde_json::json!({
                 "seconds": total.as_secs_f64(),
                 "phases": phases
@@ -752,6 +772,40 @@ impl Sidecar {
         self.spawn(self.clone().run_idle_timer());
         self.start_heartbeat();
         self.spawn(self.clone().run_preemption_watch());
+        self.spawn(self.clone().run_adapters());
+    }
+
+    /// Keeps the engine's adapters in step with the wanted ones while it serves: reads
+    /// the adapters file again every [`ADAPTERS_FILE_PERIOD`] (a ConfigMap volume is
+    /// updated in place), and loads or unloads what changed. A sleeping engine picks the
+    /// changes up at its next wake.
+    async fn run_adapters(self: Arc<Self>) {
+        let adapters = self.adapters().clone();
+        let mut states = self.subscribe();
+        let polls = adapters.file().is_some();
+        loop {
+            if let Err(e) = adapters.reread() {
+                tracing::warn!(model = %self.cfg.model, error = %e, "adapters file not taken; the adapters stay as they were");
+            }
+            if self.state() == State::Serving && adapters.dirty() {
+                let _op = self.engine_op.lock().await;
+                if self.state() == State::Serving {
+                    self.driver.sync_adapters().await;
+                }
+            }
+            let tick = async {
+                if polls {
+                    tokio::time::sleep(ADAPTERS_FILE_PERIOD).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                () = tick => {}
+                () = adapters.changed.notified() => {}
+                changed = states.changed() => if changed.is_err() { return },
+            }
+        }
     }
 
     fn start_heartbeat(self: &Arc<Self>) {

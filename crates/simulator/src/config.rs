@@ -31,6 +31,12 @@ pub struct SimConfig {
     /// sleep API (`/sleep`, `/wake_up`, `/is_sleeping`, `/collective_rpc`) is not there.
     #[arg(long, hide = true)]
     pub no_sleep_api: bool,
+    /// Like vLLM's `--enable-lora` (with `VLLM_ALLOW_RUNTIME_LORA_UPDATING`): serve LoRA
+    /// adapters loaded at run time through `/v1/load_lora_adapter` (vLLM) or
+    /// `/load_lora_adapter` (SGLang). Adapters are forgotten when the engine sleeps, the
+    /// worst that vLLM does (vLLM #53888, #39934), so a sidecar must load them again.
+    #[arg(long)]
+    pub enable_lora: bool,
     /// Bytes of weights held on the GPU while awake.
     #[arg(long, default_value = "2Gi", value_parser = arg::size)]
     pub weights_bytes: u64,

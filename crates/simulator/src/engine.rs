@@ -56,6 +56,8 @@ pub struct SimEngine {
     received: AtomicU64,
     last_headers: Mutex<std::collections::BTreeMap<String, String>>,
     next_id: AtomicU64,
+    /// LoRA adapters loaded now: name to source.
+    adapters: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// Held by every running request; releases its sequence slot when dropped.
@@ -99,6 +101,7 @@ impl SimEngine {
             received: AtomicU64::new(0),
             last_headers: Mutex::default(),
             next_id: AtomicU64::new(1),
+            adapters: Mutex::default(),
             cfg,
         })
     }
@@ -110,6 +113,55 @@ impl SimEngine {
     /// Sequences running now.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::SeqCst)
+    }
+
+    /// Loads adapter `name` from `source`, as vLLM does: refused without LoRA enabled,
+    /// for a name already loaded, or for a path that does not exist (a hub id, anything
+    /// not starting with `/`, is taken as found).
+    pub fn load_adapter(&self, name: &str, source: &str) -> Result<(), String> {
+        if !self.cfg.enable_lora {
+            return Err("LoRA is not enabled: start the engine with --enable-lora".into());
+        }
+        if source.starts_with('/') && !std::path::Path::new(source).exists() {
+            return Err(format!("No adapter found for {source}"));
+        }
+        let mut adapters = self.adapters.lock().unwrap();
+        if adapters.contains_key(name) {
+            return Err(format!(
+                "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."
+            ));
+        }
+        adapters.insert(name.to_string(), source.to_string());
+        self.metrics.adapters.set(adapters.len() as i64);
+        Ok(())
+    }
+
+    /// Whether adapter `name` was loaded (and is no more).
+    pub fn unload_adapter(&self, name: &str) -> bool {
+        let mut adapters = self.adapters.lock().unwrap();
+        let found = adapters.remove(name).is_some();
+        self.metrics.adapters.set(adapters.len() as i64);
+        found
+    }
+
+    /// The adapters loaded now, name and source.
+    pub fn adapters(&self) -> Vec<(String, String)> {
+        let adapters = self.adapters.lock().unwrap();
+        adapters
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect()
+    }
+
+    /// The adapter a request's `model` names: the adapter's own name (vLLM) or
+    /// `<served name>:<adapter>` (SGLang); `None` for the base model or an unknown name.
+    pub fn adapter_of(&self, model: &str) -> Option<String> {
+        let adapters = self.adapters.lock().unwrap();
+        if adapters.contains_key(model) {
+            return Some(model.to_string());
+        }
+        let (base, name) = model.rsplit_once(':')?;
+        (self.cfg.names().contains(&base) && adapters.contains_key(name)).then(|| name.to_string())
     }
 
     pub fn is_sleeping(&self) -> bool {
@@ -283,6 +335,9 @@ impl SimEngine {
             s.weights_valid = level == 1;
             s.leaked = leak;
         });
+        // The worst vLLM does with adapters across a sleep: they are gone.
+        self.adapters.lock().unwrap().clear();
+        self.metrics.adapters.set(0);
         Ok(())
     }
 

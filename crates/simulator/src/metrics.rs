@@ -34,6 +34,8 @@ pub struct Metrics {
     pub release_calls: Counter,
     pub resume_calls: Counter,
     pub inference_requests: Counter,
+    /// LoRA adapters loaded now.
+    pub adapters: Gauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -67,6 +69,7 @@ impl Metrics {
             release_calls: Counter::default(),
             resume_calls: Counter::default(),
             inference_requests: Counter::default(),
+            adapters: Gauge::default(),
         };
         registry.register(
             "vllm:request_success",
@@ -149,6 +152,11 @@ impl Metrics {
             "greenthread_sim_sleep_calls",
             "sleep calls received",
             m.sleep_calls.clone(),
+        );
+        registry.register(
+            "greenthread_sim_lora_adapters",
+            "LoRA adapters loaded now",
+            m.adapters.clone(),
         );
         registry.register(
             "greenthread_sim_inference_requests",

@@ -8,7 +8,7 @@ use axum::{
     Json, Router,
     body::{Body, Bytes},
     extract::{RawQuery, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -47,6 +47,11 @@ pub fn router(engine: Shared) -> Router {
                 StatusCode::OK
             }),
         )
+        // vLLM's runtime LoRA API, and SGLang's.
+        .route("/v1/load_lora_adapter", post(load_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_adapter))
+        .route("/load_lora_adapter", post(load_adapter))
+        .route("/unload_lora_adapter", post(unload_adapter))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(endpoints::embeddings))
@@ -149,14 +154,59 @@ impl IntoResponse for EngineError {
     }
 }
 
+/// Every served name, then each adapter with its base as `parent`, as vLLM lists them.
 async fn models(State(e): State<Shared>) -> Json<Value> {
-    let data: Vec<Value> = e
-        .cfg
-        .names()
+    let names = e.cfg.names();
+    let mut data: Vec<Value> = names
         .iter()
-        .map(|n| json!({"id": n, "object": "model", "owned_by": "greenthread-sim", "max_model_len": 8192}))
+        .map(|n| json!({"id": n, "object": "model", "owned_by": "greenthread-sim", "root": e.cfg.model, "parent": null, "max_model_len": 8192}))
         .collect();
+    data.extend(e.adapters().into_iter().map(|(name, source)| {
+        json!({"id": name, "object": "model", "owned_by": "greenthread-sim", "root": source, "parent": names[0], "max_model_len": 8192})
+    }));
     Json(json!({"object": "list", "data": data}))
+}
+
+/// `{"lora_name", "lora_path"}`, as vLLM's and SGLang's load calls take.
+#[derive(serde::Deserialize)]
+struct LoraCall {
+    lora_name: String,
+    #[serde(default)]
+    lora_path: String,
+}
+
+async fn load_adapter(State(e): State<Shared>, body: Bytes) -> Response {
+    let call: LoraCall = match parse(&body) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    match e.load_adapter(&call.lora_name, &call.lora_path) {
+        Ok(()) => format!(
+            "Success: LoRA adapter '{}' added successfully.",
+            call.lora_name
+        )
+        .into_response(),
+        Err(why) => error(StatusCode::BAD_REQUEST, why),
+    }
+}
+
+async fn unload_adapter(State(e): State<Shared>, body: Bytes) -> Response {
+    let call: LoraCall = match parse(&body) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    if e.unload_adapter(&call.lora_name) {
+        format!(
+            "Success: LoRA adapter '{}' removed successfully.",
+            call.lora_name
+        )
+        .into_response()
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("The lora adapter '{}' cannot be found.", call.lora_name),
+        )
+    }
 }
 
 async fn health(State(e): State<Shared>) -> StatusCode {
@@ -319,6 +369,7 @@ pub(crate) async fn arrive(e: &SimEngine, body: &Bytes) {
 pub(crate) async fn ready(e: &SimEngine, model: Option<&str>) -> Result<(), Response> {
     if let Some(m) = model
         && !e.cfg.names().contains(&m)
+        && e.adapter_of(m).is_none()
     {
         return Err(error(
             StatusCode::NOT_FOUND,
@@ -369,8 +420,29 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
     let guard = e.admit().await;
     let prompt = req.prompt_text();
     let prompt_tokens = openai::count_tokens(&prompt);
-    let answer = openai::prompt_hash(&prompt);
+    // An adapter answers differently from its base, and says which it is (the answer's
+    // `model`, as vLLM's, and a header), so that tests can tell.
+    let adapter = req.model.as_deref().and_then(|m| e.adapter_of(m));
+    let answer = match &adapter {
+        Some(a) => openai::prompt_hash(&format!("{a}\n{prompt}")),
+        None => openai::prompt_hash(&prompt),
+    };
     drop(prompt);
+    // An adapter's answer names the model as the request did (`sql`, or SGLang's
+    // `org/base:sql`).
+    let model = match (&adapter, &req.model) {
+        (Some(_), Some(asked)) => asked.clone(),
+        _ => e.cfg.model.clone(),
+    };
+    let marked = |mut r: Response| {
+        if let Some(a) = adapter
+            .as_deref()
+            .and_then(|a| HeaderValue::from_str(a).ok())
+        {
+            r.headers_mut().insert(ADAPTER_HEADER, a);
+        }
+        r
+    };
     let n = req.max_tokens(e.cfg.default_max_tokens);
     let id = format!(
         "{}-sim-{}",
@@ -408,18 +480,19 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
             .collect();
         record_finished(&e, start, n);
         drop(guard);
-        return Json(openai::completion_body(
-            kind,
-            &id,
-            &e.cfg.model,
-            &text,
-            prompt_tokens,
-            n,
-        ))
-        .into_response();
+        return marked(
+            Json(openai::completion_body(
+                kind,
+                &id,
+                &model,
+                &text,
+                prompt_tokens,
+                n,
+            ))
+            .into_response(),
+        );
     }
 
-    let model = e.cfg.model.clone();
     let coalesce = e.cfg.coalesce_stream;
     let include_usage = req.include_usage();
     // (next token, when the first was due, the sequence slot, the abort signal)
@@ -481,12 +554,17 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
             }
         },
     );
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .expect("static headers are valid")
+    marked(
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(stream))
+            .expect("static headers are valid"),
+    )
 }
+
+/// The header the simulator marks an adapter's answers with, naming the adapter.
+pub const ADAPTER_HEADER: &str = "x-sim-lora-adapter";
 
 /// Sleeps until `deadline`, without a timer (and its millisecond rounding) when it has
 /// already passed: an engine configured to answer at once does.

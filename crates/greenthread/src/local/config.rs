@@ -249,6 +249,16 @@ pub fn parse_with(
             Err(es) => errors.extend(es.iter().map(ToString::to_string)),
         }
     }
+    let specs: Vec<(&str, &greenthread_api::ModelSpec)> = cfg
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), &m.spec))
+        .collect();
+    for (i, j, clash) in greenthread_api::adapter_clashes(&specs) {
+        errors.push(format!(
+            "models[{i}].spec.adapters[{j}].name: {clash}: requests could not tell them apart"
+        ));
+    }
     let policy = match cfg
         .policy
         .as_deref()

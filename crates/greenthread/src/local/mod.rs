@@ -87,7 +87,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut sidecars = Vec::new();
     for ((name, model), replicas) in plan.models.iter().zip(&placement) {
         let mut route = ModelRoute::new("local", name, &model.spec.model_name, vec![])
-            .with_scale_out(model.spec.scale_out as usize);
+            .with_scale_out(model.spec.scale_out as usize)
+            .with_adapters(model.spec.adapters.iter().map(|a| a.name.clone()).collect());
         for (r, positions) in replicas.iter().enumerate() {
             let pod = format!("{name}-{r}");
             let port = free_port()?;
@@ -149,6 +150,13 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                     if model.spec.engine == EngineKind::Vllm {
                         // vLLM's sleep API lives behind its development endpoints.
                         env.push(("VLLM_SERVER_DEV_MODE".to_string(), "1".to_string()));
+                        if model.lora.is_some() {
+                            // Its adapter API, behind this.
+                            env.push((
+                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING".to_string(),
+                                "True".to_string(),
+                            ));
+                        }
                     }
                     (env, None)
                 }
@@ -342,6 +350,9 @@ fn engine_command(
                 memory,
                 &spec.extra_args,
             ));
+            if model.lora.is_some() {
+                argv.push("--enable-lora".to_string());
+            }
             join(argv)
         }
     };

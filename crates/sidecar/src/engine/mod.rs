@@ -7,6 +7,7 @@ mod vllm;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use greenthread_api::AdapterSpec;
 
 pub use http::EngineHttp;
 pub use process::{Flavor, ProcessAdapter};
@@ -58,7 +59,68 @@ pub trait EngineAdapter: Send + Sync + 'static {
             None => Ok(()),
         }
     }
+    /// Loads LoRA adapter `adapter` into the running engine.
+    async fn load_adapter(&self, adapter: &AdapterSpec) -> Result<(), EngineError> {
+        let _ = adapter;
+        Err(no_adapters())
+    }
+    /// Unloads adapter `name`; one the engine does not hold is not an error.
+    async fn unload_adapter(&self, name: &str) -> Result<(), EngineError> {
+        let _ = name;
+        Err(no_adapters())
+    }
+    /// What a request's `model` is for adapter `adapter` of `base`: the adapter's own
+    /// name (vLLM) unless the engine says otherwise.
+    fn adapter_model(&self, base: &str, adapter: &str) -> String {
+        let _ = base;
+        adapter.to_string()
+    }
 }
+
+fn no_adapters() -> EngineError {
+    EngineError::Protocol("this engine cannot load LoRA adapters at run time".into())
+}
+
+/// `{"lora_name", "lora_path"}` to `path`, as vLLM and SGLang load adapters.
+pub(crate) async fn load_lora(
+    http: &EngineHttp,
+    path: &str,
+    adapter: &AdapterSpec,
+) -> Result<(), EngineError> {
+    let body = serde_json::json!({"lora_name": adapter.name, "lora_path": adapter.source});
+    http.call(
+        "load_lora_adapter",
+        http.post(path).json(&body).timeout(ADAPTER_CALL_TIMEOUT),
+    )
+    .await
+    .map(drop)
+}
+
+/// `{"lora_name"}` to `path`; an adapter the engine does not hold (404, or a 400 that says
+/// it cannot be found) is already unloaded.
+pub(crate) async fn unload_lora(
+    http: &EngineHttp,
+    path: &str,
+    name: &str,
+) -> Result<(), EngineError> {
+    let body = serde_json::json!({"lora_name": name});
+    match http
+        .call(
+            "unload_lora_adapter",
+            http.post(path).json(&body).timeout(ADAPTER_CALL_TIMEOUT),
+        )
+        .await
+    {
+        Ok(_) | Err(EngineError::Status { status: 404, .. }) => Ok(()),
+        Err(EngineError::Status {
+            status: 400, body, ..
+        }) if body.contains("cannot be found") || body.contains("not found") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Longest an adapter load may take: a hub id is downloaded on its first load.
+const ADAPTER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn no_http(http: Option<&EngineHttp>) -> Result<&EngineHttp, EngineError> {
     http.ok_or_else(|| EngineError::Protocol("this engine has no HTTP API".into()))

@@ -11,6 +11,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use greenthread_api::AdapterSpec;
 use serde_json::json;
 
 use super::{EngineAdapter, EngineError, http::EngineHttp};
@@ -74,6 +75,20 @@ impl EngineAdapter for SglangAdapter {
             .await?;
         self.released.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Needs `--enable-lora` (rendered for a Model with adapters).
+    async fn load_adapter(&self, adapter: &AdapterSpec) -> Result<(), EngineError> {
+        super::load_lora(&self.http, "/load_lora_adapter", adapter).await
+    }
+
+    async fn unload_adapter(&self, name: &str) -> Result<(), EngineError> {
+        super::unload_lora(&self.http, "/unload_lora_adapter", name).await
+    }
+
+    /// SGLang's OpenAI API names an adapter as `<base>:<adapter>`.
+    fn adapter_model(&self, base: &str, adapter: &str) -> String {
+        format!("{base}:{adapter}")
     }
 
     async fn wake(&self, _level: u8) -> Result<(), EngineError> {

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use greenthread_api::AdapterSpec;
 use serde_json::json;
 
 use super::{
@@ -97,6 +98,16 @@ impl EngineAdapter for VllmAdapter {
         )
         .await
         .map(drop)
+    }
+
+    /// Needs `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` (both rendered
+    /// for a Model with adapters).
+    async fn load_adapter(&self, adapter: &AdapterSpec) -> Result<(), EngineError> {
+        super::load_lora(&self.http, "/v1/load_lora_adapter", adapter).await
+    }
+
+    async fn unload_adapter(&self, name: &str) -> Result<(), EngineError> {
+        super::unload_lora(&self.http, "/v1/unload_lora_adapter", name).await
     }
 
     async fn wake(&self, level: u8) -> Result<(), EngineError> {
