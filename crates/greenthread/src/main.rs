@@ -58,6 +58,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The simulator behind llama.cpp's `llama-server` command line.
+    #[command(hide = true)]
+    LlamaStandIn {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,6 +119,12 @@ fn main() -> anyhow::Result<()> {
             }
             Command::SglangStandIn { args } => {
                 greenthread_simulator::bind_and_serve(greenthread_simulator::stand_in::sglang(
+                    &args,
+                )?)
+                .await
+            }
+            Command::LlamaStandIn { args } => {
+                greenthread_simulator::bind_and_serve(greenthread_simulator::stand_in::llama(
                     &args,
                 )?)
                 .await

@@ -342,3 +342,125 @@ fn local_refuses_an_adapter_named_like_another_model() {
         "{err}"
     );
 }
+
+/// llama.cpp loads adapters only when it starts (`--lora`, none applied unless a request
+/// asks): the sidecar starts it with them and asks for one through the request's `lora`
+/// list; an adapter added while it serves comes with its next start, which is its next
+/// wake (llama.cpp sleeps by being stopped). Through the llama-server stand-in (the
+/// simulator behind llama-server's command line, refusing a `--lora` file that does not
+/// exist, as llama-server does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_starts_with_its_adapters_and_takes_new_ones_at_its_next_wake() {
+    use greenthread_test_support::{Proc, free_port, http, wait_http};
+    let dir = tempfile::tempdir().unwrap();
+    let (sql, code) = (dir.path().join("sql.gguf"), dir.path().join("code.gguf"));
+    std::fs::write(&sql, b"GGUF").unwrap();
+    std::fs::write(&code, b"GGUF").unwrap();
+    let file = dir.path().join("adapters.json");
+    let entry = |name: &str, path: &std::path::Path| serde_json::json!({"name": name, "source": path.display().to_string()});
+    std::fs::write(&file, serde_json::json!([entry("sql", &sql)]).to_string()).unwrap();
+    let (public, private, engine) = (free_port(), free_port(), free_port());
+    let _proc = Proc::spawn(
+        BIN,
+        &[
+            "sidecar".to_string(),
+            "--model".into(),
+            "org/base".into(),
+            "--engine".into(),
+            "llamacpp".into(),
+            "--engine-command".into(),
+            format!(
+                "{BIN} llama-stand-in -m /models/base.gguf --host 127.0.0.1 --port {engine} --alias org/base"
+            ),
+            "--engine-url".into(),
+            format!("http://127.0.0.1:{engine}"),
+            "--listen".into(),
+            format!("127.0.0.1:{public}"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{private}"),
+            "--adapters-file".into(),
+            file.display().to_string(),
+            "--min-runtime".into(),
+            "0s".into(),
+            "--idle-timeout".into(),
+            "1h".into(),
+        ],
+    );
+    wait_http(&format!("http://127.0.0.1:{public}/health")).await;
+    let client = http();
+    let chat = |model: &str| {
+        client
+            .post(format!("http://127.0.0.1:{public}/v1/chat/completions"))
+            .json(&serde_json::json!({
+                "model": model, "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            }))
+    };
+    let sql_path = sql.display().to_string();
+    let (status, adapter, model) = ask(chat("sql")).await;
+    assert_eq!((status, adapter.as_deref()), (200, Some(sql_path.as_str())));
+    // The engine was asked for its base model, the adapter applied by position.
+    assert_eq!(model, "org/base");
+    let (status, adapter, _) = ask(chat("org/base")).await;
+    assert_eq!(
+        (status, adapter),
+        (200, None),
+        "the base applies no adapter"
+    );
+    let status_of =
+        || async { get_json(&client, &format!("http://127.0.0.1:{private}/status")).await };
+
+    // Added while serving: not loaded now (nor counted a failure), loaded at the next
+    // wake.
+    std::fs::write(
+        &file,
+        serde_json::json!([entry("sql", &sql), entry("code", &code)]).to_string(),
+    )
+    .unwrap();
+    wait_until("code wanted", WAIT, || async {
+        let s = status_of().await;
+        (s["adapters"].as_array().unwrap().len() == 2).then_some(s)
+    })
+    .await;
+    let (_, adapter, _) = ask(chat("code")).await;
+    assert_eq!(adapter, None, "not before the engine's next start");
+    let metrics = || async {
+        greenthread_test_support::scrape(&client, &format!("http://127.0.0.1:{private}/metrics"))
+            .await
+    };
+    assert_eq!(
+        metrics().await.value(
+            "gthread_sidecar_adapter_load_failures_total",
+            &[("adapter", "code")]
+        ),
+        None
+    );
+    let slept = client
+        .post(format!("http://127.0.0.1:{private}/admin/sleep"))
+        .send()
+        .await
+        .unwrap();
+    assert!(slept.status().is_success());
+    wait_until("asleep", WAIT, || async {
+        (status_of().await["state"] == "sleeping").then_some(())
+    })
+    .await;
+    let code_path = code.display().to_string();
+    let (status, adapter, _) = ask(chat("code")).await;
+    assert_eq!(
+        (status, adapter.as_deref()),
+        (200, Some(code_path.as_str()))
+    );
+    let m = metrics().await;
+    assert_eq!(
+        m.value(
+            "gthread_sidecar_adapter_loads_total",
+            &[("adapter", "code")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value("gthread_sidecar_adapter_loads_total", &[("adapter", "sql")]),
+        Some(2.0)
+    );
+}

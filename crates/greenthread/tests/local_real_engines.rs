@@ -70,8 +70,8 @@ async fn is_sleeping(port: u16) -> bool {
     v["is_sleeping"].as_bool().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vllm_and_sglang_start_with_the_rendered_command_lines_and_sleep_through_their_apis() {
+/// `local` on `config` with the stand-ins on its PATH; the directory they record in.
+async fn start(config: &str) -> (LocalProc, tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let shims = dir.path().join("bin");
     let rec = dir.path().join("records");
@@ -98,7 +98,7 @@ async fn vllm_and_sglang_start_with_the_rendered_command_lines_and_sleep_through
     );
     let local = LocalProc::start_env(
         BIN,
-        CONFIG,
+        config,
         &[],
         &[
             ("PATH", &path),
@@ -107,6 +107,12 @@ async fn vllm_and_sglang_start_with_the_rendered_command_lines_and_sleep_through
         ],
     )
     .await;
+    (local, dir, rec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_and_sglang_start_with_the_rendered_command_lines_and_sleep_through_their_apis() {
+    let (local, _dir, rec) = start(CONFIG).await;
 
     // Exactly the controller's command lines, with the GPU and sleep-API environment.
     let got = records(&rec);
@@ -206,6 +212,65 @@ async fn vllm_and_sglang_start_with_the_rendered_command_lines_and_sleep_through
         (local.states().await["gemma"] == "serving").then_some(())
     })
     .await;
+}
+
+/// Adapters on real engines' command lines: vLLM with LoRA on and its runtime adapter
+/// API enabled, SGLang with LoRA on for adapters loaded later; each adapter's name,
+/// through the API server, wakes its base and reaches the adapter (SGLang asked for
+/// `<base>:<adapter>`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_turn_lora_on_in_vllm_and_sglang_and_answer_by_name() {
+    let config = CONFIG
+        .replace(
+            "      extraArgs: [--max-model-len, \"4096\"]",
+            "      extraArgs: [--max-model-len, \"4096\"]\n      adapters: [{name: sql, source: /srv/lora/sql}]\n      maxLoraRank: 32",
+        )
+        .replace(
+            "      gpuMemoryUtilization: \"0.3\"",
+            "      gpuMemoryUtilization: \"0.3\"\n      adapters: [{name: poet, source: org/poet-lora}]",
+        );
+    let (local, _dir, rec) = start(&config).await;
+    let got = records(&rec);
+    let (_, vllm_args, vllm_env) = &got["vllm"];
+    let joined = vllm_args.join(" ");
+    assert!(
+        joined.contains("--enable-sleep-mode --enable-lora --max-loras 1 --max-lora-rank 32 --gpu-memory-utilization"),
+        "{joined}"
+    );
+    assert_eq!(vllm_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"], "True");
+    let (_, sglang_args, _) = &got["sglang"];
+    let joined = sglang_args.join(" ");
+    assert!(
+        joined.contains(
+            "--enable-lora --max-loras-per-batch 1 --max-lora-rank 16 --lora-target-modules all"
+        ),
+        "{joined}"
+    );
+    // The stand-in, like vLLM, finds no adapter at a path that does not exist: the
+    // sql adapter fails to load and says so; the base still serves.
+    let r = local.chat("qwen", 2).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let m = local.metrics().await;
+    assert_eq!(
+        m.value(
+            "gthread_sidecar_adapter_load_failures_total",
+            &[("model", "qwen"), ("pod", "qwen-0"), ("adapter", "sql")]
+        ),
+        Some(1.0)
+    );
+    let r = local.chat("poet", 2).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.headers()["x-sim-lora-adapter"], "poet");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["model"], "google/gemma-3-1b-it:poet");
+    let m = local.metrics().await;
+    assert_eq!(
+        m.value(
+            "gthread_sidecar_adapter_loads_total",
+            &[("model", "gemma"), ("pod", "gemma-0"), ("adapter", "poet")]
+        ),
+        Some(1.0)
+    );
 }
 
 fn which(program: &str) -> String {

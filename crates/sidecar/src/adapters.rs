@@ -14,9 +14,12 @@ use std::{
 
 use bytes::Bytes;
 use greenthread_api::AdapterSpec;
-use greenthread_edge::{ApiError, named::named};
+use greenthread_edge::named::named;
 
-use crate::{engine::EngineAdapter, metrics::SidecarMetrics};
+use crate::{
+    engine::{AdapterCall, EngineAdapter},
+    metrics::SidecarMetrics,
+};
 
 /// The adapters a sidecar serves.
 pub struct Adapters {
@@ -190,10 +193,16 @@ impl Adapters {
     }
 
     /// While the engine serves: unloads what is no longer wanted (or changed source) and
-    /// loads what is new. Failed adapters wait for the next wake.
+    /// loads what is new. Failed adapters wait for the next wake, and so does every
+    /// change for an engine that loads adapters only when it starts (llama.cpp, whose
+    /// sleep stops it).
     pub async fn sync(&self, engine: &dyn EngineAdapter, base: &str, check: Check<'_>) {
         let _busy = self.busy.lock().await;
         let list = self.wanted();
+        if !engine.loads_at_run_time() {
+            self.wanted.lock().unwrap().applied = Some(list);
+            return;
+        }
         let stale: Vec<String> = {
             let held = self.held.lock().unwrap();
             held.iter()
@@ -231,10 +240,12 @@ impl Adapters {
         a: &AdapterSpec,
         check: &Check<'_>,
     ) {
-        let model = engine.adapter_model(base, &a.name);
         let loaded = async {
             engine.load_adapter(a).await.map_err(|e| e.to_string())?;
-            match tokio::time::timeout(check.timeout, engine.warm_up(&model)).await {
+            let call = engine
+                .adapter_call(base, &a.name)
+                .ok_or("loaded, but the engine does not list it")?;
+            match tokio::time::timeout(check.timeout, engine.warm_up_adapter(&call)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("loaded, but its one-token check failed: {e}")),
                 Err(_) => Err(format!(
@@ -290,20 +301,45 @@ impl Adapters {
         base: &str,
         headers: &http::HeaderMap,
         body: Bytes,
-    ) -> Result<Bytes, ApiError> {
+    ) -> Bytes {
         if !self.renames || self.wanted.lock().unwrap().list.is_empty() {
-            return Ok(body);
+            return body;
         }
         // A body that names no model is the engine's to refuse.
         let Ok(name) = named(headers, &body) else {
-            return Ok(body);
+            return body;
         };
         if !self.serves(name.model()) {
-            return Ok(body);
+            return body;
         }
-        let model = engine.adapter_model(base, name.model());
-        Ok(name.rename(&body, &model))
+        match engine.adapter_call(base, name.model()) {
+            None => body,
+            Some(AdapterCall::Model(model)) if model == name.model() => body,
+            Some(AdapterCall::Model(model)) => name.rename(&body, &model),
+            Some(AdapterCall::Lora { base, id }) => {
+                let renamed = name.rename(&body, &base);
+                with_lora(&renamed, id).unwrap_or(renamed)
+            }
+        }
     }
+}
+
+/// A JSON object `body` with `"lora": [{"id": id, "scale": 1.0}]` first among its
+/// members (llama.cpp applies the listed adapters); `None` when it is not an object.
+fn with_lora(body: &Bytes, id: usize) -> Option<Bytes> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let member = format!("\"lora\":[{{\"id\":{id},\"scale\":1.0}}]");
+    let rest = &body[open + 1..];
+    let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+    let sep = if empty { "" } else { "," };
+    Some(greenthread_edge::named::splice(
+        body,
+        open + 1..open + 1,
+        format!("{member}{sep}").as_bytes(),
+    ))
 }
 
 /// How an adapter load is checked: the one-token deadline, and where it is counted.
@@ -348,6 +384,22 @@ mod tests {
         std::fs::write(&path, "").unwrap();
         assert!(adapters.reread().unwrap());
         assert!(adapters.wanted().is_empty());
+    }
+
+    #[test]
+    fn a_lora_list_goes_first_in_the_body() {
+        let body = Bytes::from_static(br#" {"model": "base", "prompt": "x"}"#);
+        let out = with_lora(&body, 2).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["lora"], serde_json::json!([{"id": 2, "scale": 1.0}]));
+        assert_eq!(
+            (v["model"].as_str(), v["prompt"].as_str()),
+            (Some("base"), Some("x"))
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&with_lora(&Bytes::from_static(b"{}"), 0).unwrap()).unwrap();
+        assert_eq!(v["lora"][0]["id"], 0);
+        assert!(with_lora(&Bytes::from_static(b"[1]"), 0).is_none());
     }
 
     #[test]

@@ -47,7 +47,17 @@ impl EngineDriver {
         metrics: Arc<SidecarMetrics>,
         stop: CancellationToken,
     ) -> Self {
-        let renames = engine.adapter_model("base", "adapter") != "adapter";
+        // Whether requests for adapters must be rewritten for this engine (not for vLLM,
+        // which takes an adapter's own name as `model`).
+        let renames = !matches!(
+            engine.adapter_call("base", "adapter"),
+            Some(crate::engine::AdapterCall::Model(m)) if m == "adapter"
+        );
+        let adapters = Adapters::new(cfg.adapters.clone(), cfg.adapters_file.clone(), renames);
+        if let Err(e) = adapters.reread() {
+            tracing::warn!(model = %cfg.model, error = %e, "adapters file not taken");
+        }
+        engine.adapters_at_start(&adapters.wanted());
         Self {
             engine,
             process,
@@ -57,11 +67,7 @@ impl EngineDriver {
             timeouts: AtomicU32::new(0),
             models: Mutex::new(None),
             stop,
-            adapters: Arc::new(Adapters::new(
-                cfg.adapters.clone(),
-                cfg.adapters_file.clone(),
-                renames,
-            )),
+            adapters: Arc::new(adapters),
             cfg,
         }
     }

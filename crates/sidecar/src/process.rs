@@ -33,6 +33,18 @@ pub struct EngineProcess {
     exits: mpsc::UnboundedSender<String>,
     /// The running engine's pid, 0 when none runs (read without the lock, by probes).
     pid: Arc<AtomicU32>,
+    /// Arguments appended to the command at every start from now on, and what they
+    /// stand for (llama.cpp's `--lora` flags, and the adapters they load).
+    extra: std::sync::Mutex<Extra>,
+    /// What the running engine was started with.
+    started: std::sync::Mutex<Extra>,
+}
+
+/// Arguments appended to an engine's command, and the labels they stand for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Extra {
+    pub args: Vec<String>,
+    pub labels: Vec<String>,
 }
 
 impl EngineProcess {
@@ -49,7 +61,19 @@ impl EngineProcess {
             generation: Arc::new(AtomicU64::new(0)),
             exits,
             pid: Arc::new(AtomicU32::new(0)),
+            extra: Default::default(),
+            started: Default::default(),
         }
+    }
+
+    /// Arguments for the next starts (the running engine keeps its own).
+    pub fn set_extra(&self, extra: Extra) {
+        *self.extra.lock().unwrap() = extra;
+    }
+
+    /// The extra arguments the running engine (or the last one) started with.
+    pub fn started_with(&self) -> Extra {
+        self.started.lock().unwrap().clone()
     }
 
     /// The engine's pid while it runs.
@@ -66,10 +90,21 @@ impl EngineProcess {
         if slot.as_ref().is_some_and(|r| !*r.exited.borrow()) {
             return Ok(());
         }
+        let extra = self.extra.lock().unwrap().clone();
+        let command = if extra.args.is_empty() {
+            self.command.clone()
+        } else {
+            let quoted: Vec<String> = extra
+                .args
+                .iter()
+                .map(|a| greenthread_api::shell_quote(a))
+                .collect();
+            format!("{} {}", self.command, quoted.join(" "))
+        };
         // A line of plain words is exec'd directly (the image has no shell); others go
         // through /bin/sh, with `exec` so that the engine itself is the process we
         // watch and signal.
-        let mut cmd = match greenthread_api::split_simple(&self.command) {
+        let mut cmd = match greenthread_api::split_simple(&command) {
             Some(greenthread_api::engine_command::Exec { env, argv }) => {
                 let mut cmd = Command::new(&argv[0]);
                 cmd.args(&argv[1..]).envs(env);
@@ -77,7 +112,7 @@ impl EngineProcess {
             }
             None => {
                 let mut cmd = Command::new("/bin/sh");
-                cmd.arg("-c").arg(format!("exec {}", self.command));
+                cmd.arg("-c").arg(format!("exec {command}"));
                 cmd
             }
         };
@@ -97,11 +132,12 @@ impl EngineProcess {
         let mut child = cmd.spawn().map_err(|e| {
             anyhow::anyhow!(
                 "starting engine `{}`: {e}",
-                greenthread_edge::redact_command(&self.command)
+                greenthread_edge::redact_command(&command)
             )
         })?;
+        *self.started.lock().unwrap() = extra;
         let pid = child.id().unwrap_or_default();
-        tracing::info!(pid, command = %greenthread_edge::redact_command(&self.command), "engine process started");
+        tracing::info!(pid, command = %greenthread_edge::redact_command(&command), "engine process started");
         forward_lines(child.stdout.take(), "stdout");
         forward_lines(child.stderr.take(), "stderr");
 

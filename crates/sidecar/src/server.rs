@@ -164,10 +164,7 @@ async fn infer(State(s): State<AppState>, req: Request) -> Response {
     if let Err(e) = public_path(parts.uri.path(), &s.sidecar.cfg.extra_public_paths) {
         return e.into_response();
     }
-    let body = match read_body(body, usize::MAX)
-        .await
-        .and_then(|b| s.sidecar.engine_request(&parts.headers, b))
-    {
+    let body = match read_body(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => {
             s.sidecar.metrics.request(false);
@@ -369,7 +366,10 @@ async fn relay_leg(
         if let Some(p) = pause.as_deref_mut() {
             p.borrow_and_update();
         }
-        match forwarder.forward(parts, body.clone(), slot).await {
+        // An adapter named as the engine serving now names it (SGLang's
+        // `<base>:<adapter>`; llama.cpp's `lora` list, by what it started with).
+        let sent = sidecar.engine_request(&parts.headers, body.clone());
+        match forwarder.forward(parts, sent, slot).await {
             Ok(resp) => {
                 sidecar.engine_answered();
                 sidecar.metrics.request(resp.status().as_u16() < 400);

@@ -264,11 +264,7 @@ impl Sidecar {
     }
 
     /// The request as the engine must see it: an adapter named as the engine names it.
-    pub fn engine_request(
-        &self,
-        headers: &http::HeaderMap,
-        body: Bytes,
-    ) -> Result<Bytes, greenthread_edge::ApiError> {
+    pub fn engine_request(&self, headers: &http::HeaderMap, body: Bytes) -> Bytes {
         self.adapters()
             .engine_request(&**self.engine(), &self.cfg.model, headers, body)
     }
@@ -787,6 +783,8 @@ impl Sidecar {
             if let Err(e) = adapters.reread() {
                 tracing::warn!(model = %self.cfg.model, error = %e, "adapters file not taken; the adapters stay as they were");
             }
+            // For an engine that loads adapters only when it starts: its next start.
+            self.engine().adapters_at_start(&adapters.wanted());
             if self.state() == State::Serving && adapters.dirty() {
                 let _op = self.engine_op.lock().await;
                 if self.state() == State::Serving {

@@ -37,6 +37,11 @@ pub struct SimConfig {
     /// worst that vLLM does (vLLM #53888, #39934), so a sidecar must load them again.
     #[arg(long)]
     pub enable_lora: bool,
+    /// Like llama-server's `--lora FILE` (repeatable): adapters loaded at start (the
+    /// files must exist), applied to a request that lists them by position in its `lora`
+    /// (`[{"id": N, "scale": S}]`); its answer is marked with the file.
+    #[arg(long = "lora")]
+    pub start_loras: Vec<String>,
     /// Bytes of weights held on the GPU while awake.
     #[arg(long, default_value = "2Gi", value_parser = arg::size)]
     pub weights_bytes: u64,

@@ -24,9 +24,27 @@ pub struct InferenceRequest {
     /// `{"include_usage": true}`: a last event with the usage, as vLLM and OpenAI send.
     #[serde(default)]
     pub stream_options: Option<Value>,
+    /// llama.cpp's per-request adapters: `[{"id": N, "scale": S}]`.
+    #[serde(default)]
+    pub lora: Vec<LoraUse>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoraUse {
+    pub id: usize,
+    #[serde(default)]
+    pub scale: f64,
 }
 
 impl InferenceRequest {
+    /// The first of `loaded` (llama.cpp's `--lora` files) the request applies, if any.
+    pub fn lora_applied<'a>(&self, loaded: &'a [String]) -> Option<&'a String> {
+        self.lora
+            .iter()
+            .find(|l| l.scale != 0.0)
+            .and_then(|l| loaded.get(l.id))
+    }
+
     pub fn include_usage(&self) -> bool {
         self.stream_options
             .as_ref()

@@ -422,7 +422,11 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
     let prompt_tokens = openai::count_tokens(&prompt);
     // An adapter answers differently from its base, and says which it is (the answer's
     // `model`, as vLLM's, and a header), so that tests can tell.
-    let adapter = req.model.as_deref().and_then(|m| e.adapter_of(m));
+    let adapter = req
+        .model
+        .as_deref()
+        .and_then(|m| e.adapter_of(m))
+        .or_else(|| req.lora_applied(&e.cfg.start_loras).cloned());
     let answer = match &adapter {
         Some(a) => openai::prompt_hash(&format!("{a}\n{prompt}")),
         None => openai::prompt_hash(&prompt),

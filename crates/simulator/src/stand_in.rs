@@ -13,10 +13,11 @@ use anyhow::Context;
 use crate::SimConfig;
 
 /// The environment variables a stand-in records.
-const RECORDED_ENV: [&str; 3] = [
+const RECORDED_ENV: [&str; 4] = [
     "VLLM_SERVER_DEV_MODE",
     "CUDA_VISIBLE_DEVICES",
     "VLLM_API_KEY",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
 ];
 
 /// A parsed engine command line: the model, `--flag value` pairs and switches, in order.
@@ -31,7 +32,11 @@ impl<'a> Flags<'a> {
         let mut model = None;
         let mut pairs: Vec<(&str, Vec<&str>)> = Vec::new();
         for a in args {
-            if a.starts_with("--") {
+            // `--flag`, or a short `-m` (not a negative number).
+            let short = a.len() > 1
+                && a.starts_with('-')
+                && !a[1..].starts_with(|c: char| c.is_ascii_digit() || c == '.');
+            if a.starts_with("--") || short {
                 pairs.push((a.as_str(), Vec::new()));
             } else if let Some((_, values)) = pairs.last_mut() {
                 values.push(a.as_str());
@@ -48,6 +53,15 @@ impl<'a> Flags<'a> {
             .rev()
             .find(|(f, _)| *f == flag)
             .map(|(_, v)| v.as_slice())
+    }
+
+    /// Every value of a repeatable flag, in order.
+    fn all(&self, flag: &str) -> Vec<&'a str> {
+        self.pairs
+            .iter()
+            .filter(|(f, _)| *f == flag)
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect()
     }
 
     fn one(&self, flag: &str) -> Option<&'a str> {
@@ -101,8 +115,38 @@ pub fn vllm(args: &[String]) -> anyhow::Result<SimConfig> {
         .collect();
     let dev_mode = std::env::var("VLLM_SERVER_DEV_MODE").is_ok_and(|v| v == "1");
     cfg.no_sleep_api = !(flags.has("--enable-sleep-mode") && dev_mode);
+    // vLLM loads adapters at run time only with `--enable-lora` and
+    // VLLM_ALLOW_RUNTIME_LORA_UPDATING.
+    let runtime_lora = std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+        .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    cfg.enable_lora = flags.has("--enable-lora") && runtime_lora;
     cfg.boot_time = std::time::Duration::from_millis(200);
     record("vllm", args, cfg.listen.port())?;
+    Ok(cfg)
+}
+
+/// `llama-server -m FILE --alias NAME --lora FILE … [flags]` → the simulator's
+/// configuration: no sleep API (llama.cpp sleeps by being stopped), the alias as the
+/// model's name, and the `--lora` files loaded at start — each must exist, as
+/// llama-server refuses to start without it.
+pub fn llama(args: &[String]) -> anyhow::Result<SimConfig> {
+    let flags = Flags::parse(args);
+    let file = flags
+        .one("-m")
+        .or_else(|| flags.one("--model"))
+        .context("llama-server: -m FILE is required")?;
+    let mut cfg = SimConfig::for_model(flags.one("--alias").unwrap_or(file));
+    cfg.listen = listen(&flags)?;
+    cfg.no_sleep_api = true;
+    cfg.start_loras = flags.all("--lora").into_iter().map(String::from).collect();
+    for lora in &cfg.start_loras {
+        anyhow::ensure!(
+            std::path::Path::new(lora).is_file(),
+            "failed to load lora adapter {lora}: no such file"
+        );
+    }
+    cfg.boot_time = std::time::Duration::from_millis(100);
+    record("llamacpp", args, cfg.listen.port())?;
     Ok(cfg)
 }
 
@@ -124,6 +168,7 @@ pub fn sglang(args: &[String]) -> anyhow::Result<SimConfig> {
     }
     // Without `--enable-weights-cpu-backup`, released weights come back uninitialized.
     cfg.no_weights_cpu_backup = !flags.has("--enable-weights-cpu-backup");
+    cfg.enable_lora = flags.has("--enable-lora");
     cfg.boot_time = std::time::Duration::from_millis(200);
     record("sglang", args, cfg.listen.port())?;
     Ok(cfg)
@@ -156,6 +201,24 @@ mod tests {
         unsafe { std::env::remove_var("VLLM_SERVER_DEV_MODE") };
         assert!(vllm(&args("run org/m")).is_err());
         assert!(vllm(&args("serve org/m")).is_err(), "no port");
+    }
+
+    #[test]
+    fn llama_server_takes_its_loras_which_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let lora = dir.path().join("sql.gguf");
+        std::fs::write(&lora, b"GGUF").unwrap();
+        let line = format!(
+            "-m /models/base.gguf --host 127.0.0.1 --port 9125 --alias org/base --metrics --lora-init-without-apply --lora {}",
+            lora.display()
+        );
+        let cfg = llama(&args(&line)).unwrap();
+        assert_eq!((cfg.model.as_str(), cfg.listen.port()), ("org/base", 9125));
+        assert_eq!(cfg.start_loras, [lora.display().to_string()]);
+        assert!(cfg.no_sleep_api);
+        let missing = line.replace("sql.gguf", "nope.gguf");
+        let e = llama(&args(&missing)).unwrap_err().to_string();
+        assert!(e.contains("nope.gguf"), "{e}");
     }
 
     #[test]

@@ -199,10 +199,15 @@ impl EngineHttp {
 
     /// One greedy token of `model`: the proof that the engine serves, not just listens.
     pub async fn warm_up(&self, model: &str) -> Result<(), EngineError> {
-        let body = serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0});
+        self.complete(&super::AdapterCall::Model(model.to_string()).warm_up_body())
+            .await
+    }
+
+    /// The completion `body` (a one-token warm-up), answered with a 2xx.
+    pub async fn complete(&self, body: &serde_json::Value) -> Result<(), EngineError> {
         self.call(
             "warm-up completion",
-            self.post("/v1/completions").json(&body),
+            self.post("/v1/completions").json(body),
         )
         .await
         .map(drop)

@@ -69,11 +69,53 @@ pub trait EngineAdapter: Send + Sync + 'static {
         let _ = name;
         Err(no_adapters())
     }
-    /// What a request's `model` is for adapter `adapter` of `base`: the adapter's own
-    /// name (vLLM) unless the engine says otherwise.
-    fn adapter_model(&self, base: &str, adapter: &str) -> String {
+    /// How a request asks for adapter `adapter` of `base`: by the adapter's own name as
+    /// `model` (vLLM) unless the engine says otherwise; `None` when the engine does not
+    /// hold it.
+    fn adapter_call(&self, base: &str, adapter: &str) -> Option<AdapterCall> {
         let _ = base;
-        adapter.to_string()
+        Some(AdapterCall::Model(adapter.to_string()))
+    }
+    /// The adapters the engine must start with, for engines that load adapters only when
+    /// they start (llama.cpp): kept for its next start.
+    fn adapters_at_start(&self, adapters: &[AdapterSpec]) {
+        let _ = adapters;
+    }
+    /// Whether adapters load into the running engine (else only when it starts).
+    fn loads_at_run_time(&self) -> bool {
+        true
+    }
+    /// One token through an adapter: the proof that it serves.
+    async fn warm_up_adapter(&self, call: &AdapterCall) -> Result<(), EngineError> {
+        match self.http() {
+            Some(http) => http.complete(&call.warm_up_body()).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// How a request names an adapter to its engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterCall {
+    /// As its `model` (vLLM: the adapter's name; SGLang: `<base>:<adapter>`).
+    Model(String),
+    /// The base as `model`, and the adapter by its position in a `lora` list
+    /// (`[{"id": N, "scale": 1.0}]`, llama.cpp's).
+    Lora { base: String, id: usize },
+}
+
+impl AdapterCall {
+    /// A one-token completion through the adapter: the proof that it serves.
+    pub fn warm_up_body(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({"prompt": "Hello", "max_tokens": 1, "temperature": 0});
+        match self {
+            AdapterCall::Model(m) => body["model"] = m.as_str().into(),
+            AdapterCall::Lora { base, id } => {
+                body["model"] = base.as_str().into();
+                body["lora"] = serde_json::json!([{"id": id, "scale": 1.0}]);
+            }
+        }
+        body
     }
 }
 

@@ -8,6 +8,8 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use greenthread_api::AdapterSpec;
+
 use super::{EngineAdapter, EngineError, http::EngineHttp};
 use crate::process::EngineProcess;
 
@@ -89,6 +91,68 @@ impl EngineAdapter for ProcessAdapter {
     async fn sleep(&self, _level: u8) -> Result<(), EngineError> {
         self.process.stop(self.stop_grace).await;
         Ok(())
+    }
+
+    /// llama-server loads adapters only when it starts: `--lora` each (with
+    /// `--lora-init-without-apply`, so that none applies unless a request asks), for the
+    /// next start; a sleeping llama.cpp is stopped, so its next wake takes them.
+    fn adapters_at_start(&self, adapters: &[AdapterSpec]) {
+        if self.flavor != Flavor::LlamaCpp {
+            return;
+        }
+        let mut extra = crate::process::Extra::default();
+        if !adapters.is_empty() {
+            extra.args.push("--lora-init-without-apply".into());
+            for a in adapters {
+                extra.args.extend(["--lora".to_string(), a.source.clone()]);
+                extra.labels.push(a.name.clone());
+            }
+        }
+        self.process.set_extra(extra);
+    }
+
+    fn loads_at_run_time(&self) -> bool {
+        self.flavor != Flavor::LlamaCpp
+    }
+
+    /// llama.cpp: loaded when the engine started with it.
+    async fn load_adapter(&self, adapter: &AdapterSpec) -> Result<(), EngineError> {
+        if self.flavor != Flavor::LlamaCpp {
+            return Err(EngineError::Protocol(
+                "this engine cannot load LoRA adapters".into(),
+            ));
+        }
+        if self.process.started_with().labels.contains(&adapter.name) {
+            Ok(())
+        } else {
+            Err(EngineError::Protocol(format!(
+                "llama.cpp loads adapters when it starts: {} comes with its next start",
+                adapter.name
+            )))
+        }
+    }
+
+    /// Requests stop naming it; llama-server keeps it until it stops.
+    async fn unload_adapter(&self, _name: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// llama-server answers any `model`; an adapter is its position among the `--lora`
+    /// flags the engine started with, applied through the request's `lora` list.
+    fn adapter_call(&self, base: &str, adapter: &str) -> Option<super::AdapterCall> {
+        if self.flavor != Flavor::LlamaCpp {
+            return Some(super::AdapterCall::Model(adapter.to_string()));
+        }
+        let id = self
+            .process
+            .started_with()
+            .labels
+            .iter()
+            .position(|n| n == adapter)?;
+        Some(super::AdapterCall::Lora {
+            base: base.to_string(),
+            id,
+        })
     }
 
     async fn wake(&self, _level: u8) -> Result<(), EngineError> {

@@ -87,8 +87,8 @@ impl EngineAdapter for SglangAdapter {
     }
 
     /// SGLang's OpenAI API names an adapter as `<base>:<adapter>`.
-    fn adapter_model(&self, base: &str, adapter: &str) -> String {
-        format!("{base}:{adapter}")
+    fn adapter_call(&self, base: &str, adapter: &str) -> Option<super::AdapterCall> {
+        Some(super::AdapterCall::Model(format!("{base}:{adapter}")))
     }
 
     async fn wake(&self, _level: u8) -> Result<(), EngineError> {
