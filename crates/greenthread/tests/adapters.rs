@@ -125,6 +125,20 @@ async fn adapters_load_after_every_wake_and_follow_their_file_while_serving() {
         loads(&m, "gthread_sidecar_adapter_loaded", "broken"),
         Some(0.0)
     );
+    // Every metric docs/adapters.md documents is exported under its documented name.
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/adapters.md"),
+    )
+    .unwrap();
+    let text =
+        greenthread_test_support::scrape_text(&sc.client, &format!("{}/metrics", sc.private)).await;
+    for line in doc.lines().filter(|l| l.starts_with("| `gthread_")) {
+        let name = line[3..].split(['{', '`']).next().unwrap();
+        assert!(
+            text.contains(&format!("\n{name}{{")),
+            "{name} is not exported"
+        );
+    }
     let status = adapters(&sc).await;
     assert_eq!((status[0].0.as_str(), status[0].1), ("sql", true));
     assert!(
@@ -463,4 +477,31 @@ async fn llama_cpp_starts_with_its_adapters_and_takes_new_ones_at_its_next_wake(
         m.value("gthread_sidecar_adapter_loads_total", &[("adapter", "sql")]),
         Some(2.0)
     );
+}
+
+/// docs/adapters.md's Model is a valid one, with the LoRA settings it says.
+#[test]
+fn the_documented_model_is_valid() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/adapters.md"),
+    )
+    .unwrap();
+    let start = doc.find("```yaml\n").unwrap() + 8;
+    let end = start + doc[start..].find("```").unwrap();
+    let model: greenthread_api::Model = serde_saphyr::from_str(&doc[start..end]).unwrap();
+    let valid = model.spec.validate("spec").unwrap();
+    assert_eq!(
+        valid.lora,
+        Some(greenthread_api::LoraSettings {
+            max_loras: 2,
+            max_lora_rank: 64
+        })
+    );
+    let names: Vec<&str> = model
+        .spec
+        .adapters
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["sql", "support"]);
 }

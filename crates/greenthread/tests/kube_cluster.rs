@@ -232,5 +232,64 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
             .unwrap()
             .contains("alpha, beta")
     );
+
+    // LoRA adapters: the controller writes them to the Model's ConfigMap, the kubelet to
+    // the sidecar's volume; the API server routes an adapter's name to its Model, and an
+    // adapter added to the spec is served by the running pod, never re-created.
+    let spec: ModelSpec = serde_json::from_value(json!({
+        "modelName": "org/gamma", "engine": "sim", "gpuMemoryUtilization": "0.3",
+        "sleep": {"idleTimeout": "10m"}, "fairness": {"minRuntime": "0s"},
+        "adapters": [{"name": "sql", "source": "org/sql-lora"}],
+    }))
+    .unwrap();
+    models
+        .create(&PostParams::default(), &Model::new("gamma", spec))
+        .await
+        .unwrap();
+    let listed = wait_until("sql listed with its parent", WAIT, || async {
+        let models = get_json(&web, &format!("{base}/v1/models")).await;
+        models["data"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == "sql" && m["state"] == "sleeping")
+            .cloned()
+    })
+    .await;
+    assert_eq!(listed["parent"], "gamma");
+    let ask = |model: &'static str| {
+        let (web, base) = (&web, &base);
+        async move {
+            let resp = web
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap();
+            let adapter = resp
+                .headers()
+                .get("x-sim-lora-adapter")
+                .map(|v| v.to_str().unwrap().to_string());
+            (resp.status().as_u16(), adapter)
+        }
+    };
+    assert_eq!(ask("sql").await, (200, Some("sql".to_string())));
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), TEAM);
+    let uid = pods.get("gamma-0").await.unwrap().metadata.uid;
+    models
+        .patch(
+            "gamma",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"adapters": [
+                {"name": "sql", "source": "org/sql-lora"},
+                {"name": "code", "source": "org/code-lora"},
+            ]}})),
+        )
+        .await
+        .unwrap();
+    wait_until("code served by the running pod", WAIT, || async {
+        (ask("code").await == (200, Some("code".to_string()))).then_some(())
+    })
+    .await;
+    assert_eq!(pods.get("gamma-0").await.unwrap().metadata.uid, uid);
     controller.resign().await;
 }

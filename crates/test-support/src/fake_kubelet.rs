@@ -4,7 +4,10 @@
 //!
 //! Each pod gets its own loopback address (`127.0.1.N`), standing for the pod's network
 //! namespace: what a container binds on `0.0.0.0` or `127.0.0.1` is bound on that
-//! address, so that every pod can use the same ports, as in a cluster.
+//! address, so that every pod can use the same ports, as in a cluster. ConfigMap volumes
+//! are files in a directory of the pod's, kept up to date as the kubelet does (replaced
+//! whole, never half-written), and a container's path under such a mount is that
+//! directory's.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams},
@@ -24,6 +27,29 @@ use crate::{Proc, http};
 struct Running {
     ip: String,
     _containers: Vec<Proc>,
+    /// The pod's ConfigMap volumes: (volume's directory, ConfigMap name).
+    config_maps: Vec<(std::path::PathBuf, String)>,
+    namespace: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Writes ConfigMap `name`'s keys as files in `dir` (each replaced whole); a ConfigMap
+/// that does not exist leaves the directory as it is (the volumes are optional).
+async fn sync_config_map(client: &Client, namespace: &str, name: &str, dir: &std::path::Path) {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let Ok(Some(cm)) = api.get_opt(name).await else {
+        return;
+    };
+    for (key, value) in cm.data.unwrap_or_default() {
+        let path = dir.join(&key);
+        if std::fs::read_to_string(&path).is_ok_and(|v| v == value) {
+            continue;
+        }
+        let tmp = dir.join(format!(".{key}.tmp"));
+        if std::fs::write(&tmp, &value).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
 }
 
 pub struct FakeKubelet {
@@ -37,8 +63,14 @@ impl Drop for FakeKubelet {
     }
 }
 
-/// The container's command line in the pod's network namespace.
-fn command_line(bin: &str, c: &Container, ip: &str) -> (String, Vec<String>) {
+/// The container's command line in the pod's network namespace, its paths under the
+/// ConfigMap mounts in `mounts` (mount path, directory) the directories'.
+fn command_line(
+    bin: &str,
+    c: &Container,
+    ip: &str,
+    mounts: &[(String, String)],
+) -> (String, Vec<String>) {
     let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
     argv.extend(c.args.clone().unwrap_or_default());
     // The one image runs every role: `greenthread …`.
@@ -47,7 +79,15 @@ fn command_line(bin: &str, c: &Container, ip: &str) -> (String, Vec<String>) {
     }
     let argv = argv
         .into_iter()
-        .map(|a| a.replace("0.0.0.0", ip).replace("127.0.0.1", ip))
+        .map(|a| {
+            let mut a = a.replace("0.0.0.0", ip).replace("127.0.0.1", ip);
+            for (path, dir) in mounts {
+                if a.starts_with(path.as_str()) {
+                    a = a.replacen(path.as_str(), dir, 1);
+                }
+            }
+            a
+        })
         .collect();
     (bin.to_string(), argv)
 }
@@ -122,6 +162,20 @@ impl FakeKubelet {
             let mut next_ip = 1u8;
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                // ConfigMap volumes follow their ConfigMaps.
+                let volumes: Vec<(std::path::PathBuf, String, String)> = running
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .flat_map(|r| {
+                        r.config_maps
+                            .iter()
+                            .map(|(dir, name)| (dir.clone(), r.namespace.clone(), name.clone()))
+                    })
+                    .collect();
+                for (dir, namespace, name) in volumes {
+                    sync_config_map(&client, &namespace, &name, &dir).await;
+                }
                 let Ok(list) = api.list(&ListParams::default().labels(&selector)).await else {
                     continue;
                 };
@@ -148,12 +202,36 @@ impl FakeKubelet {
                     };
                     next_ip = next_ip.wrapping_add(1).max(2);
                     let ip = format!("127.0.1.{next_ip}");
+                    let namespace = pod.namespace().unwrap_or_default();
+                    let pod_dir = tempfile::Builder::new()
+                        .prefix("gt-kubelet-")
+                        .tempdir()
+                        .unwrap();
+                    let mut config_maps = Vec::new();
+                    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+                        if let Some(cm) = &v.config_map {
+                            let dir = pod_dir.path().join(&v.name);
+                            std::fs::create_dir_all(&dir).unwrap();
+                            sync_config_map(&client, &namespace, &cm.name, &dir).await;
+                            config_maps.push((dir, cm.name.clone()));
+                        }
+                    }
                     let containers = pod
                         .spec
                         .iter()
                         .flat_map(|s| s.containers.iter())
                         .map(|c| {
-                            let (bin, argv) = command_line(&bin, c, &ip);
+                            let mounts: Vec<(String, String)> = c
+                                .volume_mounts
+                                .iter()
+                                .flatten()
+                                .filter(|m| config_maps.iter().any(|(d, _)| d.ends_with(&m.name)))
+                                .map(|m| {
+                                    let dir = pod_dir.path().join(&m.name);
+                                    (m.mount_path.clone(), dir.display().to_string())
+                                })
+                                .collect();
+                            let (bin, argv) = command_line(&bin, c, &ip, &mounts);
                             let env = env_of(c, pod, &secrets, &env);
                             let env: Vec<(&str, &str)> =
                                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -165,6 +243,9 @@ impl FakeKubelet {
                         Running {
                             ip: ip.clone(),
                             _containers: containers,
+                            config_maps,
+                            namespace,
+                            _dir: pod_dir,
                         },
                     );
                     let ns_api: Api<Pod> =
