@@ -330,6 +330,14 @@ async fn the_api_server_routes_an_adapter_to_its_base_model() {
     // The admin API says which adapters a Model serves.
     let v = local.get_json("/api/v1/models/base").await;
     assert_eq!(v["adapters"], serde_json::json!(["sql"]));
+    // The official openai SDK lists the adapter with its parent and is answered by it,
+    // plain and streamed.
+    let report = greenthread_test_support::openai_script(
+        "sdk_adapters.py",
+        &[&local.url, "sk-all", "sql", "base"],
+    )
+    .await;
+    assert_eq!(report["stream_models"], serde_json::json!(["sql"]));
 }
 
 #[test]
