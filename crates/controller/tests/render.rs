@@ -196,30 +196,8 @@ fn rendered_objects_pass_kubernetes_validate() {
         "qwen"
     );
     assert_eq!(svc.ports.as_ref().unwrap()[0].port, 80);
-    let dir = std::env::temp_dir().join(format!("gt-render-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut pod_json = serde_json::to_value(&pod).unwrap();
-    pod_json["apiVersion"] = "v1".into();
-    pod_json["kind"] = "Pod".into();
-    let mut svc_json = serde_json::to_value(&service).unwrap();
-    svc_json["apiVersion"] = "v1".into();
-    svc_json["kind"] = "Service".into();
-    for (name, obj) in [("pod.json", pod_json), ("service.json", svc_json)] {
-        let path = dir.join(name);
-        std::fs::write(&path, serde_json::to_vec_pretty(&obj).unwrap()).unwrap();
-        let out = std::process::Command::new("python3")
-            .args(["-m", "kubernetes_validate", "--strict"])
-            .arg(&path)
-            .output()
-            .expect("kubernetes-validate (PyPI; scripts/test installs it)");
-        assert!(
-            out.status.success(),
-            "{name}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    kubernetes_validate("pod", "Pod", &pod);
+    kubernetes_validate("service", "Service", &service);
 }
 
 /// Writes `obj` (with its `apiVersion` and `kind`) and checks it with

@@ -284,33 +284,8 @@ apiKeys:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_routes_an_adapter_to_its_base_model() {
     let local = LocalProc::start(BIN, LOCAL).await;
-    let chat = |key: &str, model: &str| {
-        local
-            .client
-            .post(format!("{}/v1/chat/completions", local.url))
-            .bearer_auth(key)
-            .json(&serde_json::json!({
-                "model": model, "max_tokens": 2,
-                "messages": [{"role": "user", "content": "hi"}],
-            }))
-    };
-    let list = |key: &'static str| {
-        let local = &local;
-        async move {
-            let v: serde_json::Value = local
-                .client
-                .get(format!("{}/v1/models", local.url))
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["data"].as_array().unwrap().clone()
-        }
-    };
-    let all = list("sk-all").await;
+    let chat = |key: &str, model: &str| local.chat(model, 2).bearer_auth(key);
+    let all = local.models_as("sk-all").await;
     let sql = all.iter().find(|m| m["id"] == "sql").unwrap();
     assert_eq!(sql["parent"], "base");
     assert_eq!(sql["state"], "sleeping");
@@ -325,7 +300,7 @@ async fn the_api_server_routes_an_adapter_to_its_base_model() {
     // A key that may not use the base may not use its adapters either, nor see them.
     let (status, _, _) = ask(chat("sk-other", "sql")).await;
     assert_eq!(status, 403);
-    let theirs = list("sk-other").await;
+    let theirs = local.models_as("sk-other").await;
     assert!(theirs.iter().all(|m| m["id"] != "sql"), "{theirs:?}");
     // The admin API says which adapters a Model serves.
     let v = local.get_json("/api/v1/models/base").await;

@@ -48,19 +48,9 @@ async fn each_team_uses_only_its_models_within_its_limits_and_is_counted() {
     let models = |key: &'static str| {
         let local = &local;
         async move {
-            let v: serde_json::Value = local
-                .client
-                .get(format!("{}/v1/models", local.url))
-                .bearer_auth(key)
-                .send()
+            let mut ids: Vec<String> = local
+                .models_as(key)
                 .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let mut ids: Vec<String> = v["data"]
-                .as_array()
-                .unwrap()
                 .iter()
                 .map(|m| m["id"].as_str().unwrap().to_string())
                 .collect();

@@ -151,6 +151,21 @@ impl LocalProc {
             }))
     }
 
+    /// `/v1/models` as `key` sees it: each entry.
+    pub async fn models_as(&self, key: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = self
+            .client
+            .get(format!("{}/v1/models", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"].as_array().unwrap().clone()
+    }
+
     /// The API server's `/metrics`, parsed.
     pub async fn metrics(&self) -> crate::Exposition {
         crate::scrape(&self.client, &format!("{}/metrics", self.url)).await
