@@ -14,6 +14,9 @@ pub struct Auth {
     pub keys: Keys,
     pub admin: Gate,
     pub metrics: Gate,
+    /// Whether keys may be issued through the admin API: it has a token, or was
+    /// declared open on purpose.
+    pub may_issue: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +52,28 @@ impl Auth {
             keys: Keys::default(),
             admin: Gate::Open,
             metrics: Gate::Open,
+            may_issue: false,
         }
+    }
+
+    /// These gates, with the keys issued at run time in `issued` beside the
+    /// configuration's. Kept keys with no admin token are refused as configured ones are.
+    pub fn with_issued(
+        self,
+        issued: crate::issued::Issued,
+        sources: AuthSources,
+    ) -> Result<Self, AuthError> {
+        if !issued.is_empty() && !self.may_issue {
+            return Err(AuthError::AdminOpenByAccident {
+                admin: sources.admin,
+                open: sources.admin_open,
+            });
+        }
+        let fixed: Vec<ApiKey> = self.keys.fixed().cloned().collect();
+        Ok(Self {
+            keys: Keys::with_issued(fixed, issued),
+            ..self
+        })
     }
 
     /// The gates for these secrets. API keys with no admin token are refused unless
@@ -80,6 +104,7 @@ impl Auth {
         }
         Ok(Self {
             keys: Keys::new(api_keys),
+            may_issue: admin_token.is_some() || admin_open,
             admin: Gate::tokens(admin_token),
             metrics: Gate::tokens(metrics_token),
         })

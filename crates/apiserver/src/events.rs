@@ -1,8 +1,20 @@
-//! State changes of every sidecar, fanned out to `/api/v1/events` subscribers.
+//! What happens in the installation, fanned out to `/api/v1/events` subscribers: every
+//! replica's state changes (`state`, as always), and typed events — a wake started,
+//! completed (with its duration and phases) or failed, a sleep started or completed, a
+//! key created or revoked. Each event has an id, in order; the last [`BUFFERED`] are
+//! kept, so that a client reconnecting with `Last-Event-ID` gets what it missed.
 
-use greenthread_sidecar::state::State;
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use greenthread_sidecar::Sidecar;
 use serde::Serialize;
 use tokio::sync::broadcast;
+
+/// Events kept for clients that reconnect.
+pub const BUFFERED: usize = 1024;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StateEvent {
@@ -13,35 +25,104 @@ pub struct StateEvent {
     pub at: String,
 }
 
+/// One event: its id, its type (the SSE `event:` field) and its data.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: u64,
+    pub kind: &'static str,
+    pub data: serde_json::Value,
+}
+
+impl Event {
+    /// The event as one server-sent event.
+    pub fn frame(&self) -> String {
+        format!(
+            "id: {}\nevent: {}\ndata: {}\n\n",
+            self.id, self.kind, self.data
+        )
+    }
+}
+
 pub struct EventHub {
-    tx: broadcast::Sender<StateEvent>,
+    tx: broadcast::Sender<Arc<Event>>,
+    /// The next id, and the last events (ids ascending).
+    log: Mutex<(u64, VecDeque<Arc<Event>>)>,
+}
+
+/// What a reconnecting client missed.
+pub enum Missed {
+    /// These events, in order (none when it missed nothing).
+    Events(Vec<Arc<Event>>),
+    /// More than the buffer holds (or an id from another run): it needs a snapshot.
+    TooMany,
 }
 
 impl EventHub {
     pub fn new() -> Self {
         Self {
-            tx: broadcast::Sender::new(1024),
+            tx: broadcast::Sender::new(BUFFERED),
+            log: Mutex::new((1, VecDeque::with_capacity(BUFFERED))),
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<StateEvent> {
-        self.tx.subscribe()
+    /// Events from now on, and the id of the last one published before (0: none).
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, u64) {
+        let log = self.log.lock().unwrap();
+        (self.tx.subscribe(), log.0 - 1)
+    }
+
+    /// The events after `last` up to `upto`, if the buffer still holds them all.
+    pub fn since(&self, last: u64, upto: u64) -> Missed {
+        let log = self.log.lock().unwrap();
+        if last > upto {
+            return Missed::TooMany;
+        }
+        if last == upto {
+            return Missed::Events(Vec::new());
+        }
+        match log.1.front() {
+            Some(first) if first.id <= last + 1 => Missed::Events(
+                log.1
+                    .iter()
+                    .filter(|e| e.id > last && e.id <= upto)
+                    .cloned()
+                    .collect(),
+            ),
+            _ => Missed::TooMany,
+        }
+    }
+
+    /// Publishes an event of type `kind`.
+    pub fn emit(&self, kind: &'static str, data: serde_json::Value) {
+        let mut log = self.log.lock().unwrap();
+        let event = Arc::new(Event {
+            id: log.0,
+            kind,
+            data,
+        });
+        log.0 += 1;
+        if log.1.len() == BUFFERED {
+            log.1.pop_front();
+        }
+        log.1.push_back(event.clone());
+        // Sent under the lock, so that subscribers see ids in order. No subscriber is fine.
+        let _ = self.tx.send(event);
     }
 
     /// Publishes one state change (of a sidecar seen through its GPU record).
     pub fn publish(&self, event: StateEvent) {
-        // No subscriber is fine.
-        let _ = self.tx.send(event);
+        self.emit(
+            "state",
+            serde_json::to_value(&event).expect("events serialize"),
+        );
     }
 
-    /// Publishes every transition of one sidecar.
-    pub fn follow(
-        &self,
-        model: &str,
-        pod: &str,
-        mut transitions: broadcast::Receiver<(State, State)>,
-    ) {
-        let (tx, model, pod) = (self.tx.clone(), model.to_string(), pod.to_string());
+    /// Publishes every transition of one sidecar in this process, and the typed events
+    /// they make: a wake started, completed (its duration and phases, as the sidecar
+    /// measured them) or failed, a sleep started or completed.
+    pub fn follow(self: &Arc<Self>, model: &str, pod: &str, sidecar: Arc<Sidecar>) {
+        let mut transitions = sidecar.transitions();
+        let (hub, model, pod) = (self.clone(), model.to_string(), pod.to_string());
         tokio::spawn(async move {
             loop {
                 let (from, to) = match transitions.recv().await {
@@ -49,22 +130,103 @@ impl EventHub {
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let event = StateEvent {
+                let at = jiff::Timestamp::now().to_string();
+                hub.publish(StateEvent {
                     model: model.clone(),
                     pod: pod.clone(),
                     from: Some(from.as_str()),
                     to: to.as_str(),
-                    at: jiff::Timestamp::now().to_string(),
+                    at: at.clone(),
+                });
+                let Some(kind) = typed(from.as_str(), to.as_str()) else {
+                    continue;
                 };
-                // No subscriber is fine.
-                let _ = tx.send(event);
+                let mut data = serde_json::json!({"model": model, "pod": pod, "at": at});
+                if kind == "wake_completed"
+                    && let Some(wake) = sidecar.status_json().get("lastWake").cloned()
+                {
+                    data["seconds"] = wake["seconds"].clone();
+                    data["phases"] = wake["phases"].clone();
+                }
+                hub.emit(kind, data);
             }
         });
+    }
+}
+
+/// The typed event a transition between states (by their names) makes, if any.
+pub fn typed(from: &str, to: &str) -> Option<&'static str> {
+    match (from, to) {
+        ("sleeping", "pending" | "waking") => Some("wake_started"),
+        ("pending" | "waking", "serving") => Some("wake_completed"),
+        ("pending" | "waking", "sleeping") => Some("wake_failed"),
+        ("serving", "deactivating") => Some("sleep_started"),
+        ("deactivating", "sleeping") => Some("sleep_completed"),
+        _ => None,
     }
 }
 
 impl Default for EventHub {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_make_typed_events() {
+        use greenthread_sidecar::state::State::*;
+        for (from, to, kind) in [
+            (Sleeping, Pending, Some("wake_started")),
+            (Pending, Waking, None),
+            (Waking, Serving, Some("wake_completed")),
+            (Waking, Sleeping, Some("wake_failed")),
+            (Serving, Deactivating, Some("sleep_started")),
+            (Deactivating, Sleeping, Some("sleep_completed")),
+            (Deactivating, Serving, None),
+        ] {
+            assert_eq!(typed(from.as_str(), to.as_str()), kind, "{from} → {to}");
+        }
+    }
+
+    #[test]
+    fn a_reconnecting_client_gets_what_it_missed_while_the_buffer_holds_it() {
+        let hub = EventHub::new();
+        for i in 0..5 {
+            hub.emit("state", serde_json::json!({"i": i}));
+        }
+        let (_rx, upto) = hub.subscribe();
+        assert_eq!(upto, 5);
+        let ids = |m: Missed| match m {
+            Missed::Events(e) => Some(e.iter().map(|e| e.id).collect::<Vec<_>>()),
+            Missed::TooMany => None,
+        };
+        assert_eq!(ids(hub.since(2, upto)), Some(vec![3, 4, 5]));
+        assert_eq!(ids(hub.since(5, upto)), Some(vec![]));
+        assert_eq!(ids(hub.since(0, upto)), Some(vec![1, 2, 3, 4, 5]));
+        // An id from the future (another run of the server): a snapshot.
+        assert_eq!(ids(hub.since(9, upto)), None);
+        for i in 0..BUFFERED {
+            hub.emit("state", serde_json::json!({"i": i}));
+        }
+        let (_rx, upto) = hub.subscribe();
+        assert_eq!(ids(hub.since(2, upto)), None, "fell out of the buffer");
+        let first_kept = upto - BUFFERED as u64 + 1;
+        assert_eq!(
+            ids(hub.since(first_kept - 1, upto)).map(|v| v.len()),
+            Some(BUFFERED)
+        );
+        let e = hub.since(upto - 1, upto);
+        let Missed::Events(e) = e else { panic!() };
+        assert_eq!(
+            e[0].frame(),
+            format!(
+                "id: {upto}\nevent: state\ndata: {{\"i\":{}}}\n\n",
+                BUFFERED - 1
+            )
+        );
     }
 }

@@ -132,34 +132,59 @@ impl Bucket {
     }
 }
 
-/// The OpenAI API's keys (the admin token among them, as `admin`, with every model and
-/// no limits). Empty: the API is open.
+/// The OpenAI API's keys: those of the configuration (the admin token among them, as
+/// `admin`, with every model and no limits), and those issued through the admin API at
+/// run time ([`crate::issued`]), kept only as hashes. None at all: the API is open.
 #[derive(Clone, Default)]
-pub struct Keys(Arc<Vec<Arc<Caller>>>);
+pub struct Keys(Arc<KeySet>);
+
+#[derive(Default)]
+struct KeySet {
+    fixed: Vec<Arc<Caller>>,
+    issued: crate::issued::Issued,
+}
 
 impl Keys {
     pub fn new(keys: Vec<ApiKey>) -> Self {
-        Self(Arc::new(
-            keys.into_iter().map(|k| Arc::new(Caller::new(k))).collect(),
-        ))
+        Self::with_issued(keys, crate::issued::Issued::default())
+    }
+
+    /// The configuration's `keys`, and the keys issued at run time in `issued`.
+    pub fn with_issued(keys: Vec<ApiKey>, issued: crate::issued::Issued) -> Self {
+        Self(Arc::new(KeySet {
+            fixed: keys.into_iter().map(|k| Arc::new(Caller::new(k))).collect(),
+            issued,
+        }))
     }
 
     pub fn is_open(&self) -> bool {
-        self.0.is_empty()
+        self.0.fixed.is_empty() && self.0.issued.is_empty()
+    }
+
+    /// The keys issued at run time.
+    pub fn issued(&self) -> &crate::issued::Issued {
+        &self.0.issued
+    }
+
+    /// The configuration's keys (never deleted through the API).
+    pub fn fixed(&self) -> impl Iterator<Item = &ApiKey> {
+        self.0.fixed.iter().map(|c| &c.key)
     }
 
     /// The caller `headers` name. Every key is compared, so the time taken does not say
     /// which one came close.
     pub fn identify(&self, headers: &http::HeaderMap) -> Option<Arc<Caller>> {
         let given = credential(headers)?;
-        self.0.iter().fold(None, |found, c| {
+        let fixed = self.0.fixed.iter().fold(None, |found, c| {
             let hit = ct_eq(c.key.secret.as_bytes(), given.as_bytes());
             if hit && found.is_none() {
                 Some(c.clone())
             } else {
                 found
             }
-        })
+        });
+        let issued = self.0.issued.identify(given);
+        fixed.or(issued)
     }
 
     /// The layer in front of the OpenAI API: 401 without a known key; otherwise the

@@ -214,13 +214,21 @@ pub async fn run(
                     };
                     let to = o.state.as_str();
                     if let Some(from) = states.set(&o.pod_name, to) {
+                        let at = jiff::Timestamp::now().to_string();
                         api.events.publish(StateEvent {
                             model: model.clone(),
                             pod: o.pod_name.clone(),
                             from,
                             to,
-                            at: jiff::Timestamp::now().to_string(),
+                            at: at.clone(),
                         });
+                        // As seen in the GPU records (the sidecar's wake phases are in
+                        // its own /status).
+                        if let Some(kind) = from.and_then(|f| crate::events::typed(f, to)) {
+                            let data =
+                                serde_json::json!({"model": model, "pod": o.pod_name, "at": at});
+                            api.events.emit(kind, data);
+                        }
                     }
                 }
             }

@@ -7,6 +7,7 @@ mod auth;
 pub mod balance;
 pub mod cluster;
 mod events;
+pub mod issued;
 pub mod keys;
 pub mod kube_discovery;
 mod metrics;
@@ -28,7 +29,7 @@ use greenthread_sidecar::metrics::SidecarFamilies;
 use prometheus_client::registry::Registry;
 
 pub use auth::{Auth, AuthError, AuthSources};
-pub use events::StateEvent;
+pub use events::{Event, EventHub, StateEvent};
 pub use metrics::ApiMetrics;
 pub use replica::{Backend, Replica, StateBoard};
 pub use routes::router;
@@ -143,7 +144,7 @@ pub struct ApiServer {
     /// Everything `/metrics` shows: sidecar families, the API server's own, GPUs.
     pub registry: Registry,
     pub families: Arc<SidecarFamilies>,
-    pub events: events::EventHub,
+    pub events: Arc<events::EventHub>,
     /// Brings scrape-time values (GPU stats) up to date before encoding.
     pub refresh: Box<dyn Fn() + Send + Sync>,
     /// Ends event streams when the server shuts down.
@@ -164,11 +165,11 @@ impl ApiServer {
         refresh: Box<dyn Fn() + Send + Sync>,
     ) -> Arc<Self> {
         let metrics = ApiMetrics::registered(&mut registry);
-        let events = events::EventHub::new();
+        let events = Arc::new(events::EventHub::new());
         for m in &models {
             for r in &m.replicas {
                 if let Backend::Local(sidecar) = &r.backend {
-                    events.follow(&m.name, &r.pod, sidecar.transitions());
+                    events.follow(&m.name, &r.pod, sidecar.clone());
                 }
             }
         }

@@ -50,7 +50,9 @@ pub fn router(api: Shared) -> Router {
         .route("/api/v1/models/{a}/{b}/wake", post(admin_wake))
         .route("/api/v1/gpus", get(admin_gpus))
         .route("/api/v1/gpus/{name}", get(admin_gpu))
-        .route("/api/v1/events", get(events));
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/keys", get(list_keys).post(create_key))
+        .route("/api/v1/keys/{name}", axum::routing::delete(revoke_key));
     let auth = api.auth.clone();
     let keys = auth.keys.clone();
     Router::new()
@@ -425,6 +427,7 @@ async fn admin_sleep(State(api): State<Shared>, path: Path<Vec<(String, String)>
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
+    tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "sleep", model = %route.key(), "model put to sleep");
     let mut errors = Vec::new();
     for r in &route.replicas {
         if r.state() == "serving"
@@ -444,6 +447,7 @@ async fn admin_wake(State(api): State<Shared>, path: Path<Vec<(String, String)>>
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
+    tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "wake", model = %route.key(), "model woken");
     let Some(replica) = route.pick() else {
         return no_replica(&route.name).into_response();
     };
@@ -494,9 +498,12 @@ async fn admin_gpu(State(api): State<Shared>, Path(name): Path<String>) -> Respo
     }
 }
 
-/// Server-sent events: the current state of every replica, then every transition. The
-/// stream ends when the server shuts down; subscribers at once are capped.
-async fn events(State(api): State<Shared>) -> Response {
+/// Server-sent events: a `system_state` snapshot and the current state of every replica,
+/// then every event as it happens, each with its id. A client that reconnects with
+/// `Last-Event-ID` gets what it missed instead of the snapshot, while the buffer holds
+/// it. The stream ends when the server shuts down, or when its client falls too far
+/// behind (it reconnects and catches up); subscribers at once are capped.
+async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response {
     let Ok(permit) = api.subscribers.clone().try_acquire_owned() else {
         return ApiError::unavailable(format!(
             "too many event subscribers ({}); retry later",
@@ -505,33 +512,38 @@ async fn events(State(api): State<Shared>) -> Response {
         .with_retry_after(5)
         .into_response();
     };
-    let rx = api.events.subscribe();
-    let snapshot: Vec<String> = api
-        .models()
-        .values()
-        .flat_map(|m| {
-            m.replicas.iter().map(|r| {
-                let e = json!({"model": m.name, "pod": r.pod, "from": null, "to": r.state(), "at": jiff::Timestamp::now().to_string()});
-                format!("event: state\ndata: {e}\n\n")
-            })
-        })
-        .collect();
+    let (rx, upto) = api.events.subscribe();
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let head: Vec<String> = match last.map(|last| api.events.since(last, upto)) {
+        Some(crate::events::Missed::Events(missed)) => missed.iter().map(|e| e.frame()).collect(),
+        // A first connection, or one that missed more than is kept: where everything
+        // stands (without ids: they are not events a client could have missed).
+        _ => {
+            let at = jiff::Timestamp::now().to_string();
+            let routes = api.models();
+            let models: Vec<Value> = routes.values().map(|m| model_status(m)).collect();
+            let system = json!({"models": models, "lastEventId": upto, "at": at});
+            std::iter::once(format!("event: system_state\ndata: {system}\n\n"))
+                .chain(routes.values().flat_map(|m| {
+                    m.replicas.iter().map(|r| {
+                        let e = json!({"model": m.name, "pod": r.pod, "from": null, "to": r.state(), "at": at});
+                        format!("event: state\ndata: {e}\n\n")
+                    })
+                }))
+                .collect()
+        }
+    };
     let live = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(e) => {
-                    let frame = format!(
-                        "event: state\ndata: {}\n\n",
-                        serde_json::to_string(&e).expect("events serialize")
-                    );
-                    return Some((frame, (rx, permit)));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-            }
+        match rx.recv().await {
+            Ok(e) => Some((e.frame(), (rx, permit))),
+            // Behind by more than the channel holds: end, so that the client reconnects
+            // with its Last-Event-ID and replays from the buffer, rather than skip events.
+            Err(_) => None,
         }
     });
-    let stream = futures_util::stream::iter(snapshot)
+    let stream = futures_util::stream::iter(head)
         .chain(live)
         .map(|s| Ok::<_, std::io::Error>(Bytes::from(s)));
     Response::builder()
@@ -542,6 +554,89 @@ async fn events(State(api): State<Shared>) -> Response {
             &api.shutdown,
         )))
         .expect("static headers are valid")
+}
+
+fn key_error(e: crate::issued::IssueError) -> Response {
+    ApiError::new(e.status(), e.kind(), e.to_string()).into_response()
+}
+
+/// Who changed something through the admin API, for the audit log.
+fn admin_caller(api: &ApiServer) -> &'static str {
+    if api.auth.admin.is_open() {
+        "anyone (the admin API is open)"
+    } else {
+        "the admin token"
+    }
+}
+
+/// Every API key by name — the configuration's and those issued through the API, with
+/// their prefixes and creation times — never a key.
+async fn list_keys(State(api): State<Shared>) -> Response {
+    let keys = &api.auth.keys;
+    let mut items: Vec<Value> = keys
+        .fixed()
+        .map(|k| {
+            json!({"name": k.name, "source": "config", "models": k.models,
+                   "priority": k.priority, "rateLimit": k.rate_limit})
+        })
+        .collect();
+    items.extend(keys.issued().list().into_iter().map(|r| {
+        json!({"name": r.name, "source": "api", "prefix": r.prefix, "created": r.created,
+               "models": r.models, "priority": r.priority, "rateLimit": r.rate_limit})
+    }));
+    Json(json!({"items": items})).into_response()
+}
+
+/// Issues a key (`{name, models?, priority?, rateLimit?}`): the answer shows it, once.
+async fn create_key(State(api): State<Shared>, body: Bytes) -> Response {
+    use crate::issued::{IssueError, NewKey};
+    if !api.auth.may_issue {
+        return key_error(IssueError::AdminOpen);
+    }
+    let new: NewKey = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => {
+            return ApiError::bad_request(format!("the key's description is not valid: {e}"))
+                .into_response();
+        }
+    };
+    let keys = &api.auth.keys;
+    let configured = |name: &str| keys.fixed().any(|k| k.name == name);
+    match keys.issued().issue(new, &configured) {
+        Ok((key, r)) => {
+            tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "key_created", key = %r.name, prefix = %r.prefix, models = ?r.models, "API key issued");
+            api.events.emit(
+                "key_created",
+                json!({"name": r.name, "prefix": r.prefix, "at": r.created}),
+            );
+            let body = json!({"name": r.name, "key": key, "prefix": r.prefix,
+                              "created": r.created, "models": r.models,
+                              "priority": r.priority, "rateLimit": r.rate_limit});
+            (StatusCode::CREATED, Json(body)).into_response()
+        }
+        Err(e) => key_error(e),
+    }
+}
+
+/// Revokes a key issued through the API: refused from the next request on.
+async fn revoke_key(State(api): State<Shared>, Path(name): Path<String>) -> Response {
+    use crate::issued::IssueError;
+    let keys = &api.auth.keys;
+    if keys.fixed().any(|k| k.name == name) {
+        return key_error(IssueError::Configured(name));
+    }
+    match keys.issued().revoke(&name) {
+        Ok(r) => {
+            tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "key_revoked", key = %r.name, prefix = %r.prefix, "API key revoked");
+            let at = jiff::Timestamp::now().to_string();
+            api.events.emit(
+                "key_revoked",
+                json!({"name": r.name, "prefix": r.prefix, "at": at}),
+            );
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => key_error(e),
+    }
 }
 
 #[cfg(test)]

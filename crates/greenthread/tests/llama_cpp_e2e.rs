@@ -18,7 +18,6 @@ use std::{
 use futures_util::StreamExt;
 
 use greenthread_test_support::{LocalProc, chart::repo_root, llama, openai_script, wait_until};
-use serde_json::Value;
 
 /// The README's config (`scripts/real-model-config`): two models, a 600 MiB budget.
 fn config(server: &Path, model: &Path) -> String {
@@ -128,11 +127,7 @@ async fn two_llama_cpp_models_take_turns_on_one_budget_through_the_openai_sdk() 
     let seen = seen.lock().unwrap().clone();
     let mut state: BTreeMap<String, String> = BTreeMap::new();
     let mut changes = 0;
-    for data in seen
-        .split("\n\n")
-        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
-    {
-        let e: Value = serde_json::from_str(data).unwrap();
+    for e in greenthread_test_support::state_events(&seen) {
         state.insert(
             e["model"].as_str().unwrap().into(),
             e["to"].as_str().unwrap().into(),

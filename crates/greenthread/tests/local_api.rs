@@ -238,11 +238,7 @@ async fn state_changes_stream_as_server_sent_events() {
         }
     })
     .await;
-    let events: Vec<serde_json::Value> = seen
-        .split("\n\n")
-        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let events = greenthread_test_support::state_events(&seen);
     let beta: Vec<(String, String)> = events
         .iter()
         .filter(|e| e["model"] == "beta" && !e["from"].is_null())

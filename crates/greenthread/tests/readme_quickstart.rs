@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use greenthread_test_support::LocalProc;
-use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
 
 fn transitions(seen: &str, model: &str) -> Vec<(String, String)> {
-    seen.split("\n\n")
-        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+    greenthread_test_support::state_events(seen)
+        .into_iter()
         .filter(|e| e["model"] == model && !e["from"].is_null())
         .map(|e| {
             (

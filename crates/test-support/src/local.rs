@@ -108,7 +108,14 @@ impl LocalProc {
             args.extend(["--config".into(), path.display().to_string()]);
         }
         args.extend(flags.iter().map(|f| f.to_string()));
-        let proc = Proc::spawn_env(bin, &args, envs);
+        // Its own data directory (issued keys), never the user's, unless told otherwise.
+        let data = dir.join("data");
+        let mut envs: Vec<(&str, &str)> = envs.to_vec();
+        let data_env = data.display().to_string();
+        if !envs.iter().any(|(k, _)| *k == "GREENTHREAD_DATA_DIR") {
+            envs.push(("GREENTHREAD_DATA_DIR", &data_env));
+        }
+        let proc = Proc::spawn_env(bin, &args, &envs);
         let me = Self {
             url: format!("http://127.0.0.1:{port}"),
             client: http(),

@@ -312,8 +312,11 @@ async function follow() {
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const frame = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
-          const data = frame.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-          if (data) onState(JSON.parse(data));
+          const lines = frame.split("\n");
+          const kind = (lines.find((l) => l.startsWith("event: ")) || "event: state").slice(7);
+          const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+          // State changes drive the page; the typed events repeat them for other clients.
+          if (data && kind === "state") onState(JSON.parse(data));
         }
       }
     } catch (e) {

@@ -34,6 +34,11 @@ pub struct LocalArgs {
     /// Serve without API keys on a non-loopback address (refused otherwise).
     #[arg(long)]
     pub allow_unauthenticated: bool,
+    /// Where what changes at run time is kept across restarts: API keys issued through
+    /// the admin API (`keys.json`, hashes only). Default `$XDG_DATA_HOME/greenthread`
+    /// (`~/.local/share/greenthread`).
+    #[arg(long, env = "GREENTHREAD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub edge: greenthread_edge::EdgeConfig,
 }
@@ -43,6 +48,19 @@ const SOURCES: greenthread_apiserver::AuthSources = greenthread_apiserver::AuthS
     admin: "adminToken in the config",
     admin_open: "adminOpen: true in the config",
 };
+
+/// `--data-dir`, else `$XDG_DATA_HOME/greenthread`, else `~/.local/share/greenthread`.
+fn data_dir(args: &LocalArgs) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &args.data_dir {
+        return Ok(d.clone());
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .context("no --data-dir, and neither XDG_DATA_HOME nor HOME is set")?;
+    Ok(base.join("greenthread"))
+}
 
 fn config_name(args: &LocalArgs) -> String {
     format!(
@@ -63,6 +81,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         SOURCES,
     )
     .with_context(|| config_name(&args))?;
+    let data_dir = data_dir(&args)?;
+    let issued = greenthread_apiserver::issued::Issued::load(data_dir.join("keys.json"))?;
+    let auth = auth
+        .with_issued(issued, SOURCES)
+        .with_context(|| format!("keys kept in {}", data_dir.display()))?;
     auth.check_exposure(args.listen, args.allow_unauthenticated, SOURCES)?;
     let records = gpu_records(&plan);
     let placement = place(&plan, &records).with_context(|| config_name(&args))?;

@@ -1,0 +1,345 @@
+//! Operating a running `greenthread local` (issue 19, in part): API keys issued, used and
+//! revoked through the admin API without a restart — kept hashed in the data directory,
+//! shown once, refused at once when revoked — and the event stream's typed events, ids
+//! and `Last-Event-ID` replay.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use greenthread_test_support::{LocalProc, Sse, TEST_CONFIG, sse_events, wait_until};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
+const ADMIN: &str = "root-token";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config() -> String {
+    format!("adminToken: {ADMIN}\n{TEST_CONFIG}")
+}
+
+async fn start(data: &std::path::Path) -> LocalProc {
+    LocalProc::start_with(BIN, &config(), &["--data-dir", data.to_str().unwrap()]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
+    let data = tempfile::tempdir().unwrap();
+    let local = start(data.path()).await;
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth(ADMIN);
+    let url = |p: &str| format!("{}{p}", local.url);
+
+    // No key yet: the API is open (loopback). Issuing needs the admin token.
+    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
+    let new = json!({"name": "ci", "models": ["alpha"], "rateLimit": {"requestsPerMinute": 600}});
+    let r = local
+        .client
+        .post(url("/api/v1/keys"))
+        .json(&new)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = admin(local.client.post(url("/api/v1/keys")).json(&new))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let issued: Value = r.json().await.unwrap();
+    let key = issued["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("gthread_"), "{key}");
+    assert_eq!(issued["prefix"].as_str().unwrap(), &key[..12]);
+
+    // From now on the API wants a key; this one may use alpha only.
+    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 401);
+    let r = local
+        .chat("alpha", 2)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = local
+        .chat("beta", 2)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let m = local.metrics().await;
+    assert_eq!(
+        m.value(
+            "gthread_apiserver_requests_total",
+            &[("key", "ci"), ("model", "alpha"), ("code", "200")]
+        ),
+        Some(1.0)
+    );
+
+    // Listed by name and prefix, never the key; on disk as a hash, never the key.
+    let listed = admin(local.client.get(url("/api/v1/keys")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!listed.contains(&key), "{listed}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let ci = &listed["items"][0];
+    assert_eq!(
+        (ci["name"].as_str(), ci["source"].as_str()),
+        (Some("ci"), Some("api"))
+    );
+    assert_eq!(ci["prefix"], issued["prefix"]);
+    let stored = std::fs::read_to_string(data.path().join("keys.json")).unwrap();
+    assert!(!stored.contains(&key), "{stored}");
+    // A name is a key's once; bad descriptions name the field.
+    let r = admin(
+        local
+            .client
+            .post(url("/api/v1/keys"))
+            .json(&json!({"name": "ci"})),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 409);
+    let r = admin(
+        local
+            .client
+            .post(url("/api/v1/keys"))
+            .json(&json!({"name": "x", "modles": []})),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("modles"),
+        "{e}"
+    );
+
+    // A second key survives a restart; the revoked one is refused at once, and gone.
+    let r = admin(
+        local
+            .client
+            .post(url("/api/v1/keys"))
+            .json(&json!({"name": "kept"})),
+    )
+    .send()
+    .await
+    .unwrap();
+    let kept: Value = r.json().await.unwrap();
+    let kept = kept["key"].as_str().unwrap().to_string();
+    let r = admin(local.client.delete(url("/api/v1/keys/ci")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = local
+        .chat("alpha", 2)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "revoked: refused from the next request on");
+    let r = admin(local.client.delete(url("/api/v1/keys/ci")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let listed: Value = admin(local.client.get(url("/api/v1/keys")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    drop(local);
+    let local = start(data.path()).await;
+    let r = local
+        .chat("beta", 2)
+        .bearer_auth(&kept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "kept across a restart");
+    let r = local
+        .chat("alpha", 2)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "still revoked after a restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_keys_cannot_be_revoked_and_an_open_admin_api_cannot_issue() {
+    let data = tempfile::tempdir().unwrap();
+    let config = format!("apiKeys: [{{name: ops, key: sk-ops}}]\n{}", config());
+    let local =
+        LocalProc::start_with(BIN, &config, &["--data-dir", data.path().to_str().unwrap()]).await;
+    let r = local
+        .client
+        .delete(format!("{}/api/v1/keys/ops", local.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        local
+            .chat("alpha", 2)
+            .bearer_auth("sk-ops")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(local);
+    // Without an admin token, nobody may mint keys.
+    let open = LocalProc::start_with(
+        BIN,
+        TEST_CONFIG,
+        &["--data-dir", data.path().to_str().unwrap()],
+    )
+    .await;
+    let r = open
+        .client
+        .post(format!("{}/api/v1/keys", open.url))
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(!data.path().join("keys.json").exists());
+}
+
+/// Reads `stream` until `done` says the events so far are enough (or the deadline).
+async fn read_until(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin),
+    done: impl Fn(&[Sse]) -> bool,
+) -> Vec<Sse> {
+    let mut seen = String::new();
+    let _ = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if done(&sse_events(&seen)) {
+                return;
+            }
+        }
+    })
+    .await;
+    sse_events(&seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_typed_have_ids_and_replay_after_last_event_id() {
+    let data = tempfile::tempdir().unwrap();
+    let local = start(data.path()).await;
+    let events = |last: Option<u64>| {
+        let mut req = local
+            .client
+            .get(format!("{}/api/v1/events", local.url))
+            .bearer_auth(ADMIN);
+        if let Some(id) = last {
+            req = req.header("last-event-id", id.to_string());
+        }
+        req.send()
+    };
+    let mut stream = events(None).await.unwrap().bytes_stream();
+    assert_eq!(local.chat("beta", 2).send().await.unwrap().status(), 200);
+    let seen = read_until(&mut stream, |e| {
+        e.iter().any(|e| e.kind == "wake_completed")
+    })
+    .await;
+    // A snapshot first: the whole system, then each replica's state (no ids: nothing a
+    // client could have missed).
+    assert_eq!(seen[0].kind, "system_state");
+    assert_eq!(seen[0].data["models"].as_array().unwrap().len(), 4);
+    assert!(seen[..5].iter().all(|e| e.id.is_none()));
+    let live: Vec<&Sse> = seen.iter().filter(|e| e.id.is_some()).collect();
+    let ids: Vec<u64> = live.iter().map(|e| e.id.unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    let kinds: Vec<&str> = live.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["state", "wake_started", "state", "state", "wake_completed"],
+        "{seen:?}"
+    );
+    let woke = live.last().unwrap();
+    assert_eq!(woke.data["model"], "beta");
+    assert!(woke.data["seconds"].as_f64().unwrap() > 0.0, "{woke:?}");
+    let phases: Vec<&str> = woke.data["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"engine wake"), "{phases:?}");
+    drop(stream);
+
+    // Missed while away: a key created and the sleep it asked for. A client that comes
+    // back with the id of the last event it saw gets exactly those, in order.
+    let r = local
+        .client
+        .post(format!("{}/api/v1/keys", local.url))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "watcher"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = local
+        .client
+        .post(format!("{}/api/v1/models/beta/sleep", local.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_until("beta asleep", WAIT, || async {
+        let m = local
+            .client
+            .get(format!("{}/api/v1/models/beta", local.url))
+            .bearer_auth(ADMIN);
+        let v: Value = m.send().await.ok()?.json().await.ok()?;
+        (v["pods"][0]["state"] == "sleeping").then_some(())
+    })
+    .await;
+    let mut again = events(Some(woke.id.unwrap())).await.unwrap().bytes_stream();
+    let replay = read_until(&mut again, |e| {
+        e.iter().any(|e| e.kind == "sleep_completed")
+    })
+    .await;
+    let kinds: Vec<&str> = replay.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "key_created",
+            "state",
+            "sleep_started",
+            "state",
+            "sleep_completed"
+        ],
+        "{replay:?}"
+    );
+    assert_eq!(replay[0].id, Some(woke.id.unwrap() + 1));
+    assert_eq!(replay[0].data["name"], "watcher");
+    assert!(
+        replay[0].data.get("key").is_none(),
+        "events never carry a key"
+    );
+    // An id the server never gave (another run's): a fresh snapshot instead.
+    let mut other = events(Some(1_000_000)).await.unwrap().bytes_stream();
+    let fresh = read_until(&mut other, |e| !e.is_empty()).await;
+    assert_eq!(fresh[0].kind, "system_state");
+}
