@@ -133,6 +133,25 @@ pub enum Lookup {
     Ambiguous(Vec<String>),
 }
 
+/// Adds, replaces and removes Models at run time through the admin API (`local`, which
+/// runs their engines). None on Kubernetes, where the Model resource is the API.
+pub trait ModelManager: Send + Sync {
+    /// `POST /api/v1/models`: `{name, spec}`, as a model of the config file.
+    fn add(&self, body: serde_json::Value) -> futures_util::future::BoxFuture<'_, Managed>;
+    /// `PUT /api/v1/models/{name}`: a new spec; only that model restarts, drained first.
+    fn replace(
+        &self,
+        name: String,
+        body: serde_json::Value,
+    ) -> futures_util::future::BoxFuture<'_, Managed>;
+    /// `DELETE /api/v1/models/{name}`: drained, put to sleep, stopped, its memory released.
+    fn remove(&self, name: String) -> futures_util::future::BoxFuture<'_, Managed>;
+}
+
+/// What a change of the Models came to: the changed Model's admin view, or an error
+/// (its status, and a message naming the field).
+pub type Managed = Result<serde_json::Value, (http::StatusCode, String)>;
+
 /// Event-stream subscribers at once; more get 503.
 pub const MAX_EVENT_SUBSCRIBERS: usize = 256;
 
@@ -153,6 +172,8 @@ pub struct ApiServer {
     pub subscribers: Arc<tokio::sync::Semaphore>,
     /// The address Prometheus reaches this server at (for `/prometheus/targets`).
     pub advertise: RwLock<String>,
+    /// Changes the Models at run time, where this server can (`local`).
+    pub manager: std::sync::OnceLock<Arc<dyn ModelManager>>,
 }
 
 impl ApiServer {
@@ -185,6 +206,7 @@ impl ApiServer {
             shutdown: greenthread_edge::Shutdown::new(),
             subscribers: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_SUBSCRIBERS)),
             advertise: RwLock::new("127.0.0.1:8000".into()),
+            manager: std::sync::OnceLock::new(),
         });
         api.set_models(models);
         api
@@ -198,6 +220,31 @@ impl ApiServer {
     pub fn set_models(&self, models: Vec<ModelRoute>) {
         let map = models.into_iter().map(|m| (m.key(), Arc::new(m))).collect();
         *self.models.write().unwrap() = Arc::new(map);
+    }
+
+    /// Routes `route` from now on (its local replicas' events followed); the others are
+    /// kept as they are, counters and all.
+    pub fn add_model(&self, route: ModelRoute) -> Arc<ModelRoute> {
+        for r in &route.replicas {
+            if let Backend::Local(sidecar) = &r.backend {
+                self.events.follow(&route.name, &r.pod, sidecar.clone());
+            }
+        }
+        let route = Arc::new(route);
+        let mut models = self.models.write().unwrap();
+        let mut next = (**models).clone();
+        next.insert(route.key(), route.clone());
+        *models = Arc::new(next);
+        route
+    }
+
+    /// Stops routing to Model `key` (requests under way finish on the route they hold).
+    pub fn remove_model(&self, key: &str) -> Option<Arc<ModelRoute>> {
+        let mut models = self.models.write().unwrap();
+        let mut next = (**models).clone();
+        let gone = next.remove(key);
+        *models = Arc::new(next);
+        gone
     }
 
     /// The Model `model` names: `namespace/name`, else a name no other namespace uses,

@@ -41,8 +41,11 @@ pub fn router(api: Shared) -> Router {
             post(by_prefix).get(by_prefix),
         );
     let admin = Router::new()
-        .route("/api/v1/models", get(admin_models))
-        .route("/api/v1/models/{a}", get(admin_model))
+        .route("/api/v1/models", get(admin_models).post(add_model))
+        .route(
+            "/api/v1/models/{a}",
+            get(admin_model).put(replace_model).delete(remove_model),
+        )
         .route("/api/v1/models/{a}/{b}", get(admin_model))
         .route("/api/v1/models/{a}/sleep", post(admin_sleep))
         .route("/api/v1/models/{a}/{b}/sleep", post(admin_sleep))
@@ -554,6 +557,90 @@ async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response
             &api.shutdown,
         )))
         .expect("static headers are valid")
+}
+
+/// The manager that changes Models at run time, or the answer saying there is none here.
+fn manager(api: &ApiServer) -> Result<Arc<dyn crate::ModelManager>, ApiError> {
+    api.manager.get().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "Models are changed through the Model resource here (kubectl apply / delete)",
+        )
+    })
+}
+
+fn managed(
+    api: &ApiServer,
+    action: &str,
+    what: &str,
+    done: crate::Managed,
+    ok: StatusCode,
+) -> Response {
+    match done {
+        Ok(v) => {
+            tracing::info!(target: "greenthread::audit", who = admin_caller(api), action, model = %what, "model {action}");
+            (ok, Json(v)).into_response()
+        }
+        Err((status, message)) => {
+            let kind = if status == StatusCode::BAD_REQUEST {
+                "invalid_request_error"
+            } else if status == StatusCode::NOT_FOUND {
+                "not_found"
+            } else {
+                "conflict"
+            };
+            ApiError::new(status, kind, message).into_response()
+        }
+    }
+}
+
+fn json_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))
+}
+
+/// Adds a Model (`{name, spec}`, as in the config file) while the others serve.
+async fn add_model(State(api): State<Shared>, body: Bytes) -> Response {
+    let m = match manager(&api) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let body = match json_body(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let name = body["name"].as_str().unwrap_or_default().to_string();
+    let done = m.add(body).await;
+    managed(&api, "added", &name, done, StatusCode::CREATED)
+}
+
+/// Replaces a Model's spec: only it restarts, drained first.
+async fn replace_model(
+    State(api): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let m = match manager(&api) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let body = match json_body(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let done = m.replace(name.clone(), body).await;
+    managed(&api, "replaced", &name, done, StatusCode::OK)
+}
+
+/// Removes a Model: drained, asleep, stopped, its memory released.
+async fn remove_model(State(api): State<Shared>, Path(name): Path<String>) -> Response {
+    let m = match manager(&api) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let done = m.remove(name.clone()).await;
+    managed(&api, "removed", &name, done, StatusCode::OK)
 }
 
 fn key_error(e: crate::issued::IssueError) -> Response {

@@ -136,6 +136,17 @@ pub fn place_models(
     models: &[(String, ValidModel)],
     gpus: &[Gpu],
 ) -> Result<Vec<Vec<Vec<u32>>>, (String, PlacementError)> {
+    place_models_beside(models, gpus, BTreeMap::new())
+}
+
+/// [`place_models`] on GPUs that hold `placed` already (bytes by GPU record name): a
+/// model added to a running `local` goes where it packs best beside the others.
+#[allow(clippy::type_complexity)]
+pub fn place_models_beside(
+    models: &[(String, ValidModel)],
+    gpus: &[Gpu],
+    mut placed: BTreeMap<String, u64>,
+) -> Result<Vec<Vec<Vec<u32>>>, (String, PlacementError)> {
     let mut order: Vec<usize> = (0..models.len()).collect();
     order.sort_by(|a, b| {
         models[*b]
@@ -149,7 +160,6 @@ pub fn place_models(
         .enumerate()
         .map(|(i, g)| (g.name.as_str(), i as u32))
         .collect();
-    let mut placed: BTreeMap<String, u64> = BTreeMap::new();
     let mut out: Vec<Vec<Vec<u32>>> = models.iter().map(|_| Vec::new()).collect();
     for i in order {
         let (name, m) = &models[i];

@@ -343,3 +343,220 @@ async fn events_are_typed_have_ids_and_replay_after_last_event_id() {
     let fresh = read_until(&mut other, |e| !e.is_empty()).await;
     assert_eq!(fresh[0].kind, "system_state");
 }
+
+fn spec(tokens_per_second: &str) -> Value {
+    json!({
+        "modelName": "org/extra", "engine": "sim", "gpuMemoryUtilization": "0.2",
+        "sleep": {"idleTimeout": "1h"}, "fairness": {"minRuntime": "0s"},
+        "extraArgs": ["--boot-time", "0s", "--ttft", "5ms", "--tokens-per-second", tokens_per_second],
+    })
+}
+
+/// Models added, replaced and removed while the others serve: a stream in progress is
+/// not cut, a bad spec changes nothing and names its field, a replaced model restarts
+/// alone, a removed one leaves the GPU records, and a restart keeps every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_added_replaced_and_removed_while_the_others_serve() {
+    let data = tempfile::tempdir().unwrap();
+    let local = start(data.path()).await;
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth(ADMIN);
+    let url = |p: &str| format!("{}{p}", local.url);
+    let booted = |name: &'static str| {
+        let local = &local;
+        async move {
+            wait_until(&format!("{name} booted"), WAIT, || async {
+                let v: Value = local
+                    .client
+                    .get(format!("{}/api/v1/models/{name}", local.url))
+                    .bearer_auth(ADMIN)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (v["pods"][0]["bootReady"] == true).then_some(v)
+            })
+            .await
+        }
+    };
+
+    // alpha serves before anything changes; its wake must be the only one it has.
+    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
+    let alpha_before = booted("alpha").await;
+    assert_eq!(alpha_before["pods"][0]["state"], "serving");
+
+    // Added: booted beside the others, then served.
+    let r = admin(local.client.post(url("/api/v1/models")))
+        .json(&json!({"name": "epsilon", "spec": spec("20")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    booted("epsilon").await;
+    // A stream from it runs while another model is added.
+    let stream = local
+        .client
+        .post(url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "epsilon", "stream": true, "max_tokens": 30,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let r = admin(local.client.post(url("/api/v1/models")))
+        .json(&json!({"name": "zeta", "spec": spec("1000")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let text = stream.text().await.unwrap();
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "the stream was cut: {text}"
+    );
+    assert_eq!(text.matches("\"content\":").count(), 30, "{text}");
+    booted("zeta").await;
+    assert_eq!(local.chat("zeta", 2).send().await.unwrap().status(), 200);
+
+    // A bad spec: refused with its field named, and nothing changed.
+    let mut wrong = spec("20");
+    wrong["gpuMemoryUtilization"] = "1.5".into();
+    for (method, path) in [("POST", "/api/v1/models"), ("PUT", "/api/v1/models/zeta")] {
+        let body = json!({"name": if method == "POST" { "eta" } else { "zeta" }, "spec": wrong});
+        let req = match method {
+            "POST" => local.client.post(url(path)),
+            _ => local.client.put(url(path)),
+        };
+        let r = admin(req).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{method}");
+        let e: Value = r.json().await.unwrap();
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("spec.gpuMemoryUtilization: 1.5 is outside (0, 1]"),
+            "{msg}"
+        );
+    }
+    let r = admin(local.client.post(url("/api/v1/models")))
+        .json(&json!({"name": "alpha", "spec": spec("20")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "a running name");
+    let listed = admin(local.client.get(url("/api/v1/models")))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["alpha", "beta", "delta", "epsilon", "gamma", "zeta"]
+    );
+    assert_eq!(
+        local.chat("zeta", 2).send().await.unwrap().status(),
+        200,
+        "zeta still serves"
+    );
+
+    // Replaced: only zeta restarts; alpha serves throughout, never woken again.
+    let mut slower = spec("500");
+    slower["sleep"] = json!({"idleTimeout": "30m"});
+    let r = admin(local.client.put(url("/api/v1/models/zeta")))
+        .json(&json!({"spec": slower}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    booted("zeta").await;
+    assert_eq!(local.chat("zeta", 2).send().await.unwrap().status(), 200);
+    let alpha_after = booted("alpha").await;
+    assert_eq!(alpha_after["pods"][0]["state"], "serving");
+    assert_eq!(
+        alpha_after["pods"][0]["lastWake"],
+        alpha_before["pods"][0]["lastWake"]
+    );
+
+    // Removed: gone from routing and from the GPU records.
+    let r = admin(local.client.delete(url("/api/v1/models/epsilon")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(local.chat("epsilon", 2).send().await.unwrap().status(), 404);
+    let gpus = admin(local.client.get(url("/api/v1/gpus")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!gpus.contains("epsilon-0"), "{gpus}");
+    assert!(gpus.contains("zeta-0"), "{gpus}");
+    let r = admin(local.client.delete(url("/api/v1/models/epsilon")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // The events said so, in order.
+    let mut events = admin(local.client.get(url("/api/v1/events")))
+        .header("last-event-id", "0")
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let seen = read_until(&mut events, |e| e.iter().any(|e| e.kind == "model_removed")).await;
+    let changes: Vec<(String, String)> = seen
+        .iter()
+        .filter(|e| e.kind.starts_with("model_"))
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.data["model"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("model_added", "epsilon"),
+        ("model_added", "zeta"),
+        ("model_replaced", "zeta"),
+        ("model_removed", "epsilon"),
+    ]
+    .map(|(k, m)| (k.to_string(), m.to_string()));
+    assert_eq!(changes, want);
+
+    // A restart keeps every change.
+    drop(local);
+    let local = start(data.path()).await;
+    let listed = local
+        .client
+        .get(format!("{}/api/v1/models", local.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["alpha", "beta", "delta", "gamma", "zeta"]);
+    assert_eq!(local.chat("zeta", 2).send().await.unwrap().status(), 200);
+    assert_eq!(local.chat("epsilon", 2).send().await.unwrap().status(), 404);
+}

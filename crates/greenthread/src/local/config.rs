@@ -72,11 +72,66 @@ fn default_product() -> String {
     "Simulated GPU".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalModel {
     pub name: String,
     pub spec: ModelSpec,
+}
+
+/// One model of the configuration checked — its name a DNS label, its spec valid, its
+/// engine one these GPUs run, its parallelism within their number — each problem named
+/// by its field under `at` (`models[2].` in a file, nothing for the admin API's body).
+/// The same for the file and for a model added at run time.
+pub fn check_model(
+    at: &str,
+    m: &LocalModel,
+    backend: &GpuBackend,
+    gpus: usize,
+) -> Result<ValidModel, Vec<String>> {
+    let mut errors = Vec::new();
+    let valid_name = !m.name.is_empty()
+        && m.name.len() <= 63
+        && m.name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !m.name.starts_with('-')
+        && !m.name.ends_with('-');
+    if !valid_name {
+        errors.push(format!(
+            "{at}name: {:?} must be lowercase letters, digits and '-' (a DNS label)",
+            m.name
+        ));
+    }
+    let v = match m.spec.validate(&format!("{at}spec")) {
+        Ok(v) => v,
+        Err(es) => {
+            errors.extend(es.iter().map(ToString::to_string));
+            return Err(errors);
+        }
+    };
+    let real = matches!(backend, GpuBackend::Nvml(_));
+    match v.spec.engine {
+        EngineKind::Vllm | EngineKind::Sglang if !real => errors.push(format!(
+            "{at}spec.engine: `{}` runs on real GPUs; use `engine: sim` to simulate it on these simulated GPUs, or `gpus: auto` to run it",
+            engine_name(v.spec.engine)
+        )),
+        EngineKind::Sim if real => errors.push(format!(
+            "{at}spec.engine: `sim` engines run on simulated GPUs (gpus: {{simulated: [...]}}), and these GPUs are real ones found through NVML; on them use `vllm`, `sglang`, `llamacpp` or `process`"
+        )),
+        _ => {}
+    }
+    if gpus > 0 && v.spec.tensor_parallel_size as usize > gpus {
+        errors.push(format!(
+            "{at}spec.tensorParallelSize: {} is more than the {gpus} GPUs configured",
+            v.spec.tensor_parallel_size,
+        ));
+    }
+    if errors.is_empty() {
+        Ok(v)
+    } else {
+        Err(errors)
+    }
 }
 
 /// A GPU as configured: capacity and product; for a real GPU, its NVML index and UUID.
@@ -208,45 +263,13 @@ pub fn parse_with(
     }
     let mut models = Vec::new();
     for (i, m) in cfg.models.iter().enumerate() {
-        let valid_name = !m.name.is_empty()
-            && m.name.len() <= 63
-            && m.name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !m.name.starts_with('-')
-            && !m.name.ends_with('-');
-        if !valid_name {
-            errors.push(format!(
-                "models[{i}].name: {:?} must be lowercase letters, digits and '-' (a DNS label)",
-                m.name
-            ));
-        }
+        let at = format!("models[{i}].");
         if cfg.models[..i].iter().any(|o| o.name == m.name) {
-            errors.push(format!("models[{i}].name: {:?} is used twice", m.name));
+            errors.push(format!("{at}name: {:?} is used twice", m.name));
         }
-        match m.spec.validate(&format!("models[{i}].spec")) {
-            Ok(v) => {
-                let real = matches!(backend, GpuBackend::Nvml(_));
-                match v.spec.engine {
-                    EngineKind::Vllm | EngineKind::Sglang if !real => errors.push(format!(
-                        "models[{i}].spec.engine: `{}` runs on real GPUs; use `engine: sim` to simulate it on these simulated GPUs, or `gpus: auto` to run it",
-                        engine_name(v.spec.engine)
-                    )),
-                    EngineKind::Sim if real => errors.push(format!(
-                        "models[{i}].spec.engine: `sim` engines run on simulated GPUs (gpus: {{simulated: [...]}}), and these GPUs are real ones found through NVML; on them use `vllm`, `sglang`, `llamacpp` or `process`"
-                    )),
-                    _ => {}
-                }
-                if !gpus.is_empty() && v.spec.tensor_parallel_size as usize > gpus.len() {
-                    errors.push(format!(
-                        "models[{i}].spec.tensorParallelSize: {} is more than the {} GPUs configured",
-                        v.spec.tensor_parallel_size,
-                        gpus.len()
-                    ));
-                }
-                models.push((m.name.clone(), v));
-            }
-            Err(es) => errors.extend(es.iter().map(ToString::to_string)),
+        match check_model(&at, m, &backend, gpus.len()) {
+            Ok(v) => models.push((m.name.clone(), v)),
+            Err(es) => errors.extend(es),
         }
     }
     let specs: Vec<(&str, &greenthread_api::ModelSpec)> = cfg

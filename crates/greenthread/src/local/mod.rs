@@ -3,6 +3,7 @@
 //! simulated GPUs' stats kept in the ledger (the agent's job), and the API server.
 
 pub(crate) mod config;
+mod manage;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -49,6 +50,30 @@ const SOURCES: greenthread_apiserver::AuthSources = greenthread_apiserver::AuthS
     admin_open: "adminOpen: true in the config",
 };
 
+/// The changes kept in `store` applied over the config file's models: each a model
+/// added or replaced through the admin API (checked as the file's are), or removed.
+fn apply_changes(plan: &mut config::Plan, store: &std::path::Path) -> anyhow::Result<()> {
+    for (name, spec) in manage::load_changes(store)? {
+        plan.models.retain(|(n, _)| *n != name);
+        if let Some(spec) = spec {
+            let m = config::LocalModel {
+                name: name.clone(),
+                spec,
+            };
+            let gpus = plan.gpus.len();
+            let valid = config::check_model(
+                &format!("{}: {name}: ", store.display()),
+                &m,
+                &plan.backend,
+                gpus,
+            )
+            .map_err(|es| anyhow::anyhow!("{}", es.join("; ")))?;
+            plan.models.push((name, valid));
+        }
+    }
+    Ok(())
+}
+
 /// `--data-dir`, else `$XDG_DATA_HOME/greenthread`, else `~/.local/share/greenthread`.
 fn data_dir(args: &LocalArgs) -> anyhow::Result<PathBuf> {
     if let Some(d) = &args.data_dir {
@@ -72,7 +97,11 @@ fn config_name(args: &LocalArgs) -> String {
 }
 
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
-    let plan = load(args.config.as_deref())?;
+    let mut plan = load(args.config.as_deref())?;
+    let data_dir = data_dir(&args)?;
+    // Models added, replaced or removed through the admin API in earlier runs.
+    let store = data_dir.join("models.json");
+    apply_changes(&mut plan, &store)?;
     let auth = Auth::new(
         plan.api_keys.clone(),
         plan.admin_token.clone(),
@@ -81,7 +110,6 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         SOURCES,
     )
     .with_context(|| config_name(&args))?;
-    let data_dir = data_dir(&args)?;
     let issued = greenthread_apiserver::issued::Issued::load(data_dir.join("keys.json"))?;
     let auth = auth
         .with_issued(issued, SOURCES)
@@ -106,126 +134,32 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let families = SidecarFamilies::register(&mut registry);
     let gpu_metrics = Arc::new(GpuMetrics::register(&mut registry));
 
+    let starter = Arc::new(Starter {
+        exe,
+        backend: plan.backend.clone(),
+        records: records.clone(),
+        sim: sim.clone(),
+        sim_dir: sim_dir.path().to_path_buf(),
+        ledger: ledger.clone(),
+        families: families.clone(),
+        policy: plan.policy,
+        preemption: plan.preemption,
+    });
     let mut routes = Vec::new();
     let mut sidecars = Vec::new();
-    for ((name, model), replicas) in plan.models.iter().zip(&placement) {
-        let mut route = ModelRoute::new("local", name, &model.spec.model_name, vec![])
-            .with_scale_out(model.spec.scale_out as usize)
-            .with_adapters(model.spec.adapters.iter().map(|a| a.name.clone()).collect());
-        for (r, positions) in replicas.iter().enumerate() {
-            let pod = format!("{name}-{r}");
-            let port = free_port()?;
-            let url = format!("http://127.0.0.1:{port}");
-            let placed: Vec<&greenthread_api::Gpu> =
-                positions.iter().map(|p| &records[*p as usize]).collect();
-            // Device indices: NVML's for real GPUs, positions for simulated ones.
-            let gpus: Vec<u32> = placed.iter().map(|g| g.spec.index).collect();
-            let gpus = &gpus;
-            let first_gpu = gpus[0];
-            let memory = model.share_of(placed[0].spec.memory_bytes);
-            let (command, kind) = engine_command(&exe, name, model, port, memory);
-            let cfg = SidecarConfig::for_model(
-                model,
-                Assignment {
-                    listen: None,
-                    engine_url: url.clone(),
-                    engine: kind,
-                    // `local` starts the engine itself (below), with the GPUs' environment.
-                    engine_command: None,
-                    pod_name: Some(pod.clone()),
-                    ledger: LedgerAt::Memory,
-                    // A simulated vLLM takes its share up front; a process engine is measured.
-                    memory_bytes: (kind == greenthread_sidecar::EngineKind::Sim).then_some(memory),
-                    policy: plan.policy,
-                },
-            );
-            let cfg = SidecarConfig {
-                preemption: plan.preemption,
-                ..cfg
-            };
-            let (exits_tx, exits) = mpsc::unbounded_channel();
-            let (env, probe) = match &plan.backend {
-                GpuBackend::Simulated => {
-                    let env = vec![
-                        (
-                            "GREENTHREAD_SIM_GPU_DIR".to_string(),
-                            sim_dir.path().to_string_lossy().into_owned(),
-                        ),
-                        (
-                            "GREENTHREAD_SIM_GPU_INDEX".to_string(),
-                            first_gpu.to_string(),
-                        ),
-                    ];
-                    let probe = (kind == greenthread_sidecar::EngineKind::Sim).then(|| {
-                        Arc::new(SimGpuProbe {
-                            gpu: sim.clone(),
-                            indices: gpus.clone(),
-                            engine_listen: format!("127.0.0.1:{port}"),
-                        }) as Arc<dyn MemoryProbe>
-                    });
-                    (env, probe)
-                }
-                // A real engine sees only its placed GPUs, by UUID, and is measured per
-                // process by the driver.
-                GpuBackend::Nvml(_) => {
-                    let uuids: Vec<&str> = placed.iter().map(|g| g.spec.uuid.as_str()).collect();
-                    let mut env = vec![("CUDA_VISIBLE_DEVICES".to_string(), uuids.join(","))];
-                    if model.spec.engine == EngineKind::Vllm {
-                        // vLLM's sleep API lives behind its development endpoints.
-                        env.push(("VLLM_SERVER_DEV_MODE".to_string(), "1".to_string()));
-                        if model.lora.is_some() {
-                            // Its adapter API, behind this.
-                            env.push((
-                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING".to_string(),
-                                "True".to_string(),
-                            ));
-                        }
-                    }
-                    (env, None)
-                }
-            };
-            let process = Arc::new(EngineProcess::new(command, env, exits_tx));
-            let probe = match &plan.backend {
-                GpuBackend::Nvml(source) => Some(Arc::new(NvmlProbe {
-                    nvml: source.clone(),
-                    process: process.clone(),
-                    indices: gpus.clone(),
-                }) as Arc<dyn MemoryProbe>),
-                GpuBackend::Simulated => probe,
-            };
-            let (engine, probe) =
-                greenthread_sidecar::adapter(&cfg, &url, Some(&process), gpus, probe)
-                    .with_context(|| format!("model {name}"))?;
-            let sidecar = Sidecar::with_metrics(
-                cfg,
-                Parts {
-                    engine,
-                    process: Some(process),
-                    ledger: ledger.clone() as Arc<dyn Ledger>,
-                    gpus: placed
-                        .iter()
-                        .map(|g| GpuRef {
-                            name: g.name.clone(),
-                            index: g.spec.index,
-                        })
-                        .collect(),
-                    probe,
-                    clock: greenthread_sidecar::Clock::Wall,
-                },
-                SidecarMetrics::with_labels(
-                    families.clone(),
-                    vec![("model", name.clone()), ("pod", pod.clone())],
-                ),
-            );
-            sidecar.watch_exits(exits);
-            // Client credentials stop here: the engine never sees them.
-            let forwarder = greenthread_sidecar::engine_forwarder(&sidecar.cfg, &url)?;
-            route
-                .replicas
-                .push(Replica::local(pod, sidecar.clone(), Arc::new(forwarder)));
-            sidecars.push(sidecar);
-        }
+    let mut running = std::collections::BTreeMap::new();
+    for ((name, model), positions) in plan.models.iter().zip(&placement) {
+        let (route, started) = starter.start_model(name, model, positions)?;
         routes.push(route);
+        sidecars.extend(started.iter().cloned());
+        running.insert(
+            name.clone(),
+            manage::Running {
+                model: model.clone(),
+                positions: positions.clone(),
+                sidecars: started,
+            },
+        );
     }
 
     // The agent's job: keep each GPU's measured stats in its record, from NVML for real
@@ -271,6 +205,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         families,
         Box::new(refresh),
     );
+    let manager = Arc::new(manage::Manager::new(starter, &api, running, store));
+    let _ = api
+        .manager
+        .set(manager.clone() as Arc<dyn greenthread_apiserver::ModelManager>);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
@@ -314,9 +252,156 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     .await?;
     // Requests in progress have finished or met the shutdown deadline; stop every engine.
     tracing::info!("stopping engines");
-    futures_util::future::join_all(sidecars.iter().map(|s| s.shutdown())).await;
+    let manager = manager.running_sidecars().await;
+    futures_util::future::join_all(manager.iter().map(|s| s.shutdown())).await;
     drop(sim_dir);
     Ok(())
+}
+
+/// What starting a model's replicas takes: kept, so that models added at run time start
+/// exactly as those of the configuration.
+pub(crate) struct Starter {
+    exe: PathBuf,
+    pub(crate) backend: GpuBackend,
+    pub(crate) records: Vec<greenthread_api::Gpu>,
+    sim: SimGpu,
+    sim_dir: PathBuf,
+    ledger: Arc<MemoryLedger>,
+    families: Arc<SidecarFamilies>,
+    policy: greenthread_ledger::Policy,
+    preemption: greenthread_sidecar::Preemption,
+}
+
+impl Starter {
+    /// The route and sidecars of `model`'s replicas at `positions` (in the GPU records),
+    /// each with its engine (not started yet: [`Sidecar::start`] boots it).
+    pub(crate) fn start_model(
+        &self,
+        name: &str,
+        model: &ValidModel,
+        positions: &[Vec<u32>],
+    ) -> anyhow::Result<(ModelRoute, Vec<Arc<Sidecar>>)> {
+        let mut sidecars = Vec::new();
+        let mut route = ModelRoute::new("local", name, &model.spec.model_name, vec![])
+            .with_scale_out(model.spec.scale_out as usize)
+            .with_adapters(model.spec.adapters.iter().map(|a| a.name.clone()).collect());
+        for (r, positions) in positions.iter().enumerate() {
+            let pod = format!("{name}-{r}");
+            let port = free_port()?;
+            let url = format!("http://127.0.0.1:{port}");
+            let placed: Vec<&greenthread_api::Gpu> = positions
+                .iter()
+                .map(|p| &self.records[*p as usize])
+                .collect();
+            // Device indices: NVML's for real GPUs, positions for simulated ones.
+            let gpus: Vec<u32> = placed.iter().map(|g| g.spec.index).collect();
+            let gpus = &gpus;
+            let first_gpu = gpus[0];
+            let memory = model.share_of(placed[0].spec.memory_bytes);
+            let (command, kind) = engine_command(&self.exe, name, model, port, memory);
+            let cfg = SidecarConfig::for_model(
+                model,
+                Assignment {
+                    listen: None,
+                    engine_url: url.clone(),
+                    engine: kind,
+                    // `local` starts the engine itself (below), with the GPUs' environment.
+                    engine_command: None,
+                    pod_name: Some(pod.clone()),
+                    ledger: LedgerAt::Memory,
+                    // A simulated vLLM takes its share up front; a process engine is measured.
+                    memory_bytes: (kind == greenthread_sidecar::EngineKind::Sim).then_some(memory),
+                    policy: self.policy,
+                },
+            );
+            let cfg = SidecarConfig {
+                preemption: self.preemption,
+                ..cfg
+            };
+            let (exits_tx, exits) = mpsc::unbounded_channel();
+            let (env, probe) = match &self.backend {
+                GpuBackend::Simulated => {
+                    let env = vec![
+                        (
+                            "GREENTHREAD_SIM_GPU_DIR".to_string(),
+                            self.sim_dir.to_string_lossy().into_owned(),
+                        ),
+                        (
+                            "GREENTHREAD_SIM_GPU_INDEX".to_string(),
+                            first_gpu.to_string(),
+                        ),
+                    ];
+                    let probe = (kind == greenthread_sidecar::EngineKind::Sim).then(|| {
+                        Arc::new(SimGpuProbe {
+                            gpu: self.sim.clone(),
+                            indices: gpus.clone(),
+                            engine_listen: format!("127.0.0.1:{port}"),
+                        }) as Arc<dyn MemoryProbe>
+                    });
+                    (env, probe)
+                }
+                // A real engine sees only its placed GPUs, by UUID, and is measured per
+                // process by the driver.
+                GpuBackend::Nvml(_) => {
+                    let uuids: Vec<&str> = placed.iter().map(|g| g.spec.uuid.as_str()).collect();
+                    let mut env = vec![("CUDA_VISIBLE_DEVICES".to_string(), uuids.join(","))];
+                    if model.spec.engine == EngineKind::Vllm {
+                        // vLLM's sleep API lives behind its development endpoints.
+                        env.push(("VLLM_SERVER_DEV_MODE".to_string(), "1".to_string()));
+                        if model.lora.is_some() {
+                            // Its adapter API, behind this.
+                            env.push((
+                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING".to_string(),
+                                "True".to_string(),
+                            ));
+                        }
+                    }
+                    (env, None)
+                }
+            };
+            let process = Arc::new(EngineProcess::new(command, env, exits_tx));
+            let probe = match &self.backend {
+                GpuBackend::Nvml(source) => Some(Arc::new(NvmlProbe {
+                    nvml: source.clone(),
+                    process: process.clone(),
+                    indices: gpus.clone(),
+                }) as Arc<dyn MemoryProbe>),
+                GpuBackend::Simulated => probe,
+            };
+            let (engine, probe) =
+                greenthread_sidecar::adapter(&cfg, &url, Some(&process), gpus, probe)
+                    .with_context(|| format!("model {name}"))?;
+            let sidecar = Sidecar::with_metrics(
+                cfg,
+                Parts {
+                    engine,
+                    process: Some(process),
+                    ledger: self.ledger.clone() as Arc<dyn Ledger>,
+                    gpus: placed
+                        .iter()
+                        .map(|g| GpuRef {
+                            name: g.name.clone(),
+                            index: g.spec.index,
+                        })
+                        .collect(),
+                    probe,
+                    clock: greenthread_sidecar::Clock::Wall,
+                },
+                SidecarMetrics::with_labels(
+                    self.families.clone(),
+                    vec![("model", name.to_string()), ("pod", pod.clone())],
+                ),
+            );
+            sidecar.watch_exits(exits);
+            // Client credentials stop here: the engine never sees them.
+            let forwarder = greenthread_sidecar::engine_forwarder(&sidecar.cfg, &url)?;
+            route
+                .replicas
+                .push(Replica::local(pod, sidecar.clone(), Arc::new(forwarder)));
+            sidecars.push(sidecar);
+        }
+        Ok((route, sidecars))
+    }
 }
 
 /// Measured statistics of a GPU, if it can be sampled now.
