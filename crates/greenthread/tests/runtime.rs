@@ -560,3 +560,123 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
     assert_eq!(local.chat("zeta", 2).send().await.unwrap().status(), 200);
     assert_eq!(local.chat("epsilon", 2).send().await.unwrap().status(), 404);
 }
+
+/// SIGHUP applies the edited config file as the same additions, replacements and
+/// removals; a file that fails its checks changes nothing and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_file_is_applied_again_on_sighup() {
+    let data = tempfile::tempdir().unwrap();
+    let local = start(data.path()).await;
+    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
+    let admin_json = |path: &'static str| {
+        let local = &local;
+        async move {
+            local
+                .client
+                .get(format!("{}{path}", local.url))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let alpha_before = admin_json("/api/v1/models/alpha").await;
+    let names = || async {
+        let mut names: Vec<String> = admin_json("/api/v1/models").await["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let hup = |local: &LocalProc| {
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(local.proc.pid() as libc::pid_t, libc::SIGHUP) };
+    };
+
+    // gamma removed, delta changed, eta added.
+    let text = config();
+    let gamma = text.find("  - name: gamma").unwrap();
+    let delta = text.find("  - name: delta").unwrap();
+    let mut edited = format!("{}{}", &text[..gamma], &text[delta..]);
+    edited = edited.replace(
+        "gpuMemoryUtilization: \"0.3\"",
+        "gpuMemoryUtilization: \"0.25\"",
+    );
+    let eta = text[delta..]
+        .replace("name: delta", "name: eta")
+        .replace("org/delta", "org/eta");
+    edited.push_str(&eta);
+    std::fs::write(&local.config, &edited).unwrap();
+    hup(&local);
+    wait_until("the edited models", WAIT, || async {
+        (names().await == ["alpha", "beta", "delta", "eta"]).then_some(())
+    })
+    .await;
+    wait_until("eta booted", WAIT, || async {
+        (admin_json("/api/v1/models/eta").await["pods"][0]["bootReady"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(local.chat("eta", 2).send().await.unwrap().status(), 200);
+    assert_eq!(local.chat("gamma", 2).send().await.unwrap().status(), 404);
+    let alpha_after = admin_json("/api/v1/models/alpha").await;
+    assert_eq!(
+        alpha_after["pods"][0]["state"], "serving",
+        "alpha served on"
+    );
+    assert_eq!(
+        alpha_after["pods"][0]["lastWake"],
+        alpha_before["pods"][0]["lastWake"]
+    );
+
+    // A broken file: nothing changes, and the event says which field.
+    std::fs::write(
+        &local.config,
+        edited.replace(
+            "gpuMemoryUtilization: \"0.25\"",
+            "gpuMemoryUtilization: \"2\"",
+        ),
+    )
+    .unwrap();
+    hup(&local);
+    let mut events = local
+        .client
+        .get(format!("{}/api/v1/events", local.url))
+        .bearer_auth(ADMIN)
+        .header("last-event-id", "0")
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let seen = read_until(&mut events, |e| {
+        e.iter().any(|e| e.kind == "config_rejected")
+    })
+    .await;
+    let changes: Vec<(String, String)> = seen
+        .iter()
+        .filter(|e| e.kind.starts_with("model_"))
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.data["model"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("model_removed", "gamma"),
+        ("model_replaced", "delta"),
+        ("model_added", "eta"),
+    ]
+    .map(|(k, m)| (k.to_string(), m.to_string()));
+    assert_eq!(changes, want);
+    let rejected = seen.iter().find(|e| e.kind == "config_rejected").unwrap();
+    let error = rejected.data["error"].as_str().unwrap();
+    assert!(error.contains("spec.gpuMemoryUtilization"), "{error}");
+    assert_eq!(names().await, ["alpha", "beta", "delta", "eta"]);
+    assert_eq!(local.chat("eta", 2).send().await.unwrap().status(), 200);
+}

@@ -193,6 +193,52 @@ impl Manager {
         }
     }
 
+    /// The models as the config file says now (with the data directory's changes over
+    /// it): each model that is gone stops, each new one starts, each changed one
+    /// restarts; the others serve on. Whether anything changed.
+    pub(crate) async fn reload(&self, desired: Vec<(String, ValidModel)>) -> Result<bool, String> {
+        let api = self.api().map_err(|(_, e)| e)?;
+        let mut running = self.running.lock().await;
+        let mut changed = false;
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|n| !desired.iter().any(|(d, _)| d == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.stop(&api, &mut running, &name).await;
+            self.emit(&api, "model_removed", &name);
+            changed = true;
+        }
+        for (name, valid) in desired {
+            let kind = match running.get(&name) {
+                Some(r) if r.model.spec == valid.spec => continue,
+                Some(_) => "model_replaced",
+                None => "model_added",
+            };
+            let m = LocalModel {
+                name: name.clone(),
+                spec: valid.spec.clone(),
+            };
+            let (model, positions) = self
+                .plan(&running, &m, Some(&name))
+                .map_err(|(_, e)| format!("model {name}: {e}"))?;
+            self.stop(&api, &mut running, &name).await;
+            self.start(&api, &mut running, &name, model, positions)
+                .map_err(|(_, e)| format!("model {name}: {e}"))?;
+            self.emit(&api, kind, &name);
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    fn emit(&self, api: &ApiServer, kind: &'static str, name: &str) {
+        api.events.emit(
+            kind,
+            json!({"model": name, "at": jiff::Timestamp::now().to_string()}),
+        );
+    }
+
     /// Records `spec` (or `None`: removed) for `name` in the data directory.
     fn keep(&self, name: &str, spec: Option<&ModelSpec>) -> Result<(), Refused> {
         let fail = |e: String| {

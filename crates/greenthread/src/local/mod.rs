@@ -50,6 +50,56 @@ const SOURCES: greenthread_apiserver::AuthSources = greenthread_apiserver::AuthS
     admin_open: "adminOpen: true in the config",
 };
 
+fn store_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("models.json")
+}
+
+/// SIGHUP reads the config file again and applies its models as the admin API would
+/// (the data directory's changes over them): a file that fails its checks changes
+/// nothing, and says why (the log, and a `config_rejected` event). GPUs, keys and
+/// tokens are read at start only.
+async fn reload_on_sighup(
+    config: Option<PathBuf>,
+    store: PathBuf,
+    manager: Arc<manage::Manager>,
+    api: Arc<ApiServer>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let source = config
+            .as_deref()
+            .map_or("<embedded default>".into(), |p| p.display().to_string());
+        let desired = load(config.as_deref()).and_then(|mut plan| {
+            apply_changes(&mut plan, &store)?;
+            Ok(plan.models)
+        });
+        let at = jiff::Timestamp::now().to_string();
+        let outcome = match desired {
+            Ok(models) => manager.reload(models).await,
+            Err(e) => Err(format!("{e:#}")),
+        };
+        match outcome {
+            Ok(changed) => {
+                tracing::info!(target: "greenthread::audit", who = "SIGHUP", action = "config_reloaded", config = %source, changed, "config reloaded");
+                api.events.emit(
+                    "config_reloaded",
+                    serde_json::json!({"config": source, "changed": changed, "at": at}),
+                );
+            }
+            Err(error) => {
+                tracing::error!(config = %source, %error, "config not reloaded; nothing changed");
+                api.events.emit(
+                    "config_rejected",
+                    serde_json::json!({"config": source, "error": error, "at": at}),
+                );
+            }
+        }
+    }
+}
+
 /// The changes kept in `store` applied over the config file's models: each a model
 /// added or replaced through the admin API (checked as the file's are), or removed.
 fn apply_changes(plan: &mut config::Plan, store: &std::path::Path) -> anyhow::Result<()> {
@@ -100,7 +150,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut plan = load(args.config.as_deref())?;
     let data_dir = data_dir(&args)?;
     // Models added, replaced or removed through the admin API in earlier runs.
-    let store = data_dir.join("models.json");
+    let store = store_path(&data_dir);
     apply_changes(&mut plan, &store)?;
     let auth = Auth::new(
         plan.api_keys.clone(),
@@ -243,6 +293,12 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     );
 
     api.shutdown.on_signals();
+    tokio::spawn(reload_on_sighup(
+        args.config.clone(),
+        store_path(&data_dir),
+        manager.clone(),
+        api.clone(),
+    ));
     greenthread_edge::serve(
         listener,
         greenthread_apiserver::router(api.clone()),
