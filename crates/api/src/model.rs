@@ -158,9 +158,9 @@ pub struct ModelSpec {
     /// unloads it without a restart (docs/adapters.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<AdapterSpec>,
-    /// Adapters served in one batch at once (default: the number of adapters, at most
-    /// 4). Set it on a Model that starts without adapters to add some later: the engine
-    /// enables LoRA only when it starts with adapters or with this.
+    /// Adapters served in one batch at once (default 4). Set it on a Model that starts
+    /// without adapters to add some later: the engine enables LoRA only when it starts
+    /// with adapters or with this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_loras: Option<u32>,
     /// The largest adapter rank the engine can load (default 16); one of 1, 8, 16, 32,
@@ -297,7 +297,9 @@ impl ModelSpec {
         (!self.adapters.is_empty() || self.max_loras.is_some()).then(|| LoraSettings {
             max_loras: self
                 .max_loras
-                .unwrap_or(self.adapters.len().clamp(1, 4) as u32),
+                // Not the number of adapters: adding one must not change the engine's
+                // flags (its pods would roll).
+                .unwrap_or(4),
             max_lora_rank: self.max_lora_rank.unwrap_or(16),
         })
     }
@@ -529,7 +531,7 @@ mod tests {
         assert_eq!(
             s.validate("spec").unwrap().lora,
             Some(LoraSettings {
-                max_loras: 2,
+                max_loras: 4,
                 max_lora_rank: 16
             })
         );

@@ -109,7 +109,7 @@ pub fn plan(model: &Model, world: &World, settings: &Settings, now: Timestamp) -
         .cloned()
         .collect();
     let keep = |p: &Pod| replica_index(&name, &p.name_any()).is_some_and(|i| i < replicas);
-    let delete = mine
+    let mut delete: Vec<String> = mine
         .iter()
         .filter(|p| !keep(p))
         .map(|p| p.name_any())
@@ -121,7 +121,13 @@ pub fn plan(model: &Model, world: &World, settings: &Settings, now: Timestamp) -
     let runnable = valid.is_ok();
     let problem = match valid {
         Err(problem) => Some(problem),
-        Ok(valid) => place_missing(model, &valid, world, settings, &mut mine, &mut create),
+        Ok(valid) => {
+            if let Some(old) = outdated(model, &valid, &mine, world.gpus, settings) {
+                delete.push(old.clone());
+                mine.retain(|p| p.name_any() != old);
+            }
+            place_missing(model, &valid, world, settings, &mut mine, &mut create)
+        }
     };
     let mut status = status::model_status(model, &mine, world.gpus, problem.as_ref(), now);
     if !model.spec.adapters.is_empty() {
@@ -140,6 +146,44 @@ pub fn plan(model: &Model, world: &World, settings: &Settings, now: Timestamp) -
         problem,
         status,
     }
+}
+
+/// The replica to roll now, if any: one whose pod was rendered from another spec than
+/// its Model renders now on the same GPUs (`kubectl apply` of a changed spec, a new
+/// image), deleted so that the next reconcile creates it anew — its sidecar drains it
+/// first, within the pod's grace period. One at a time, and only while every other
+/// replica is ready, so that a Model with several replicas keeps serving. Pods made
+/// before their spec was summed up are left as they are.
+fn outdated(
+    model: &Model,
+    valid: &ValidModel,
+    mine: &[Pod],
+    gpus: &[Gpu],
+    settings: &Settings,
+) -> Option<String> {
+    let name = model.name_any();
+    let stale = mine.iter().find(|p| {
+        let Some(had) = p.annotations().get(render::SPEC_HASH_ANNOTATION) else {
+            return false;
+        };
+        let Some(replica) = replica_index(&name, &p.name_any()) else {
+            return false;
+        };
+        let on: Option<Vec<GpuSpec>> = status::pod_gpus(p)
+            .iter()
+            .map(|g| gpus.iter().find(|r| &r.name == g).map(|r| r.spec.clone()))
+            .collect();
+        let Some(on) = on.filter(|on| !on.is_empty()) else {
+            return false;
+        };
+        let now = render::render_valid_pod(model, valid, replica, &on, settings);
+        now.annotations().get(render::SPEC_HASH_ANNOTATION) != Some(had)
+    })?;
+    let others_ready = mine
+        .iter()
+        .filter(|p| p.name_any() != stale.name_any())
+        .all(status::pod_ready);
+    others_ready.then(|| stale.name_any())
 }
 
 /// The `AdapterNames` condition: whether each of the Model's adapters names it alone in

@@ -685,7 +685,7 @@ pub fn render_valid_pod(
     let owner = model
         .controller_owner_ref(&())
         .expect("a Model from the API server has a name and uid");
-    Pod {
+    let mut pod = Pod {
         metadata: ObjectMeta {
             name: Some(name),
             namespace: model.metadata.namespace.clone(),
@@ -728,7 +728,30 @@ pub fn render_valid_pod(
             ..Default::default()
         }),
         status: None,
+    };
+    // What the pod runs, summed up: a pod whose sum differs from its Model's now is
+    // rolled (see `plan`).
+    let hash = spec_hash(&pod);
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(SPEC_HASH_ANNOTATION.to_string(), hash);
+    pod
+}
+
+/// The annotation holding what a pod was rendered from, summed up ([`spec_hash`]).
+pub const SPEC_HASH_ANNOTATION: &str = "greenthread.ai/spec-hash";
+
+/// FNV-1a (64 bits, stable across builds) of the pod's spec as JSON: everything the pod
+/// runs — images, command lines, environment, volumes, placement.
+pub fn spec_hash(pod: &Pod) -> String {
+    let json = serde_json::to_vec(&pod.spec).expect("a pod spec serializes");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in json {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    format!("{h:016x}")
 }
 
 /// The key of the Secret holding a Model's engine API key.

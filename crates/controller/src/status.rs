@@ -35,7 +35,7 @@ pub fn pod_gpus(pod: &Pod) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn pod_ready(pod: &Pod) -> bool {
+pub(crate) fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())

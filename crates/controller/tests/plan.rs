@@ -11,6 +11,7 @@ use greenthread_controller::{
     status::pod_gpus,
 };
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+use kube::ResourceExt;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -282,4 +283,102 @@ fn plans_match_the_table() {
             "{what}: service"
         );
     }
+}
+
+/// `kubectl apply` of a changed spec rolls the Model's pods: one replica at a time (the
+/// others ready meanwhile), each deleted and created anew from the new spec; a pod of the
+/// same spec, or one made before specs were summed up, stays.
+#[test]
+fn a_changed_spec_rolls_one_replica_at_a_time() {
+    use greenthread_controller::render::SPEC_HASH_ANNOTATION;
+    let gpus = vec![
+        Gpu {
+            name: "a-0".into(),
+            spec: GpuSpec {
+                node: "a".into(),
+                index: 0,
+                uuid: "GPU-a-0".into(),
+                product: "H100".into(),
+                memory_bytes: 80 * GI,
+            },
+            status: GpuStatus::default(),
+            resource_version: "1".into(),
+        },
+        Gpu {
+            name: "a-1".into(),
+            spec: GpuSpec {
+                node: "a".into(),
+                index: 1,
+                uuid: "GPU-a-1".into(),
+                product: "H100".into(),
+                memory_bytes: 80 * GI,
+            },
+            status: GpuStatus::default(),
+            resource_version: "1".into(),
+        },
+    ];
+    let settings = Settings::default();
+    let now = Timestamp::from_second(1_800_000_000).unwrap();
+    let model = named_model("m", &json!({"replicas": 2, "gpuMemoryUtilization": "0.4"}));
+    let plan_with = |m: &Model, pods: &[Pod]| {
+        plan(
+            m,
+            &World {
+                gpus: &gpus,
+                pods,
+                nodes: None,
+                neighbors: &[],
+            },
+            &settings,
+            now,
+        )
+    };
+    let ready = |mut p: Pod| {
+        p.status = Some(
+            serde_json::from_value(json!({"conditions": [{"type": "Ready", "status": "True"}]}))
+                .unwrap(),
+        );
+        p
+    };
+    let created: Vec<Pod> = plan_with(&model, &[])
+        .create
+        .into_iter()
+        .map(|n| ready(n.pod))
+        .collect();
+    assert_eq!(created.len(), 2);
+    assert!(created[0].annotations().contains_key(SPEC_HASH_ANNOTATION));
+    // The same spec: nothing to do.
+    let p = plan_with(&model, &created);
+    assert!(p.delete.is_empty() && p.create.is_empty());
+    // A new idle timeout: the first replica rolls, the second waits.
+    let changed = named_model(
+        "m",
+        &json!({"replicas": 2, "gpuMemoryUtilization": "0.4", "sleep": {"idleTimeout": "1m"}}),
+    );
+    let p = plan_with(&changed, &created);
+    assert_eq!(p.delete, ["m-0"]);
+    let again: Vec<String> = p.create.iter().map(|n| n.pod.name_any()).collect();
+    assert_eq!(again, ["m-0"]);
+    let args = p.create[0].pod.spec.as_ref().unwrap().containers[1]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(args.contains("--idle-timeout 1m"), "{args}");
+    // While the new m-0 is not ready, m-1 does not roll.
+    let fresh = p.create[0].pod.clone();
+    let p = plan_with(&changed, &[fresh.clone(), created[1].clone()]);
+    assert!(p.delete.is_empty(), "{:?}", p.delete);
+    // Once it is, m-1 rolls.
+    let p = plan_with(&changed, &[ready(fresh), created[1].clone()]);
+    assert_eq!(p.delete, ["m-1"]);
+    // A pod without a sum is left alone.
+    let mut old = created[0].clone();
+    old.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .remove(SPEC_HASH_ANNOTATION);
+    let p = plan_with(&changed, &[old, created[1].clone()]);
+    assert_eq!(p.delete, ["m-1"], "only the summed-up pod rolls");
 }

@@ -835,3 +835,55 @@ async fn adapters_follow_the_spec_through_a_config_map_and_clashes_are_condition
         clash.message
     );
 }
+
+/// `kubectl apply` of a changed spec: the Model's pod is deleted (its sidecar drains it)
+/// and created anew from the new spec; nothing else of the Model changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_spec_rolls_the_models_pod() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let mut registry = Registry::default();
+    let _elected = greenthread_controller::start(client.clone(), &config("only"), &mut registry)
+        .await
+        .unwrap();
+    create_model(&client, "qwen", 1).await;
+    let first = wait_until("a placed pod", WAIT, || async {
+        pods_of(&client, "qwen").await.into_iter().next()
+    })
+    .await;
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    models
+        .patch(
+            "qwen",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sleep": {"idleTimeout": "1m"}}})),
+        )
+        .await
+        .unwrap();
+    let second = wait_until("the pod made anew", WAIT, || async {
+        pods_of(&client, "qwen")
+            .await
+            .into_iter()
+            .find(|p| p.uid() != first.uid() && p.metadata.deletion_timestamp.is_none())
+    })
+    .await;
+    let args = |p: &Pod| {
+        p.spec.as_ref().unwrap().containers[1]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ")
+    };
+    assert!(
+        args(&first).contains("--idle-timeout 5m"),
+        "{}",
+        args(&first)
+    );
+    assert!(
+        args(&second).contains("--idle-timeout 1m"),
+        "{}",
+        args(&second)
+    );
+    assert_eq!(second.name_any(), "qwen-0");
+}

@@ -238,7 +238,7 @@ fn adapters_turn_lora_on_and_reach_the_sidecar_through_a_config_map() {
     let engine = container(&pod, "engine");
     let args = engine.args.as_ref().unwrap().join(" ");
     assert!(
-        args.contains("--enable-sleep-mode --enable-lora --max-loras 2 --max-lora-rank 64 --gpu-memory-utilization"),
+        args.contains("--enable-sleep-mode --enable-lora --max-loras 4 --max-lora-rank 64 --gpu-memory-utilization"),
         "{args}"
     );
     assert_eq!(

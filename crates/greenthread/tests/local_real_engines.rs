@@ -234,7 +234,7 @@ async fn adapters_turn_lora_on_in_vllm_and_sglang_and_answer_by_name() {
     let (_, vllm_args, vllm_env) = &got["vllm"];
     let joined = vllm_args.join(" ");
     assert!(
-        joined.contains("--enable-sleep-mode --enable-lora --max-loras 1 --max-lora-rank 32 --gpu-memory-utilization"),
+        joined.contains("--enable-sleep-mode --enable-lora --max-loras 4 --max-lora-rank 32 --gpu-memory-utilization"),
         "{joined}"
     );
     assert_eq!(vllm_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"], "True");
@@ -242,7 +242,7 @@ async fn adapters_turn_lora_on_in_vllm_and_sglang_and_answer_by_name() {
     let joined = sglang_args.join(" ");
     assert!(
         joined.contains(
-            "--enable-lora --max-loras-per-batch 1 --max-lora-rank 16 --lora-target-modules all"
+            "--enable-lora --max-loras-per-batch 4 --max-lora-rank 16 --lora-target-modules all"
         ),
         "{joined}"
     );
