@@ -146,6 +146,13 @@ pub trait ModelManager: Send + Sync {
     ) -> futures_util::future::BoxFuture<'_, Managed>;
     /// `DELETE /api/v1/models/{name}`: drained, put to sleep, stopped, its memory released.
     fn remove(&self, name: String) -> futures_util::future::BoxFuture<'_, Managed>;
+    /// `PATCH /api/v1/models/{name}`: `{"spec": {"fairness": {"popular": bool}}}` alone,
+    /// applied without a restart.
+    fn patch(
+        &self,
+        name: String,
+        body: serde_json::Value,
+    ) -> futures_util::future::BoxFuture<'_, Managed>;
 }
 
 /// What a change of the Models came to: the changed Model's admin view, or an error

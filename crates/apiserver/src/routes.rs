@@ -44,7 +44,10 @@ pub fn router(api: Shared) -> Router {
         .route("/api/v1/models", get(admin_models).post(add_model))
         .route(
             "/api/v1/models/{a}",
-            get(admin_model).put(replace_model).delete(remove_model),
+            get(admin_model)
+                .put(replace_model)
+                .delete(remove_model)
+                .patch(patch_model),
         )
         .route("/api/v1/models/{a}/{b}", get(admin_model))
         .route("/api/v1/models/{a}/sleep", post(admin_sleep))
@@ -631,6 +634,20 @@ async fn replace_model(
     };
     let done = m.replace(name.clone(), body).await;
     managed(&api, "replaced", &name, done, StatusCode::OK)
+}
+
+/// Changes what a Model can change without a restart (`fairness.popular`).
+async fn patch_model(State(api): State<Shared>, Path(name): Path<String>, body: Bytes) -> Response {
+    let m = match manager(&api) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let body = match json_body(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let done = m.patch(name.clone(), body).await;
+    managed(&api, "patched", &name, done, StatusCode::OK)
 }
 
 /// Removes a Model: drained, asleep, stopped, its memory released.

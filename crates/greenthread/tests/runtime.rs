@@ -680,3 +680,65 @@ async fn the_config_file_is_applied_again_on_sighup() {
     assert_eq!(names().await, ["alpha", "beta", "delta", "eta"]);
     assert_eq!(local.chat("eta", 2).send().await.unwrap().status(), 200);
 }
+
+/// PATCH changes `fairness.popular` alone, without a restart: in the GPU records at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn popular_is_patched_without_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let local = start(data.path()).await;
+    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
+    let get = |path: &'static str| {
+        let local = &local;
+        async move {
+            local
+                .client
+                .get(format!("{}{path}", local.url))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let popular = || async {
+        let gpus = get("/api/v1/gpus").await;
+        gpus["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["status"]["occupants"].as_array().unwrap().clone())
+            .find(|o| o["podName"] == "alpha-0")
+            .map(|o| o["popular"].clone())
+    };
+    assert_eq!(popular().await, Some(json!(false)));
+    let before = get("/api/v1/models/alpha").await;
+    let patch = |body: Value| {
+        local
+            .client
+            .patch(format!("{}/api/v1/models/alpha", local.url))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let r = patch(json!({"spec": {"fairness": {"popular": true}}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(popular().await, Some(json!(true)));
+    let after = get("/api/v1/models/alpha").await;
+    assert_eq!(after["pods"][0]["state"], "serving");
+    assert_eq!(after["pods"][0]["lastWake"], before["pods"][0]["lastWake"]);
+    // Anything else is a PUT.
+    let r = patch(json!({"spec": {"replicas": 2}})).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fairness.popular"),
+        "{e}"
+    );
+}

@@ -32,7 +32,8 @@ pub struct LedgerClient {
     pub(crate) gpus: Vec<GpuRef>,
     pod: String,
     model: String,
-    popular: bool,
+    /// Changed at run time (`PATCH` of `fairness.popular`), so an atomic.
+    popular: std::sync::atomic::AtomicBool,
     priority: greenthread_api::Priority,
     min_runtime: Duration,
     lock_ttl: Duration,
@@ -79,7 +80,7 @@ impl LedgerClient {
             gpus,
             pod,
             model: cfg.model.clone(),
-            popular: cfg.popular,
+            popular: std::sync::atomic::AtomicBool::new(cfg.popular),
             priority: cfg.priority,
             min_runtime: cfg.min_runtime,
             lock_ttl: cfg.wake_lock_ttl,
@@ -102,7 +103,7 @@ impl LedgerClient {
             pod: self.pod.clone(),
             model: self.model.clone(),
             bytes,
-            popular: self.popular,
+            popular: self.popular.load(std::sync::atomic::Ordering::Relaxed),
             priority: self.priority,
             min_runtime: self.min_runtime,
         }
@@ -397,6 +398,28 @@ impl LedgerClient {
     }
 
     /// Removes every trace of this pod from its GPUs (shutdown).
+    /// Whether this model is never chosen as a preemption victim, from now on: in its
+    /// records at once, and in every claim after.
+    pub async fn set_popular(&self, popular: bool) {
+        self.popular
+            .store(popular, std::sync::atomic::Ordering::Relaxed);
+        let pod = &self.pod;
+        for gpu in &self.gpus {
+            let _ = self
+                .update(&gpu.name, |g| {
+                    let mut next = g.status.clone();
+                    match next.occupant_mut(pod) {
+                        Some(o) if o.popular != popular => {
+                            o.popular = popular;
+                            Ok((Some(next), ()))
+                        }
+                        _ => Ok((None, ())),
+                    }
+                })
+                .await;
+        }
+    }
+
     pub async fn leave(&self) {
         let pod = &self.pod;
         for gpu in &self.gpus {

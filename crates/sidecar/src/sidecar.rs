@@ -258,6 +258,12 @@ impl Sidecar {
         self.driver.engine()
     }
 
+    /// Whether this model is never chosen as a preemption victim (`fairness.popular`),
+    /// changed without a restart.
+    pub async fn set_popular(&self, popular: bool) {
+        self.ledger.set_popular(popular).await;
+    }
+
     /// The LoRA adapters this sidecar serves.
     pub fn adapters(&self) -> &Arc<crate::Adapters> {
         self.driver.adapters()

@@ -324,6 +324,46 @@ impl ModelManager for Manager {
         })
     }
 
+    fn patch(&self, name: String, body: Value) -> futures_util::future::BoxFuture<'_, Managed> {
+        Box::pin(async move {
+            let api = self.api()?;
+            // `fairness.popular` is all that changes without a restart; anything else
+            // is a PUT.
+            let popular = match &body {
+                Value::Object(top) if top.len() == 1 => match &top.get("spec") {
+                    Some(Value::Object(spec)) if spec.len() == 1 => match spec.get("fairness") {
+                        Some(Value::Object(f)) if f.len() == 1 => {
+                            f.get("popular").and_then(Value::as_bool)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            };
+            let Some(popular) = popular else {
+                return Err(bad(
+                    "spec: a PATCH changes spec.fairness.popular alone ({\"spec\": {\"fairness\": {\"popular\": true}}}); PUT the whole spec to change anything else",
+                ));
+            };
+            let mut running = self.running.lock().await;
+            let Some(r) = running.get_mut(&name) else {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("no model named {name:?} runs"),
+                ));
+            };
+            r.model.spec.fairness.popular = popular;
+            let spec = r.model.spec.clone();
+            for sc in &r.sidecars {
+                sc.set_popular(popular).await;
+            }
+            self.keep(&name, Some(&spec))?;
+            self.emit(&api, "model_patched", &name);
+            Ok(json!({"name": name, "spec": spec}))
+        })
+    }
+
     fn remove(&self, name: String) -> futures_util::future::BoxFuture<'_, Managed> {
         Box::pin(async move {
             let api = self.api()?;
