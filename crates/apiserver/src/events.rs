@@ -121,7 +121,11 @@ impl EventHub {
     /// they make: a wake started, completed (its duration and phases, as the sidecar
     /// measured them) or failed, a sleep started or completed.
     pub fn follow(self: &Arc<Self>, model: &str, pod: &str, sidecar: Arc<Sidecar>) {
+        self.follow_notices(model, pod, &sidecar);
         let mut transitions = sidecar.transitions();
+        // Not kept alive by this: once the sidecar goes (its model removed), so does
+        // its transitions' sender, and this task ends.
+        let sidecar = Arc::downgrade(&sidecar);
         let (hub, model, pod) = (self.clone(), model.to_string(), pod.to_string());
         tokio::spawn(async move {
             loop {
@@ -143,12 +147,43 @@ impl EventHub {
                 };
                 let mut data = serde_json::json!({"model": model, "pod": pod, "at": at});
                 if kind == "wake_completed"
+                    && let Some(sidecar) = sidecar.upgrade()
                     && let Some(wake) = sidecar.status_json().get("lastWake").cloned()
                 {
                     data["seconds"] = wake["seconds"].clone();
                     data["phases"] = wake["phases"].clone();
                 }
                 hub.emit(kind, data);
+            }
+        });
+    }
+}
+
+impl EventHub {
+    /// The sidecar's notices as events: `preempted` (the victim, the preemptor, the GPU)
+    /// and `engine_restarted` (why).
+    fn follow_notices(self: &Arc<Self>, model: &str, pod: &str, sidecar: &Sidecar) {
+        use greenthread_sidecar::metrics::Notice;
+        let mut notices = sidecar.metrics.notices();
+        let (hub, model, pod) = (self.clone(), model.to_string(), pod.to_string());
+        tokio::spawn(async move {
+            loop {
+                let notice = match notices.recv().await {
+                    Ok(n) => n,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let at = jiff::Timestamp::now().to_string();
+                match notice {
+                    Notice::Preempting { victim, gpu } => hub.emit(
+                        "preempted",
+                        serde_json::json!({"victim": victim, "preemptor": pod, "model": model, "gpu": gpu, "at": at}),
+                    ),
+                    Notice::EngineRestarted { reason } => hub.emit(
+                        "engine_restarted",
+                        serde_json::json!({"model": model, "pod": pod, "reason": reason, "at": at}),
+                    ),
+                }
             }
         });
     }

@@ -742,3 +742,59 @@ async fn popular_is_patched_without_a_restart() {
         "{e}"
     );
 }
+
+/// A preemption and a cold restart are events of their own: who preempted whom on which
+/// GPU, and why an engine was started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemptions_and_engine_restarts_are_events() {
+    let config = format!(
+        "adminToken: {ADMIN}\n{}",
+        r#"
+gpus:
+  simulated:
+    - {memory: 10Gi}
+models:
+  - name: first
+    spec:
+      modelName: org/first
+      engine: sim
+      gpuMemoryUtilization: "0.6"
+      sleep: {idleTimeout: 1h}
+      fairness: {minRuntime: 0s, maxWaitTime: 0s}
+      extraArgs: [--boot-time, 0s, --ttft, 5ms]
+  - name: second
+    spec:
+      modelName: org/second
+      engine: sim
+      gpuMemoryUtilization: "0.6"
+      sleep: {idleTimeout: 1h}
+      fairness: {minRuntime: 0s, maxWaitTime: 0s}
+      extraArgs: [--boot-time, 0s, --ttft, 5ms, --fail-wakes, "2"]
+"#
+    );
+    let data = tempfile::tempdir().unwrap();
+    let local =
+        LocalProc::start_with(BIN, &config, &["--data-dir", data.path().to_str().unwrap()]).await;
+    let mut events = local
+        .client
+        .get(format!("{}/api/v1/events", local.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    assert_eq!(local.chat("first", 2).send().await.unwrap().status(), 200);
+    // second's wake preempts first, and its engine fails its first two wakes: restarted.
+    assert_eq!(local.chat("second", 2).send().await.unwrap().status(), 200);
+    let seen = read_until(&mut events, |e| {
+        e.iter().any(|e| e.kind == "preempted") && e.iter().any(|e| e.kind == "engine_restarted")
+    })
+    .await;
+    let preempted = seen.iter().find(|e| e.kind == "preempted").unwrap();
+    assert_eq!(preempted.data["victim"], "first-0", "{preempted:?}");
+    assert_eq!(preempted.data["preemptor"], "second-0");
+    assert_eq!(preempted.data["gpu"], "local-0");
+    let restarted = seen.iter().find(|e| e.kind == "engine_restarted").unwrap();
+    assert_eq!(restarted.data["model"], "second");
+    assert!(!restarted.data["reason"].as_str().unwrap().is_empty());
+}

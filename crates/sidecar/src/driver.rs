@@ -249,6 +249,10 @@ impl EngineDriver {
                 }
                 restarts += 1;
                 self.metrics.engine_restarts.inc();
+                self.metrics
+                    .notice(crate::metrics::Notice::EngineRestarted {
+                        reason: last_error.to_string(),
+                    });
                 tracing::warn!(model = %self.cfg.model, restarts, error = %last_error, reason = last_error.metric_label(), "cold restart of the engine");
                 waiting(WaitReason::ColdRestart {
                     restarts,

@@ -288,6 +288,10 @@ impl LedgerClient {
             } = &why
             {
                 self.metrics.preemption("preemptor");
+                self.metrics.notice(crate::metrics::Notice::Preempting {
+                    victim: victim.to_string(),
+                    gpu: gpu.name.clone(),
+                });
                 tracing::info!(model = %self.model, gpu = %gpu.name, %victim, "preempting");
             }
             waiting(WaitReason::Gpu {

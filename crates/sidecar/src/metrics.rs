@@ -98,6 +98,8 @@ impl SidecarFamilies {
 /// path takes no lock.
 pub struct SidecarMetrics {
     families: Arc<SidecarFamilies>,
+    /// What happened worth telling beside the numbers (the API server's event stream).
+    notices: tokio::sync::broadcast::Sender<Notice>,
     /// The registry this sidecar encodes on `/metrics` when it owns one (standalone).
     registry: Option<Registry>,
     base: Labels,
@@ -161,6 +163,7 @@ impl SidecarMetrics {
             families: families.clone(),
             registry: None,
             base: base.clone(),
+            notices: tokio::sync::broadcast::Sender::new(64),
         };
         for role in ["preempted", "preemptor"] {
             let _ = m
@@ -176,6 +179,16 @@ impl SidecarMetrics {
         }
         m.set_state(State::Sleeping);
         m
+    }
+
+    /// Tells subscribers of [`SidecarMetrics::notices`] (none is fine).
+    pub fn notice(&self, notice: Notice) {
+        let _ = self.notices.send(notice);
+    }
+
+    /// What happens from now on, beside the numbers.
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Notice> {
+        self.notices.subscribe()
     }
 
     fn labels(&self, key: &'static str, value: impl Into<String>) -> Labels {
@@ -287,6 +300,15 @@ impl SidecarMetrics {
             None => String::new(),
         }
     }
+}
+
+/// What a sidecar tells beside its numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// This model named `victim` (a pod) on `gpu` to make room for its wake.
+    Preempting { victim: String, gpu: String },
+    /// The engine was started again (after a failed wake, a crash, a wedge).
+    EngineRestarted { reason: String },
 }
 
 impl Default for SidecarMetrics {
