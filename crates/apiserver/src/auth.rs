@@ -63,7 +63,7 @@ impl Auth {
         issued: crate::issued::Issued,
         sources: AuthSources,
     ) -> Result<Self, AuthError> {
-        if !issued.is_empty() && !self.may_issue {
+        if issued.closed() && !self.may_issue {
             return Err(AuthError::AdminOpenByAccident {
                 admin: sources.admin,
                 open: sources.admin_open,

@@ -41,6 +41,10 @@ pub struct ApiServerConfig {
     /// Serve without API keys on a non-loopback address (refused otherwise).
     #[arg(long)]
     pub allow_unauthenticated: bool,
+    /// The Secret (in `--namespace`) that keeps API keys issued through the admin API,
+    /// as hashes; every replica watches it.
+    #[arg(long, default_value = "greenthread-issued-api-keys")]
+    pub issued_keys_secret: String,
     #[command(flatten)]
     pub edge: greenthread_edge::EdgeConfig,
 }
@@ -80,10 +84,17 @@ pub async fn start(
     let registry = Registry::default();
     // Sidecars are scraped where they run: their families are not part of this server's.
     let families = SidecarFamilies::register(&mut Registry::default());
+    let store = Arc::new(crate::secret_store::SecretStore::new(
+        kube::Api::namespaced(client.clone(), &cfg.namespace),
+        &cfg.issued_keys_secret,
+    ));
+    let issued = crate::issued::Issued::with_store(store.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("issued API keys: {e}"))?;
     let api = ApiServer::new(
         Vec::new(),
         ledger.clone(),
-        cfg.auth()?,
+        cfg.auth()?.with_issued(issued, SOURCES)?,
         registry,
         families,
         Box::new(|| {}),
@@ -92,14 +103,29 @@ pub async fn start(
         "GREENTHREAD_SIDECAR_ADMIN_TOKEN",
         cfg.sidecar_token_file.as_deref(),
     )?;
-    let discovery = tokio::spawn(kube_discovery::run(
+    let discovery = kube_discovery::run(
         api.clone(),
         client,
         cfg.watch_namespace.clone(),
         ledger,
         sidecar_token,
-    ));
-    Ok((api, discovery))
+    );
+    // Keys issued or revoked through any replica, within seconds.
+    let weak = Arc::downgrade(&api);
+    let keys = store.watch(move |records| {
+        if let Some(api) = weak.upgrade()
+            && let Err(e) = api.auth.keys.issued().kept(records)
+        {
+            tracing::error!(error = %e, "issued keys not taken");
+        }
+    });
+    let tasks = tokio::spawn(async move {
+        tokio::select! {
+            () = discovery => {}
+            () = keys => {}
+        }
+    });
+    Ok((api, tasks))
 }
 
 pub async fn run(cfg: ApiServerConfig) -> anyhow::Result<()> {

@@ -103,11 +103,30 @@ struct Entry {
     record: Record,
 }
 
-/// The keys issued at run time, and where they are kept (none: in memory only).
+/// Where issued keys are kept: the one truth that every API server replica reads.
+pub trait KeyStore: Send + Sync {
+    /// Every record, as kept now; `None` when nothing was ever kept (no file, no Secret).
+    fn load(&self) -> BoxFuture<'_, Result<Option<Vec<Record>>, IssueError>>;
+    /// Applies `change` to the records as kept (read, changed, written back whole,
+    /// again if another writer came between); the records as written.
+    fn update<'a>(
+        &'a self,
+        change: &'a (dyn Fn(Vec<Record>) -> Result<Vec<Record>, IssueError> + Send + Sync),
+    ) -> BoxFuture<'a, Result<Vec<Record>, IssueError>>;
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The keys issued at run time, and where they are kept (none: nowhere, and none can be
+/// issued).
 #[derive(Default)]
 pub struct Issued {
     entries: RwLock<Vec<Arc<Entry>>>,
-    store: Option<PathBuf>,
+    store: Option<Arc<dyn KeyStore>>,
+    /// A key was issued once (the store exists): the OpenAI API stays closed, even once
+    /// every key is revoked — revoking the last key must never open it. Deleting the
+    /// store (`keys.json`, the Secret) opens it again.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn sha256(s: &str) -> [u8; 32] {
@@ -159,28 +178,65 @@ fn check_name(name: &str) -> Result<(), IssueError> {
     }
 }
 
+/// Records as JSON (what every store keeps).
+pub fn encode(records: &[Record]) -> Vec<u8> {
+    serde_json::to_vec_pretty(records).expect("records serialize")
+}
+
+/// Records from JSON (nothing: none).
+pub fn decode(bytes: &[u8], source: &str) -> Result<Vec<Record>, IssueError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice(bytes).map_err(|e| IssueError::Store(format!("{source}: {e}")))
+}
+
 impl Issued {
-    /// The keys kept in `path` (none yet when it does not exist).
-    pub fn load(path: PathBuf) -> anyhow::Result<Self> {
-        let records: Vec<Record> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    /// The keys kept in `store`, read now.
+    pub async fn with_store(store: Arc<dyn KeyStore>) -> Result<Self, IssueError> {
+        let issued = Self {
+            entries: RwLock::default(),
+            store: Some(store.clone()),
+            closed: Default::default(),
         };
-        let entries = records
-            .into_iter()
-            .map(|r| entry(r).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(Self {
-            entries: RwLock::new(entries),
-            store: Some(path),
-        })
+        issued.kept(store.load().await?)?;
+        Ok(issued)
+    }
+
+    /// The keys kept in the file `path` (none yet when it does not exist).
+    pub async fn load(path: PathBuf) -> anyhow::Result<Self> {
+        Ok(Self::with_store(Arc::new(FileStore(path))).await?)
+    }
+
+    /// The records as kept now (read by a watch of the store): in use from now on; the
+    /// callers of keys that are still there keep their rate limits' state.
+    pub fn set(&self, records: Vec<Record>) -> Result<(), IssueError> {
+        let mut entries = self.entries.write().unwrap();
+        let mut next = Vec::with_capacity(records.len());
+        for r in records {
+            match entries.iter().find(|e| e.record == r) {
+                Some(e) => next.push(e.clone()),
+                None => next.push(Arc::new(entry(r).map_err(IssueError::Store)?)),
+            }
+        }
+        *entries = next;
+        Ok(())
+    }
+
+    /// The store as read (by a watch): its records, or `None` when it is gone.
+    pub fn kept(&self, records: Option<Vec<Record>>) -> Result<(), IssueError> {
+        self.closed
+            .store(records.is_some(), std::sync::atomic::Ordering::SeqCst);
+        self.set(records.unwrap_or_default())
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.read().unwrap().is_empty()
+    }
+
+    /// Whether keys were issued here once (the OpenAI API is closed for good).
+    pub fn closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The caller whose key is `given`. Every hash is compared, in constant time.
@@ -208,15 +264,16 @@ impl Issued {
 
     /// A new key for `new`, unless its name is taken here or by `configured`; the key
     /// itself is returned once and kept nowhere.
-    pub fn issue(
+    pub async fn issue(
         &self,
         new: NewKey,
-        configured: &dyn Fn(&str) -> bool,
+        configured: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<(String, Record), IssueError> {
-        if self.store.is_none() {
-            return Err(IssueError::NoStore);
-        }
+        let store = self.store.as_ref().ok_or(IssueError::NoStore)?;
         check_name(&new.name)?;
+        if configured(&new.name) {
+            return Err(IssueError::Taken(new.name));
+        }
         let mut random = [0u8; 24];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
             .map_err(|_| IssueError::Store("the system's random generator failed".into()))?;
@@ -230,41 +287,62 @@ impl Issued {
             priority: new.priority,
             rate_limit: new.rate_limit,
         };
-        let mut entries = self.entries.write().unwrap();
-        if configured(&new.name) || entries.iter().any(|e| e.record.name == new.name) {
-            return Err(IssueError::Taken(new.name));
-        }
-        let entry = Arc::new(entry(record.clone()).map_err(IssueError::Store)?);
-        let mut next = entries.clone();
-        next.push(entry);
+        let add = |mut records: Vec<Record>| {
+            if records.iter().any(|r| r.name == record.name) {
+                return Err(IssueError::Taken(record.name.clone()));
+            }
+            records.push(record.clone());
+            Ok(records)
+        };
         // Kept before it is usable: a key that a restart would lose is never handed out.
-        self.save(&next)?;
-        *entries = next;
+        let records = store.update(&add).await?;
+        self.kept(Some(records))?;
         Ok((key, record))
     }
 
-    /// Revokes key `name`: refused from the next request on, and gone from the store.
-    pub fn revoke(&self, name: &str) -> Result<Record, IssueError> {
-        let mut entries = self.entries.write().unwrap();
-        let Some(at) = entries.iter().position(|e| e.record.name == name) else {
-            return Err(IssueError::NotFound(name.to_string()));
+    /// Revokes key `name`: refused from the next request on (here at once; by other
+    /// replicas once they see the store change), and gone from the store.
+    pub async fn revoke(&self, name: &str) -> Result<Record, IssueError> {
+        let store = self.store.as_ref().ok_or(IssueError::NoStore)?;
+        // Out of use here at once, whether or not this replica has seen it yet.
+        self.entries
+            .write()
+            .unwrap()
+            .retain(|e| e.record.name != name);
+        // What the store held under that name (the truth, whatever this replica saw).
+        let gone = std::sync::Mutex::new(None);
+        let remove = |mut records: Vec<Record>| {
+            let at = records
+                .iter()
+                .position(|r| r.name == name)
+                .ok_or_else(|| IssueError::NotFound(name.to_string()))?;
+            *gone.lock().unwrap() = Some(records.remove(at));
+            Ok(records)
         };
-        // Out of use at once, whether or not the store can be written.
-        let gone = entries.remove(at);
-        self.save(&entries)?;
-        Ok(gone.record.clone())
+        let records = store.update(&remove).await?;
+        self.kept(Some(records))?;
+        let gone = gone.lock().unwrap().take();
+        gone.ok_or_else(|| IssueError::NotFound(name.to_string()))
+    }
+}
+
+/// Issued keys in a file (`local`'s data directory), readable by this user alone,
+/// replaced whole on every change.
+pub struct FileStore(pub PathBuf);
+
+impl FileStore {
+    fn read(&self) -> Result<Option<Vec<Record>>, IssueError> {
+        match std::fs::read(&self.0) {
+            Ok(bytes) => decode(&bytes, &self.0.display().to_string()).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(IssueError::Store(format!("{}: {e}", self.0.display()))),
+        }
     }
 
-    /// Writes `entries` to the store whole (a temporary file renamed over it), readable
-    /// by this user alone.
-    fn save(&self, entries: &[Arc<Entry>]) -> Result<(), IssueError> {
+    fn write(&self, records: &[Record]) -> Result<(), IssueError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let Some(path) = &self.store else {
-            return Ok(());
-        };
-        let records: Vec<&Record> = entries.iter().map(|e| &e.record).collect();
-        let body = serde_json::to_vec_pretty(&records).expect("records serialize");
+        let path = &self.0;
         let tmp = path.with_extension("json.tmp");
         let store = |e: std::io::Error| IssueError::Store(format!("{}: {e}", path.display()));
         if let Some(dir) = path.parent() {
@@ -277,10 +355,27 @@ impl Issued {
             .mode(0o600)
             .open(&tmp)
             .map_err(store)?;
-        f.write_all(&body)
+        f.write_all(&encode(records))
             .and_then(|()| f.sync_all())
             .map_err(store)?;
         std::fs::rename(&tmp, path).map_err(store)
+    }
+}
+
+impl KeyStore for FileStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Vec<Record>>, IssueError>> {
+        Box::pin(async move { self.read() })
+    }
+
+    fn update<'a>(
+        &'a self,
+        change: &'a (dyn Fn(Vec<Record>) -> Result<Vec<Record>, IssueError> + Send + Sync),
+    ) -> BoxFuture<'a, Result<Vec<Record>, IssueError>> {
+        Box::pin(async move {
+            let records = change(self.read()?.unwrap_or_default())?;
+            self.write(&records)?;
+            Ok(records)
+        })
     }
 }
 
@@ -297,14 +392,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_key_is_shown_once_kept_as_a_hash_and_survives_a_restart_until_revoked() {
+    #[tokio::test]
+    async fn a_key_is_shown_once_kept_as_a_hash_and_survives_a_restart_until_revoked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
-        let issued = Issued::load(path.clone()).unwrap();
+        let issued = Issued::load(path.clone()).await.unwrap();
         assert!(issued.is_empty());
         let none = |_: &str| false;
-        let (key, record) = issued.issue(new("ci"), &none).unwrap();
+        let (key, record) = issued.issue(new("ci"), &none).await.unwrap();
         assert!(key.starts_with("gthread_") && key.len() == 8 + 48, "{key}");
         assert_eq!(record.prefix, key[..12]);
         assert_eq!(issued.identify(&key).unwrap().key.name, "ci");
@@ -319,7 +414,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A restart reads it back, limits and all.
-        let again = Issued::load(path.clone()).unwrap();
+        let again = Issued::load(path.clone()).await.unwrap();
         let caller = again.identify(&key).unwrap();
         assert_eq!(
             (caller.key.models.clone(), caller.key.priority),
@@ -327,21 +422,29 @@ mod tests {
         );
         // Names are unique, among the configuration's keys too.
         assert!(matches!(
-            again.issue(new("ci"), &none),
+            again.issue(new("ci"), &none).await,
             Err(IssueError::Taken(_))
         ));
         let configured = |n: &str| n == "ops";
         assert!(matches!(
-            again.issue(new("ops"), &configured),
+            again.issue(new("ops"), &configured).await,
             Err(IssueError::Taken(_))
         ));
         assert!(matches!(
-            again.issue(new("a b"), &none),
+            again.issue(new("a b"), &none).await,
             Err(IssueError::Invalid(_))
         ));
-        again.revoke("ci").unwrap();
+        again.revoke("ci").await.unwrap();
         assert!(again.identify(&key).is_none());
-        assert!(matches!(again.revoke("ci"), Err(IssueError::NotFound(_))));
-        assert!(Issued::load(path).unwrap().is_empty());
+        assert!(matches!(
+            again.revoke("ci").await,
+            Err(IssueError::NotFound(_))
+        ));
+        assert!(Issued::load(path).await.unwrap().is_empty());
+        // Nowhere to keep them: none issued.
+        assert!(matches!(
+            Issued::default().issue(new("x"), &none).await,
+            Err(IssueError::NoStore)
+        ));
     }
 }

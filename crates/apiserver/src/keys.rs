@@ -157,8 +157,10 @@ impl Keys {
         }))
     }
 
+    /// Open: no key configured, none issued ever (revoking the last issued key keeps
+    /// the API closed).
     pub fn is_open(&self) -> bool {
-        self.0.fixed.is_empty() && self.0.issued.is_empty()
+        self.0.fixed.is_empty() && self.0.issued.is_empty() && !self.0.issued.closed()
     }
 
     /// The keys issued at run time.

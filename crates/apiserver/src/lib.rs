@@ -13,6 +13,7 @@ pub mod kube_discovery;
 mod metrics;
 mod replica;
 mod routes;
+pub mod secret_store;
 mod ui;
 mod usage;
 

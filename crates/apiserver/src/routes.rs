@@ -706,7 +706,7 @@ async fn create_key(State(api): State<Shared>, body: Bytes) -> Response {
     };
     let keys = &api.auth.keys;
     let configured = |name: &str| keys.fixed().any(|k| k.name == name);
-    match keys.issued().issue(new, &configured) {
+    match keys.issued().issue(new, &configured).await {
         Ok((key, r)) => {
             tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "key_created", key = %r.name, prefix = %r.prefix, models = ?r.models, "API key issued");
             api.events.emit(
@@ -729,7 +729,7 @@ async fn revoke_key(State(api): State<Shared>, Path(name): Path<String>) -> Resp
     if keys.fixed().any(|k| k.name == name) {
         return key_error(IssueError::Configured(name));
     }
-    match keys.issued().revoke(&name) {
+    match keys.issued().revoke(&name).await {
         Ok(r) => {
             tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "key_revoked", key = %r.name, prefix = %r.prefix, "API key revoked");
             let at = jiff::Timestamp::now().to_string();

@@ -116,6 +116,7 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
             sidecar_token_file: None,
             admin_open: false,
             allow_unauthenticated: false,
+            issued_keys_secret: "greenthread-issued-api-keys".into(),
             edge: Default::default(),
         },
     )
@@ -292,4 +293,92 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
     .await;
     assert_eq!(pods.get("gamma-0").await.unwrap().metadata.uid, uid);
     controller.resign().await;
+}
+
+/// Keys issued at run time on Kubernetes: kept as hashes in a Secret every API server
+/// replica watches, so that a key issued through one replica works at the other, and a
+/// key revoked through the other is refused by the first, within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_issued_through_one_api_server_replica_hold_at_every_replica() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "root-token").unwrap();
+    let replica = || {
+        let client = client.clone();
+        let token = token.clone();
+        async move {
+            let (api, tasks) = greenthread_apiserver::cluster::start(
+                client,
+                &ApiServerConfig {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    namespace: SYSTEM.into(),
+                    watch_namespace: None,
+                    api_keys_file: None,
+                    admin_token_file: Some(token),
+                    metrics_token_file: None,
+                    sidecar_token_file: None,
+                    admin_open: false,
+                    allow_unauthenticated: false,
+                    issued_keys_secret: "greenthread-issued-api-keys".into(),
+                    edge: Default::default(),
+                },
+            )
+            .await
+            .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, greenthread_apiserver::router(api)).await;
+            });
+            (base, tasks)
+        }
+    };
+    let ((a, _ta), (b, _tb)) = (replica().await, replica().await);
+    let web = http();
+    let models =
+        |base: &str, key: &str| web.get(format!("{base}/v1/models")).bearer_auth(key).send();
+    let r = web
+        .post(format!("{a}/api/v1/keys"))
+        .bearer_auth("root-token")
+        .json(&json!({"name": "ci"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let key = r.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(models(&a, &key).await.unwrap().status(), 200);
+    // The other replica learns that keys exist (its API closes) and this one works there.
+    wait_until("the key known at the other replica", WAIT, || async {
+        (models(&b, "no-such-key").await.ok()?.status() == 401).then_some(())
+    })
+    .await;
+    assert_eq!(models(&b, &key).await.unwrap().status(), 200);
+    // Kept as a hash, in the API server's namespace.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), SYSTEM);
+    let kept = secrets.get("greenthread-issued-api-keys").await.unwrap();
+    let stored = String::from_utf8(kept.data.unwrap()["keys.json"].0.clone()).unwrap();
+    assert!(
+        stored.contains("\"ci\"") && !stored.contains(&key),
+        "{stored}"
+    );
+    // Revoked through the other replica: refused there at once, here within seconds.
+    let r = web
+        .delete(format!("{b}/api/v1/keys/ci"))
+        .bearer_auth("root-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    assert_eq!(models(&b, &key).await.unwrap().status(), 401);
+    wait_until(
+        "the revocation known at the first replica",
+        WAIT,
+        || async { (models(&a, &key).await.ok()?.status() == 401).then_some(()) },
+    )
+    .await;
 }

@@ -178,6 +178,23 @@ async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "still revoked after a restart");
+    // Revoking the last key never opens the API again.
+    let r = local
+        .client
+        .delete(format!("{}/api/v1/keys/kept", local.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 401);
+    let r = local
+        .chat("alpha", 2)
+        .bearer_auth(&kept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

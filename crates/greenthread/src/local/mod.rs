@@ -160,7 +160,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         SOURCES,
     )
     .with_context(|| config_name(&args))?;
-    let issued = greenthread_apiserver::issued::Issued::load(data_dir.join("keys.json"))?;
+    let issued = greenthread_apiserver::issued::Issued::load(data_dir.join("keys.json")).await?;
     let auth = auth
         .with_issued(issued, SOURCES)
         .with_context(|| format!("keys kept in {}", data_dir.display()))?;
