@@ -85,27 +85,44 @@ impl Auth {
         admin_open: bool,
         sources: AuthSources,
     ) -> Result<Self, AuthError> {
-        let admin_token = admin_token.filter(|t| !t.is_empty());
+        let admins = admin_token
+            .map(|t| ("admin".to_string(), t))
+            .into_iter()
+            .collect();
+        Self::with_admins(api_keys, admins, metrics_token, admin_open, sources)
+    }
+
+    /// [`Auth::new`] with several admin tokens, each with a name (who made a change, in
+    /// the audit log and the events).
+    pub fn with_admins(
+        api_keys: Vec<ApiKey>,
+        admins: Vec<(String, String)>,
+        metrics_token: Option<String>,
+        admin_open: bool,
+        sources: AuthSources,
+    ) -> Result<Self, AuthError> {
+        let admins: Vec<(String, String)> =
+            admins.into_iter().filter(|(_, t)| !t.is_empty()).collect();
         let mut api_keys: Vec<ApiKey> = api_keys
             .into_iter()
             .filter(|k| !k.secret.is_empty())
             .collect();
-        if !api_keys.is_empty() && admin_token.is_none() && !admin_open {
+        if !api_keys.is_empty() && admins.is_empty() && !admin_open {
             return Err(AuthError::AdminOpenByAccident {
                 admin: sources.admin,
                 open: sources.admin_open,
             });
         }
-        // The admin token is accepted on the OpenAI API too, as the key `admin`.
-        if !api_keys.is_empty()
-            && let Some(t) = &admin_token
-        {
-            api_keys.push(ApiKey::plain("admin", t.clone()));
+        // An admin token is accepted on the OpenAI API too, as a key of its name.
+        if !api_keys.is_empty() {
+            for (name, t) in &admins {
+                api_keys.push(ApiKey::plain(name.clone(), t.clone()));
+            }
         }
         Ok(Self {
             keys: Keys::new(api_keys),
-            may_issue: admin_token.is_some() || admin_open,
-            admin: Gate::tokens(admin_token),
+            may_issue: !admins.is_empty() || admin_open,
+            admin: Gate::named(admins),
             metrics: Gate::tokens(metrics_token),
         })
     }

@@ -428,12 +428,16 @@ async fn admin_model(State(api): State<Shared>, path: Path<Vec<(String, String)>
     }
 }
 
-async fn admin_sleep(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
+async fn admin_sleep(
+    State(api): State<Shared>,
+    by: By,
+    path: Path<Vec<(String, String)>>,
+) -> Response {
     let route = match admin_target(&api, path) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "sleep", model = %route.key(), "model put to sleep");
+    tracing::info!(target: "greenthread::audit", who = admin_caller(&by), action = "sleep", model = %route.key(), "model put to sleep");
     let mut errors = Vec::new();
     for r in &route.replicas {
         if r.state() == "serving"
@@ -448,12 +452,16 @@ async fn admin_sleep(State(api): State<Shared>, path: Path<Vec<(String, String)>
     Json(model_status(&route)).into_response()
 }
 
-async fn admin_wake(State(api): State<Shared>, path: Path<Vec<(String, String)>>) -> Response {
+async fn admin_wake(
+    State(api): State<Shared>,
+    by: By,
+    path: Path<Vec<(String, String)>>,
+) -> Response {
     let route = match admin_target(&api, path) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "wake", model = %route.key(), "model woken");
+    tracing::info!(target: "greenthread::audit", who = admin_caller(&by), action = "wake", model = %route.key(), "model woken");
     let Some(replica) = route.pick() else {
         return no_replica(&route.name).into_response();
     };
@@ -573,16 +581,10 @@ fn manager(api: &ApiServer) -> Result<Arc<dyn crate::ModelManager>, ApiError> {
     })
 }
 
-fn managed(
-    api: &ApiServer,
-    action: &str,
-    what: &str,
-    done: crate::Managed,
-    ok: StatusCode,
-) -> Response {
+fn managed(by: &By, action: &str, what: &str, done: crate::Managed, ok: StatusCode) -> Response {
     match done {
         Ok(v) => {
-            tracing::info!(target: "greenthread::audit", who = admin_caller(api), action, model = %what, "model {action}");
+            tracing::info!(target: "greenthread::audit", who = admin_caller(by), action, model = %what, "model {action}");
             (ok, Json(v)).into_response()
         }
         Err((status, message)) => {
@@ -604,7 +606,7 @@ fn json_body(body: &Bytes) -> Result<Value, ApiError> {
 }
 
 /// Adds a Model (`{name, spec}`, as in the config file) while the others serve.
-async fn add_model(State(api): State<Shared>, body: Bytes) -> Response {
+async fn add_model(State(api): State<Shared>, by: By, body: Bytes) -> Response {
     let m = match manager(&api) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
@@ -615,12 +617,13 @@ async fn add_model(State(api): State<Shared>, body: Bytes) -> Response {
     };
     let name = body["name"].as_str().unwrap_or_default().to_string();
     let done = m.add(body).await;
-    managed(&api, "added", &name, done, StatusCode::CREATED)
+    managed(&by, "added", &name, done, StatusCode::CREATED)
 }
 
 /// Replaces a Model's spec: only it restarts, drained first.
 async fn replace_model(
     State(api): State<Shared>,
+    by: By,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -633,11 +636,16 @@ async fn replace_model(
         Err(e) => return e.into_response(),
     };
     let done = m.replace(name.clone(), body).await;
-    managed(&api, "replaced", &name, done, StatusCode::OK)
+    managed(&by, "replaced", &name, done, StatusCode::OK)
 }
 
 /// Changes what a Model can change without a restart (`fairness.popular`).
-async fn patch_model(State(api): State<Shared>, Path(name): Path<String>, body: Bytes) -> Response {
+async fn patch_model(
+    State(api): State<Shared>,
+    by: By,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
     let m = match manager(&api) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
@@ -647,29 +655,31 @@ async fn patch_model(State(api): State<Shared>, Path(name): Path<String>, body: 
         Err(e) => return e.into_response(),
     };
     let done = m.patch(name.clone(), body).await;
-    managed(&api, "patched", &name, done, StatusCode::OK)
+    managed(&by, "patched", &name, done, StatusCode::OK)
 }
 
 /// Removes a Model: drained, asleep, stopped, its memory released.
-async fn remove_model(State(api): State<Shared>, Path(name): Path<String>) -> Response {
+async fn remove_model(State(api): State<Shared>, by: By, Path(name): Path<String>) -> Response {
     let m = match manager(&api) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
     let done = m.remove(name.clone()).await;
-    managed(&api, "removed", &name, done, StatusCode::OK)
+    managed(&by, "removed", &name, done, StatusCode::OK)
 }
 
 fn key_error(e: crate::issued::IssueError) -> Response {
     ApiError::new(e.status(), e.kind(), e.to_string()).into_response()
 }
 
-/// Who changed something through the admin API, for the audit log.
-fn admin_caller(api: &ApiServer) -> &'static str {
-    if api.auth.admin.is_open() {
-        "anyone (the admin API is open)"
-    } else {
-        "the admin token"
+/// Who changed something through the admin API (the name of the admin token they held),
+/// for the audit log and the events.
+type By = Option<axum::Extension<greenthread_edge::Holder>>;
+
+fn admin_caller(by: &By) -> String {
+    match by {
+        Some(axum::Extension(greenthread_edge::Holder(Some(name)))) => name.clone(),
+        _ => "anyone (the admin API is open)".into(),
     }
 }
 
@@ -692,7 +702,7 @@ async fn list_keys(State(api): State<Shared>) -> Response {
 }
 
 /// Issues a key (`{name, models?, priority?, rateLimit?}`): the answer shows it, once.
-async fn create_key(State(api): State<Shared>, body: Bytes) -> Response {
+async fn create_key(State(api): State<Shared>, by: By, body: Bytes) -> Response {
     use crate::issued::{IssueError, NewKey};
     if !api.auth.may_issue {
         return key_error(IssueError::AdminOpen);
@@ -708,10 +718,10 @@ async fn create_key(State(api): State<Shared>, body: Bytes) -> Response {
     let configured = |name: &str| keys.fixed().any(|k| k.name == name);
     match keys.issued().issue(new, &configured).await {
         Ok((key, r)) => {
-            tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "key_created", key = %r.name, prefix = %r.prefix, models = ?r.models, "API key issued");
+            tracing::info!(target: "greenthread::audit", who = admin_caller(&by), action = "key_created", key = %r.name, prefix = %r.prefix, models = ?r.models, "API key issued");
             api.events.emit(
                 "key_created",
-                json!({"name": r.name, "prefix": r.prefix, "at": r.created}),
+                json!({"name": r.name, "prefix": r.prefix, "by": admin_caller(&by), "at": r.created}),
             );
             let body = json!({"name": r.name, "key": key, "prefix": r.prefix,
                               "created": r.created, "models": r.models,
@@ -723,7 +733,7 @@ async fn create_key(State(api): State<Shared>, body: Bytes) -> Response {
 }
 
 /// Revokes a key issued through the API: refused from the next request on.
-async fn revoke_key(State(api): State<Shared>, Path(name): Path<String>) -> Response {
+async fn revoke_key(State(api): State<Shared>, by: By, Path(name): Path<String>) -> Response {
     use crate::issued::IssueError;
     let keys = &api.auth.keys;
     if keys.fixed().any(|k| k.name == name) {
@@ -731,7 +741,7 @@ async fn revoke_key(State(api): State<Shared>, Path(name): Path<String>) -> Resp
     }
     match keys.issued().revoke(&name).await {
         Ok(r) => {
-            tracing::info!(target: "greenthread::audit", who = admin_caller(&api), action = "key_revoked", key = %r.name, prefix = %r.prefix, "API key revoked");
+            tracing::info!(target: "greenthread::audit", who = admin_caller(&by), action = "key_revoked", key = %r.name, prefix = %r.prefix, "API key revoked");
             let at = jiff::Timestamp::now().to_string();
             api.events.emit(
                 "key_revoked",

@@ -55,17 +55,28 @@ pub fn bearer_value(token: &str) -> Option<http::HeaderValue> {
     Some(v)
 }
 
-/// Who may pass: anyone, or a holder of one of these tokens.
+/// Who may pass: anyone, or a holder of one of these tokens (each with a name, for the
+/// audit log).
 #[derive(Clone)]
 pub enum Gate {
     Open,
-    Tokens(Arc<Vec<String>>),
+    Tokens(Arc<Vec<(String, String)>>),
 }
 
+/// Who passed a gate: the name of the token they held (`None`: the gate is open). Put on
+/// the requests a [`require`]d router lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder(pub Option<String>);
+
 impl Gate {
-    /// Open when `tokens` is empty.
+    /// Open when `tokens` is empty; each token named `token`.
     pub fn tokens(tokens: impl IntoIterator<Item = String>) -> Self {
-        let t: Vec<String> = tokens.into_iter().filter(|t| !t.is_empty()).collect();
+        Self::named(tokens.into_iter().map(|t| ("token".to_string(), t)))
+    }
+
+    /// Open when `tokens` (name, token) is empty.
+    pub fn named(tokens: impl IntoIterator<Item = (String, String)>) -> Self {
+        let t: Vec<(String, String)> = tokens.into_iter().filter(|(_, t)| !t.is_empty()).collect();
         if t.is_empty() {
             Self::Open
         } else {
@@ -77,18 +88,29 @@ impl Gate {
         matches!(self, Self::Open)
     }
 
-    /// Whether `headers` carry a token this gate accepts. Every token is compared, so
-    /// the time taken does not say which one came close.
+    /// Whether `headers` carry a token this gate accepts.
     pub fn allows(&self, headers: &HeaderMap) -> bool {
+        self.holder(headers).is_some()
+    }
+
+    /// Who `headers` show to be, if this gate lets them through. Every token is
+    /// compared, so the time taken does not say which one came close.
+    pub fn holder(&self, headers: &HeaderMap) -> Option<Holder> {
         match self {
-            Self::Open => true,
+            Self::Open => Some(Holder(None)),
             Self::Tokens(tokens) => {
-                let Some(given) = credential(headers) else {
-                    return false;
-                };
+                let given = credential(headers)?;
                 tokens
                     .iter()
-                    .fold(false, |ok, t| ct_eq(t.as_bytes(), given.as_bytes()) | ok)
+                    .fold(None, |found, (name, t)| {
+                        let hit = ct_eq(t.as_bytes(), given.as_bytes());
+                        if hit && found.is_none() {
+                            Some(name.clone())
+                        } else {
+                            found
+                        }
+                    })
+                    .map(|name| Holder(Some(name)))
             }
         }
     }
@@ -105,13 +127,15 @@ pub fn require<S: Clone + Send + Sync + 'static>(
     if gate.is_open() {
         return router;
     }
-    router.route_layer(middleware::from_fn(move |req: Request, next: Next| {
+    router.route_layer(middleware::from_fn(move |mut req: Request, next: Next| {
         let gate = gate.clone();
         async move {
-            if gate.allows(req.headers()) {
-                next.run(req).await
-            } else {
-                unauthorized(what)
+            match gate.holder(req.headers()) {
+                Some(holder) => {
+                    req.extensions_mut().insert(holder);
+                    next.run(req).await
+                }
+                None => unauthorized(what),
             }
         }
     }))

@@ -14,7 +14,9 @@ const ADMIN: &str = "root-token";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn config() -> String {
-    format!("adminToken: {ADMIN}\n{TEST_CONFIG}")
+    format!(
+        "adminToken: {ADMIN}\nadminTokens: [{{name: alice, token: alice-token}}]\n{TEST_CONFIG}"
+    )
 }
 
 async fn start(data: &std::path::Path) -> LocalProc {
@@ -306,10 +308,11 @@ async fn events_are_typed_have_ids_and_replay_after_last_event_id() {
 
     // Missed while away: a key created and the sleep it asked for. A client that comes
     // back with the id of the last event it saw gets exactly those, in order.
+    // Issued by alice, by her own admin token.
     let r = local
         .client
         .post(format!("{}/api/v1/keys", local.url))
-        .bearer_auth(ADMIN)
+        .bearer_auth("alice-token")
         .json(&json!({"name": "watcher"}))
         .send()
         .await
@@ -351,6 +354,7 @@ async fn events_are_typed_have_ids_and_replay_after_last_event_id() {
     );
     assert_eq!(replay[0].id, Some(woke.id.unwrap() + 1));
     assert_eq!(replay[0].data["name"], "watcher");
+    assert_eq!(replay[0].data["by"], "alice", "who issued it");
     assert!(
         replay[0].data.get("key").is_none(),
         "events never carry a key"

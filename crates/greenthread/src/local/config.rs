@@ -23,6 +23,10 @@ pub struct LocalConfig {
     /// start unless `adminOpen: true`.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// More admin tokens, each with a name (`[{name, token}]`): the audit log and the
+    /// events say which one made a change (`adminToken` is named `admin`).
+    #[serde(default)]
+    pub admin_tokens: Vec<NamedToken>,
     /// Serve the admin API to anyone although `apiKeys` are set.
     #[serde(default)]
     pub admin_open: bool,
@@ -70,6 +74,23 @@ pub struct SimulatedGpu {
 
 fn default_product() -> String {
     "Simulated GPU".into()
+}
+
+/// An admin token with its name.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToken {
+    pub name: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for NamedToken {
+    // Never the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("NamedToken")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -165,7 +186,8 @@ pub struct Plan {
     pub backend: GpuBackend,
     pub models: Vec<(String, ValidModel)>,
     pub api_keys: Vec<greenthread_api::keys::ApiKey>,
-    pub admin_token: Option<String>,
+    /// Every admin token with its name (`adminToken` as `admin`).
+    pub admin_tokens: Vec<(String, String)>,
     pub admin_open: bool,
     pub metrics_token: Option<String>,
     pub policy: greenthread_ledger::Policy,
@@ -311,6 +333,34 @@ pub fn parse_with(
         errors.extend(e.iter().map(ToString::to_string));
         vec![]
     });
+    let mut admin_tokens: Vec<(String, String)> = cfg
+        .admin_token
+        .clone()
+        .map(|t| ("admin".to_string(), t))
+        .into_iter()
+        .collect();
+    for (i, t) in cfg.admin_tokens.iter().enumerate() {
+        let valid = !t.name.is_empty()
+            && t.name.len() <= 64
+            && t.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !valid {
+            errors.push(format!(
+                "adminTokens[{i}].name: {:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+                t.name
+            ));
+        } else if admin_tokens.iter().any(|(n, _)| *n == t.name) {
+            errors.push(format!(
+                "adminTokens[{i}].name: {:?} is used twice (adminToken is `admin`)",
+                t.name
+            ));
+        }
+        if t.token.trim().is_empty() {
+            errors.push(format!("adminTokens[{i}].token: is required"));
+        }
+        admin_tokens.push((t.name.clone(), t.token.clone()));
+    }
     if !errors.is_empty() {
         anyhow::bail!("config {source} is invalid:\n  {}", errors.join("\n  "));
     }
@@ -321,7 +371,7 @@ pub fn parse_with(
         backend,
         models,
         api_keys,
-        admin_token: cfg.admin_token,
+        admin_tokens,
         admin_open: cfg.admin_open,
         metrics_token: cfg.metrics_token,
     })
@@ -610,6 +660,33 @@ mod tests {
             per_gpu.iter().any(|u| *u > 1.0),
             "some GPU is oversubscribed: {per_gpu:?}"
         );
+    }
+
+    #[test]
+    fn admin_tokens_have_names_and_never_show_their_tokens() {
+        let base = "gpus:\n  simulated: [{memory: 10Gi}]\nmodels:\n  - name: a\n    spec: {modelName: m, engine: sim}\n";
+        let plan = parse(
+            "cfg",
+            &format!("adminToken: t0\nadminTokens: [{{name: alice, token: t1}}]\n{base}"),
+        )
+        .unwrap();
+        let names: Vec<&str> = plan.admin_tokens.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["admin", "alice"]);
+        let e = parse(
+            "cfg",
+            &format!("adminToken: secret-t0\nadminTokens: [{{name: admin, token: secret-t1}}, {{name: 'b c', token: ''}}]\n{base}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("adminTokens[0].name: \"admin\" is used twice"),
+            "{e}"
+        );
+        assert!(
+            e.contains("adminTokens[1].name") && e.contains("adminTokens[1].token: is required"),
+            "{e}"
+        );
+        assert!(!e.contains("secret-"), "{e}");
     }
 
     #[test]

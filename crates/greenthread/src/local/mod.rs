@@ -152,9 +152,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     // Models added, replaced or removed through the admin API in earlier runs.
     let store = store_path(&data_dir);
     apply_changes(&mut plan, &store)?;
-    let auth = Auth::new(
+    let auth = Auth::with_admins(
         plan.api_keys.clone(),
-        plan.admin_token.clone(),
+        plan.admin_tokens.clone(),
         plan.metrics_token.clone(),
         plan.admin_open,
         SOURCES,
