@@ -605,19 +605,55 @@ fn json_body(body: &Bytes) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))
 }
 
-/// Adds a Model (`{name, spec}`, as in the config file) while the others serve.
-async fn add_model(State(api): State<Shared>, by: By, body: Bytes) -> Response {
-    let m = match manager(&api) {
+/// A change of the Models at run time, as the admin API asks for it.
+enum Change {
+    Add,
+    Replace(String),
+    Patch(String),
+    Remove(String),
+}
+
+/// Carries `change` out through the manager (where there is one), with the request's
+/// JSON `body` (none for a DELETE), audited.
+async fn change_models(api: &ApiServer, by: &By, change: Change, body: Option<Bytes>) -> Response {
+    let m = match manager(api) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    let body = match json_body(&body) {
-        Ok(b) => b,
+    let body = match body.as_ref().map(json_body).transpose() {
+        Ok(b) => b.unwrap_or(Value::Null),
         Err(e) => return e.into_response(),
     };
-    let name = body["name"].as_str().unwrap_or_default().to_string();
-    let done = m.add(body).await;
-    managed(&by, "added", &name, done, StatusCode::CREATED)
+    let (action, name, ok, done) = match change {
+        Change::Add => {
+            let name = body["name"].as_str().unwrap_or_default().to_string();
+            ("added", name, StatusCode::CREATED, m.add(body).await)
+        }
+        Change::Replace(name) => (
+            "replaced",
+            name.clone(),
+            StatusCode::OK,
+            m.replace(name, body).await,
+        ),
+        Change::Patch(name) => (
+            "patched",
+            name.clone(),
+            StatusCode::OK,
+            m.patch(name, body).await,
+        ),
+        Change::Remove(name) => (
+            "removed",
+            name.clone(),
+            StatusCode::OK,
+            m.remove(name).await,
+        ),
+    };
+    managed(by, action, &name, done, ok)
+}
+
+/// Adds a Model (`{name, spec}`, as in the config file) while the others serve.
+async fn add_model(State(api): State<Shared>, by: By, body: Bytes) -> Response {
+    change_models(&api, &by, Change::Add, Some(body)).await
 }
 
 /// Replaces a Model's spec: only it restarts, drained first.
@@ -627,16 +663,7 @@ async fn replace_model(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let m = match manager(&api) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
-    let body = match json_body(&body) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let done = m.replace(name.clone(), body).await;
-    managed(&by, "replaced", &name, done, StatusCode::OK)
+    change_models(&api, &by, Change::Replace(name), Some(body)).await
 }
 
 /// Changes what a Model can change without a restart (`fairness.popular`).
@@ -646,26 +673,12 @@ async fn patch_model(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let m = match manager(&api) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
-    let body = match json_body(&body) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let done = m.patch(name.clone(), body).await;
-    managed(&by, "patched", &name, done, StatusCode::OK)
+    change_models(&api, &by, Change::Patch(name), Some(body)).await
 }
 
 /// Removes a Model: drained, asleep, stopped, its memory released.
 async fn remove_model(State(api): State<Shared>, by: By, Path(name): Path<String>) -> Response {
-    let m = match manager(&api) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
-    let done = m.remove(name.clone()).await;
-    managed(&by, "removed", &name, done, StatusCode::OK)
+    change_models(&api, &by, Change::Remove(name), None).await
 }
 
 fn key_error(e: crate::issued::IssueError) -> Response {

@@ -75,6 +75,22 @@ async fn gpus(client: &Client) {
     }
 }
 
+/// The fake API server with the agents' GPU records, and one controller leading on it.
+async fn one_controller() -> (
+    FakeApiServer,
+    Client,
+    greenthread_controller::leader::Elected,
+) {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let mut registry = Registry::default();
+    let elected = greenthread_controller::start(client.clone(), &config("only"), &mut registry)
+        .await
+        .unwrap();
+    (server, client, elected)
+}
+
 async fn create_model(client: &Client, name: &str, replicas: u32) -> Model {
     let spec: ModelSpec = serde_json::from_value(json!({
         "modelName": format!("org/{name}"),
@@ -746,13 +762,7 @@ async fn deleting_a_model_deletes_only_the_pods_it_owns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapters_follow_the_spec_through_a_config_map_and_clashes_are_conditions() {
     use k8s_openapi::api::core::v1::ConfigMap;
-    let server = FakeApiServer::start().await;
-    let client = server.client();
-    gpus(&client).await;
-    let mut registry = Registry::default();
-    let _elected = greenthread_controller::start(client.clone(), &config("only"), &mut registry)
-        .await
-        .unwrap();
+    let (_server, client, _elected) = one_controller().await;
     let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
     let configs: Api<ConfigMap> = Api::namespaced(client.clone(), TEAM);
     let adapters = |json: serde_json::Value| -> Vec<String> {
@@ -840,13 +850,7 @@ async fn adapters_follow_the_spec_through_a_config_map_and_clashes_are_condition
 /// and created anew from the new spec; nothing else of the Model changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_spec_rolls_the_models_pod() {
-    let server = FakeApiServer::start().await;
-    let client = server.client();
-    gpus(&client).await;
-    let mut registry = Registry::default();
-    let _elected = greenthread_controller::start(client.clone(), &config("only"), &mut registry)
-        .await
-        .unwrap();
+    let (_server, client, _elected) = one_controller().await;
     create_model(&client, "qwen", 1).await;
     let first = wait_until("a placed pod", WAIT, || async {
         pods_of(&client, "qwen").await.into_iter().next()

@@ -23,6 +23,54 @@ async fn start(data: &std::path::Path) -> LocalProc {
     LocalProc::start_with(BIN, &config(), &["--data-dir", data.to_str().unwrap()]).await
 }
 
+/// `GET path` of the admin API, as JSON.
+async fn admin_get(local: &LocalProc, path: &str) -> Value {
+    local
+        .client
+        .get(format!("{}{path}", local.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The running models' names, sorted.
+async fn model_names(local: &LocalProc) -> Vec<String> {
+    let mut names: Vec<String> = admin_get(local, "/api/v1/models").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The status of a short chat with `model`, as `key` (none: without a credential).
+async fn chat_status(local: &LocalProc, model: &str, key: Option<&str>) -> u16 {
+    let mut req = local.chat(model, 2);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+/// The model events among `seen`, as (type, model).
+fn model_changes(seen: &[Sse]) -> Vec<(String, String)> {
+    seen.iter()
+        .filter(|e| e.kind.starts_with("model_"))
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.data["model"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
     let data = tempfile::tempdir().unwrap();
@@ -31,7 +79,7 @@ async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
     let url = |p: &str| format!("{}{p}", local.url);
 
     // No key yet: the API is open (loopback). Issuing needs the admin token.
-    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
+    assert_eq!(chat_status(&local, "alpha", None).await, 200);
     let new = json!({"name": "ci", "models": ["alpha"], "rateLimit": {"requestsPerMinute": 600}});
     let r = local
         .client
@@ -52,21 +100,9 @@ async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
     assert_eq!(issued["prefix"].as_str().unwrap(), &key[..12]);
 
     // From now on the API wants a key; this one may use alpha only.
-    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 401);
-    let r = local
-        .chat("alpha", 2)
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = local
-        .chat("beta", 2)
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    assert_eq!(chat_status(&local, "alpha", None).await, 401);
+    assert_eq!(chat_status(&local, "alpha", Some(&key)).await, 200);
+    assert_eq!(chat_status(&local, "beta", Some(&key)).await, 403);
     let m = local.metrics().await;
     assert_eq!(
         m.value(
@@ -138,13 +174,11 @@ async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let r = local
-        .chat("alpha", 2)
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401, "revoked: refused from the next request on");
+    assert_eq!(
+        chat_status(&local, "alpha", Some(&key)).await,
+        401,
+        "revoked: refused from the next request on"
+    );
     let r = admin(local.client.delete(url("/api/v1/keys/ci")))
         .send()
         .await
@@ -166,20 +200,16 @@ async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
     assert_eq!(names, ["kept"]);
     drop(local);
     let local = start(data.path()).await;
-    let r = local
-        .chat("beta", 2)
-        .bearer_auth(&kept)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "kept across a restart");
-    let r = local
-        .chat("alpha", 2)
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401, "still revoked after a restart");
+    assert_eq!(
+        chat_status(&local, "beta", Some(&kept)).await,
+        200,
+        "kept across a restart"
+    );
+    assert_eq!(
+        chat_status(&local, "alpha", Some(&key)).await,
+        401,
+        "still revoked after a restart"
+    );
     // Revoking the last key never opens the API again.
     let r = local
         .client
@@ -189,14 +219,8 @@ async fn keys_are_issued_used_and_revoked_at_run_time_and_kept_hashed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 401);
-    let r = local
-        .chat("alpha", 2)
-        .bearer_auth(&kept)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(chat_status(&local, "alpha", None).await, 401);
+    assert_eq!(chat_status(&local, "alpha", Some(&kept)).await, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,16 +237,7 @@ async fn configured_keys_cannot_be_revoked_and_an_open_admin_api_cannot_issue() 
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(
-        local
-            .chat("alpha", 2)
-            .bearer_auth("sk-ops")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&local, "alpha", Some("sk-ops")).await, 200);
     drop(local);
     // Without an admin token, nobody may mint keys.
     let open = LocalProc::start_with(
@@ -275,7 +290,7 @@ async fn events_are_typed_have_ids_and_replay_after_last_event_id() {
         req.send()
     };
     let mut stream = events(None).await.unwrap().bytes_stream();
-    assert_eq!(local.chat("beta", 2).send().await.unwrap().status(), 200);
+    assert_eq!(chat_status(&local, "beta", None).await, 200);
     let seen = read_until(&mut stream, |e| {
         e.iter().any(|e| e.kind == "wake_completed")
     })
@@ -403,7 +418,7 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
     };
 
     // alpha serves before anything changes; its wake must be the only one it has.
-    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
+    assert_eq!(chat_status(&local, "alpha", None).await, 200);
     let alpha_before = booted("alpha").await;
     assert_eq!(alpha_before["pods"][0]["state"], "serving");
 
@@ -440,7 +455,7 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
     );
     assert_eq!(text.matches("\"content\":").count(), 30, "{text}");
     booted("zeta").await;
-    assert_eq!(local.chat("zeta", 2).send().await.unwrap().status(), 200);
+    assert_eq!(chat_status(&local, "zeta", None).await, 200);
 
     // A bad spec: refused with its field named, and nothing changed.
     let mut wrong = spec("20");
@@ -485,7 +500,7 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
         ["alpha", "beta", "delta", "epsilon", "gamma", "zeta"]
     );
     assert_eq!(
-        local.chat("zeta", 2).send().await.unwrap().status(),
+        chat_status(&local, "zeta", None).await,
         200,
         "zeta still serves"
     );
@@ -500,7 +515,7 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     booted("zeta").await;
-    assert_eq!(local.chat("zeta", 2).send().await.unwrap().status(), 200);
+    assert_eq!(chat_status(&local, "zeta", None).await, 200);
     let alpha_after = booted("alpha").await;
     assert_eq!(alpha_after["pods"][0]["state"], "serving");
     assert_eq!(
@@ -514,7 +529,7 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(local.chat("epsilon", 2).send().await.unwrap().status(), 404);
+    assert_eq!(chat_status(&local, "epsilon", None).await, 404);
     let gpus = admin(local.client.get(url("/api/v1/gpus")))
         .send()
         .await
@@ -538,16 +553,7 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
         .unwrap()
         .bytes_stream();
     let seen = read_until(&mut events, |e| e.iter().any(|e| e.kind == "model_removed")).await;
-    let changes: Vec<(String, String)> = seen
-        .iter()
-        .filter(|e| e.kind.starts_with("model_"))
-        .map(|e| {
-            (
-                e.kind.clone(),
-                e.data["model"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let changes = model_changes(&seen);
     let want = [
         ("model_added", "epsilon"),
         ("model_added", "zeta"),
@@ -560,26 +566,12 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
     // A restart keeps every change.
     drop(local);
     let local = start(data.path()).await;
-    let listed = local
-        .client
-        .get(format!("{}/api/v1/models", local.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
-    let mut names: Vec<&str> = listed["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["alpha", "beta", "delta", "gamma", "zeta"]);
-    assert_eq!(local.chat("zeta", 2).send().await.unwrap().status(), 200);
-    assert_eq!(local.chat("epsilon", 2).send().await.unwrap().status(), 404);
+    assert_eq!(
+        model_names(&local).await,
+        ["alpha", "beta", "delta", "gamma", "zeta"]
+    );
+    assert_eq!(chat_status(&local, "zeta", None).await, 200);
+    assert_eq!(chat_status(&local, "epsilon", None).await, 404);
 }
 
 /// SIGHUP applies the edited config file as the same additions, replacements and
@@ -588,33 +580,8 @@ async fn models_are_added_replaced_and_removed_while_the_others_serve() {
 async fn the_config_file_is_applied_again_on_sighup() {
     let data = tempfile::tempdir().unwrap();
     let local = start(data.path()).await;
-    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
-    let admin_json = |path: &'static str| {
-        let local = &local;
-        async move {
-            local
-                .client
-                .get(format!("{}{path}", local.url))
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
-    let alpha_before = admin_json("/api/v1/models/alpha").await;
-    let names = || async {
-        let mut names: Vec<String> = admin_json("/api/v1/models").await["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap().to_string())
-            .collect();
-        names.sort();
-        names
-    };
+    assert_eq!(chat_status(&local, "alpha", None).await, 200);
+    let alpha_before = admin_get(&local, "/api/v1/models/alpha").await;
     let hup = |local: &LocalProc| {
         // SAFETY: signals our own child process.
         unsafe { libc::kill(local.proc.pid() as libc::pid_t, libc::SIGHUP) };
@@ -636,16 +603,17 @@ async fn the_config_file_is_applied_again_on_sighup() {
     std::fs::write(&local.config, &edited).unwrap();
     hup(&local);
     wait_until("the edited models", WAIT, || async {
-        (names().await == ["alpha", "beta", "delta", "eta"]).then_some(())
+        (model_names(&local).await == ["alpha", "beta", "delta", "eta"]).then_some(())
     })
     .await;
     wait_until("eta booted", WAIT, || async {
-        (admin_json("/api/v1/models/eta").await["pods"][0]["bootReady"] == true).then_some(())
+        (admin_get(&local, "/api/v1/models/eta").await["pods"][0]["bootReady"] == true)
+            .then_some(())
     })
     .await;
-    assert_eq!(local.chat("eta", 2).send().await.unwrap().status(), 200);
-    assert_eq!(local.chat("gamma", 2).send().await.unwrap().status(), 404);
-    let alpha_after = admin_json("/api/v1/models/alpha").await;
+    assert_eq!(chat_status(&local, "eta", None).await, 200);
+    assert_eq!(chat_status(&local, "gamma", None).await, 404);
+    let alpha_after = admin_get(&local, "/api/v1/models/alpha").await;
     assert_eq!(
         alpha_after["pods"][0]["state"], "serving",
         "alpha served on"
@@ -678,16 +646,7 @@ async fn the_config_file_is_applied_again_on_sighup() {
         e.iter().any(|e| e.kind == "config_rejected")
     })
     .await;
-    let changes: Vec<(String, String)> = seen
-        .iter()
-        .filter(|e| e.kind.starts_with("model_"))
-        .map(|e| {
-            (
-                e.kind.clone(),
-                e.data["model"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let changes = model_changes(&seen);
     let want = [
         ("model_removed", "gamma"),
         ("model_replaced", "delta"),
@@ -698,8 +657,8 @@ async fn the_config_file_is_applied_again_on_sighup() {
     let rejected = seen.iter().find(|e| e.kind == "config_rejected").unwrap();
     let error = rejected.data["error"].as_str().unwrap();
     assert!(error.contains("spec.gpuMemoryUtilization"), "{error}");
-    assert_eq!(names().await, ["alpha", "beta", "delta", "eta"]);
-    assert_eq!(local.chat("eta", 2).send().await.unwrap().status(), 200);
+    assert_eq!(model_names(&local).await, ["alpha", "beta", "delta", "eta"]);
+    assert_eq!(chat_status(&local, "eta", None).await, 200);
 }
 
 /// PATCH changes `fairness.popular` alone, without a restart: in the GPU records at once.
@@ -707,24 +666,9 @@ async fn the_config_file_is_applied_again_on_sighup() {
 async fn popular_is_patched_without_a_restart() {
     let data = tempfile::tempdir().unwrap();
     let local = start(data.path()).await;
-    assert_eq!(local.chat("alpha", 2).send().await.unwrap().status(), 200);
-    let get = |path: &'static str| {
-        let local = &local;
-        async move {
-            local
-                .client
-                .get(format!("{}{path}", local.url))
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
+    assert_eq!(chat_status(&local, "alpha", None).await, 200);
     let popular = || async {
-        let gpus = get("/api/v1/gpus").await;
+        let gpus = admin_get(&local, "/api/v1/gpus").await;
         gpus["items"]
             .as_array()
             .unwrap()
@@ -734,7 +678,7 @@ async fn popular_is_patched_without_a_restart() {
             .map(|o| o["popular"].clone())
     };
     assert_eq!(popular().await, Some(json!(false)));
-    let before = get("/api/v1/models/alpha").await;
+    let before = admin_get(&local, "/api/v1/models/alpha").await;
     let patch = |body: Value| {
         local
             .client
@@ -748,7 +692,7 @@ async fn popular_is_patched_without_a_restart() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(popular().await, Some(json!(true)));
-    let after = get("/api/v1/models/alpha").await;
+    let after = admin_get(&local, "/api/v1/models/alpha").await;
     assert_eq!(after["pods"][0]["state"], "serving");
     assert_eq!(after["pods"][0]["lastWake"], before["pods"][0]["lastWake"]);
     // Anything else is a PUT.
@@ -804,9 +748,9 @@ models:
         .await
         .unwrap()
         .bytes_stream();
-    assert_eq!(local.chat("first", 2).send().await.unwrap().status(), 200);
+    assert_eq!(chat_status(&local, "first", None).await, 200);
     // second's wake preempts first, and its engine fails its first two wakes: restarted.
-    assert_eq!(local.chat("second", 2).send().await.unwrap().status(), 200);
+    assert_eq!(chat_status(&local, "second", None).await, 200);
     let seen = read_until(&mut events, |e| {
         e.iter().any(|e| e.kind == "preempted") && e.iter().any(|e| e.kind == "engine_restarted")
     })
