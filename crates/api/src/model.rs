@@ -360,27 +360,8 @@ impl ModelSpec {
         let wake_feedback = dur("sleep.wakeFeedback", &self.sleep.wake_feedback);
         let min_runtime = dur("fairness.minRuntime", &self.fairness.min_runtime);
         let max_wait_time = dur("fairness.maxWaitTime", &self.fairness.max_wait_time);
-        let mut seen = std::collections::BTreeSet::new();
-        for (i, a) in self.adapters.iter().enumerate() {
-            if let Err(why) = adapter_name(&a.name) {
-                err(&format!("adapters[{i}].name"), why);
-            } else if a.name == self.model_name {
-                err(
-                    &format!("adapters[{i}].name"),
-                    format!("{:?} is the Model's own modelName", a.name),
-                );
-            } else if !seen.insert(a.name.as_str()) {
-                err(
-                    &format!("adapters[{i}].name"),
-                    format!("{:?} is named twice", a.name),
-                );
-            }
-            if a.source.trim().is_empty() {
-                err(
-                    &format!("adapters[{i}].source"),
-                    "is required (a path in the engine's filesystem or a hub id)".into(),
-                );
-            }
+        for (field, message) in adapter_errors(&self.adapters, Some(&self.model_name)) {
+            err(&field, message);
         }
         if self.max_loras == Some(0) {
             err("maxLoras", "must be at least 1".into());
@@ -436,6 +417,31 @@ pub fn adapter_clashes(models: &[(&str, &ModelSpec)]) -> Vec<(usize, usize, Stri
         }
     }
     clashes
+}
+
+/// What is wrong with an adapter list, each problem as (field, message): a name that
+/// cannot name an adapter, repeats another, or is the Model's own `model_name`; a source
+/// missing. The Model spec's check and the sidecar's adapters file share it.
+pub fn adapter_errors(list: &[AdapterSpec], model_name: Option<&str>) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, a) in list.iter().enumerate() {
+        let name = format!("adapters[{i}].name");
+        if let Err(why) = adapter_name(&a.name) {
+            errors.push((name, why));
+        } else if model_name == Some(a.name.as_str()) {
+            errors.push((name, format!("{:?} is the Model's own modelName", a.name)));
+        } else if !seen.insert(a.name.as_str()) {
+            errors.push((name, format!("{:?} is named twice", a.name)));
+        }
+        if a.source.trim().is_empty() {
+            errors.push((
+                format!("adapters[{i}].source"),
+                "is required (a path in the engine's filesystem or a hub id)".into(),
+            ));
+        }
+    }
+    errors
 }
 
 /// Whether `name` can name an adapter: what clients send as `model`, so letters, digits,

@@ -36,10 +36,15 @@ pub struct Event {
 impl Event {
     /// The event as one server-sent event.
     pub fn frame(&self) -> String {
-        format!(
-            "id: {}\nevent: {}\ndata: {}\n\n",
-            self.id, self.kind, self.data
-        )
+        frame(Some(self.id), self.kind, &self.data)
+    }
+}
+
+/// One server-sent event of type `kind`, with its id when it has one.
+pub fn frame(id: Option<u64>, kind: &str, data: &serde_json::Value) -> String {
+    match id {
+        Some(id) => format!("id: {id}\nevent: {kind}\ndata: {data}\n\n"),
+        None => format!("event: {kind}\ndata: {data}\n\n"),
     }
 }
 
@@ -92,8 +97,14 @@ impl EventHub {
         }
     }
 
-    /// Publishes an event of type `kind`.
-    pub fn emit(&self, kind: &'static str, data: serde_json::Value) {
+    /// Publishes an event of type `kind`, stamped with the time (`at`) unless its data
+    /// says when it happened.
+    pub fn emit(&self, kind: &'static str, mut data: serde_json::Value) {
+        if let Some(fields) = data.as_object_mut() {
+            fields
+                .entry("at")
+                .or_insert_with(|| jiff::Timestamp::now().to_string().into());
+        }
         let mut log = self.log.lock().unwrap();
         let event = Arc::new(Event {
             id: log.0,
@@ -173,15 +184,14 @@ impl EventHub {
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let at = jiff::Timestamp::now().to_string();
                 match notice {
                     Notice::Preempting { victim, gpu } => hub.emit(
                         "preempted",
-                        serde_json::json!({"victim": victim, "preemptor": pod, "model": model, "gpu": gpu, "at": at}),
+                        serde_json::json!({"victim": victim, "preemptor": pod, "model": model, "gpu": gpu}),
                     ),
                     Notice::EngineRestarted { reason } => hub.emit(
                         "engine_restarted",
-                        serde_json::json!({"model": model, "pod": pod, "reason": reason, "at": at}),
+                        serde_json::json!({"model": model, "pod": pod, "reason": reason}),
                     ),
                 }
             }
@@ -245,7 +255,7 @@ mod tests {
         // An id from the future (another run of the server): a snapshot.
         assert_eq!(ids(hub.since(9, upto)), None);
         for i in 0..BUFFERED {
-            hub.emit("state", serde_json::json!({"i": i}));
+            hub.emit("state", serde_json::json!({"at": "t", "i": i}));
         }
         let (_rx, upto) = hub.subscribe();
         assert_eq!(ids(hub.since(2, upto)), None, "fell out of the buffer");
@@ -259,9 +269,17 @@ mod tests {
         assert_eq!(
             e[0].frame(),
             format!(
-                "id: {upto}\nevent: state\ndata: {{\"i\":{}}}\n\n",
+                "id: {upto}\nevent: state\ndata: {{\"at\":\"t\",\"i\":{}}}\n\n",
                 BUFFERED - 1
             )
         );
+        // An event that does not say when it happened is stamped now.
+        hub.emit("state", serde_json::json!({"i": 0}));
+        let (_rx, upto) = hub.subscribe();
+        let Missed::Events(e) = hub.since(upto - 1, upto) else {
+            panic!()
+        };
+        let at = e[0].data["at"].as_str().unwrap();
+        assert!(at.parse::<jiff::Timestamp>().is_ok(), "{at}");
     }
 }

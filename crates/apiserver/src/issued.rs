@@ -210,7 +210,7 @@ impl Issued {
 
     /// The records as kept now (read by a watch of the store): in use from now on; the
     /// callers of keys that are still there keep their rate limits' state.
-    pub fn set(&self, records: Vec<Record>) -> Result<(), IssueError> {
+    fn set(&self, records: Vec<Record>) -> Result<(), IssueError> {
         let mut entries = self.entries.write().unwrap();
         let mut next = Vec::with_capacity(records.len());
         for r in records {
@@ -246,14 +246,7 @@ impl Issued {
             return None;
         }
         let hash = sha256(given);
-        entries.iter().fold(None, |found, e| {
-            let hit = greenthread_edge::ct_eq(&e.hash, &hash);
-            if hit && found.is_none() {
-                Some(e.caller.clone())
-            } else {
-                found
-            }
-        })
+        greenthread_edge::ct_find(entries.iter(), &hash, |e| &e.hash[..]).map(|e| e.caller.clone())
     }
 
     /// Every issued key, as stored (never the key).

@@ -9,7 +9,7 @@ use std::{
 
 use axum::{extract::Request, middleware::Next, response::Response};
 use greenthread_api::keys::ApiKey;
-use greenthread_edge::{ApiError, credential, ct_eq};
+use greenthread_edge::{ApiError, credential, ct_find};
 use http::StatusCode;
 use tokio::time::Instant;
 
@@ -160,7 +160,7 @@ impl Keys {
     /// Open: no key configured, none issued ever (revoking the last issued key keeps
     /// the API closed).
     pub fn is_open(&self) -> bool {
-        self.0.fixed.is_empty() && self.0.issued.is_empty() && !self.0.issued.closed()
+        self.0.fixed.is_empty() && !self.0.issued.closed()
     }
 
     /// The keys issued at run time.
@@ -177,16 +177,10 @@ impl Keys {
     /// which one came close.
     pub fn identify(&self, headers: &http::HeaderMap) -> Option<Arc<Caller>> {
         let given = credential(headers)?;
-        let fixed = self.0.fixed.iter().fold(None, |found, c| {
-            let hit = ct_eq(c.key.secret.as_bytes(), given.as_bytes());
-            if hit && found.is_none() {
-                Some(c.clone())
-            } else {
-                found
-            }
-        });
+        let fixed = ct_find(&self.0.fixed, given.as_bytes(), |c| c.key.secret.as_bytes());
+        // Both sets are always searched, whichever holds the key.
         let issued = self.0.issued.identify(given);
-        fixed.or(issued)
+        fixed.cloned().or(issued)
     }
 
     /// The layer in front of the OpenAI API: 401 without a known key; otherwise the

@@ -239,20 +239,26 @@ impl ApiServer {
             }
         }
         let route = Arc::new(route);
-        let mut models = self.models.write().unwrap();
-        let mut next = (**models).clone();
-        next.insert(route.key(), route.clone());
-        *models = Arc::new(next);
+        self.change_models(|m| m.insert(route.key(), route.clone()));
         route
     }
 
     /// Stops routing to Model `key` (requests under way finish on the route they hold).
     pub fn remove_model(&self, key: &str) -> Option<Arc<ModelRoute>> {
+        self.change_models(|m| m.remove(key))
+    }
+
+    /// `change` applied to a copy of the routes, which then replaces them: readers keep
+    /// the snapshot they took.
+    fn change_models<T>(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, Arc<ModelRoute>>) -> T,
+    ) -> T {
         let mut models = self.models.write().unwrap();
         let mut next = (**models).clone();
-        let gone = next.remove(key);
+        let out = change(&mut next);
         *models = Arc::new(next);
-        gone
+        out
     }
 
     /// The Model `model` names: `namespace/name`, else a name no other namespace uses,

@@ -539,11 +539,11 @@ async fn events(State(api): State<Shared>, headers: http::HeaderMap) -> Response
             let routes = api.models();
             let models: Vec<Value> = routes.values().map(|m| model_status(m)).collect();
             let system = json!({"models": models, "lastEventId": upto, "at": at});
-            std::iter::once(format!("event: system_state\ndata: {system}\n\n"))
+            std::iter::once(crate::events::frame(None, "system_state", &system))
                 .chain(routes.values().flat_map(|m| {
                     m.replicas.iter().map(|r| {
                         let e = json!({"model": m.name, "pod": r.pod, "from": null, "to": r.state(), "at": at});
-                        format!("event: state\ndata: {e}\n\n")
+                        crate::events::frame(None, "state", &e)
                     })
                 }))
                 .collect()
@@ -755,10 +755,9 @@ async fn revoke_key(State(api): State<Shared>, by: By, Path(name): Path<String>)
     match keys.issued().revoke(&name).await {
         Ok(r) => {
             tracing::info!(target: "greenthread::audit", who = admin_caller(&by), action = "key_revoked", key = %r.name, prefix = %r.prefix, "API key revoked");
-            let at = jiff::Timestamp::now().to_string();
             api.events.emit(
                 "key_revoked",
-                json!({"name": r.name, "prefix": r.prefix, "at": at}),
+                json!({"name": r.name, "prefix": r.prefix, "by": admin_caller(&by)}),
             );
             StatusCode::NO_CONTENT.into_response()
         }

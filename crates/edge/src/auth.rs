@@ -24,6 +24,24 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// The first of `candidates` whose secret (as `secret` gives it) is `given`. Every
+/// candidate is compared, in constant time, so the time taken does not say which one
+/// came close.
+pub fn ct_find<'a, T>(
+    candidates: impl IntoIterator<Item = &'a T>,
+    given: &[u8],
+    secret: impl Fn(&T) -> &[u8],
+) -> Option<&'a T> {
+    candidates.into_iter().fold(None, |found, c| {
+        let hit = ct_eq(secret(c), given);
+        if hit && found.is_none() {
+            Some(c)
+        } else {
+            found
+        }
+    })
+}
+
 /// The token of `Authorization: Bearer <token>`.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -100,17 +118,8 @@ impl Gate {
             Self::Open => Some(Holder(None)),
             Self::Tokens(tokens) => {
                 let given = credential(headers)?;
-                tokens
-                    .iter()
-                    .fold(None, |found, (name, t)| {
-                        let hit = ct_eq(t.as_bytes(), given.as_bytes());
-                        if hit && found.is_none() {
-                            Some(name.clone())
-                        } else {
-                            found
-                        }
-                    })
-                    .map(|name| Holder(Some(name)))
+                ct_find(tokens.iter(), given.as_bytes(), |(_, t)| t.as_bytes())
+                    .map(|(name, _)| Holder(Some(name.clone())))
             }
         }
     }

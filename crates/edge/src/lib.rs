@@ -19,7 +19,9 @@ mod shutdown;
 pub mod sse;
 pub mod transport;
 
-pub use auth::{Gate, Holder, bearer, bearer_value, credential, ct_eq, require, unauthorized};
+pub use auth::{
+    Gate, Holder, bearer, bearer_value, credential, ct_eq, ct_find, require, unauthorized,
+};
 pub use body::{BodyError, read_body};
 pub use config::EdgeConfig;
 pub use error::{ApiError, api_error, echo};

@@ -49,6 +49,24 @@ fn controller_config() -> ControllerConfig {
     }
 }
 
+/// The API server's configuration in these tests: the system namespace, every
+/// namespace's Models, the admin token in `admin_token_file` if any.
+fn api_server_config(admin_token_file: Option<std::path::PathBuf>) -> ApiServerConfig {
+    ApiServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        namespace: SYSTEM.into(),
+        watch_namespace: None,
+        api_keys_file: None,
+        admin_token_file,
+        metrics_token_file: None,
+        sidecar_token_file: None,
+        admin_open: false,
+        allow_unauthenticated: false,
+        issued_keys_secret: "greenthread-issued-api-keys".into(),
+        edge: Default::default(),
+    }
+}
+
 async fn model(client: &kube::Client, name: &str) {
     let spec: ModelSpec = serde_json::from_value(json!({
         "modelName": format!("org/{name}"),
@@ -104,24 +122,10 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
             kubeconfig.to_string_lossy().into_owned(),
         )],
     );
-    let (api, _discovery) = greenthread_apiserver::cluster::start(
-        client.clone(),
-        &ApiServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            namespace: SYSTEM.into(),
-            watch_namespace: None,
-            api_keys_file: None,
-            admin_token_file: None,
-            metrics_token_file: None,
-            sidecar_token_file: None,
-            admin_open: false,
-            allow_unauthenticated: false,
-            issued_keys_secret: "greenthread-issued-api-keys".into(),
-            edge: Default::default(),
-        },
-    )
-    .await
-    .unwrap();
+    let (api, _discovery) =
+        greenthread_apiserver::cluster::start(client.clone(), &api_server_config(None))
+            .await
+            .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -309,24 +313,10 @@ async fn keys_issued_through_one_api_server_replica_hold_at_every_replica() {
         let client = client.clone();
         let token = token.clone();
         async move {
-            let (api, tasks) = greenthread_apiserver::cluster::start(
-                client,
-                &ApiServerConfig {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    namespace: SYSTEM.into(),
-                    watch_namespace: None,
-                    api_keys_file: None,
-                    admin_token_file: Some(token),
-                    metrics_token_file: None,
-                    sidecar_token_file: None,
-                    admin_open: false,
-                    allow_unauthenticated: false,
-                    issued_keys_secret: "greenthread-issued-api-keys".into(),
-                    edge: Default::default(),
-                },
-            )
-            .await
-            .unwrap();
+            let (api, tasks) =
+                greenthread_apiserver::cluster::start(client, &api_server_config(Some(token)))
+                    .await
+                    .unwrap();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let base = format!("http://{}", listener.local_addr().unwrap());
             tokio::spawn(async move {

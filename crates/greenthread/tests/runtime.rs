@@ -374,6 +374,24 @@ async fn events_are_typed_have_ids_and_replay_after_last_event_id() {
         replay[0].data.get("key").is_none(),
         "events never carry a key"
     );
+    // Revoked by the admin token: the event says who.
+    let r = local
+        .client
+        .delete(format!("{}/api/v1/keys/watcher", local.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let last = replay.last().unwrap().id.unwrap();
+    let mut after = events(Some(last)).await.unwrap().bytes_stream();
+    let revoked = read_until(&mut after, |e| e.iter().any(|e| e.kind == "key_revoked")).await;
+    let revoked = revoked.iter().find(|e| e.kind == "key_revoked").unwrap();
+    assert_eq!(
+        (revoked.data["name"].as_str(), revoked.data["by"].as_str()),
+        (Some("watcher"), Some("admin"))
+    );
+    assert!(revoked.data["at"].is_string(), "{revoked:?}");
     // An id the server never gave (another run's): a fresh snapshot instead.
     let mut other = events(Some(1_000_000)).await.unwrap().bytes_stream();
     let fresh = read_until(&mut other, |e| !e.is_empty()).await;

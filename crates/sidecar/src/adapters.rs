@@ -5,12 +5,7 @@
 //! with one token through the adapter. An adapter that fails is reported (metrics, log,
 //! `/status`) and tried again at the next wake; the base model serves regardless.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use greenthread_api::AdapterSpec;
@@ -66,18 +61,15 @@ pub enum AdaptersFileError {
 
 /// `list` checked as `spec.adapters` is: valid, distinct names and a source each.
 pub fn check(list: &[AdapterSpec]) -> Result<(), String> {
-    let mut seen = BTreeSet::new();
-    for (i, a) in list.iter().enumerate() {
-        greenthread_api::model::adapter_name(&a.name)
-            .map_err(|e| format!("adapters[{i}].name: {e}"))?;
-        if !seen.insert(&a.name) {
-            return Err(format!("adapters[{i}].name: {:?} is named twice", a.name));
-        }
-        if a.source.trim().is_empty() {
-            return Err(format!("adapters[{i}].source: is required"));
-        }
+    let errors: Vec<String> = greenthread_api::model::adapter_errors(list, None)
+        .into_iter()
+        .map(|(field, message)| format!("{field}: {message}"))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
     }
-    Ok(())
 }
 
 impl Adapters {

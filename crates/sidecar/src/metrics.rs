@@ -264,14 +264,6 @@ impl SidecarMetrics {
             .set(i64::from(loaded));
     }
 
-    /// Loads of adapter `name` that succeeded and that failed.
-    pub fn adapter_loads(&self, name: &str) -> (u64, u64) {
-        let l = self.labels("adapter", name);
-        let ok = self.families.adapter_loads.get_or_create(&l).get();
-        let failed = self.families.adapter_failures.get_or_create(&l).get();
-        (ok, failed)
-    }
-
     pub fn set_reserved(&self, gpu: u32, bytes: u64) {
         self.families
             .reserved

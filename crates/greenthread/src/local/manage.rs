@@ -233,10 +233,7 @@ impl Manager {
     }
 
     fn emit(&self, api: &ApiServer, kind: &'static str, name: &str) {
-        api.events.emit(
-            kind,
-            json!({"model": name, "at": jiff::Timestamp::now().to_string()}),
-        );
+        api.events.emit(kind, json!({"model": name}));
     }
 
     /// Records `spec` (or `None`: removed) for `name` in the data directory.
@@ -282,10 +279,7 @@ impl ModelManager for Manager {
             let (model, positions) = self.plan(&running, &m, None)?;
             self.keep(&m.name, Some(&m.spec))?;
             let view = self.start(&api, &mut running, &m.name, model, positions)?;
-            api.events.emit(
-                "model_added",
-                json!({"model": m.name, "at": jiff::Timestamp::now().to_string()}),
-            );
+            self.emit(&api, "model_added", &m.name);
             Ok(view)
         })
     }
@@ -316,10 +310,7 @@ impl ModelManager for Manager {
             self.keep(&name, Some(&m.spec))?;
             self.stop(&api, &mut running, &name).await;
             let view = self.start(&api, &mut running, &name, model, positions)?;
-            api.events.emit(
-                "model_replaced",
-                json!({"model": name, "at": jiff::Timestamp::now().to_string()}),
-            );
+            self.emit(&api, "model_replaced", &name);
             Ok(view)
         })
     }
@@ -376,10 +367,7 @@ impl ModelManager for Manager {
             }
             self.keep(&name, None)?;
             self.stop(&api, &mut running, &name).await;
-            api.events.emit(
-                "model_removed",
-                json!({"model": name, "at": jiff::Timestamp::now().to_string()}),
-            );
+            self.emit(&api, "model_removed", &name);
             Ok(json!({"name": name, "removed": true}))
         })
     }

@@ -76,7 +76,6 @@ async fn reload_on_sighup(
             apply_changes(&mut plan, &store)?;
             Ok(plan.models)
         });
-        let at = jiff::Timestamp::now().to_string();
         let outcome = match desired {
             Ok(models) => manager.reload(models).await,
             Err(e) => Err(format!("{e:#}")),
@@ -86,14 +85,14 @@ async fn reload_on_sighup(
                 tracing::info!(target: "greenthread::audit", who = "SIGHUP", action = "config_reloaded", config = %source, changed, "config reloaded");
                 api.events.emit(
                     "config_reloaded",
-                    serde_json::json!({"config": source, "changed": changed, "at": at}),
+                    serde_json::json!({"config": source, "changed": changed}),
                 );
             }
             Err(error) => {
                 tracing::error!(config = %source, %error, "config not reloaded; nothing changed");
                 api.events.emit(
                     "config_rejected",
-                    serde_json::json!({"config": source, "error": error, "at": at}),
+                    serde_json::json!({"config": source, "error": error}),
                 );
             }
         }
