@@ -80,6 +80,38 @@ pub struct AdapterSpec {
     pub source: String,
 }
 
+/// Adapters loaded per request (`lora_adapter_metadata` in the body), downloaded into
+/// the replica's adapter cache on first use (docs/adapters.md, "On demand").
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoraSpec {
+    /// Serve adapters that requests name in `lora_adapter_metadata`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The largest adapter rank the engine can load (the same as `maxLoraRank`; set one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rank: Option<u32>,
+    /// Where downloaded adapters are kept, an absolute path seen alike by the sidecar
+    /// and the engine (default `/var/cache/greenthread/adapters` in a pod, the data
+    /// directory's `adapters` under `greenthread local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<String>,
+    /// How long one adapter's download may take (default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_timeout: Option<String>,
+}
+
+/// Where a pod keeps downloaded adapters unless `lora.cacheDir` says otherwise.
+pub const DEFAULT_LORA_CACHE_DIR: &str = "/var/cache/greenthread/adapters";
+
+/// On-demand adapters, as checked (`lora.enabled`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnDemandLora {
+    /// `lora.cacheDir`; `None`: the shape's default.
+    pub cache_dir: Option<String>,
+    pub download_timeout: Duration,
+}
+
 /// The LoRA settings an engine starts with: they bound what adapters it can load later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraSettings {
@@ -127,6 +159,8 @@ pub const LORA_RANKS: [u32; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
 #[x_kube(validation = Rule::new("self.fairness.minRuntime.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && self.fairness.maxWaitTime.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("fairness.minRuntime and fairness.maxWaitTime must be durations such as 500ms, 30s or 5m"))]
 #[x_kube(validation = Rule::new("self.engine != 'process' || (has(self.command) && size(self.command) > 0)").message("engine process needs a command to run"))]
 #[x_kube(validation = Rule::new("self.replicas >= 1").message("replicas must be at least 1"))]
+#[x_kube(validation = Rule::new("!has(self.lora) || !has(self.lora.maxRank) || !has(self.maxLoraRank) || self.lora.maxRank == self.maxLoraRank").message("lora.maxRank contradicts maxLoraRank: set one of them"))]
+#[x_kube(validation = Rule::new("!has(self.lora) || !has(self.lora.enabled) || !self.lora.enabled || !(self.engine in ['llamacpp', 'process'])").message("lora.enabled needs an engine that loads adapters at run time (vllm, sglang or sim)"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelSpec {
     /// The engine's model id (e.g. `Qwen/Qwen2.5-7B-Instruct`).
@@ -167,6 +201,9 @@ pub struct ModelSpec {
     /// 64, 128, 256, 320, 512.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lora_rank: Option<u32>,
+    /// Adapters loaded on demand, per request (docs/adapters.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
     #[serde(default)]
     pub extra_args: Vec<String>,
     #[serde(default)]
@@ -277,9 +314,11 @@ pub struct ValidModel {
     pub wake_feedback: Duration,
     pub min_runtime: Duration,
     pub max_wait_time: Duration,
-    /// LoRA enabled in the engine, and how: `None` when the Model has no adapters and no
-    /// `maxLoras`.
+    /// LoRA enabled in the engine, and how: `None` when the Model has no adapters, no
+    /// `maxLoras` and no `lora.enabled`.
     pub lora: Option<LoraSettings>,
+    /// Adapters loaded per request, when `lora.enabled`.
+    pub on_demand: Option<OnDemandLora>,
 }
 
 impl ValidModel {
@@ -291,17 +330,27 @@ impl ValidModel {
 }
 
 impl ModelSpec {
-    /// The LoRA settings the engine starts with: enabled when the Model has adapters or
-    /// sets `maxLoras`.
-    pub fn lora(&self) -> Option<LoraSettings> {
-        (!self.adapters.is_empty() || self.max_loras.is_some()).then(|| LoraSettings {
-            max_loras: self
-                .max_loras
-                // Not the number of adapters: adding one must not change the engine's
-                // flags (its pods would roll).
-                .unwrap_or(4),
-            max_lora_rank: self.max_lora_rank.unwrap_or(16),
-        })
+    /// Whether adapters are loaded per request (`lora.enabled`).
+    pub fn lora_on_demand(&self) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.enabled)
+    }
+
+    /// The LoRA settings the engine starts with: enabled when the Model has adapters,
+    /// sets `maxLoras` or loads adapters on demand.
+    pub fn lora_settings(&self) -> Option<LoraSettings> {
+        (!self.adapters.is_empty() || self.max_loras.is_some() || self.lora_on_demand()).then(
+            || LoraSettings {
+                max_loras: self
+                    .max_loras
+                    // Not the number of adapters: adding one must not change the engine's
+                    // flags (its pods would roll).
+                    .unwrap_or(4),
+                max_lora_rank: self
+                    .max_lora_rank
+                    .or(self.lora.as_ref().and_then(|l| l.max_rank))
+                    .unwrap_or(16),
+            },
+        )
     }
 
     /// Checks every field; all problems are reported, each naming its field under `path`.
@@ -374,7 +423,61 @@ impl ModelSpec {
                 format!("{rank} is not one of 1, 8, 16, 32, 64, 128, 256, 320, 512"),
             );
         }
-        let lora = self.lora();
+        let mut on_demand = None;
+        if let Some(l) = &self.lora {
+            if let Some(rank) = l.max_rank
+                && !LORA_RANKS.contains(&rank)
+            {
+                err(
+                    "lora.maxRank",
+                    format!("{rank} is not one of 1, 8, 16, 32, 64, 128, 256, 320, 512"),
+                );
+            }
+            if let (Some(a), Some(b)) = (l.max_rank, self.max_lora_rank)
+                && a != b
+            {
+                err(
+                    "lora.maxRank",
+                    format!("{a} contradicts maxLoraRank {b}: set one of them"),
+                );
+            }
+            if let Some(dir) = &l.cache_dir
+                && !dir.starts_with('/')
+            {
+                err("lora.cacheDir", format!("{dir:?} is not an absolute path"));
+            }
+            let timeout = match &l.download_timeout {
+                Some(t) => match parse_duration(t) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => {
+                        err("lora.downloadTimeout", "must be more than 0s".into());
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        err("lora.downloadTimeout", e.to_string());
+                        Duration::ZERO
+                    }
+                },
+                None => Duration::from_secs(300),
+            };
+            if l.enabled && matches!(self.engine, EngineKind::Llamacpp | EngineKind::Process) {
+                err(
+                    "lora.enabled",
+                    format!(
+                        "engine {} cannot load adapters at run time (vllm, sglang and sim can)",
+                        serde_json::to_value(self.engine)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+            on_demand = l.enabled.then(|| OnDemandLora {
+                cache_dir: l.cache_dir.clone(),
+                download_timeout: timeout,
+            });
+        }
+        let lora = self.lora_settings();
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -387,6 +490,7 @@ impl ModelSpec {
             min_runtime,
             max_wait_time,
             lora,
+            on_demand,
         })
     }
 }
@@ -581,6 +685,69 @@ mod tests {
         let e =
             spec(serde_json::json!({"modelName": "m", "adapters": [{"name": "a"}]})).unwrap_err();
         assert!(e.to_string().contains("source"), "{e}");
+    }
+
+    #[test]
+    fn on_demand_adapters_are_checked_and_enable_lora() {
+        let s = spec(serde_json::json!({"modelName": "base", "lora": {"enabled": true}})).unwrap();
+        let v = s.validate("spec").unwrap();
+        assert_eq!(
+            (v.lora, v.on_demand),
+            (
+                Some(LoraSettings {
+                    max_loras: 4,
+                    max_lora_rank: 16
+                }),
+                Some(OnDemandLora {
+                    cache_dir: None,
+                    download_timeout: Duration::from_secs(300)
+                })
+            )
+        );
+        let s = spec(serde_json::json!({"modelName": "base", "lora": {
+            "enabled": true, "maxRank": 64, "cacheDir": "/c", "downloadTimeout": "90s"}}))
+        .unwrap();
+        let v = s.validate("spec").unwrap();
+        assert_eq!(v.lora.unwrap().max_lora_rank, 64);
+        assert_eq!(
+            v.on_demand.unwrap(),
+            OnDemandLora {
+                cache_dir: Some("/c".into()),
+                download_timeout: Duration::from_secs(90)
+            }
+        );
+        // Declared but off: no LoRA, no on-demand.
+        let s = spec(serde_json::json!({"modelName": "base", "lora": {"enabled": false}})).unwrap();
+        let v = s.validate("spec").unwrap();
+        assert_eq!((v.lora, v.on_demand), (None, None));
+        let s = spec(
+            serde_json::json!({"modelName": "base", "engine": "llamacpp",
+            "maxLoraRank": 16, "lora": {
+            "enabled": true, "maxRank": 12, "cacheDir": "cache", "downloadTimeout": "soon"}}),
+        )
+        .unwrap();
+        let errors = s.validate("spec").unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.lora.maxRank",
+                "spec.lora.maxRank",
+                "spec.lora.cacheDir",
+                "spec.lora.downloadTimeout",
+                "spec.lora.enabled",
+            ]
+        );
+        assert!(
+            errors[1].message.contains("contradicts maxLoraRank 16"),
+            "{}",
+            errors[1]
+        );
+        assert!(
+            errors[4].message.contains("engine llamacpp"),
+            "{}",
+            errors[4]
+        );
     }
 
     #[test]

@@ -68,6 +68,11 @@ fn a_valid_model_passes() {
     assert_eq!(errors(&good), Vec::<String>::new());
     let process = model(json!({"engine": "process", "command": ["llama-server", "-m", "m.gguf"]}));
     assert_eq!(errors(&process), Vec::<String>::new());
+    let on_demand = model(json!({"maxLoraRank": 64, "lora": {"enabled": true, "maxRank": 64}}));
+    assert_eq!(errors(&on_demand), Vec::<String>::new());
+    // Off, llama.cpp may carry the block.
+    let off = model(json!({"engine": "llamacpp", "lora": {"enabled": false}}));
+    assert_eq!(errors(&off), Vec::<String>::new());
 }
 
 #[test]
@@ -103,6 +108,14 @@ fn invalid_models_are_refused_with_a_message_a_user_understands() {
             "engine process needs a command",
         ),
         (json!({"replicas": 0}), "replicas must be at least 1"),
+        (
+            json!({"maxLoraRank": 16, "lora": {"enabled": true, "maxRank": 64}}),
+            "lora.maxRank contradicts maxLoraRank",
+        ),
+        (
+            json!({"engine": "llamacpp", "lora": {"enabled": true}}),
+            "lora.enabled needs an engine that loads adapters at run time",
+        ),
     ];
     for (patch, want) in cases {
         let got = errors(&model(patch.clone()));

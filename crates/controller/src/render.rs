@@ -178,7 +178,7 @@ pub fn vllm_command(spec: &ModelSpec, name: &str, port: u16) -> Vec<String> {
         custom.into_iter().chain(["--model"]).collect()
     };
     let mut switches = vec!["--enable-sleep-mode".to_string()];
-    if let Some(l) = spec.lora() {
+    if let Some(l) = spec.lora_settings() {
         // Adapters are loaded by the sidecar at run time (with
         // VLLM_ALLOW_RUNTIME_LORA_UPDATING); these bound what it can load.
         switches.extend([
@@ -227,7 +227,7 @@ pub fn sglang_command(spec: &ModelSpec, port: u16) -> Vec<String> {
     ]
     .map(String::from)
     .into();
-    if let Some(l) = spec.lora() {
+    if let Some(l) = spec.lora_settings() {
         // Started without adapters (the sidecar loads them), SGLang must be told which
         // layers they may touch.
         switches.extend([
@@ -300,7 +300,7 @@ pub fn sidecar_config(model: &ValidModel, gpus: &[GpuSpec], settings: &Settings)
         // the spec changes (the pod is never re-created for it).
         adapters: Vec::new(),
         adapters_file: s
-            .lora()
+            .lora_settings()
             .map(|_| format!("{ADAPTERS_DIR}/{ADAPTERS_KEY}").into()),
         ..cfg
     }
@@ -322,7 +322,7 @@ pub fn adapters_config_map_name(model: &Model) -> String {
 /// `spec.adapters` as the sidecar reads them, in a ConfigMap the Model owns; `None` when
 /// the Model has LoRA off (no adapters, no `maxLoras`).
 pub fn render_adapters_config_map(model: &Model) -> Option<ConfigMap> {
-    model.spec.lora()?;
+    model.spec.lora_settings()?;
     let owner = model
         .controller_owner_ref(&())
         .expect("a Model from the API server has a name and uid");
@@ -520,7 +520,7 @@ pub fn render_valid_pod(
         // The GPUs placement chose, by UUID, for the NVIDIA container runtime.
         env("NVIDIA_VISIBLE_DEVICES", &uuids.join(",")),
     ];
-    let lora = s.lora().is_some();
+    let lora = s.lora_settings().is_some();
     if lora {
         // vLLM's adapter API (the sidecar loads adapters at run time) lives behind this.
         engine_env.push(env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"));
@@ -599,9 +599,31 @@ pub fn render_valid_pod(
                     (settings.vllm_image.clone(), argv, args)
                 }
             };
+            // On-demand adapters: the sidecar downloads them, the engine reads them, at
+            // the same path in both.
+            let cache = model.spec.lora_on_demand().then(|| {
+                let path = s
+                    .lora
+                    .as_ref()
+                    .and_then(|l| l.cache_dir.clone())
+                    .unwrap_or_else(|| greenthread_api::model::DEFAULT_LORA_CACHE_DIR.into());
+                (
+                    Volume {
+                        name: "lora-cache".into(),
+                        empty_dir: Some(Default::default()),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: "lora-cache".into(),
+                        mount_path: path,
+                        ..Default::default()
+                    },
+                )
+            });
             let engine = Container {
                 name: "engine".into(),
                 image: Some(s.image.clone().unwrap_or(image)),
+                volume_mounts: cache.as_ref().map(|(_, m)| vec![m.clone()]),
                 command: Some(command),
                 args: Some(engine_args),
                 env: Some(engine_env),
@@ -627,6 +649,10 @@ pub fn render_valid_pod(
             if lora {
                 mounts.push(adapters_mount());
                 volumes.push(adapters_volume(model));
+            }
+            if let Some((volume, mount)) = cache {
+                mounts.push(mount);
+                volumes.push(volume);
             }
             sidecar.volume_mounts = Some(mounts);
             (vec![engine, sidecar], None, Some(volumes))

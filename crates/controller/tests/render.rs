@@ -308,6 +308,51 @@ fn adapters_turn_lora_on_and_reach_the_sidecar_through_a_config_map() {
     assert!(render_adapters_config_map(&model()).is_none());
 }
 
+/// On-demand adapters: LoRA on in the engine, the sidecar told to serve them, and one
+/// cache volume at the same path in both containers (the sidecar writes, the engine
+/// reads).
+#[test]
+fn on_demand_adapters_share_a_cache_between_sidecar_and_engine() {
+    let m = with_engine(serde_json::json!({
+        "lora": {"enabled": true, "maxRank": 64, "cacheDir": "/cache/lora", "downloadTimeout": "2m"}
+    }));
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default()).unwrap();
+    let args = container(&pod, "engine").args.as_ref().unwrap().join(" ");
+    assert!(
+        args.contains("--enable-lora --max-loras 4 --max-lora-rank 64"),
+        "{args}"
+    );
+    let sargs = container(&pod, "sidecar").args.as_ref().unwrap().join(" ");
+    assert!(
+        sargs.contains(
+            "--lora-on-demand --lora-cache-dir /cache/lora --lora-download-timeout 2m --max-loras 4"
+        ),
+        "{sargs}"
+    );
+    for c in ["engine", "sidecar"] {
+        let mount = container(&pod, c)
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "lora-cache")
+            .unwrap_or_else(|| panic!("{c} has no lora-cache mount"));
+        assert_eq!(mount.mount_path, "/cache/lora", "{c}");
+    }
+    let volume = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    let cache = volume.iter().find(|v| v.name == "lora-cache").unwrap();
+    assert!(cache.empty_dir.is_some());
+    kubernetes_validate("lora-on-demand-pod", "Pod", &pod);
+    // The default path, when the Model names none.
+    let m = with_engine(serde_json::json!({"lora": {"enabled": true}}));
+    let pod = render_pod(&m, 0, &gpus(), &Settings::default()).unwrap();
+    let sargs = container(&pod, "sidecar").args.as_ref().unwrap().join(" ");
+    assert!(
+        sargs.contains("--lora-cache-dir /var/cache/greenthread/adapters"),
+        "{sargs}"
+    );
+}
+
 fn with_engine(engine: serde_json::Value) -> Model {
     let mut m = model();
     let mut spec = serde_json::to_value(&m.spec).unwrap();

@@ -29,6 +29,8 @@ pub struct Adapters {
     /// Whether the engine names adapters otherwise than by their own names (requests for
     /// them are rewritten); decided once, as every request asks.
     renames: bool,
+    /// Adapters that requests name themselves (`--lora-on-demand`).
+    on_demand: Option<crate::ondemand::OnDemand>,
 }
 
 #[derive(Default)]
@@ -86,7 +88,18 @@ impl Adapters {
             file,
             changed: tokio::sync::Notify::new(),
             renames,
+            on_demand: None,
         }
+    }
+
+    /// Also serves adapters that requests name themselves.
+    pub fn with_on_demand(mut self, on_demand: crate::ondemand::OnDemand) -> Self {
+        self.on_demand = Some(on_demand);
+        self
+    }
+
+    pub fn on_demand(&self) -> Option<&crate::ondemand::OnDemand> {
+        self.on_demand.as_ref()
     }
 
     /// The file the wanted set is read from, if any.
@@ -169,6 +182,9 @@ impl Adapters {
             metrics.set_adapter_loaded(name, false);
         }
         self.wanted.lock().unwrap().applied = None;
+        if let Some(od) = &self.on_demand {
+            od.forget(metrics);
+        }
     }
 
     /// After a wake (or a start): every wanted adapter loaded afresh — unloaded first, in

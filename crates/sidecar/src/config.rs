@@ -88,6 +88,20 @@ pub struct SidecarConfig {
     /// next wake.
     #[arg(long, conflicts_with = "adapters")]
     pub adapters_file: Option<PathBuf>,
+    /// Serve adapters that requests name in `lora_adapter_metadata`: downloaded into
+    /// `--lora-cache-dir` on first use, loaded into the engine, the least recently used
+    /// unloaded past `--max-loras` (docs/adapters.md).
+    #[arg(long)]
+    pub lora_on_demand: bool,
+    /// Where on-demand adapters are kept; the engine must see it at the same path.
+    #[arg(long, default_value = greenthread_api::model::DEFAULT_LORA_CACHE_DIR)]
+    pub lora_cache_dir: PathBuf,
+    /// How long one on-demand adapter's download may take.
+    #[arg(long, default_value = "5m", value_parser = arg::duration)]
+    pub lora_download_timeout: Duration,
+    /// On-demand adapters the engine holds at once (its `--max-loras`).
+    #[arg(long, default_value_t = 4)]
+    pub max_loras: u32,
     /// This sidecar's pod name.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -335,6 +349,14 @@ impl SidecarConfig {
         }
         cfg.memory_bytes = at.memory_bytes;
         cfg.adapters = model.spec.adapters.clone();
+        if let Some(od) = &model.on_demand {
+            cfg.lora_on_demand = true;
+            if let Some(dir) = &od.cache_dir {
+                cfg.lora_cache_dir = dir.into();
+            }
+            cfg.lora_download_timeout = od.download_timeout;
+            cfg.max_loras = model.lora.map_or(4, |l| l.max_loras);
+        }
         cfg
     }
 
@@ -401,6 +423,17 @@ impl SidecarConfig {
         }
         if let Some(file) = &self.adapters_file {
             args.extend(["--adapters-file".into(), file.display().to_string()]);
+        }
+        if self.lora_on_demand {
+            args.extend([
+                "--lora-on-demand".into(),
+                "--lora-cache-dir".into(),
+                self.lora_cache_dir.display().to_string(),
+                "--lora-download-timeout".into(),
+                format_duration(self.lora_download_timeout),
+                "--max-loras".into(),
+                self.max_loras.to_string(),
+            ]);
         }
         args
     }
@@ -477,6 +510,8 @@ mod tests {
             "modelName": "org/m", "engine": "sim",
             "sleep": {"idleTimeout": "2m", "drainTimeout": "250ms", "level": 2},
             "adapters": [{"name": "sql", "source": "/lora/sql=v2"}],
+            "maxLoras": 2,
+            "lora": {"enabled": true, "cacheDir": "/cache/lora", "downloadTimeout": "90s"},
             "fairness": {"minRuntime": "1m5s", "maxWaitTime": "0s", "popular": true},
         }))
         .unwrap();
@@ -499,6 +534,15 @@ mod tests {
         assert_eq!(cfg.drain_timeout, Duration::from_millis(250));
         assert_eq!(cfg.pod_name(), "m-3");
         assert_eq!(cfg.adapters, valid.spec.adapters);
+        assert!(cfg.lora_on_demand);
+        assert_eq!(
+            (
+                cfg.lora_cache_dir.to_str(),
+                cfg.lora_download_timeout,
+                cfg.max_loras
+            ),
+            (Some("/cache/lora"), Duration::from_secs(90), 2)
+        );
         let args = cfg.to_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_eq!(SidecarConfig::from_args("ignored", &args).unwrap(), cfg);

@@ -53,7 +53,19 @@ impl EngineDriver {
             engine.adapter_call("base", "adapter"),
             Some(crate::engine::AdapterCall::Model(m)) if m == "adapter"
         );
-        let adapters = Adapters::new(cfg.adapters.clone(), cfg.adapters_file.clone(), renames);
+        let mut adapters = Adapters::new(cfg.adapters.clone(), cfg.adapters_file.clone(), renames);
+        if cfg.lora_on_demand {
+            match crate::ondemand::OnDemand::new(
+                cfg.lora_cache_dir.clone(),
+                cfg.lora_download_timeout,
+                cfg.max_loras,
+            ) {
+                Ok(od) => adapters = adapters.with_on_demand(od),
+                Err(e) => {
+                    tracing::error!(model = %cfg.model, error = %e, "on-demand adapters off: no TLS client")
+                }
+            }
+        }
         if let Err(e) = adapters.reread() {
             tracing::warn!(model = %cfg.model, error = %e, "adapters file not taken");
         }

@@ -9,6 +9,8 @@ pub mod engine;
 pub mod error;
 mod ledger_client;
 pub mod metrics;
+pub mod ondemand;
+pub mod ports;
 pub mod process;
 mod proxy;
 mod resume;
@@ -50,8 +52,12 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
     cfg.load_secrets()?;
     // Keeps the simulated GPU directory for as long as the sidecar runs.
     let mut _tempdir = None;
+    // And the simulator's port.
+    let mut _port = None;
     if cfg.engine == EngineKind::Sim && cfg.engine_command.is_none() {
-        let port = free_port()?;
+        let lease = ports::engine_port()?;
+        let port = lease.port();
+        _port = Some(lease);
         let exe = std::env::current_exe().context("locating the greenthread binary")?;
         let extra: Vec<String> = cfg.engine_args.iter().map(|a| shell_quote(a)).collect();
         cfg.engine_url
@@ -323,7 +329,8 @@ pub fn engine_forwarder(cfg: &SidecarConfig, engine_url: &str) -> anyhow::Result
         .with_credentials(&cfg.strip_headers, cfg.engine_api_key.as_deref())
 }
 
-/// A free loopback port (for engines the sidecar starts).
+/// A loopback port free now, from the kernel's ephemeral range (for our own listeners,
+/// bound at once; an engine's port comes from [`ports::engine_port`]).
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())

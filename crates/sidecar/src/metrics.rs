@@ -76,6 +76,17 @@ greenthread_api::metric_families! {
             => ("gthread_sidecar_adapter_load_failures", "LoRA adapter loads that failed (the load call or its one-token check), per adapter"),
         adapter_loaded: Family<Labels, Gauge> = Family::default()
             => ("gthread_sidecar_adapter_loaded", "Whether a LoRA adapter is loaded and checked in the engine now (1) or not (0), per adapter"),
+        // On-demand adapters are not labelled by name: callers choose them, without bound.
+        adapter_downloads: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_adapter_downloads", "On-demand adapter downloads into the adapter cache, by result (ok, failed)"),
+        adapter_download_bytes: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_adapter_download_bytes", "Bytes of on-demand adapters downloaded into the adapter cache"),
+        on_demand_loads: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_adapter_on_demand_loads", "On-demand adapter loads into the engine, by result (ok, failed)"),
+        on_demand_evictions: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_adapter_on_demand_evictions", "On-demand adapters unloaded to make room for another (least recently used first)"),
+        on_demand_held: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_adapters_on_demand_held", "On-demand adapters the engine holds now"),
     }
 }
 
@@ -254,6 +265,55 @@ impl SidecarMetrics {
         done.get_or_create(&l).inc();
         let _ = other.get_or_create(&l);
         self.set_adapter_loaded(name, ok);
+    }
+
+    /// An on-demand adapter's download ended: `Some(bytes)` when it succeeded.
+    pub fn adapter_download(&self, bytes: Option<u64>) {
+        let result = if bytes.is_some() { "ok" } else { "failed" };
+        for r in ["ok", "failed"] {
+            let c = self
+                .families
+                .adapter_downloads
+                .get_or_create(&self.labels("result", r));
+            if r == result {
+                c.inc();
+            }
+        }
+        self.families
+            .adapter_download_bytes
+            .get_or_create(&self.base)
+            .inc_by(bytes.unwrap_or(0));
+    }
+
+    /// An on-demand adapter's load into the engine ended; `held` adapters now.
+    pub fn on_demand_load(&self, ok: bool, held: usize) {
+        let result = if ok { "ok" } else { "failed" };
+        for r in ["ok", "failed"] {
+            let c = self
+                .families
+                .on_demand_loads
+                .get_or_create(&self.labels("result", r));
+            if r == result {
+                c.inc();
+            }
+        }
+        self.on_demand_held(held);
+    }
+
+    /// An on-demand adapter was unloaded to make room; `held` adapters now.
+    pub fn on_demand_eviction(&self, held: usize) {
+        self.families
+            .on_demand_evictions
+            .get_or_create(&self.base)
+            .inc();
+        self.on_demand_held(held);
+    }
+
+    pub fn on_demand_held(&self, held: usize) {
+        self.families
+            .on_demand_held
+            .get_or_create(&self.base)
+            .set(held as i64);
     }
 
     /// Whether adapter `name` is loaded in the engine now.

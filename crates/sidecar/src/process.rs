@@ -38,6 +38,8 @@ pub struct EngineProcess {
     extra: std::sync::Mutex<Extra>,
     /// What the running engine was started with.
     started: std::sync::Mutex<Extra>,
+    /// The port the engine listens on, held for as long as the engine may restart.
+    port: Option<crate::ports::PortLease>,
 }
 
 /// Arguments appended to an engine's command, and the labels they stand for.
@@ -63,7 +65,14 @@ impl EngineProcess {
             pid: Arc::new(AtomicU32::new(0)),
             extra: Default::default(),
             started: Default::default(),
+            port: None,
         }
+    }
+
+    /// Holds `lease` (the engine's port) for as long as this process handle lives.
+    pub fn holding(mut self, lease: crate::ports::PortLease) -> Self {
+        self.port = Some(lease);
+        self
     }
 
     /// Arguments for the next starts (the running engine keeps its own).

@@ -331,13 +331,90 @@ async fn relay_request(
     parts: &http::request::Parts,
     body: bytes::Bytes,
 ) -> Response {
+    if let Some(od) = sidecar.adapters().on_demand() {
+        match crate::ondemand::parse(&body) {
+            Ok(None) => {}
+            Ok(Some((wanted, members))) => {
+                // Boxed: the common path's future stays as small as it was.
+                return Box::pin(relay_on_demand(
+                    sidecar, forwarder, parts, od, wanted, members,
+                ))
+                .await;
+            }
+            Err(e) => {
+                sidecar.metrics.request(false);
+                return e.into_response();
+            }
+        }
+    }
     if sidecar.cfg.preemption == Preemption::Resume
         && let Some(r) = resume::resumable(parts.uri.path(), &body)
     {
         // Boxed: the common path's future stays as small as it was.
         return Box::pin(relay_resumable(sidecar, forwarder, parts, body, r)).await;
     }
-    relay_leg(sidecar, forwarder, parts, body, None).await
+    relay_leg(sidecar, forwarder, parts, body, None, None).await
+}
+
+/// A request for an on-demand adapter: found in the adapter cache (or downloaded into
+/// it) before it waits for the engine, loaded into the engine once admitted.
+async fn relay_on_demand(
+    sidecar: &Arc<Sidecar>,
+    forwarder: &Forwarder,
+    parts: &http::request::Parts,
+    od: &crate::ondemand::OnDemand,
+    wanted: crate::ondemand::Wanted,
+    members: serde_json::Map<String, serde_json::Value>,
+) -> Response {
+    use crate::ondemand::OnDemandError;
+    let refused = |e: OnDemandError| {
+        sidecar.metrics.request(false);
+        e.into_response()
+    };
+    let unavailable = |why| OnDemandError::Unavailable {
+        model: sidecar.cfg.model.clone(),
+        why,
+    };
+    if !sidecar.boot_ready() {
+        return refused(unavailable("booting"));
+    }
+    if sidecar.state() == crate::state::State::Deactivating {
+        return refused(unavailable("draining"));
+    }
+    if sidecar.adapters().serves(&wanted.name) {
+        return refused(OnDemandError::Invalid(format!(
+            "{}.lora_model.name {:?} is an adapter the Model declares: name it as model instead",
+            crate::ondemand::METADATA,
+            wanted.name
+        )));
+    }
+    let path = match od.cached(&wanted, &sidecar.metrics).await {
+        Ok(p) => p,
+        Err(e) => return refused(e),
+    };
+    let leg = OnDemandLeg {
+        od,
+        wanted,
+        path,
+        members,
+    };
+    relay_leg(
+        sidecar,
+        forwarder,
+        parts,
+        bytes::Bytes::new(),
+        None,
+        Some(&leg),
+    )
+    .await
+}
+
+/// What an on-demand request needs once admitted.
+struct OnDemandLeg<'a> {
+    od: &'a crate::ondemand::OnDemand,
+    wanted: crate::ondemand::Wanted,
+    path: std::path::PathBuf,
+    members: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One admission and exchange with the engine. `pause`, when given, is marked seen as
@@ -348,6 +425,7 @@ async fn relay_leg(
     parts: &http::request::Parts,
     body: bytes::Bytes,
     mut pause: Option<&mut greenthread_ledger::Subscriber<u64>>,
+    on_demand: Option<&OnDemandLeg<'_>>,
 ) -> Response {
     // Set by the API server from the caller's key (a client may only lower it there).
     let priority = parts
@@ -368,8 +446,32 @@ async fn relay_leg(
         }
         // An adapter named as the engine serving now names it (SGLang's
         // `<base>:<adapter>`; llama.cpp's `lora` list, by what it started with).
-        let sent = sidecar.engine_request(&parts.headers, body.clone());
-        match forwarder.forward(parts, sent, slot).await {
+        let (sent, in_use) = match on_demand {
+            None => (sidecar.engine_request(&parts.headers, body.clone()), None),
+            // Loaded now, while the slot keeps the engine awake; marked in use until
+            // the answer ends, so that no other load unloads it meanwhile.
+            Some(leg) => match leg
+                .od
+                .load(
+                    &**sidecar.engine(),
+                    &sidecar.cfg.model,
+                    &leg.wanted,
+                    &leg.path,
+                    &sidecar.metrics,
+                )
+                .await
+            {
+                Ok((call, users)) => (
+                    crate::ondemand::engine_body(leg.members.clone(), &call),
+                    Some(users),
+                ),
+                Err(e) => {
+                    sidecar.metrics.request(false);
+                    return e.into_response();
+                }
+            },
+        };
+        match forwarder.forward(parts, sent, (slot, in_use)).await {
             Ok(resp) => {
                 sidecar.engine_answered();
                 sidecar.metrics.request(resp.status().as_u16() < 400);
@@ -415,7 +517,7 @@ async fn relay_resumable(
     r: resume::Resumable,
 ) -> Response {
     let mut pause = sidecar.pause_signal();
-    let first = relay_leg(sidecar, forwarder, parts, body, Some(&mut pause)).await;
+    let first = relay_leg(sidecar, forwarder, parts, body, Some(&mut pause), None).await;
     if first.status() != StatusCode::OK || !is_event_stream(first.headers()) {
         return first;
     }
@@ -491,7 +593,15 @@ async fn pump(
             let _ = tx.send(splice.finish_for_length().into()).await;
             return;
         };
-        let resp = relay_leg(&sidecar, &forwarder, &parts, next.into(), Some(&mut pause)).await;
+        let resp = relay_leg(
+            &sidecar,
+            &forwarder,
+            &parts,
+            next.into(),
+            Some(&mut pause),
+            None,
+        )
+        .await;
         if resp.status() != StatusCode::OK || !is_event_stream(resp.headers()) {
             // The refusal goes to the client as it came (ours or the engine's).
             let error = error_of(resp).await;

@@ -299,6 +299,7 @@ impl Sidecar {
                 "residualBytes": per_gpu(&life.residual_bytes),
             },
             "adapters": self.adapters().status_json(),
+            "adaptersOnDemand": self.adapters().on_demand().map(|od| od.status_json()),
             "adaptersFileError": self.adapters().file_error(),
             "lastWake": life.last_wake.as_ref().map(|(total, phases)| serde_json::json!({
                 "seconds": total.as_secs_f64(),

@@ -58,6 +58,9 @@ pub struct SimEngine {
     next_id: AtomicU64,
     /// LoRA adapters loaded now: name to source.
     adapters: Mutex<std::collections::BTreeMap<String, String>>,
+    /// A digest of each loaded adapter's weights file, when its source is a directory
+    /// holding one: another version of an adapter answers otherwise.
+    weights: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// Held by every running request; releases its sequence slot when dropped.
@@ -102,6 +105,7 @@ impl SimEngine {
             last_headers: Mutex::default(),
             next_id: AtomicU64::new(1),
             adapters: Mutex::default(),
+            weights: Mutex::default(),
             cfg,
         })
     }
@@ -122,9 +126,23 @@ impl SimEngine {
         if !self.cfg.enable_lora {
             return Err("LoRA is not enabled: start the engine with --enable-lora".into());
         }
-        if source.starts_with('/') && !std::path::Path::new(source).exists() {
+        let path = std::path::Path::new(source);
+        if source.starts_with('/') && !path.exists() {
             return Err(format!("No adapter found for {source}"));
         }
+        // A directory is a PEFT adapter, as vLLM reads it: its config must be there.
+        let config = path.join("adapter_config.json");
+        if path.is_dir() && !config.is_file() {
+            return Err(format!("No adapter found for {source}"));
+        }
+        let weights = std::fs::read(path.join("adapter_model.safetensors"))
+            .ok()
+            .map(|bytes| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::hash::DefaultHasher::new();
+                bytes.hash(&mut h);
+                format!("{:016x}", h.finish())
+            });
         let mut adapters = self.adapters.lock().unwrap();
         if adapters.contains_key(name) {
             return Err(format!(
@@ -133,6 +151,11 @@ impl SimEngine {
         }
         adapters.insert(name.to_string(), source.to_string());
         self.metrics.adapters.set(adapters.len() as i64);
+        let mut w = self.weights.lock().unwrap();
+        match weights {
+            Some(d) => w.insert(name.to_string(), d),
+            None => w.remove(name),
+        };
         Ok(())
     }
 
@@ -141,7 +164,13 @@ impl SimEngine {
         let mut adapters = self.adapters.lock().unwrap();
         let found = adapters.remove(name).is_some();
         self.metrics.adapters.set(adapters.len() as i64);
+        self.weights.lock().unwrap().remove(name);
         found
+    }
+
+    /// The digest of loaded adapter `name`'s weights file, if it came with one.
+    pub fn adapter_weights(&self, name: &str) -> Option<String> {
+        self.weights.lock().unwrap().get(name).cloned()
     }
 
     /// The adapters loaded now, name and source.
@@ -337,6 +366,7 @@ impl SimEngine {
         });
         // The worst vLLM does with adapters across a sleep: they are gone.
         self.adapters.lock().unwrap().clear();
+        self.weights.lock().unwrap().clear();
         self.metrics.adapters.set(0);
         Ok(())
     }

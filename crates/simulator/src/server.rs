@@ -427,9 +427,11 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
         .as_deref()
         .and_then(|m| e.adapter_of(m))
         .or_else(|| req.lora_applied(&e.cfg.start_loras).cloned());
-    let answer = match &adapter {
-        Some(a) => openai::prompt_hash(&format!("{a}\n{prompt}")),
-        None => openai::prompt_hash(&prompt),
+    let weights = adapter.as_deref().and_then(|a| e.adapter_weights(a));
+    let answer = match (&adapter, &weights) {
+        (Some(a), Some(w)) => openai::prompt_hash(&format!("{a}#{w}\n{prompt}")),
+        (Some(a), None) => openai::prompt_hash(&format!("{a}\n{prompt}")),
+        (None, _) => openai::prompt_hash(&prompt),
     };
     drop(prompt);
     // An adapter's answer names the model as the request did (`sql`, or SGLang's
@@ -444,6 +446,12 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
             .and_then(|a| HeaderValue::from_str(a).ok())
         {
             r.headers_mut().insert(ADAPTER_HEADER, a);
+        }
+        if let Some(w) = weights
+            .as_deref()
+            .and_then(|w| HeaderValue::from_str(w).ok())
+        {
+            r.headers_mut().insert(WEIGHTS_HEADER, w);
         }
         r
     };
@@ -569,6 +577,8 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
 
 /// The header the simulator marks an adapter's answers with, naming the adapter.
 pub const ADAPTER_HEADER: &str = "x-sim-lora-adapter";
+/// And with a digest of the adapter's weights file, when it came with one.
+pub const WEIGHTS_HEADER: &str = "x-sim-lora-weights";
 
 /// Sleeps until `deadline`, without a timer (and its millisecond rounding) when it has
 /// already passed: an engine configured to answer at once does.

@@ -30,12 +30,24 @@ pub fn sim_bin(bin: &str) -> String {
     std::env::var("GT_SIM_BIN").unwrap_or_else(|_| bin.to_string())
 }
 
+/// A loopback port free now. Never the same twice in one test process: tests run in
+/// parallel threads, and a port let go by one may come back from the kernel to another
+/// before the first has bound it. (Engines that `greenthread` starts itself take ports
+/// below the kernel's range, so these never meet theirs.)
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn http() -> reqwest::Client {

@@ -14,7 +14,7 @@ use greenthread_controller::render;
 use greenthread_gpu::{GpuMetrics, MemoryProbe, SimGpu, SimGpuProbe};
 use greenthread_ledger::{Ledger, MemoryLedger};
 use greenthread_sidecar::{
-    Assignment, GpuRef, LedgerAt, Parts, Sidecar, SidecarConfig, free_port,
+    Assignment, GpuRef, LedgerAt, Parts, Sidecar, SidecarConfig,
     metrics::{SidecarFamilies, SidecarMetrics},
     process::{EngineProcess, NvmlProbe},
     shell_quote,
@@ -193,6 +193,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         families: families.clone(),
         policy: plan.policy,
         preemption: plan.preemption,
+        adapter_cache: data_dir.join("adapters"),
     });
     let mut routes = Vec::new();
     let mut sidecars = Vec::new();
@@ -325,6 +326,9 @@ pub(crate) struct Starter {
     families: Arc<SidecarFamilies>,
     policy: greenthread_ledger::Policy,
     preemption: greenthread_sidecar::Preemption,
+    /// On-demand adapters' cache unless a Model sets `lora.cacheDir`: the data
+    /// directory's, kept across runs as the Hugging Face cache is.
+    adapter_cache: PathBuf,
 }
 
 impl Starter {
@@ -342,7 +346,8 @@ impl Starter {
             .with_adapters(model.spec.adapters.iter().map(|a| a.name.clone()).collect());
         for (r, positions) in positions.iter().enumerate() {
             let pod = format!("{name}-{r}");
-            let port = free_port()?;
+            let lease = greenthread_sidecar::ports::engine_port()?;
+            let port = lease.port();
             let url = format!("http://127.0.0.1:{port}");
             let placed: Vec<&greenthread_api::Gpu> = positions
                 .iter()
@@ -369,8 +374,14 @@ impl Starter {
                     policy: self.policy,
                 },
             );
+            let on_demand_cache = model.on_demand.as_ref().map(|od| {
+                od.cache_dir
+                    .as_ref()
+                    .map_or(self.adapter_cache.clone(), PathBuf::from)
+            });
             let cfg = SidecarConfig {
                 preemption: self.preemption,
+                lora_cache_dir: on_demand_cache.unwrap_or(cfg.lora_cache_dir),
                 ..cfg
             };
             let (exits_tx, exits) = mpsc::unbounded_channel();
@@ -414,7 +425,7 @@ impl Starter {
                     (env, None)
                 }
             };
-            let process = Arc::new(EngineProcess::new(command, env, exits_tx));
+            let process = Arc::new(EngineProcess::new(command, env, exits_tx).holding(lease));
             let probe = match &self.backend {
                 GpuBackend::Nvml(source) => Some(Arc::new(NvmlProbe {
                     nvml: source.clone(),
