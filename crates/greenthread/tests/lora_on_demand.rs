@@ -174,6 +174,27 @@ models:
     // `local`'s default cache: the data directory's.
     let cache = data.path().join("adapters");
 
+    // Every on-demand metric docs/adapters.md documents is exported, at 0 before any use.
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/adapters.md"),
+    )
+    .unwrap();
+    let text =
+        greenthread_test_support::scrape_text(&local.client, &format!("{}/metrics", local.url))
+            .await;
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `gthread_") && l.contains("on-demand"))
+        .map(|l| l[3..].split(['{', '`']).next().unwrap())
+        .collect();
+    assert_eq!(documented.len(), 5, "{documented:?}");
+    for name in documented {
+        assert!(
+            text.contains(&format!("\n{name}{{")),
+            "{name} is not exported"
+        );
+    }
+
     // Not cached, no files: 404, the engine never asked.
     let a = ask(&local, lora("7", "sql", "h1", None)).await;
     assert_eq!(

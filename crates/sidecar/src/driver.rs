@@ -60,7 +60,10 @@ impl EngineDriver {
                 cfg.lora_download_timeout,
                 cfg.max_loras,
             ) {
-                Ok(od) => adapters = adapters.with_on_demand(od),
+                Ok(od) => {
+                    metrics.on_demand_init();
+                    adapters = adapters.with_on_demand(od);
+                }
                 Err(e) => {
                     tracing::error!(model = %cfg.model, error = %e, "on-demand adapters off: no TLS client")
                 }

@@ -267,6 +267,21 @@ impl SidecarMetrics {
         self.set_adapter_loaded(name, ok);
     }
 
+    /// Every on-demand series at 0, from the start, so that rates start there.
+    pub fn on_demand_init(&self) {
+        for r in ["ok", "failed"] {
+            let l = self.labels("result", r);
+            let _ = self.families.adapter_downloads.get_or_create(&l);
+            let _ = self.families.on_demand_loads.get_or_create(&l);
+        }
+        let _ = self
+            .families
+            .adapter_download_bytes
+            .get_or_create(&self.base);
+        let _ = self.families.on_demand_evictions.get_or_create(&self.base);
+        self.on_demand_held(0);
+    }
+
     /// An on-demand adapter's download ended: `Some(bytes)` when it succeeded.
     pub fn adapter_download(&self, bytes: Option<u64>) {
         let result = if bytes.is_some() { "ok" } else { "failed" };
