@@ -288,26 +288,10 @@ models:
 
     // maxLoras 2: a third adapter unloads the least recently used (sql was used before
     // poet, so sql goes).
-    let a = ask(
-        &local,
-        lora("8", "poet", "h1", Some(files_of("poet", "v1"))),
-    )
-    .await;
-    assert_eq!(
-        (a.status, a.adapter.as_deref()),
-        (200, Some("poet")),
-        "{a:?}"
-    );
-    let a = ask(
-        &local,
-        lora("9", "chef", "h1", Some(files_of("chef", "v1"))),
-    )
-    .await;
-    assert_eq!(
-        (a.status, a.adapter.as_deref()),
-        (200, Some("chef")),
-        "{a:?}"
-    );
+    for (id, name) in [("8", "poet"), ("9", "chef")] {
+        let a = ask(&local, lora(id, name, "h1", Some(files_of(name, "v1")))).await;
+        assert_eq!((a.status, a.adapter.as_deref()), (200, Some(name)), "{a:?}");
+    }
     let held = on_demand_held(&local).await;
     assert_eq!(held, ["chef", "poet"], "sql was the least recently used");
     let m = local.metrics().await;

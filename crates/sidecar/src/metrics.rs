@@ -284,16 +284,7 @@ impl SidecarMetrics {
 
     /// An on-demand adapter's download ended: `Some(bytes)` when it succeeded.
     pub fn adapter_download(&self, bytes: Option<u64>) {
-        let result = if bytes.is_some() { "ok" } else { "failed" };
-        for r in ["ok", "failed"] {
-            let c = self
-                .families
-                .adapter_downloads
-                .get_or_create(&self.labels("result", r));
-            if r == result {
-                c.inc();
-            }
-        }
+        self.count_result(&self.families.adapter_downloads, bytes.is_some());
         self.families
             .adapter_download_bytes
             .get_or_create(&self.base)
@@ -302,17 +293,15 @@ impl SidecarMetrics {
 
     /// An on-demand adapter's load into the engine ended; `held` adapters now.
     pub fn on_demand_load(&self, ok: bool, held: usize) {
-        let result = if ok { "ok" } else { "failed" };
-        for r in ["ok", "failed"] {
-            let c = self
-                .families
-                .on_demand_loads
-                .get_or_create(&self.labels("result", r));
-            if r == result {
-                c.inc();
-            }
-        }
+        self.count_result(&self.families.on_demand_loads, ok);
         self.on_demand_held(held);
+    }
+
+    /// One more in `family`'s `result="ok"` or `"failed"` series (both exist from
+    /// [`SidecarMetrics::on_demand_init`]).
+    fn count_result(&self, family: &Family<Labels, Counter>, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        family.get_or_create(&self.labels("result", result)).inc();
     }
 
     /// An on-demand adapter was unloaded to make room; `held` adapters now.
