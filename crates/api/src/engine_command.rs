@@ -109,6 +109,12 @@ impl ModelSpec {
                 ]
                 .map(String::from),
             );
+            // llama.cpp serves embeddings and reranking only when told to.
+            match self.model_type {
+                Some(crate::ModelType::Embedding) => argv.push("--embedding".into()),
+                Some(crate::ModelType::Reranker) => argv.push("--reranking".into()),
+                _ => {}
+            }
         }
         let line = argv
             .iter()

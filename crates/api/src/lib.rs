@@ -15,8 +15,9 @@ pub use gpu::{
     WakeLock,
 };
 pub use model::{
-    AdapterSpec, EngineKind, FairnessSpec, FieldError, LORA_RANKS, LoraSettings, Model, ModelSpec,
-    ModelStatus, SleepSpec, ValidModel, adapter_clashes,
+    AdapterSpec, EngineKind, FairnessSpec, FieldError, GPU_PRODUCT_LABEL, LORA_RANKS, LoraSettings,
+    MAX_GPUS_PER_REPLICA, Model, ModelSpec, ModelStatus, ModelType, Parallelism, SleepSpec,
+    ValidModel, adapter_clashes, product_label,
 };
 pub use priority::{PRIORITY_HEADER, Priority};
 pub use units::{ByteSize, ParseError, arg, format_duration, parse_duration};

@@ -125,6 +125,124 @@ pub struct LoraSettings {
 /// The ranks vLLM accepts for `--max-lora-rank`.
 pub const LORA_RANKS: [u32; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
 
+/// What a Model is for, in the original's newest shape: it decides the routes the API
+/// server sends to the Model unless `endpoints` lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    Chat,
+    Tts,
+    Asr,
+    Embedding,
+    Reranker,
+}
+
+impl ModelType {
+    pub const ALL: [ModelType; 5] = [
+        ModelType::Chat,
+        ModelType::Tts,
+        ModelType::Asr,
+        ModelType::Embedding,
+        ModelType::Reranker,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Chat => "chat",
+            ModelType::Tts => "tts",
+            ModelType::Asr => "asr",
+            ModelType::Embedding => "embedding",
+            ModelType::Reranker => "reranker",
+        }
+    }
+
+    /// The routes a Model of this type serves when its `endpoints` does not say.
+    pub fn endpoints(self) -> &'static [&'static str] {
+        match self {
+            ModelType::Chat => &[
+                "/v1/chat/completions",
+                "/v1/completions",
+                "/v1/responses",
+                "/v1/messages",
+            ],
+            ModelType::Tts => &["/v1/audio/speech"],
+            ModelType::Asr => &["/v1/audio/transcriptions", "/v1/audio/translations"],
+            ModelType::Embedding => &["/v1/embeddings"],
+            ModelType::Reranker => &["/v1/rerank", "/v1/score"],
+        }
+    }
+
+    /// Routes that belong to other types and not to this one: a Model of this type
+    /// listing one in `endpoints` contradicts itself.
+    pub fn foreign_endpoints(self) -> Vec<&'static str> {
+        let own = self.endpoints();
+        let mut foreign: Vec<&'static str> = Self::ALL
+            .iter()
+            .filter(|t| **t != self)
+            .flat_map(|t| t.endpoints().iter().copied())
+            .filter(|e| !own.contains(e))
+            .collect();
+        foreign.dedup();
+        foreign
+    }
+}
+
+/// How a replica's engine is split over the GPUs of one node (the original's newest
+/// shape; `tensorParallelSize` is the older spelling of `tensor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Parallelism {
+    /// GPUs each layer is split across (vLLM `--tensor-parallel-size`, SGLang `--tp`):
+    /// 1, 2, 4 or 8 (default 1). The same as `tensorParallelSize`: set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<u32>,
+    /// Stages the layers are cut into, each on its own GPUs of the same node (vLLM
+    /// `--pipeline-parallel-size`, SGLang `--pp-size`), 1 to 8 (default 1). A replica
+    /// takes `tensor × pipeline` GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<u32>,
+}
+
+/// The node label that names a node's GPU product (NVIDIA GPU feature discovery's),
+/// which `spec.product` selects.
+pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
+
+/// A GPU product name as GPU feature discovery writes it in [`GPU_PRODUCT_LABEL`]: NVML's
+/// name with its spaces as `-` (`NVIDIA H100 80GB HBM3` is `NVIDIA-H100-80GB-HBM3`).
+pub fn product_label(product: &str) -> String {
+    product.trim().replace(' ', "-")
+}
+
+/// The most GPUs one replica may take: all on one node.
+pub const MAX_GPUS_PER_REPLICA: u32 = 8;
+
+/// The CEL rule refusing a `modelType` with `endpoints` of another type, from the same
+/// table as [`ModelSpec::validate`]'s check.
+fn endpoints_rule() -> String {
+    let quoted = |list: &[&str]| {
+        list.iter()
+            .map(|e| format!("'{e}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let map = ModelType::ALL
+        .iter()
+        .map(|t| format!("'{}': [{}]", t.as_str(), quoted(&t.foreign_endpoints())))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "!has(self.modelType) || !has(self.endpoints) || self.endpoints.all(e, !(e in {{{map}}}[self.modelType]))"
+    )
+}
+
+/// A route the API server can send to a Model: `/v1/` and path segments of letters,
+/// digits, `_`, `-` and `.` (none starting with `.`: no `..`).
+const ENDPOINT_PATTERN: &str = "^/v1(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+$";
+/// A label value (GPU feature discovery's product names are).
+const PRODUCT_PATTERN: &str = "^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$";
+/// An engine's `--load-format` value.
+const LOAD_FORMAT_PATTERN: &str = "^[a-z0-9_]{1,32}$";
+
 /// `Model.spec`: what a user declares. Defaults are those of the resource; the CEL rules
 /// are checked at admission with the messages below.
 #[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,7 +269,18 @@ pub const LORA_RANKS: [u32; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
     printcolumn = r#"{"name":"VRAM/GPU","type":"string","jsonPath":".status.servingMemoryPerGPU"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new("self.tensorParallelSize in [1, 2, 4, 8]").message("tensorParallelSize must be 1, 2, 4 or 8 (a power of two)"))]
+#[x_kube(validation = Rule::new("!has(self.tensorParallelSize) || self.tensorParallelSize in [1, 2, 4, 8]").message("tensorParallelSize must be 1, 2, 4 or 8 (a power of two)"))]
+#[x_kube(validation = Rule::new("!has(self.parallelism) || !has(self.parallelism.tensor) || self.parallelism.tensor in [1, 2, 4, 8]").message("parallelism.tensor must be 1, 2, 4 or 8 (a power of two)"))]
+#[x_kube(validation = Rule::new("!has(self.parallelism) || !has(self.parallelism.pipeline) || (self.parallelism.pipeline >= 1 && self.parallelism.pipeline <= 8)").message("parallelism.pipeline must be 1 to 8"))]
+#[x_kube(validation = Rule::new("!has(self.parallelism) || !has(self.parallelism.tensor) || !has(self.tensorParallelSize) || self.parallelism.tensor == self.tensorParallelSize").message("parallelism.tensor contradicts tensorParallelSize: set one of them"))]
+#[x_kube(validation = Rule::new("(has(self.parallelism) && has(self.parallelism.tensor) ? self.parallelism.tensor : (has(self.tensorParallelSize) ? self.tensorParallelSize : 1)) * (has(self.parallelism) && has(self.parallelism.pipeline) ? self.parallelism.pipeline : 1) <= 8").message("a replica runs on one node: tensor × pipeline parallelism must be at most 8 GPUs"))]
+#[x_kube(validation = Rule::new(endpoints_rule()).message("endpoints contradict modelType: a route of another model type is listed"))]
+#[x_kube(validation = Rule::new(format!("!has(self.endpoints) || (size(self.endpoints) > 0 && self.endpoints.all(e, e.matches('{ENDPOINT_PATTERN}')))")).message("endpoints must list routes such as /v1/chat/completions"))]
+#[x_kube(validation = Rule::new("!has(self.modelType) || !(self.modelType in ['tts', 'asr']) || self.engine != 'llamacpp'").message("modelType tts and asr need an engine that serves audio (vllm, sglang, process or sim), not llamacpp"))]
+#[x_kube(validation = Rule::new(format!("!has(self.product) || self.product.matches('{PRODUCT_PATTERN}')")).message("product must be a GPU product as its node label writes it, e.g. NVIDIA-H100-80GB-HBM3"))]
+#[x_kube(validation = Rule::new("!has(self.product) || !has(self.nodeSelector) || !('nvidia.com/gpu.product' in self.nodeSelector) || self.nodeSelector['nvidia.com/gpu.product'] == self.product").message("product contradicts nodeSelector's nvidia.com/gpu.product: set one of them"))]
+#[x_kube(validation = Rule::new(format!("!has(self.loadFormat) || self.loadFormat.matches('{LOAD_FORMAT_PATTERN}')")).message("loadFormat must be an engine's load format, e.g. safetensors or runai_streamer"))]
+#[x_kube(validation = Rule::new("!has(self.loadFormat) || !(self.engine in ['llamacpp', 'process'])").message("loadFormat needs an engine that takes --load-format (vllm, sglang or sim)"))]
 #[x_kube(validation = Rule::new("self.gpuMemoryUtilization.matches('^[0-9]*[.]?[0-9]+$') && double(self.gpuMemoryUtilization) > 0.0 && double(self.gpuMemoryUtilization) <= 1.0").message("gpuMemoryUtilization must be a number in (0, 1], e.g. \"0.90\""))]
 #[x_kube(validation = Rule::new("self.sleep.level in [1, 2]").message("sleep.level must be 1 (offload weights to CPU) or 2 (discard weights)"))]
 #[x_kube(validation = Rule::new("self.sleep.idleTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && self.sleep.drainTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("sleep.idleTimeout and sleep.drainTimeout must be durations such as 500ms, 30s or 5m"))]
@@ -174,8 +303,32 @@ pub struct ModelSpec {
     pub dtype: String,
     #[serde(default = "defaults::utilization")]
     pub gpu_memory_utilization: String,
-    #[serde(default = "defaults::one")]
-    pub tensor_parallel_size: u32,
+    /// GPUs each layer is split across: 1, 2, 4 or 8 (default 1). The older spelling of
+    /// `parallelism.tensor`: set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel_size: Option<u32>,
+    /// Tensor and pipeline parallelism, the newer shape (a replica takes `tensor ×
+    /// pipeline` GPUs of one node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<Parallelism>,
+    /// What the Model is for (chat, tts, asr, embedding, reranker): the routes it serves
+    /// unless `endpoints` lists them. Neither set: every route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<ModelType>,
+    /// The routes the API server sends to this Model (e.g. `/v1/embeddings`); others
+    /// are answered 404 naming these. Default: those of `modelType`, or every route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), inner(length(max = 128)))]
+    pub endpoints: Option<Vec<String>>,
+    /// The GPU product a replica must land on, as the node label
+    /// `nvidia.com/gpu.product` writes it (e.g. `NVIDIA-H100-80GB-HBM3`); the same as
+    /// that key in `nodeSelector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+    /// How the engine loads the weights (vLLM and SGLang `--load-format`, e.g.
+    /// `safetensors`, `runai_streamer`); default: the engine's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_format: Option<String>,
     #[serde(default = "defaults::one")]
     pub replicas: u32,
     /// Requests the API server has outstanding on every serving replica at which it
@@ -307,6 +460,7 @@ pub struct FieldError {
 /// The spec's values, parsed and checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidModel {
+    /// The spec [normalized](ModelSpec::normalized): one shape, whichever was written.
     pub spec: ModelSpec,
     pub gpu_memory_utilization: f64,
     pub idle_timeout: Duration,
@@ -353,6 +507,64 @@ impl ModelSpec {
         )
     }
 
+    /// GPUs each layer is split across: `parallelism.tensor` or `tensorParallelSize`.
+    pub fn tensor(&self) -> u32 {
+        self.parallelism
+            .and_then(|p| p.tensor)
+            .or(self.tensor_parallel_size)
+            .unwrap_or(1)
+    }
+
+    /// Pipeline stages: `parallelism.pipeline`.
+    pub fn pipeline(&self) -> u32 {
+        self.parallelism.and_then(|p| p.pipeline).unwrap_or(1)
+    }
+
+    /// The GPUs one replica takes, all on one node.
+    pub fn gpus_per_replica(&self) -> u32 {
+        self.tensor().max(1) * self.pipeline().max(1)
+    }
+
+    /// The routes the API server sends to this Model: `endpoints`, else those of
+    /// `modelType`; `None`: every route.
+    pub fn served_endpoints(&self) -> Option<Vec<String>> {
+        match (&self.endpoints, self.model_type) {
+            (Some(list), _) => Some(list.clone()),
+            (None, Some(t)) => Some(t.endpoints().iter().map(|e| e.to_string()).collect()),
+            (None, None) => None,
+        }
+    }
+
+    /// The GPU product a replica must land on: `product`, or the node selector's
+    /// [`GPU_PRODUCT_LABEL`].
+    pub fn gpu_product(&self) -> Option<&str> {
+        self.product.as_deref().or(self
+            .node_selector
+            .get(GPU_PRODUCT_LABEL)
+            .map(String::as_str))
+    }
+
+    /// The one internal form both shapes of a spec come to, which the controller renders
+    /// and `local` runs: parallelism as `parallelism: {tensor, pipeline}`, the routes
+    /// served in `endpoints` (from `modelType` when it decides them), the GPU product
+    /// both in `product` and in the node selector. Two specs that mean the same are the
+    /// same once normalized, and normalizing twice changes nothing.
+    pub fn normalized(&self) -> ModelSpec {
+        let mut s = self.clone();
+        s.tensor_parallel_size = None;
+        s.parallelism = Some(Parallelism {
+            tensor: Some(self.tensor()),
+            pipeline: Some(self.pipeline()),
+        });
+        s.endpoints = self.served_endpoints();
+        if let Some(product) = self.gpu_product().map(str::to_string) {
+            s.node_selector
+                .insert(GPU_PRODUCT_LABEL.to_string(), product.clone());
+            s.product = Some(product);
+        }
+        s
+    }
+
     /// Checks every field; all problems are reported, each naming its field under `path`.
     pub fn validate(&self, path: &str) -> Result<ValidModel, Vec<FieldError>> {
         let mut errors = Vec::new();
@@ -382,10 +594,45 @@ impl ModelSpec {
                 0.0
             }
         };
-        if ![1, 2, 4, 8].contains(&self.tensor_parallel_size) {
+        for (field, tp) in [
+            ("tensorParallelSize", self.tensor_parallel_size),
+            (
+                "parallelism.tensor",
+                self.parallelism.and_then(|p| p.tensor),
+            ),
+        ] {
+            if let Some(tp) = tp
+                && ![1, 2, 4, 8].contains(&tp)
+            {
+                err(field, format!("{tp} is not one of 1, 2, 4, 8"));
+            }
+        }
+        if let (Some(a), Some(b)) = (
+            self.parallelism.and_then(|p| p.tensor),
+            self.tensor_parallel_size,
+        ) && a != b
+        {
             err(
-                "tensorParallelSize",
-                format!("{} is not one of 1, 2, 4, 8", self.tensor_parallel_size),
+                "parallelism.tensor",
+                format!("{a} contradicts tensorParallelSize {b}: set one of them"),
+            );
+        }
+        if let Some(pp) = self.parallelism.and_then(|p| p.pipeline)
+            && !(1..=MAX_GPUS_PER_REPLICA).contains(&pp)
+        {
+            err(
+                "parallelism.pipeline",
+                format!("{pp} is not from 1 to {MAX_GPUS_PER_REPLICA}"),
+            );
+        } else if self.gpus_per_replica() > MAX_GPUS_PER_REPLICA {
+            err(
+                "parallelism",
+                format!(
+                    "tensor {} × pipeline {} is {} GPUs; a replica runs on one node, at most {MAX_GPUS_PER_REPLICA}",
+                    self.tensor(),
+                    self.pipeline(),
+                    self.gpus_per_replica()
+                ),
             );
         }
         if self.replicas == 0 {
@@ -422,6 +669,9 @@ impl ModelSpec {
                 "maxLoraRank",
                 format!("{rank} is not one of 1, 8, 16, 32, 64, 128, 256, 320, 512"),
             );
+        }
+        for (field, message) in self.shape_errors() {
+            err(field, message);
         }
         let mut on_demand = None;
         if let Some(l) = &self.lora {
@@ -482,7 +732,7 @@ impl ModelSpec {
             return Err(errors);
         }
         Ok(ValidModel {
-            spec: self.clone(),
+            spec: self.normalized(),
             gpu_memory_utilization: utilization,
             idle_timeout,
             drain_timeout,
@@ -493,6 +743,132 @@ impl ModelSpec {
             on_demand,
         })
     }
+}
+
+impl ModelSpec {
+    /// The newer shape's fields that are malformed or contradict another: endpoints
+    /// that are no routes or belong to another `modelType`, a type the engine cannot
+    /// serve, a product that is no label value or differs from the node selector's, a
+    /// load format for an engine without one.
+    fn shape_errors(&self) -> Vec<(&'static str, String)> {
+        let mut errors = Vec::new();
+        if let Some(list) = &self.endpoints {
+            if list.is_empty() {
+                errors.push((
+                    "endpoints",
+                    "must list at least one route (or be left out)".into(),
+                ));
+            }
+            if list.len() > 16 {
+                errors.push((
+                    "endpoints",
+                    format!("lists {} routes; at most 16", list.len()),
+                ));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for e in list {
+                if !endpoint_route(e) {
+                    errors.push((
+                        "endpoints",
+                        format!("{e:?} is not a route such as /v1/chat/completions"),
+                    ));
+                } else if !seen.insert(e.as_str()) {
+                    errors.push(("endpoints", format!("{e:?} is listed twice")));
+                }
+            }
+            if let Some(t) = self.model_type {
+                let foreign = t.foreign_endpoints();
+                for e in list.iter().filter(|e| foreign.contains(&e.as_str())) {
+                    errors.push((
+                        "endpoints",
+                        format!(
+                            "{e:?} contradicts modelType {}: it is a route of another model type (a {} Model serves {})",
+                            t.as_str(),
+                            t.as_str(),
+                            t.endpoints().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(t @ (ModelType::Tts | ModelType::Asr)) = self.model_type
+            && self.engine == EngineKind::Llamacpp
+        {
+            errors.push((
+                "modelType",
+                format!(
+                    "{}: llama.cpp's server does not serve audio (vllm, sglang, process or sim do)",
+                    t.as_str()
+                ),
+            ));
+        }
+        if let Some(p) = &self.product {
+            if !label_value(p) {
+                errors.push((
+                    "product",
+                    format!(
+                        "{p:?} is not a GPU product as its node label writes it (e.g. NVIDIA-H100-80GB-HBM3)"
+                    ),
+                ));
+            }
+            if let Some(selected) = self.node_selector.get(GPU_PRODUCT_LABEL)
+                && selected != p
+            {
+                errors.push((
+                    "product",
+                    format!(
+                        "{p:?} contradicts nodeSelector {GPU_PRODUCT_LABEL}={selected:?}: set one of them"
+                    ),
+                ));
+            }
+        }
+        if let Some(f) = &self.load_format {
+            if f.is_empty()
+                || f.len() > 32
+                || !f
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                errors.push((
+                    "loadFormat",
+                    format!("{f:?} is not a load format such as safetensors or runai_streamer"),
+                ));
+            }
+            if matches!(self.engine, EngineKind::Llamacpp | EngineKind::Process) {
+                errors.push((
+                    "loadFormat",
+                    "needs an engine that takes --load-format (vllm, sglang or sim)".into(),
+                ));
+            }
+        }
+        errors
+    }
+}
+
+/// Whether `e` is a route the API server can send to a Model ([`ENDPOINT_PATTERN`]).
+fn endpoint_route(e: &str) -> bool {
+    let Some(rest) = e.strip_prefix("/v1/") else {
+        return false;
+    };
+    e.len() <= 128
+        && rest.split('/').all(|seg| {
+            seg.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        })
+}
+
+/// Whether `v` is a Kubernetes label value that is not empty ([`PRODUCT_PATTERN`]).
+fn label_value(v: &str) -> bool {
+    let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    v.len() <= 63
+        && ends(v.chars().next())
+        && ends(v.chars().last())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 /// Adapter names that collide among the Models of one namespace, given as `(Model name,
@@ -583,7 +959,7 @@ mod tests {
         let v = s.validate("spec").unwrap();
         assert_eq!(s.engine, EngineKind::Vllm);
         assert_eq!(
-            (s.dtype.as_str(), s.tensor_parallel_size, s.replicas),
+            (s.dtype.as_str(), s.tensor(), s.replicas),
             ("bfloat16", 1, 1)
         );
         assert_eq!(v.gpu_memory_utilization, 0.9);

@@ -1,7 +1,8 @@
 //! The Model CRD's CEL rules, evaluated as the API server would (kube-cel) on valid and
-//! invalid objects, and its printer columns.
+//! invalid objects, and its printer columns; both shapes of a Model, from
+//! `data/model_shapes.yaml`, through the CEL rules and validation alike.
 
-use greenthread_api::Model;
+use greenthread_api::{Model, ModelSpec};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
@@ -26,7 +27,6 @@ fn model(spec_patch: Value) -> Value {
         "engine": "vllm",
         "dtype": "bfloat16",
         "gpuMemoryUtilization": "0.90",
-        "tensorParallelSize": 1,
         "replicas": 1,
         "quantization": "",
         "extraArgs": [],
@@ -163,4 +163,110 @@ fn printer_columns_are_those_of_the_spec() {
     );
     assert_eq!(gpu.spec.names.kind, "GPU");
     assert_eq!(gpu.spec.names.plural, "gpus");
+}
+
+/// `data/model_shapes.yaml`, with `modelName` added where a spec leaves it out.
+fn shapes() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/model_shapes.yaml"
+    ))
+    .unwrap();
+    serde_saphyr::from_str(&text).unwrap()
+}
+
+fn with_name(spec: &Value) -> Value {
+    let mut spec = spec.clone();
+    if spec.get("modelName").is_none() {
+        spec["modelName"] = json!("org/m");
+    }
+    spec
+}
+
+/// The spec as `local` and the controller read it.
+fn typed(spec: &Value) -> ModelSpec {
+    serde_json::from_value(with_name(spec)).unwrap_or_else(|e| panic!("{spec}: {e}"))
+}
+
+/// Accepted by both checks: the CRD's rules and validation.
+fn accepted(spec: &Value) -> greenthread_api::ValidModel {
+    assert_eq!(
+        errors(&model(with_name(spec))),
+        Vec::<String>::new(),
+        "{spec}"
+    );
+    typed(spec)
+        .validate("spec")
+        .unwrap_or_else(|e| panic!("{spec}: {e:?}"))
+}
+
+#[test]
+fn both_shapes_of_a_model_normalize_to_one_spec() {
+    let shapes = shapes();
+    for case in shapes["same"].as_array().unwrap() {
+        let what = case["what"].as_str().unwrap();
+        let (older, newer) = (accepted(&case["older"]), accepted(&case["newer"]));
+        assert_eq!(older.spec, newer.spec, "{what}");
+        // The normalized spec is a fixed point that validates again.
+        assert_eq!(older.spec.normalized(), older.spec, "{what}");
+        assert_eq!(
+            older.spec.validate("spec").unwrap().spec,
+            older.spec,
+            "{what}"
+        );
+        // One spelling of each: parallelism, the product in both places.
+        assert_eq!(older.spec.tensor_parallel_size, None, "{what}");
+        if let Some(p) = &older.spec.product {
+            assert_eq!(
+                older
+                    .spec
+                    .node_selector
+                    .get(greenthread_api::GPU_PRODUCT_LABEL),
+                Some(p),
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
+fn what_a_model_serves_and_the_gpus_it_takes() {
+    let shapes = shapes();
+    for case in shapes["served"].as_array().unwrap() {
+        let spec = &case["spec"];
+        let valid = accepted(spec);
+        let want: Option<Vec<String>> = serde_json::from_value(case["endpoints"].clone()).unwrap();
+        assert_eq!(valid.spec.served_endpoints(), want, "{spec}");
+        assert_eq!(valid.spec.endpoints, want, "{spec}: normalized");
+        assert_eq!(
+            u64::from(valid.spec.gpus_per_replica()),
+            case["gpus"].as_u64().unwrap(),
+            "{spec}"
+        );
+    }
+}
+
+#[test]
+fn contradictions_are_refused_by_the_crd_and_by_validation_alike() {
+    let shapes = shapes();
+    for case in shapes["refused"].as_array().unwrap() {
+        let spec = &case["spec"];
+        let (field, says, cel) = (
+            case["field"].as_str().unwrap(),
+            case["says"].as_str().unwrap(),
+            case["cel"].as_str().unwrap(),
+        );
+        let got = errors(&model(with_name(spec)));
+        assert!(
+            got.iter().any(|m| m.contains(cel)),
+            "{spec}: CEL: expected {cel:?}, got {got:?}"
+        );
+        let errors = typed(spec).validate("spec").unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == format!("spec.{field}") && e.message.contains(says)),
+            "{spec}: expected spec.{field}: …{says}…, got {errors:?}"
+        );
+    }
 }

@@ -142,6 +142,7 @@ fn routes(
             ModelRoute::new(ns, name, m.spec.model_name.clone(), replicas)
                 .with_scale_out(m.spec.scale_out as usize)
                 .with_adapters(m.spec.adapters.iter().map(|a| a.name.clone()).collect())
+                .with_endpoints(m.spec.served_endpoints())
         })
         .collect()
 }

@@ -53,6 +53,8 @@ pub struct ModelRoute {
     scaling: Arc<AtomicBool>,
     /// The LoRA adapters its replicas serve, by name (clients send them as `model`).
     pub adapters: Vec<String>,
+    /// The routes it serves (`spec.endpoints`, or its `modelType`'s); `None`: all.
+    pub endpoints: Option<Vec<String>>,
 }
 
 impl ModelRoute {
@@ -71,6 +73,7 @@ impl ModelRoute {
             turn: AtomicU64::new(0),
             scaling: Arc::default(),
             adapters: Vec::new(),
+            endpoints: None,
         }
     }
 
@@ -80,6 +83,17 @@ impl ModelRoute {
 
     pub fn with_adapters(self, adapters: Vec<String>) -> Self {
         Self { adapters, ..self }
+    }
+
+    pub fn with_endpoints(self, endpoints: Option<Vec<String>>) -> Self {
+        Self { endpoints, ..self }
+    }
+
+    /// Whether requests to `path` (`/v1/...`, no query) may go to this Model.
+    pub fn serves(&self, path: &str) -> bool {
+        self.endpoints
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|e| e == path))
     }
 
     fn serves_adapter(&self, name: &str) -> bool {

@@ -112,6 +112,21 @@ fn resolve(api: &ApiServer, model: &str) -> Result<Target, ApiError> {
 /// A Model's route, and the adapter of it a request names (if any).
 type Target = (Arc<ModelRoute>, Option<String>);
 
+/// A route the Model does not serve (its `endpoints`, or its `modelType`'s), naming
+/// those it does.
+fn not_served(route: &ModelRoute, path: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "endpoint_not_served",
+        format!(
+            "The model {} does not serve {}; it serves {}",
+            echo(&route.name),
+            echo(path),
+            route.endpoints.as_deref().unwrap_or_default().join(", ")
+        ),
+    )
+}
+
 /// A known model with no replica running yet (its pods are still being scheduled).
 fn no_replica(model: &str) -> ApiError {
     ApiError::unavailable(format!(
@@ -248,6 +263,10 @@ async fn send(
     mut parts: http::request::Parts,
     body: Bytes,
 ) -> Response {
+    if !route.serves(parts.uri.path()) {
+        let e = not_served(route, parts.uri.path());
+        return refused(api, who, &route.name, e);
+    }
     let start = tokio::time::Instant::now();
     // The sidecar queues by it.
     let ceiling = who
@@ -403,6 +422,7 @@ fn model_status(route: &ModelRoute) -> Value {
         "sleepingReplicas": count("sleeping"),
         "pods": replicas,
         "adapters": route.adapters,
+        "endpoints": route.endpoints,
     })
 }
 

@@ -1,4 +1,4 @@
-//! Where a replica goes: `tensorParallelSize` GPUs on one node, chosen by bin-packing on
+//! Where a replica goes: `tensor × pipeline` GPUs on one node, chosen by bin-packing on
 //! what is already placed there. Pure: GPU objects and placed demand in, GPU names out.
 //!
 //! Models sleep, so a GPU may hold more placed models than fit awake at once: that is the
@@ -16,10 +16,10 @@ pub enum PlacementError {
     #[error("no GPU objects yet (is the agent running on the GPU nodes?)")]
     NoGpus,
     #[error(
-        "no node has {tp} GPUs with room for {need_gib:.1} GiB each (tensorParallelSize {tp}); nodes seen: {nodes}"
+        "no node has {gpus} GPUs with room for {need_gib:.1} GiB each (tensor × pipeline parallelism {gpus}); nodes seen: {nodes}"
     )]
     NoNodeFits {
-        tp: u32,
+        gpus: u32,
         need_gib: f64,
         nodes: String,
     },
@@ -37,7 +37,12 @@ impl PlacementError {
 
 /// What placing needs to know besides the GPUs.
 pub struct Request<'a> {
-    pub tensor_parallel_size: u32,
+    /// GPUs per replica (`tensor × pipeline`), all on one node.
+    pub gpus: u32,
+    /// Only GPUs of this product ([`greenthread_api::product_label`] of their product
+    /// name); `None`: any. On Kubernetes the node selector decides instead (GPU feature
+    /// discovery's label), so the controller leaves it out.
+    pub product: Option<&'a str>,
     /// Bytes the model needs on a GPU when serving (measured, or the spec's share of it).
     pub need: &'a dyn Fn(&Gpu) -> u64,
     /// Bytes already placed on each GPU (by name), all models, this one's other replicas too.
@@ -53,10 +58,14 @@ pub fn place(gpus: &[Gpu], req: &Request) -> Result<Vec<String>, PlacementError>
     if gpus.is_empty() {
         return Err(PlacementError::NoGpus);
     }
-    let tp = req.tensor_parallel_size.max(1) as usize;
+    let tp = req.gpus.max(1) as usize;
     let mut by_node: BTreeMap<&str, Vec<&Gpu>> = BTreeMap::new();
     for g in gpus {
-        if req.nodes.is_none_or(|n| n.contains(&g.spec.node)) {
+        if req.nodes.is_none_or(|n| n.contains(&g.spec.node))
+            && req
+                .product
+                .is_none_or(|p| greenthread_api::product_label(&g.spec.product) == p)
+        {
             by_node.entry(&g.spec.node).or_default().push(g);
         }
     }
@@ -114,10 +123,13 @@ pub fn place(gpus: &[Gpu], req: &Request) -> Result<Vec<String>, PlacementError>
                 .collect::<Vec<_>>()
                 .join(", ");
             Err(PlacementError::NoNodeFits {
-                tp: tp as u32,
+                gpus: tp as u32,
                 need_gib,
                 nodes: if nodes.is_empty() {
-                    "none matching nodeSelector".into()
+                    match req.product {
+                        Some(p) => format!("none with GPUs of product {p}"),
+                        None => "none matching nodeSelector".into(),
+                    }
                 } else {
                     nodes
                 },
@@ -169,7 +181,8 @@ pub fn place_models_beside(
             let chosen = place(
                 gpus,
                 &Request {
-                    tensor_parallel_size: m.spec.tensor_parallel_size,
+                    gpus: m.spec.gpus_per_replica(),
+                    product: m.spec.gpu_product(),
                     need: &need,
                     placed: &placed,
                     same_model: &same_model,
@@ -226,7 +239,8 @@ mod tests {
         place(
             gpus,
             &Request {
-                tensor_parallel_size: tp,
+                gpus: tp,
+                product: None,
                 need: &|_| need_gi * GI,
                 placed: &placed,
                 same_model: &same,
@@ -298,7 +312,8 @@ mod tests {
         let got = place(
             &gpus,
             &Request {
-                tensor_parallel_size: 1,
+                gpus: 1,
+                product: None,
                 need: &|_| GI,
                 placed: &BTreeMap::new(),
                 same_model: &BTreeSet::new(),

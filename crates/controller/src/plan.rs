@@ -264,7 +264,9 @@ fn place_missing(
         let chosen = match placement::place(
             world.gpus,
             &placement::Request {
-                tensor_parallel_size: model.spec.tensor_parallel_size,
+                gpus: valid.spec.gpus_per_replica(),
+                // The node selector holds it (and GPU feature discovery's label decides).
+                product: None,
                 need: &need,
                 placed: &placed,
                 same_model: &same_model,

@@ -244,12 +244,12 @@ pub async fn sweep_ledger(ctx: &Context) -> Result<(), Error> {
 }
 
 async fn allowed_nodes(ctx: &Context, model: &Model) -> Result<Option<BTreeSet<String>>, Error> {
-    if model.spec.node_selector.is_empty() {
+    // Normalized: `spec.product` is a node selector on the GPU product label.
+    let node_selector = model.spec.normalized().node_selector;
+    if node_selector.is_empty() {
         return Ok(None);
     }
-    let selector = model
-        .spec
-        .node_selector
+    let selector = node_selector
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()

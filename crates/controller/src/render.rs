@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use greenthread_api::{EngineKind, FieldError, GpuSpec, Model, ModelSpec, ValidModel};
+use greenthread_api::{EngineKind, FieldError, GpuSpec, Model, ModelSpec, ModelType, ValidModel};
 use greenthread_sidecar::{Assignment, EngineKind as SidecarEngine, LedgerAt, SidecarConfig};
 use k8s_openapi::{
     ByteString,
@@ -122,15 +122,23 @@ fn labels(model: &Model) -> BTreeMap<String, String> {
     ])
 }
 
+/// An engine's flag names for what every engine server takes.
+struct Flags {
+    share: &'static str,
+    tensor: &'static str,
+    pipeline: &'static str,
+}
+
 /// An engine server's command line: `head`, its loopback address, `switches`, then the
-/// spec's memory share, parallelism, dtype, quantization under each engine's flag names,
-/// the names it answers to, and the user's extra arguments last (so that they win).
+/// spec's memory share, parallelism, dtype, quantization, load format under each
+/// engine's flag names, the names it answers to, and the user's extra arguments last (so
+/// that they win). Pipeline parallelism appears only past 1 stage.
 fn serve_args(
     spec: &ModelSpec,
     port: u16,
     head: &[&str],
     switches: &[&str],
-    (share_flag, tp_flag): (&str, &str),
+    flags: Flags,
     served: &[&str],
 ) -> Vec<String> {
     let s = spec;
@@ -144,15 +152,20 @@ fn serve_args(
     ]);
     args.extend(switches.iter().map(|a| a.to_string()));
     args.extend([
-        share_flag.to_string(),
+        flags.share.to_string(),
         s.gpu_memory_utilization.clone(),
-        tp_flag.to_string(),
-        s.tensor_parallel_size.to_string(),
-        "--dtype".into(),
-        s.dtype.clone(),
+        flags.tensor.to_string(),
+        s.tensor().to_string(),
     ]);
+    if s.pipeline() > 1 {
+        args.extend([flags.pipeline.to_string(), s.pipeline().to_string()]);
+    }
+    args.extend(["--dtype".into(), s.dtype.clone()]);
     if !s.quantization.is_empty() {
         args.extend(["--quantization".to_string(), s.quantization.clone()]);
+    }
+    if let Some(f) = &s.load_format {
+        args.extend(["--load-format".to_string(), f.clone()]);
     }
     if !served.is_empty() {
         args.push("--served-model-name".into());
@@ -195,7 +208,11 @@ pub fn vllm_command(spec: &ModelSpec, name: &str, port: u16) -> Vec<String> {
         port,
         &head,
         &switches,
-        ("--gpu-memory-utilization", "--tensor-parallel-size"),
+        Flags {
+            share: "--gpu-memory-utilization",
+            tensor: "--tensor-parallel-size",
+            pipeline: "--pipeline-parallel-size",
+        },
         &served,
     )
 }
@@ -203,7 +220,7 @@ pub fn vllm_command(spec: &ModelSpec, name: &str, port: u16) -> Vec<String> {
 /// The engine container's arguments for vLLM (its command is `vllm`).
 pub fn vllm_args(model: &Model, port: u16) -> Vec<String> {
     let name = model.metadata.name.clone().unwrap_or_default();
-    vllm_command(&model.spec, &name, port)
+    vllm_command(&model.spec.normalized(), &name, port)
         .into_iter()
         .skip(1)
         .collect()
@@ -227,6 +244,13 @@ pub fn sglang_command(spec: &ModelSpec, port: u16) -> Vec<String> {
     ]
     .map(String::from)
     .into();
+    if matches!(
+        spec.model_type,
+        Some(ModelType::Embedding | ModelType::Reranker)
+    ) {
+        // SGLang serves embeddings and scores only when told the model is one.
+        switches.push("--is-embedding".into());
+    }
     if let Some(l) = spec.lora_settings() {
         // Started without adapters (the sidecar loads them), SGLang must be told which
         // layers they may touch.
@@ -246,14 +270,18 @@ pub fn sglang_command(spec: &ModelSpec, port: u16) -> Vec<String> {
         port,
         &head,
         &switches,
-        ("--mem-fraction-static", "--tp"),
+        Flags {
+            share: "--mem-fraction-static",
+            tensor: "--tp",
+            pipeline: "--pp-size",
+        },
         &[],
     )
 }
 
 /// The engine container's arguments for SGLang (its command is `python3`).
 pub fn sglang_args(model: &Model, port: u16) -> Vec<String> {
-    sglang_command(&model.spec, port)
+    sglang_command(&model.spec.normalized(), port)
         .into_iter()
         .skip(1)
         .collect()
@@ -507,7 +535,8 @@ pub fn render_valid_pod(
     gpus: &[GpuSpec],
     settings: &Settings,
 ) -> Pod {
-    let s = &model.spec;
+    // Rendered from the normalized spec: either shape of a Model renders the same pod.
+    let s = &valid.spec;
     let name = format!(
         "{}-{replica}",
         model.metadata.name.clone().unwrap_or_default()

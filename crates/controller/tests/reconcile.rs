@@ -891,3 +891,64 @@ async fn a_changed_spec_rolls_the_models_pod() {
     );
     assert_eq!(second.name_any(), "qwen-0");
 }
+
+/// A Model in the original's newer shape (`modelType`, `product`, `parallelism`,
+/// `loadFormat`): `product` selects the nodes whose GPU product label says it, and the
+/// pod carries it as a node selector; the pipeline stages take their GPUs of that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_in_the_newer_shape_lands_on_its_gpu_product_with_its_pipeline() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for (node, product) in [
+        ("node-a", "NVIDIA-H100-80GB-HBM3"),
+        ("node-b", "NVIDIA-L40S"),
+    ] {
+        let n = serde_json::from_value(json!({
+            "metadata": {"name": node, "labels": {"nvidia.com/gpu.product": product}},
+        }))
+        .unwrap();
+        nodes.create(&PostParams::default(), &n).await.unwrap();
+    }
+    let ctx = context(&client, Settings::default()).await;
+    let model: Model = serde_saphyr::from_str(
+        r#"
+apiVersion: greenthread.ai/v1alpha1
+kind: Model
+metadata: {name: embed, namespace: team-a}
+spec:
+  modelName: BAAI/bge-m3
+  modelType: embedding
+  product: NVIDIA-L40S
+  parallelism: {tensor: 1, pipeline: 2}
+  loadFormat: safetensors
+  gpuMemoryUtilization: "0.4"
+"#,
+    )
+    .unwrap();
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    let m = models.create(&PostParams::default(), &model).await.unwrap();
+    // The first reconcile adds the finalizer, the second places.
+    reconcile::reconcile(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(models.get("embed").await.unwrap()), ctx)
+        .await
+        .unwrap();
+    let pods = pods_of(&client, "embed").await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(gpus_of(&pods[0]), "node-b-0,node-b-1");
+    let spec = pods[0].spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("node-b"));
+    assert_eq!(
+        spec.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"],
+        "NVIDIA-L40S"
+    );
+    let engine = spec.containers.iter().find(|c| c.name == "engine").unwrap();
+    let args = engine.args.as_ref().unwrap().join(" ");
+    assert!(
+        args.contains("--tensor-parallel-size 1 --pipeline-parallel-size 2 --dtype bfloat16 --load-format safetensors"),
+        "{args}"
+    );
+}

@@ -654,3 +654,80 @@ fn model_pods_pull_with_the_installations_secrets() {
         .collect();
     assert_eq!(names, ["regcred", "mirror"]);
 }
+
+/// [`MODEL`] in the original's newer shape: `parallelism` for `tensorParallelSize`,
+/// `product` for the node selector's GPU product.
+const MODEL_NEWER_SHAPE: &str = r#"
+apiVersion: greenthread.ai/v1alpha1
+kind: Model
+metadata:
+  name: qwen
+  namespace: team-a
+  uid: 3f1c2a9e-0000-4000-8000-000000000001
+spec:
+  modelName: Qwen/Qwen2.5-7B-Instruct
+  gpuMemoryUtilization: "0.45"
+  parallelism: {tensor: 2, pipeline: 1}
+  product: H100
+  quantization: awq
+  extraArgs: ["--max-model-len", "8192"]
+  sleep: {idleTimeout: 10m, drainTimeout: 20s, level: 2}
+  fairness: {minRuntime: 30s, maxWaitTime: 3s, popular: true}
+"#;
+
+#[test]
+fn a_model_in_the_newer_shape_renders_the_pod_of_the_older() {
+    let newer: Model = serde_saphyr::from_str(MODEL_NEWER_SHAPE).unwrap();
+    assert_ne!(newer.spec, model().spec);
+    let settings = Settings::default();
+    let (older_pod, newer_pod) = (
+        render_pod(&model(), 0, &gpus(), &settings).unwrap(),
+        render_pod(&newer, 0, &gpus(), &settings).unwrap(),
+    );
+    // The same pod, to its spec hash: rewriting a manifest in the other shape rolls nothing.
+    assert_eq!(older_pod, newer_pod);
+    assert_eq!(vllm_args(&model(), 8001), vllm_args(&newer, 8001));
+}
+
+#[test]
+fn pipeline_stages_load_format_and_model_type_reach_each_engine() {
+    let vllm = with_engine(serde_json::json!({
+        "parallelism": {"pipeline": 2}, "loadFormat": "runai_streamer",
+    }));
+    let args = vllm_args(&vllm, 8001).join(" ");
+    assert!(
+        args.contains("--tensor-parallel-size 2 --pipeline-parallel-size 2 --dtype bfloat16 --quantization awq --load-format runai_streamer --served-model-name"),
+        "{args}"
+    );
+    let sglang = with_engine(serde_json::json!({
+        "engine": "sglang", "modelType": "embedding", "parallelism": {"pipeline": 2},
+    }));
+    let pod = render_pod(&sglang, 0, &gpus(), &Settings::default()).unwrap();
+    let args = container(&pod, "engine").args.as_ref().unwrap().join(" ");
+    assert!(
+        args.contains(
+            "--enable-metrics --is-embedding --mem-fraction-static 0.45 --tp 2 --pp-size 2 --dtype"
+        ),
+        "{args}"
+    );
+    let llama = with_engine(serde_json::json!({
+        "engine": "llamacpp", "modelType": "reranker", "extraArgs": ["-m", "/m/rerank.gguf"],
+    }));
+    let pod = render_pod(&llama, 0, &gpus(), &Settings::default()).unwrap();
+    let args = pod.spec.as_ref().unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let at = args.iter().position(|a| a == "--engine-command").unwrap();
+    assert!(
+        args[at + 1].ends_with("--metrics --reranking"),
+        "{}",
+        args[at + 1]
+    );
+    // One pipeline stage says nothing: pods rendered before the field existed stay as they are.
+    let plain = vllm_args(&model(), 8001).join(" ");
+    assert!(
+        !plain.contains("pipeline") && !plain.contains("load-format"),
+        "{plain}"
+    );
+}

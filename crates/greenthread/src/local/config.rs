@@ -108,8 +108,9 @@ pub fn check_model(
     at: &str,
     m: &LocalModel,
     backend: &GpuBackend,
-    gpus: usize,
+    products: &[&str],
 ) -> Result<ValidModel, Vec<String>> {
+    let gpus = products.len();
     let mut errors = Vec::new();
     let valid_name = !m.name.is_empty()
         && m.name.len() <= 63
@@ -142,10 +143,41 @@ pub fn check_model(
         )),
         _ => {}
     }
-    if gpus > 0 && v.spec.tensor_parallel_size as usize > gpus {
+    let wanted = v.spec.gpus_per_replica() as usize;
+    if gpus > 0 && wanted > gpus {
+        // Named as the user wrote it.
+        let said = if m.spec.parallelism.is_some() {
+            format!(
+                "parallelism: tensor {} × pipeline {} is {wanted} GPUs,",
+                v.spec.tensor(),
+                v.spec.pipeline()
+            )
+        } else {
+            format!("tensorParallelSize: {wanted} is")
+        };
         errors.push(format!(
-            "{at}spec.tensorParallelSize: {} is more than the {gpus} GPUs configured",
-            v.spec.tensor_parallel_size,
+            "{at}spec.{said} more than the {gpus} GPUs configured"
+        ));
+    }
+    if let Some(product) = v.spec.gpu_product()
+        && gpus > 0
+        && !products
+            .iter()
+            .any(|p| greenthread_api::product_label(p) == product)
+    {
+        let mut have: Vec<String> = products
+            .iter()
+            .map(|p| greenthread_api::product_label(p))
+            .collect();
+        have.dedup();
+        errors.push(format!(
+            "{at}spec.{}: no GPU configured is a {product} (these are: {})",
+            if m.spec.product.is_some() {
+                "product"
+            } else {
+                "nodeSelector"
+            },
+            have.join(", ")
         ));
     }
     if errors.is_empty() {
@@ -289,7 +321,8 @@ pub fn parse_with(
         if cfg.models[..i].iter().any(|o| o.name == m.name) {
             errors.push(format!("{at}name: {:?} is used twice", m.name));
         }
-        match check_model(&at, m, &backend, gpus.len()) {
+        let products: Vec<&str> = gpus.iter().map(|g| g.product.as_str()).collect();
+        match check_model(&at, m, &backend, &products) {
             Ok(v) => models.push((m.name.clone(), v)),
             Err(es) => errors.extend(es),
         }

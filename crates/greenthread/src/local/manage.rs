@@ -98,7 +98,8 @@ impl Manager {
         but: Option<&str>,
     ) -> Result<(ValidModel, Vec<Vec<u32>>), Refused> {
         let records = &self.starter.records;
-        let valid = check_model("", m, &self.starter.backend, records.len())
+        let products: Vec<&str> = records.iter().map(|g| g.spec.product.as_str()).collect();
+        let valid = check_model("", m, &self.starter.backend, &products)
             .map_err(|es| bad(es.join("; ")))?;
         let others: Vec<(&str, &ModelSpec)> = running
             .iter()

@@ -109,12 +109,12 @@ fn apply_changes(plan: &mut config::Plan, store: &std::path::Path) -> anyhow::Re
                 name: name.clone(),
                 spec,
             };
-            let gpus = plan.gpus.len();
+            let products: Vec<&str> = plan.gpus.iter().map(|g| g.product.as_str()).collect();
             let valid = config::check_model(
                 &format!("{}: {name}: ", store.display()),
                 &m,
                 &plan.backend,
-                gpus,
+                &products,
             )
             .map_err(|es| anyhow::anyhow!("{}", es.join("; ")))?;
             plan.models.push((name, valid));
@@ -343,7 +343,8 @@ impl Starter {
         let mut sidecars = Vec::new();
         let mut route = ModelRoute::new("local", name, &model.spec.model_name, vec![])
             .with_scale_out(model.spec.scale_out as usize)
-            .with_adapters(model.spec.adapters.iter().map(|a| a.name.clone()).collect());
+            .with_adapters(model.spec.adapters.iter().map(|a| a.name.clone()).collect())
+            .with_endpoints(model.spec.served_endpoints());
         for (r, positions) in positions.iter().enumerate() {
             let pod = format!("{name}-{r}");
             let lease = greenthread_sidecar::ports::engine_port()?;
