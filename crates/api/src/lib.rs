@@ -19,7 +19,7 @@ pub use model::{
     MAX_GPUS_PER_REPLICA, Model, ModelSpec, ModelStatus, ModelType, Parallelism, SleepSpec,
     ValidModel, adapter_clashes, product_label,
 };
-pub use priority::{PRIORITY_HEADER, Priority};
+pub use priority::{BATCH_HEADER, PRIORITY_HEADER, Priority};
 pub use units::{ByteSize, ParseError, arg, format_duration, parse_duration};
 
 /// A pod's key in the GPU ledger (occupants, intents, wake locks): `namespace/name`, so

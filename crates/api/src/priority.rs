@@ -35,6 +35,11 @@ pub enum Priority {
 /// sidecar. A client may send it to lower its key's priority, never to raise it.
 pub const PRIORITY_HEADER: &str = "x-greenthread-priority";
 
+/// The request header that marks a request of a batch (the API server's batch runner):
+/// its sidecar gives it only capacity that interactive traffic leaves idle (see the
+/// sidecar's `admit_batch`). Clients' copies are removed by the API server.
+pub const BATCH_HEADER: &str = "x-greenthread-batch";
+
 impl Priority {
     pub const ALL: [Priority; 3] = [Priority::Sheddable, Priority::Standard, Priority::Critical];
 

@@ -45,6 +45,13 @@ pub struct ApiServerConfig {
     /// as hashes; every replica watches it.
     #[arg(long, default_value = "greenthread-issued-api-keys")]
     pub issued_keys_secret: String,
+    /// Where the Batch API keeps its files and batches (a volume: they must survive a
+    /// restart); without it the Batch API is off.
+    #[arg(long)]
+    pub batch_dir: Option<std::path::PathBuf>,
+    /// Requests of one batch in flight at once.
+    #[arg(long, default_value_t = crate::batch::DEFAULT_CONCURRENCY)]
+    pub batch_concurrency: usize,
     #[command(flatten)]
     pub edge: greenthread_edge::EdgeConfig,
 }
@@ -99,6 +106,11 @@ pub async fn start(
         families,
         Box::new(|| {}),
     );
+    if let Some(dir) = &cfg.batch_dir {
+        let batches = crate::batch::Batches::start(dir, &api, cfg.batch_concurrency)
+            .map_err(|e| anyhow::anyhow!("--batch-dir {}: {e}", dir.display()))?;
+        let _ = api.batches.set(batches);
+    }
     let sidecar_token = greenthread_edge::secret(
         "GREENTHREAD_SIDECAR_ADMIN_TOKEN",
         cfg.sidecar_token_file.as_deref(),
@@ -146,6 +158,9 @@ pub async fn run(cfg: ApiServerConfig) -> anyhow::Result<()> {
         api.shutdown.clone(),
     )
     .await?;
+    if let Some(batches) = api.batches.get() {
+        batches.shutdown(cfg.edge.shutdown_timeout).await;
+    }
     discovery.abort();
     Ok(())
 }

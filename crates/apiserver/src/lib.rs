@@ -5,6 +5,7 @@
 
 mod auth;
 pub mod balance;
+pub mod batch;
 pub mod cluster;
 mod events;
 pub mod issued;
@@ -125,6 +126,15 @@ impl ModelRoute {
         Some(&self.replicas[pick.send])
     }
 
+    /// Where the next batch request goes: as [`ModelRoute::pick`], but batch work never
+    /// starts a scale-out wake (a wake that could preempt someone).
+    pub fn pick_for_batch(&self) -> Option<&Replica> {
+        let loads: Vec<balance::Load> = self.replicas.iter().map(Replica::load).collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let pick = balance::choose(&loads, 0, turn)?;
+        Some(&self.replicas[pick.send])
+    }
+
     /// `serving` if any replica serves, else that of the replica a request would go to.
     pub fn state(&self) -> &'static str {
         if self.replicas.iter().any(|r| r.state() == "serving") {
@@ -196,6 +206,8 @@ pub struct ApiServer {
     pub advertise: RwLock<String>,
     /// Changes the Models at run time, where this server can (`local`).
     pub manager: std::sync::OnceLock<Arc<dyn ModelManager>>,
+    /// The Batch API, where this server keeps a batch directory.
+    pub batches: std::sync::OnceLock<Arc<batch::Batches>>,
 }
 
 impl ApiServer {
@@ -229,6 +241,7 @@ impl ApiServer {
             subscribers: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_SUBSCRIBERS)),
             advertise: RwLock::new("127.0.0.1:8000".into()),
             manager: std::sync::OnceLock::new(),
+            batches: std::sync::OnceLock::new(),
         });
         api.set_models(models);
         api

@@ -20,6 +20,13 @@ struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BatchLabels {
+    model: String,
+    /// `completed`, `failed` or `deferred`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabel {
     model: String,
 }
@@ -47,6 +54,8 @@ greenthread_api::metric_families! {
             => ("gthread_apiserver_tokens", "Prompt and completion tokens by API key and model, as the engines report them"),
         duration: Family<ModelLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency)
             => ("gthread_apiserver_request_duration_seconds", "API server request latency to the response headers, by model"),
+        batch_requests: Family<BatchLabels, Counter> = Family::default()
+            => ("gthread_apiserver_batch_requests", "Batch API requests sent to a Model, by what came of them: completed (2xx, in the output file), failed (in the error file), deferred (refused for now: the capacity was not idle or the queue full; sent again later)"),
         in_flight: Family<NamespacedModel, Gauge> = Family::default()
             => ("gthread_apiserver_requests_in_flight", "Requests sent to a Model's replicas whose answers have not ended: the load an autoscaler (HPA, KEDA) scales replicas on"),
     }
@@ -66,6 +75,16 @@ impl ApiMetrics {
                 model: model.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// One attempt of a batch request, and what came of it.
+    pub fn batch_request(&self, model: &str, result: &'static str) {
+        self.batch_requests
+            .get_or_create(&BatchLabels {
+                model: model.to_string(),
+                result,
+            })
+            .inc();
     }
 
     /// Tokens one answer used.

@@ -169,6 +169,12 @@ impl Replica {
         })
     }
 
+    /// Sends one batch request through this replica. Not counted as outstanding: batch
+    /// work is not load that wakes more replicas or that an autoscaler scales on.
+    pub async fn relay_batch(&self, parts: &http::request::Parts, body: Bytes) -> Response {
+        self.relay_untracked(parts, body).await
+    }
+
     async fn relay_untracked(&self, parts: &http::request::Parts, body: Bytes) -> Response {
         match &self.backend {
             Backend::Local(s) => relay(s, &self.forwarder, parts, body).await,

@@ -33,6 +33,7 @@ pub fn router(api: Shared) -> Router {
         .route("/metrics/engine/{*pod}", get(engine_metrics))
         .route("/prometheus/targets", get(scrape_targets));
     let openai = Router::new()
+        .merge(crate::batch::router())
         .route("/v1/models", get(list_models))
         .route("/v1/{*rest}", post(by_body))
         .route("/{model}/v1/{*rest}", post(by_prefix).get(by_prefix))
@@ -274,6 +275,8 @@ async fn send(
         .as_ref()
         .map_or(Priority::Standard, |c| c.key.priority);
     let priority = request_priority(&parts.headers, ceiling);
+    // Only the batch runner marks batch requests.
+    parts.headers.remove(greenthread_api::BATCH_HEADER);
     parts.headers.insert(
         PRIORITY_HEADER,
         http::HeaderValue::from_static(priority.as_str()),

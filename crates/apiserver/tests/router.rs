@@ -223,3 +223,159 @@ async fn the_status_page_is_served_from_the_binary_with_a_strict_policy() {
         "the script builds the DOM from text"
     );
 }
+
+fn upload(key: &str, purpose: &str, content: &str) -> Request<Body> {
+    let b = "gt-test-boundary";
+    Request::post("/v1/files")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", format!("multipart/form-data; boundary={b}"))
+        .body(Body::from(format!(
+            "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+             --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n{content}\r\n--{b}--\r\n"
+        )))
+        .unwrap()
+}
+
+fn as_key(key: &str, method: &str, path: &str, body: Option<Value>) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+        .unwrap()
+}
+
+/// The Batch API's refusals, and its tenancy: a file or batch is its key's alone.
+#[tokio::test]
+async fn batches_are_each_keys_own_and_bad_requests_name_the_field() {
+    let auth = Auth::new(
+        vec![
+            greenthread_api::keys::ApiKey::plain("team-1", "k1"),
+            greenthread_api::keys::ApiKey::plain("team-2", "k2"),
+        ],
+        Some("root".into()),
+        None,
+        false,
+        SOURCES,
+    )
+    .unwrap();
+    let server = common::server(auth);
+    // Off until the server has a store.
+    let app = greenthread_apiserver::router(server.clone());
+    let (got, v) = send(&app, as_key("k1", "GET", "/v1/batches", None)).await;
+    assert_eq!(got, 404, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Batch API is off")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let batches = greenthread_apiserver::batch::Batches::start(dir.path(), &server, 2).unwrap();
+    let _ = server.batches.set(batches);
+
+    let line = r#"{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "alpha", "messages": []}}"#;
+    let (got, file) = send(&app, upload("k1", "batch", line)).await;
+    assert_eq!(got, 200, "{file}");
+    assert_eq!(
+        (file["object"].as_str(), file["filename"].as_str()),
+        (Some("file"), Some("in.jsonl"))
+    );
+    let id = file["id"].as_str().unwrap();
+    // (request, status, a piece of the message)
+    let table = [
+        (upload("k1", "fine-tune", line), 400, "purpose"),
+        (
+            as_key(
+                "k1",
+                "POST",
+                "/v1/batches",
+                Some(serde_json::json!({"endpoint": "/v1/chat/completions"})),
+            ),
+            400,
+            "input_file_id: is required",
+        ),
+        (
+            as_key(
+                "k1",
+                "POST",
+                "/v1/batches",
+                Some(serde_json::json!({"input_file_id": id, "endpoint": "/v1/images"})),
+            ),
+            400,
+            "endpoint:",
+        ),
+        (
+            as_key(
+                "k1",
+                "POST",
+                "/v1/batches",
+                Some(
+                    serde_json::json!({"input_file_id": id, "endpoint": "/v1/chat/completions", "completion_window": "1s"}),
+                ),
+            ),
+            400,
+            "completion_window",
+        ),
+        // Another key's file is no file of yours.
+        (
+            as_key(
+                "k2",
+                "POST",
+                "/v1/batches",
+                Some(serde_json::json!({"input_file_id": id, "endpoint": "/v1/chat/completions"})),
+            ),
+            400,
+            "no such file",
+        ),
+        (
+            as_key("k2", "GET", &format!("/v1/files/{id}"), None),
+            404,
+            "No such file",
+        ),
+        (
+            as_key("k2", "GET", &format!("/v1/files/{id}/content"), None),
+            404,
+            "No such file",
+        ),
+        (
+            as_key("k2", "DELETE", &format!("/v1/files/{id}"), None),
+            404,
+            "No such file",
+        ),
+        (
+            as_key("k1", "GET", "/v1/files/..%2Fkeys.json", None),
+            404,
+            "No such file",
+        ),
+        (
+            as_key("k1", "GET", "/v1/batches/batch_nope", None),
+            404,
+            "No such batch",
+        ),
+    ];
+    for (req, status, piece) in table {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (got, v) = send(&app, req).await;
+        assert_eq!(got.as_u16(), status, "{what}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(piece), "{what}: {v}");
+    }
+    // A batch for a model another namespace also has is kept, failed, saying why.
+    let ambiguous = r#"{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "beta"}}"#;
+    let (_, file) = send(&app, upload("k1", "batch", ambiguous)).await;
+    let create =
+        serde_json::json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions"});
+    let (got, b) = send(&app, as_key("k1", "POST", "/v1/batches", Some(create))).await;
+    assert_eq!(got, 200, "{b}");
+    assert_eq!(b["status"], "failed");
+    assert_eq!(b["errors"]["data"][0]["code"], "model_ambiguous", "{b}");
+    // Each key lists its own.
+    let (_, mine) = send(&app, as_key("k1", "GET", "/v1/batches", None)).await;
+    assert_eq!(mine["data"].as_array().unwrap().len(), 1, "{mine}");
+    let (_, theirs) = send(&app, as_key("k2", "GET", "/v1/batches", None)).await;
+    assert_eq!(theirs["data"], serde_json::json!([]));
+    let (_, files) = send(&app, as_key("k2", "GET", "/v1/files", None)).await;
+    assert_eq!(files["data"], serde_json::json!([]));
+}

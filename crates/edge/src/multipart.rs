@@ -46,6 +46,19 @@ pub fn field(
     boundary: &str,
     name: &str,
 ) -> Result<Option<Range<usize>>, MultipartError> {
+    Ok(part(body, boundary, name)?.map(|p| p.value))
+}
+
+/// A form field found in a body: where its value lies, and the file name its part
+/// carries (an uploaded file's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub value: Range<usize>,
+    pub filename: Option<String>,
+}
+
+/// [`field`], with the part's file name.
+pub fn part(body: &[u8], boundary: &str, name: &str) -> Result<Option<Part>, MultipartError> {
     let open = format!("--{boundary}");
     let delimiter = format!("\r\n--{boundary}");
     let finder = memmem::Finder::new(delimiter.as_bytes());
@@ -81,18 +94,22 @@ pub fn field(
         let content_len = finder
             .find(&body[content_start..])
             .ok_or(MultipartError::Malformed)?;
-        if part_name(headers).as_deref() == Some(name) {
+        if disposition(headers, "name").as_deref() == Some(name) {
             if found.is_some() {
                 return Err(MultipartError::Duplicate(name.to_string()));
             }
-            found = Some(content_start..content_start + content_len);
+            found = Some(Part {
+                value: content_start..content_start + content_len,
+                filename: disposition(headers, "filename"),
+            });
         }
         at = content_start + content_len + delimiter.len();
     }
 }
 
-/// The `name` of a part's `Content-Disposition: form-data; name="…"`.
-fn part_name(headers: &[u8]) -> Option<String> {
+/// The parameter `param` (`name`, `filename`) of a part's `Content-Disposition:
+/// form-data; name="…"; filename="…"`.
+fn disposition(headers: &[u8], param: &str) -> Option<String> {
     let headers = std::str::from_utf8(headers).ok()?;
     headers.split("\r\n").find_map(|line| {
         let (key, value) = line.split_once(':')?;
@@ -106,7 +123,7 @@ fn part_name(headers: &[u8]) -> Option<String> {
         params.find_map(|p| {
             let (k, v) = p.split_once('=')?;
             k.trim()
-                .eq_ignore_ascii_case("name")
+                .eq_ignore_ascii_case(param)
                 .then(|| v.trim().trim_matches('"').to_string())
         })
     })
@@ -133,6 +150,20 @@ mod tests {
         }
         out.extend_from_slice(format!("--{B}--\r\n").as_bytes());
         out
+    }
+
+    #[test]
+    fn a_part_carries_its_file_name() {
+        let body = form(&[("purpose", b"batch"), ("file", b"{\"a\": 1}\n")]);
+        let file = part(&body, B, "file").unwrap().unwrap();
+        assert_eq!(&body[file.value], b"{\"a\": 1}\n");
+        assert_eq!(file.filename.as_deref(), Some("a.wav"));
+        let purpose = part(&body, B, "purpose").unwrap().unwrap();
+        assert_eq!(
+            (&body[purpose.value], purpose.filename),
+            (&b"batch"[..], None)
+        );
+        assert_eq!(part(&body, B, "model").unwrap(), None);
     }
 
     #[test]

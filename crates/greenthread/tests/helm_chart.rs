@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 const MONITORING: &[&str] = &["--set", "monitoring.enabled=true"];
 const ALL_OPTIONS: &[&str] = &["-f", "charts/tests/all-options.yaml"];
+const BATCH: &[&str] = &["-f", "charts/tests/batch.yaml"];
 
 const SEED_MONITORS: [(&str, &str); 5] = [
     ("PodMonitor", "greenthread-sidecar"),
@@ -52,7 +53,7 @@ fn args_of(workload: &Value) -> Vec<String> {
 
 #[test]
 fn lint_is_clean_in_strict_mode_with_default_monitoring_and_every_option() {
-    for args in [&[][..], MONITORING, ALL_OPTIONS] {
+    for args in [&[][..], MONITORING, ALL_OPTIONS, BATCH] {
         if let Err(findings) = lint(args) {
             panic!("helm lint --strict {args:?}:\n{findings}");
         }
@@ -510,4 +511,73 @@ fn bad_values_are_rejected_with_a_message_naming_the_field() {
         args.contains(&"--allow-unauthenticated".to_string()),
         "{args:?}"
     );
+}
+
+#[test]
+fn the_batch_api_gets_a_volume_that_outlives_its_pod() {
+    let objects = render(BATCH);
+    let apiserver = find(&objects, "Deployment", "greenthread-apiserver");
+    let args = args_of(apiserver);
+    for a in [
+        "--batch-dir=/var/lib/greenthread/batches",
+        "--batch-concurrency=8",
+    ] {
+        assert!(args.contains(&a.to_string()), "{a} not in {args:?}");
+    }
+    let pod = &apiserver["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "greenthread-apiserver-batches"
+    );
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/var/lib/greenthread/batches"
+    );
+    // Writable by the API server's user; one pod at a time on the volume.
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    assert_eq!(apiserver["spec"]["strategy"]["type"], "Recreate");
+    let claim = find(
+        &objects,
+        "PersistentVolumeClaim",
+        "greenthread-apiserver-batches",
+    );
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "50Gi");
+    assert_eq!(claim["spec"]["storageClassName"], "fast-ssd");
+    assert_eq!(
+        claim["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let core: Vec<Value> = objects.into_iter().filter(|o| !is_monitoring(o)).collect();
+    kubernetes_validate(&core).unwrap();
+    // Off by default: no claim, no flag.
+    let objects = render(&[]);
+    assert!(!objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim"));
+    let args = args_of(find(&objects, "Deployment", "greenthread-apiserver"));
+    assert!(!args.iter().any(|a| a.starts_with("--batch")), "{args:?}");
+    // An existing claim is used as it is.
+    let objects = render(&[
+        "-f",
+        "charts/tests/batch.yaml",
+        "--set",
+        "apiserver.batch.existingClaim=my-batches",
+    ]);
+    assert!(!objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim"));
+    let apiserver = find(&objects, "Deployment", "greenthread-apiserver");
+    assert_eq!(
+        apiserver["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "my-batches"
+    );
+    // Two API servers would both run the batches.
+    let out = helm(
+        "render",
+        &[
+            "-f",
+            "charts/tests/batch.yaml",
+            "--set",
+            "apiserver.replicas=2",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("apiserver.batch.enabled"), "{stderr}");
 }

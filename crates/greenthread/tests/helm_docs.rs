@@ -176,9 +176,30 @@ fn every_object_the_docs_name_is_rendered() {
             }
         }
     }
-    // Every `greenthread-…` name in the text is a rendered object (or the namespace).
+    // Every `greenthread-…` name in the text is a rendered object (or the namespace):
+    // of the install, or of an upgrade the docs show (`helm upgrade … --reuse-values
+    // --set …`: the install's values and these), whose values exist.
+    let (_, _, install_sets) = documented_install();
+    let mut upgraded = Vec::new();
+    for words in commands(&doc()) {
+        if !words.starts_with(&["helm".into(), "upgrade".into(), "greenthread".into()]) {
+            continue;
+        }
+        let mut args = vec!["--namespace".to_string(), namespace.clone()];
+        for set in install_sets.iter().chain(&flag_values(&words, "--set")) {
+            let key = set.split('=').next().unwrap();
+            assert!(
+                has_key(&defaults(), key),
+                "--set {key}: no such value in values.yaml"
+            );
+            args.extend(["--set".to_string(), set.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        upgraded.extend(render(&args));
+    }
     let rendered: BTreeSet<&str> = objects
         .iter()
+        .chain(&upgraded)
         .filter_map(|o| o["metadata"]["name"].as_str())
         .collect();
     let doc = doc();

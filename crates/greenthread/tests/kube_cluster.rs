@@ -63,6 +63,8 @@ fn api_server_config(admin_token_file: Option<std::path::PathBuf>) -> ApiServerC
         admin_open: false,
         allow_unauthenticated: false,
         issued_keys_secret: "greenthread-issued-api-keys".into(),
+        batch_dir: None,
+        batch_concurrency: 4,
         edge: Default::default(),
     }
 }

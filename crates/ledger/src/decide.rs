@@ -74,6 +74,40 @@ pub fn fits(spec: &GpuSpec, status: &GpuStatus, pod: &str, need: u64) -> Result<
     }
 }
 
+/// Why batch work alone may not wake a pod on this GPU now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotIdle {
+    #[error("{0} waits for memory here")]
+    Wanted(String),
+    #[error("{0} is waking here")]
+    Waking(String),
+    #[error(transparent)]
+    Short(Refusal),
+}
+
+/// Whether `pod` may wake on this GPU for batch work alone: nobody else waits for memory
+/// here or is waking here, and `need` fits in the memory free now, so that the wake
+/// neither preempts anyone nor delays anyone's wake.
+pub fn idle_room(
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    pod: &str,
+    need: u64,
+    lock_ttl: Duration,
+    now: Timestamp,
+) -> Result<(), NotIdle> {
+    if let Some(i) = status.preemption_intents.iter().find(|i| i.pod_name != pod) {
+        return Err(NotIdle::Wanted(i.pod_name.clone()));
+    }
+    if let Some(lock) = &status.wake_lock
+        && lock.pod_name != pod
+        && !lock_expired(status, lock, lock_ttl, now)
+    {
+        return Err(NotIdle::Waking(lock.pod_name.clone()));
+    }
+    fits(spec, status, pod, need).map_err(NotIdle::Short)
+}
+
 /// Ensures `pod` has a record (sleeping, nothing held) so that others can see it.
 pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus {
     let mut next = status.clone();
@@ -1095,6 +1129,77 @@ mod tests {
             vec!["a"]
         );
         assert_eq!(next_eligibility(&status, "w", t(106)), None);
+    }
+
+    #[test]
+    fn batch_work_wakes_only_into_idle_capacity() {
+        let ttl = Duration::from_secs(10);
+        let lock = |pod: &str, at: i64| {
+            Some(WakeLock {
+                pod_name: pod.into(),
+                since: t(at),
+            })
+        };
+        let mut waiter = write_intent(&GpuStatus::default(), "ns/w", "w", 10 * GI, t(0));
+        waiter.occupants = vec![occupant("ns/b", OccupantState::Sleeping, 0, GI)];
+        // (status, the pod waking for batch work, needing 40 GiB of 80) → allowed, or why not
+        let serving = |gib| occupant("ns/a", OccupantState::Serving, gib * GI, 0);
+        let cases: Vec<(GpuStatus, Result<(), &str>)> = vec![
+            (GpuStatus::default(), Ok(())),
+            // Free memory beside a serving model: it fits, nobody is preempted.
+            (
+                GpuStatus {
+                    occupants: vec![serving(40)],
+                    ..Default::default()
+                },
+                Ok(()),
+            ),
+            // It would need the serving model's memory: never.
+            (
+                GpuStatus {
+                    occupants: vec![serving(41)],
+                    ..Default::default()
+                },
+                Err("needs"),
+            ),
+            // Someone else waits for memory here, or is waking here: they go first.
+            (waiter.clone(), Err("ns/w waits for memory here")),
+            (
+                GpuStatus {
+                    wake_lock: lock("ns/a", 5),
+                    ..Default::default()
+                },
+                Err("ns/a is waking here"),
+            ),
+            // A lock that lapsed, or the pod's own, or its own intent: no one else's.
+            (
+                GpuStatus {
+                    wake_lock: lock("ns/a", -20),
+                    ..Default::default()
+                },
+                Ok(()),
+            ),
+            (
+                GpuStatus {
+                    wake_lock: lock("ns/b", 5),
+                    ..Default::default()
+                },
+                Ok(()),
+            ),
+            (
+                write_intent(&GpuStatus::default(), "ns/b", "b", 40 * GI, t(0)),
+                Ok(()),
+            ),
+        ];
+        for (status, want) in cases {
+            let got = idle_room(&spec(80 * GI), &status, "ns/b", 40 * GI, ttl, t(6))
+                .map_err(|e| e.to_string());
+            match (&got, want) {
+                (Ok(()), Ok(())) => {}
+                (Err(e), Err(w)) if e.contains(w) => {}
+                _ => panic!("{status:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

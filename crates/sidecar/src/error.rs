@@ -132,6 +132,11 @@ pub enum Rejection {
     Deadline { waited: Duration, reason: Stalled },
     #[error("{0}")]
     Failed(Failure),
+    /// A batch request while the capacity is not idle: its batch tries again later.
+    #[error(
+        "batch requests take only idle capacity, and this is not: {why}; the batch tries again later"
+    )]
+    NotIdle { why: String },
 }
 
 impl Rejection {
@@ -141,6 +146,7 @@ impl Rejection {
             Rejection::QueueFull { .. } | Rejection::Shed { .. } => "queue_full",
             Rejection::Deadline { .. } => "deadline",
             Rejection::Failed(_) => "failed",
+            Rejection::NotIdle { .. } => "not_idle",
         }
     }
 }

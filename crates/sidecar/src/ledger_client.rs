@@ -46,6 +46,9 @@ pub struct LedgerClient {
     metrics: Arc<SidecarMetrics>,
     /// Cancelled at shutdown: failed writes are not retried any more.
     stop: CancellationToken,
+    /// The wake under way is for batch work alone: it claims as `sheddable`, so that it
+    /// never preempts anyone (any other request lifts this).
+    batch_only: std::sync::atomic::AtomicBool,
 }
 
 /// How a claim on every GPU ended.
@@ -90,7 +93,35 @@ impl LedgerClient {
             clock,
             metrics,
             stop,
+            batch_only: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn set_batch_only(&self, on: bool) {
+        self.batch_only
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a wake for batch work alone may start now ([`decide::idle_room`] on every
+    /// GPU), or why not.
+    pub async fn idle_room(&self, bytes: u64) -> Result<(), String> {
+        for g in &self.gpus {
+            let rec = self
+                .ledger
+                .get(&g.name)
+                .await
+                .map_err(|e| format!("gpu {}: {e}", g.index))?;
+            decide::idle_room(
+                &rec.spec,
+                &rec.status,
+                &self.pod,
+                bytes,
+                self.lock_ttl,
+                self.now(),
+            )
+            .map_err(|why| format!("gpu {}: {why}", g.index))?;
+        }
+        Ok(())
     }
 
     pub fn now(&self) -> Timestamp {
@@ -104,7 +135,11 @@ impl LedgerClient {
             model: self.model.clone(),
             bytes,
             popular: self.popular.load(std::sync::atomic::Ordering::Relaxed),
-            priority: self.priority,
+            priority: if self.batch_only.load(std::sync::atomic::Ordering::Relaxed) {
+                greenthread_api::Priority::Sheddable
+            } else {
+                self.priority
+            },
             min_runtime: self.min_runtime,
         }
     }

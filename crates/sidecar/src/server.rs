@@ -49,6 +49,12 @@ impl IntoResponse for Rejection {
                 "service_unavailable",
                 message,
             ),
+            Rejection::NotIdle { .. } => {
+                let mut r = api_error(StatusCode::SERVICE_UNAVAILABLE, "batch_deferred", message);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
         }
     }
 }
@@ -433,8 +439,15 @@ async fn relay_leg(
         .get(greenthread_api::PRIORITY_HEADER)
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .unwrap_or_default();
+    // Set by the API server's batch runner alone (clients' copies are removed there).
+    let batch = parts.headers.contains_key(greenthread_api::BATCH_HEADER);
     for _ in 0..3 {
-        let slot = match sidecar.admit_as(priority).await {
+        let admitted = if batch {
+            sidecar.admit_batch().await
+        } else {
+            sidecar.admit_as(priority).await
+        };
+        let slot = match admitted {
             Ok(slot) => slot,
             Err(rejection) => {
                 sidecar.metrics.request(false);

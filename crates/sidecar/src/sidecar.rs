@@ -386,6 +386,49 @@ impl Sidecar {
     /// [`Sidecar::admit`] for a request of `priority`: the queue admits the most
     /// important first and, under pressure, refuses the least important first.
     pub async fn admit_as(self: &Arc<Self>, priority: Priority) -> Result<InFlight, Rejection> {
+        // Someone besides batches wants the model: its wake claims as the model does.
+        self.ledger.set_batch_only(false);
+        self.admit_queued(priority).await
+    }
+
+    /// Admits a request of a batch ([`greenthread_api::BATCH_HEADER`]) to capacity that
+    /// interactive traffic leaves idle alone. While the model serves or a wake is under
+    /// way, it queues behind everything else (`sheddable`). While the model sleeps, it
+    /// wakes it only when every GPU has the memory free and nobody else waits for it or
+    /// is waking there ([`greenthread_ledger::decide::idle_room`]), and that wake preempts
+    /// nobody; otherwise it is refused at once ([`Rejection::NotIdle`]) and its batch
+    /// tries again later.
+    pub async fn admit_batch(self: &Arc<Self>) -> Result<InFlight, Rejection> {
+        let (state, boot_ready, bytes) = {
+            let life = self.life.lock().unwrap();
+            (life.state, life.boot_ready, life.reserve_bytes)
+        };
+        match state {
+            State::Serving | State::Pending | State::Waking => {}
+            State::Sleeping if boot_ready => {
+                if let Err(why) = self.ledger.idle_room(bytes).await {
+                    return Err(self.rejected(Rejection::NotIdle { why }));
+                }
+                let life = self.life.lock().unwrap();
+                // Still asleep: the wake this starts is the batch's alone. (A wake that
+                // started meanwhile is someone else's; the request joins it.)
+                if life.state == State::Sleeping {
+                    self.ledger.set_batch_only(true);
+                }
+            }
+            other => {
+                let why = if boot_ready {
+                    format!("the model is {other}")
+                } else {
+                    "the engine is booting".to_string()
+                };
+                return Err(self.rejected(Rejection::NotIdle { why }));
+            }
+        }
+        self.admit_queued(Priority::Sheddable).await
+    }
+
+    async fn admit_queued(self: &Arc<Self>, priority: Priority) -> Result<InFlight, Rejection> {
         let arrived = Instant::now();
         let entered = self.admission.enter(priority).map_err(|full| {
             if full.priority == Priority::Sheddable && full.depth < self.cfg.max_queue {
@@ -481,6 +524,7 @@ impl Sidecar {
             .ledger
             .claim_all(bytes, &residual, Some(&self.admission), &waiting)
             .await;
+        self.ledger.set_batch_only(false);
         match claimed {
             Ok(Claimed::All) => {}
             Ok(Claimed::Abandoned) => return self.wake_ended(Event::Abandoned, None),

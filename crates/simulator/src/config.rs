@@ -140,6 +140,10 @@ pub struct SimConfig {
     /// both do), as an engine with a dropped output pipe would.
     #[arg(long)]
     pub print_requests: bool,
+    /// Appends each inference request's body to this file, a line each: how a test
+    /// counts what reached the engine (the Batch API's "never twice" across restarts).
+    #[arg(long)]
+    pub request_log: Option<PathBuf>,
     /// Fault: prints a line that is not UTF-8 to stdout at start-up.
     #[arg(long)]
     pub print_invalid_utf8: bool,

@@ -358,6 +358,21 @@ pub(crate) async fn arrive(e: &SimEngine, body: &Bytes) {
         // Panics when stdout is gone (EPIPE), failing the request as a real engine would.
         println!("request {served}: {} bytes", body.len());
     }
+    if let Some(path) = &e.cfg.request_log {
+        // One write of the whole line to a file opened for appending: lines of requests
+        // in flight together never interleave.
+        let mut line = body.to_vec();
+        line.retain(|b| *b != b'\n');
+        line.push(b'\n');
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &line));
+        if let Err(err) = appended {
+            tracing::warn!(path = %path.display(), error = %err, "request log");
+        }
+    }
     if e.cfg.hang_after_requests.is_some_and(|n| served > n) {
         std::future::pending::<()>().await;
     }

@@ -10,10 +10,15 @@ use greenthread_sidecar::metrics::SidecarFamilies;
 use prometheus_client::registry::Registry;
 
 pub fn app(auth: Auth) -> Router {
+    router(server(auth))
+}
+
+/// The server behind [`app`].
+pub fn server(auth: Auth) -> Arc<ApiServer> {
     let route = |ns: &str, name: &str| ModelRoute::new(ns, name, format!("org/{name}"), vec![]);
     let mut registry = Registry::default();
     let families = SidecarFamilies::register(&mut registry);
-    router(ApiServer::new(
+    ApiServer::new(
         vec![
             route("team-a", "alpha"),
             route("team-a", "beta"),
@@ -24,5 +29,5 @@ pub fn app(auth: Auth) -> Router {
         registry,
         families,
         Box::new(|| {}),
-    ))
+    )
 }

@@ -36,10 +36,14 @@ pub struct LocalArgs {
     #[arg(long)]
     pub allow_unauthenticated: bool,
     /// Where what changes at run time is kept across restarts: API keys issued through
-    /// the admin API (`keys.json`, hashes only). Default `$XDG_DATA_HOME/greenthread`
-    /// (`~/.local/share/greenthread`).
+    /// the admin API (`keys.json`, hashes only), models changed through it, adapters
+    /// downloaded, the Batch API's files and batches (`batches/`). Default
+    /// `$XDG_DATA_HOME/greenthread` (`~/.local/share/greenthread`).
     #[arg(long, env = "GREENTHREAD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Requests of one batch (the Batch API) in flight at once.
+    #[arg(long, default_value_t = greenthread_apiserver::batch::DEFAULT_CONCURRENCY)]
+    pub batch_concurrency: usize,
     #[command(flatten)]
     pub edge: greenthread_edge::EdgeConfig,
 }
@@ -255,6 +259,13 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         families,
         Box::new(refresh),
     );
+    let batches = greenthread_apiserver::batch::Batches::start(
+        &data_dir.join("batches"),
+        &api,
+        args.batch_concurrency,
+    )
+    .with_context(|| format!("the Batch API's store in {}", data_dir.display()))?;
+    let _ = api.batches.set(batches.clone());
     let manager = Arc::new(manage::Manager::new(starter, &api, running, store));
     let _ = api
         .manager
@@ -306,7 +317,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         api.shutdown.clone(),
     )
     .await?;
-    // Requests in progress have finished or met the shutdown deadline; stop every engine.
+    // Requests in progress have finished or met the shutdown deadline; batch requests in
+    // flight are answered and recorded (a restart sends them no more); stop every engine.
+    batches.shutdown(args.edge.shutdown_timeout).await;
     tracing::info!("stopping engines");
     let manager = manager.running_sidecars().await;
     futures_util::future::join_all(manager.iter().map(|s| s.shutdown())).await;

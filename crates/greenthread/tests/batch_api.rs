@@ -1,0 +1,261 @@
+//! OpenAI's Batch API through `greenthread local`: the official openai SDK uploads a file,
+//! makes batches, cancels one, and reads the output, with a restart of the server in the
+//! middle; the engine's own request log shows each request reached it exactly once. And
+//! batches take only idle capacity: a batch for a sleeping model whose GPU an interactive
+//! model holds waits (deferred, no preemption), then runs once that GPU is free.
+
+use std::time::Duration;
+
+use greenthread_test_support::{LocalProc, python_script, wait_until};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_greenthread");
+
+fn config(request_log: &std::path::Path) -> String {
+    format!(
+        r#"
+apiKeys: [k1]
+adminToken: t1
+gpus:
+  simulated:
+    - {{memory: 10Gi}}
+models:
+  - name: alpha
+    spec:
+      modelName: org/alpha
+      engine: sim
+      gpuMemoryUtilization: "0.6"
+      sleep: {{idleTimeout: 1h}}
+      fairness: {{minRuntime: 0s, maxWaitTime: 200ms}}
+      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 40ms, --request-log, "{}"]
+  - name: beta
+    spec:
+      modelName: org/beta
+      engine: sim
+      gpuMemoryUtilization: "0.6"
+      sleep: {{idleTimeout: 1h}}
+      fairness: {{minRuntime: 0s, maxWaitTime: 200ms}}
+      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 5ms]
+"#,
+        request_log.display()
+    )
+}
+
+async fn batch(local: &LocalProc, id: &str) -> Value {
+    let r = local
+        .client
+        .get(format!("{}/v1/batches/{id}", local.url))
+        .bearer_auth("k1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// What reached alpha's engine: each prompt, and how many times.
+fn engine_saw(log: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(p) = v["messages"][0]["content"].as_str() {
+            *seen.entry(p.to_string()).or_default() += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_runs_a_batch_across_a_restart_and_no_request_runs_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, state, data) = (
+        dir.path().join("requests.log"),
+        dir.path().join("state.json"),
+        dir.path().join("data"),
+    );
+    let data_env = data.display().to_string();
+    let envs = [("GREENTHREAD_DATA_DIR", data_env.as_str())];
+    let flags = ["--batch-concurrency", "2"];
+    let n = "24";
+    let local = LocalProc::start_env(BIN, &config(&log), &flags, &envs).await;
+    let started = python_script(
+        "sdk_batch.py",
+        &[
+            "start",
+            &local.url,
+            "k1",
+            "alpha",
+            n,
+            &state.display().to_string(),
+        ],
+        "the openai SDK (scripts/test installs it)",
+    )
+    .await;
+    println!("start: {started}");
+    let id = started["batch"].as_str().unwrap().to_string();
+    // Stopped in the middle: some answered, some not.
+    wait_until(
+        "a few requests answered",
+        Duration::from_secs(30),
+        || async {
+            (batch(&local, &id).await["request_counts"]["completed"].as_u64() >= Some(3))
+                .then_some(())
+        },
+    )
+    .await;
+    let mut local = local;
+    assert!(
+        local.proc.terminate(Duration::from_secs(30)),
+        "local stops on SIGTERM"
+    );
+    let saw = engine_saw(&log);
+    let before: usize = (0..24)
+        .filter(|i| saw.contains_key(&format!("batch request {i}")))
+        .count();
+    assert!(
+        before < 24,
+        "the batch was not stopped in the middle ({before} of 24 sent)"
+    );
+    drop(local);
+
+    let local = LocalProc::start_env(BIN, &config(&log), &flags, &envs).await;
+    let finished = python_script(
+        "sdk_batch.py",
+        &[
+            "finish",
+            &local.url,
+            "k1",
+            "alpha",
+            n,
+            &state.display().to_string(),
+        ],
+        "the openai SDK (scripts/test installs it)",
+    )
+    .await;
+    println!("finish: {finished}");
+    // Every request reached the engine once: none lost, none sent again after the restart.
+    let saw = engine_saw(&log);
+    for i in 0..24 {
+        assert_eq!(
+            saw.get(&format!("batch request {i}")),
+            Some(&1),
+            "request {i}: {saw:?}"
+        );
+    }
+    let m = local.metrics().await;
+    let after = m
+        .value(
+            "gthread_apiserver_batch_requests_total",
+            &[("model", "alpha"), ("result", "completed")],
+        )
+        .unwrap_or_default();
+    assert_eq!(
+        after as usize,
+        24 - before,
+        "sent after the restart: only what was not answered before"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_idle_capacity_and_preempts_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalProc::start(BIN, &config(&dir.path().join("requests.log"))).await;
+    let http = &local.client;
+    let url = &local.url;
+    // alpha serves interactive traffic and holds the GPU beta needs.
+    let r = local
+        .chat("alpha", 2)
+        .bearer_auth("k1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            json!({"custom_id": format!("b-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "beta", "messages": [{"role": "user", "content": format!("idle {i}")}]}})
+            .to_string()
+        })
+        .collect();
+    // The form the SDK sends: purpose, and the file with its name.
+    let boundary = "gt-batch-test";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"idle.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{}\r\n--{boundary}--\r\n",
+        lines.join("\n")
+    );
+    let file: Value = http
+        .post(format!("{url}/v1/files"))
+        .bearer_auth("k1")
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let created: Value = http
+        .post(format!("{url}/v1/batches"))
+        .bearer_auth("k1")
+        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    // Its requests are refused while alpha holds the GPU: deferred, again and again.
+    wait_until(
+        "the batch deferred three times",
+        Duration::from_secs(30),
+        || async {
+            let m = local.metrics().await;
+            (m.value(
+                "gthread_apiserver_batch_requests_total",
+                &[("model", "beta"), ("result", "deferred")],
+            )? >= 3.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let states: std::collections::BTreeMap<String, Value> = local
+        .models_as("k1")
+        .await
+        .into_iter()
+        .map(|m| (m["id"].as_str().unwrap().to_string(), m["state"].clone()))
+        .collect();
+    assert_eq!(states["alpha"], "serving", "{states:?}");
+    assert_eq!(states["beta"], "sleeping", "{states:?}");
+    assert_eq!(batch(&local, &id).await["request_counts"]["completed"], 0);
+    // Once alpha sleeps (idle, or put to sleep), the batch has the GPU.
+    let r = http
+        .post(format!("{url}/api/v1/models/alpha/sleep"))
+        .bearer_auth("t1")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    wait_until("the batch completes", Duration::from_secs(30), || async {
+        (batch(&local, &id).await["status"] == "completed").then_some(())
+    })
+    .await;
+    let b = batch(&local, &id).await;
+    assert_eq!(b["request_counts"]["completed"], 4, "{b}");
+    // Nobody was preempted: alpha slept because it was told to, and beta woke into free memory.
+    let m = local.metrics().await;
+    for model in ["alpha", "beta"] {
+        let preempted = m
+            .value(
+                "gthread_sidecar_preemptions_total",
+                &[("model", model), ("role", "preempted")],
+            )
+            .unwrap_or_default();
+        assert_eq!(preempted, 0.0, "{model} was preempted");
+    }
+}
