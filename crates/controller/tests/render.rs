@@ -657,27 +657,23 @@ fn model_pods_pull_with_the_installations_secrets() {
 
 /// [`MODEL`] in the original's newer shape: `parallelism` for `tensorParallelSize`,
 /// `product` for the node selector's GPU product.
-const MODEL_NEWER_SHAPE: &str = r#"
-apiVersion: greenthread.ai/v1alpha1
-kind: Model
-metadata:
-  name: qwen
-  namespace: team-a
-  uid: 3f1c2a9e-0000-4000-8000-000000000001
-spec:
-  modelName: Qwen/Qwen2.5-7B-Instruct
-  gpuMemoryUtilization: "0.45"
-  parallelism: {tensor: 2, pipeline: 1}
-  product: H100
-  quantization: awq
-  extraArgs: ["--max-model-len", "8192"]
-  sleep: {idleTimeout: 10m, drainTimeout: 20s, level: 2}
-  fairness: {minRuntime: 30s, maxWaitTime: 3s, popular: true}
-"#;
+fn newer_shape() -> Model {
+    let yaml = MODEL
+        .replace(
+            "tensorParallelSize: 2",
+            "parallelism: {tensor: 2, pipeline: 1}",
+        )
+        .replace(
+            "nodeSelector: {nvidia.com/gpu.product: H100}",
+            "product: H100",
+        );
+    assert_ne!(yaml, MODEL);
+    serde_saphyr::from_str(&yaml).unwrap()
+}
 
 #[test]
 fn a_model_in_the_newer_shape_renders_the_pod_of_the_older() {
-    let newer: Model = serde_saphyr::from_str(MODEL_NEWER_SHAPE).unwrap();
+    let newer = newer_shape();
     assert_ne!(newer.spec, model().spec);
     let settings = Settings::default();
     let (older_pod, newer_pod) = (

@@ -1,3 +1,4 @@
+mod download;
 mod local;
 mod simulate;
 
@@ -29,6 +30,9 @@ enum Command {
     Apiserver(greenthread_apiserver::cluster::ApiServerConfig),
     /// Print the CustomResourceDefinitions (Model, GPU) as YAML.
     Crds,
+    /// A model's weights from the hub (`HF_ENDPOINT`, `HF_TOKEN`) into the node's cache:
+    /// resumed, checked, never twice.
+    Download(download::DownloadArgs),
     /// The GPUs NVML sees, their statistics and the memory of each compute process, as
     /// JSON (what the agent reports; a machine without the driver gets a clear error).
     Gpus,
@@ -111,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             Command::Apiserver(cfg) => greenthread_apiserver::cluster::run(cfg).await,
             Command::Controller(cfg) => greenthread_controller::run(*cfg).await,
             Command::Local(args) => local::run(args).await,
+            Command::Download(args) => download::run(args).await,
             Command::Sidecar(cfg) => greenthread_sidecar::run(*cfg).await,
             Command::SimEngine(cfg) => greenthread_simulator::bind_and_serve(cfg).await,
             Command::VllmStandIn { args } => {

@@ -53,6 +53,17 @@ async fn batch(local: &LocalProc, id: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// `scripts/sdk_batch.py`'s `phase` (start, finish) for 24 requests to alpha.
+async fn sdk(phase: &str, local: &LocalProc, state: &std::path::Path) -> Value {
+    let state = state.display().to_string();
+    python_script(
+        "sdk_batch.py",
+        &[phase, &local.url, "k1", "alpha", "24", &state],
+        "the openai SDK (scripts/test installs it)",
+    )
+    .await
+}
+
 /// What reached alpha's engine: each prompt, and how many times.
 fn engine_saw(log: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
     let mut seen = std::collections::BTreeMap::new();
@@ -76,21 +87,8 @@ async fn the_openai_sdk_runs_a_batch_across_a_restart_and_no_request_runs_twice(
     let data_env = data.display().to_string();
     let envs = [("GREENTHREAD_DATA_DIR", data_env.as_str())];
     let flags = ["--batch-concurrency", "2"];
-    let n = "24";
     let local = LocalProc::start_env(BIN, &config(&log), &flags, &envs).await;
-    let started = python_script(
-        "sdk_batch.py",
-        &[
-            "start",
-            &local.url,
-            "k1",
-            "alpha",
-            n,
-            &state.display().to_string(),
-        ],
-        "the openai SDK (scripts/test installs it)",
-    )
-    .await;
+    let started = sdk("start", &local, &state).await;
     println!("start: {started}");
     let id = started["batch"].as_str().unwrap().to_string();
     // Stopped in the middle: some answered, some not.
@@ -119,19 +117,7 @@ async fn the_openai_sdk_runs_a_batch_across_a_restart_and_no_request_runs_twice(
     drop(local);
 
     let local = LocalProc::start_env(BIN, &config(&log), &flags, &envs).await;
-    let finished = python_script(
-        "sdk_batch.py",
-        &[
-            "finish",
-            &local.url,
-            "k1",
-            "alpha",
-            n,
-            &state.display().to_string(),
-        ],
-        "the openai SDK (scripts/test installs it)",
-    )
-    .await;
+    let finished = sdk("finish", &local, &state).await;
     println!("finish: {finished}");
     // Every request reached the engine once: none lost, none sent again after the restart.
     let saw = engine_saw(&log);

@@ -104,6 +104,8 @@ async fn start(config: &str) -> (LocalProc, tempfile::TempDir, std::path::PathBu
             ("PATH", &path),
             ("GREENTHREAD_LOCAL_FAKE_GPUS", "2x80Gi"),
             ("GREENTHREAD_STAND_IN_RECORD", rec.to_str().unwrap()),
+            // The hub ids above are not downloaded here (tests/weights.rs does that).
+            ("HF_HUB_OFFLINE", "1"),
         ],
     )
     .await;

@@ -272,30 +272,12 @@ pub struct OnDemand {
 
 impl OnDemand {
     pub fn new(dir: PathBuf, timeout: Duration, max_loras: u32) -> anyhow::Result<Self> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let https = match hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider.clone())
-        {
-            Ok(b) => b,
-            Err(e) => {
-                // Plain HTTP (a mirror inside the cluster) still works.
-                tracing::warn!(error = %e, "no system CA certificates: adapter downloads over HTTPS will fail");
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                    rustls::ClientConfig::builder_with_provider(provider)
-                        .with_safe_default_protocol_versions()?
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                )
-            }
-        }
-        .https_or_http()
-        .enable_http1()
-        .build();
         Ok(Self {
             dir,
             timeout,
             max_loras: max_loras.max(1) as usize,
-            client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(https),
+            // The weights' client: the system's roots, plain HTTP for mirrors.
+            client: greenthread_weights::https_client(),
             fetching: Mutex::default(),
             held: Mutex::default(),
             engine_ops: tokio::sync::Mutex::new(()),

@@ -13,7 +13,9 @@ use anyhow::Context;
 use crate::SimConfig;
 
 /// The environment variables a stand-in records.
-const RECORDED_ENV: [&str; 4] = [
+const RECORDED_ENV: [&str; 6] = [
+    "HF_HUB_OFFLINE",
+    "HF_HUB_CACHE",
     "VLLM_SERVER_DEV_MODE",
     "CUDA_VISIBLE_DEVICES",
     "VLLM_API_KEY",

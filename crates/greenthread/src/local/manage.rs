@@ -153,10 +153,8 @@ impl Manager {
             .starter
             .start_model(name, &model, &positions)
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-        for sc in &sidecars {
-            // Boots in the background, as at start (a failure is logged).
-            drop(sc.start());
-        }
+        // Boots in the background once its weights are there, as at start.
+        self.starter.prefetch.boot(name, &model, sidecars.clone());
         api.add_model(route);
         let gpus: Vec<Vec<&str>> = positions
             .iter()

@@ -4,6 +4,7 @@
 
 pub(crate) mod config;
 mod manage;
+mod prefetch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -186,6 +187,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let families = SidecarFamilies::register(&mut registry);
     let gpu_metrics = Arc::new(GpuMetrics::register(&mut registry));
+    let prefetch = Arc::new(prefetch::Prefetch::from_env(&mut registry));
 
     let starter = Arc::new(Starter {
         exe,
@@ -198,14 +200,17 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         policy: plan.policy,
         preemption: plan.preemption,
         adapter_cache: data_dir.join("adapters"),
+        prefetch,
     });
     let mut routes = Vec::new();
     let mut sidecars = Vec::new();
+    let mut boots = Vec::new();
     let mut running = std::collections::BTreeMap::new();
     for ((name, model), positions) in plan.models.iter().zip(&placement) {
         let (route, started) = starter.start_model(name, model, positions)?;
         routes.push(route);
         sidecars.extend(started.iter().cloned());
+        boots.push((name.clone(), model.clone(), started.clone()));
         running.insert(
             name.clone(),
             manage::Running {
@@ -266,6 +271,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("the Batch API's store in {}", data_dir.display()))?;
     let _ = api.batches.set(batches.clone());
+    let prefetch = starter.prefetch.clone();
     let manager = Arc::new(manage::Manager::new(starter, &api, running, store));
     let _ = api
         .manager
@@ -275,9 +281,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding --listen {}", args.listen))?;
     *api.advertise.write().unwrap() = listener.local_addr()?.to_string();
 
-    // Each boots in the background (a failure is logged); the loops follow.
-    for sc in &sidecars {
-        drop(sc.start());
+    // Each boots in the background once its weights are in the cache (a failure is
+    // logged); the loops follow.
+    for (name, model, started) in boots {
+        prefetch.boot(&name, &model, started);
     }
 
     let base = format!("http://{}", args.listen);
@@ -342,6 +349,8 @@ pub(crate) struct Starter {
     /// On-demand adapters' cache unless a Model sets `lora.cacheDir`: the data
     /// directory's, kept across runs as the Hugging Face cache is.
     adapter_cache: PathBuf,
+    /// Weights into the Hugging Face cache before an engine first boots.
+    pub(crate) prefetch: Arc<prefetch::Prefetch>,
 }
 
 impl Starter {
@@ -425,6 +434,7 @@ impl Starter {
                 GpuBackend::Nvml(_) => {
                     let uuids: Vec<&str> = placed.iter().map(|g| g.spec.uuid.as_str()).collect();
                     let mut env = vec![("CUDA_VISIBLE_DEVICES".to_string(), uuids.join(","))];
+                    env.extend(self.prefetch.engine_env(model));
                     if model.spec.engine == EngineKind::Vllm {
                         // vLLM's sleep API lives behind its development endpoints.
                         env.push(("VLLM_SERVER_DEV_MODE".to_string(), "1".to_string()));
