@@ -92,6 +92,34 @@ pub struct ControllerConfig {
     /// or `resume` (stopped at once, continued after the next wake).
     #[arg(long, value_enum, default_value = "drain")]
     pub preemption: greenthread_sidecar::Preemption,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
+}
+
+/// The nodes' weights cache: Model pods of vLLM and SGLang keep their weights there,
+/// downloaded once per node by an init container (`greenthread download`) before the
+/// engine first boots. Off (engines download for themselves) without a host path or claim.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WeightsArgs {
+    /// A directory on every GPU node holding the cache (the hub's layout), shared by all
+    /// Model pods there; it must be writable by uid 65532.
+    #[arg(long = "weights-host-path")]
+    pub host_path: Option<String>,
+    /// A PersistentVolumeClaim of that name in each Model namespace holding the cache,
+    /// instead of a host path.
+    #[arg(long = "weights-claim")]
+    pub claim: Option<String>,
+    /// Past this much, a download evicts the least recently used other repositories
+    /// (e.g. `500Gi`).
+    #[arg(long = "weights-budget")]
+    pub budget: Option<String>,
+    /// The hub, or a mirror (`HF_ENDPOINT` of the downloads).
+    #[arg(long = "hf-endpoint")]
+    pub endpoint: Option<String>,
+    /// A Secret in each Model namespace whose key `token` is the hub token, for gated
+    /// models (optional: a namespace without it downloads public models only).
+    #[arg(long = "hf-token-secret")]
+    pub token_secret: Option<String>,
 }
 
 impl ControllerConfig {
@@ -111,6 +139,7 @@ impl ControllerConfig {
             image_pull_secrets: self.image_pull_secrets.clone(),
             policy: self.policy,
             preemption: self.preemption,
+            weights: self.weights.clone(),
         }
     }
 

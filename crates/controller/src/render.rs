@@ -50,6 +50,8 @@ pub struct Settings {
     pub policy: greenthread_ledger::Policy,
     /// What every sidecar does with a preempted model's running answers.
     pub preemption: greenthread_sidecar::Preemption,
+    /// The nodes' weights cache, if any.
+    pub weights: crate::WeightsArgs,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -82,8 +84,87 @@ impl Default for Settings {
             image_pull_secrets: Vec::new(),
             policy: greenthread_ledger::Policy::default(),
             preemption: greenthread_sidecar::Preemption::Drain,
+            weights: crate::WeightsArgs::default(),
         }
     }
+}
+
+/// Where engine containers find the nodes' weights cache.
+pub const WEIGHTS_DIR: &str = "/var/cache/huggingface/hub";
+
+/// The weights cache's volume, the mount of it, and the init container that downloads
+/// the Model's weights into it before the engine starts — for a vLLM or SGLang Model
+/// whose `modelName` is a hub id, when the installation has a cache.
+fn weights_download(
+    s: &ModelSpec,
+    settings: &Settings,
+) -> Option<(Volume, VolumeMount, Container)> {
+    let w = &settings.weights;
+    greenthread_weights::Repo::parse(&s.model_name).ok()?;
+    let volume = match (&w.host_path, &w.claim) {
+        (Some(path), _) => Volume {
+            name: "weights".into(),
+            host_path: Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+                path: path.clone(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Default::default()
+        },
+        (None, Some(claim)) => Volume {
+            name: "weights".into(),
+            persistent_volume_claim: Some(
+                k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: None,
+                },
+            ),
+            ..Default::default()
+        },
+        (None, None) => return None,
+    };
+    let mount = VolumeMount {
+        name: "weights".into(),
+        mount_path: WEIGHTS_DIR.into(),
+        ..Default::default()
+    };
+    let mut args: Vec<String> = vec![
+        "download".into(),
+        s.model_name.clone(),
+        "--cache-dir".into(),
+        WEIGHTS_DIR.into(),
+    ];
+    if let Some(b) = &w.budget {
+        args.extend(["--cache-budget".into(), b.clone()]);
+    }
+    let mut env = Vec::new();
+    if let Some(e) = &w.endpoint {
+        env.push(self::env("HF_ENDPOINT", e));
+    }
+    if let Some(secret) = &w.token_secret {
+        // From the Model's namespace; absent, public models still download.
+        env.push(EnvVar {
+            name: "HF_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                    name: secret.clone(),
+                    key: "token".into(),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let download = Container {
+        name: "download".into(),
+        image: Some(settings.sidecar_image.clone()),
+        args: Some(args),
+        env: (!env.is_empty()).then_some(env),
+        volume_mounts: Some(vec![mount.clone()]),
+        security_context: Some(restricted(true)),
+        ..Default::default()
+    };
+    Some((volume, mount, download))
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -649,10 +730,21 @@ pub fn render_valid_pod(
                     },
                 )
             });
+            let weights = matches!(s.engine, EngineKind::Vllm | EngineKind::Sglang)
+                .then(|| weights_download(s, settings))
+                .flatten();
+            let mut engine_mounts: Vec<VolumeMount> =
+                cache.iter().map(|(_, m)| m.clone()).collect();
+            if let Some((_, mount, _)) = &weights {
+                // The cache the init container filled; nothing to fetch from here on.
+                engine_mounts.push(mount.clone());
+                engine_env.push(env("HF_HUB_CACHE", WEIGHTS_DIR));
+                engine_env.push(env("HF_HUB_OFFLINE", "1"));
+            }
             let engine = Container {
                 name: "engine".into(),
                 image: Some(s.image.clone().unwrap_or(image)),
-                volume_mounts: cache.as_ref().map(|(_, m)| vec![m.clone()]),
+                volume_mounts: (!engine_mounts.is_empty()).then_some(engine_mounts),
                 command: Some(command),
                 args: Some(engine_args),
                 env: Some(engine_env),
@@ -684,7 +776,11 @@ pub fn render_valid_pod(
                 volumes.push(volume);
             }
             sidecar.volume_mounts = Some(mounts);
-            (vec![engine, sidecar], None, Some(volumes))
+            let init = weights.map(|(volume, _, download)| {
+                volumes.push(volume);
+                vec![download]
+            });
+            (vec![engine, sidecar], init, Some(volumes))
         }
         EngineKind::Llamacpp | EngineKind::Process => {
             let image = s

@@ -123,6 +123,22 @@ pub fn model_status(
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
         .collect();
     let placed: BTreeSet<String> = live.iter().flat_map(|p| pod_gpus(p)).collect();
+    // Pods whose weights are still coming: the `download` init container not done.
+    let downloading: Vec<&str> = live
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .is_some_and(|all| {
+                    all.iter().any(|c| {
+                        c.name == "download"
+                            && c.state.as_ref().is_some_and(|s| s.terminated.is_none())
+                    })
+                })
+        })
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
     let wanted = model.spec.replicas as i32;
 
     let (phase, reason, message) = if let Some(p) = problem.filter(|p| p.fatal) {
@@ -138,6 +154,15 @@ pub fn model_status(
             "Ready",
             "AllReplicasReady".to_string(),
             format!("{ready} of {wanted} replicas ready"),
+        )
+    } else if !downloading.is_empty() {
+        (
+            "Downloading",
+            "DownloadingWeights".to_string(),
+            format!(
+                "downloading weights into the node's cache: {} (kubectl logs POD -c download shows the progress)",
+                downloading.join(", ")
+            ),
         )
     } else if let Some(p) = problem {
         ("Pending", p.reason.to_string(), p.message.clone())
@@ -258,6 +283,41 @@ mod tests {
             },
             resource_version: "1".into(),
         }
+    }
+
+    #[test]
+    fn a_model_whose_weights_are_downloading_says_so() {
+        let mut downloading = pod("m-0", "n-0", false);
+        downloading.status.as_mut().unwrap().init_container_statuses = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "download", "image": "greenthread", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"running": {}},
+            }))
+            .unwrap(),
+        ]);
+        let s = model_status(
+            &model(1),
+            &[downloading.clone()],
+            &[],
+            None,
+            Timestamp::now(),
+        );
+        assert_eq!(s.phase.as_deref(), Some("Downloading"));
+        assert!(
+            s.conditions[0].message.contains("m-0"),
+            "{:?}",
+            s.conditions[0]
+        );
+        // Done downloading: pending like any pod that is not ready yet.
+        downloading.status.as_mut().unwrap().init_container_statuses = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "download", "image": "greenthread", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 0}},
+            }))
+            .unwrap(),
+        ]);
+        let s = model_status(&model(1), &[downloading], &[], None, Timestamp::now());
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
     }
 
     #[test]

@@ -50,6 +50,7 @@ fn config(identity: &str) -> ControllerConfig {
         image_pull_secrets: vec![],
         policy: Default::default(),
         preemption: greenthread_sidecar::Preemption::Drain,
+        weights: Default::default(),
     }
 }
 

@@ -727,3 +727,111 @@ fn pipeline_stages_load_format_and_model_type_reach_each_engine() {
         "{plain}"
     );
 }
+
+fn weights_volume(pod: &k8s_openapi::api::core::v1::Pod) -> &k8s_openapi::api::core::v1::Volume {
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    volumes.iter().find(|v| v.name == "weights").unwrap()
+}
+
+#[test]
+fn weights_come_through_an_init_container_into_the_nodes_cache() {
+    use greenthread_controller::{WeightsArgs, render::WEIGHTS_DIR};
+    let settings = Settings {
+        weights: WeightsArgs {
+            host_path: Some("/var/lib/greenthread/weights".into()),
+            budget: Some("500Gi".into()),
+            endpoint: Some("https://hf-mirror.example.com".into()),
+            token_secret: Some("hf-token".into()),
+            claim: None,
+        },
+        ..Settings::default()
+    };
+    let pod = render_pod(&model(), 0, &gpus(), &settings).unwrap();
+    let spec = pod.spec.as_ref().unwrap();
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    assert_eq!(init.name, "download");
+    assert_eq!(
+        init.args.as_deref().unwrap(),
+        [
+            "download",
+            "Qwen/Qwen2.5-7B-Instruct",
+            "--cache-dir",
+            WEIGHTS_DIR,
+            "--cache-budget",
+            "500Gi"
+        ]
+    );
+    assert_eq!(
+        env(init, "HF_ENDPOINT"),
+        Some("https://hf-mirror.example.com")
+    );
+    // The token from the Model namespace's Secret, never a value in the pod.
+    let token = init
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "HF_TOKEN")
+        .unwrap();
+    assert_eq!(token.value, None);
+    let key = token
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (key.name.as_str(), key.key.as_str(), key.optional),
+        ("hf-token", "token", Some(true))
+    );
+    assert_eq!(
+        weights_volume(&pod).host_path.as_ref().unwrap().path,
+        "/var/lib/greenthread/weights"
+    );
+    // The engine reads that cache, offline.
+    let engine = container(&pod, "engine");
+    assert!(
+        engine
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "weights" && m.mount_path == WEIGHTS_DIR)
+    );
+    assert_eq!(env(engine, "HF_HUB_OFFLINE"), Some("1"));
+    assert_eq!(env(engine, "HF_HUB_CACHE"), Some(WEIGHTS_DIR));
+    let mut json = serde_json::to_value(&pod).unwrap();
+    json["apiVersion"] = "v1".into();
+    json["kind"] = "Pod".into();
+    greenthread_test_support::chart::kubernetes_validate(&[json]).unwrap();
+
+    // A claim instead of a host path.
+    let claim = Settings {
+        weights: WeightsArgs {
+            claim: Some("weights".into()),
+            ..WeightsArgs::default()
+        },
+        ..Settings::default()
+    };
+    let pod = render_pod(&model(), 0, &gpus(), &claim).unwrap();
+    assert_eq!(
+        weights_volume(&pod)
+            .persistent_volume_claim
+            .as_ref()
+            .unwrap()
+            .claim_name,
+        "weights"
+    );
+    // None for a model from a path, for the simulator, or without a cache.
+    let path = with_engine(serde_json::json!({"modelName": "/models/qwen"}));
+    let sim = with_engine(serde_json::json!({"engine": "sim"}));
+    for (m, s) in [
+        (&path, &settings),
+        (&sim, &settings),
+        (&model(), &Settings::default()),
+    ] {
+        let pod = render_pod(m, 0, &gpus(), s).unwrap();
+        assert!(pod.spec.as_ref().unwrap().init_containers.is_none());
+    }
+}

@@ -581,3 +581,42 @@ fn the_batch_api_gets_a_volume_that_outlives_its_pod() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("apiserver.batch.enabled"), "{stderr}");
 }
+
+#[test]
+fn the_weights_cache_reaches_the_controller_only_when_set() {
+    let args = |sets: &[&str]| {
+        let mut a = Vec::new();
+        for s in sets {
+            a.extend(["--set", *s]);
+        }
+        args_of(find(&render(&a), "Deployment", "greenthread-controller"))
+    };
+    let off = args(&["models.weights.budget=500Gi"]);
+    assert!(
+        !off.iter()
+            .any(|a| a.contains("weights") || a.contains("hf-")),
+        "{off:?}"
+    );
+    let on = args(&[
+        "models.weights.hostPath=/var/lib/greenthread/weights",
+        "models.weights.budget=500Gi",
+        "models.weights.endpoint=https://hf-mirror.example.com",
+        "models.weights.tokenSecret=hf-token",
+    ]);
+    for a in [
+        "--weights-host-path=/var/lib/greenthread/weights",
+        "--weights-budget=500Gi",
+        "--hf-endpoint=https://hf-mirror.example.com",
+        "--hf-token-secret=hf-token",
+    ] {
+        assert!(on.contains(&a.to_string()), "{a} not in {on:?}");
+    }
+    let claim = args(&["models.weights.existingClaim=weights"]);
+    assert!(
+        claim.contains(&"--weights-claim=weights".to_string()),
+        "{claim:?}"
+    );
+    let out = helm("schema", &["--set", "models.weights.hostPath=relative/dir"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/models/weights/hostPath"));
+}

@@ -46,6 +46,7 @@ fn controller_config() -> ControllerConfig {
         image_pull_secrets: vec![],
         policy: Default::default(),
         preemption: greenthread_sidecar::Preemption::Drain,
+        weights: Default::default(),
     }
 }
 
