@@ -48,14 +48,9 @@ def jsonl(count, tag="batch"):
 
 
 if phase == "start":
-    f = client.files.create(file=("requests.jsonl", io.BytesIO(jsonl(n))), purpose="batch")
-    check(f.id.startswith("file-") and f.bytes > 0 and f.purpose == "batch", f"file {f}")
-    check(client.files.retrieve(f.id).filename == "requests.jsonl", "files.retrieve")
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                              completion_window="24h", metadata={"run": "sdk"})
-    check(b.status in ("validating", "in_progress"), f"new batch is {b.status}")
-    check(b.request_counts.total == n, f"total {b.request_counts}")
-    # A second batch, cancelled at once: it ends cancelled with whatever it finished.
+    # The other checks first: the main batch starts running the moment it is made, and
+    # the test stops the server in its middle, so nothing may take time after it.
+    # A batch cancelled at once: it ends cancelled with whatever it finished.
     small = client.files.create(file=("small.jsonl", io.BytesIO(jsonl(3, "cancelled"))), purpose="batch")
     c = client.batches.create(input_file_id=small.id, endpoint="/v1/chat/completions",
                               completion_window="24h")
@@ -74,6 +69,13 @@ if phase == "start":
         check(False, "a batch of a missing file was accepted")
     except openai.BadRequestError as e:
         report["missing_file"] = str(e)
+    f = client.files.create(file=("requests.jsonl", io.BytesIO(jsonl(n))), purpose="batch")
+    check(f.id.startswith("file-") and f.bytes > 0 and f.purpose == "batch", f"file {f}")
+    check(client.files.retrieve(f.id).filename == "requests.jsonl", "files.retrieve")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"run": "sdk"})
+    check(b.status in ("validating", "in_progress"), f"new batch is {b.status}")
+    check(b.request_counts.total == n, f"total {b.request_counts}")
     with open(state_file, "w") as out:
         json.dump({"file": f.id, "batch": b.id, "cancelled": c.id}, out)
     report.update(file=f.id, batch=b.id, cancelled=c.id)

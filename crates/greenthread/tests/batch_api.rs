@@ -27,7 +27,7 @@ models:
       gpuMemoryUtilization: "0.6"
       sleep: {{idleTimeout: 1h}}
       fairness: {{minRuntime: 0s, maxWaitTime: 200ms}}
-      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 40ms, --request-log, "{}"]
+      extraArgs: [--boot-time, 0s, --disk-bandwidth, 64Gi, --h2d-bandwidth, 64Gi, --ttft, 100ms, --request-log, "{}"]
   - name: beta
     spec:
       modelName: org/beta

@@ -152,21 +152,29 @@ async fn soak_four_models_on_two_gpus() {
     assert!(samples > 100);
 
     // Quiet again: the ledger is consistent with the sidecars, and nothing is left behind.
-    wait_until(
-        "every model to be serving or sleeping",
+    // Idle models still go to sleep (1.5 s after their last request), so the two are
+    // compared on one snapshot taken where both say the same, serving or sleeping.
+    let (gpus, states) = wait_until(
+        "every model serving or sleeping, as the ledger says",
         Duration::from_secs(30),
         || async {
+            let gpus = local.get_json("/api/v1/gpus").await;
             let states = local.states().await;
-            states
-                .values()
-                .all(|s| s == "serving" || s == "sleeping")
-                .then_some(())
+            let settled = states.values().all(|s| s == "serving" || s == "sleeping");
+            let agree = gpus["items"].as_array()?.iter().all(|g| {
+                g["status"]["occupants"].as_array().is_some_and(|os| {
+                    os.iter().all(|o| {
+                        let pod = o["podName"].as_str().unwrap_or_default();
+                        states.get(pod.trim_end_matches("-0")).map(String::as_str)
+                            == o["state"].as_str()
+                    })
+                })
+            });
+            (settled && agree).then_some((gpus, states))
         },
     )
     .await;
-    let gpus = local.get_json("/api/v1/gpus").await;
     check_no_overcommit(&gpus);
-    let states = local.states().await;
     for g in gpus["items"].as_array().unwrap() {
         let status: GpuStatus = serde_json::from_value(g["status"].clone()).unwrap();
         assert!(
