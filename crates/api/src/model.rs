@@ -176,14 +176,12 @@ impl ModelType {
     /// listing one in `endpoints` contradicts itself.
     pub fn foreign_endpoints(self) -> Vec<&'static str> {
         let own = self.endpoints();
-        let mut foreign: Vec<&'static str> = Self::ALL
+        Self::ALL
             .iter()
             .filter(|t| **t != self)
             .flat_map(|t| t.endpoints().iter().copied())
             .filter(|e| !own.contains(e))
-            .collect();
-        foreign.dedup();
-        foreign
+            .collect()
     }
 }
 

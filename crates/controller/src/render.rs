@@ -92,6 +92,15 @@ impl Default for Settings {
 /// Where engine containers find the nodes' weights cache.
 pub const WEIGHTS_DIR: &str = "/var/cache/huggingface/hub";
 
+/// The hub repository whose weights the Model's engine loads, when they come from a hub:
+/// a vLLM or SGLang Model whose `modelName` is a hub id. The controller downloads them
+/// in an init container, `local` before the engine starts.
+pub fn hub_weights(s: &ModelSpec) -> Option<&str> {
+    (matches!(s.engine, EngineKind::Vllm | EngineKind::Sglang)
+        && greenthread_weights::Repo::parse(&s.model_name).is_ok())
+    .then_some(s.model_name.as_str())
+}
+
 /// The weights cache's volume, the mount of it, and the init container that downloads
 /// the Model's weights into it before the engine starts — for a vLLM or SGLang Model
 /// whose `modelName` is a hub id, when the installation has a cache.
@@ -100,7 +109,7 @@ fn weights_download(
     settings: &Settings,
 ) -> Option<(Volume, VolumeMount, Container)> {
     let w = &settings.weights;
-    greenthread_weights::Repo::parse(&s.model_name).ok()?;
+    hub_weights(s)?;
     let volume = match (&w.host_path, &w.claim) {
         (Some(path), _) => Volume {
             name: "weights".into(),
@@ -730,9 +739,7 @@ pub fn render_valid_pod(
                     },
                 )
             });
-            let weights = matches!(s.engine, EngineKind::Vllm | EngineKind::Sglang)
-                .then(|| weights_download(s, settings))
-                .flatten();
+            let weights = weights_download(s, settings);
             let mut engine_mounts: Vec<VolumeMount> =
                 cache.iter().map(|(_, m)| m.clone()).collect();
             if let Some((_, mount, _)) = &weights {

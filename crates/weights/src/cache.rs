@@ -116,12 +116,9 @@ impl Cache {
         }
     }
 
-    /// Bytes of `f` the cache holds: all of it, or what a partial download has.
-    pub fn held(&self, r: &Repo, f: &HubFile) -> Result<u64, WeightsError> {
-        if self.has(r, f)? {
-            return Ok(f.size);
-        }
-        Ok(std::fs::metadata(self.partial(r, f)).map_or(0, |m| m.len()))
+    /// Bytes a partial download of `f` holds (0: none under way).
+    pub fn partial_len(&self, r: &Repo, f: &HubFile) -> u64 {
+        std::fs::metadata(self.partial(r, f)).map_or(0, |m| m.len())
     }
 
     /// Checks a finished download against the hub's size and checksum and makes it the

@@ -124,10 +124,6 @@ impl Hub {
         Self::new(&endpoint, std::env::var("HF_TOKEN").ok())
     }
 
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
     async fn get(
         &self,
         url: &str,

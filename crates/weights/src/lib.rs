@@ -140,14 +140,19 @@ impl Weights {
         };
         let files = wanted(&snapshot.files);
         let total: u64 = files.iter().map(|f| f.size).sum();
-        // Bytes of the files complete so far; a file under way adds what it has.
+        // Which files the cache has whole (looked at once: a corrupt one is removed
+        // then); bytes of those, and of the partial downloads of the others.
+        let present = files
+            .iter()
+            .map(|f| self.cache.has(&r, f))
+            .collect::<Result<Vec<bool>, _>>()?;
         let mut complete: u64 = 0;
         let mut partial: u64 = 0;
-        for f in &files {
-            if self.cache.has(&r, f)? {
+        for (f, &has) in files.iter().zip(&present) {
+            if has {
                 complete += f.size;
             } else {
-                partial += self.cache.held(&r, f)?;
+                partial += self.cache.partial_len(&r, f);
             }
         }
         progress(Progress {
@@ -155,12 +160,12 @@ impl Weights {
             total,
         });
         let mut downloaded: u64 = 0;
-        for f in &files {
-            if !self.cache.has(&r, f)? {
+        for (f, &has) in files.iter().zip(&present) {
+            if !has {
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
-                    let before = self.cache.held(&r, f)?;
+                    let before = self.cache.partial_len(&r, f);
                     let at = complete;
                     let fetched = self
                         .hub

@@ -14,7 +14,7 @@ mod routes;
 pub mod store;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -121,6 +121,11 @@ impl Batches {
         self.records.lock().unwrap().get(id).cloned()
     }
 
+    /// A batch's status now (what the runner checks between requests).
+    fn status(&self, id: &str) -> Option<Status> {
+        self.records.lock().unwrap().get(id).map(|b| b.status)
+    }
+
     /// Changes a batch's record, on disk first.
     fn update(
         &self,
@@ -181,11 +186,8 @@ impl Batches {
             .into_iter()
             .map(|d| (d.line, d))
             .collect();
-        let counts = |done: &BTreeMap<u64, Done>| {
-            let ok = done.values().filter(|d| d.ok).count() as u64;
-            (ok, done.len() as u64 - ok)
-        };
-        let (completed, failed) = counts(&done);
+        let completed = done.values().filter(|d| d.ok).count() as u64;
+        let failed = done.len() as u64 - completed;
         self.update(id, |b| {
             b.total = input.lines.len() as u64;
             b.completed = completed;
@@ -199,10 +201,10 @@ impl Batches {
             .filter(|n| !done.contains_key(n))
             .collect();
         let lines = Arc::new(input.lines);
+        let record = Arc::new(record);
         let mut in_flight = tokio::task::JoinSet::new();
         loop {
-            let status = self.record(id).map(|b| b.status);
-            let open = status == Some(Status::InProgress)
+            let open = self.status(id) == Some(Status::InProgress)
                 && !self.stop.is_cancelled()
                 && now() < record.expires_at;
             while open && in_flight.len() < self.concurrency {
@@ -225,15 +227,16 @@ impl Batches {
                     tokio::task::spawn_blocking(move || store.append_done(&batch, &kept))
                         .await
                         .map_err(|e| StoreError::Io(id.to_string(), std::io::Error::other(e)))??;
-                    done.insert(n, d);
-                    let (completed, failed) = counts(&done);
                     // Counted in memory; the record on disk gets them at its next write
                     // (and a restart counts them again from the finished requests).
-                    let mut records = self.records.lock().unwrap();
-                    if let Some(b) = records.get_mut(id) {
-                        b.completed = completed;
-                        b.failed = failed;
+                    if let Some(b) = self.records.lock().unwrap().get_mut(id) {
+                        if d.ok {
+                            b.completed += 1;
+                        } else {
+                            b.failed += 1;
+                        }
                     }
+                    done.insert(n, d);
                 }
                 // Not sent (shutdown, cancel or expiry came first): still pending.
                 None => pending.push_back(n),
@@ -244,8 +247,7 @@ impl Batches {
             let _ = self.update(id, |_| {});
             return Ok(());
         }
-        let status = self.record(id).map(|b| b.status);
-        let (end, expired) = match status {
+        let (end, expired) = match self.status(id) {
             Some(Status::Cancelling) => (Status::Cancelled, false),
             _ if !pending.is_empty() => (Status::Expired, true),
             _ => (Status::Completed, false),
@@ -330,9 +332,8 @@ impl Batches {
     async fn send_line(&self, record: &BatchRecord, n: u64, line: &plan::Line) -> Option<Done> {
         let mut backoff = Duration::from_millis(250);
         loop {
-            let status = self.record(&record.id).map(|b| b.status);
             if self.stop.is_cancelled()
-                || status != Some(Status::InProgress)
+                || self.status(&record.id) != Some(Status::InProgress)
                 || now() >= record.expires_at
             {
                 return None;
@@ -436,16 +437,5 @@ impl Batches {
             // Cut short: not an answer to keep.
             Err(_) => (502, Bytes::new()),
         }
-    }
-
-    /// The ids of batches whose requests still run, for tests and `/status`.
-    pub fn active(&self) -> BTreeSet<String> {
-        self.records
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|b| b.status.active())
-            .map(|b| b.id.clone())
-            .collect()
     }
 }

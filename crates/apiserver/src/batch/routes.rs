@@ -335,16 +335,7 @@ async fn create_batch(api: Shared, req: Request) -> Result<Value, ApiError> {
     }
     let record = {
         let batches = batches.clone();
-        tokio::task::spawn_blocking(move || batches.create(record))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e.to_string(),
-                )
-            })?
-            .map_err(stored)?
+        blocking(move || batches.create(record)).await?
     };
     tracing::info!(batch = %record.id, model = %record.model, requests = record.total, status = record.status.as_str(), "batch created");
     Ok(record.to_openai())
@@ -482,7 +473,7 @@ async fn cancel(State(api): State<Shared>, Path(id): Path<String>, req: Request)
                     ));
                 }
             }
-            let b = tokio::task::spawn_blocking(move || {
+            let b = blocking(move || {
                 batches.update(&id, |b| {
                     if matches!(b.status, Status::Validating | Status::InProgress) {
                         b.status = Status::Cancelling;
@@ -490,15 +481,7 @@ async fn cancel(State(api): State<Shared>, Path(id): Path<String>, req: Request)
                     }
                 })
             })
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e.to_string(),
-                )
-            })?
-            .map_err(stored)?;
+            .await?;
             Ok(b.to_openai())
         }
         .await,

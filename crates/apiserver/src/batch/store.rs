@@ -249,10 +249,6 @@ impl Store {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Writes `bytes` to `path` whole: a temporary file, synced, renamed over it.
     fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let tmp = path.with_extension("tmp");

@@ -165,11 +165,11 @@ pub fn check_model(
             .iter()
             .any(|p| greenthread_api::product_label(p) == product)
     {
-        let mut have: Vec<String> = products
+        // Each product once, however many GPUs of it there are and in whatever order.
+        let have: std::collections::BTreeSet<String> = products
             .iter()
             .map(|p| greenthread_api::product_label(p))
             .collect();
-        have.dedup();
         errors.push(format!(
             "{at}spec.{}: no GPU configured is a {product} (these are: {})",
             if m.spec.product.is_some() {
@@ -177,7 +177,7 @@ pub fn check_model(
             } else {
                 "nodeSelector"
             },
-            have.join(", ")
+            have.into_iter().collect::<Vec<_>>().join(", ")
         ));
     }
     if errors.is_empty() {

@@ -6,9 +6,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use greenthread_api::{EngineKind, ValidModel};
+use greenthread_api::ValidModel;
 use greenthread_sidecar::Sidecar;
-use greenthread_weights::{Cache, Hub, Repo, Weights, progress_line, throttled};
+use greenthread_weights::{Cache, Hub, Weights, progress_line, throttled};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{family::Family, gauge::Gauge},
@@ -53,13 +53,11 @@ impl Prefetch {
         }
     }
 
-    /// The hub repository `model` loads, when its weights come from the hub here.
+    /// The hub repository `model` loads, when its weights come from the hub here (a
+    /// directory of that name on this machine is loaded as it is).
     fn repo(model: &ValidModel) -> Option<&str> {
-        let name = model.spec.model_name.as_str();
-        (matches!(model.spec.engine, EngineKind::Vllm | EngineKind::Sglang)
-            && Repo::parse(name).is_ok()
-            && !std::path::Path::new(name).exists())
-        .then_some(name)
+        greenthread_controller::render::hub_weights(&model.spec)
+            .filter(|name| !std::path::Path::new(name).exists())
     }
 
     /// What the engine of `model` is started with: the cache the download filled, and
