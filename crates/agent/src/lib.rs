@@ -40,6 +40,11 @@ pub struct AgentConfig {
     /// Also export the DCGM exporter's metric names (for clusters without one).
     #[arg(long)]
     pub dcgm_metrics: bool,
+    /// Host memory kept for sleeping models' weights (level-1 sleep): a size
+    /// (`512Gi`), a share of the node's memory (`50%`) or `off`. Each GPU's record gets
+    /// an even share; a sleep that does not fit in its GPU's share goes to level 2.
+    #[arg(long, default_value = "50%", value_parser = greenthread_api::arg::host_budget)]
+    pub host_memory_for_sleepers: greenthread_api::HostBudget,
 }
 
 pub struct Agent {
@@ -49,6 +54,8 @@ pub struct Agent {
     source: Arc<dyn GpuSource>,
     metrics: GpuMetrics,
     registry: Registry,
+    /// The node's memory, and the part of it kept for sleepers (`None`: not accounted).
+    host: (u64, Option<u64>),
 }
 
 impl Agent {
@@ -58,7 +65,9 @@ impl Agent {
         node: &str,
         source: Arc<dyn GpuSource>,
         dcgm: bool,
+        host_budget: greenthread_api::HostBudget,
     ) -> anyhow::Result<Self> {
+        let machine = greenthread_gpu::host_memory_bytes()?;
         let mut registry = Registry::default();
         let metrics = GpuMetrics::register_with(&mut registry, dcgm);
         Ok(Self {
@@ -68,25 +77,29 @@ impl Agent {
             source,
             metrics,
             registry,
+            host: (machine, host_budget.bytes(machine)),
         })
     }
 
-    fn spec_of(&self, d: &greenthread_gpu::DeviceInfo) -> GpuSpec {
+    /// `d`'s spec, with its even share of the sleepers' host memory among `gpus`.
+    fn spec_of(&self, d: &greenthread_gpu::DeviceInfo, gpus: usize) -> GpuSpec {
         GpuSpec {
             node: self.node.clone(),
             index: d.index,
             uuid: d.uuid.clone(),
             product: d.product.clone(),
             memory_bytes: d.memory_bytes,
+            host_memory_bytes: self.host.1.map(|b| b / gpus.max(1) as u64),
         }
     }
 
     /// Creates missing GPU objects and corrects specs that differ from the hardware.
     pub async fn sync_objects(&self) -> anyhow::Result<Vec<String>> {
         let mut names = Vec::new();
-        for d in self.source.devices()? {
+        let devices = self.source.devices()?;
+        for d in &devices {
             let name = format!("{}-{}", self.node, d.index);
-            let spec = self.spec_of(&d);
+            let spec = self.spec_of(d, devices.len());
             match self.api.get_opt(&name).await? {
                 None => {
                     self.api
@@ -107,19 +120,25 @@ impl Agent {
         Ok(names)
     }
 
-    /// Samples every GPU once and writes its stats (only its stats).
+    /// Samples every GPU once and writes its stats (only its stats); the node's host
+    /// memory and what sleepers hold of it go to the metrics.
     pub async fn report_stats(&self) -> anyhow::Result<()> {
-        for d in self.source.devices()? {
+        let devices = self.source.devices()?;
+        let mut held = 0;
+        for d in &devices {
             let name = format!("{}-{}", self.node, d.index);
             let stats = self.source.stats(d.index)?;
-            self.metrics.set(&self.spec_of(&d), &stats);
-            greenthread_ledger::update(&self.ledger, &name, &|| {}, |g| {
+            self.metrics.set(&self.spec_of(d, devices.len()), &stats);
+            held += greenthread_ledger::update(&self.ledger, &name, &|| {}, |g| {
                 let mut next = g.status.clone();
                 next.stats = Some(stats.clone());
-                Ok::<_, LedgerError>((Some(next), ()))
+                let held = greenthread_ledger::decide::host_held_bytes(&g.status);
+                Ok::<_, LedgerError>((Some(next), held))
             })
             .await?;
         }
+        self.metrics
+            .set_host(&self.node, self.host.0, self.host.1, held);
         Ok(())
     }
 
@@ -139,8 +158,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
-    let agent =
-        Arc::new(Agent::new(client, &cfg.namespace, &cfg.node, source, cfg.dcgm_metrics).await?);
+    let agent = Arc::new(
+        Agent::new(
+            client,
+            &cfg.namespace,
+            &cfg.node,
+            source,
+            cfg.dcgm_metrics,
+            cfg.host_memory_for_sleepers,
+        )
+        .await?,
+    );
     let gpus = agent.sync_objects().await?;
     tracing::info!(node = %cfg.node, gpus = gpus.len(), "agent running");
     let listener = tokio::net::TcpListener::bind(cfg.metrics_listen).await?;

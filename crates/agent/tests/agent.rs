@@ -19,9 +19,16 @@ const GI: u64 = 1 << 30;
 async fn gpu_objects_follow_the_hardware_and_carry_its_statistics() {
     let server = FakeApiServer::start().await;
     let source = Arc::new(FakeSource::new(2, 80 * GI));
-    let agent = Agent::new(server.client(), "gt", "node-a", source.clone(), true)
-        .await
-        .unwrap();
+    let agent = Agent::new(
+        server.client(),
+        "gt",
+        "node-a",
+        source.clone(),
+        true,
+        greenthread_api::HostBudget::Bytes(64 * GI),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         agent.sync_objects().await.unwrap(),
         ["node-a-0", "node-a-1"]
@@ -33,6 +40,8 @@ async fn gpu_objects_follow_the_hardware_and_carry_its_statistics() {
         ("node-a", 1, "GPU-fake-0001")
     );
     assert_eq!(g1.spec.memory_bytes, 80 * GI);
+    // The sleepers' host memory, shared evenly between the node's GPUs.
+    assert_eq!(g1.spec.host_memory_bytes, Some(32 * GI));
 
     // A spec edited away from the hardware is put back; a second sync creates nothing.
     let wrong = serde_json::json!({"spec": {"memoryBytes": 1}});
@@ -93,6 +102,17 @@ async fn gpu_objects_follow_the_hardware_and_carry_its_statistics() {
         ),
         Some(61.0)
     );
+    // The node's host memory, the sleepers' budget and what they hold (nobody yet).
+    let node = [("node", "node-a")];
+    assert!(m.value("gthread_host_memory_total_bytes", &node).unwrap() > 0.0);
+    assert_eq!(
+        m.value("gthread_host_memory_sleepers_budget_bytes", &node),
+        Some((64 * GI) as f64)
+    );
+    assert_eq!(
+        m.value("gthread_host_memory_sleepers_bytes", &node),
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
@@ -104,6 +124,7 @@ async fn without_dcgm_names_only_ours_are_exposed() {
         "node-b",
         Arc::new(FakeSource::new(1, 80 * GI)),
         false,
+        greenthread_api::HostBudget::Off,
     )
     .await
     .unwrap();

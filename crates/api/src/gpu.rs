@@ -37,6 +37,11 @@ pub struct GpuSpec {
     #[serde(default)]
     pub product: String,
     pub memory_bytes: u64,
+    /// This GPU's share of its node's host memory for level-1 sleepers (the node's
+    /// budget divided evenly among its GPUs, so that each record decides alone, by
+    /// compare-and-swap); absent: host memory is not accounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_memory_bytes: Option<u64>,
 }
 
 /// Measured device statistics, as NVML (or the simulator) reports them.
@@ -80,6 +85,14 @@ pub struct Occupant {
     /// Memory a sleeping engine still holds, as measured after it went to sleep.
     #[serde(default)]
     pub residual_memory_bytes: u64,
+    /// Host memory the engine holds for this GPU: its weights while asleep at level 1,
+    /// and at all times once a `pinned` model has them there.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub host_memory_bytes: u64,
+    /// `staging.pinned`: the host memory it holds is kept across wakes, so that it
+    /// always sleeps at level 1 (never sent to level 2 for lack of host memory).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
     #[serde(default)]
     pub popular: bool,
     /// The Model's priority class (absent: standard).
@@ -106,6 +119,10 @@ pub struct Occupant {
 }
 
 fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
@@ -191,6 +208,8 @@ mod tests {
                 heartbeat: "2026-01-01T00:00:00Z".parse().unwrap(),
                 in_flight: 0,
                 recent_requests: 0,
+                host_memory_bytes: 0,
+                pinned: false,
             }],
             preemption_intents: vec![],
             wake_lock: None,

@@ -15,12 +15,12 @@ pub use gpu::{
     WakeLock,
 };
 pub use model::{
-    AdapterSpec, EngineKind, FairnessSpec, FieldError, GPU_PRODUCT_LABEL, LORA_RANKS, LoraSettings,
-    MAX_GPUS_PER_REPLICA, Model, ModelSpec, ModelStatus, ModelType, Parallelism, SleepSpec,
-    ValidModel, adapter_clashes, product_label,
+    AdapterSpec, DownloadStatus, EngineKind, FairnessSpec, FieldError, GPU_PRODUCT_LABEL,
+    LORA_RANKS, LoraSettings, MAX_GPUS_PER_REPLICA, Model, ModelSpec, ModelStatus, ModelType,
+    Parallelism, SleepSpec, ValidModel, adapter_clashes, product_label,
 };
 pub use priority::{BATCH_HEADER, PRIORITY_HEADER, Priority};
-pub use units::{ByteSize, ParseError, arg, format_duration, parse_duration};
+pub use units::{ByteSize, HostBudget, ParseError, arg, format_duration, parse_duration};
 
 /// A pod's key in the GPU ledger (occupants, intents, wake locks): `namespace/name`, so
 /// that pods of the same name in two tenants' namespaces never share an entry.

@@ -101,6 +101,21 @@ pub struct LoraSpec {
     pub download_timeout: Option<String>,
 }
 
+/// Where a sleeping model's weights wait (docs/host-memory.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StagingSpec {
+    /// Keep the weights' host memory across wakes once held: the model always sleeps at
+    /// level 1 and is never the one sent to level 2 when host memory runs short.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Host memory one replica's weights take asleep at level 1 (e.g. `16Gi`), split
+    /// evenly among its GPUs. Default: what the engine measured serving, an upper bound
+    /// (it counts the KV cache too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_memory: Option<String>,
+}
+
 /// Where a pod keeps downloaded adapters unless `lora.cacheDir` says otherwise.
 pub const DEFAULT_LORA_CACHE_DIR: &str = "/var/cache/greenthread/adapters";
 
@@ -280,6 +295,8 @@ const LOAD_FORMAT_PATTERN: &str = "^[a-z0-9_]{1,32}$";
 #[x_kube(validation = Rule::new(format!("!has(self.loadFormat) || self.loadFormat.matches('{LOAD_FORMAT_PATTERN}')")).message("loadFormat must be an engine's load format, e.g. safetensors or runai_streamer"))]
 #[x_kube(validation = Rule::new("!has(self.loadFormat) || !(self.engine in ['llamacpp', 'process'])").message("loadFormat needs an engine that takes --load-format (vllm, sglang or sim)"))]
 #[x_kube(validation = Rule::new("self.gpuMemoryUtilization.matches('^[0-9]*[.]?[0-9]+$') && double(self.gpuMemoryUtilization) > 0.0 && double(self.gpuMemoryUtilization) <= 1.0").message("gpuMemoryUtilization must be a number in (0, 1], e.g. \"0.90\""))]
+#[x_kube(validation = Rule::new("!has(self.staging) || !has(self.staging.hostMemory) || self.staging.hostMemory.matches('^[0-9]+(Ki|Mi|Gi|Ti)?$')").message("staging.hostMemory must be a size such as 16Gi"))]
+#[x_kube(validation = Rule::new("!has(self.staging) || !has(self.staging.pinned) || !self.staging.pinned || (self.sleep.level == 1 && !(self.engine in ['llamacpp', 'process']))").message("staging.pinned keeps weights in host memory: it needs sleep.level 1 and an engine that sleeps (vllm, sglang or sim)"))]
 #[x_kube(validation = Rule::new("self.sleep.level in [1, 2]").message("sleep.level must be 1 (offload weights to CPU) or 2 (discard weights)"))]
 #[x_kube(validation = Rule::new("self.sleep.idleTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && self.sleep.drainTimeout.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("sleep.idleTimeout and sleep.drainTimeout must be durations such as 500ms, 30s or 5m"))]
 #[x_kube(validation = Rule::new("self.sleep.wakeFeedback.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$')").message("sleep.wakeFeedback must be a duration such as 3s (0s turns it off)"))]
@@ -359,6 +376,9 @@ pub struct ModelSpec {
     pub extra_args: Vec<String>,
     #[serde(default)]
     pub sleep: SleepSpec,
+    /// Where the weights wait while the model sleeps: `pinned`, `hostMemory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<StagingSpec>,
     #[serde(default)]
     pub fairness: FairnessSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -379,7 +399,7 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelStatus {
-    /// Pending | Ready | Failed.
+    /// Pending | Downloading | Ready | Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// The `metadata.generation` this status describes.
@@ -410,8 +430,20 @@ pub struct ModelStatus {
     /// reads the pods' metrics through it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// While the phase is `Downloading`: the weights' bytes in the nodes' caches so far
+    /// and in all, over the replicas still downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+/// A download of a Model's weights under way (`status.download`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadStatus {
+    pub downloaded_bytes: u64,
+    pub total_bytes: u64,
 }
 
 mod defaults {
@@ -471,6 +503,8 @@ pub struct ValidModel {
     pub lora: Option<LoraSettings>,
     /// Adapters loaded per request, when `lora.enabled`.
     pub on_demand: Option<OnDemandLora>,
+    /// `staging.hostMemory`: host memory one replica's weights take asleep at level 1.
+    pub host_memory: Option<u64>,
 }
 
 impl ValidModel {
@@ -725,11 +759,31 @@ impl ModelSpec {
                 download_timeout: timeout,
             });
         }
+        if self.staging.as_ref().is_some_and(|s| s.pinned)
+            && (self.sleep.level != 1
+                || matches!(self.engine, EngineKind::Llamacpp | EngineKind::Process))
+        {
+            err(
+                "staging.pinned",
+                "keeps weights in host memory: it needs sleep.level 1 and an engine that sleeps (vllm, sglang or sim)".into(),
+            );
+        }
+        let host_memory = match self.staging.as_ref().and_then(|s| s.host_memory.as_ref()) {
+            Some(size) => match size.parse::<crate::ByteSize>() {
+                Ok(b) => Some(b.bytes()),
+                Err(e) => {
+                    err("staging.hostMemory", e.to_string());
+                    None
+                }
+            },
+            None => None,
+        };
         let lora = self.lora_settings();
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(ValidModel {
+            host_memory,
             spec: self.normalized(),
             gpu_memory_utilization: utilization,
             idle_timeout,

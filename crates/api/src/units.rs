@@ -10,6 +10,53 @@ pub enum ParseError {
     Size { input: String },
     #[error("invalid duration {input:?}: expected e.g. 500ms, 30s or 5m ({reason})")]
     Duration { input: String, reason: String },
+    #[error(
+        "invalid host memory budget {input:?}: expected a size (e.g. 512Gi), a share of the machine's memory (e.g. 50%) or off"
+    )]
+    HostBudget { input: String },
+}
+
+/// Host memory kept for sleeping models' weights on a machine: a size, a share of its
+/// memory, or `off` (not accounted: level-1 sleeps are never sent to level 2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HostBudget {
+    Off,
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl HostBudget {
+    /// The budget in bytes on a machine of `machine` bytes; `None` when off.
+    pub fn bytes(self, machine: u64) -> Option<u64> {
+        match self {
+            Self::Off => None,
+            Self::Bytes(b) => Some(b),
+            Self::Percent(p) => Some((machine as f64 * p / 100.0) as u64),
+        }
+    }
+}
+
+impl FromStr for HostBudget {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseError::HostBudget {
+            input: s.to_string(),
+        };
+        let t = s.trim();
+        if t == "off" {
+            return Ok(Self::Off);
+        }
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(Self::Percent(p)),
+                _ => Err(err()),
+            };
+        }
+        t.parse::<ByteSize>()
+            .map(|b| Self::Bytes(b.bytes()))
+            .map_err(|_| err())
+    }
 }
 
 /// A number of bytes that parses from plain integers or binary suffixes.
@@ -109,6 +156,28 @@ mod tests {
     }
 
     #[test]
+    fn host_budgets_parse_sizes_shares_and_off() {
+        let machine = 200 << 30;
+        for (input, want) in [
+            ("off", None),
+            ("64Gi", Some(64 << 30)),
+            ("50%", Some(100 << 30)),
+            (" 100% ", Some(machine)),
+            ("12.5%", Some(25 << 30)),
+        ] {
+            let b: HostBudget = input.parse().unwrap();
+            assert_eq!(b.bytes(machine), want, "{input}");
+        }
+        for bad in ["", "0%", "101%", "-5%", "half", "12GB"] {
+            let err = bad.parse::<HostBudget>().unwrap_err();
+            assert!(
+                err.to_string().contains("host memory budget"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn sizes_display_round_trips() {
         for n in [0, 1, 1023, 1024, 3 << 30, (3 << 30) + 1] {
             let s = ByteSize(n).to_string();
@@ -156,6 +225,10 @@ pub mod arg {
 
     pub fn duration(s: &str) -> Result<Duration, String> {
         parse_duration(s).map_err(|e| e.to_string())
+    }
+
+    pub fn host_budget(s: &str) -> Result<super::HostBudget, String> {
+        s.parse().map_err(|e: super::ParseError| e.to_string())
     }
 
     pub fn size(s: &str) -> Result<u64, String> {

@@ -171,8 +171,8 @@ impl EventHub {
 }
 
 impl EventHub {
-    /// The sidecar's notices as events: `preempted` (the victim, the preemptor, the GPU)
-    /// and `engine_restarted` (why).
+    /// The sidecar's notices as events: `preempted` (the victim, the preemptor, the GPU),
+    /// `engine_restarted` (why) and `sleep_demoted` (level 2 for lack of host memory).
     fn follow_notices(self: &Arc<Self>, model: &str, pod: &str, sidecar: &Sidecar) {
         use greenthread_sidecar::metrics::Notice;
         let mut notices = sidecar.metrics.notices();
@@ -192,6 +192,10 @@ impl EventHub {
                     Notice::EngineRestarted { reason } => hub.emit(
                         "engine_restarted",
                         serde_json::json!({"model": model, "pod": pod, "reason": reason}),
+                    ),
+                    Notice::Demoted { reason } => hub.emit(
+                        "sleep_demoted",
+                        serde_json::json!({"model": model, "pod": pod, "level": 2, "reason": reason}),
                     ),
                 }
             }

@@ -30,7 +30,13 @@ pub struct PhaseLabels {
 }
 
 /// The phases of a Model's status.
-pub const PHASES: [&str; 3] = ["Pending", "Ready", "Failed"];
+pub const PHASES: [&str; 4] = ["Pending", "Downloading", "Ready", "Failed"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub namespace: String,
+    pub model: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaderLabels {
@@ -59,7 +65,11 @@ greenthread_api::metric_families! {
         pub ledger_entries_removed: Counter = Counter::default()
             => ("gthread_controller_ledger_entries_removed", "Occupants, intents and wake locks removed from GPU records because their pod is gone"),
         pub model_phase: Family<PhaseLabels, Gauge> = Family::default()
-            => ("gthread_controller_model_phase", "1 for each Model's current phase (Pending, Ready, Failed), 0 for the others"),
+            => ("gthread_controller_model_phase", "1 for each Model's current phase (Pending, Downloading, Ready, Failed), 0 for the others"),
+        pub weights_downloaded: Family<ModelLabels, Gauge> = Family::default()
+            => ("gthread_weights_downloaded_bytes", "Bytes of a Model's weights in its nodes' caches, as their downloads go (the replicas still downloading)"),
+        pub weights_size: Family<ModelLabels, Gauge> = Family::default()
+            => ("gthread_weights_size_bytes", "Bytes of a Model's weights in all, for the replicas still downloading"),
     }
 }
 
@@ -128,6 +138,33 @@ impl ControllerMetrics {
                 None => {
                     self.model_phase.remove(&labels);
                 }
+            }
+        }
+    }
+
+    /// A Model's download progress; `None` removes its series (nothing downloads).
+    pub fn set_download(
+        &self,
+        namespace: &str,
+        model: &str,
+        progress: Option<greenthread_api::DownloadStatus>,
+    ) {
+        let labels = ModelLabels {
+            namespace: namespace.into(),
+            model: model.into(),
+        };
+        match progress {
+            Some(p) => {
+                self.weights_downloaded
+                    .get_or_create(&labels)
+                    .set(p.downloaded_bytes as i64);
+                self.weights_size
+                    .get_or_create(&labels)
+                    .set(p.total_bytes as i64);
+            }
+            None => {
+                self.weights_downloaded.remove(&labels);
+                self.weights_size.remove(&labels);
             }
         }
     }

@@ -218,6 +218,7 @@ mod tests {
                 uuid: format!("GPU-{node}-{index}"),
                 product: "H100".into(),
                 memory_bytes: mem_gi * GI,
+                host_memory_bytes: None,
             },
             status: GpuStatus::default(),
             resource_version: "1".into(),

@@ -34,6 +34,9 @@ pub struct World<'a> {
     /// The Models of the Model's namespace (itself among them or not), whose names and
     /// adapters its adapters must not repeat.
     pub neighbors: &'a [std::sync::Arc<Model>],
+    /// The weights' download progress of pods whose `download` init container runs, by
+    /// pod name (read from its log).
+    pub downloads: &'a std::collections::BTreeMap<String, greenthread_api::DownloadStatus>,
 }
 
 /// A replica to create, and the GPU records placement chose for it.
@@ -129,7 +132,14 @@ pub fn plan(model: &Model, world: &World, settings: &Settings, now: Timestamp) -
             place_missing(model, &valid, world, settings, &mut mine, &mut create)
         }
     };
-    let mut status = status::model_status(model, &mine, world.gpus, problem.as_ref(), now);
+    let mut status = status::model_status(
+        model,
+        &mine,
+        world.gpus,
+        world.downloads,
+        problem.as_ref(),
+        now,
+    );
     if !model.spec.adapters.is_empty() {
         status
             .conditions

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams},
     runtime::{
         Controller,
         controller::Action,
@@ -38,6 +38,8 @@ pub const FINALIZER: &str = "greenthread.ai/cleanup";
 
 /// How often a Model is looked at again without any change (status freshness).
 const RESYNC: Duration = Duration::from_secs(30);
+/// How often a Model whose weights download reads their progress again.
+const DOWNLOAD_POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -274,15 +276,72 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     prune(&*ctx.ledger, &gpus, &names(&all_pods), &ctx.metrics).await?;
     let nodes = allowed_nodes(ctx, &model).await?;
     let neighbors = ctx.neighbors(&model);
+    let downloads = download_progress(ctx, &model, &all_pods).await;
     let world = plan::World {
         gpus: &gpus,
         pods: &all_pods,
         nodes: nodes.as_ref(),
         neighbors: &neighbors,
+        downloads: &downloads,
     };
     let plan = plan::plan(&model, &world, &ctx.settings, Timestamp::now());
+    let downloading = plan.status.phase.as_deref() == Some("Downloading");
+    ctx.metrics.set_download(
+        &model.namespace().unwrap_or_default(),
+        &model.name_any(),
+        plan.status.download,
+    );
     execute(ctx, &model, plan).await?;
-    Ok(Action::requeue(RESYNC))
+    // Nothing announces a download's progress: it is read again soon.
+    Ok(Action::requeue(if downloading {
+        DOWNLOAD_POLL
+    } else {
+        RESYNC
+    }))
+}
+
+/// The progress of each of `model`'s pods whose `download` init container runs, from
+/// the last lines of that container's log (`greenthread download` ends each progress
+/// line with its exact bytes). A log that cannot be read leaves its pod out: the phase
+/// still says Downloading, without the bytes.
+async fn download_progress(
+    ctx: &Context,
+    model: &Model,
+    pods: &[Pod],
+) -> std::collections::BTreeMap<String, greenthread_api::DownloadStatus> {
+    let ns = model.namespace().unwrap_or_default();
+    let name = model.name_any();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let params = LogParams {
+        container: Some(render::DOWNLOAD_CONTAINER.into()),
+        tail_lines: Some(8),
+        ..LogParams::default()
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for pod in pods.iter().filter(|p| {
+        p.namespace().as_deref() == Some(ns.as_str())
+            && p.labels().get(MODEL_LABEL) == Some(&name)
+            && crate::status::downloading(p)
+    }) {
+        let pod_name = pod.name_any();
+        match api.logs(&pod_name, &params).await {
+            Ok(log) => {
+                if let Some(p) = greenthread_weights::last_progress(&log) {
+                    out.insert(
+                        pod_name,
+                        greenthread_api::DownloadStatus {
+                            downloaded_bytes: p.done,
+                            total_bytes: p.total,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pod = %pod_name, error = %e, "download progress not readable")
+            }
+        }
+    }
+    out
 }
 
 /// Carries out a plan: deletions, the engine key, creations, the Service, the status.
@@ -337,6 +396,7 @@ fn status_patch(status: &greenthread_api::ModelStatus) -> Value {
             "node",
             "servingMemoryPerGPU",
             "url",
+            "download",
         ] {
             m.entry(key).or_insert(Value::Null);
         }
@@ -485,6 +545,7 @@ async fn cleanup(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     let (gpus, alive) = snapshot(ctx).await?;
     prune(&*ctx.ledger, &gpus, &names(&alive), &ctx.metrics).await?;
     ctx.metrics.set_phase(&ns, &name, None);
+    ctx.metrics.set_download(&ns, &name, None);
     tracing::info!(model = %name, namespace = %ns, "model deleted; its pods, Service and ledger entries are gone");
     Ok(Action::await_change())
 }

@@ -89,6 +89,9 @@ impl Default for Settings {
     }
 }
 
+/// The init container that downloads a Model's weights before its engine starts.
+pub const DOWNLOAD_CONTAINER: &str = "download";
+
 /// Where engine containers find the nodes' weights cache.
 pub const WEIGHTS_DIR: &str = "/var/cache/huggingface/hub";
 
@@ -165,7 +168,7 @@ fn weights_download(
         });
     }
     let download = Container {
-        name: "download".into(),
+        name: DOWNLOAD_CONTAINER.into(),
         image: Some(settings.sidecar_image.clone()),
         args: Some(args),
         env: (!env.is_empty()).then_some(env),

@@ -75,10 +75,25 @@ pub(crate) fn condition(
     }
 }
 
+/// Whether `pod`'s weights are still coming: its `download` init container has not
+/// finished.
+pub fn downloading(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .is_some_and(|all| {
+            all.iter().any(|c| {
+                c.name == crate::render::DOWNLOAD_CONTAINER
+                    && c.state.as_ref().is_some_and(|s| s.terminated.is_none())
+            })
+        })
+}
+
 pub fn model_status(
     model: &Model,
     pods: &[Pod],
     gpus: &[Gpu],
+    downloads: &std::collections::BTreeMap<String, greenthread_api::DownloadStatus>,
     problem: Option<&Problem>,
     now: Timestamp,
 ) -> ModelStatus {
@@ -126,17 +141,7 @@ pub fn model_status(
     // Pods whose weights are still coming: the `download` init container not done.
     let downloading: Vec<&str> = live
         .iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.init_container_statuses.as_ref())
-                .is_some_and(|all| {
-                    all.iter().any(|c| {
-                        c.name == "download"
-                            && c.state.as_ref().is_some_and(|s| s.terminated.is_none())
-                    })
-                })
-        })
+        .filter(|p| downloading(p))
         .filter_map(|p| p.metadata.name.as_deref())
         .collect();
     let wanted = model.spec.replicas as i32;
@@ -156,12 +161,23 @@ pub fn model_status(
             format!("{ready} of {wanted} replicas ready"),
         )
     } else if !downloading.is_empty() {
+        let progress: Vec<String> = downloading
+            .iter()
+            .map(|pod| match downloads.get(*pod) {
+                Some(d) => format!(
+                    "{pod} {:.2} of {:.2} GiB",
+                    d.downloaded_bytes as f64 / ByteSize::GI as f64,
+                    d.total_bytes as f64 / ByteSize::GI as f64
+                ),
+                None => pod.to_string(),
+            })
+            .collect();
         (
             "Downloading",
             "DownloadingWeights".to_string(),
             format!(
                 "downloading weights into the node's cache: {} (kubectl logs POD -c download shows the progress)",
-                downloading.join(", ")
+                progress.join(", ")
             ),
         )
     } else if let Some(p) = problem {
@@ -216,6 +232,16 @@ pub fn model_status(
                 .and_then(|s| s.serving_memory_per_gpu.clone())
         },
         url: Some(format!("http://{name}.{namespace}.svc")),
+        download: (phase == "Downloading")
+            .then(|| {
+                let mut sum = greenthread_api::DownloadStatus::default();
+                for d in downloading.iter().filter_map(|p| downloads.get(*p)) {
+                    sum.downloaded_bytes += d.downloaded_bytes;
+                    sum.total_bytes += d.total_bytes;
+                }
+                (sum.total_bytes > 0).then_some(sum)
+            })
+            .flatten(),
         selector: Some(format!("{}={name}", crate::render::MODEL_LABEL)),
         conditions,
     }
@@ -259,6 +285,7 @@ mod tests {
                 uuid: "u".into(),
                 product: "H100".into(),
                 memory_bytes: 80 << 30,
+                host_memory_bytes: None,
             },
             status: GpuStatus {
                 occupants: occupants
@@ -277,6 +304,8 @@ mod tests {
                         heartbeat: jiff::Timestamp::now(),
                         in_flight: 0,
                         recent_requests: 0,
+                        host_memory_bytes: 0,
+                        pinned: false,
                     })
                     .collect(),
                 ..Default::default()
@@ -299,12 +328,33 @@ mod tests {
             &model(1),
             &[downloading.clone()],
             &[],
+            &Default::default(),
             None,
             Timestamp::now(),
         );
         assert_eq!(s.phase.as_deref(), Some("Downloading"));
         assert!(
             s.conditions[0].message.contains("m-0"),
+            "{:?}",
+            s.conditions[0]
+        );
+        assert_eq!(s.download, None, "no progress read yet");
+        // With the progress its download container logged: the bytes, in the status.
+        let progress = greenthread_api::DownloadStatus {
+            downloaded_bytes: 3 << 29,
+            total_bytes: 6 << 30,
+        };
+        let s = model_status(
+            &model(1),
+            &[downloading.clone()],
+            &[],
+            &[("m-0".to_string(), progress)].into(),
+            None,
+            Timestamp::now(),
+        );
+        assert_eq!(s.download, Some(progress));
+        assert!(
+            s.conditions[0].message.contains("m-0 1.50 of 6.00 GiB"),
             "{:?}",
             s.conditions[0]
         );
@@ -316,7 +366,14 @@ mod tests {
             }))
             .unwrap(),
         ]);
-        let s = model_status(&model(1), &[downloading], &[], None, Timestamp::now());
+        let s = model_status(
+            &model(1),
+            &[downloading],
+            &[],
+            &Default::default(),
+            None,
+            Timestamp::now(),
+        );
         assert_eq!(s.phase.as_deref(), Some("Pending"));
     }
 
@@ -338,7 +395,14 @@ mod tests {
                 ],
             ),
         ];
-        let s = model_status(&model(2), &pods, &gpus, None, Timestamp::now());
+        let s = model_status(
+            &model(2),
+            &pods,
+            &gpus,
+            &Default::default(),
+            None,
+            Timestamp::now(),
+        );
         assert_eq!(s.phase.as_deref(), Some("Pending"));
         assert_eq!(
             (
@@ -372,7 +436,7 @@ mod tests {
         };
         let t0 = Timestamp::from_second(1_700_000_000).unwrap();
         let mut m = model(1);
-        let s = model_status(&m, &[], &[], Some(&problem), t0);
+        let s = model_status(&m, &[], &[], &Default::default(), Some(&problem), t0);
         assert_eq!(s.phase.as_deref(), Some("Failed"));
         let sched = s
             .conditions
@@ -388,7 +452,14 @@ mod tests {
             serving_memory_per_gpu: Some("7Gi".into()),
             ..s
         });
-        let later = model_status(&m, &[], &[], Some(&problem), Timestamp::now());
+        let later = model_status(
+            &m,
+            &[],
+            &[],
+            &Default::default(),
+            Some(&problem),
+            Timestamp::now(),
+        );
         let again = later
             .conditions
             .iter()

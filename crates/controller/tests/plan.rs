@@ -158,6 +158,8 @@ fn gpus(case: &Case) -> Vec<Gpu> {
                         heartbeat: jiff::Timestamp::from_second(1_700_000_000).unwrap(),
                         in_flight: 0,
                         recent_requests: 0,
+                        host_memory_bytes: 0,
+                        pinned: false,
                     })
                 })
                 .collect();
@@ -169,6 +171,7 @@ fn gpus(case: &Case) -> Vec<Gpu> {
                     uuid: format!("GPU-{}-{}", g.node, g.index),
                     product: "H100".into(),
                     memory_bytes: g.memory * GI,
+                    host_memory_bytes: None,
                 },
                 status: GpuStatus {
                     occupants,
@@ -203,6 +206,7 @@ fn plans_match_the_table() {
             pods: &pods,
             nodes: case.nodes.as_ref(),
             neighbors: &neighbors,
+            downloads: &Default::default(),
         };
         let p = plan(
             &m,
@@ -300,6 +304,7 @@ fn a_changed_spec_rolls_one_replica_at_a_time() {
                 uuid: "GPU-a-0".into(),
                 product: "H100".into(),
                 memory_bytes: 80 * GI,
+                host_memory_bytes: None,
             },
             status: GpuStatus::default(),
             resource_version: "1".into(),
@@ -312,6 +317,7 @@ fn a_changed_spec_rolls_one_replica_at_a_time() {
                 uuid: "GPU-a-1".into(),
                 product: "H100".into(),
                 memory_bytes: 80 * GI,
+                host_memory_bytes: None,
             },
             status: GpuStatus::default(),
             resource_version: "1".into(),
@@ -328,6 +334,7 @@ fn a_changed_spec_rolls_one_replica_at_a_time() {
                 pods,
                 nodes: None,
                 neighbors: &[],
+                downloads: &Default::default(),
             },
             &settings,
             now,

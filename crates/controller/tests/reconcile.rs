@@ -65,6 +65,7 @@ async fn gpus(client: &Client) {
                 uuid: format!("GPU-{node}-{index}"),
                 product: "H100".into(),
                 memory_bytes: 80 * GI,
+                host_memory_bytes: None,
             };
             api.create(
                 &PostParams::default(),
@@ -129,6 +130,8 @@ fn occupant(pod: &str, state: OccupantState, reserved: u64) -> Occupant {
         heartbeat: jiff::Timestamp::now(),
         in_flight: 0,
         recent_requests: 0,
+        host_memory_bytes: 0,
+        pinned: false,
     }
 }
 
@@ -951,5 +954,132 @@ spec:
     assert!(
         args.contains("--tensor-parallel-size 1 --pipeline-parallel-size 2 --dtype bfloat16 --load-format safetensors"),
         "{args}"
+    );
+}
+
+/// While a replica's weights download into its node's cache, the Model says how far they
+/// are: phase `Downloading`, the bytes in `status.download` and in the metrics, read
+/// from the log of the pod's `download` init container (the fake kubelet plays it), and
+/// read again soon; once the download is done, none of it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloading_model_reports_its_bytes_from_the_download_log() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    gpus(&client).await;
+    let mut registry = Registry::default();
+    let ctx = Arc::new(reconcile::Context::new(
+        client.clone(),
+        Settings {
+            weights: greenthread_controller::WeightsArgs {
+                host_path: Some("/var/cache/greenthread".into()),
+                ..Default::default()
+            },
+            ..Settings::default()
+        },
+        ControllerMetrics::register(&mut registry),
+        Arc::new(KubeLedger::new(client.clone(), SYSTEM).await.unwrap()),
+    ));
+    let models: Api<Model> = Api::namespaced(client.clone(), TEAM);
+    let spec: ModelSpec = serde_json::from_value(json!({"modelName": "org/llama"})).unwrap();
+    let m = models
+        .create(&PostParams::default(), &Model::new("llama", spec))
+        .await
+        .unwrap();
+    // The first reconcile adds the finalizer, the second places the replica.
+    reconcile::reconcile(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(models.get("llama").await.unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    let pod = pods_of(&client, "llama").await.remove(0).name_any();
+
+    // The kubelet runs the init container; it has written two progress lines.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), TEAM);
+    let running = json!({"status": {"phase": "Pending", "initContainerStatuses": [{
+        "name": "download", "image": "greenthread:test", "imageID": "", "ready": false,
+        "restartCount": 0, "state": {"running": {}},
+    }]}});
+    pods.patch_status(&pod, &PatchParams::default(), &Patch::Merge(running))
+        .await
+        .unwrap();
+    let line = |done: u64, total: u64| {
+        greenthread_weights::progress_line(
+            "org/llama",
+            greenthread_weights::Progress { done, total },
+        ) + "\n"
+    };
+    server.store.append_log(
+        TEAM,
+        &pod,
+        "download",
+        &(line(GI, 16 * GI) + &line(6 * GI, 16 * GI)),
+    );
+    let action = reconcile::reconcile(Arc::new(models.get("llama").await.unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(5)),
+        "progress is read again soon"
+    );
+    let status = models.get("llama").await.unwrap().status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Downloading"));
+    assert_eq!(
+        status.download,
+        Some(greenthread_api::DownloadStatus {
+            downloaded_bytes: 6 * GI,
+            total_bytes: 16 * GI,
+        })
+    );
+    assert!(
+        status.conditions[0].message.contains("6.00 of 16.00 GiB"),
+        "{:?}",
+        status.conditions[0]
+    );
+    assert!(server.store.requests("GET api/v1/pods/log") >= 1);
+    let metrics = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        greenthread_test_support::Exposition::parse(&text).unwrap()
+    };
+    let labels = [("namespace", TEAM), ("model", "llama")];
+    let m = metrics(&registry);
+    assert_eq!(
+        m.value("gthread_weights_downloaded_bytes", &labels),
+        Some((6 * GI) as f64)
+    );
+    assert_eq!(
+        m.value("gthread_weights_size_bytes", &labels),
+        Some((16 * GI) as f64)
+    );
+    assert_eq!(
+        m.value(
+            "gthread_controller_model_phase",
+            &[("model", "llama"), ("phase", "Downloading")]
+        ),
+        Some(1.0)
+    );
+
+    // Done: the init container ended; the Model waits for its engine like any other.
+    server
+        .store
+        .append_log(TEAM, &pod, "download", "ready org/llama@abc\n");
+    let done = json!({"status": {"initContainerStatuses": [{
+        "name": "download", "image": "greenthread:test", "imageID": "", "ready": true,
+        "restartCount": 0, "state": {"terminated": {"exitCode": 0}},
+    }]}});
+    pods.patch_status(&pod, &PatchParams::default(), &Patch::Merge(done))
+        .await
+        .unwrap();
+    reconcile::reconcile(Arc::new(models.get("llama").await.unwrap()), ctx)
+        .await
+        .unwrap();
+    let status = models.get("llama").await.unwrap().status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Pending"));
+    assert_eq!(status.download, None);
+    assert_eq!(
+        metrics(&registry).value("gthread_weights_size_bytes", &labels),
+        None
     );
 }

@@ -35,6 +35,7 @@ fn gpus() -> Vec<GpuSpec> {
             uuid: format!("GPU-aaaa-{i}"),
             product: "H100".into(),
             memory_bytes: 80 << 30,
+            host_memory_bytes: None,
         })
         .collect()
 }

@@ -365,6 +365,7 @@ fn gpu_records(setup: &Setup) -> Vec<Gpu> {
                 uuid: format!("GPU-sim-{i}"),
                 product: "simulated".into(),
                 memory_bytes: *memory,
+                host_memory_bytes: None,
             },
             status: Default::default(),
             resource_version: String::new(),

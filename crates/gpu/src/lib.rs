@@ -4,6 +4,7 @@
 //! [`MemoryProbe`] measures what one engine holds; NVML joins it behind the same trait.
 
 mod discovery;
+mod host;
 mod metrics;
 mod probe;
 mod sim;
@@ -11,6 +12,7 @@ mod sim;
 pub use discovery::{
     DeviceInfo, DiscoveryError, FakeSource, GpuSource, NvmlSource, nvml_library_present,
 };
+pub use host::host_memory_bytes;
 pub use metrics::GpuMetrics;
 pub use probe::{MemoryProbe, ProbeError, SimGpuProbe};
 pub use sim::{ProcessMemory, SimGpu};

@@ -33,7 +33,18 @@ greenthread_api::metric_families! {
             => ("gthread_gpu_memory_total_bytes", "GPU memory"),
         used: Family<GpuLabels, Gauge> = Family::default()
             => ("gthread_gpu_memory_used_bytes", "GPU memory in use (measured)"),
+        host_total: Family<NodeLabels, Gauge> = Family::default()
+            => ("gthread_host_memory_total_bytes", "The node's host memory"),
+        host_budget: Family<NodeLabels, Gauge> = Family::default()
+            => ("gthread_host_memory_sleepers_budget_bytes", "Host memory kept for sleeping models' weights (level-1 sleep), all GPUs' shares together"),
+        host_held: Family<NodeLabels, Gauge> = Family::default()
+            => ("gthread_host_memory_sleepers_bytes", "Host memory sleeping (and pinned) models' weights hold now, from the GPU records"),
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
 }
 
 greenthread_api::metric_families! {
@@ -71,6 +82,19 @@ impl GpuMetrics {
             ours: Ours::registered(registry),
             dcgm: dcgm.then(|| Dcgm::registered(registry)),
         }
+    }
+
+    /// The node's host memory, its budget for sleepers (`None`: not accounted) and
+    /// what sleepers hold now.
+    pub fn set_host(&self, node: &str, total: u64, budget: Option<u64>, held: u64) {
+        let l = NodeLabels {
+            node: node.to_string(),
+        };
+        self.ours.host_total.get_or_create(&l).set(total as i64);
+        if let Some(b) = budget {
+            self.ours.host_budget.get_or_create(&l).set(b as i64);
+        }
+        self.ours.host_held.get_or_create(&l).set(held as i64);
     }
 
     pub fn set(&self, spec: &GpuSpec, stats: &GpuStats) {

@@ -14,6 +14,9 @@ pub struct ProcessMemory {
     pub listen: String,
     pub model: String,
     pub bytes: u64,
+    /// Host memory the process holds for this GPU (weights offloaded by a level-1 sleep).
+    #[serde(default)]
+    pub host_bytes: u64,
 }
 
 /// A simulated node's GPUs, shared between processes through a directory:
@@ -82,6 +85,16 @@ impl SimGpu {
     pub fn used_bytes(&self, gpu: u32) -> io::Result<u64> {
         Ok(self.processes(gpu)?.iter().map(|p| p.bytes).sum())
     }
+
+    /// Host memory that live processes hold for `gpus` (what their level-1 sleeps
+    /// offloaded): the node's host memory in use by sleepers, measured.
+    pub fn host_bytes(&self, gpus: impl IntoIterator<Item = u32>) -> io::Result<u64> {
+        let mut total = 0;
+        for g in gpus {
+            total += self.processes(g)?.iter().map(|p| p.host_bytes).sum::<u64>();
+        }
+        Ok(total)
+    }
 }
 
 /// Running, not exited: a zombie (exited, not yet reaped) holds no GPU memory either.
@@ -115,6 +128,7 @@ mod tests {
             listen: "127.0.0.1:1".into(),
             model: "m".into(),
             bytes,
+            host_bytes: bytes / 2,
         };
         gpu.record(0, &rec(me, 100)).unwrap();
         gpu.record(0, &rec(me, 300)).unwrap(); // replaces
@@ -124,6 +138,7 @@ mod tests {
         assert_eq!(gpu.used_bytes(0).unwrap(), 300);
         assert_eq!(gpu.used_bytes(1).unwrap(), 7);
         assert_eq!(gpu.used_bytes(2).unwrap(), 0);
+        assert_eq!(gpu.host_bytes([0, 1, 2]).unwrap(), 150 + 3);
         gpu.remove(0, me).unwrap();
         gpu.remove(0, me).unwrap();
         assert_eq!(gpu.used_bytes(0).unwrap(), 0);

@@ -28,6 +28,7 @@ fn spec(i: u32) -> GpuSpec {
         uuid: format!("GPU-{i}"),
         product: "H100".into(),
         memory_bytes: 80 * GI,
+        host_memory_bytes: None,
     }
 }
 

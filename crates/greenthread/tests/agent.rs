@@ -27,9 +27,16 @@ async fn gpu_objects_appear_with_stats() {
             power_watts: 300.0,
         },
     );
-    let agent = Agent::new(server.client(), "gt", "node-a", source.clone(), true)
-        .await
-        .unwrap();
+    let agent = Agent::new(
+        server.client(),
+        "gt",
+        "node-a",
+        source.clone(),
+        true,
+        greenthread_api::HostBudget::Off,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         agent.sync_objects().await.unwrap(),
         ["node-a-0", "node-a-1"]
@@ -60,9 +67,16 @@ async fn an_occupant_write_racing_with_stats_writes_loses_nothing() {
     let server = FakeApiServer::start().await;
     let source = Arc::new(FakeSource::new(1, 80 * GI));
     let agent = Arc::new(
-        Agent::new(server.client(), "gt", "node-a", source.clone(), false)
-            .await
-            .unwrap(),
+        Agent::new(
+            server.client(),
+            "gt",
+            "node-a",
+            source.clone(),
+            false,
+            greenthread_api::HostBudget::Off,
+        )
+        .await
+        .unwrap(),
     );
     agent.sync_objects().await.unwrap();
     let sidecar_ledger = KubeLedger::new(server.client(), "gt").await.unwrap();
@@ -149,6 +163,7 @@ async fn a_sidecar_process_keeps_its_occupant_in_the_gpu_object() {
         "node-a",
         Arc::new(FakeSource::new(1, 80 * GI)),
         false,
+        greenthread_api::HostBudget::Off,
     )
     .await
     .unwrap();

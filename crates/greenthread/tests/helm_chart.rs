@@ -163,6 +163,7 @@ fn model_pod(namespace: &str) -> Value {
         uuid: "GPU-0".into(),
         product: "H100".into(),
         memory_bytes: 80 << 30,
+        host_memory_bytes: None,
     };
     serde_json::to_value(render_pod(&model, 0, &[gpu], &Settings::default()).unwrap()).unwrap()
 }
@@ -355,7 +356,12 @@ fn every_option_renders_where_it_should() {
     }
     let agent = find(&objects, "DaemonSet", "greenthread-agent");
     let agent_args = args_of(agent);
-    for a in ["--fake-gpus=4", "--dcgm-metrics", "--interval=2s"] {
+    for a in [
+        "--fake-gpus=4",
+        "--dcgm-metrics",
+        "--interval=2s",
+        "--host-memory-for-sleepers=384Gi",
+    ] {
         assert!(
             agent_args.contains(&a.to_string()),
             "{a} not in {agent_args:?}"

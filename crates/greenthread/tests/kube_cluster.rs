@@ -106,6 +106,7 @@ async fn models_declared_on_kubernetes_are_placed_run_and_served_through_the_api
         "node-a",
         Arc::new(FakeSource::new(2, 80 * GI)),
         false,
+        greenthread_api::HostBudget::Off,
     )
     .await
     .unwrap();

@@ -25,6 +25,7 @@ fn spec() -> GpuSpec {
         uuid: "GPU-1".into(),
         product: "H100".into(),
         memory_bytes: 100 * GI,
+        host_memory_bytes: None,
     }
 }
 

@@ -18,6 +18,14 @@ pub enum Refusal {
     LockHeld { holder: String },
     #[error("{pod} has no occupant record on this gpu")]
     NotAnOccupant { pod: String },
+    #[error(
+        "needs {need} bytes of host memory for its weights but only {available} of the {total} kept for sleepers are free"
+    )]
+    HostFull {
+        need: u64,
+        available: u64,
+        total: u64,
+    },
 }
 
 /// What a pod claims when it wakes.
@@ -72,6 +80,80 @@ pub fn fits(spec: &GpuSpec, status: &GpuStatus, pod: &str, need: u64) -> Result<
             total: spec.memory_bytes,
         })
     }
+}
+
+/// Σ host memory the occupants hold (level-1 sleepers' weights, pinned models').
+pub fn host_held_bytes(status: &GpuStatus) -> u64 {
+    status.occupants.iter().map(|o| o.host_memory_bytes).sum()
+}
+
+/// This GPU's share of host memory for sleepers less what the occupants hold, ignoring
+/// `except`; `None` where host memory is not accounted.
+pub fn available_host_bytes(
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    except: Option<&str>,
+) -> Option<u64> {
+    let total = spec.host_memory_bytes?;
+    let held: u64 = status
+        .occupants
+        .iter()
+        .filter(|o| Some(o.pod_name.as_str()) != except)
+        .map(|o| o.host_memory_bytes)
+        .sum();
+    Some(total.saturating_sub(held))
+}
+
+/// Keeps `need` bytes of host memory for `pod`'s weights before it sleeps at level 1:
+/// recorded when they fit beside what the others hold (or where host memory is not
+/// accounted); otherwise [`Refusal::HostFull`], and the pod sleeps at level 2. A pinned
+/// pod that holds its bytes already keeps them whatever the others hold: it is never
+/// the one sent to level 2.
+pub fn hold_host(
+    spec: &GpuSpec,
+    status: &GpuStatus,
+    pod: &str,
+    need: u64,
+    pinned: bool,
+) -> Result<GpuStatus, Refusal> {
+    let o = status.occupant(pod).ok_or_else(|| Refusal::NotAnOccupant {
+        pod: pod.to_string(),
+    })?;
+    if !(o.pinned && o.host_memory_bytes >= need)
+        && let Some(available) = available_host_bytes(spec, status, Some(pod))
+        && need > available
+    {
+        return Err(Refusal::HostFull {
+            need,
+            available,
+            total: spec.host_memory_bytes.unwrap_or_default(),
+        });
+    }
+    let mut next = status.clone();
+    let o = next.occupant_mut(pod).expect("checked above");
+    o.host_memory_bytes = if o.pinned {
+        need.max(o.host_memory_bytes)
+    } else {
+        need
+    };
+    o.pinned = pinned;
+    Ok(next)
+}
+
+/// The engine no longer holds its weights in host memory (it woke, slept at level 2,
+/// or stopped): the pod's host bytes go back, except a pinned pod's, which are kept
+/// for it (`lost`: its engine is gone, and a pinned pod's bytes go back too).
+pub fn drop_host(status: &GpuStatus, pod: &str, lost: bool) -> GpuStatus {
+    let mut next = status.clone();
+    if let Some(o) = next.occupant_mut(pod)
+        && (lost || !o.pinned)
+    {
+        o.host_memory_bytes = 0;
+        if lost {
+            o.pinned = false;
+        }
+    }
+    next
 }
 
 /// Why batch work alone may not wake a pod on this GPU now.
@@ -134,6 +216,8 @@ pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus 
             heartbeat: now,
             in_flight: 0,
             recent_requests: claim.recent_requests,
+            host_memory_bytes: 0,
+            pinned: false,
         }),
     }
     next
@@ -180,6 +264,11 @@ pub fn mark_serving(status: &GpuStatus, pod: &str, now: Timestamp) -> Result<Gpu
     o.became_serving_at = Some(now);
     o.last_accessed = Some(now);
     o.heartbeat = now;
+    // Awake, the engine's weights are back on the GPU: its host copy is gone (a
+    // pinned model's bytes stay kept for its next sleep).
+    if !o.pinned {
+        o.host_memory_bytes = 0;
+    }
     Ok(next)
 }
 
@@ -296,8 +385,9 @@ pub fn release_wake_lock(status: &GpuStatus, pod: &str) -> GpuStatus {
 /// What a sidecar that is not in the middle of a wake or a sleep knows its entry must say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
-    /// Asleep, still holding `residual` bytes: no reservation, no lock, no intent.
-    Asleep { residual: u64 },
+    /// Asleep, still holding `residual` bytes on the GPU and `host` in host memory: no
+    /// reservation, no lock, no intent.
+    Asleep { residual: u64, host: u64 },
     /// Serving: marked serving, no lock, no intent.
     Serving,
 }
@@ -310,8 +400,8 @@ pub fn reconcile_own(status: &GpuStatus, pod: &str, settled: Settled, now: Times
         return status.clone();
     };
     match settled {
-        Settled::Asleep { residual } => {
-            if o.state == OccupantState::Sleeping
+        Settled::Asleep { residual, host } => {
+            let mut next = if o.state == OccupantState::Sleeping
                 && o.reserved_memory_bytes == 0
                 && o.residual_memory_bytes == residual
             {
@@ -319,10 +409,17 @@ pub fn reconcile_own(status: &GpuStatus, pod: &str, settled: Settled, now: Times
                 release_wake_lock(&clear_intent(status, pod), pod)
             } else {
                 release(status, pod, residual, now)
+            };
+            if let Some(o) = next.occupant_mut(pod)
+                && o.host_memory_bytes != host
+                && !(o.pinned && o.host_memory_bytes > host)
+            {
+                o.host_memory_bytes = host;
             }
+            next
         }
         Settled::Serving => {
-            let next = if o.state == OccupantState::Serving {
+            let mut next = if o.state == OccupantState::Serving {
                 status.clone()
             } else {
                 let mut next = status.clone();
@@ -331,6 +428,11 @@ pub fn reconcile_own(status: &GpuStatus, pod: &str, settled: Settled, now: Times
                 o.became_serving_at.get_or_insert(now);
                 next
             };
+            if let Some(o) = next.occupant_mut(pod)
+                && !o.pinned
+            {
+                o.host_memory_bytes = 0;
+            }
             release_wake_lock(&clear_intent(&next, pod), pod)
         }
     }
@@ -776,7 +878,10 @@ mod tests {
             (
                 base.clone(),
                 "ns/a",
-                Settled::Asleep { residual: GI },
+                Settled::Asleep {
+                    residual: GI,
+                    host: 0,
+                },
                 (OccupantState::Sleeping, 0, GI, None),
             ),
             // Another pod's lock is not ours to drop.
@@ -793,7 +898,10 @@ mod tests {
             (
                 base.clone(),
                 "other/a",
-                Settled::Asleep { residual: 0 },
+                Settled::Asleep {
+                    residual: 0,
+                    host: 0,
+                },
                 (OccupantState::Waking, 20 * GI, 0, Some("ns/a")),
             ),
         ];
@@ -863,7 +971,220 @@ mod tests {
             heartbeat: t(0),
             in_flight: 0,
             recent_requests: 0,
+            host_memory_bytes: 0,
+            pinned: false,
         }
+    }
+
+    /// Host memory for level-1 sleepers, from a table: (this GPU's share, the others'
+    /// (pod, held, pinned), the sleeper's own (held, pinned), its need, pinned) →
+    /// held afterwards, or the refusal.
+    #[test]
+    fn host_memory_holds_what_fits_and_keeps_pinned_bytes() {
+        type Case = (
+            Option<u64>,
+            Vec<(&'static str, u64, bool)>,
+            (u64, bool),
+            u64,
+            bool,
+            Result<u64, Refusal>,
+        );
+        let full = |need, available| {
+            Err(Refusal::HostFull {
+                need,
+                available,
+                total: 40 * GI,
+            })
+        };
+        let cases: Vec<Case> = vec![
+            // Not accounted here: recorded, never refused.
+            (
+                None,
+                vec![("b", 90 * GI, false)],
+                (0, false),
+                30 * GI,
+                false,
+                Ok(30 * GI),
+            ),
+            // Fits exactly beside another sleeper.
+            (
+                Some(40 * GI),
+                vec![("b", 10 * GI, false)],
+                (0, false),
+                30 * GI,
+                false,
+                Ok(30 * GI),
+            ),
+            // One byte more: level 2.
+            (
+                Some(40 * GI),
+                vec![("b", 10 * GI, false)],
+                (0, false),
+                30 * GI + 1,
+                false,
+                full(30 * GI + 1, 30 * GI),
+            ),
+            // Its own old bytes do not count against it.
+            (
+                Some(40 * GI),
+                vec![("b", 10 * GI, false)],
+                (30 * GI, false),
+                30 * GI,
+                false,
+                Ok(30 * GI),
+            ),
+            // Others' pinned bytes count, awake or asleep.
+            (
+                Some(40 * GI),
+                vec![("b", 20 * GI, true)],
+                (0, true),
+                30 * GI,
+                true,
+                full(30 * GI, 20 * GI),
+            ),
+            // A pinned pod keeps what it holds even when the others filled the rest.
+            (
+                Some(40 * GI),
+                vec![("b", 40 * GI, false)],
+                (30 * GI, true),
+                30 * GI,
+                true,
+                Ok(30 * GI),
+            ),
+            // ... but growing past what it holds must fit.
+            (
+                Some(40 * GI),
+                vec![("b", 20 * GI, false)],
+                (10 * GI, true),
+                30 * GI,
+                true,
+                full(30 * GI, 20 * GI),
+            ),
+        ];
+        for (i, (share, others, (own, own_pinned), need, pinned, want)) in
+            cases.into_iter().enumerate()
+        {
+            let spec = GpuSpec {
+                host_memory_bytes: share,
+                ..spec(80 * GI)
+            };
+            let mut status = GpuStatus::default();
+            for (pod, held, pinned) in others {
+                let mut o = occupant(pod, OccupantState::Sleeping, 0, 0);
+                o.host_memory_bytes = held;
+                o.pinned = pinned;
+                status.occupants.push(o);
+            }
+            let mut me = occupant("a", OccupantState::Serving, 30 * GI, 0);
+            me.host_memory_bytes = own;
+            me.pinned = own_pinned;
+            status.occupants.push(me);
+            let got = hold_host(&spec, &status, "a", need, pinned).map(|next| {
+                let o = next.occupant("a").unwrap();
+                assert_eq!(o.pinned, pinned, "case {i}");
+                assert_eq!(
+                    next.occupants
+                        .iter()
+                        .filter(|o| o.pod_name != "a")
+                        .collect::<Vec<_>>(),
+                    status
+                        .occupants
+                        .iter()
+                        .filter(|o| o.pod_name != "a")
+                        .collect::<Vec<_>>(),
+                    "case {i}: the others are untouched"
+                );
+                o.host_memory_bytes
+            });
+            assert_eq!(got, want, "case {i}");
+        }
+        // No entry: nothing to hold for.
+        assert_eq!(
+            hold_host(&spec(GI), &GpuStatus::default(), "a", 1, false),
+            Err(Refusal::NotAnOccupant { pod: "a".into() })
+        );
+    }
+
+    /// Waking, the engine takes its weights back from host memory: an unpinned pod's
+    /// host bytes go (at the wake's end, never before: until then it still holds them);
+    /// a pinned pod's stay kept, unless its engine is gone.
+    #[test]
+    fn host_bytes_go_back_at_wake_unless_pinned() {
+        let mk = |pinned| {
+            let mut o = occupant("a", OccupantState::Sleeping, 0, GI);
+            o.host_memory_bytes = 16 * GI;
+            o.pinned = pinned;
+            GpuStatus {
+                occupants: vec![o],
+                ..Default::default()
+            }
+        };
+        for (pinned, after_wake) in [(false, 0), (true, 16 * GI)] {
+            let s = spec(80 * GI);
+            let claimed = claim(&s, &mk(pinned), &mk_claim("a", 30 * GI), t(1)).unwrap();
+            assert_eq!(claimed.occupant("a").unwrap().host_memory_bytes, 16 * GI);
+            let serving = mark_serving(&claimed, "a", t(2)).unwrap();
+            assert_eq!(serving.occupant("a").unwrap().host_memory_bytes, after_wake);
+            let reconciled = reconcile_own(&claimed, "a", Settled::Serving, t(3));
+            assert_eq!(
+                reconciled.occupant("a").unwrap().host_memory_bytes,
+                after_wake
+            );
+            assert_eq!(
+                drop_host(&mk(pinned), "a", false)
+                    .occupant("a")
+                    .unwrap()
+                    .host_memory_bytes,
+                after_wake
+            );
+            let lost = drop_host(&mk(pinned), "a", true);
+            assert_eq!(
+                (
+                    lost.occupant("a").unwrap().host_memory_bytes,
+                    lost.occupant("a").unwrap().pinned
+                ),
+                (0, false)
+            );
+        }
+        // The heartbeat records what a sleeper holds (a write that failed).
+        let asleep = reconcile_own(
+            &mk(false),
+            "a",
+            Settled::Asleep {
+                residual: GI,
+                host: 0,
+            },
+            t(3),
+        );
+        assert_eq!(asleep.occupant("a").unwrap().host_memory_bytes, 0);
+        let status = GpuStatus {
+            occupants: vec![
+                occupant("a", OccupantState::Sleeping, 0, GI),
+                occupant("b", OccupantState::Sleeping, 0, 0),
+            ],
+            ..Default::default()
+        };
+        let asleep = reconcile_own(
+            &status,
+            "a",
+            Settled::Asleep {
+                residual: GI,
+                host: 8 * GI,
+            },
+            t(3),
+        );
+        assert_eq!(host_held_bytes(&asleep), 8 * GI);
+        assert_eq!(
+            available_host_bytes(
+                &GpuSpec {
+                    host_memory_bytes: Some(10 * GI),
+                    ..spec(80 * GI)
+                },
+                &asleep,
+                None
+            ),
+            Some(2 * GI)
+        );
     }
 
     #[test]

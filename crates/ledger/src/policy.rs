@@ -399,6 +399,8 @@ mod tests {
             heartbeat: t(0),
             in_flight,
             recent_requests: recent,
+            host_memory_bytes: 0,
+            pinned: false,
         }
     }
 

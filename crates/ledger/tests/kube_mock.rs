@@ -19,6 +19,7 @@ fn gpu(rv: &str, occupants: &[&str]) -> Value {
             uuid: "GPU-1".into(),
             product: "H100".into(),
             memory_bytes: 80 << 30,
+            host_memory_bytes: None,
         },
     );
     g.metadata.namespace = Some("gt".into());

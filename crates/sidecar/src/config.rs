@@ -118,6 +118,14 @@ pub struct SidecarConfig {
     /// vLLM sleep level: 1 offloads weights to CPU, 2 discards them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub sleep_level: u8,
+    /// `staging.pinned`: the host memory the weights take asleep, once held, is kept
+    /// across wakes, so that the model always sleeps at level 1.
+    #[arg(long)]
+    pub pinned: bool,
+    /// Host memory per GPU that the weights take asleep at level 1 (`staging.hostMemory`
+    /// split among the replica's GPUs); what the engine measured serving when omitted.
+    #[arg(long, value_parser = arg::size)]
+    pub host_memory_bytes: Option<u64>,
     /// Serve at least this long after waking before sleeping voluntarily.
     #[arg(long, default_value = "10s", value_parser = arg::duration)]
     pub min_runtime: Duration,
@@ -334,6 +342,10 @@ impl SidecarConfig {
         cfg.drain_timeout = model.drain_timeout;
         cfg.wake_feedback = model.wake_feedback;
         cfg.sleep_level = model.spec.sleep.level;
+        cfg.pinned = model.spec.staging.as_ref().is_some_and(|s| s.pinned);
+        cfg.host_memory_bytes = model
+            .host_memory
+            .map(|b| b / u64::from(model.spec.gpus_per_replica().max(1)));
         cfg.min_runtime = model.min_runtime;
         cfg.max_wait_time = model.max_wait_time;
         cfg.popular = model.spec.fairness.popular;
@@ -410,6 +422,12 @@ impl SidecarConfig {
         }
         if self.popular {
             args.push("--popular".into());
+        }
+        if self.pinned {
+            args.push("--pinned".into());
+        }
+        if let Some(bytes) = self.host_memory_bytes {
+            args.extend(["--host-memory-bytes".into(), bytes.to_string()]);
         }
         if !self.priority.is_standard() {
             args.extend(["--priority".into(), self.priority.to_string()]);
@@ -551,5 +569,35 @@ mod tests {
             EngineKind::of(greenthread_api::EngineKind::Sim, false),
             EngineKind::Vllm
         );
+    }
+
+    /// `staging`: pinned, and a replica's host memory split among its GPUs, through the
+    /// command line and back.
+    #[test]
+    fn staging_reaches_the_sidecar_per_gpu() {
+        let spec: greenthread_api::ModelSpec = serde_json::from_value(serde_json::json!({
+            "modelName": "org/m", "engine": "vllm", "tensorParallelSize": 2,
+            "staging": {"pinned": true, "hostMemory": "32Gi"},
+        }))
+        .unwrap();
+        let valid = spec.validate("spec").unwrap();
+        let cfg = SidecarConfig::for_model(
+            &valid,
+            Assignment {
+                listen: None,
+                engine_url: "http://127.0.0.1:8000".into(),
+                engine: EngineKind::Vllm,
+                engine_command: None,
+                pod_name: None,
+                ledger: LedgerAt::Memory,
+                memory_bytes: None,
+                policy: Policy::default(),
+            },
+        );
+        assert!(cfg.pinned);
+        assert_eq!(cfg.host_memory_bytes, Some(16 << 30));
+        let args = cfg.to_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(SidecarConfig::from_args("ignored", &args).unwrap(), cfg);
     }
 }

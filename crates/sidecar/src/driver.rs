@@ -4,7 +4,7 @@
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -36,6 +36,9 @@ pub struct EngineDriver {
     models: Mutex<Option<Bytes>>,
     stop: CancellationToken,
     adapters: Arc<Adapters>,
+    /// The level the engine last went to sleep at (the sidecar chooses it per sleep:
+    /// level 2 where host memory is short), which its next wake undoes.
+    asleep_at: AtomicU8,
 }
 
 impl EngineDriver {
@@ -83,6 +86,7 @@ impl EngineDriver {
             models: Mutex::new(None),
             stop,
             adapters: Arc::new(adapters),
+            asleep_at: AtomicU8::new(cfg.sleep_level),
             cfg,
         }
     }
@@ -300,7 +304,7 @@ impl EngineDriver {
             waiting(WaitReason::EngineWaking);
             let woke = match tokio::time::timeout(
                 self.cfg.wake_timeout,
-                self.engine.wake(self.cfg.sleep_level),
+                self.engine.wake(self.asleep_at.load(Ordering::SeqCst)),
             )
             .await
             {
@@ -322,15 +326,17 @@ impl EngineDriver {
         }
     }
 
-    /// Puts the engine to sleep within the wake timeout (`what` names the call in the
-    /// error: a sleep at boot runs under the GPU's wake lock).
-    pub async fn sleep(&self, what: &'static str) -> Result<(), DriverError> {
-        match tokio::time::timeout(
-            self.cfg.wake_timeout,
-            self.engine.sleep(self.cfg.sleep_level),
-        )
-        .await
-        {
+    /// The level the engine last went to sleep at.
+    pub fn asleep_at(&self) -> u8 {
+        self.asleep_at.load(Ordering::SeqCst)
+    }
+
+    /// Puts the engine to sleep at `level` within the wake timeout (`what` names the
+    /// call in the error: a sleep at boot runs under the GPU's wake lock).
+    pub async fn sleep(&self, what: &'static str, level: u8) -> Result<(), DriverError> {
+        // Recorded first: whatever the call's outcome, the next wake undoes this level.
+        self.asleep_at.store(level, Ordering::SeqCst);
+        match tokio::time::timeout(self.cfg.wake_timeout, self.engine.sleep(level)).await {
             Ok(r) => {
                 r?;
                 self.adapters.forget(&self.metrics);

@@ -23,6 +23,7 @@ impl ClaimError {
             ClaimError::Refused(decide::Refusal::DoesNotFit { .. }) => "does_not_fit",
             ClaimError::Refused(decide::Refusal::LockHeld { .. }) => "lock_held",
             ClaimError::Refused(decide::Refusal::NotAnOccupant { .. }) => "not_an_occupant",
+            ClaimError::Refused(decide::Refusal::HostFull { .. }) => "host_full",
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct LedgerClient {
     model: String,
     /// Changed at run time (`PATCH` of `fairness.popular`), so an atomic.
     popular: std::sync::atomic::AtomicBool,
+    /// `staging.pinned`: host memory, once held, is kept across wakes.
+    pinned: bool,
     priority: greenthread_api::Priority,
     min_runtime: Duration,
     lock_ttl: Duration,
@@ -84,6 +86,7 @@ impl LedgerClient {
             pod,
             model: cfg.model.clone(),
             popular: std::sync::atomic::AtomicBool::new(cfg.popular),
+            pinned: cfg.pinned,
             priority: cfg.priority,
             min_runtime: cfg.min_runtime,
             lock_ttl: cfg.wake_lock_ttl,
@@ -394,6 +397,63 @@ impl LedgerClient {
         }
     }
 
+    /// Holds `bytes` of host memory on every GPU for the weights of a level-1 sleep
+    /// ([`decide::hold_host`]); when one GPU's share is full, gives back what it held
+    /// on the others and says why. `force` records them even so (an engine that keeps
+    /// its weights in host memory whatever the level: the truth beats the budget).
+    pub async fn hold_host_all(&self, bytes: u64, force: bool) -> Result<(), ClaimError> {
+        let pod = &self.pod;
+        for (k, gpu) in self.gpus.iter().enumerate() {
+            let held = self
+                .update(&gpu.name, |g| {
+                    let unaccounted;
+                    let spec = if force {
+                        unaccounted = greenthread_api::GpuSpec {
+                            host_memory_bytes: None,
+                            ..g.spec.clone()
+                        };
+                        &unaccounted
+                    } else {
+                        &g.spec
+                    };
+                    let next = decide::hold_host(spec, &g.status, pod, bytes, self.pinned)?;
+                    Ok((Some(next), ()))
+                })
+                .await;
+            if let Err(e) = held {
+                for g in &self.gpus[..k] {
+                    self.drop_host(g, false).await;
+                }
+                return Err(e);
+            }
+            self.metrics.set_host(gpu.index, bytes);
+        }
+        Ok(())
+    }
+
+    async fn drop_host(&self, gpu: &GpuRef, lost: bool) {
+        let pod = &self.pod;
+        let r = self
+            .update(&gpu.name, |g| {
+                Ok((Some(decide::drop_host(&g.status, pod, lost)), ()))
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(gpu = %gpu.name, error = %e, reason = e.metric_label(), "could not give host memory back");
+        }
+        if lost || !self.pinned {
+            self.metrics.set_host(gpu.index, 0);
+        }
+    }
+
+    /// The engine no longer keeps its weights in host memory: the bytes go back on
+    /// every GPU (a pinned model's stay kept for it unless its engine is `lost`).
+    pub async fn drop_host_all(&self, lost: bool) {
+        for gpu in &self.gpus {
+            self.drop_host(gpu, lost).await;
+        }
+    }
+
     /// The wake finished: serving on every GPU, and the wake locks given back.
     pub async fn mark_serving(&self) {
         let pod = &self.pod;
@@ -406,6 +466,10 @@ impl LedgerClient {
                 .await;
             if let Err(e) = r {
                 tracing::error!(gpu = %gpu.name, error = %e, reason = e.metric_label(), "could not mark serving");
+            }
+            // Awake, the weights left host memory (a pinned model's bytes stay kept).
+            if !self.pinned {
+                self.metrics.set_host(gpu.index, 0);
             }
         }
     }

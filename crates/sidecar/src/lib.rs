@@ -127,6 +127,7 @@ pub async fn run(mut cfg: SidecarConfig) -> anyhow::Result<()> {
                     uuid: format!("GPU-sim-{}", cfg.gpu_index),
                     product: "Simulated GPU".into(),
                     memory_bytes: cfg.sim_gpu_memory,
+                    host_memory_bytes: None,
                 },
             );
             (ledger, vec![gpu])

@@ -54,6 +54,10 @@ greenthread_api::metric_families! {
             => ("gthread_sidecar_gpu_memory_serving_bytes", "Measured serving GPU memory in bytes per GPU index"),
         residual: Family<Labels, Gauge> = Family::default()
             => ("gthread_sidecar_gpu_memory_residual_bytes", "Measured GPU memory a sleeping engine still holds, per GPU index"),
+        host: Family<Labels, Gauge> = Family::default()
+            => ("gthread_sidecar_host_memory_bytes", "Host memory the engine holds for its weights (asleep at level 1, or pinned), per GPU index"),
+        demotions: Family<Labels, Counter> = Family::default()
+            => ("gthread_sidecar_sleep_demotions", "Sleeps at level 2 instead of 1 because the node's host memory for sleepers was full"),
         preemptions: Family<Labels, Counter> = Family::default()
             => ("gthread_sidecar_preemptions", "Preemption events by role"),
         barrier_timeouts: Family<Labels, Counter> = Family::default()
@@ -126,6 +130,8 @@ pub struct SidecarMetrics {
     pub engine_restarts: Counter,
     pub wake_failures: Counter,
     pub resumed: Counter,
+    /// Sleeps at level 2 for lack of host memory.
+    pub demotions: Counter,
 }
 
 impl SidecarMetrics {
@@ -171,6 +177,7 @@ impl SidecarMetrics {
             engine_restarts: counter(&f.engine_restarts, &base),
             wake_failures: counter(&f.wake_failures, &base),
             resumed: counter(&f.resumed, &base),
+            demotions: counter(&f.demotions, &base),
             families: families.clone(),
             registry: None,
             base: base.clone(),
@@ -349,6 +356,13 @@ impl SidecarMetrics {
             .set(bytes as i64);
     }
 
+    pub fn set_host(&self, gpu: u32, bytes: u64) {
+        self.families
+            .host
+            .get_or_create(&self.labels("gpu", gpu.to_string()))
+            .set(bytes as i64);
+    }
+
     /// This sidecar's own exposition (standalone); empty when it shares a registry.
     pub fn encode(&self) -> String {
         match &self.registry {
@@ -365,6 +379,8 @@ pub enum Notice {
     Preempting { victim: String, gpu: String },
     /// The engine was started again (after a failed wake, a crash, a wedge).
     EngineRestarted { reason: String },
+    /// The model slept at level 2: its weights did not fit in host memory.
+    Demoted { reason: String },
 }
 
 impl Default for SidecarMetrics {

@@ -61,6 +61,8 @@ struct Life {
     claimed_bytes: u64,
     residual_bytes: Vec<(u32, u64)>,
     serving_bytes: Vec<(u32, u64)>,
+    /// Host memory per GPU the engine's weights hold (asleep at level 1, or pinned).
+    host_bytes: u64,
     /// The last wake that served: how long it took from the first request, and where.
     last_wake: Option<(Duration, Vec<(&'static str, Duration)>)>,
 }
@@ -170,6 +172,7 @@ impl Sidecar {
             metrics.set_reserved(g.index, 0);
             metrics.set_serving(g.index, 0);
             metrics.set_residual(g.index, 0);
+            metrics.set_host(g.index, 0);
         }
         let metrics = Arc::new(metrics);
         let stop = CancellationToken::new();
@@ -212,6 +215,7 @@ impl Sidecar {
                 claimed_bytes: 0,
                 residual_bytes: vec![],
                 serving_bytes: vec![],
+                host_bytes: 0,
                 last_wake: None,
             }),
             state_tx: watch::Sender::new(State::Sleeping),
@@ -297,7 +301,9 @@ impl Sidecar {
                 "reservedBytes": life.claimed_bytes,
                 "servingBytes": per_gpu(&life.serving_bytes),
                 "residualBytes": per_gpu(&life.residual_bytes),
+                "hostBytes": life.host_bytes,
             },
+            "sleepLevel": (life.state == State::Sleeping).then(|| self.driver.asleep_at()),
             "adapters": self.adapters().status_json(),
             "adaptersOnDemand": self.adapters().on_demand().map(|od| od.status_json()),
             "adaptersFileError": self.adapters().file_error(),
@@ -567,6 +573,9 @@ impl Sidecar {
                     }
                     life.serving_since = Some(Instant::now());
                     life.residual_bytes.clear();
+                    if !self.cfg.pinned {
+                        life.host_bytes = 0;
+                    }
                     life.waiting = WaitReason::Nothing;
                     // Opens admission: the queue is released in arrival order.
                     self.apply(&mut life, Event::Awake);
@@ -580,6 +589,7 @@ impl Sidecar {
                 // The engine is in an unknown state: stop it so it holds nothing.
                 self.driver.stop_process(Duration::from_secs(5)).await;
                 self.release_all(&[]).await;
+                self.host_gone().await;
                 if self.driver.owns_process() {
                     self.driver.mark_lost();
                 }
@@ -627,11 +637,13 @@ impl Sidecar {
             self.metrics.barrier_timeouts.inc();
             tracing::warn!(model = %self.cfg.model, timeout = ?self.cfg.drain_timeout, "drain timed out; sleeping anyway");
         }
-        if let Err(e) = self.driver.sleep("sleep").await {
+        let level = self.sleep_level().await;
+        if let Err(e) = self.driver.sleep("sleep", level).await {
             // An engine that cannot sleep cannot be trusted with memory: stop it.
             tracing::error!(model = %self.cfg.model, error = %e, reason = e.metric_label(), "engine sleep failed; stopping it");
             self.driver.stop_process(Duration::from_secs(5)).await;
             self.driver.mark_lost();
+            self.host_gone().await;
         }
         let residual = self.driver.measure().await.unwrap_or_default();
         self.release_all(&residual).await;
@@ -643,6 +655,70 @@ impl Sidecar {
         self.apply(&mut life, Event::Slept);
         self.demand_locked(&mut life);
         Ok(())
+    }
+
+    /// Host memory per GPU the weights take asleep at level 1: `staging.hostMemory`, or
+    /// what the engine measured serving (an upper bound: it counts the KV cache too),
+    /// or the reservation.
+    fn host_need(&self) -> u64 {
+        if let Some(b) = self.cfg.host_memory_bytes {
+            return b;
+        }
+        let life = self.life.lock().unwrap();
+        life.serving_bytes
+            .iter()
+            .map(|(_, b)| *b)
+            .max()
+            .filter(|b| *b > 0)
+            .unwrap_or(life.reserve_bytes)
+    }
+
+    /// The level this sleep goes to: the configured one, unless the weights would wait
+    /// in host memory that is full, where the engine can drop them instead — then level
+    /// 2 (counted and told), and the next wake reloads them from disk. The host memory
+    /// is held in the ledger before the engine sleeps, so no two sleepers count on the
+    /// same bytes.
+    async fn sleep_level(&self) -> u8 {
+        let level = self.cfg.sleep_level;
+        let engine = self.driver.engine();
+        if !engine.keeps_weights_in_host(level) {
+            return level;
+        }
+        let need = self.host_need();
+        let can_drop = engine.can_drop_weights();
+        match self.ledger.hold_host_all(need, !can_drop).await {
+            Ok(()) => {
+                self.life.lock().unwrap().host_bytes = need;
+                level
+            }
+            Err(e) if !can_drop => {
+                // It keeps them in host memory whatever happens: say so, sleep anyway.
+                tracing::warn!(model = %self.cfg.model, error = %e, reason = e.metric_label(), "could not record the host memory the weights take");
+                self.life.lock().unwrap().host_bytes = need;
+                level
+            }
+            Err(e) => {
+                let full = matches!(
+                    e,
+                    crate::error::ClaimError::Refused(decide::Refusal::HostFull { .. })
+                );
+                if full {
+                    self.metrics.demotions.inc();
+                    self.metrics.notice(crate::metrics::Notice::Demoted {
+                        reason: e.to_string(),
+                    });
+                }
+                tracing::info!(model = %self.cfg.model, error = %e, reason = e.metric_label(), "weights not kept in host memory: sleeping at level 2");
+                self.life.lock().unwrap().host_bytes = 0;
+                2
+            }
+        }
+    }
+
+    /// The engine is gone (stopped, crashed, failed): its host memory with it.
+    async fn host_gone(&self) {
+        self.ledger.drop_host_all(true).await;
+        self.life.lock().unwrap().host_bytes = 0;
     }
 
     /// The engine died (process exit) or stopped answering connections.
@@ -660,6 +736,7 @@ impl Sidecar {
                 // A dead process holds nothing; measure anyway rather than assume.
                 let residual = me.driver.measure().await.unwrap_or_default();
                 me.release_all(&residual).await;
+                me.host_gone().await;
                 // Only now may a wake claim again: requests wait behind the barrier.
                 let mut life = me.life.lock().unwrap();
                 me.apply(&mut life, Event::Slept);
@@ -735,12 +812,14 @@ impl Sidecar {
                     self.record_serving(&m);
                 }
                 // Bounded like a wake: a boot holds the GPU's wake lock while it runs.
-                self.driver.sleep("sleep at boot").await?;
+                let level = self.sleep_level().await;
+                self.driver.sleep("sleep at boot", level).await?;
             }
             Ok::<_, crate::error::DriverError>(())
         };
         if let Err(e) = booted.await {
             self.release_all(&[]).await;
+            self.host_gone().await;
             return Err(e.into());
         }
         let residual = self.driver.measure().await.unwrap_or_default();
@@ -957,7 +1036,8 @@ impl Sidecar {
         if let Some(m) = self.driver.measure().await {
             self.record_serving(&m);
         }
-        if let Err(e) = self.driver.sleep("sleep").await {
+        let level = self.sleep_level().await;
+        if let Err(e) = self.driver.sleep("sleep", level).await {
             tracing::warn!(model = %self.cfg.model, error = %e, reason = e.metric_label(), "could not put the engine to sleep");
             return None;
         }
@@ -973,6 +1053,7 @@ impl Sidecar {
         match life.state {
             State::Sleeping => Some(decide::Settled::Asleep {
                 residual: crate::ledger_client::held(&life.residual_bytes, index),
+                host: life.host_bytes,
             }),
             State::Serving => Some(decide::Settled::Serving),
             _ => None,

@@ -197,6 +197,17 @@ impl SimEngine {
         self.state().level != 0
     }
 
+    /// Host memory held: the weights, offloaded there by a level-1 sleep (a level-2
+    /// sleep drops them; a level-2 wake reloads them from disk, slower).
+    pub fn host_bytes(&self) -> u64 {
+        let s = self.state();
+        if s.level == 1 && !s.weights_on_gpu && s.weights_valid {
+            self.cfg.weights_bytes
+        } else {
+            0
+        }
+    }
+
     pub fn held_bytes(&self) -> u64 {
         let s = self.state();
         let mut held = s.leaked;
@@ -253,6 +264,7 @@ impl SimEngine {
             listen: self.cfg.listen.to_string(),
             model: self.cfg.model.clone(),
             bytes: self.held_bytes(),
+            host_bytes: self.host_bytes(),
         };
         if let Err(e) = gpu.record(self.cfg.sim_gpu_index, &record) {
             tracing::warn!(error = %e, "could not record memory on the simulated gpu");

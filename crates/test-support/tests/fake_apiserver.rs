@@ -19,6 +19,7 @@ fn gpu(name: &str) -> GpuResource {
             uuid: "GPU-1".into(),
             product: "H100".into(),
             memory_bytes: 80 << 30,
+            host_memory_bytes: None,
         },
     )
 }

@@ -226,11 +226,31 @@ pub fn progress_line(repo: &str, p: Progress) -> String {
     } else {
         p.done as f64 * 100.0 / p.total as f64
     };
+    // The exact bytes close the line: the controller reads them back from the log of
+    // a pod's download container into the Model's status.
     format!(
-        "downloading {repo}: {:.2} GiB of {:.2} GiB ({pct:.0} %)",
+        "downloading {repo}: {:.2} GiB of {:.2} GiB ({pct:.0} %), {}/{} bytes",
         gib(p.done),
-        gib(p.total)
+        gib(p.total),
+        p.done,
+        p.total
     )
+}
+
+/// The progress of the last [`progress_line`] in `log` (a download's output), if any.
+pub fn last_progress(log: &str) -> Option<Progress> {
+    log.lines().rev().find_map(|l| {
+        let (done, total) = l
+            .strip_prefix("downloading ")?
+            .rsplit_once(", ")?
+            .1
+            .strip_suffix(" bytes")?
+            .split_once('/')?;
+        Some(Progress {
+            done: done.parse().ok()?,
+            total: total.parse().ok()?,
+        })
+    })
 }
 
 /// Calls `print` with progress at most once per `every`, and always at the end.
@@ -317,9 +337,17 @@ mod tests {
         };
         assert_eq!(
             progress_line("org/m", p),
-            "downloading org/m: 1.50 GiB of 3.00 GiB (50 %)"
+            "downloading org/m: 1.50 GiB of 3.00 GiB (50 %), 1610612736/3221225472 bytes"
         );
         let empty = Progress { done: 0, total: 0 };
-        assert!(progress_line("org/m", empty).ends_with("(100 %)"));
+        assert!(progress_line("org/m", empty).contains("(100 %)"));
+        // Read back from a log: the last progress line wins; other lines do not count.
+        let log = format!(
+            "{}\nsome warning, 1/2 bytes\n{}\nready org/m@abc: /cache (3 bytes downloaded of 3)\n",
+            progress_line("org/m", Progress { done: 1, total: 9 }),
+            progress_line("org/m", p)
+        );
+        assert_eq!(last_progress(&log), Some(p));
+        assert_eq!(last_progress("nothing yet\n"), None);
     }
 }

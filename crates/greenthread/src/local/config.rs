@@ -40,6 +40,11 @@ pub struct LocalConfig {
     /// `resume` (stopped at once, continued after its next wake).
     #[serde(default)]
     pub preemption: Option<String>,
+    /// Host memory kept for sleeping models' weights (level-1 sleep): a size (`64Gi`),
+    /// a share of this machine's memory (`50%`) or `off`. Default: `50%` with real
+    /// GPUs, `off` with simulated ones (their weights are not really anywhere).
+    #[serde(default)]
+    pub host_memory: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +229,9 @@ pub struct Plan {
     pub metrics_token: Option<String>,
     pub policy: greenthread_ledger::Policy,
     pub preemption: greenthread_sidecar::Preemption,
+    /// This machine's memory, and the part of it kept for sleepers (`None`: not
+    /// accounted).
+    pub host_memory: (u64, Option<u64>),
 }
 
 /// Reads and checks `path`, or the embedded default when `None`. Every message names the
@@ -359,6 +367,17 @@ pub fn parse_with(
     if preemption.check(policy).is_err() {
         errors.push("preemption: resume needs policy: cost-aware (lru always drains)".into());
     }
+    let machine = greenthread_gpu::host_memory_bytes().unwrap_or(0);
+    let host_budget = match cfg.host_memory.as_deref() {
+        Some(s) => s
+            .parse::<greenthread_api::HostBudget>()
+            .unwrap_or_else(|e| {
+                errors.push(format!("hostMemory: {e}"));
+                greenthread_api::HostBudget::Off
+            }),
+        None if matches!(backend, GpuBackend::Simulated) => greenthread_api::HostBudget::Off,
+        None => greenthread_api::HostBudget::Percent(50.0),
+    };
     let api_keys = greenthread_api::keys::resolve_keys(&cfg.api_keys, "apiKeys", |p| {
         std::fs::read_to_string(p)
     })
@@ -407,6 +426,7 @@ pub fn parse_with(
         admin_tokens,
         admin_open: cfg.admin_open,
         metrics_token: cfg.metrics_token,
+        host_memory: (machine, host_budget.bytes(machine)),
     })
 }
 
@@ -501,7 +521,12 @@ pub fn gpu_name(index: u32) -> String {
 
 /// The configured GPUs as ledger records on one node, `local`: a real GPU keeps its
 /// NVML index and UUID; simulated ones are numbered in order.
+/// The GPUs' ledger records: each with an even share of the sleepers' host memory.
 pub fn gpu_records(plan: &Plan) -> Vec<Gpu> {
+    let host_share = plan
+        .host_memory
+        .1
+        .map(|b| b / plan.gpus.len().max(1) as u64);
     plan.gpus
         .iter()
         .enumerate()
@@ -518,6 +543,7 @@ pub fn gpu_records(plan: &Plan) -> Vec<Gpu> {
                     uuid,
                     product: g.product.clone(),
                     memory_bytes: g.memory_bytes,
+                    host_memory_bytes: host_share,
                 },
                 status: Default::default(),
                 resource_version: String::new(),

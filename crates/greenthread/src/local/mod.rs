@@ -235,12 +235,23 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     };
     let refresh = {
         let (sample, specs, metrics) = (sample.clone(), specs.clone(), gpu_metrics.clone());
+        let (ledger, names, host) = (
+            ledger.clone(),
+            records.iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
+            plan.host_memory,
+        );
         move || {
             for s in &specs {
                 if let Some(stats) = sample(s) {
                     metrics.set(s, &stats);
                 }
             }
+            let held = names
+                .iter()
+                .filter_map(|n| ledger.gpu(n))
+                .map(|g| greenthread_ledger::decide::host_held_bytes(&g.status))
+                .sum();
+            metrics.set_host("local", host.0, host.1, held);
         }
     };
     refresh();
@@ -587,6 +598,7 @@ mod tests {
                     uuid: d.uuid,
                     product: d.product,
                     memory_bytes: d.memory_bytes,
+                    host_memory_bytes: None,
                 };
                 ledger.add_gpu(&format!("local-{}", d.index), spec.clone());
                 (format!("local-{}", d.index), spec)

@@ -37,6 +37,16 @@ pub trait EngineAdapter: Send + Sync + 'static {
     async fn is_sleeping(&self) -> Result<bool, EngineError>;
     async fn sleep(&self, level: u8) -> Result<(), EngineError>;
     async fn wake(&self, level: u8) -> Result<(), EngineError>;
+    /// Whether a sleep at `level` leaves the weights in host memory (vLLM's level 1,
+    /// SGLang's CPU backup): what counts against the node's host memory for sleepers.
+    fn keeps_weights_in_host(&self, _level: u8) -> bool {
+        false
+    }
+    /// Whether the engine can sleep at level 2 instead (weights dropped, reloaded from
+    /// disk at the next wake) when host memory is short.
+    fn can_drop_weights(&self) -> bool {
+        false
+    }
     /// The engine's OpenAI-style HTTP API, if it has one: the calls every such engine
     /// answers alike (model list, metrics, warm-up) go through it by default.
     fn http(&self) -> Option<&EngineHttp> {

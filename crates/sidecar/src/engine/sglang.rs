@@ -62,6 +62,12 @@ impl EngineAdapter for SglangAdapter {
         Ok(self.released.load(Ordering::SeqCst))
     }
 
+    /// Rendered with `--enable-weights-cpu-backup`: the weights wait in host memory at
+    /// any level (SGLang has no level 2 to fall back on).
+    fn keeps_weights_in_host(&self, _level: u8) -> bool {
+        true
+    }
+
     /// Everything goes: weights (to the CPU backup) and KV cache. The level does not
     /// apply; what comes back intact depends on the server's weights backup.
     async fn sleep(&self, _level: u8) -> Result<(), EngineError> {

@@ -89,6 +89,14 @@ impl EngineAdapter for VllmAdapter {
             .ok_or_else(|| EngineError::Protocol(format!("is_sleeping answered {v}")))
     }
 
+    fn keeps_weights_in_host(&self, level: u8) -> bool {
+        level == 1
+    }
+
+    fn can_drop_weights(&self) -> bool {
+        true
+    }
+
     async fn sleep(&self, level: u8) -> Result<(), EngineError> {
         // The sidecar has drained what it could; `mode=wait` lets requests still running
         // finish instead of being aborted (engines without modes ignore it).

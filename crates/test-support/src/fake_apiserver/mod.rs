@@ -38,6 +38,9 @@ pub struct Store {
     /// Requests served, by `METHOD resource[/subresource]`, and bytes of bodies.
     counts: Mutex<(BTreeMap<String, u64>, u64)>,
     events: broadcast::Sender<(u64, Event)>,
+    /// What each pod's containers wrote, by (namespace, pod, container): the kubelet's
+    /// part of `pods/{name}/log`, which a test plays.
+    logs: Mutex<BTreeMap<(String, String, String), String>>,
 }
 
 /// The running fake; dropped, it stops serving.
@@ -64,6 +67,7 @@ impl FakeApiServer {
             objects: Mutex::new(ObjectStore::new(history)),
             counts: Mutex::default(),
             events: broadcast::Sender::new(4096),
+            logs: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -101,6 +105,69 @@ impl Store {
             .filter(|(k, _)| k.contains(filter))
             .map(|(_, n)| n)
             .sum()
+    }
+
+    /// `text` written by `container` of pod `namespace/pod`, after what it wrote before.
+    pub fn append_log(&self, namespace: &str, pod: &str, container: &str, text: &str) {
+        self.logs
+            .lock()
+            .unwrap()
+            .entry((namespace.into(), pod.into(), container.into()))
+            .or_default()
+            .push_str(text);
+    }
+
+    /// `GET pods/{name}/log`: the container's output (its last `tailLines` lines), as
+    /// text. The container is required when the pod has more than one, as the real
+    /// API server requires it; a pod that does not exist is 404.
+    fn log(&self, ns: &str, pod: &str, q: &str) -> Response {
+        let key = Key::new("api/v1/pods", ns, pod);
+        let object = match self.objects.lock().unwrap().get(&key) {
+            Ok(o) => o,
+            Err(r) => return refused(r),
+        };
+        let containers: Vec<String> = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|k| object["spec"][k].as_array().cloned().unwrap_or_default())
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect();
+        let container = match query(q, "container") {
+            Some(c) if containers.contains(&c) => c,
+            Some(c) => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("container {c} is not valid for pod {pod}"),
+                );
+            }
+            None if containers.len() == 1 => containers[0].clone(),
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("a container name must be specified for pod {pod}"),
+                );
+            }
+        };
+        let text = self
+            .logs
+            .lock()
+            .unwrap()
+            .get(&(ns.to_string(), pod.to_string(), container))
+            .cloned()
+            .unwrap_or_default();
+        let text = match query(q, "tailLines").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => {
+                let lines: Vec<&str> = text.lines().collect();
+                let mut tail = lines[lines.len().saturating_sub(n)..].join("\n");
+                if !tail.is_empty() {
+                    tail.push('\n');
+                }
+                tail
+            }
+            None => text,
+        };
+        (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -302,6 +369,11 @@ async fn route(
                 })
             }),
         ),
+        (Method::GET, Some(name))
+            if path.sub.as_deref() == Some("log") && path.resource == "api/v1/pods" =>
+        {
+            store.log(&ns, &name, q)
+        }
         (method, Some(name)) if path.sub.as_deref() == Some("scale") => {
             let key = Key::new(&path.resource, &ns, &name);
             let result = match method {
