@@ -203,6 +203,8 @@ impl Batches {
         let lines = Arc::new(input.lines);
         let record = Arc::new(record);
         let mut in_flight = tokio::task::JoinSet::new();
+        // Which line each task sends: a task that panics comes back without its own.
+        let mut sending: std::collections::HashMap<tokio::task::Id, u64> = Default::default();
         loop {
             let open = self.status(id) == Some(Status::InProgress)
                 && !self.stop.is_cancelled()
@@ -211,15 +213,31 @@ impl Batches {
                 let Some(n) = pending.pop_front() else { break };
                 let me = self.clone();
                 let (lines, record) = (lines.clone(), record.clone());
-                in_flight.spawn(async move {
+                let task = in_flight.spawn(async move {
                     let line = &lines[n as usize];
-                    (n, me.send_line(&record, n, line).await)
+                    me.send_line(&record, n, line).await
                 });
+                sending.insert(task.id(), n);
             }
-            let Some(joined) = in_flight.join_next().await else {
+            let Some(joined) = in_flight.join_next_with_id().await else {
                 break;
             };
-            let Ok((n, answer)) = joined else { continue };
+            let (n, answer) = match joined {
+                Ok((task, answer)) => (sending.remove(&task).expect("spawned above"), answer),
+                // A bug, not the engine's answer: the line fails with a record saying so
+                // (sending it again would fail again, forever).
+                Err(e) => {
+                    let n = sending.remove(&e.id()).expect("spawned above");
+                    tracing::error!(batch = %id, line = n, error = %e, "a batch request's task failed");
+                    if let Some(api) = self.api.upgrade() {
+                        api.metrics.batch_request(&record.model, "failed");
+                    }
+                    (
+                        n,
+                        Some(internal_error(n, &lines[n as usize], &e.to_string())),
+                    )
+                }
+            };
             match answer {
                 Some(d) => {
                     // Synced to disk before it counts (off the async threads).
@@ -437,5 +455,19 @@ impl Batches {
             // Cut short: not an answer to keep.
             Err(_) => (502, Bytes::new()),
         }
+    }
+}
+
+/// The record of a line whose request could not be sent for a reason of our own.
+fn internal_error(n: u64, line: &plan::Line, why: &str) -> Done {
+    Done {
+        line: n,
+        ok: false,
+        record: json!({
+            "id": store::new_id("batch_req_"),
+            "custom_id": line.custom_id,
+            "response": null,
+            "error": {"code": "internal_error", "message": format!("the request was not sent: {why}")},
+        }),
     }
 }
