@@ -228,3 +228,59 @@ async fn the_third_sleeper_goes_to_level_two_and_the_budget_holds() {
         }
     }
 }
+
+/// Without `staging.hostMemory`, the weights' size is measured at the first wake: at boot
+/// only what the engine held serving is known (weights and KV cache, 19.6 GiB here, more
+/// than the 15 GiB budget), so it sleeps at level 2; its first wake brings the weights
+/// back alone and measures them (10 GiB), and from then on it sleeps at level 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_weights_are_measured_at_the_first_wake() {
+    let config = r#"
+gpus:
+  simulated:
+    - {memory: 80Gi}
+hostMemory: 15Gi
+models:
+  - name: solo
+    spec:
+      modelName: org/solo
+      engine: sim
+      gpuMemoryUtilization: "0.3"
+      sleep: {idleTimeout: 1h}
+      fairness: {minRuntime: 0s}
+      extraArgs: [--boot-time, 0s, --weights-bytes, 10Gi, --disk-bandwidth, 64Gi, --h2d-bandwidth, 256Gi, --d2h-bandwidth, 256Gi, --ttft, 5ms]
+"#;
+    let local = LocalProc::start(BIN, config).await;
+    assert_eq!(
+        levels(&local).await,
+        BTreeMap::from([(2, vec!["solo".to_string()])])
+    );
+    let first = answer(&local, "solo").await;
+    let pod = &pods(&local).await["solo"];
+    assert_eq!(pod["memory"]["weightsBytes"], WEIGHTS, "{pod}");
+    for round in 0..2 {
+        let r = local
+            .client
+            .post(format!("{}/api/v1/models/solo/sleep", local.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        assert_eq!(
+            levels(&local).await,
+            BTreeMap::from([(1, vec!["solo".to_string()])]),
+            "round {round}"
+        );
+        assert_eq!(ledger_host(&local).await["org/solo"], WEIGHTS);
+        assert_eq!(answer(&local, "solo").await, first, "round {round}");
+    }
+    let m = local.metrics().await;
+    assert_eq!(
+        m.value(
+            "gthread_sidecar_sleep_demotions_total",
+            &[("model", "solo")]
+        ),
+        Some(1.0),
+        "at boot only"
+    );
+}

@@ -39,6 +39,9 @@ pub struct EngineDriver {
     /// The level the engine last went to sleep at (the sidecar chooses it per sleep:
     /// level 2 where host memory is short), which its next wake undoes.
     asleep_at: AtomicU8,
+    /// What the engine held per GPU with its weights back and its KV cache not yet: the
+    /// weights (and what it holds asleep), measured during the last wake.
+    with_weights: Mutex<Option<Vec<(u32, u64)>>>,
 }
 
 impl EngineDriver {
@@ -87,6 +90,7 @@ impl EngineDriver {
             stop,
             adapters: Arc::new(adapters),
             asleep_at: AtomicU8::new(cfg.sleep_level),
+            with_weights: Mutex::new(None),
             cfg,
         }
     }
@@ -304,7 +308,7 @@ impl EngineDriver {
             waiting(WaitReason::EngineWaking);
             let woke = match tokio::time::timeout(
                 self.cfg.wake_timeout,
-                self.engine.wake(self.asleep_at.load(Ordering::SeqCst)),
+                self.wake_engine(self.asleep_at.load(Ordering::SeqCst)),
             )
             .await
             {
@@ -324,6 +328,25 @@ impl EngineDriver {
                 }
             }
         }
+    }
+
+    /// A wake at `level`, weights first where the engine can: what they take on each GPU
+    /// is measured between the two steps, which is what a level-1 sleep keeps in host
+    /// memory (the KV cache is never kept).
+    async fn wake_engine(&self, level: u8) -> Result<(), EngineError> {
+        if self.probe.is_some() && self.engine.wake_weights().await? {
+            if let Some(m) = self.measure().await {
+                *self.with_weights.lock().unwrap() = Some(m);
+            }
+            return self.engine.wake_after_weights(level).await;
+        }
+        self.engine.wake(level).await
+    }
+
+    /// What the engine held per GPU between the weights and the KV cache of its last
+    /// wake (taken: each measurement counts once).
+    pub fn take_with_weights(&self) -> Option<Vec<(u32, u64)>> {
+        self.with_weights.lock().unwrap().take()
     }
 
     /// The level the engine last went to sleep at.

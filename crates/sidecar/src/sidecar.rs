@@ -63,6 +63,8 @@ struct Life {
     serving_bytes: Vec<(u32, u64)>,
     /// Host memory per GPU the engine's weights hold (asleep at level 1, or pinned).
     host_bytes: u64,
+    /// The weights' bytes per GPU, as measured during the last wake.
+    weights_bytes: Option<u64>,
     /// The last wake that served: how long it took from the first request, and where.
     last_wake: Option<(Duration, Vec<(&'static str, Duration)>)>,
 }
@@ -216,6 +218,7 @@ impl Sidecar {
                 residual_bytes: vec![],
                 serving_bytes: vec![],
                 host_bytes: 0,
+                weights_bytes: None,
                 last_wake: None,
             }),
             state_tx: watch::Sender::new(State::Sleeping),
@@ -302,6 +305,7 @@ impl Sidecar {
                 "servingBytes": per_gpu(&life.serving_bytes),
                 "residualBytes": per_gpu(&life.residual_bytes),
                 "hostBytes": life.host_bytes,
+                "weightsBytes": life.weights_bytes,
             },
             "sleepLevel": (life.state == State::Sleeping).then(|| self.driver.asleep_at()),
             "adapters": self.adapters().status_json(),
@@ -572,6 +576,20 @@ impl Sidecar {
                         life.last_wake = Some((took, spent));
                     }
                     life.serving_since = Some(Instant::now());
+                    // The weights: what the engine held with them back, less what it
+                    // held asleep.
+                    if let Some(m) = self.driver.take_with_weights() {
+                        life.weights_bytes = m
+                            .iter()
+                            .map(|(g, b)| {
+                                b.saturating_sub(crate::ledger_client::held(
+                                    &life.residual_bytes,
+                                    *g,
+                                ))
+                            })
+                            .max()
+                            .filter(|b| *b > 0);
+                    }
                     life.residual_bytes.clear();
                     if !self.cfg.pinned {
                         life.host_bytes = 0;
@@ -658,13 +676,17 @@ impl Sidecar {
     }
 
     /// Host memory per GPU the weights take asleep at level 1: `staging.hostMemory`, or
-    /// what the engine measured serving (an upper bound: it counts the KV cache too),
-    /// or the reservation.
+    /// the weights as measured during the last wake, or (before any wake) what the
+    /// engine measured serving (an upper bound: it counts the KV cache too), or the
+    /// reservation.
     fn host_need(&self) -> u64 {
         if let Some(b) = self.cfg.host_memory_bytes {
             return b;
         }
         let life = self.life.lock().unwrap();
+        if let Some(b) = life.weights_bytes {
+            return b;
+        }
         life.serving_bytes
             .iter()
             .map(|(_, b)| *b)

@@ -42,6 +42,16 @@ pub trait EngineAdapter: Send + Sync + 'static {
     fn keeps_weights_in_host(&self, _level: u8) -> bool {
         false
     }
+    /// Brings the weights back alone, where the engine can (vLLM's tagged wake), so that
+    /// what they take on the GPU is measured before the rest follows with
+    /// [`EngineAdapter::wake_after_weights`]; whether it did.
+    async fn wake_weights(&self) -> Result<bool, EngineError> {
+        Ok(false)
+    }
+    /// The rest of a wake whose weights [`EngineAdapter::wake_weights`] brought back.
+    async fn wake_after_weights(&self, level: u8) -> Result<(), EngineError> {
+        self.wake(level).await
+    }
     /// Whether the engine can sleep at level 2 instead (weights dropped, reloaded from
     /// disk at the next wake) when host memory is short.
     fn can_drop_weights(&self) -> bool {

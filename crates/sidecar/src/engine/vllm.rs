@@ -119,23 +119,35 @@ impl EngineAdapter for VllmAdapter {
     }
 
     async fn wake(&self, level: u8) -> Result<(), EngineError> {
-        if level < 2 {
-            return self.call("wake_up", self.post("/wake_up")).await.map(drop);
-        }
-        // Level 2 discarded the weights: allocate them, reload from disk, then the KV
-        // cache, and drop prefix-cache entries computed with the old weights.
+        self.wake_weights().await?;
+        self.wake_after_weights(level).await
+    }
+
+    /// `wake_up?tags=weights`: the weights' memory back, with their contents from host
+    /// memory after a level-1 sleep (uninitialized after level 2).
+    async fn wake_weights(&self) -> Result<bool, EngineError> {
         self.call("wake_up(weights)", self.post("/wake_up?tags=weights"))
+            .await
+            .map(|_| true)
+    }
+
+    async fn wake_after_weights(&self, level: u8) -> Result<(), EngineError> {
+        if level >= 2 {
+            // Level 2 discarded the weights: reload them from disk.
+            self.call(
+                "reload_weights",
+                self.post("/collective_rpc")
+                    .json(&json!({"method": "reload_weights"})),
+            )
             .await?;
-        self.call(
-            "reload_weights",
-            self.post("/collective_rpc")
-                .json(&json!({"method": "reload_weights"})),
-        )
-        .await?;
+        }
         self.call("wake_up(kv_cache)", self.post("/wake_up?tags=kv_cache"))
             .await?;
-        self.call("reset_prefix_cache", self.post("/reset_prefix_cache"))
-            .await
-            .map(drop)
+        if level >= 2 {
+            // Prefix-cache entries were computed with the old weights.
+            self.call("reset_prefix_cache", self.post("/reset_prefix_cache"))
+                .await?;
+        }
+        Ok(())
     }
 }
