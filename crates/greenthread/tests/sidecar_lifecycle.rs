@@ -37,8 +37,8 @@ async fn concurrent_requests_share_one_wake_then_the_model_sleeps_when_idle() {
     let engine = sc.engine_metrics().await;
     assert_eq!(
         engine.value("greenthread_sim_wake_calls_total", &[]),
-        Some(1.0),
-        "exactly one engine wake"
+        Some(2.0),
+        "exactly one engine wake: the weights, then the KV cache (measured between)"
     );
     // The 200 requests, and the one-token warm-up that verified the wake.
     assert_eq!(
@@ -103,7 +103,8 @@ async fn concurrent_requests_share_one_wake_then_the_model_sleeps_when_idle() {
     let engine = sc.engine_metrics().await;
     assert_eq!(
         engine.value("greenthread_sim_wake_calls_total", &[]),
-        Some(1.0)
+        Some(2.0),
+        "one wake, in two calls"
     );
     assert_eq!(
         engine.value("greenthread_sim_sleep_calls_total", &[]),

@@ -74,7 +74,8 @@ async fn a_stream_in_flight_completes_before_sleep_and_later_requests_are_held()
     let engine = sc.engine_metrics().await;
     assert_eq!(
         engine.value("greenthread_sim_wake_calls_total", &[]),
-        Some(2.0)
+        Some(4.0),
+        "two wakes, each the weights then the KV cache"
     );
 }
 

@@ -334,7 +334,12 @@ impl EngineDriver {
     /// is measured between the two steps, which is what a level-1 sleep keeps in host
     /// memory (the KV cache is never kept).
     async fn wake_engine(&self, level: u8) -> Result<(), EngineError> {
-        if self.probe.is_some() && self.engine.wake_weights().await? {
+        // Only when nothing says what the weights take (`staging.hostMemory`): otherwise
+        // one call, as before.
+        if self.cfg.host_memory_bytes.is_none()
+            && self.probe.is_some()
+            && self.engine.wake_weights().await?
+        {
             if let Some(m) = self.measure().await {
                 *self.with_weights.lock().unwrap() = Some(m);
             }
