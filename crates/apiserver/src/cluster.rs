@@ -52,6 +52,10 @@ pub struct ApiServerConfig {
     /// Requests of one batch in flight at once.
     #[arg(long, default_value_t = crate::batch::DEFAULT_CONCURRENCY)]
     pub batch_concurrency: usize,
+    /// Bytes of files one API key may keep in the Batch API's store (inputs it uploaded
+    /// and its batches' outputs); uploads past it are refused.
+    #[arg(long, default_value = "2Gi", value_parser = greenthread_api::arg::size)]
+    pub batch_quota: u64,
     #[command(flatten)]
     pub edge: greenthread_edge::EdgeConfig,
 }
@@ -107,8 +111,16 @@ pub async fn start(
         Box::new(|| {}),
     );
     if let Some(dir) = &cfg.batch_dir {
-        let batches = crate::batch::Batches::start(dir, &api, cfg.batch_concurrency)
-            .map_err(|e| anyhow::anyhow!("--batch-dir {}: {e}", dir.display()))?;
+        let batches = crate::batch::Batches::start(
+            dir,
+            &api,
+            cfg.batch_concurrency,
+            crate::batch::Quota {
+                bytes: cfg.batch_quota,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("--batch-dir {}: {e}", dir.display()))?;
         let _ = api.batches.set(batches);
     }
     let sidecar_token = greenthread_edge::secret(

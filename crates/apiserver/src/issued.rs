@@ -249,6 +249,15 @@ impl Issued {
         greenthread_edge::ct_find(entries.iter(), &hash, |e| &e.hash[..]).map(|e| e.caller.clone())
     }
 
+    /// The caller of the issued key named `name`.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Caller>> {
+        let entries = self.entries.read().unwrap();
+        entries
+            .iter()
+            .find(|e| e.record.name == name)
+            .map(|e| e.caller.clone())
+    }
+
     /// Every issued key, as stored (never the key).
     pub fn list(&self) -> Vec<Record> {
         let entries = self.entries.read().unwrap();

@@ -66,6 +66,15 @@ impl Caller {
         Ok(())
     }
 
+    /// Whether the token budget is not spent (taking nothing); else how long until it
+    /// is not. A batch's lines wait on it.
+    pub fn tokens_left(&self, now: Instant) -> Result<(), Duration> {
+        match &self.tokens {
+            Some(t) => t.lock().unwrap().check(now, 1.0),
+            None => Ok(()),
+        }
+    }
+
     /// Charges the tokens an answer used (known only once it has been given).
     pub fn spend_tokens(&self, now: Instant, n: u64) {
         if let Some(t) = &self.tokens {
@@ -171,6 +180,17 @@ impl Keys {
     /// The configuration's keys (never deleted through the API).
     pub fn fixed(&self) -> impl Iterator<Item = &ApiKey> {
         self.0.fixed.iter().map(|c| &c.key)
+    }
+
+    /// The caller whose key is named `name` (configured or issued): whose limits and
+    /// token count a batch's requests spend, long after the request that made it.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Caller>> {
+        self.0
+            .fixed
+            .iter()
+            .find(|c| c.key.name == name)
+            .cloned()
+            .or_else(|| self.0.issued.by_name(name))
     }
 
     /// The caller `headers` name. Every key is compared, so the time taken does not say

@@ -272,7 +272,9 @@ async fn batches_are_each_keys_own_and_bad_requests_name_the_field() {
             .contains("Batch API is off")
     );
     let dir = tempfile::tempdir().unwrap();
-    let batches = greenthread_apiserver::batch::Batches::start(dir.path(), &server, 2).unwrap();
+    let batches =
+        greenthread_apiserver::batch::Batches::start(dir.path(), &server, 2, Default::default())
+            .unwrap();
     let _ = server.batches.set(batches);
 
     let line = r#"{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "alpha", "messages": []}}"#;

@@ -233,6 +233,12 @@ async fn a_batch_waits_for_idle_capacity_and_preempts_nobody() {
     .await;
     let b = batch(&local, &id).await;
     assert_eq!(b["request_counts"]["completed"], 4, "{b}");
+    // Their tokens count for the key that made the batch, as its other requests' do.
+    let tokens = local.metrics().await.value(
+        "gthread_apiserver_tokens_total",
+        &[("key", "key-1"), ("model", "beta"), ("kind", "completion")],
+    );
+    assert!(tokens.is_some_and(|t| t > 0.0), "{tokens:?}");
     // Nobody was preempted: alpha slept because it was told to, and beta woke into free memory.
     let m = local.metrics().await;
     for model in ["alpha", "beta"] {
@@ -244,4 +250,110 @@ async fn a_batch_waits_for_idle_capacity_and_preempts_nobody() {
             .unwrap_or_default();
         assert_eq!(preempted, 0.0, "{model} was preempted");
     }
+}
+
+/// A multipart upload of `content` as the SDK sends it.
+async fn upload(local: &LocalProc, key: &str, content: &str) -> (u16, Value) {
+    let boundary = "gt-batch-test";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let r = local
+        .client
+        .post(format!("{}/v1/files", local.url))
+        .bearer_auth(key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The Batch API is as safe to share as the rest: each key keeps at most its quota of
+/// files (403 `quota_exceeded` past it, room again once it deletes some), and its
+/// writes count against its rate limit as its inference requests do (429 past it;
+/// reads, which SDKs poll with, do not count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_keeps_its_quota_of_files_and_its_rate_limit() {
+    let config = r#"
+apiKeys:
+  - k1
+  - {name: small, key: k2, rateLimit: {requestsPerMinute: 2}}
+adminToken: t1
+gpus:
+  simulated:
+    - {memory: 10Gi}
+models:
+  - name: alpha
+    spec:
+      modelName: org/alpha
+      engine: sim
+      gpuMemoryUtilization: "0.6"
+      extraArgs: [--boot-time, 0s, --ttft, 5ms]
+"#;
+    let local = LocalProc::start_with(BIN, config, &["--batch-quota", "1Ki"]).await;
+    let line = json!({"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "alpha", "messages": [{"role": "user", "content": "x".repeat(500)}]}})
+    .to_string();
+    let (code, first) = upload(&local, "k1", &line).await;
+    assert_eq!(code, 200, "{first}");
+    let (code, refused) = upload(&local, "k1", &line).await;
+    assert_eq!(code, 403, "{refused}");
+    assert_eq!(refused["error"]["type"], "quota_exceeded", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quota of 1024"),
+        "{refused}"
+    );
+    // Another key's files are its own: k2 has room.
+    let (code, other) = upload(&local, "k2", &line).await;
+    assert_eq!(code, 200, "{other}");
+    // Deleting makes room again.
+    let r = local
+        .client
+        .delete(format!(
+            "{}/v1/files/{}",
+            local.url,
+            first["id"].as_str().unwrap()
+        ))
+        .bearer_auth("k1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(upload(&local, "k1", &line).await.0, 200);
+
+    // k2 may make two requests a minute: the upload above was one, a read is none,
+    // a deletion is the second, and the next write waits.
+    let listed = local
+        .client
+        .get(format!("{}/v1/files", local.url))
+        .bearer_auth("k2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    let r = local
+        .client
+        .delete(format!(
+            "{}/v1/files/{}",
+            local.url,
+            other["id"].as_str().unwrap()
+        ))
+        .bearer_auth("k2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (code, limited) = upload(&local, "k2", &line).await;
+    assert_eq!(code, 429, "{limited}");
+    assert_eq!(limited["error"]["type"], "rate_limit_exceeded", "{limited}");
 }

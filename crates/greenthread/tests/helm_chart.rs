@@ -527,6 +527,7 @@ fn the_batch_api_gets_a_volume_that_outlives_its_pod() {
     for a in [
         "--batch-dir=/var/lib/greenthread/batches",
         "--batch-concurrency=8",
+        "--batch-quota=5Gi",
     ] {
         assert!(args.contains(&a.to_string()), "{a} not in {args:?}");
     }

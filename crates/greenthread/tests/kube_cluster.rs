@@ -66,6 +66,7 @@ fn api_server_config(admin_token_file: Option<std::path::PathBuf>) -> ApiServerC
         issued_keys_secret: "greenthread-issued-api-keys".into(),
         batch_dir: None,
         batch_concurrency: 4,
+        batch_quota: 2 << 30,
         edge: Default::default(),
     }
 }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use plan::Outcome;
 pub use routes::router;
+pub use store::Quota;
 use store::{BatchRecord, Done, Status, Store, StoreError};
 
 use crate::{ApiServer, Lookup};
@@ -43,6 +44,8 @@ pub struct Batches {
     /// Every batch as last written (the store's copy, read once at start).
     records: Mutex<BTreeMap<String, BatchRecord>>,
     concurrency: usize,
+    /// What one API key may keep in the store.
+    pub(crate) quota: store::Quota,
     /// Set at shutdown: runners send nothing more, record what is in flight, and stop.
     stop: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
@@ -59,6 +62,7 @@ impl Batches {
         dir: &std::path::Path,
         api: &Arc<ApiServer>,
         concurrency: usize,
+        quota: store::Quota,
     ) -> Result<Arc<Self>, StoreError> {
         let store = Store::open(dir)?;
         let records: BTreeMap<String, BatchRecord> = store
@@ -71,6 +75,7 @@ impl Batches {
             api: Arc::downgrade(api),
             records: Mutex::new(records),
             concurrency: concurrency.max(1),
+            quota,
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
         });
@@ -234,7 +239,12 @@ impl Batches {
                     }
                     (
                         n,
-                        Some(internal_error(n, &lines[n as usize], &e.to_string())),
+                        Some(unsent(
+                            n,
+                            &lines[n as usize],
+                            "internal_error",
+                            &format!("the request was not sent: {e}"),
+                        )),
                     )
                 }
             };
@@ -356,9 +366,39 @@ impl Batches {
             {
                 return None;
             }
+            let api = self.api.upgrade()?;
+            // The key that made the batch: its token budget holds its lines back as it
+            // holds its other requests (they wait rather than fail), and their tokens
+            // count against it. A batch whose key was revoked sends nothing more.
+            let caller = if api.auth.keys.is_open() {
+                None
+            } else {
+                match api.auth.keys.by_name(&record.owner) {
+                    Some(c) => Some(c),
+                    None => {
+                        api.metrics.batch_request(&record.model, "failed");
+                        return Some(unsent(
+                            n,
+                            line,
+                            "key_revoked",
+                            "the API key that made this batch was revoked",
+                        ));
+                    }
+                }
+            };
+            if let Some(c) = &caller
+                && let Err(after) = c.tokens_left(tokio::time::Instant::now())
+            {
+                api.metrics.batch_request(&record.model, "deferred");
+                drop(api);
+                tokio::select! {
+                    () = tokio::time::sleep(after.min(Duration::from_secs(5))) => {}
+                    () = self.stop.cancelled() => return None,
+                }
+                continue;
+            }
             let urgent = plan::urgent(now(), record.created_at, record.expires_at);
             let (code, body) = self.send(record, line, urgent).await;
-            let api = self.api.upgrade()?;
             match plan::outcome(code) {
                 Outcome::Later => {
                     api.metrics.batch_request(&record.model, "deferred");
@@ -374,6 +414,13 @@ impl Batches {
                         .batch_request(&record.model, if ok { "completed" } else { "failed" });
                     let body: Value = serde_json::from_slice(&body)
                         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+                    if let Some(u) = crate::usage::usage_of(&body) {
+                        api.metrics
+                            .tokens(&record.owner, &record.model, u.prompt, u.completion);
+                        if let Some(c) = &caller {
+                            c.spend_tokens(tokio::time::Instant::now(), u.prompt + u.completion);
+                        }
+                    }
                     let response = json!({
                         "status_code": code,
                         "request_id": store::new_id("req_"),
@@ -458,8 +505,8 @@ impl Batches {
     }
 }
 
-/// The record of a line whose request could not be sent for a reason of our own.
-fn internal_error(n: u64, line: &plan::Line, why: &str) -> Done {
+/// The record of a line whose request was not sent: `code` and `message` say why.
+fn unsent(n: u64, line: &plan::Line, code: &str, message: &str) -> Done {
     Done {
         line: n,
         ok: false,
@@ -467,7 +514,7 @@ fn internal_error(n: u64, line: &plan::Line, why: &str) -> Done {
             "id": store::new_id("batch_req_"),
             "custom_id": line.custom_id,
             "response": null,
-            "error": {"code": "internal_error", "message": format!("the request was not sent: {why}")},
+            "error": {"code": code, "message": message},
         }),
     }
 }

@@ -50,12 +50,26 @@ fn who(req_parts: &http::request::Parts) -> String {
 }
 
 fn stored(e: StoreError) -> ApiError {
+    if let StoreError::Quota(why) = &e {
+        return ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", why.clone());
+    }
     tracing::error!(error = %e, reason = e.metric_label(), "batch store");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "server_error",
         "the batch store failed; see the server's log",
     )
+}
+
+/// The caller's rate limit, for the calls that write (uploads, new batches, deletions,
+/// cancellations): 429 past it, as for inference. Reads are not counted (SDKs poll).
+fn limited(parts: &http::request::Parts) -> Result<(), ApiError> {
+    if let Some(Identity(Some(caller))) = parts.extensions.get::<Identity>() {
+        caller
+            .admit(tokio::time::Instant::now())
+            .map_err(|after| crate::keys::limited(&caller.key.name, after))?;
+    }
+    Ok(())
 }
 
 fn field(name: &str, message: impl std::fmt::Display) -> ApiError {
@@ -97,6 +111,7 @@ async fn upload(State(api): State<Shared>, req: Request) -> Response {
 async fn upload_file(api: Shared, req: Request) -> Result<Value, ApiError> {
     let batches = batches(&api)?;
     let (parts, body) = req.into_parts();
+    limited(&parts)?;
     let owner = who(&parts);
     let content_type = parts
         .headers
@@ -138,9 +153,10 @@ async fn upload_file(api: Shared, req: Request) -> Result<Value, ApiError> {
         .filename
         .filter(|f| !f.is_empty())
         .unwrap_or_else(|| "upload.jsonl".to_string());
-    let store = batches.store.clone();
+    let (store, quota) = (batches.store.clone(), batches.quota);
     let meta =
-        blocking(move || store.put_file(&filename, &purpose, &content, now(), &owner)).await?;
+        blocking(move || store.put_upload(&filename, &purpose, &content, now(), &owner, quota))
+            .await?;
     Ok(meta.to_openai())
 }
 
@@ -203,9 +219,11 @@ async fn file_content(State(api): State<Shared>, Path(id): Path<String>, req: Re
 }
 
 async fn delete_file(State(api): State<Shared>, Path(id): Path<String>, req: Request) -> Response {
-    let owner = who(&req.into_parts().0);
+    let parts = req.into_parts().0;
+    let owner = who(&parts);
     respond(
         async {
+            limited(&parts)?;
             owned_file(&api, &id, &owner).await?;
             let batches = batches(&api)?;
             // A running batch reads its input again when it resumes.
@@ -254,6 +272,7 @@ async fn create(State(api): State<Shared>, req: Request) -> Response {
 async fn create_batch(api: Shared, req: Request) -> Result<Value, ApiError> {
     let batches = batches(&api)?;
     let (parts, body) = req.into_parts();
+    limited(&parts)?;
     let owner = who(&parts);
     let identity = parts.extensions.get::<Identity>().cloned();
     let body = read_body(body, 1 << 20).await?;
@@ -455,9 +474,11 @@ async fn get_batch(State(api): State<Shared>, Path(id): Path<String>, req: Reque
 /// `POST /v1/batches/{id}/cancel`: requests in flight finish, no more are sent, and the
 /// batch ends `cancelled` with what it finished.
 async fn cancel(State(api): State<Shared>, Path(id): Path<String>, req: Request) -> Response {
-    let owner = who(&req.into_parts().0);
+    let parts = req.into_parts().0;
+    let owner = who(&parts);
     respond(
         async {
+            limited(&parts)?;
             let (batches, record) = owned_batch(&api, &id, &owner)?;
             match record.status {
                 Status::Validating | Status::InProgress => {}

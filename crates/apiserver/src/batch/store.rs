@@ -193,13 +193,39 @@ pub enum StoreError {
     Io(String, std::io::Error),
     #[error("{0}: {1}")]
     Corrupt(String, serde_json::Error),
+    /// An upload past its key's share of the store.
+    #[error("{0}")]
+    Quota(String),
 }
+
+/// What one API key may keep in the store: uploads are refused past it (the batches'
+/// output files count, but are always written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub bytes: u64,
+    pub files: usize,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            bytes: DEFAULT_QUOTA_BYTES,
+            files: MAX_FILES_PER_KEY,
+        }
+    }
+}
+
+/// Bytes of files one API key may keep, by default.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+/// Files one API key may keep.
+pub const MAX_FILES_PER_KEY: usize = 1000;
 
 impl StoreError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             StoreError::Io(..) => "io",
             StoreError::Corrupt(..) => "corrupt",
+            StoreError::Quota(..) => "quota",
         }
     }
 }
@@ -229,6 +255,9 @@ pub fn new_id(prefix: &str) -> String {
 #[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// Held from an upload's quota check to its write, so that two uploads of one key
+    /// never both pass on the same room.
+    uploads: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -246,6 +275,7 @@ impl Store {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            uploads: Default::default(),
         })
     }
 
@@ -305,6 +335,38 @@ impl Store {
         let json = serde_json::to_vec(&meta).expect("a file record serializes");
         Self::write_whole(&self.meta_path(&meta.id), &json)?;
         Ok(meta)
+    }
+
+    /// An upload: kept as [`Store::put_file`] does if its owner's files, with it, stay
+    /// within `quota`.
+    pub fn put_upload(
+        &self,
+        filename: &str,
+        purpose: &str,
+        content: &[u8],
+        now: i64,
+        owner: &str,
+        quota: Quota,
+    ) -> Result<FileMeta, StoreError> {
+        let _one_at_a_time = self.uploads.lock().unwrap();
+        let (files, bytes) = self
+            .files()?
+            .iter()
+            .filter(|f| f.owner == owner)
+            .fold((0usize, 0u64), |(n, b), f| (n + 1, b + f.bytes));
+        if files >= quota.files {
+            return Err(StoreError::Quota(format!(
+                "this API key keeps {files} files, the most it may: delete some first"
+            )));
+        }
+        if bytes + content.len() as u64 > quota.bytes {
+            return Err(StoreError::Quota(format!(
+                "this API key keeps {bytes} bytes of files; with these {} it would pass its quota of {}: delete some first",
+                content.len(),
+                quota.bytes
+            )));
+        }
+        self.put_file(filename, purpose, content, now, owner)
     }
 
     pub fn file(&self, id: &str) -> Result<Option<FileMeta>, StoreError> {

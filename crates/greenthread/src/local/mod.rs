@@ -45,6 +45,10 @@ pub struct LocalArgs {
     /// Requests of one batch (the Batch API) in flight at once.
     #[arg(long, default_value_t = greenthread_apiserver::batch::DEFAULT_CONCURRENCY)]
     pub batch_concurrency: usize,
+    /// Bytes of files one API key may keep in the Batch API's store (inputs it uploaded
+    /// and its batches' outputs); uploads past it are refused.
+    #[arg(long, default_value = "2Gi", value_parser = greenthread_api::arg::size)]
+    pub batch_quota: u64,
     #[command(flatten)]
     pub edge: greenthread_edge::EdgeConfig,
 }
@@ -279,6 +283,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         &data_dir.join("batches"),
         &api,
         args.batch_concurrency,
+        greenthread_apiserver::batch::Quota {
+            bytes: args.batch_quota,
+            ..Default::default()
+        },
     )
     .with_context(|| format!("the Batch API's store in {}", data_dir.display()))?;
     let _ = api.batches.set(batches.clone());
