@@ -163,28 +163,8 @@ async fn a_batch_waits_for_idle_capacity_and_preempts_nobody() {
             .to_string()
         })
         .collect();
-    // The form the SDK sends: purpose, and the file with its name.
-    let boundary = "gt-batch-test";
-    let form = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"idle.jsonl\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n{}\r\n--{boundary}--\r\n",
-        lines.join("\n")
-    );
-    let file: Value = http
-        .post(format!("{url}/v1/files"))
-        .bearer_auth("k1")
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (code, file) = upload(&local, "k1", &lines.join("\n")).await;
+    assert_eq!(code, 200, "{file}");
     let created: Value = http
         .post(format!("{url}/v1/batches"))
         .bearer_auth("k1")
@@ -252,7 +232,21 @@ async fn a_batch_waits_for_idle_capacity_and_preempts_nobody() {
     }
 }
 
-/// A multipart upload of `content` as the SDK sends it.
+/// `DELETE /v1/files/{id}` of `file` as `key`: its status.
+async fn delete(local: &LocalProc, key: &str, file: &Value) -> u16 {
+    let id = file["id"].as_str().unwrap();
+    let r = local
+        .client
+        .delete(format!("{}/v1/files/{id}", local.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    r.status().as_u16()
+}
+
+/// A multipart upload of `content` as the SDK sends it: the form the SDK sends, purpose
+/// and the file with its name.
 async fn upload(local: &LocalProc, key: &str, content: &str) -> (u16, Value) {
     let boundary = "gt-batch-test";
     let form = format!(
@@ -317,18 +311,7 @@ models:
     let (code, other) = upload(&local, "k2", &line).await;
     assert_eq!(code, 200, "{other}");
     // Deleting makes room again.
-    let r = local
-        .client
-        .delete(format!(
-            "{}/v1/files/{}",
-            local.url,
-            first["id"].as_str().unwrap()
-        ))
-        .bearer_auth("k1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(delete(&local, "k1", &first).await, 200);
     assert_eq!(upload(&local, "k1", &line).await.0, 200);
 
     // k2 may make two requests a minute: the upload above was one, a read is none,
@@ -341,18 +324,7 @@ models:
         .await
         .unwrap();
     assert_eq!(listed.status(), 200);
-    let r = local
-        .client
-        .delete(format!(
-            "{}/v1/files/{}",
-            local.url,
-            other["id"].as_str().unwrap()
-        ))
-        .bearer_auth("k2")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(delete(&local, "k2", &other).await, 200);
     let (code, limited) = upload(&local, "k2", &line).await;
     assert_eq!(code, 429, "{limited}");
     assert_eq!(limited["error"]["type"], "rate_limit_exceeded", "{limited}");
