@@ -309,7 +309,26 @@ impl OnDemand {
             .entry(w.id.clone())
             .or_default()
             .clone();
-        let _one = lock.lock().await;
+        let one = lock.lock().await;
+        let fetched = self.fetch_once(w, at, metrics).await;
+        drop(one);
+        // The last one out removes the entry: ids are the callers' and unbounded. (Clones
+        // are taken under the map's lock, so none appears between the count and the
+        // removal.)
+        let mut fetching = self.fetching.lock().unwrap();
+        if Arc::strong_count(&lock) == 2 {
+            fetching.remove(&w.id);
+        }
+        fetched
+    }
+
+    /// The download itself, under the adapter's own lock.
+    async fn fetch_once(
+        &self,
+        w: &Wanted,
+        at: PathBuf,
+        metrics: &SidecarMetrics,
+    ) -> Result<PathBuf, OnDemandError> {
         // Another request may have fetched it meanwhile.
         if self.is_cached(&at, w).await {
             return Ok(at);
@@ -771,5 +790,41 @@ mod tests {
             (v["model"].as_str(), v["lora"][0]["id"].as_u64()),
             (Some("b"), Some(1))
         );
+    }
+
+    /// Finding: every adapter id ever asked for kept an entry (a lock) in `fetching`,
+    /// without bound. Concurrent fetches of one id share it; once the last is done,
+    /// whether it downloaded or failed, the entry is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetch_locks_do_not_outlive_their_fetches() {
+        let app = axum::Router::new()
+            .route("/c.json", axum::routing::get(|| async { r#"{"r": 8}"# }))
+            .route("/m", axum::routing::get(|| async { "weights" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().unwrap();
+        let od = OnDemand::new(dir.path().into(), Duration::from_secs(10), 4).unwrap();
+        let metrics = SidecarMetrics::new();
+        let wanted = |id: &str, model: &str| {
+            parse(&body(
+                serde_json::json!({"lora_model": {"id": id, "name": id, "files": {
+                    "adapter_config.json": format!("http://{at}/c.json"),
+                    "adapter_model.safetensors": format!("http://{at}/{model}"),
+                }}}),
+            ))
+            .unwrap()
+            .unwrap()
+            .0
+        };
+        let (good, bad) = (wanted("good", "m"), wanted("bad", "missing"));
+        let (a, b, c) = tokio::join!(
+            od.cached(&good, &metrics),
+            od.cached(&good, &metrics),
+            od.cached(&bad, &metrics)
+        );
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        assert!(matches!(c, Err(OnDemandError::Download { .. })), "{c:?}");
+        assert!(od.fetching.lock().unwrap().is_empty());
     }
 }
