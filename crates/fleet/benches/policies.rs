@@ -66,6 +66,7 @@ fn simulate(
             policy,
             faults: None,
             preemption: greenthread_sidecar::Preemption::Drain,
+            host_memory: None,
         },
         None,
     )

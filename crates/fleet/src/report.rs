@@ -24,6 +24,8 @@ pub struct Totals {
     pub ttft_p99_seconds: Option<f64>,
     pub wakes: u64,
     pub preemptions: u64,
+    /// Sleeps at level 2 for lack of host memory (`--host-memory`).
+    pub sleep_demotions: u64,
     pub awake_gpu_seconds: f64,
 }
 
@@ -96,6 +98,7 @@ fn totals<'a>(outcomes: impl Iterator<Item = &'a Outcome>, slo: Duration) -> Tot
         ttft_p99_seconds: None,
         wakes: 0,
         preemptions: 0,
+        sleep_demotions: 0,
         awake_gpu_seconds: 0.0,
     };
     let mut ttfts = Vec::new();
@@ -147,10 +150,12 @@ pub fn report(
         for r in run.replicas.iter().filter(|r| r.model == m) {
             t.wakes += r.wakes;
             t.preemptions += r.preempted;
+            t.sleep_demotions += r.demotions;
             t.awake_gpu_seconds += r.awake_gpu_seconds;
         }
         overall.wakes += t.wakes;
         overall.preemptions += t.preemptions;
+        overall.sleep_demotions += t.sleep_demotions;
         overall.awake_gpu_seconds += t.awake_gpu_seconds;
         rows.push(ModelRow {
             model: name.clone(),

@@ -60,6 +60,9 @@ pub struct Setup {
     pub faults: Option<FaultPlan>,
     /// What a preempted model's running generations do.
     pub preemption: greenthread_sidecar::Preemption,
+    /// Host memory for level-1 sleepers per node (shared evenly by its GPUs, as the
+    /// agent shares it); `None`: not accounted.
+    pub host_memory: Option<u64>,
 }
 
 /// How one request ended, as its client saw it.
@@ -100,6 +103,8 @@ pub struct ReplicaStats {
     pub wakes: u64,
     /// Times it was put to sleep for another model.
     pub preempted: u64,
+    /// Sleeps at level 2 for lack of host memory (a level-1 model's).
+    pub demotions: u64,
     /// GPU-seconds it held memory (waking, serving, draining), per GPU it spans.
     pub awake_gpu_seconds: f64,
 }
@@ -352,6 +357,7 @@ impl Fleet {
 }
 
 fn gpu_records(setup: &Setup) -> Vec<Gpu> {
+    let n = setup.gpus.len();
     setup
         .gpus
         .iter()
@@ -365,7 +371,8 @@ fn gpu_records(setup: &Setup) -> Vec<Gpu> {
                 uuid: format!("GPU-sim-{i}"),
                 product: "simulated".into(),
                 memory_bytes: *memory,
-                host_memory_bytes: None,
+                // The node's budget over its GPUs (eight, or what the last node has).
+                host_memory_bytes: setup.host_memory.map(|b| b / (n - i / 8 * 8).min(8) as u64),
             },
             status: Default::default(),
             resource_version: String::new(),
@@ -617,6 +624,13 @@ async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Ar
             let mut s = stats.lock().unwrap();
             if from == State::Waking && to == State::Serving {
                 s.wakes += 1;
+            }
+            if from == State::Deactivating
+                && to == State::Sleeping
+                && sidecar.cfg.sleep_level == 1
+                && sidecar.asleep_at() == 2
+            {
+                s.demotions += 1;
             }
             match (holds(from), holds(to), since) {
                 (false, true, _) => since = Some(Instant::now()),

@@ -31,6 +31,7 @@ fn setup(models: usize, gpus: usize, minutes: u64, seed: u64, faults: FaultPlan)
         policy: Default::default(),
         faults: Some(faults),
         preemption: greenthread_sidecar::Preemption::Drain,
+        host_memory: None,
     }
 }
 

@@ -53,6 +53,7 @@ fn main() {
             policy: greenthread_ledger::Policy::CostAware,
             faults: None,
             preemption: greenthread_sidecar::Preemption::Drain,
+            host_memory: None,
         },
         None,
     )

@@ -41,6 +41,11 @@ pub struct SimulateArgs {
     pub gpus: Option<usize>,
     #[arg(long, default_value = "80Gi", value_parser = arg::size)]
     pub gpu_memory: u64,
+    /// Host memory for level-1 sleepers' weights per node of eight GPUs (e.g. `512Gi`):
+    /// a sleep that does not fit goes to level 2 and its next wake reloads from disk
+    /// (counted as `sleepDemotions`). Default: not accounted.
+    #[arg(long, value_parser = arg::size)]
+    pub host_memory: Option<u64>,
     /// Popularity skew: request shares ∝ 1/rank^skew over the models (0: uniform).
     #[arg(long, default_value_t = 1.0)]
     pub skew: f64,
@@ -220,6 +225,7 @@ fn once(
             policy,
             faults,
             preemption: args.preemption,
+            host_memory: args.host_memory,
         },
         (!quiet).then(progress_line),
     )?;

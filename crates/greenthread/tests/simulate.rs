@@ -284,3 +284,41 @@ fn a_fault_run_replays_from_its_seed() {
     assert!(f["injected"].as_array().unwrap().len() >= 5, "{f}");
     assert_eq!(f["violations"], serde_json::json!([]), "{f}");
 }
+
+/// With host memory for sleepers (`--host-memory`), sleeps that do not fit go to level 2
+/// and are counted, per model and overall; without it none is, and every request is
+/// still answered or refused with a reason.
+#[test]
+fn host_memory_sends_sleepers_to_level_two() {
+    let run = |host: Option<&str>| {
+        let mut args = vec![
+            "--rate",
+            "2",
+            "--minutes",
+            "5",
+            "--models",
+            "8",
+            "--gpus",
+            "1",
+            "--json",
+        ];
+        if let Some(h) = host {
+            args.extend(["--host-memory", h]);
+        }
+        simulate(&args).unwrap()
+    };
+    let free = run(None);
+    assert_eq!(free["sleepDemotions"], 0, "{free}");
+    // Room for one 8B-class model's weights (16 GB) at a time.
+    let tight = run(Some("16Gi"));
+    let demotions = tight["sleepDemotions"].as_u64().unwrap();
+    assert!(demotions > 0, "{tight}");
+    let models = tight["models"].as_array().unwrap();
+    let per_model: u64 = models
+        .iter()
+        .map(|m| m["sleepDemotions"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_model, demotions);
+    assert_eq!(tight["requests"], free["requests"]);
+    assert_eq!(tight["hung"], 0, "{tight}");
+}

@@ -321,6 +321,11 @@ impl Sidecar {
         })
     }
 
+    /// The level the engine last went to sleep at (2 where host memory was short).
+    pub fn asleep_at(&self) -> u8 {
+        self.driver.asleep_at()
+    }
+
     pub fn boot_ready(&self) -> bool {
         self.life.lock().unwrap().boot_ready
     }
