@@ -523,10 +523,7 @@ pub fn gpu_name(index: u32) -> String {
 /// NVML index and UUID; simulated ones are numbered in order.
 /// The GPUs' ledger records: each with an even share of the sleepers' host memory.
 pub fn gpu_records(plan: &Plan) -> Vec<Gpu> {
-    let host_share = plan
-        .host_memory
-        .1
-        .map(|b| b / plan.gpus.len().max(1) as u64);
+    let host_share = GpuSpec::host_share(plan.host_memory.1, plan.gpus.len());
     plan.gpus
         .iter()
         .enumerate()
@@ -804,6 +801,28 @@ models:
         let e = parse("cfg.yaml", &bad).unwrap_err().to_string();
         assert!(
             e.contains("cfg.yaml") && e.contains("preemption: \"pause\""),
+            "{e}"
+        );
+    }
+
+    /// `hostMemory`: off by default on simulated GPUs, a size split evenly among the
+    /// GPU records, and a bad value named.
+    #[test]
+    fn host_memory_is_shared_by_the_gpus_and_a_bad_value_is_named() {
+        let base = "gpus: {simulated: [{memory: 10Gi}, {memory: 10Gi}]}\nmodels:\n  - {name: a, spec: {modelName: a, engine: sim}}\n";
+        let shares = |text: &str| {
+            gpu_records(&parse("t", text).unwrap())
+                .iter()
+                .map(|g| g.spec.host_memory_bytes)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shares(base), [None, None]);
+        let sized = format!("hostMemory: 64Gi\n{base}");
+        assert_eq!(shares(&sized), [Some(32 << 30), Some(32 << 30)]);
+        let bad = format!("hostMemory: lots\n{base}");
+        let e = parse("cfg.yaml", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("cfg.yaml") && e.contains("hostMemory: invalid host memory budget \"lots\""),
             "{e}"
         );
     }
