@@ -89,7 +89,7 @@ impl Agent {
             uuid: d.uuid.clone(),
             product: d.product.clone(),
             memory_bytes: d.memory_bytes,
-            host_memory_bytes: self.host.1.map(|b| b / gpus.max(1) as u64),
+            host_memory_bytes: GpuSpec::host_share(self.host.1, gpus),
         }
     }
 

@@ -44,6 +44,14 @@ pub struct GpuSpec {
     pub host_memory_bytes: Option<u64>,
 }
 
+impl GpuSpec {
+    /// One GPU's even share of its node's host memory for sleepers (`node`, `None`: not
+    /// accounted) among the node's `gpus`.
+    pub fn host_share(node: Option<u64>, gpus: usize) -> Option<u64> {
+        node.map(|b| b / gpus.max(1) as u64)
+    }
+}
+
 /// Measured device statistics, as NVML (or the simulator) reports them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]

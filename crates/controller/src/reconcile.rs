@@ -300,7 +300,7 @@ async fn apply(model: Arc<Model>, ctx: &Context) -> Result<Action, Error> {
     }))
 }
 
-/// The progress of each of `model`'s pods whose `download` init container runs, from
+/// The progress of each pod `model` owns whose `download` init container runs, from
 /// the last lines of that container's log (`greenthread download` ends each progress
 /// line with its exact bytes). A log that cannot be read leaves its pod out: the phase
 /// still says Downloading, without the bytes.
@@ -310,7 +310,7 @@ async fn download_progress(
     pods: &[Pod],
 ) -> std::collections::BTreeMap<String, greenthread_api::DownloadStatus> {
     let ns = model.namespace().unwrap_or_default();
-    let name = model.name_any();
+    let uid = model.metadata.uid.as_deref();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let params = LogParams {
         container: Some(render::DOWNLOAD_CONTAINER.into()),
@@ -318,9 +318,10 @@ async fn download_progress(
         ..LogParams::default()
     };
     let mut out = std::collections::BTreeMap::new();
+    // Owned, never matched by label: a look-alike pod's log must not speak for the Model.
     for pod in pods.iter().filter(|p| {
         p.namespace().as_deref() == Some(ns.as_str())
-            && p.labels().get(MODEL_LABEL) == Some(&name)
+            && owned_by(p.owner_references(), uid)
             && crate::status::downloading(p)
     }) {
         let pod_name = pod.name_any();

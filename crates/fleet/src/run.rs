@@ -372,7 +372,7 @@ fn gpu_records(setup: &Setup) -> Vec<Gpu> {
                 product: "simulated".into(),
                 memory_bytes: *memory,
                 // The node's budget over its GPUs (eight, or what the last node has).
-                host_memory_bytes: setup.host_memory.map(|b| b / (n - i / 8 * 8).min(8) as u64),
+                host_memory_bytes: GpuSpec::host_share(setup.host_memory, (n - i / 8 * 8).min(8)),
             },
             status: Default::default(),
             resource_version: String::new(),

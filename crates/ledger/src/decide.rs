@@ -55,13 +55,18 @@ pub fn charged_bytes(o: &Occupant) -> u64 {
 /// `memoryBytes − Σ reserved(serving, waking) − Σ residual(sleeping)`, ignoring `except`
 /// (a waker's own record, which its claim replaces).
 pub fn available_bytes(spec: &GpuSpec, status: &GpuStatus, except: Option<&str>) -> u64 {
-    let used: u64 = status
+    spec.memory_bytes
+        .saturating_sub(sum_except(status, except, charged_bytes))
+}
+
+/// Σ `bytes` of every occupant but `except`.
+fn sum_except(status: &GpuStatus, except: Option<&str>, bytes: fn(&Occupant) -> u64) -> u64 {
+    status
         .occupants
         .iter()
         .filter(|o| Some(o.pod_name.as_str()) != except)
-        .map(charged_bytes)
-        .sum();
-    spec.memory_bytes.saturating_sub(used)
+        .map(bytes)
+        .sum()
 }
 
 /// Σ charged bytes: what an observer checks never exceeds the GPU's memory.
@@ -84,7 +89,7 @@ pub fn fits(spec: &GpuSpec, status: &GpuStatus, pod: &str, need: u64) -> Result<
 
 /// Σ host memory the occupants hold (level-1 sleepers' weights, pinned models').
 pub fn host_held_bytes(status: &GpuStatus) -> u64 {
-    status.occupants.iter().map(|o| o.host_memory_bytes).sum()
+    sum_except(status, None, |o| o.host_memory_bytes)
 }
 
 /// This GPU's share of host memory for sleepers less what the occupants hold, ignoring
@@ -95,13 +100,7 @@ pub fn available_host_bytes(
     except: Option<&str>,
 ) -> Option<u64> {
     let total = spec.host_memory_bytes?;
-    let held: u64 = status
-        .occupants
-        .iter()
-        .filter(|o| Some(o.pod_name.as_str()) != except)
-        .map(|o| o.host_memory_bytes)
-        .sum();
-    Some(total.saturating_sub(held))
+    Some(total.saturating_sub(sum_except(status, except, |o| o.host_memory_bytes)))
 }
 
 /// Keeps `need` bytes of host memory for `pod`'s weights before it sleeps at level 1:
@@ -129,8 +128,24 @@ pub fn hold_host(
             total: spec.host_memory_bytes.unwrap_or_default(),
         });
     }
+    record_host(status, pod, need, pinned)
+}
+
+/// Records `need` bytes of host memory for `pod`'s weights whatever the others hold:
+/// for an engine that keeps them there at any level (the truth beats the budget), and
+/// for [`hold_host`] once they fit. A pinned pod keeps more if it held more.
+pub fn record_host(
+    status: &GpuStatus,
+    pod: &str,
+    need: u64,
+    pinned: bool,
+) -> Result<GpuStatus, Refusal> {
     let mut next = status.clone();
-    let o = next.occupant_mut(pod).expect("checked above");
+    let o = next
+        .occupant_mut(pod)
+        .ok_or_else(|| Refusal::NotAnOccupant {
+            pod: pod.to_string(),
+        })?;
     o.host_memory_bytes = if o.pinned {
         need.max(o.host_memory_bytes)
     } else {
@@ -145,15 +160,18 @@ pub fn hold_host(
 /// for it (`lost`: its engine is gone, and a pinned pod's bytes go back too).
 pub fn drop_host(status: &GpuStatus, pod: &str, lost: bool) -> GpuStatus {
     let mut next = status.clone();
-    if let Some(o) = next.occupant_mut(pod)
-        && (lost || !o.pinned)
-    {
-        o.host_memory_bytes = 0;
-        if lost {
-            o.pinned = false;
-        }
+    if let Some(o) = next.occupant_mut(pod) {
+        host_copy_gone(o, lost);
     }
     next
+}
+
+/// `o`'s host bytes go back, unless it is pinned and its engine not `lost`.
+fn host_copy_gone(o: &mut Occupant, lost: bool) {
+    if lost || !o.pinned {
+        o.host_memory_bytes = 0;
+        o.pinned &= !lost;
+    }
 }
 
 /// Why batch work alone may not wake a pod on this GPU now.
@@ -266,9 +284,7 @@ pub fn mark_serving(status: &GpuStatus, pod: &str, now: Timestamp) -> Result<Gpu
     o.heartbeat = now;
     // Awake, the engine's weights are back on the GPU: its host copy is gone (a
     // pinned model's bytes stay kept for its next sleep).
-    if !o.pinned {
-        o.host_memory_bytes = 0;
-    }
+    host_copy_gone(o, false);
     Ok(next)
 }
 
@@ -428,10 +444,8 @@ pub fn reconcile_own(status: &GpuStatus, pod: &str, settled: Settled, now: Times
                 o.became_serving_at.get_or_insert(now);
                 next
             };
-            if let Some(o) = next.occupant_mut(pod)
-                && !o.pinned
-            {
-                o.host_memory_bytes = 0;
+            if let Some(o) = next.occupant_mut(pod) {
+                host_copy_gone(o, false);
             }
             release_wake_lock(&clear_intent(&next, pod), pod)
         }

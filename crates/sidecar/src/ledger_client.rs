@@ -406,17 +406,11 @@ impl LedgerClient {
         for (k, gpu) in self.gpus.iter().enumerate() {
             let held = self
                 .update(&gpu.name, |g| {
-                    let unaccounted;
-                    let spec = if force {
-                        unaccounted = greenthread_api::GpuSpec {
-                            host_memory_bytes: None,
-                            ..g.spec.clone()
-                        };
-                        &unaccounted
+                    let next = if force {
+                        decide::record_host(&g.status, pod, bytes, self.pinned)?
                     } else {
-                        &g.spec
+                        decide::hold_host(&g.spec, &g.status, pod, bytes, self.pinned)?
                     };
-                    let next = decide::hold_host(spec, &g.status, pod, bytes, self.pinned)?;
                     Ok((Some(next), ()))
                 })
                 .await;

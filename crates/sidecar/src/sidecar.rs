@@ -660,8 +660,7 @@ impl Sidecar {
             self.metrics.barrier_timeouts.inc();
             tracing::warn!(model = %self.cfg.model, timeout = ?self.cfg.drain_timeout, "drain timed out; sleeping anyway");
         }
-        let level = self.sleep_level().await;
-        if let Err(e) = self.driver.sleep("sleep", level).await {
+        if let Err(e) = self.sleep_engine("sleep").await {
             // An engine that cannot sleep cannot be trusted with memory: stop it.
             tracing::error!(model = %self.cfg.model, error = %e, reason = e.metric_label(), "engine sleep failed; stopping it");
             self.driver.stop_process(Duration::from_secs(5)).await;
@@ -740,6 +739,12 @@ impl Sidecar {
                 2
             }
         }
+    }
+
+    /// Puts the engine to sleep at the level [`Sidecar::sleep_level`] chooses.
+    async fn sleep_engine(&self, what: &'static str) -> Result<(), crate::error::DriverError> {
+        let level = self.sleep_level().await;
+        self.driver.sleep(what, level).await
     }
 
     /// The engine is gone (stopped, crashed, failed): its host memory with it.
@@ -839,8 +844,7 @@ impl Sidecar {
                     self.record_serving(&m);
                 }
                 // Bounded like a wake: a boot holds the GPU's wake lock while it runs.
-                let level = self.sleep_level().await;
-                self.driver.sleep("sleep at boot", level).await?;
+                self.sleep_engine("sleep at boot").await?;
             }
             Ok::<_, crate::error::DriverError>(())
         };
@@ -1063,8 +1067,7 @@ impl Sidecar {
         if let Some(m) = self.driver.measure().await {
             self.record_serving(&m);
         }
-        let level = self.sleep_level().await;
-        if let Err(e) = self.driver.sleep("sleep", level).await {
+        if let Err(e) = self.sleep_engine("sleep").await {
             tracing::warn!(model = %self.cfg.model, error = %e, reason = e.metric_label(), "could not put the engine to sleep");
             return None;
         }
