@@ -3,6 +3,7 @@
 //! and in configuration files.
 
 pub mod engine_command;
+pub mod feed;
 pub mod gpu;
 pub mod keys;
 pub mod model;

@@ -4,14 +4,14 @@
 
 mod clock;
 pub mod decide;
-pub mod feed;
+
 mod kube_ledger;
 mod ledger;
 mod memory;
 pub mod policy;
 
 pub use clock::Clock;
-pub use feed::{Feed, Subscriber};
+pub use greenthread_api::feed::{self, Feed, Subscriber};
 pub use kube_ledger::KubeLedger;
 pub use ledger::{Backoff, Ledger, LedgerError, MAX_CONFLICTS, seed_jitter, update};
 pub use memory::MemoryLedger;

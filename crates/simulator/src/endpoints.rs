@@ -82,7 +82,7 @@ async fn generate(e: &Shared, prompt: &str, n: u32) -> Result<(String, u32), Res
     let prompt_tokens = openai::count_tokens(prompt);
     e.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
     let mut abort = e.abort_signal();
-    abort.mark_unchanged();
+    abort.borrow_and_update();
     let per_token = if e.cfg.tokens_per_second > 0.0 {
         f64::from(n) / e.cfg.tokens_per_second
     } else {

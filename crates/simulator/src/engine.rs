@@ -9,8 +9,9 @@ use std::{
     time::Duration,
 };
 
+use greenthread_api::feed::{Feed, Subscriber};
 use greenthread_gpu::{ProcessMemory, SimGpu};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::{SimConfig, metrics::Metrics};
 
@@ -39,8 +40,10 @@ pub struct SimEngine {
     gpu: Option<SimGpu>,
     /// Serializes sleep, wake and reload, as vLLM does.
     transition: tokio::sync::Mutex<()>,
-    /// Bumped when running requests must be aborted (sleep with `mode=abort`).
-    abort: watch::Sender<u64>,
+    /// Bumped when running requests must be aborted (sleep with `mode=abort`). Its
+    /// subscribers are told in the order they subscribed, so that a fleet simulation
+    /// sees the aborted streams end in the same order on every run.
+    abort: Feed<u64>,
     seqs: Arc<Semaphore>,
     /// One prefill at a time: the engine's prefill throughput is shared.
     prefill: tokio::sync::Mutex<()>,
@@ -92,7 +95,7 @@ impl SimEngine {
             }),
             gpu,
             transition: tokio::sync::Mutex::new(()),
-            abort: watch::Sender::new(0),
+            abort: Feed::new(0),
             seqs: Arc::new(Semaphore::new(cfg.max_num_seqs.max(1))),
             prefill: tokio::sync::Mutex::new(()),
             running: AtomicUsize::new(0),
@@ -354,7 +357,10 @@ impl SimEngine {
         if wait {
             self.wait_idle().await;
         } else {
-            self.abort.send_modify(|n| *n += 1);
+            self.abort.send_if_modified(|n| {
+                *n += 1;
+                true
+            });
         }
         let offload = if level == 1 {
             SimConfig::transfer_time(self.cfg.weights_bytes, self.cfg.d2h_bandwidth)
@@ -523,10 +529,13 @@ impl SimEngine {
 
     /// Aborts every running request, as vLLM does for requests whose client went away.
     pub fn abort_running(&self) {
-        self.abort.send_modify(|n| *n += 1);
+        self.abort.send_if_modified(|n| {
+            *n += 1;
+            true
+        });
     }
 
-    pub fn abort_signal(&self) -> watch::Receiver<u64> {
+    pub fn abort_signal(&self) -> Subscriber<u64> {
         self.abort.subscribe()
     }
 
@@ -571,9 +580,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn aborting_running_requests_signals_every_one_of_them() {
         let e = SimEngine::new(SimConfig::for_model("m"));
-        let mut signal = e.abort_signal();
-        signal.mark_unchanged();
+        let mut signals = [e.abort_signal(), e.abort_signal()];
         e.abort_running();
-        assert!(signal.has_changed().unwrap());
+        for signal in &mut signals {
+            tokio::time::timeout(std::time::Duration::from_secs(1), signal.changed())
+                .await
+                .expect("signalled")
+                .expect("the engine is alive");
+        }
     }
 }

@@ -490,7 +490,7 @@ async fn infer(e: Shared, kind: Kind, headers: HeaderMap, body: Bytes) -> Respon
         first + std::time::Duration::from_secs_f64(per_token * f64::from(i))
     };
     let mut abort = e.abort_signal();
-    abort.mark_unchanged();
+    abort.borrow_and_update();
     e.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
 
     if !req.stream {

@@ -1,7 +1,8 @@
-//! The latest GPU record and its subscribers: tokio's `watch` channel, but subscribers
-//! are woken in the order they started waiting. tokio's spreads them over eight lists
-//! chosen at random, so two sidecars woken by one change would run in a different order
-//! on every run; a fleet simulation must replay the same run from the same seed.
+//! A latest value and its subscribers (a GPU record, a count of pauses or aborts):
+//! tokio's `watch` channel, but subscribers are woken in the order they started
+//! waiting. tokio's spreads them over eight lists chosen at random, so two sidecars (or
+//! two streams) woken by one change would run in a different order on every run; a
+//! fleet simulation must replay the same run from the same seed.
 
 use std::{
     future::Future,
