@@ -6,7 +6,9 @@
 MODEL_A and MODEL_B cannot serve at once. A long answer streams from MODEL_A; midway a
 request to MODEL_B preempts it. The stream must pause, not break: MODEL_B answers, then
 MODEL_A wakes again and the stream goes on, so that the client reads one answer — one
-id, every token it asked for, usage that adds up. A request that is not streamed cannot
+id, every token it asked for, usage that adds up. An answer is stopped once: a second
+request to MODEL_B while the continuation streams waits for it to finish (the
+continuation is drained). A request that is not streamed cannot
 be continued: it is drained, and answered whole. Prints a JSON report; exits non-zero on
 any failed check.
 """
@@ -34,7 +36,8 @@ def check(cond, what):
 def other(result):
     t = time.monotonic()
     r = client.chat.completions.create(model=model_b, messages=PROMPT, max_tokens=4)
-    result["seconds"] = round(time.monotonic() - t, 3)
+    result["done"] = time.monotonic()
+    result["seconds"] = round(result["done"] - t, 3)
     result["content"] = r.choices[0].message.content
 
 
@@ -45,6 +48,7 @@ stream = client.chat.completions.create(
 )
 ids, pieces, usage, finish, gaps = set(), [], None, None, []
 b_result, b_thread = {}, None
+again, again_thread = {}, None
 last = time.monotonic()
 for chunk in stream:
     now = time.monotonic()
@@ -61,7 +65,14 @@ for chunk in stream:
     if len(pieces) == 10 and b_thread is None:
         b_thread = threading.Thread(target=other, args=(b_result,))
         b_thread.start()
+    # Well into the continuation (the pause came after token 10): preempted again.
+    if len(pieces) == 30 and again_thread is None:
+        b_thread.join()
+        again_thread = threading.Thread(target=other, args=(again,))
+        again_thread.start()
+stream_end = time.monotonic()
 b_thread.join()
+again_thread.join()
 report["streamed"] = {
     "ids": sorted(ids), "tokens": len(pieces), "finish": finish,
     "usage": usage.model_dump() if usage else None, "longestPauseSeconds": round(max(gaps), 3),
@@ -73,6 +84,11 @@ check(finish == "length", f"finish_reason {finish}")
 check(usage is not None and usage.completion_tokens == MAX_TOKENS, f"completion tokens add up: {usage}")
 check(usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens, f"usage {usage}")
 check(b_result.get("content"), f"the other model answered: {b_result}")
+check(again.get("content"), f"the other model answered again: {again}")
+check(again["done"] > stream_end, "the continuation was drained, not stopped a second time: "
+      f"the other model answered {stream_end - again['done']:.2f} s before the stream ended")
+report["again"] = {"seconds": again["seconds"]}
+b_result.pop("done", None)
 
 # Not streamed: drained (it cannot be continued), answered whole.
 b_result, b_thread = {}, threading.Thread(target=other, args=({},))

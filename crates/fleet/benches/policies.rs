@@ -1,10 +1,11 @@
-//! The scheduling policies side by side on both Azure traces (Patel et al., "Splitwise",
+//! The scheduling policies side by side (`lru`; `cost-aware` with its victims drained,
+//! and with their answers stopped and resumed) on both Azure traces (Patel et al., "Splitwise",
 //! ISCA 2024; CC-BY 4.0; see traces/README.md): the zoo at 1, 2, 4, 7 and 10 models per
 //! GPU on 4 GPUs of 80 GiB, skew 1.0, seeds 1–3, whole traces. For each: SLO attainment
 //! at 3 s and 10 s (mean, and the range over seeds), TTFT p50 and p99, wakes per hour,
 //! awake GPU-seconds, and the fewest GPUs reaching 90 % within 3 s (seed 1).
 //!
-//! `cargo bench -p greenthread-fleet --bench policies` (about ten minutes on 2 cores);
+//! `cargo bench -p greenthread-fleet --bench policies` (about fifteen minutes on 2 cores);
 //! `POLICY_BENCH_QUICK=1` runs the conversation trace at 7 models per GPU only.
 
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use greenthread_fleet::{
     trace, zoo,
 };
 use greenthread_ledger::Policy;
+use greenthread_sidecar::Preemption;
 
 const GPUS: usize = 4;
 const GIB: u64 = 1 << 30;
@@ -49,7 +51,7 @@ fn simulate(
     w: &trace::Workload,
     models: &[(String, greenthread_api::ValidModel)],
     gpus: usize,
-    policy: Policy,
+    (policy, preemption): (Policy, Preemption),
     seed: u64,
     slo: Duration,
 ) -> (Report, Report) {
@@ -65,7 +67,7 @@ fn simulate(
             seed,
             policy,
             faults: None,
-            preemption: greenthread_sidecar::Preemption::Drain,
+            preemption,
             host_memory: None,
         },
         None,
@@ -104,7 +106,11 @@ fn main() {
         println!("|---|---|---|---|---|---|---|---|---|");
         for &density in densities {
             let models = zoo::zoo(density * GPUS, 80 * GIB).expect("the zoo fits");
-            for policy in [Policy::Lru, Policy::CostAware] {
+            for how in [
+                (Policy::Lru, Preemption::Drain),
+                (Policy::CostAware, Preemption::Drain),
+                (Policy::CostAware, Preemption::Resume),
+            ] {
                 let mut row = Row {
                     slo3: vec![],
                     slo10: vec![],
@@ -114,8 +120,7 @@ fn main() {
                     awake: vec![],
                 };
                 for seed in SEEDS {
-                    let (r3, r10) =
-                        simulate(&w, &models, GPUS, policy, seed, Duration::from_secs(3));
+                    let (r3, r10) = simulate(&w, &models, GPUS, how, seed, Duration::from_secs(3));
                     row.slo3.push(r3.totals.slo_attainment);
                     row.slo10.push(r10.totals.slo_attainment);
                     row.p50.push(r3.totals.ttft_p50_seconds.unwrap_or(f64::NAN));
@@ -125,13 +130,17 @@ fn main() {
                     row.awake.push(r3.totals.awake_gpu_seconds);
                 }
                 let needed = match find_gpus(0.9, models.len(), |n| {
-                    Ok(simulate(&w, &models, n, policy, 1, Duration::from_secs(3)).0)
+                    Ok(simulate(&w, &models, n, how, 1, Duration::from_secs(3)).0)
                 }) {
                     Ok(found) => found.gpus.to_string(),
                     Err(_) => format!("> {}", models.len()),
                 };
+                let label = match how {
+                    (Policy::Lru, _) => "lru".to_string(),
+                    (p, pre) => format!("{p}, {}", pre.flag()),
+                };
                 println!(
-                    "| {density} | {policy} | {} | {} | {} | {} | {:.0} | {:.0} | {needed} |",
+                    "| {density} | {label} | {} | {} | {} | {} | {:.0} | {:.0} | {needed} |",
                     range(&row.slo3, true),
                     range(&row.slo10, true),
                     range(&row.p50, false),

@@ -14,6 +14,7 @@ use greenthread_fleet::{
     trace::{self, Arrivals, Workload},
     zoo,
 };
+use greenthread_sidecar::Preemption;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
@@ -56,10 +57,12 @@ pub struct SimulateArgs {
     /// With `--config`, the config's `policy` unless this is given.
     #[arg(long, value_parser = |s: &str| s.parse::<greenthread_ledger::Policy>())]
     pub policy: Option<greenthread_ledger::Policy>,
-    /// What a preempted model's running generations do: `drain` (finish before it
-    /// sleeps) or `resume` (stopped at once, continued after its next wake).
-    #[arg(long, value_enum, default_value = "drain")]
-    pub preemption: greenthread_sidecar::Preemption,
+    /// What a preempted model's running generations do: `resume` (stopped at once,
+    /// continued after its next wake; the default of the cost-aware policy) or `drain`
+    /// (finish before it sleeps; what `lru` always does). With `--config`, the config's
+    /// `preemption` unless this is given.
+    #[arg(long, value_enum)]
+    pub preemption: Option<Preemption>,
     /// The TTFT a request must meet to count as served in time.
     #[arg(long, default_value = "3s", value_parser = arg::duration)]
     pub ttft_slo: Duration,
@@ -159,6 +162,7 @@ struct Declared {
     /// A configuration's GPUs.
     gpus: Option<Vec<u64>>,
     policy: greenthread_ledger::Policy,
+    preemption: Preemption,
 }
 
 /// The models (a configuration's or the zoo), and what else a configuration sets.
@@ -169,18 +173,32 @@ fn declared(args: &SimulateArgs) -> anyhow::Result<Declared> {
             Ok(Declared {
                 gpus: Some(plan.gpus.iter().map(|g| g.memory_bytes).collect()),
                 policy: args.policy.unwrap_or(plan.policy),
+                preemption: args.preemption.unwrap_or(plan.preemption),
                 models: plan.models,
             })
         }
         (None, Some(n)) => {
             anyhow::ensure!(n > 0, "--models must be at least 1");
+            let policy = args.policy.unwrap_or_default();
             Ok(Declared {
                 models: zoo::zoo(n, args.gpu_memory).map_err(anyhow::Error::msg)?,
                 gpus: None,
-                policy: args.policy.unwrap_or_default(),
+                policy,
+                preemption: args.preemption.unwrap_or(default_preemption(policy)),
             })
         }
         (None, None) => anyhow::bail!("give --models N or --config FILE"),
+    }
+}
+
+/// The zoo's preemption when none is given: `resume` under the cost-aware policy, which
+/// uses it (stopped answers are continued after the victim's next wake: on the
+/// conversation trace more requests within 3 s and 10 s and a lower p99 than `drain`,
+/// see `docs/simulate.md`), `drain` under `lru`, which always drains.
+fn default_preemption(policy: greenthread_ledger::Policy) -> Preemption {
+    match policy {
+        greenthread_ledger::Policy::CostAware => Preemption::Resume,
+        greenthread_ledger::Policy::Lru => Preemption::Drain,
     }
 }
 
@@ -224,7 +242,8 @@ fn once(
             seed: args.seed,
             policy,
             faults,
-            preemption: args.preemption,
+            // Resolved in `main` (the config's, or the policy's default).
+            preemption: args.preemption.unwrap_or(Preemption::Drain),
             host_memory: args.host_memory,
         },
         (!quiet).then(progress_line),
@@ -238,7 +257,7 @@ fn once(
     ))
 }
 
-pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
+pub fn main(mut args: SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.skew >= 0.0, "--skew must be 0 or more");
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.target),
@@ -250,11 +269,13 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
         models,
         gpus: config_gpus,
         policy,
+        preemption,
     } = declared(&args)?;
     // Whether `lru` came from --policy or from --config's `policy:`.
-    args.preemption
+    preemption
         .check(policy)
         .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    args.preemption = Some(preemption);
     let gpus_of = |n: usize| vec![args.gpu_memory; n];
     if args.find_gpus {
         return find_gpus(&args, policy, &models, &w);
@@ -426,4 +447,62 @@ fn find_gpus(
         print!("{}", r.table());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+
+    fn declared_by(line: &[&str]) -> Declared {
+        let cli = Cli::try_parse_from(std::iter::once("simulate").chain(line.iter().copied()))
+            .expect("the line parses");
+        declared(&cli.args).expect("the models are declared")
+    }
+
+    /// The zoo resumes under the cost-aware policy and drains under `lru`, unless told;
+    /// a config's `preemption` (drain when it says nothing) is what `local` would run.
+    #[test]
+    fn the_preemption_follows_the_policy_the_flag_and_the_config() {
+        use greenthread_ledger::Policy;
+        let zoo = ["--rate", "1", "--models", "4"];
+        for (extra, policy, preemption) in [
+            (&[][..], Policy::CostAware, Preemption::Resume),
+            (&["--policy", "lru"][..], Policy::Lru, Preemption::Drain),
+            (
+                &["--preemption", "drain"][..],
+                Policy::CostAware,
+                Preemption::Drain,
+            ),
+        ] {
+            let d = declared_by(&[&zoo[..], extra].concat());
+            assert_eq!((d.policy, d.preemption), (policy, preemption), "{extra:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = |text: &str| {
+            let path = dir.path().join("models.yaml");
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let base = "gpus:\n  simulated:\n    - {memory: 80Gi}\nmodels:\n  - name: a\n    spec: {modelName: org/a, engine: sim, gpuMemoryUtilization: \"0.3\"}\n";
+        let plain = config(base);
+        let d = declared_by(&["--rate", "1", "--config", &plain]);
+        assert_eq!(
+            d.preemption,
+            Preemption::Drain,
+            "a config that says nothing drains"
+        );
+        let resumes = config(&format!("preemption: resume\n{base}"));
+        let d = declared_by(&["--rate", "1", "--config", &resumes]);
+        assert_eq!(d.preemption, Preemption::Resume);
+        let d = declared_by(&["--rate", "1", "--config", &resumes, "--preemption", "drain"]);
+        assert_eq!(d.preemption, Preemption::Drain, "the flag wins");
+    }
 }

@@ -211,24 +211,33 @@ fn bad_input_is_refused_with_the_flag_or_the_line_named() {
 
 /// The fault-seed run CI makes: 200 seeds, each ten simulated minutes of a generated
 /// workload over eight models on two GPUs, with faults of every kind drawn from the
-/// seed; the invariants are checked at every ledger commit and none may break.
+/// seed; the invariants are checked at every ledger commit and none may break. The
+/// zoo's preemption is `resume`; the first hundred seeds run again with `drain`.
 #[test]
 fn two_hundred_fault_seeds_break_no_invariant() {
-    let v = simulate(&[
-        "--rate",
-        "1",
-        "--minutes",
-        "10",
-        "--models",
-        "8",
-        "--gpus",
-        "2",
-        "--faults",
-        "--seeds",
-        "1..200",
-        "--json",
-    ])
-    .unwrap_or_else(|e| panic!("{e}"));
+    let seeds = |range: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--rate",
+            "1",
+            "--minutes",
+            "10",
+            "--models",
+            "8",
+            "--gpus",
+            "2",
+            "--faults",
+            "--seeds",
+            range,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        simulate(&args).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let drained = seeds("1..100", &["--preemption", "drain"]);
+    assert_eq!(drained["seeds"], 100);
+    assert_eq!(drained["failed"], serde_json::json!([]), "{drained}");
+    assert_eq!(drained["hung"], 0, "{drained}");
+    let v = seeds("1..200", &[]);
     assert_eq!(v["seeds"], 200);
     assert_eq!(v["failed"], serde_json::json!([]), "{v}");
     assert_eq!(v["hung"], 0, "{v}");

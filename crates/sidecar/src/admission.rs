@@ -216,8 +216,25 @@ impl Admission {
 
     /// Admits a request at once when open, queues it otherwise (see [`place`]).
     pub fn enter(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
+        self.enter_counted(priority, true)
+    }
+
+    /// [`Admission::enter`] for the continuation of an answer already under way: it
+    /// queues and is admitted like any request but is no new arrival (see
+    /// [`Admission::load`]).
+    pub fn enter_continuation(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
+        self.enter_counted(priority, false)
+    }
+
+    fn enter_counted(
+        self: &Arc<Self>,
+        priority: Priority,
+        arrival: bool,
+    ) -> Result<Entry, QueueFull> {
         let mut q = self.queue.lock().unwrap();
-        q.arrivals.count(Instant::now());
+        if arrival {
+            q.arrivals.count(Instant::now());
+        }
         if q.open {
             return Ok(Entry::Admitted(self.admit_locked(&mut q)));
         }
@@ -361,6 +378,24 @@ mod tests {
 
     fn admission(max: usize) -> Arc<Admission> {
         Admission::new(max, Gauge::default(), Gauge::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_continuation_is_admitted_and_queued_but_is_no_new_arrival() {
+        let a = admission(8);
+        a.open();
+        let slot = a.enter_continuation(Priority::Standard);
+        assert!(matches!(slot, Ok(Entry::Admitted(_))));
+        assert_eq!(a.load(), (1, 0), "in flight, not a recent request");
+        drop(slot);
+        drop(a.enter(Priority::Standard));
+        assert_eq!(a.load(), (0, 1));
+        // Closed, it waits its turn like any request, still uncounted.
+        a.close();
+        let t = a.enter_continuation(Priority::Standard);
+        assert!(matches!(t, Ok(Entry::Queued(_))));
+        assert_eq!(a.counts().0, 1, "queued");
+        assert_eq!(a.load().1, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -359,7 +359,7 @@ async fn relay_request(
         // Boxed: the common path's future stays as small as it was.
         return Box::pin(relay_resumable(sidecar, forwarder, parts, body, r)).await;
     }
-    relay_leg(sidecar, forwarder, parts, body, None, None).await
+    relay_leg(sidecar, forwarder, parts, body, None, None, false).await
 }
 
 /// A request for an on-demand adapter: found in the adapter cache (or downloaded into
@@ -411,6 +411,7 @@ async fn relay_on_demand(
         bytes::Bytes::new(),
         None,
         Some(&leg),
+        false,
     )
     .await
 }
@@ -424,7 +425,8 @@ struct OnDemandLeg<'a> {
 }
 
 /// One admission and exchange with the engine. `pause`, when given, is marked seen as
-/// the request is admitted: a preemption after that stops it.
+/// the request is admitted: a preemption after that stops it. `continuation`: the leg
+/// continues an answer already under way (not a new arrival).
 async fn relay_leg(
     sidecar: &Arc<Sidecar>,
     forwarder: &Forwarder,
@@ -432,6 +434,7 @@ async fn relay_leg(
     body: bytes::Bytes,
     mut pause: Option<&mut greenthread_ledger::Subscriber<u64>>,
     on_demand: Option<&OnDemandLeg<'_>>,
+    continuation: bool,
 ) -> Response {
     // Set by the API server from the caller's key (a client may only lower it there).
     let priority = parts
@@ -444,6 +447,8 @@ async fn relay_leg(
     for _ in 0..3 {
         let admitted = if batch {
             sidecar.admit_batch().await
+        } else if continuation {
+            sidecar.admit_continuation(priority).await
         } else {
             sidecar.admit_as(priority).await
         };
@@ -530,7 +535,16 @@ async fn relay_resumable(
     r: resume::Resumable,
 ) -> Response {
     let mut pause = sidecar.pause_signal();
-    let first = relay_leg(sidecar, forwarder, parts, body, Some(&mut pause), None).await;
+    let first = relay_leg(
+        sidecar,
+        forwarder,
+        parts,
+        body,
+        Some(&mut pause),
+        None,
+        false,
+    )
+    .await;
     if first.status() != StatusCode::OK || !is_event_stream(first.headers()) {
         return first;
     }
@@ -567,7 +581,12 @@ async fn pump(
                 biased;
                 // The client went away: dropping the engine's stream aborts it there.
                 () = tx.closed() => return,
-                changed = pause.changed() => {
+                // An answer is stopped once: its continuation drains like an answer that
+                // cannot be continued. Stopped again and again, a long answer would take
+                // a share of every wake of its model and outlive its queue deadline
+                // (on the conversation trace, 86 answers a seed were cut off so); a
+                // crash still stops a continuation, below.
+                changed = pause.changed(), if legs == 0 => {
                     if changed.is_err() {
                         return;
                     }
@@ -613,6 +632,7 @@ async fn pump(
             next.into(),
             Some(&mut pause),
             None,
+            true,
         )
         .await;
         if resp.status() != StatusCode::OK || !is_event_stream(resp.headers()) {

@@ -403,7 +403,19 @@ impl Sidecar {
     pub async fn admit_as(self: &Arc<Self>, priority: Priority) -> Result<InFlight, Rejection> {
         // Someone besides batches wants the model: its wake claims as the model does.
         self.ledger.set_batch_only(false);
-        self.admit_queued(priority).await
+        self.admit_queued(priority, true).await
+    }
+
+    /// [`Sidecar::admit_as`] for the continuation of an answer stopped by a preemption
+    /// (`--preemption resume`): not counted among the model's recent requests. Its first
+    /// token is out, so it is no fresh demand: counted, a model would stand on its own
+    /// stopped answers and preempt back the waker that stopped them.
+    pub async fn admit_continuation(
+        self: &Arc<Self>,
+        priority: Priority,
+    ) -> Result<InFlight, Rejection> {
+        self.ledger.set_batch_only(false);
+        self.admit_queued(priority, false).await
     }
 
     /// Admits a request of a batch ([`greenthread_api::BATCH_HEADER`]) to capacity that
@@ -440,12 +452,23 @@ impl Sidecar {
                 return Err(self.rejected(Rejection::NotIdle { why }));
             }
         }
-        self.admit_queued(Priority::Sheddable).await
+        self.admit_queued(Priority::Sheddable, true).await
     }
 
-    async fn admit_queued(self: &Arc<Self>, priority: Priority) -> Result<InFlight, Rejection> {
+    /// Queues a request (`arrival`: a new one, counted among the recent requests) and
+    /// waits for its admission.
+    async fn admit_queued(
+        self: &Arc<Self>,
+        priority: Priority,
+        arrival: bool,
+    ) -> Result<InFlight, Rejection> {
         let arrived = Instant::now();
-        let entered = self.admission.enter(priority).map_err(|full| {
+        let entered = if arrival {
+            self.admission.enter(priority)
+        } else {
+            self.admission.enter_continuation(priority)
+        };
+        let entered = entered.map_err(|full| {
             if full.priority == Priority::Sheddable && full.depth < self.cfg.max_queue {
                 Rejection::Shed {
                     why: format!(
