@@ -229,15 +229,16 @@ async fn the_cost_aware_policy_preempts_less_demand_at_once_and_more_demand_afte
         .await
         .expect("B's demand reaches the ledger");
 
-    // A (now 2) stands below B's 6 and gains one a second: four seconds of waiting.
+    // A (now 2) stands below B's 6 and gains one every three seconds: four requests,
+    // twelve seconds of waiting.
     let t = Instant::now();
     request(&a).await.unwrap();
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_secs(4),
+        took >= Duration::from_secs(12),
         "waited for its standing ({took:?})"
     );
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(took < Duration::from_secs(13), "{took:?}");
     assert_eq!(b.state().as_str(), "sleeping");
     assert_eq!(b.metrics.preemptions("preempted"), 1);
 }
