@@ -113,8 +113,10 @@ fn main() {
                 }
                 let mut resp = resp;
                 let mut ttft = None;
+                // The first event with data, as SSE clients read it: the comments a
+                // waiting stream gets every `wakeFeedback` (3 s) are no token.
                 while let Ok(Some(chunk)) = resp.chunk().await {
-                    if ttft.is_none() && !chunk.is_empty() {
+                    if ttft.is_none() && chunk.windows(5).any(|w| w == b"data:") {
                         ttft = Some(sent.elapsed());
                     }
                 }
