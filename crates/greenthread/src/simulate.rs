@@ -220,6 +220,7 @@ fn progress_line() -> OnProgress {
 fn once(
     args: &SimulateArgs,
     policy: greenthread_ledger::Policy,
+    preemption: Preemption,
     models: &[(String, ValidModel)],
     gpus: Vec<u64>,
     w: &Workload,
@@ -242,8 +243,7 @@ fn once(
             seed: args.seed,
             policy,
             faults,
-            // Resolved in `main` (the config's, or the policy's default).
-            preemption: args.preemption.unwrap_or(Preemption::Drain),
+            preemption,
             host_memory: args.host_memory,
         },
         (!quiet).then(progress_line),
@@ -257,7 +257,7 @@ fn once(
     ))
 }
 
-pub fn main(mut args: SimulateArgs) -> anyhow::Result<()> {
+pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.skew >= 0.0, "--skew must be 0 or more");
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.target),
@@ -275,10 +275,9 @@ pub fn main(mut args: SimulateArgs) -> anyhow::Result<()> {
     preemption
         .check(policy)
         .map_err(|e| anyhow::anyhow!("--{e}"))?;
-    args.preemption = Some(preemption);
     let gpus_of = |n: usize| vec![args.gpu_memory; n];
     if args.find_gpus {
-        return find_gpus(&args, policy, &models, &w);
+        return find_gpus(&args, policy, preemption, &models, &w);
     }
     let gpus = match (args.gpus, config_gpus) {
         (Some(n), _) => gpus_of(n),
@@ -287,9 +286,9 @@ pub fn main(mut args: SimulateArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!gpus.is_empty(), "--gpus must be at least 1");
     if let Some(seeds) = args.seeds {
-        return many_seeds(&args, policy, &models, &gpus, seeds);
+        return many_seeds(&args, policy, preemption, &models, &gpus, seeds);
     }
-    let r = once(&args, policy, &models, gpus, &w, args.json)?;
+    let r = once(&args, policy, preemption, &models, gpus, &w, args.json)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -307,6 +306,7 @@ pub fn main(mut args: SimulateArgs) -> anyhow::Result<()> {
 fn many_seeds(
     args: &SimulateArgs,
     policy: greenthread_ledger::Policy,
+    preemption: Preemption,
     models: &[(String, ValidModel)],
     gpus: &[u64],
     (first, last): (u64, u64),
@@ -324,8 +324,9 @@ fn many_seeds(
                     let Some(&seed) = seeds.get(i) else { return };
                     let mut a = args.clone();
                     a.seed = seed;
-                    let r = workload(&a)
-                        .and_then(|w| once(&a, policy, models, gpus.to_vec(), &w, true));
+                    let r = workload(&a).and_then(|w| {
+                        once(&a, policy, preemption, models, gpus.to_vec(), &w, true)
+                    });
                     results.lock().unwrap().push((seed, r));
                 }
             });
@@ -404,6 +405,7 @@ fn many_seeds(
 fn find_gpus(
     args: &SimulateArgs,
     policy: greenthread_ledger::Policy,
+    preemption: Preemption,
     models: &[(String, ValidModel)],
     w: &Workload,
 ) -> anyhow::Result<()> {
@@ -416,7 +418,15 @@ fn find_gpus(
         report: r,
         tried: curve,
     } = greenthread_fleet::find_gpus(args.target, most, |n| {
-        let r = once(args, policy, models, vec![args.gpu_memory; n], w, true)?;
+        let r = once(
+            args,
+            policy,
+            preemption,
+            models,
+            vec![args.gpu_memory; n],
+            w,
+            true,
+        )?;
         if !args.json {
             eprintln!(
                 "{n:>4} GPUs: {:.1}% within {:?} ({:.1} s wall)",

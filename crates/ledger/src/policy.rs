@@ -79,6 +79,13 @@ impl FromStr for Policy {
 /// but p99 130 s (`docs/simulate.md`).
 pub const SECONDS_PER_AGED_REQUEST: u64 = 3;
 
+/// The waker's requests of the last ten minutes, as its record says.
+fn own_requests(status: &GpuStatus, waker: &str) -> u64 {
+    status
+        .occupant(waker)
+        .map_or(0, |o| u64::from(o.recent_requests))
+}
+
 /// How long the waker has waited for memory on this GPU (since its intent).
 fn waited(status: &GpuStatus, waker: &str, now: Timestamp) -> u64 {
     status
@@ -99,10 +106,7 @@ fn standing(status: &GpuStatus, waker: &str, bound: Duration, now: Timestamp) ->
     if waited >= bound.as_secs() || critical {
         return u64::MAX;
     }
-    let own = status
-        .occupant(waker)
-        .map_or(0, |o| u64::from(o.recent_requests));
-    own + waited / SECONDS_PER_AGED_REQUEST
+    own_requests(status, waker) + waited / SECONDS_PER_AGED_REQUEST
 }
 
 /// The cost-aware choice: the victims that free `needed` bytes for `waker` at the least
@@ -336,9 +340,7 @@ pub fn recheck_at(
     }
     let standing = standing(status, waker, bound, now);
     let waited = waited(status, waker, now);
-    let own = status
-        .occupant(waker)
-        .map_or(0, |o| u64::from(o.recent_requests));
+    let own = own_requests(status, waker);
     let after = |secs: u64| {
         now.checked_add(jiff::SignedDuration::from_secs(
             secs.min(i64::MAX as u64) as i64
