@@ -39,6 +39,31 @@ pub struct ModelRow {
     pub totals: Totals,
 }
 
+/// One GPU: the requests of the models placed on it, and how its memory was used over
+/// the run. Where a GPU falls short, these say whether it was for memory (busy near 1)
+/// or for switching (much of it waking and deactivating).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuRow {
+    /// By position, as `models[].gpus` gives it.
+    pub gpu: u32,
+    pub memory_gib: f64,
+    /// The models with a replica here.
+    pub models: Vec<String>,
+    /// Requests to those models, and the fraction answered within the SLO.
+    pub requests: usize,
+    pub slo_attainment: f64,
+    /// Wakes of the replicas here.
+    pub wakes: u64,
+    /// The fraction of its memory × the simulated time held by a replica: waking,
+    /// serving or deactivating (each replica's reservation × its time in those states).
+    pub memory_busy: f64,
+    /// Of that, the fraction held while waking (nothing served yet).
+    pub memory_waking: f64,
+    /// Of that, the fraction held while deactivating (draining, then going to sleep).
+    pub memory_deactivating: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
@@ -55,6 +80,7 @@ pub struct Report {
     /// pending, waking, deactivating), each with its SLO attainment: where time is lost.
     pub by_state_at_arrival: BTreeMap<String, Totals>,
     pub models: Vec<ModelRow>,
+    pub by_gpu: Vec<GpuRow>,
     /// With `--faults`: what was injected and which invariants broke.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultsReport>,
@@ -168,6 +194,7 @@ pub fn report(
             totals: t,
         });
     }
+    let gpus = gpu_rows(run, names, models_of, slo);
     let mut by_state_at_arrival = BTreeMap::new();
     for state in greenthread_sidecar::state::State::ALL {
         let t = totals(
@@ -197,6 +224,7 @@ pub fn report(
         wall_seconds: wall.as_secs_f64(),
         by_state_at_arrival,
         models: rows,
+        by_gpu: gpus,
         faults: run.faults_seed.map(|seed| FaultsReport {
             seed,
             injected: run
@@ -211,6 +239,55 @@ pub fn report(
             violations: run.violations.iter().map(|v| v.to_string()).collect(),
         }),
     }
+}
+
+fn gpu_rows(run: &Run, names: &[String], models_of: &[usize], slo: Duration) -> Vec<GpuRow> {
+    let span = run.simulated.as_secs_f64();
+    run.gpu_memory
+        .iter()
+        .enumerate()
+        .map(|(g, &memory)| {
+            let g = g as u32;
+            let here: Vec<&crate::run::ReplicaStats> = run
+                .replicas
+                .iter()
+                .filter(|r| r.gpus.contains(&g))
+                .collect();
+            let mut models: Vec<usize> = here.iter().map(|r| r.model).collect();
+            models.sort_unstable();
+            models.dedup();
+            let t = totals(
+                run.outcomes
+                    .iter()
+                    .zip(models_of)
+                    .filter(|(_, m)| models.contains(m))
+                    .map(|(o, _)| o),
+                slo,
+            );
+            // Byte-seconds held, as a fraction of the GPU's over the run.
+            let share = |secs: &dyn Fn(&crate::run::ReplicaStats) -> f64| {
+                let held: f64 = here.iter().map(|r| r.reserved_bytes as f64 * secs(r)).sum();
+                if memory == 0 || span <= 0.0 {
+                    0.0
+                } else {
+                    held / (memory as f64 * span)
+                }
+            };
+            GpuRow {
+                gpu: g,
+                memory_gib: memory as f64 / (1u64 << 30) as f64,
+                models: models.iter().map(|&m| names[m].clone()).collect(),
+                requests: t.requests,
+                slo_attainment: t.slo_attainment,
+                wakes: here.iter().map(|r| r.wakes).sum(),
+                memory_busy: share(&|r| {
+                    r.waking_seconds + r.serving_seconds + r.deactivating_seconds
+                }),
+                memory_waking: share(&|r| r.waking_seconds),
+                memory_deactivating: share(&|r| r.deactivating_seconds),
+            }
+        })
+        .collect()
 }
 
 fn secs(v: Option<f64>) -> String {
@@ -267,6 +344,34 @@ impl Report {
             out.push_str(&format!("; refused: {}", r.join(", ")));
         }
         out.push('\n');
+        if self.by_gpu.len() > 1 {
+            out.push_str(&format!(
+                "\n{:<5} {:>7} {:>6} {:>8} {:>8} {:>7} {:>12} {:>8} {:>13}\n",
+                "GPU",
+                "GIB",
+                "MODELS",
+                "REQUESTS",
+                "SLO",
+                "WAKES",
+                "MEMORY BUSY",
+                "WAKING",
+                "DEACTIVATING"
+            ));
+            for g in &self.by_gpu {
+                out.push_str(&format!(
+                    "{:<5} {:>7.0} {:>6} {:>8} {:>7.1}% {:>7} {:>11.1}% {:>7.1}% {:>12.1}%\n",
+                    g.gpu,
+                    g.memory_gib,
+                    g.models.len(),
+                    g.requests,
+                    g.slo_attainment * 100.0,
+                    g.wakes,
+                    g.memory_busy * 100.0,
+                    g.memory_waking * 100.0,
+                    g.memory_deactivating * 100.0
+                ));
+            }
+        }
         let states: Vec<String> = self
             .by_state_at_arrival
             .iter()
@@ -306,6 +411,8 @@ mod tests {
     use crate::run::ReplicaStats;
     use greenthread_sidecar::state::State;
 
+    const GIB: u64 = 1 << 30;
+
     #[test]
     fn attainment_counts_refusals_as_misses_and_quantiles_are_nearest_rank() {
         let s = Duration::from_secs;
@@ -331,18 +438,27 @@ mod tests {
             replicas: vec![
                 ReplicaStats {
                     model: 0,
+                    gpus: vec![0],
                     wakes: 2,
                     preempted: 1,
                     awake_gpu_seconds: 10.0,
+                    reserved_bytes: 8 * GIB,
+                    waking_seconds: 5.0,
+                    serving_seconds: 40.0,
+                    deactivating_seconds: 5.0,
                     ..Default::default()
                 },
                 ReplicaStats {
                     model: 1,
+                    gpus: vec![1],
                     wakes: 1,
                     awake_gpu_seconds: 4.0,
+                    reserved_bytes: 16 * GIB,
+                    serving_seconds: 10.0,
                     ..Default::default()
                 },
             ],
+            gpu_memory: vec![16 * GIB, 32 * GIB],
             simulated: s(100),
             boot: s(3),
             arrived_to: vec![
@@ -388,5 +504,17 @@ mod tests {
         assert_eq!((serving.requests, serving.slo_attainment), (2, 1.0));
         assert_eq!(r.by_state_at_arrival["sleeping"].slo_attainment, 0.0);
         assert!(!r.by_state_at_arrival.contains_key("waking"));
+        // Per GPU: its models' requests, and its memory × time held, by state.
+        let g0 = &r.by_gpu[0];
+        assert_eq!((g0.models.clone(), g0.requests), (vec!["a".to_string()], 2));
+        assert_eq!((g0.slo_attainment, g0.wakes), (0.5, 2));
+        // 8 GiB for 50 s of a 16 GiB GPU's 100 s.
+        assert_eq!(g0.memory_busy, 0.25);
+        assert_eq!((g0.memory_waking, g0.memory_deactivating), (0.025, 0.025));
+        let g1 = &r.by_gpu[1];
+        assert_eq!((g1.requests, g1.slo_attainment), (2, 0.5));
+        assert_eq!((g1.memory_busy, g1.memory_waking), (0.05, 0.0));
+        assert!(json["byGpu"][1].get("memoryBusy").is_some(), "{json}");
+        assert!(r.table().contains("MEMORY BUSY"), "{}", r.table());
     }
 }

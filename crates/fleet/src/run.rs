@@ -107,6 +107,27 @@ pub struct ReplicaStats {
     pub demotions: u64,
     /// GPU-seconds it held memory (waking, serving, draining), per GPU it spans.
     pub awake_gpu_seconds: f64,
+    /// Bytes it holds on each of its GPUs while awake.
+    pub reserved_bytes: u64,
+    /// Seconds it spent waking (memory held, nothing served yet).
+    pub waking_seconds: f64,
+    /// Seconds it spent serving.
+    pub serving_seconds: f64,
+    /// Seconds it spent deactivating: draining its answers, then going to sleep.
+    pub deactivating_seconds: f64,
+}
+
+impl ReplicaStats {
+    /// Adds `secs` spent in `state` (one that holds memory).
+    fn held(&mut self, state: State, secs: f64) {
+        match state {
+            State::Waking => self.waking_seconds += secs,
+            State::Serving => self.serving_seconds += secs,
+            State::Deactivating => self.deactivating_seconds += secs,
+            State::Sleeping | State::Pending => return,
+        }
+        self.awake_gpu_seconds += secs * self.gpus.len().max(1) as f64;
+    }
 }
 
 /// What happened.
@@ -121,6 +142,8 @@ pub struct Run {
     pub boot: Duration,
     /// The state of each request's model (its first replica) when it arrived.
     pub arrived_to: Vec<State>,
+    /// Each GPU's memory in bytes, by position.
+    pub gpu_memory: Vec<u64>,
     /// The faults injected, each when it struck (from the first arrival).
     pub injected: Vec<Injected>,
     /// Invariants broken (only checked when faults are injected).
@@ -585,20 +608,26 @@ async fn send(router: axum::Router, body: String) -> Outcome {
 }
 
 /// Follows a replica's transitions, through its sidecar's restarts: wakes, and time
-/// holding GPU memory.
+/// holding GPU memory in each state.
 async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Arc<Shutdown>) {
     let holds = |s: State| matches!(s, State::Waking | State::Serving | State::Deactivating);
-    let gpus = stats.lock().unwrap().gpus.len().max(1) as f64;
     let mut incarnations = slot.incarnation.subscribe();
     let ended = end.wait();
     tokio::pin!(ended);
-    let mut since: Option<Instant> = None;
+    // The state holding memory now, and since when.
+    let mut since: Option<(Instant, State)> = None;
+    let close = |since: &mut Option<(Instant, State)>| {
+        if let Some((t, state)) = since.take() {
+            stats.lock().unwrap().held(state, t.elapsed().as_secs_f64());
+        }
+    };
     'incarnations: loop {
         let sidecar = slot.sidecar();
         incarnations.mark_unchanged();
         let mut transitions = sidecar.transitions();
-        if since.is_none() && holds(sidecar.state()) {
-            since = Some(Instant::now());
+        let now = sidecar.state();
+        if since.is_none() && holds(now) {
+            since = Some((Instant::now(), now));
         }
         loop {
             let next = tokio::select! {
@@ -606,9 +635,7 @@ async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Ar
                 t = transitions.recv() => t,
                 _ = incarnations.changed() => {
                     // A new sidecar starts asleep; the killed one's state is gone with it.
-                    if let Some(t) = since.take() {
-                        stats.lock().unwrap().awake_gpu_seconds += t.elapsed().as_secs_f64() * gpus;
-                    }
+                    close(&mut since);
                     continue 'incarnations;
                 }
                 () = &mut ended => break 'incarnations,
@@ -621,30 +648,26 @@ async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Ar
                 }
                 Err(_) => break 'incarnations,
             };
-            let mut s = stats.lock().unwrap();
-            if from == State::Waking && to == State::Serving {
-                s.wakes += 1;
-            }
-            if from == State::Deactivating
-                && to == State::Sleeping
-                && sidecar.cfg.sleep_level == 1
-                && sidecar.asleep_at() == 2
             {
-                s.demotions += 1;
-            }
-            match (holds(from), holds(to), since) {
-                (false, true, _) => since = Some(Instant::now()),
-                (true, false, Some(t)) => {
-                    s.awake_gpu_seconds += t.elapsed().as_secs_f64() * gpus;
-                    since = None;
+                let mut s = stats.lock().unwrap();
+                if from == State::Waking && to == State::Serving {
+                    s.wakes += 1;
                 }
-                _ => {}
+                if from == State::Deactivating
+                    && to == State::Sleeping
+                    && sidecar.cfg.sleep_level == 1
+                    && sidecar.asleep_at() == 2
+                {
+                    s.demotions += 1;
+                }
+            }
+            close(&mut since);
+            if holds(to) {
+                since = Some((Instant::now(), to));
             }
         }
     }
-    if let Some(t) = since {
-        stats.lock().unwrap().awake_gpu_seconds += t.elapsed().as_secs_f64() * gpus;
-    }
+    close(&mut since);
 }
 
 /// The longest a request may take under faults before it counts as hung: every
@@ -1080,6 +1103,7 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
                 model: slot.model,
                 pod: slot.pod.clone(),
                 gpus: slot.indices.clone(),
+                reserved_bytes: slot.cfg.memory_bytes.unwrap_or(0),
                 ..Default::default()
             }));
             followers.spawn(follow(slot.clone(), stats.clone(), end.clone()));
@@ -1187,6 +1211,7 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         simulated,
         boot,
         arrived_to,
+        gpu_memory: setup.gpus.clone(),
         injected,
         violations,
         faults_seed: setup.faults.as_ref().map(|p| p.seed),

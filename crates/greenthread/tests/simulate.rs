@@ -102,6 +102,20 @@ fn the_same_seed_gives_the_same_run_and_every_request_is_accounted_for() {
     let sum = |k: &str| models.iter().map(|m| m[k].as_u64().unwrap()).sum::<u64>();
     assert_eq!(sum("requests"), n("requests"));
     assert_eq!(sum("wakes"), n("wakes"));
+    // Per GPU (each model on one): the rows add up too, and memory is never more than
+    // fully held, the parts in transition within it.
+    let gpus = a["byGpu"].as_array().unwrap();
+    assert_eq!(gpus.len(), 4);
+    let sum = |k: &str| gpus.iter().map(|g| g[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("requests"), n("requests"));
+    assert_eq!(sum("wakes"), n("wakes"));
+    for g in gpus {
+        let f = |k: &str| g[k].as_f64().unwrap();
+        assert!(0.0 < f("memoryBusy") && f("memoryBusy") <= 1.0, "{g}");
+        assert!(f("memoryWaking") > 0.0 && f("memoryDeactivating") > 0.0, "{g}");
+        assert!(f("memoryWaking") + f("memoryDeactivating") < f("memoryBusy"), "{g}");
+        assert_eq!(g["models"].as_array().unwrap().len(), 7, "{g}");
+    }
 }
 
 #[test]
