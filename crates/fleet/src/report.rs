@@ -62,6 +62,10 @@ pub struct GpuRow {
     pub memory_waking: f64,
     /// Of that, the fraction held while deactivating (draining, then going to sleep).
     pub memory_deactivating: f64,
+    /// The fraction of its memory × the simulated time left free while models waited for
+    /// memory here, every one of them needing more than was free: the cost of packing
+    /// whole models on one GPU.
+    pub memory_stranded: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -285,6 +289,11 @@ fn gpu_rows(run: &Run, names: &[String], models_of: &[usize], slo: Duration) -> 
                 }),
                 memory_waking: share(&|r| r.waking_seconds),
                 memory_deactivating: share(&|r| r.deactivating_seconds),
+                memory_stranded: if span <= 0.0 {
+                    0.0
+                } else {
+                    run.stranded_seconds.get(g as usize).copied().unwrap_or(0.0) / span
+                },
             }
         })
         .collect()
@@ -346,7 +355,7 @@ impl Report {
         out.push('\n');
         if self.by_gpu.len() > 1 {
             out.push_str(&format!(
-                "\n{:<5} {:>7} {:>6} {:>8} {:>8} {:>7} {:>12} {:>8} {:>13}\n",
+                "\n{:<5} {:>7} {:>6} {:>8} {:>8} {:>7} {:>12} {:>8} {:>13} {:>9}\n",
                 "GPU",
                 "GIB",
                 "MODELS",
@@ -355,11 +364,12 @@ impl Report {
                 "WAKES",
                 "MEMORY BUSY",
                 "WAKING",
-                "DEACTIVATING"
+                "DEACTIVATING",
+                "STRANDED"
             ));
             for g in &self.by_gpu {
                 out.push_str(&format!(
-                    "{:<5} {:>7.0} {:>6} {:>8} {:>7.1}% {:>7} {:>11.1}% {:>7.1}% {:>12.1}%\n",
+                    "{:<5} {:>7.0} {:>6} {:>8} {:>7.1}% {:>7} {:>11.1}% {:>7.1}% {:>12.1}% {:>8.1}%\n",
                     g.gpu,
                     g.memory_gib,
                     g.models.len(),
@@ -368,7 +378,8 @@ impl Report {
                     g.wakes,
                     g.memory_busy * 100.0,
                     g.memory_waking * 100.0,
-                    g.memory_deactivating * 100.0
+                    g.memory_deactivating * 100.0,
+                    g.memory_stranded * 100.0
                 ));
             }
         }
@@ -459,6 +470,7 @@ mod tests {
                 },
             ],
             gpu_memory: vec![16 * GIB, 32 * GIB],
+            stranded_seconds: vec![12.0, 0.0],
             simulated: s(100),
             boot: s(3),
             arrived_to: vec![
@@ -511,6 +523,7 @@ mod tests {
         // 8 GiB for 50 s of a 16 GiB GPU's 100 s.
         assert_eq!(g0.memory_busy, 0.25);
         assert_eq!((g0.memory_waking, g0.memory_deactivating), (0.025, 0.025));
+        assert_eq!(g0.memory_stranded, 0.12);
         let g1 = &r.by_gpu[1];
         assert_eq!((g1.requests, g1.slo_attainment), (2, 0.5));
         assert_eq!((g1.memory_busy, g1.memory_waking), (0.05, 0.0));

@@ -144,6 +144,9 @@ pub struct Run {
     pub arrived_to: Vec<State>,
     /// Each GPU's memory in bytes, by position.
     pub gpu_memory: Vec<u64>,
+    /// Per GPU, by position: the seconds × fraction of its memory that was free while
+    /// models waited for memory there, every one of them needing more than was free.
+    pub stranded_seconds: Vec<f64>,
     /// The faults injected, each when it struck (from the first arrival).
     pub injected: Vec<Injected>,
     /// Invariants broken (only checked when faults are injected).
@@ -386,7 +389,7 @@ fn gpu_records(setup: &Setup) -> Vec<Gpu> {
         .iter()
         .enumerate()
         .map(|(i, memory)| Gpu {
-            name: format!("gpu-{i}"),
+            name: gpu_name(i),
             spec: GpuSpec {
                 // Eight GPUs a node, as in most GPU servers.
                 node: format!("node-{}", i / 8),
@@ -668,6 +671,71 @@ async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Ar
         }
     }
     close(&mut since);
+}
+
+/// The name of the GPU record at position `i`.
+fn gpu_name(i: usize) -> String {
+    format!("gpu-{i}")
+}
+
+/// The fraction of `gpu`'s memory free while models wait for memory there, none of
+/// them fitting in it; 0 when none waits or one fits.
+fn stranded_fraction(gpu: &Gpu) -> f64 {
+    let free = greenthread_ledger::decide::available_bytes(&gpu.spec, &gpu.status, None);
+    let waiting = &gpu.status.preemption_intents;
+    if waiting.is_empty()
+        || waiting.iter().any(|i| i.needed_bytes <= free)
+        || gpu.spec.memory_bytes == 0
+    {
+        return 0.0;
+    }
+    free as f64 / gpu.spec.memory_bytes as f64
+}
+
+/// Follows every ledger commit until `end`: per GPU, the time × fraction of its memory
+/// left free while models waited for memory there and none of them fitted in it. A record
+/// only changes at a commit, so each one holds until the next.
+async fn follow_free_memory(
+    fleet: Arc<Fleet>,
+    end: Arc<Shutdown>,
+) -> std::collections::BTreeMap<String, f64> {
+    use std::collections::BTreeMap;
+    let mut commits = fleet.memory.commits();
+    let ended = end.wait();
+    tokio::pin!(ended);
+    // Per GPU: since when, and the fraction stranded then (0 when none is).
+    let mut current: BTreeMap<String, (Instant, f64)> = fleet
+        .capacity
+        .keys()
+        .filter_map(|name| fleet.memory.gpu(name))
+        .map(|g| (g.name.clone(), (Instant::now(), stranded_fraction(&g))))
+        .collect();
+    let mut stranded: BTreeMap<String, f64> = BTreeMap::new();
+    let mut add = |name: &str, since: Instant, fraction: f64| {
+        *stranded.entry(name.to_string()).or_default() += fraction * since.elapsed().as_secs_f64();
+    };
+    loop {
+        let gpu = tokio::select! {
+            biased;
+            c = commits.recv() => match c {
+                Ok(g) => g,
+                // Capacity 65,536: not reached by a simulation; a gap would only
+                // stretch the previous record over it.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            },
+            () = &mut ended => break,
+        };
+        if let Some((since, fraction)) = current.get(&gpu.name) {
+            add(&gpu.name, *since, *fraction);
+        }
+        let fraction = stranded_fraction(&gpu);
+        current.insert(gpu.name.clone(), (Instant::now(), fraction));
+    }
+    for (name, (since, fraction)) in &current {
+        add(name, *since, *fraction);
+    }
+    stranded
 }
 
 /// The longest a request may take under faults before it counts as hung: every
@@ -1094,6 +1162,7 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
     }
     let boot = booting.elapsed();
 
+    let stranding = tokio::spawn(follow_free_memory(fleet.clone(), end.clone()));
     let mut followers = tokio::task::JoinSet::new();
     let stats: Vec<Arc<Mutex<ReplicaStats>>> = fleet
         .slots
@@ -1193,6 +1262,10 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         let _ = c.await;
     }
     while followers.join_next().await.is_some() {}
+    let stranded = stranding.await?;
+    let stranded_seconds = (0..setup.gpus.len())
+        .map(|i| stranded.get(&gpu_name(i)).copied().unwrap_or(0.0))
+        .collect();
     let replicas = stats
         .iter()
         .zip(&fleet.slots)
@@ -1212,8 +1285,86 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         boot,
         arrived_to,
         gpu_memory: setup.gpus.clone(),
+        stranded_seconds,
         injected,
         violations,
         faults_seed: setup.faults.as_ref().map(|p| p.seed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use greenthread_api::{GpuStatus, Occupant, OccupantState, PreemptionIntent};
+
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn gpu(serving_gib: &[u64], waiting_gib: &[u64]) -> Gpu {
+        let at = jiff::Timestamp::from_second(1_700_000_000).unwrap();
+        let occupants = serving_gib
+            .iter()
+            .enumerate()
+            .map(|(i, gib)| Occupant {
+                pod_name: format!("s{i}"),
+                model_name: format!("s{i}"),
+                state: OccupantState::Serving,
+                reserved_memory_bytes: gib * GIB,
+                residual_memory_bytes: 0,
+                popular: false,
+                priority: Default::default(),
+                last_accessed: None,
+                became_serving_at: Some(at),
+                min_runtime: Duration::from_secs(10),
+                heartbeat: at,
+                in_flight: 0,
+                recent_requests: 0,
+                host_memory_bytes: 0,
+                pinned: false,
+            })
+            .collect();
+        let preemption_intents = waiting_gib
+            .iter()
+            .enumerate()
+            .map(|(i, gib)| PreemptionIntent {
+                pod_name: format!("w{i}"),
+                model_name: format!("w{i}"),
+                needed_bytes: gib * GIB,
+                since: at,
+                victim_pod_name: None,
+            })
+            .collect();
+        Gpu {
+            name: gpu_name(0),
+            spec: GpuSpec {
+                memory_bytes: 80 * GIB,
+                ..Default::default()
+            },
+            status: GpuStatus {
+                occupants,
+                preemption_intents,
+                ..Default::default()
+            },
+            resource_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn memory_is_stranded_when_models_wait_and_none_fits_in_what_is_free() {
+        // (serving GiB, waiting GiB) → the fraction of the GPU stranded
+        let cases: &[(&[u64], &[u64], f64)] = &[
+            // 40 + 24 + 12 awake: 4 GiB free, a 24 waits for it.
+            (&[40, 24, 12], &[24], 0.05),
+            // Every waiter needs more: 8 GiB beside three 24s.
+            (&[24, 24, 24], &[12, 40], 0.1),
+            // Nobody waits: free, not stranded.
+            (&[40, 24], &[], 0.0),
+            // One waiter fits (it is about to claim, or held for another): not stranded.
+            (&[40, 24], &[12, 24], 0.0),
+        ];
+        for (serving, waiting, want) in cases {
+            let got = stranded_fraction(&gpu(serving, waiting));
+            assert_eq!(got, *want, "{serving:?} awake, {waiting:?} waiting");
+        }
+    }
 }

@@ -112,8 +112,17 @@ fn the_same_seed_gives_the_same_run_and_every_request_is_accounted_for() {
     for g in gpus {
         let f = |k: &str| g[k].as_f64().unwrap();
         assert!(0.0 < f("memoryBusy") && f("memoryBusy") <= 1.0, "{g}");
-        assert!(f("memoryWaking") > 0.0 && f("memoryDeactivating") > 0.0, "{g}");
-        assert!(f("memoryWaking") + f("memoryDeactivating") < f("memoryBusy"), "{g}");
+        assert!(
+            f("memoryWaking") > 0.0 && f("memoryDeactivating") > 0.0,
+            "{g}"
+        );
+        assert!(
+            f("memoryWaking") + f("memoryDeactivating") < f("memoryBusy"),
+            "{g}"
+        );
+        // Stranded memory is free memory: with what is held, no more than the whole.
+        assert!(f("memoryStranded") > 0.0, "{g}");
+        assert!(f("memoryBusy") + f("memoryStranded") <= 1.0 + 1e-9, "{g}");
         assert_eq!(g["models"].as_array().unwrap().len(), 7, "{g}");
     }
 }
