@@ -359,7 +359,7 @@ async fn relay_request(
         // Boxed: the common path's future stays as small as it was.
         return Box::pin(relay_resumable(sidecar, forwarder, parts, body, r)).await;
     }
-    relay_leg(sidecar, forwarder, parts, body, None, None, false).await
+    relay_leg(sidecar, forwarder, parts, body, Leg::Plain).await
 }
 
 /// A request for an on-demand adapter: found in the adapter cache (or downloaded into
@@ -409,9 +409,7 @@ async fn relay_on_demand(
         forwarder,
         parts,
         bytes::Bytes::new(),
-        None,
-        Some(&leg),
-        false,
+        Leg::OnDemand(&leg),
     )
     .await
 }
@@ -424,17 +422,27 @@ struct OnDemandLeg<'a> {
     members: serde_json::Map<String, serde_json::Value>,
 }
 
-/// One admission and exchange with the engine. `pause`, when given, is marked seen as
-/// the request is admitted: a preemption after that stops it. `continuation`: the leg
-/// continues an answer already under way (not a new arrival).
+/// What kind of exchange [`relay_leg`] makes.
+enum Leg<'a, 'b> {
+    /// A request as it came.
+    Plain,
+    /// A request for an on-demand adapter, loaded into the engine once admitted.
+    OnDemand(&'a OnDemandLeg<'b>),
+    /// The first leg of an answer that can be continued: the preemption signal is marked
+    /// seen as it is admitted, and a preemption after that stops it.
+    Resumable(&'a mut greenthread_ledger::Subscriber<u64>),
+    /// The continuation of an answer already under way: admitted as no new arrival, and
+    /// stopped like a first leg.
+    Continuation(&'a mut greenthread_ledger::Subscriber<u64>),
+}
+
+/// One admission and exchange with the engine.
 async fn relay_leg(
     sidecar: &Arc<Sidecar>,
     forwarder: &Forwarder,
     parts: &http::request::Parts,
     body: bytes::Bytes,
-    mut pause: Option<&mut greenthread_ledger::Subscriber<u64>>,
-    on_demand: Option<&OnDemandLeg<'_>>,
-    continuation: bool,
+    mut leg: Leg<'_, '_>,
 ) -> Response {
     // Set by the API server from the caller's key (a client may only lower it there).
     let priority = parts
@@ -447,7 +455,7 @@ async fn relay_leg(
     for _ in 0..3 {
         let admitted = if batch {
             sidecar.admit_batch().await
-        } else if continuation {
+        } else if matches!(leg, Leg::Continuation(_)) {
             sidecar.admit_continuation(priority).await
         } else {
             sidecar.admit_as(priority).await
@@ -459,16 +467,18 @@ async fn relay_leg(
                 return rejection.into_response();
             }
         };
-        if let Some(p) = pause.as_deref_mut() {
-            p.borrow_and_update();
+        if let Leg::Resumable(pause) | Leg::Continuation(pause) = &mut leg {
+            pause.borrow_and_update();
         }
         // An adapter named as the engine serving now names it (SGLang's
         // `<base>:<adapter>`; llama.cpp's `lora` list, by what it started with).
-        let (sent, in_use) = match on_demand {
-            None => (sidecar.engine_request(&parts.headers, body.clone()), None),
+        let (sent, in_use) = match &leg {
+            Leg::Plain | Leg::Resumable(_) | Leg::Continuation(_) => {
+                (sidecar.engine_request(&parts.headers, body.clone()), None)
+            }
             // Loaded now, while the slot keeps the engine awake; marked in use until
             // the answer ends, so that no other load unloads it meanwhile.
-            Some(leg) => match leg
+            Leg::OnDemand(leg) => match leg
                 .od
                 .load(
                     &**sidecar.engine(),
@@ -535,16 +545,7 @@ async fn relay_resumable(
     r: resume::Resumable,
 ) -> Response {
     let mut pause = sidecar.pause_signal();
-    let first = relay_leg(
-        sidecar,
-        forwarder,
-        parts,
-        body,
-        Some(&mut pause),
-        None,
-        false,
-    )
-    .await;
+    let first = relay_leg(sidecar, forwarder, parts, body, Leg::Resumable(&mut pause)).await;
     if first.status() != StatusCode::OK || !is_event_stream(first.headers()) {
         return first;
     }
@@ -630,9 +631,7 @@ async fn pump(
             &forwarder,
             &parts,
             next.into(),
-            Some(&mut pause),
-            None,
-            true,
+            Leg::Continuation(&mut pause),
         )
         .await;
         if resp.status() != StatusCode::OK || !is_event_stream(resp.headers()) {
