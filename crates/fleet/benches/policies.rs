@@ -105,7 +105,7 @@ fn main() {
         );
         println!("|---|---|---|---|---|---|---|---|---|");
         for &density in densities {
-            let models = zoo::zoo(density * GPUS, 80 * GIB).expect("the zoo fits");
+            let models = zoo::zoo(density * GPUS, 80 * GIB, 1).expect("the zoo fits");
             for how in [
                 (Policy::Lru, Preemption::Drain),
                 (Policy::CostAware, Preemption::Drain),
@@ -129,7 +129,7 @@ fn main() {
                         .push(r3.totals.wakes as f64 * 3600.0 / r3.simulated_seconds);
                     row.awake.push(r3.totals.awake_gpu_seconds);
                 }
-                let needed = match find_gpus(0.9, models.len(), |n| {
+                let needed = match find_gpus(0.9, models.len(), 1, |n| {
                     Ok(simulate(&w, &models, n, how, 1, Duration::from_secs(3)).0)
                 }) {
                     Ok(found) => found.gpus.to_string(),

@@ -55,29 +55,33 @@ pub struct Found {
 /// it tries: doubling from one until a count reaches it (at most `most`, every replica
 /// alone), then bisecting between the last that did not and the first that did
 /// (attainment grows with GPUs, give or take a seed's noise). An error when even `most`
-/// fall short.
+/// fall short. Counts go in steps of `unit` GPUs (a tensor-parallel replica's group).
 pub fn find_gpus(
     target: f64,
     most: usize,
+    unit: usize,
     mut on: impl FnMut(usize) -> anyhow::Result<report::Report>,
 ) -> anyhow::Result<Found> {
+    let unit = unit.max(1);
+    // Below, counts are of groups of `unit` GPUs.
     let mut tried: Vec<(usize, report::Report)> = Vec::new();
     let mut attempt =
         |n: usize, tried: &mut Vec<(usize, report::Report)>| -> anyhow::Result<bool> {
             if let Some((_, r)) = tried.iter().find(|(g, _)| *g == n) {
                 return Ok(r.totals.slo_attainment >= target);
             }
-            let r = on(n)?;
+            let r = on(n * unit)?;
             let ok = r.totals.slo_attainment >= target;
             tried.push((n, r));
             Ok(ok)
         };
-    let most = most.max(1);
+    let most = most.div_ceil(unit).max(1);
     let mut hi = 1;
     while !attempt(hi, &mut tried)? {
         if hi >= most {
             anyhow::bail!(
-                "even {hi} GPUs (every replica alone) reach only {:.1}%, below the target of {:.1}%",
+                "even {} GPUs (every replica alone) reach only {:.1}%, below the target of {:.1}%",
+                hi * unit,
                 tried
                     .last()
                     .map_or(0.0, |t| t.1.totals.slo_attainment * 100.0),
@@ -99,7 +103,7 @@ pub fn find_gpus(
     let curve: Vec<(usize, f64)> = {
         let mut c: Vec<(usize, f64)> = tried
             .iter()
-            .map(|(n, r)| (*n, r.totals.slo_attainment))
+            .map(|(n, r)| (*n * unit, r.totals.slo_attainment))
             .collect();
         c.sort_by_key(|(n, _)| *n);
         c
@@ -110,7 +114,7 @@ pub fn find_gpus(
         .map(|(_, r)| r)
         .expect("the count found was tried");
     Ok(Found {
-        gpus: hi,
+        gpus: hi * unit,
         report: at,
         tried: curve,
     })

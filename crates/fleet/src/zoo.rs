@@ -70,7 +70,19 @@ const ZOO_SEED: u64 = 0x6772_6565_6e74_6872;
 /// `n` models: half 8B-class, a quarter 3B-class, a quarter 14B-class (in the pattern
 /// 8B, 3B, 8B, 14B, so that any `n` keeps the proportions as near as it can), in a
 /// seeded order, named `m000-8b`, `m001-14b`, …
-pub fn zoo(n: usize, gpu_memory: u64) -> Result<Vec<(String, ValidModel)>, String> {
+///
+/// With `tensor` > 1 each model runs tensor-parallel over that many GPUs: each GPU holds
+/// its share of the weights and of the KV cache (the class's figures ÷ `tensor`), and
+/// copies its share over its own link when the model sleeps or wakes, so wakes and
+/// sleeps take that fraction of the time (plus the same fixed cost). Prefill and decode
+/// keep their rates: the speed-up of parallel compute and the cost of its all-reduces
+/// are not modelled.
+pub fn zoo(n: usize, gpu_memory: u64, tensor: u32) -> Result<Vec<(String, ValidModel)>, String> {
+    if ![1, 2, 4, 8].contains(&tensor) {
+        return Err(format!(
+            "tensor parallelism must be 1, 2, 4 or 8, not {tensor}"
+        ));
+    }
     let pattern = [CLASS_8B, CLASS_3B, CLASS_8B, CLASS_14B];
     let mut classes: Vec<Class> = (0..n).map(|i| pattern[i % 4]).collect();
     Rng::new(ZOO_SEED).shuffle(&mut classes);
@@ -79,36 +91,44 @@ pub fn zoo(n: usize, gpu_memory: u64) -> Result<Vec<(String, ValidModel)>, Strin
         .enumerate()
         .map(|(i, c)| {
             let name = format!("m{i:03}-{}", c.name);
-            Ok((name.clone(), model(&name, c, gpu_memory)?))
+            Ok((name.clone(), model(&name, c, gpu_memory, tensor)?))
         })
         .collect()
 }
 
-fn model(name: &str, class: &Class, gpu_memory: u64) -> Result<ValidModel, String> {
-    if class.reserved > gpu_memory {
+fn model(name: &str, class: &Class, gpu_memory: u64, tensor: u32) -> Result<ValidModel, String> {
+    // What one GPU holds.
+    let (weights, reserved) = (
+        class.weights / tensor as u64,
+        class.reserved / tensor as u64,
+    );
+    if reserved > gpu_memory {
         return Err(format!(
-            "a {}-class model reserves {} GiB, more than a {} GiB GPU",
+            "a {}-class model reserves {} GiB per GPU, more than a {} GiB GPU",
             class.name,
-            class.reserved / GIB,
+            reserved / GIB,
             gpu_memory / GIB
         ));
     }
     let mut engine: Vec<String> = vec![
         "--weights-bytes".into(),
-        class.weights.to_string(),
+        weights.to_string(),
         "--kv-cache-bytes".into(),
-        (class.reserved - class.weights).to_string(),
+        (reserved - weights).to_string(),
     ];
     engine.extend(ZOO_ENGINE.iter().map(|s| s.to_string()));
     // The share rounds up so that it is never below the reservation.
-    let utilization = (class.reserved as f64 / gpu_memory as f64 * 1e6).ceil() / 1e6;
-    let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+    let utilization = (reserved as f64 / gpu_memory as f64 * 1e6).ceil() / 1e6;
+    let mut spec = serde_json::json!({
         "modelName": name,
         "engine": "sim",
         "gpuMemoryUtilization": format!("{utilization:.6}"),
         "extraArgs": engine,
-    }))
-    .map_err(|e| e.to_string())?;
+    });
+    if tensor > 1 {
+        spec["parallelism"] = serde_json::json!({"tensor": tensor});
+    }
+    let spec: ModelSpec = serde_json::from_value(spec).map_err(|e| e.to_string())?;
     spec.validate("model")
         .map_err(|errors| format!("{errors:?}"))
 }
@@ -133,8 +153,8 @@ mod tests {
 
     #[test]
     fn the_zoo_is_the_same_for_a_size_and_keeps_the_class_proportions() {
-        let a = zoo(28, 80 * GIB).unwrap();
-        let b = zoo(28, 80 * GIB).unwrap();
+        let a = zoo(28, 80 * GIB, 1).unwrap();
+        let b = zoo(28, 80 * GIB, 1).unwrap();
         let names = |z: &[(String, ValidModel)]| z.iter().map(|m| m.0.clone()).collect::<Vec<_>>();
         assert_eq!(names(&a), names(&b));
         let count = |c: &str| a.iter().filter(|m| m.0.ends_with(&format!("-{c}"))).count();
@@ -148,7 +168,7 @@ mod tests {
 
     #[test]
     fn a_zoo_model_reserves_its_class_and_its_engine_has_the_class_timings() {
-        let z = zoo(4, 80 * GIB).unwrap();
+        let z = zoo(4, 80 * GIB, 1).unwrap();
         let (name, m) = z.iter().find(|m| m.0.ends_with("-14b")).unwrap();
         let share = m.share_of(80 * GIB);
         assert!(
@@ -164,6 +184,31 @@ mod tests {
         // 28 GB at 25 GB/s plus 0.1 s.
         let wake = SimConfig::transfer_time(e.weights_bytes, e.h2d_bandwidth) + e.wake_fixed;
         assert_eq!(wake.as_millis(), 1220);
-        assert!(zoo(1, 20 * GIB).is_err(), "an 8B model does not fit 20 GiB");
+        assert!(
+            zoo(1, 20 * GIB, 1).is_err(),
+            "an 8B model does not fit 20 GiB"
+        );
+    }
+
+    #[test]
+    fn a_tensor_parallel_zoo_model_holds_its_share_on_each_gpu_and_moves_it_in_that_time() {
+        let z = zoo(4, 80 * GIB, 2).unwrap();
+        let (name, m) = z.iter().find(|m| m.0.ends_with("-14b")).unwrap();
+        assert_eq!(m.spec.gpus_per_replica(), 2, "{name}");
+        let share = m.share_of(80 * GIB);
+        assert!(
+            (20 * GIB..20 * GIB + 100_000).contains(&share),
+            "{name}: {share}"
+        );
+        let e = engine_config(m, share).unwrap();
+        assert_eq!(e.weights_bytes, 14 * GB);
+        assert_eq!(e.weights_bytes + e.kv_cache_bytes, 20 * GIB);
+        // 14 GB at 25 GB/s plus 0.1 s: each GPU copies its half at once.
+        let wake = SimConfig::transfer_time(e.weights_bytes, e.h2d_bandwidth) + e.wake_fixed;
+        assert_eq!(wake.as_millis(), 660);
+        // Half of a 14B-class model fits a 20 GiB GPU; the whole one does not.
+        assert!(zoo(4, 20 * GIB, 2).is_ok());
+        assert!(zoo(4, 20 * GIB, 1).is_err());
+        assert!(zoo(4, 80 * GIB, 3).unwrap_err().contains("1, 2, 4 or 8"));
     }
 }

@@ -24,7 +24,7 @@ fn setup(models: usize, gpus: usize, minutes: u64, seed: u64, faults: FaultPlan)
     );
     let (requests, _) = assign(&workload, models, 1.0, seed);
     Setup {
-        models: zoo::zoo(models, 80 * GIB).unwrap(),
+        models: zoo::zoo(models, 80 * GIB, 1).unwrap(),
         gpus: vec![80 * GIB; gpus],
         requests,
         seed,

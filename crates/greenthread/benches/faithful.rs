@@ -36,7 +36,7 @@ fn main() {
     let w = trace::parse_azure(&std::fs::read_to_string(path).unwrap())
         .unwrap()
         .first_minutes(minutes);
-    let models = zoo::zoo(28, 80 * GIB).unwrap();
+    let models = zoo::zoo(28, 80 * GIB, 1).unwrap();
     let (requests, _) = assign(&w, models.len(), 1.0, 1);
     let names: Vec<String> = models.iter().map(|m| m.0.clone()).collect();
     let of: Vec<usize> = requests.iter().map(|r| r.model).collect();

@@ -37,6 +37,11 @@ pub struct SimulateArgs {
     /// `--gpus` is given).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// With `--models`: each model runs tensor-parallel over this many GPUs (1, 2, 4 or
+    /// 8), holding its share of the weights and KV cache on each, so the GPUs of a
+    /// group pool their memory for it.
+    #[arg(long, default_value_t = 1, conflicts_with = "config")]
+    pub tensor_parallel: u32,
     /// GPUs of `--gpu-memory` each.
     #[arg(long)]
     pub gpus: Option<usize>,
@@ -181,7 +186,8 @@ fn declared(args: &SimulateArgs) -> anyhow::Result<Declared> {
             anyhow::ensure!(n > 0, "--models must be at least 1");
             let policy = args.policy.unwrap_or_default();
             Ok(Declared {
-                models: zoo::zoo(n, args.gpu_memory).map_err(anyhow::Error::msg)?,
+                models: zoo::zoo(n, args.gpu_memory, args.tensor_parallel)
+                    .map_err(|e| anyhow::anyhow!("--tensor-parallel / --gpu-memory: {e}"))?,
                 gpus: None,
                 policy,
                 preemption: args.preemption.unwrap_or(default_preemption(policy)),
@@ -409,15 +415,18 @@ fn find_gpus(
     models: &[(String, ValidModel)],
     w: &Workload,
 ) -> anyhow::Result<()> {
+    // Every replica alone on its GPUs; counts in steps of the largest replica's GPUs.
+    let per_replica = |m: &(String, ValidModel)| m.1.spec.gpus_per_replica() as usize;
     let most = models
         .iter()
-        .map(|m| m.1.spec.replicas as usize)
+        .map(|m| m.1.spec.replicas as usize * per_replica(m))
         .sum::<usize>();
+    let unit = models.iter().map(per_replica).max().unwrap_or(1);
     let greenthread_fleet::Found {
         gpus: n,
         report: r,
         tried: curve,
-    } = greenthread_fleet::find_gpus(args.target, most, |n| {
+    } = greenthread_fleet::find_gpus(args.target, most, unit, |n| {
         let r = once(
             args,
             policy,

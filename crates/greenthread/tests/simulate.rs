@@ -155,6 +155,49 @@ fn a_generated_workload_runs_and_more_gpus_serve_it_better() {
 }
 
 #[test]
+fn tensor_parallel_models_span_a_gpu_group_and_hold_their_share_on_each() {
+    let run = |tp: &str| {
+        simulate(&[
+            "--rate",
+            "2",
+            "--minutes",
+            "5",
+            "--models",
+            "8",
+            "--gpus",
+            "4",
+            "--tensor-parallel",
+            tp,
+            "--json",
+        ])
+        .unwrap()
+    };
+    let tp2 = run("2");
+    assert_eq!(tp2["answered"], tp2["requests"], "{tp2}");
+    for m in tp2["models"].as_array().unwrap() {
+        let groups = m["gpus"].as_array().unwrap();
+        assert_eq!(groups.len(), 1, "one replica: {m}");
+        let pair: Vec<u64> = groups[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_u64().unwrap())
+            .collect();
+        // Two GPUs of one node, a pair the placement keeps together.
+        assert!(pair == [0, 1] || pair == [2, 3], "{m}");
+    }
+    // Each GPU of a pair holds the same halves, so their memory-time is the same.
+    let busy = |g: usize| tp2["byGpu"][g]["memoryBusy"].as_f64().unwrap();
+    assert!(busy(0) > 0.0 && (busy(0) - busy(1)).abs() < 1e-9, "{tp2}");
+    assert!((busy(2) - busy(3)).abs() < 1e-9, "{tp2}");
+    // The same models whole, one GPU each: each holds a whole model's reservation.
+    let tp1 = run("1");
+    for m in tp1["models"].as_array().unwrap() {
+        assert_eq!(m["gpus"][0].as_array().unwrap().len(), 1, "{m}");
+    }
+}
+
+#[test]
 fn bad_input_is_refused_with_the_flag_or_the_line_named() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.csv");
@@ -224,6 +267,32 @@ fn bad_input_is_refused_with_the_flag_or_the_line_named() {
                 "resume",
             ],
             "lru always drains",
+        ),
+        (
+            &[
+                "--rate",
+                "1",
+                "--models",
+                "2",
+                "--gpus",
+                "2",
+                "--tensor-parallel",
+                "3",
+            ],
+            "--tensor-parallel / --gpu-memory: tensor parallelism must be 1, 2, 4 or 8",
+        ),
+        (
+            &[
+                "--rate",
+                "1",
+                "--models",
+                "2",
+                "--gpus",
+                "1",
+                "--tensor-parallel",
+                "2",
+            ],
+            "no node has 2 GPUs",
         ),
     ];
     for (args, expected) in cases {
