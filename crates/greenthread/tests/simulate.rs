@@ -127,24 +127,17 @@ fn the_same_seed_gives_the_same_run_and_every_request_is_accounted_for() {
     }
 }
 
+/// Five minutes of 2 requests/s to 8 zoo models, with `more` arguments, as JSON.
+fn generated(more: &[&str]) -> Value {
+    let mut args = vec!["--rate", "2", "--minutes", "5", "--models", "8", "--json"];
+    args.extend_from_slice(more);
+    simulate(&args).unwrap()
+}
+
 #[test]
 fn a_generated_workload_runs_and_more_gpus_serve_it_better() {
-    let run = |gpus: &str| {
-        simulate(&[
-            "--rate",
-            "2",
-            "--minutes",
-            "5",
-            "--models",
-            "8",
-            "--gpus",
-            gpus,
-            "--json",
-        ])
-        .unwrap()
-    };
-    let few = run("1");
-    let many = run("8");
+    let few = generated(&["--gpus", "1"]);
+    let many = generated(&["--gpus", "8"]);
     let (a, b) = (
         few["sloAttainment"].as_f64().unwrap(),
         many["sloAttainment"].as_f64().unwrap(),
@@ -156,22 +149,7 @@ fn a_generated_workload_runs_and_more_gpus_serve_it_better() {
 
 #[test]
 fn tensor_parallel_models_span_a_gpu_group_and_hold_their_share_on_each() {
-    let run = |tp: &str| {
-        simulate(&[
-            "--rate",
-            "2",
-            "--minutes",
-            "5",
-            "--models",
-            "8",
-            "--gpus",
-            "4",
-            "--tensor-parallel",
-            tp,
-            "--json",
-        ])
-        .unwrap()
-    };
+    let run = |tp: &str| generated(&["--gpus", "4", "--tensor-parallel", tp]);
     let tp2 = run("2");
     assert_eq!(tp2["answered"], tp2["requests"], "{tp2}");
     for m in tp2["models"].as_array().unwrap() {
