@@ -40,8 +40,8 @@ pub struct ModelRow {
 }
 
 /// One GPU: the requests of the models placed on it, and how its memory was used over
-/// the run. Where a GPU falls short, these say whether it was for memory (busy near 1)
-/// or for switching (much of it waking and deactivating).
+/// the run. Where a GPU falls short, these say whether it was for memory (busy near 1),
+/// for switching (much of it waking and deactivating), or for packing (much stranded).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuRow {
@@ -181,7 +181,7 @@ pub fn report(
             t.wakes += r.wakes;
             t.preemptions += r.preempted;
             t.sleep_demotions += r.demotions;
-            t.awake_gpu_seconds += r.awake_gpu_seconds;
+            t.awake_gpu_seconds += r.awake_gpu_seconds();
         }
         overall.wakes += t.wakes;
         overall.preemptions += t.preemptions;
@@ -452,20 +452,18 @@ mod tests {
                     gpus: vec![0],
                     wakes: 2,
                     preempted: 1,
-                    awake_gpu_seconds: 10.0,
                     reserved_bytes: 8 * GIB,
-                    waking_seconds: 5.0,
-                    serving_seconds: 40.0,
-                    deactivating_seconds: 5.0,
+                    waking_seconds: 1.0,
+                    serving_seconds: 8.0,
+                    deactivating_seconds: 1.0,
                     ..Default::default()
                 },
                 ReplicaStats {
                     model: 1,
                     gpus: vec![1],
                     wakes: 1,
-                    awake_gpu_seconds: 4.0,
                     reserved_bytes: 16 * GIB,
-                    serving_seconds: 10.0,
+                    serving_seconds: 4.0,
                     ..Default::default()
                 },
             ],
@@ -520,13 +518,14 @@ mod tests {
         let g0 = &r.by_gpu[0];
         assert_eq!((g0.models.clone(), g0.requests), (vec!["a".to_string()], 2));
         assert_eq!((g0.slo_attainment, g0.wakes), (0.5, 2));
-        // 8 GiB for 50 s of a 16 GiB GPU's 100 s.
-        assert_eq!(g0.memory_busy, 0.25);
-        assert_eq!((g0.memory_waking, g0.memory_deactivating), (0.025, 0.025));
+        // 8 GiB for 10 s of a 16 GiB GPU's 100 s, 1 s of it waking and 1 s deactivating.
+        assert_eq!(g0.memory_busy, 0.05);
+        assert_eq!((g0.memory_waking, g0.memory_deactivating), (0.005, 0.005));
         assert_eq!(g0.memory_stranded, 0.12);
         let g1 = &r.by_gpu[1];
         assert_eq!((g1.requests, g1.slo_attainment), (2, 0.5));
-        assert_eq!((g1.memory_busy, g1.memory_waking), (0.05, 0.0));
+        // 16 GiB for 4 s of a 32 GiB GPU's 100 s.
+        assert_eq!((g1.memory_busy, g1.memory_waking), (0.02, 0.0));
         assert!(json["byGpu"][1].get("memoryBusy").is_some(), "{json}");
         assert!(r.table().contains("MEMORY BUSY"), "{}", r.table());
     }

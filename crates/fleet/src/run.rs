@@ -105,8 +105,6 @@ pub struct ReplicaStats {
     pub preempted: u64,
     /// Sleeps at level 2 for lack of host memory (a level-1 model's).
     pub demotions: u64,
-    /// GPU-seconds it held memory (waking, serving, draining), per GPU it spans.
-    pub awake_gpu_seconds: f64,
     /// Bytes it holds on each of its GPUs while awake.
     pub reserved_bytes: u64,
     /// Seconds it spent waking (memory held, nothing served yet).
@@ -124,9 +122,14 @@ impl ReplicaStats {
             State::Waking => self.waking_seconds += secs,
             State::Serving => self.serving_seconds += secs,
             State::Deactivating => self.deactivating_seconds += secs,
-            State::Sleeping | State::Pending => return,
+            State::Sleeping | State::Pending => {}
         }
-        self.awake_gpu_seconds += secs * self.gpus.len().max(1) as f64;
+    }
+
+    /// GPU-seconds it held memory (waking, serving, draining), per GPU it spans.
+    pub fn awake_gpu_seconds(&self) -> f64 {
+        (self.waking_seconds + self.serving_seconds + self.deactivating_seconds)
+            * self.gpus.len().max(1) as f64
     }
 }
 

@@ -168,7 +168,7 @@ fn tensor_parallel_models_span_a_gpu_group_and_hold_their_share_on_each() {
     let busy = |g: usize| tp2["byGpu"][g]["memoryBusy"].as_f64().unwrap();
     assert!(busy(0) > 0.0 && (busy(0) - busy(1)).abs() < 1e-9, "{tp2}");
     assert!((busy(2) - busy(3)).abs() < 1e-9, "{tp2}");
-    // The same models whole, one GPU each: each holds a whole model's reservation.
+    // The same models whole: one GPU each.
     let tp1 = run("1");
     for m in tp1["models"].as_array().unwrap() {
         assert_eq!(m["gpus"][0].as_array().unwrap().len(), 1, "{m}");
