@@ -202,9 +202,10 @@ fn declared(args: &SimulateArgs) -> anyhow::Result<Declared> {
 /// conversation trace more requests within 3 s and 10 s and a lower p99 than `drain`,
 /// see `docs/simulate.md`), `drain` under `lru`, which always drains.
 fn default_preemption(policy: greenthread_ledger::Policy) -> Preemption {
-    match policy {
-        greenthread_ledger::Policy::CostAware => Preemption::Resume,
-        greenthread_ledger::Policy::Lru => Preemption::Drain,
+    if policy.rules().may_resume() {
+        Preemption::Resume
+    } else {
+        Preemption::Drain
     }
 }
 

@@ -764,11 +764,10 @@ fn declare_intent(
     now: Timestamp,
 ) -> GpuStatus {
     let (pod, model, bytes) = (&claim.pod, &claim.model, claim.bytes);
-    match policy {
-        crate::Policy::Lru => write_intent(status, pod, model, bytes, now),
-        crate::Policy::CostAware => {
-            write_intent(&note_demand(status, claim), pod, model, bytes, now)
-        }
+    if policy.rules().weighs_demand() {
+        write_intent(&note_demand(status, claim), pod, model, bytes, now)
+    } else {
+        write_intent(status, pod, model, bytes, now)
     }
 }
 
@@ -788,17 +787,14 @@ pub fn wake_step(
         why,
         recheck_at: at.map_or(lapse, |t| t.min(lapse)),
     };
-    if req.policy == crate::Policy::CostAware
-        && let Some(holder) = crate::policy::held_for(
-            spec,
-            status,
-            &claim.pod,
-            claim.bytes,
-            req.starvation_bound,
-            req.lock_ttl,
-            now,
-        )
-    {
+    let rules = req.policy.rules();
+    let view = |status| crate::policy::View {
+        spec,
+        status,
+        now,
+        bound: req.starvation_bound,
+    };
+    if let Some(holder) = rules.held_for(view(status), &claim.pod, claim.bytes, req.lock_ttl) {
         return (
             Some(declare_intent(status, claim, req.policy, now)),
             wait(GpuWait::NoVictim(NoVictim::HeldFor(holder)), None),
@@ -815,7 +811,7 @@ pub fn wake_step(
     let since = req.short_since.unwrap_or(now);
     let fairness_ends = plus(since, req.max_wait);
     if now < fairness_ends
-        && crate::policy::waits_for_fairness(req.policy)
+        && rules.waits_for_fairness()
         && claim.priority != greenthread_api::Priority::Critical
     {
         let why = GpuWait::Fairness {
@@ -823,15 +819,7 @@ pub fn wake_step(
         };
         return (Some(with_intent), wait(why, Some(fairness_ends)));
     }
-    match crate::policy::victims(
-        req.policy,
-        spec,
-        &with_intent,
-        &claim.pod,
-        claim.bytes,
-        req.starvation_bound,
-        now,
-    ) {
+    match crate::policy::victims(req.policy, view(&with_intent), &claim.pod, claim.bytes) {
         // One victim at a time: the next is chosen once it slept, on what is left then
         // (naming them all at once drains more models than turn out to be needed).
         Ok(victims) => match victims.into_iter().next() {
@@ -846,13 +834,7 @@ pub fn wake_step(
             None => (Some(with_intent), wait(GpuWait::Claiming, None)),
         },
         Err(why) => {
-            let eligible = crate::policy::recheck_at(
-                req.policy,
-                &with_intent,
-                &claim.pod,
-                req.starvation_bound,
-                now,
-            );
+            let eligible = rules.recheck_at(view(&with_intent), &claim.pod);
             (Some(with_intent), wait(GpuWait::NoVictim(why), eligible))
         }
     }

@@ -245,8 +245,10 @@ impl Preemption {
     /// Whether this preemption goes with `policy`: the documented `lru` always drains
     /// (it is kept as it was), so `resume` needs the cost-aware policy.
     pub fn check(self, policy: Policy) -> Result<(), String> {
-        if self == Preemption::Resume && policy == Policy::Lru {
-            return Err("preemption resume needs the cost-aware policy: lru always drains".into());
+        if self == Preemption::Resume && !policy.rules().may_resume() {
+            return Err(format!(
+                "preemption resume needs the cost-aware policy: {policy} always drains"
+            ));
         }
         Ok(())
     }

@@ -1002,10 +1002,11 @@ impl Sidecar {
     /// reservation outlives its reason.
     async fn run_heartbeat(self: Arc<Self>) {
         let period = (self.cfg.wake_lock_ttl / 3).max(Duration::from_millis(100));
-        // Under the cost-aware policy a model's traffic starting and stopping is reported
-        // at once: whom a waker preempts depends on whether its victims have requests to
-        // drain. The documented policy heartbeats on its period alone, as it always did.
-        let report_edges = self.cfg.policy == greenthread_ledger::Policy::CostAware;
+        // Under a policy that weighs demand a model's traffic starting and stopping is
+        // reported at once: whom a waker preempts depends on whether its victims have
+        // requests to drain. The documented policy heartbeats on its period alone, as it
+        // always did.
+        let report_edges = self.cfg.policy.rules().weighs_demand();
         let mut busy = self.admission.busy_changes();
         let mut beat = Instant::now() + period;
         let mut last_report = Instant::now();

@@ -1,37 +1,31 @@
-//! Scheduling policies: when a waker that is short of memory may preempt, and whom. Pure
-//! functions of a GPU's record, chosen per installation.
+//! Scheduling policies: when a waker that is short of memory may preempt, and whom. Each
+//! is a pure module behind [`SchedulingPolicy`], chosen per installation by [`Policy`]:
 //!
-//! - [`Policy::Lru`], the documented behaviour: wait `maxWaitTime` for memory to free by
-//!   itself, then preempt the least recently accessed serving models (not popular, past
-//!   their `minRuntime`), as few as free enough memory, one at a time.
-//! - [`Policy::CostAware`], the default, weighs demand. A waker *stands* at its requests
-//!   of the last ten minutes plus one for every three seconds it has waited; it may preempt a
-//!   serving model (not popular, past its `minRuntime`) whose recent requests do not
-//!   exceed its standing, and does so at once (no `maxWaitTime`: waiting only adds to its
-//!   requests' time to first token). Among those it takes the cheapest first: idle ones
-//!   (nothing to drain), then the fewest recent requests, then the least recently
-//!   accessed. A model with little traffic thus waits for one with much to finish rather
-//!   than evict it — evicting a busy model makes every request that arrives while it
-//!   drains, sleeps and wakes again wait — but not for ever: after two fifths of its
-//!   requests' queue deadline it may preempt anyone, so that they are served well before
-//!   they time out (the rest of the deadline covers a victim's drain, sleep and wake).
-//!   Past that bound it still takes the victims in least demand (busy or not), waiting a
-//!   few seconds for cheap ones inside their `minRuntime` rather than evicting the busiest
-//!   model, and the memory freed meanwhile is held for it: younger wakers on the GPU
-//!   must not take what it needs. Without the hold, a large model on a GPU whose other
-//!   half rotates among small ones never finds its memory, and past the bound it evicts
-//!   the one busy model big enough (on the conversation trace, the busiest of all).
-//!   Measured with `greenthread simulate` (see `docs/simulate.md`).
+//! - [`Policy::Lru`] ([`lru`]), the documented behaviour, kept as it was: wait
+//!   `maxWaitTime`, then the least recently accessed eligible models.
+//! - [`Policy::CostAware`] ([`cost_aware`]), the default: weighs the waker's demand
+//!   against its victims', preempts at once the cheapest it stands above, and past a
+//!   bound anyone.
 //!
-//! Both are table-tested below; `lru` is kept unchanged as the documented original.
+//! What every policy shares is here: the priority classes decide before the policy
+//! ([`victims`]). The rest of a wake (the lock, the claim, the intent, one victim at a
+//! time) is [`crate::decide::wake_step`]'s. All are table-tested below.
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use greenthread_api::{GpuSpec, GpuStatus, Occupant, OccupantState, Priority};
+use greenthread_api::{GpuSpec, GpuStatus, OccupantState, Priority};
 use jiff::Timestamp;
 
 use crate::decide::{NoVictim, available_bytes};
 
+pub mod cost_aware;
+pub mod lru;
+
+pub use cost_aware::{CostAware, SECONDS_PER_AGED_REQUEST};
+pub use lru::Lru;
+
+/// The policy an installation chooses (`--policy`, `policy:` in a local config,
+/// `controller.schedulingPolicy` in the chart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
     Lru,
@@ -41,6 +35,14 @@ pub enum Policy {
 
 impl Policy {
     pub const ALL: [Policy; 2] = [Policy::Lru, Policy::CostAware];
+
+    /// Its decisions.
+    pub fn rules(self) -> &'static dyn SchedulingPolicy {
+        match self {
+            Policy::Lru => &Lru,
+            Policy::CostAware => &CostAware,
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -70,209 +72,57 @@ impl FromStr for Policy {
     }
 }
 
-/// Seconds of waiting that add one request to a waker's standing: as if it received a
-/// request every three seconds it has waited. Slower aging keeps the models in demand
-/// awake longer, faster aging serves the others sooner; on the conversation trace at 7
-/// models per GPU (28 models, 4 GPUs, seeds 1–3) one a second gave 71.2 % within 3 s and
-/// 77.6 % within 10 s with 1,459 wakes (drained victims), one every three seconds
-/// 72.7 % and 77.2 % with 1,055, none (wait for the bound) 73.1 % and 76.6 % with 777
-/// but p99 130 s (`docs/simulate.md`).
-pub const SECONDS_PER_AGED_REQUEST: u64 = 3;
-
-/// The waker's requests of the last ten minutes, as its record says.
-fn own_requests(status: &GpuStatus, waker: &str) -> u64 {
-    status
-        .occupant(waker)
-        .map_or(0, |o| u64::from(o.recent_requests))
+/// One GPU's record at a moment, as a policy weighs it.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub spec: &'a GpuSpec,
+    pub status: &'a GpuStatus,
+    pub now: Timestamp,
+    /// How long a waker may wait before it stands above everyone (cost-aware: two
+    /// fifths of its requests' queue deadline).
+    pub bound: Duration,
 }
 
-/// How long the waker has waited for memory on this GPU (since its intent).
-fn waited(status: &GpuStatus, waker: &str, now: Timestamp) -> u64 {
-    status
-        .preemption_intents
-        .iter()
-        .find(|i| i.pod_name == waker)
-        .map_or(0, |i| now.duration_since(i.since).as_secs().max(0) as u64)
-}
+/// What sets one scheduling policy apart from another: pure decisions over a GPU's
+/// record.
+pub trait SchedulingPolicy: Send + Sync {
+    /// Whether a waker short of memory first waits out `maxWaitTime` for it to free by
+    /// itself.
+    fn waits_for_fairness(&self) -> bool {
+        false
+    }
 
-/// The waker's standing at `now`: its recent requests plus one for every
-/// [`SECONDS_PER_AGED_REQUEST`] waited; past `bound` of waiting, above everyone.
-fn standing(status: &GpuStatus, waker: &str, bound: Duration, now: Timestamp) -> u64 {
-    let waited = waited(status, waker, now);
-    // A critical model does not wait its way up: it stands above everyone at once.
-    let critical = status
-        .occupant(waker)
-        .is_some_and(|o| o.priority == Priority::Critical);
-    if waited >= bound.as_secs() || critical {
-        return u64::MAX;
+    /// Whether demand weighs in: a waker's intent carries its recent requests, and
+    /// sidecars report their traffic starting and stopping at once, not only with their
+    /// heartbeat.
+    fn weighs_demand(&self) -> bool {
+        false
     }
-    own_requests(status, waker) + waited / SECONDS_PER_AGED_REQUEST
-}
 
-/// The cost-aware choice: the victims that free `needed` bytes for `waker` at the least
-/// cost, cheapest first, among those it stands above. Cost, in order: requests in flight
-/// (they must drain while the waker's requests wait), recent requests (they would wait
-/// for a wake), least recently accessed.
-pub fn cost_aware_victims(
-    spec: &GpuSpec,
-    status: &GpuStatus,
-    waker: &str,
-    needed: u64,
-    bound: Duration,
-    now: Timestamp,
-) -> Result<Vec<String>, NoVictim> {
-    let deficit = needed.saturating_sub(available_bytes(spec, status, Some(waker)));
-    if deficit == 0 {
-        return Ok(vec![]);
+    /// Whether a victim's answers may be stopped and continued after its next wake
+    /// (`preemption: resume`) instead of drained.
+    fn may_resume(&self) -> bool {
+        false
     }
-    let serving = crate::decide::serving_others(status, waker)?;
-    let standing = standing(status, waker, bound, now);
-    if standing == u64::MAX {
-        return starved_victims(&serving, deficit, now);
-    }
-    let mut eligible: Vec<&Occupant> = serving
-        .iter()
-        .copied()
-        .filter(|o| {
-            crate::decide::eligible_at(o).is_some_and(|t| t <= now)
-                && u64::from(o.recent_requests) <= standing
-        })
-        .collect();
-    if eligible.is_empty() {
-        let why: Vec<String> = serving
-            .iter()
-            .filter(|o| !o.popular)
-            .map(|o| {
-                if u64::from(o.recent_requests) > standing {
-                    format!(
-                        "{} is in more demand ({} recent requests, this wake stands at {standing})",
-                        o.model_name, o.recent_requests
-                    )
-                } else {
-                    format!(
-                        "{} has not served its minRuntime of {:?}",
-                        o.model_name, o.min_runtime
-                    )
-                }
-            })
-            .collect();
-        return Err(NoVictim::NotEligible(why.join("; ")));
-    }
-    eligible.sort_by_key(|o| {
-        (
-            o.in_flight > 0,
-            o.recent_requests,
-            o.last_accessed.unwrap_or(Timestamp::MIN),
-            o.pod_name.clone(),
-        )
-    });
-    crate::decide::frees_enough(&eligible, deficit)?;
-    Ok(names(&cheapest_first(eligible, deficit)))
-}
 
-fn names(victims: &[&Occupant]) -> Vec<String> {
-    victims.iter().map(|o| o.pod_name.clone()).collect()
-}
-
-/// Takes `candidates` (cheapest first) until `deficit` bytes are freed; then spares the
-/// dearest of those that turn out not to be needed (a large one taken late can make small
-/// ones before it redundant).
-fn cheapest_first(candidates: Vec<&Occupant>, deficit: u64) -> Vec<&Occupant> {
-    let mut chosen: Vec<&Occupant> = Vec::new();
-    let mut freed = 0u64;
-    for o in candidates {
-        if freed >= deficit {
-            break;
-        }
-        freed += o.reserved_memory_bytes;
-        chosen.push(o);
+    /// The older waker this GPU's free memory is held for, when a claim of `bytes` by
+    /// `pod` must wait for it. Wakers silent for longer than `ttl` hold nothing.
+    fn held_for(&self, _gpu: View, _pod: &str, _bytes: u64, _ttl: Duration) -> Option<String> {
+        None
     }
-    for i in (0..chosen.len()).rev() {
-        let bytes = chosen[i].reserved_memory_bytes;
-        if freed - bytes >= deficit {
-            freed -= bytes;
-            chosen.remove(i);
-        }
-    }
-    chosen
-}
 
-/// Past the bound the waker may preempt anyone, and takes the victims in least demand,
-/// whether or not they are busy: for a large waker the only eligible model that frees
-/// enough is often the busiest one on the GPU (the others rotate through their
-/// `minRuntime`), and evicting it makes every request it would have served wait. When the
-/// cheapest set includes models still inside their `minRuntime`, it waits for them (at
-/// most that long; the memory others free meanwhile is held for it, see [`held_for`]).
-fn starved_victims(
-    serving: &[&Occupant],
-    deficit: u64,
-    now: Timestamp,
-) -> Result<Vec<String>, NoVictim> {
-    let mut candidates: Vec<&Occupant> = serving.iter().copied().filter(|o| !o.popular).collect();
-    candidates.sort_by_key(|o| {
-        (
-            o.recent_requests,
-            o.in_flight > 0,
-            o.last_accessed.unwrap_or(Timestamp::MIN),
-            o.pod_name.clone(),
-        )
-    });
-    crate::decide::frees_enough(&candidates, deficit)?;
-    let chosen = cheapest_first(candidates, deficit);
-    let young: Vec<String> = chosen
-        .iter()
-        .filter(|o| crate::decide::eligible_at(o).is_none_or(|t| t > now))
-        .map(|o| {
-            format!(
-                "{} has not served its minRuntime of {:?}",
-                o.model_name, o.min_runtime
-            )
-        })
-        .collect();
-    if young.is_empty() {
-        Ok(names(&chosen))
-    } else {
-        Err(NoVictim::NotEligible(young.join("; ")))
+    /// The victims that free `needed` bytes for `waker` (none when that much is free),
+    /// among the serving occupants not marked popular; why none when no set will do.
+    fn victims(&self, gpu: View, waker: &str, needed: u64) -> Result<Vec<String>, NoVictim>;
+
+    /// When only time can change a waiting `waker`'s answer, the moment it may: by
+    /// default, an occupant passing its `minRuntime`.
+    fn recheck_at(&self, gpu: View, waker: &str) -> Option<Timestamp> {
+        crate::decide::next_eligibility(gpu.status, waker, gpu.now)
     }
 }
 
-/// The older waker that has waited past the bound and for which this GPU's free memory is
-/// held: a claim of `bytes` by `pod` that would leave less than it needs must wait.
-/// Without this a large waker starves behind small ones that keep taking the memory
-/// freed by each other, and past the bound it evicts the one busy model big enough.
-/// Intents of wakers that stopped heartbeating for `ttl` hold nothing.
-pub fn held_for(
-    spec: &GpuSpec,
-    status: &GpuStatus,
-    pod: &str,
-    bytes: u64,
-    bound: Duration,
-    ttl: Duration,
-    now: Timestamp,
-) -> Option<String> {
-    let mine = status
-        .preemption_intents
-        .iter()
-        .find(|i| i.pod_name == pod)
-        .map_or(now, |i| i.since);
-    let available = available_bytes(spec, status, Some(pod));
-    status
-        .preemption_intents
-        .iter()
-        .filter(|i| i.pod_name != pod && i.since < mine)
-        .filter(|i| now.duration_since(i.since).unsigned_abs() >= bound)
-        .filter(|i| {
-            status.occupant(&i.pod_name).is_some_and(|o| {
-                o.state == OccupantState::Sleeping
-                    && now.duration_since(o.heartbeat).unsigned_abs() <= ttl
-            })
-        })
-        .find(|i| available.saturating_sub(bytes) < i.needed_bytes)
-        .map(|i| i.model_name.clone())
-}
-
-/// The victims `policy` would preempt for `waker` now. `bound`: how long a waker may
-/// wait before it stands above everyone (cost-aware).
+/// The victims `policy` would preempt for `waker` now.
 ///
 /// Priority classes come first: a sheddable waker preempts nobody; victims are taken
 /// from the sheddable models if the policy finds a set there, else from the sheddable
@@ -280,17 +130,12 @@ pub fn held_for(
 /// chooses as it always does.
 pub fn victims(
     policy: Policy,
-    spec: &GpuSpec,
-    status: &GpuStatus,
+    gpu: View,
     waker: &str,
     needed: u64,
-    bound: Duration,
-    now: Timestamp,
 ) -> Result<Vec<String>, NoVictim> {
-    let choose = |status: &GpuStatus| match policy {
-        Policy::Lru => crate::decide::choose_victims(spec, status, waker, needed, now),
-        Policy::CostAware => cost_aware_victims(spec, status, waker, needed, bound, now),
-    };
+    let rules = policy.rules();
+    let (spec, status) = (gpu.spec, gpu.status);
     let others = || status.occupants.iter().filter(|o| o.pod_name != waker);
     if status
         .occupant(waker)
@@ -312,65 +157,20 @@ pub fn victims(
                 o.popular = true;
             }
         }
-        if let Ok(victims) = choose(&only) {
+        let within = View {
+            status: &only,
+            ..gpu
+        };
+        if let Ok(victims) = rules.victims(within, waker, needed) {
             return Ok(victims);
         }
     }
-    choose(status)
-}
-
-/// Whether `policy` waits out `maxWaitTime` before preempting: only the documented one.
-pub fn waits_for_fairness(policy: Policy) -> bool {
-    policy == Policy::Lru
-}
-
-/// When only time can change a waiter's answer, the moment it may: an occupant passing
-/// its `minRuntime`, and for the cost-aware policy the waker's standing rising past the
-/// next occupant's recent requests, or reaching the bound.
-pub fn recheck_at(
-    policy: Policy,
-    status: &GpuStatus,
-    waker: &str,
-    bound: Duration,
-    now: Timestamp,
-) -> Option<Timestamp> {
-    let eligibility = crate::decide::next_eligibility(status, waker, now);
-    if policy == Policy::Lru {
-        return eligibility;
-    }
-    let standing = standing(status, waker, bound, now);
-    let waited = waited(status, waker, now);
-    let own = own_requests(status, waker);
-    let after = |secs: u64| {
-        now.checked_add(jiff::SignedDuration::from_secs(
-            secs.min(i64::MAX as u64) as i64
-        ))
-        .unwrap_or(Timestamp::MAX)
-    };
-    let rises = status
-        .occupants
-        .iter()
-        .filter(|o| o.pod_name != waker && o.state == OccupantState::Serving && !o.popular)
-        .map(|o| u64::from(o.recent_requests))
-        .filter(|r| *r > standing)
-        .min()
-        .map(|r| {
-            let to_bound = bound.as_secs().saturating_sub(waited).max(1);
-            let to_rise = (r - own)
-                .saturating_mul(SECONDS_PER_AGED_REQUEST)
-                .saturating_sub(waited)
-                .max(1);
-            after(to_rise.min(to_bound))
-        });
-    match (eligibility, rises) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    rules.victims(gpu, waker, needed)
 }
 
 #[cfg(test)]
 mod tests {
-    use greenthread_api::PreemptionIntent;
+    use greenthread_api::{Occupant, PreemptionIntent};
 
     use super::*;
     use crate::decide::{Claim, GpuWait, WakeRequest, WakeStep, wake_step};
@@ -386,6 +186,16 @@ mod tests {
         GpuSpec {
             memory_bytes: 80 * GI,
             ..Default::default()
+        }
+    }
+
+    /// `status` on an 80 GiB GPU at `now`, with the test's bound.
+    fn view<'a>(spec: &'a GpuSpec, status: &'a GpuStatus, now: i64) -> View<'a> {
+        View {
+            spec,
+            status,
+            now: t(now),
+            bound: BOUND,
         }
     }
 
@@ -616,7 +426,7 @@ mod tests {
         ];
         for (name, others, recent, since, now, gib, expected) in cases {
             let status = status(others, recent, since);
-            let got = cost_aware_victims(&spec(), &status, "w", gib * GI, BOUND, t(now));
+            let got = CostAware.victims(view(&spec(), &status, now), "w", gib * GI);
             match (&got, &expected) {
                 (Ok(v), Ok(e)) => assert_eq!(v, e, "{name}"),
                 (Err(err), Err(e)) => assert!(err.to_string().contains(e), "{name}: {err}"),
@@ -638,14 +448,11 @@ mod tests {
         );
         st.preemption_intents[0].needed_bytes = 40 * GI;
         let young = |st: &GpuStatus, bytes: u64, now: i64| {
-            held_for(
-                &spec(),
-                st,
+            CostAware.held_for(
+                view(&spec(), st, now),
                 "y",
                 bytes * GI,
-                BOUND,
                 Duration::from_secs(30),
-                t(now),
             )
         };
         // Before the bound nothing is held.
@@ -667,14 +474,21 @@ mod tests {
         with_intent.preemption_intents[1].since = t(50);
         assert_eq!(young(&with_intent, 12, 260), None);
         assert_eq!(
-            held_for(
-                &spec(),
-                &st,
+            CostAware.held_for(
+                view(&spec(), &st, 260),
                 "w",
                 40 * GI,
-                BOUND,
-                Duration::from_secs(30),
-                t(260)
+                Duration::from_secs(30)
+            ),
+            None
+        );
+        // The documented policy holds nothing for anyone.
+        assert_eq!(
+            Lru.held_for(
+                view(&spec(), &st, 260),
+                "y",
+                12 * GI,
+                Duration::from_secs(30)
             ),
             None
         );
@@ -742,22 +556,31 @@ mod tests {
         let st = status(vec![serving("warm", 24, 0, 3, 60, 99)], 20, 100);
         // Standing 20 at t=100; warm has 60: forty requests, 120 s, later.
         assert_eq!(
-            recheck_at(Policy::CostAware, &st, "w", BOUND, t(100)),
+            Policy::CostAware
+                .rules()
+                .recheck_at(view(&spec(), &st, 100), "w"),
             Some(t(220))
         );
         // Part of the way there, the rest of it.
         assert_eq!(
-            recheck_at(Policy::CostAware, &st, "w", BOUND, t(190)),
+            Policy::CostAware
+                .rules()
+                .recheck_at(view(&spec(), &st, 190), "w"),
             Some(t(220))
         );
         // The bound comes first when it is nearer.
         let st = status(vec![serving("hot", 24, 0, 3, 900, 99)], 0, 100);
         assert_eq!(
-            recheck_at(Policy::CostAware, &st, "w", BOUND, t(200)),
+            Policy::CostAware
+                .rules()
+                .recheck_at(view(&spec(), &st, 200), "w"),
             Some(t(250))
         );
         // The documented policy looks again only when someone becomes eligible.
-        assert_eq!(recheck_at(Policy::Lru, &st, "w", BOUND, t(200)), None);
+        assert_eq!(
+            Policy::Lru.rules().recheck_at(view(&spec(), &st, 200), "w"),
+            None
+        );
     }
 
     #[test]
@@ -882,7 +705,7 @@ mod tests {
             for (name, others, class, gib, want) in &cases {
                 let mut st = status(others.clone(), 50, 100);
                 st.occupant_mut("w").unwrap().priority = *class;
-                let got = victims(policy, &spec(), &st, "w", gib * GI, BOUND, t(100));
+                let got = victims(policy, view(&spec(), &st, 100), "w", gib * GI);
                 let got = got.map(|mut v| {
                     v.sort();
                     v
