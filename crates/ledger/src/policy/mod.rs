@@ -801,6 +801,118 @@ mod tests {
         assert_eq!(again.unwrap_or_else(|| first.clone()), first);
     }
 
+    /// What every policy keeps, whatever the record: checked for each policy on 3,000
+    /// records drawn from a fixed seed (occupants of every state, size, class and load on
+    /// an 80 GiB GPU; wakers of every class that waited from nothing to past the bound).
+    /// A victim set frees enough, holds no victim it could do without, and names only
+    /// serving models that are not popular, are past their `minRuntime` and are not the
+    /// waker; a sheddable waker names nobody; a waiter looks again in the future or not
+    /// at all.
+    #[test]
+    fn every_policy_keeps_the_contract_on_drawn_records() {
+        use OccupantState::{Serving, Sleeping, Waking};
+        use Priority::{Critical, Sheddable, Standard};
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut draw = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let sizes = [4, 12, 24, 40];
+        let classes = [Sheddable, Standard, Standard, Critical];
+        let mut outcomes = std::collections::BTreeMap::<(&str, &str), usize>::new();
+        for _ in 0..3_000 {
+            let now = 300 + draw(200) as i64;
+            let mut others = Vec::new();
+            let mut charged = 0;
+            for k in 0..1 + draw(7) {
+                let gib = sizes[draw(4) as usize];
+                let since = now - draw(40) as i64;
+                let in_flight = draw(3) as u32;
+                let recent = draw(120) as u32;
+                let mut o = serving(&format!("o{k}"), gib, since, in_flight, recent, since);
+                o.state = [Serving, Serving, Waking, Sleeping][draw(4) as usize];
+                if o.state == Sleeping {
+                    o.residual_memory_bytes = gib * GI / 8;
+                    o.reserved_memory_bytes = 0;
+                }
+                o.popular = draw(6) == 0;
+                o.priority = classes[draw(4) as usize];
+                o.heartbeat = t(now);
+                let bytes = crate::decide::charged_bytes(&o);
+                if charged + bytes <= 80 * GI {
+                    charged += bytes;
+                    others.push(o);
+                }
+            }
+            let waited = draw(BOUND.as_secs() + 60) as i64;
+            let mut st = status(others, draw(120) as u32, now - waited);
+            let needed = sizes[draw(4) as usize] * GI;
+            st.preemption_intents[0].needed_bytes = needed;
+            let class = classes[draw(4) as usize];
+            st.occupant_mut("w").unwrap().priority = class;
+            let spec = spec();
+            let gpu = view(&spec, &st, now);
+            let available = available_bytes(&spec, &st, Some("w"));
+            for policy in Policy::ALL {
+                let got = victims(policy, gpu, "w", needed);
+                let outcome = match &got {
+                    Ok(v) if v.is_empty() => "fits",
+                    Ok(_) => "named",
+                    Err(_) => "waits",
+                };
+                *outcomes.entry((policy.as_str(), outcome)).or_default() += 1;
+                let Ok(names) = got else {
+                    let next = policy.rules().recheck_at(gpu, "w");
+                    assert!(next.is_none_or(|at| at > gpu.now), "{policy}: {next:?}");
+                    continue;
+                };
+                let chosen: Vec<&Occupant> = names
+                    .iter()
+                    .map(|n| st.occupant(n).expect("a victim is an occupant"))
+                    .collect();
+                let freed: u64 = chosen.iter().map(|o| o.reserved_memory_bytes).sum();
+                assert!(
+                    available + freed >= needed,
+                    "{policy}: frees too little: {st:?}"
+                );
+                let mut unique = names.clone();
+                unique.sort();
+                unique.dedup();
+                assert_eq!(unique.len(), names.len(), "{policy}: {names:?}");
+                if class == Sheddable {
+                    assert!(
+                        names.is_empty(),
+                        "{policy}: a sheddable waker named {names:?}"
+                    );
+                }
+                for o in &chosen {
+                    assert_ne!(o.pod_name, "w", "{policy}");
+                    assert_eq!(o.state, Serving, "{policy}: {}", o.pod_name);
+                    assert!(!o.popular, "{policy}: {} is popular", o.pod_name);
+                    let served = crate::decide::eligible_at(o).is_some_and(|at| at <= gpu.now);
+                    assert!(served, "{policy}: {} is inside its minRuntime", o.pod_name);
+                    assert!(
+                        available + freed - o.reserved_memory_bytes < needed,
+                        "{policy}: {} is not needed: {names:?} in {st:?}",
+                        o.pod_name
+                    );
+                }
+            }
+        }
+        // The draw reaches every answer under every policy.
+        for policy in Policy::ALL {
+            for outcome in ["fits", "named", "waits"] {
+                let n = outcomes
+                    .get(&(policy.as_str(), outcome))
+                    .copied()
+                    .unwrap_or(0);
+                assert!(n >= 200, "{policy}: only {n} records where it {outcome}");
+            }
+        }
+    }
+
     #[test]
     fn policies_parse_from_their_names() {
         for p in Policy::ALL {
