@@ -1,6 +1,7 @@
 //! `greenthread simulate`: how many GPUs do my models and my traffic need? The real
 //! control plane over simulated engines, in virtual time, replaying a request trace.
 
+pub mod demand;
 pub mod faults;
 pub mod report;
 pub mod rng;

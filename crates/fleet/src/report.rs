@@ -66,6 +66,11 @@ pub struct GpuRow {
     /// memory here, every one of them needing more than was free: the cost of packing
     /// whole models on one GPU.
     pub memory_stranded: f64,
+    /// The fraction of the simulated time during which the models here with a request in
+    /// progress, each request served the moment it arrived, would have needed more memory
+    /// together than the GPU has: its load and placement, whatever the policy
+    /// ([`crate::demand`]).
+    pub oversubscribed: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -277,6 +282,14 @@ fn gpu_rows(run: &Run, names: &[String], models_of: &[usize], slo: Duration) -> 
                     held / (memory as f64 * span)
                 }
             };
+            // Seconds recorded per GPU, as a fraction of the run.
+            let per_span = |seconds: &[f64]| {
+                if span <= 0.0 {
+                    0.0
+                } else {
+                    seconds.get(g as usize).copied().unwrap_or(0.0) / span
+                }
+            };
             GpuRow {
                 gpu: g,
                 memory_gib: memory as f64 / (1u64 << 30) as f64,
@@ -289,11 +302,8 @@ fn gpu_rows(run: &Run, names: &[String], models_of: &[usize], slo: Duration) -> 
                 }),
                 memory_waking: share(&|r| r.waking_seconds),
                 memory_deactivating: share(&|r| r.deactivating_seconds),
-                memory_stranded: if span <= 0.0 {
-                    0.0
-                } else {
-                    run.stranded_seconds.get(g as usize).copied().unwrap_or(0.0) / span
-                },
+                memory_stranded: per_span(&run.stranded_seconds),
+                oversubscribed: per_span(&run.oversubscribed_seconds),
             }
         })
         .collect()
@@ -355,7 +365,7 @@ impl Report {
         out.push('\n');
         if self.by_gpu.len() > 1 {
             out.push_str(&format!(
-                "\n{:<5} {:>7} {:>6} {:>8} {:>8} {:>7} {:>12} {:>8} {:>13} {:>9}\n",
+                "\n{:<5} {:>7} {:>6} {:>8} {:>8} {:>7} {:>12} {:>8} {:>13} {:>9} {:>15}\n",
                 "GPU",
                 "GIB",
                 "MODELS",
@@ -365,11 +375,12 @@ impl Report {
                 "MEMORY BUSY",
                 "WAKING",
                 "DEACTIVATING",
-                "STRANDED"
+                "STRANDED",
+                "OVERSUBSCRIBED"
             ));
             for g in &self.by_gpu {
                 out.push_str(&format!(
-                    "{:<5} {:>7.0} {:>6} {:>8} {:>7.1}% {:>7} {:>11.1}% {:>7.1}% {:>12.1}% {:>8.1}%\n",
+                    "{:<5} {:>7.0} {:>6} {:>8} {:>7.1}% {:>7} {:>11.1}% {:>7.1}% {:>12.1}% {:>8.1}% {:>14.1}%\n",
                     g.gpu,
                     g.memory_gib,
                     g.models.len(),
@@ -379,7 +390,8 @@ impl Report {
                     g.memory_busy * 100.0,
                     g.memory_waking * 100.0,
                     g.memory_deactivating * 100.0,
-                    g.memory_stranded * 100.0
+                    g.memory_stranded * 100.0,
+                    g.oversubscribed * 100.0
                 ));
             }
         }
@@ -469,6 +481,7 @@ mod tests {
             ],
             gpu_memory: vec![16 * GIB, 32 * GIB],
             stranded_seconds: vec![12.0, 0.0],
+            oversubscribed_seconds: vec![0.0, 25.0],
             simulated: s(100),
             boot: s(3),
             arrived_to: vec![
@@ -526,7 +539,11 @@ mod tests {
         assert_eq!((g1.requests, g1.slo_attainment), (2, 0.5));
         // 16 GiB for 4 s of a 32 GiB GPU's 100 s.
         assert_eq!((g1.memory_busy, g1.memory_waking), (0.02, 0.0));
+        // Oversubscribed: the seconds recorded over the run's 100.
+        assert_eq!((g0.oversubscribed, g1.oversubscribed), (0.0, 0.25));
         assert!(json["byGpu"][1].get("memoryBusy").is_some(), "{json}");
+        assert_eq!(json["byGpu"][1]["oversubscribed"], 0.25, "{json}");
         assert!(r.table().contains("MEMORY BUSY"), "{}", r.table());
+        assert!(r.table().contains("OVERSUBSCRIBED"), "{}", r.table());
     }
 }

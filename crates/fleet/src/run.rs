@@ -150,6 +150,10 @@ pub struct Run {
     /// Per GPU, by position: the seconds × fraction of its memory that was free while
     /// models waited for memory there, every one of them needing more than was free.
     pub stranded_seconds: Vec<f64>,
+    /// Per GPU, by position: the seconds during which the models there with a request
+    /// in progress, each served the moment it arrived, needed more than its memory
+    /// ([`crate::demand`]).
+    pub oversubscribed_seconds: Vec<f64>,
     /// The faults injected, each when it struck (from the first arrival).
     pub injected: Vec<Injected>,
     /// Invariants broken (only checked when faults are injected).
@@ -677,6 +681,32 @@ async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Ar
 }
 
 /// The name of the GPU record at position `i`.
+/// Each model's demand, from its first replica: where it is placed, what it holds
+/// there, how fast its engine serves.
+fn demand_of(fleet: &Fleet, models: usize) -> Vec<crate::demand::Demand> {
+    (0..models)
+        .map(|m| {
+            let slot = fleet.slots.iter().find(|s| s.model == m);
+            slot.map_or_else(
+                || crate::demand::Demand {
+                    gpus: vec![],
+                    bytes: 0,
+                    ttft_seconds: 0.0,
+                    prefill_tokens_per_second: 0.0,
+                    tokens_per_second: 0.0,
+                },
+                |s| crate::demand::Demand {
+                    gpus: s.indices.clone(),
+                    bytes: s.cfg.memory_bytes.unwrap_or(0),
+                    ttft_seconds: s.engine.cfg.ttft.as_secs_f64(),
+                    prefill_tokens_per_second: s.engine.cfg.prefill_tokens_per_second,
+                    tokens_per_second: s.engine.cfg.tokens_per_second,
+                },
+            )
+        })
+        .collect()
+}
+
 fn gpu_name(i: usize) -> String {
     format!("gpu-{i}")
 }
@@ -1289,6 +1319,11 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         arrived_to,
         gpu_memory: setup.gpus.clone(),
         stranded_seconds,
+        oversubscribed_seconds: crate::demand::oversubscribed_seconds(
+            &setup.gpus,
+            &demand_of(&fleet, setup.models.len()),
+            &setup.requests,
+        ),
         injected,
         violations,
         faults_seed: setup.faults.as_ref().map(|p| p.seed),
