@@ -7,7 +7,7 @@
 use crate::run::Request;
 
 /// One model as the demand sees it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Demand {
     /// The GPUs its (first) replica spans, by position.
     pub gpus: Vec<u32>,

@@ -680,33 +680,24 @@ async fn follow(slot: Arc<ReplicaSlot>, stats: Arc<Mutex<ReplicaStats>>, end: Ar
     close(&mut since);
 }
 
-/// The name of the GPU record at position `i`.
 /// Each model's demand, from its first replica: where it is placed, what it holds
-/// there, how fast its engine serves.
+/// there, how fast its engine serves (a model without a replica demands nothing).
 fn demand_of(fleet: &Fleet, models: usize) -> Vec<crate::demand::Demand> {
     (0..models)
         .map(|m| {
             let slot = fleet.slots.iter().find(|s| s.model == m);
-            slot.map_or_else(
-                || crate::demand::Demand {
-                    gpus: vec![],
-                    bytes: 0,
-                    ttft_seconds: 0.0,
-                    prefill_tokens_per_second: 0.0,
-                    tokens_per_second: 0.0,
-                },
-                |s| crate::demand::Demand {
-                    gpus: s.indices.clone(),
-                    bytes: s.cfg.memory_bytes.unwrap_or(0),
-                    ttft_seconds: s.engine.cfg.ttft.as_secs_f64(),
-                    prefill_tokens_per_second: s.engine.cfg.prefill_tokens_per_second,
-                    tokens_per_second: s.engine.cfg.tokens_per_second,
-                },
-            )
+            slot.map_or_else(Default::default, |s| crate::demand::Demand {
+                gpus: s.indices.clone(),
+                bytes: s.cfg.memory_bytes.unwrap_or(0),
+                ttft_seconds: s.engine.cfg.ttft.as_secs_f64(),
+                prefill_tokens_per_second: s.engine.cfg.prefill_tokens_per_second,
+                tokens_per_second: s.engine.cfg.tokens_per_second,
+            })
         })
         .collect()
 }
 
+/// The name of the GPU record at position `i`.
 fn gpu_name(i: usize) -> String {
     format!("gpu-{i}")
 }

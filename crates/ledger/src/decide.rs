@@ -585,6 +585,14 @@ pub(crate) fn eligible_at(o: &Occupant) -> Option<Timestamp> {
     since.checked_add(min).ok()
 }
 
+/// Why `o` may not be preempted yet: every waiter that cannot preempt it is told this.
+pub(crate) fn inside_min_runtime(o: &Occupant) -> String {
+    format!(
+        "{} has not served its minRuntime of {:?}",
+        o.model_name, o.min_runtime
+    )
+}
+
 /// The earliest future moment an occupant that is not yet eligible becomes so, if any:
 /// a waiter re-evaluates then (eligibility changes with time, not with a ledger write).
 pub fn next_eligibility(status: &GpuStatus, waker: &str, now: Timestamp) -> Option<Timestamp> {
@@ -636,12 +644,7 @@ pub fn choose_victims(
         let why: Vec<String> = serving
             .iter()
             .filter(|o| !o.popular)
-            .map(|o| {
-                format!(
-                    "{} has not served its minRuntime of {:?}",
-                    o.model_name, o.min_runtime
-                )
-            })
+            .map(|o| inside_min_runtime(o))
             .collect();
         return Err(NoVictim::NotEligible(why.join("; ")));
     }

@@ -127,10 +127,7 @@ fn choose(gpu: View, waker: &str, needed: u64) -> Result<Vec<String>, NoVictim> 
                         o.model_name, o.recent_requests
                     )
                 } else {
-                    format!(
-                        "{} has not served its minRuntime of {:?}",
-                        o.model_name, o.min_runtime
-                    )
+                    crate::decide::inside_min_runtime(o)
                 }
             })
             .collect();
@@ -200,12 +197,7 @@ fn starved_victims(
     let young: Vec<String> = chosen
         .iter()
         .filter(|o| crate::decide::eligible_at(o).is_none_or(|t| t > now))
-        .map(|o| {
-            format!(
-                "{} has not served its minRuntime of {:?}",
-                o.model_name, o.min_runtime
-            )
-        })
+        .map(|o| crate::decide::inside_min_runtime(o))
         .collect();
     if young.is_empty() {
         Ok(names(&chosen))
