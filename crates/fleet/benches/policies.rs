@@ -69,6 +69,7 @@ fn simulate(
             faults: None,
             preemption,
             host_memory: None,
+            link: Default::default(),
         },
         None,
     )

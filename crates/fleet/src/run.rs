@@ -63,6 +63,31 @@ pub struct Setup {
     /// Host memory for level-1 sleepers per node (shared evenly by its GPUs, as the
     /// agent shares it); `None`: not accounted.
     pub host_memory: Option<u64>,
+    /// The host link of every GPU, when it is not the one the engines declare.
+    pub link: HostLink,
+}
+
+/// How fast a GPU's link to host memory copies weights, in bytes a second: a level-1
+/// wake copies them in, a level-1 sleep out. `None`: each engine's own figure (the
+/// zoo's: 25 GB/s in and 20 GB/s out, what vLLM's published wake times on H100 imply).
+/// A faster link (a Grace Hopper's NVLink-C2C) makes every switch between models
+/// cheaper; what that buys a fleet is a question for `simulate`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostLink {
+    pub wake: Option<u64>,
+    pub sleep: Option<u64>,
+}
+
+impl HostLink {
+    /// `engine` on this link.
+    pub fn apply(self, engine: &mut SimConfig) {
+        if let Some(b) = self.wake {
+            engine.h2d_bandwidth = b;
+        }
+        if let Some(b) = self.sleep {
+            engine.d2h_bandwidth = b;
+        }
+    }
 }
 
 /// How one request ended, as its client saw it.
@@ -450,7 +475,8 @@ async fn assemble(setup: &Setup) -> anyhow::Result<Fleet> {
             let pod = format!("{name}-{r}");
             let placed: Vec<&Gpu> = positions.iter().map(|p| &records[*p as usize]).collect();
             let share = model.share_of(placed[0].spec.memory_bytes);
-            let engine_cfg = engine_config(model, share).map_err(anyhow::Error::msg)?;
+            let mut engine_cfg = engine_config(model, share).map_err(anyhow::Error::msg)?;
+            setup.link.apply(&mut engine_cfg);
             let (addr, listener) = transport::memory(&pod);
             let engine = Arc::new(EngineSlot {
                 cfg: engine_cfg.clone(),
@@ -1394,6 +1420,94 @@ mod tests {
         for (serving, waiting, want) in cases {
             let got = stranded_fraction(&gpu(serving, waiting));
             assert_eq!(got, *want, "{serving:?} awake, {waiting:?} waiting");
+        }
+    }
+}
+
+/// The host link reaches the engines: every level-1 wake and sleep of a run on a link ten
+/// times as fast takes its weights' copy time less by nine tenths, and nothing else
+/// changes.
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    /// Two models that cannot share their 24 GiB GPU, asked in turn every 30 s.
+    fn alternating(link: HostLink) -> Run {
+        let models = crate::zoo::zoo(2, 24 * GIB, 1).unwrap();
+        let requests = (0..8)
+            .map(|i| Request {
+                at: Duration::from_secs(30 * i),
+                model: (i % 2) as usize,
+                prompt_tokens: 100,
+                output_tokens: 20,
+            })
+            .collect();
+        run(
+            Setup {
+                models,
+                gpus: vec![24 * GIB],
+                requests,
+                seed: 1,
+                policy: Default::default(),
+                faults: None,
+                preemption: greenthread_sidecar::Preemption::Resume,
+                host_memory: None,
+                link,
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_faster_host_link_shortens_every_level_1_wake_and_sleep_by_the_copy_it_saves() {
+        let slow = alternating(HostLink::default());
+        let fast = alternating(HostLink {
+            wake: Some(250_000_000_000),
+            sleep: Some(200_000_000_000),
+        });
+        assert!(
+            fast.outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Answered { .. })),
+            "{:?}",
+            fast.outcomes
+        );
+        for (s, f) in slow.replicas.iter().zip(&fast.replicas) {
+            // The same schedule: each model woke for each of its requests.
+            assert_eq!((s.wakes, s.preempted), (f.wakes, f.preempted), "{}", s.pod);
+            assert!(s.wakes >= 4, "{}: {} wakes", s.pod, s.wakes);
+            let weights = crate::zoo::engine_config(
+                &crate::zoo::zoo(2, 24 * GIB, 1).unwrap()[s.model].1,
+                24 * GIB,
+            )
+            .unwrap()
+            .weights_bytes as f64;
+            // Each level-1 wake saves its copy in, each level-1 sleep its copy out. The
+            // first wake may reload from disk instead: an engine that booted before its
+            // sidecar recorded it sleeps at level 2.
+            let (per_in, per_out) = (
+                weights * (1.0 / 25e9 - 1.0 / 250e9),
+                weights * (1.0 / 20e9 - 1.0 / 200e9),
+            );
+            let waking = s.waking_seconds - f.waking_seconds;
+            let level_1 = (waking / per_in).round();
+            assert!(
+                (waking - level_1 * per_in).abs() < 0.01
+                    && (s.wakes - 1..=s.wakes).contains(&(level_1 as u64)),
+                "{}: waking {waking:.3} s less over {} wakes, {per_in:.3} s a wake",
+                s.pod,
+                s.wakes
+            );
+            let sleeping = s.deactivating_seconds - f.deactivating_seconds;
+            let saved_out = s.preempted as f64 * per_out;
+            assert!(
+                (sleeping - saved_out).abs() < 0.01,
+                "{}: sleeping {sleeping:.3} s less, expected {saved_out:.3}",
+                s.pod
+            );
         }
     }
 }

@@ -32,6 +32,7 @@ fn setup(models: usize, gpus: usize, minutes: u64, seed: u64, faults: FaultPlan)
         faults: Some(faults),
         preemption: greenthread_sidecar::Preemption::Drain,
         host_memory: None,
+        link: Default::default(),
     }
 }
 

@@ -54,6 +54,7 @@ fn main() {
             faults: None,
             preemption: greenthread_sidecar::Preemption::Drain,
             host_memory: None,
+            link: Default::default(),
         },
         None,
     )

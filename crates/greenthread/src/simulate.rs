@@ -10,7 +10,7 @@ use greenthread_fleet::{
     assign,
     faults::FaultPlan,
     report::{Report, report},
-    run::{OnProgress, Setup, run},
+    run::{HostLink, OnProgress, Setup, run},
     trace::{self, Arrivals, Workload},
     zoo,
 };
@@ -52,6 +52,16 @@ pub struct SimulateArgs {
     /// (counted as `sleepDemotions`). Default: not accounted.
     #[arg(long, value_parser = arg::size)]
     pub host_memory: Option<u64>,
+    /// The rate at which a level-1 wake copies a model's weights from host memory to
+    /// its GPU, in GB/s (10^9 bytes a second), for every simulated engine. Default: each
+    /// engine's own (the zoo's 25, what vLLM's published wakes on H100 over PCIe imply);
+    /// a Grace Hopper's NVLink-C2C carries up to 450.
+    #[arg(long, value_parser = gb_per_second)]
+    pub wake_bandwidth: Option<u64>,
+    /// The rate at which a level-1 sleep copies the weights back to host memory, in
+    /// GB/s, for every simulated engine. Default: each engine's own (the zoo's 20).
+    #[arg(long, value_parser = gb_per_second)]
+    pub sleep_bandwidth: Option<u64>,
     /// Popularity skew: request shares ∝ 1/rank^skew over the models (0: uniform).
     #[arg(long, default_value_t = 1.0)]
     pub skew: f64,
@@ -96,6 +106,20 @@ pub struct SimulateArgs {
     /// in parallel; prints the seeds that broke an invariant.
     #[arg(long, requires = "faults", value_parser = seed_range)]
     pub seeds: Option<(u64, u64)>,
+}
+
+/// GB/s as bytes a second.
+fn gb_per_second(s: &str) -> Result<u64, String> {
+    let gb: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of GB/s: {e}"))?;
+    if !(gb.is_finite() && (0.001..=1e6).contains(&gb)) {
+        return Err(format!(
+            "{s:?}: expected GB/s between 0.001 and 1000000, e.g. 25"
+        ));
+    }
+    Ok((gb * 1e9).round() as u64)
 }
 
 fn seed_range(s: &str) -> Result<(u64, u64), String> {
@@ -252,6 +276,10 @@ fn once(
             faults,
             preemption,
             host_memory: args.host_memory,
+            link: HostLink {
+                wake: args.wake_bandwidth,
+                sleep: args.sleep_bandwidth,
+            },
         },
         (!quiet).then(progress_line),
     )?;
@@ -485,6 +513,31 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("simulate").chain(line.iter().copied()))
             .expect("the line parses");
         declared(&cli.args).expect("the models are declared")
+    }
+
+    /// The host link is given in GB/s; what is not a rate is refused naming the flag.
+    #[test]
+    fn the_host_link_is_read_in_gb_per_second() {
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(
+                ["simulate", "--rate", "1", "--models", "4"]
+                    .iter()
+                    .chain(extra)
+                    .copied(),
+            )
+        };
+        let cli = parse(&["--wake-bandwidth", "450", "--sleep-bandwidth", "12.5"]).unwrap();
+        assert_eq!(cli.args.wake_bandwidth, Some(450_000_000_000));
+        assert_eq!(cli.args.sleep_bandwidth, Some(12_500_000_000));
+        assert_eq!(parse(&[]).unwrap().args.wake_bandwidth, None);
+        for bad in ["0", "-25", "fast", "inf"] {
+            let flag = format!("--wake-bandwidth={bad}");
+            let e = parse(&[&flag]).err().unwrap().to_string();
+            assert!(
+                e.contains("--wake-bandwidth") && e.contains("GB/s"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     /// The zoo resumes under the cost-aware policy and drains under `lru`, unless told;
