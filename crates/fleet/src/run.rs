@@ -1422,20 +1422,9 @@ mod tests {
             assert_eq!(got, *want, "{serving:?} awake, {waiting:?} waiting");
         }
     }
-}
 
-/// The host link reaches the engines: every level-1 wake and sleep of a run on a link ten
-/// times as fast takes its weights' copy time less by nine tenths, and nothing else
-/// changes.
-#[cfg(test)]
-mod link_tests {
-    use super::*;
-
-    const GIB: u64 = 1 << 30;
-
-    /// Two models that cannot share their 24 GiB GPU, asked in turn every 30 s.
-    fn alternating(link: HostLink) -> Run {
-        let models = crate::zoo::zoo(2, 24 * GIB, 1).unwrap();
+    /// `models` (two that cannot share their 24 GiB GPU) asked in turn every 30 s.
+    fn alternating(models: &[(String, ValidModel)], link: HostLink) -> Run {
         let requests = (0..8)
             .map(|i| Request {
                 at: Duration::from_secs(30 * i),
@@ -1446,7 +1435,7 @@ mod link_tests {
             .collect();
         run(
             Setup {
-                models,
+                models: models.to_vec(),
                 gpus: vec![24 * GIB],
                 requests,
                 seed: 1,
@@ -1461,13 +1450,20 @@ mod link_tests {
         .unwrap()
     }
 
+    /// The host link reaches the engines: every level-1 wake and sleep of a run on a link
+    /// ten times as fast takes its weights' copy time less by nine tenths, and nothing
+    /// else changes.
     #[test]
     fn a_faster_host_link_shortens_every_level_1_wake_and_sleep_by_the_copy_it_saves() {
-        let slow = alternating(HostLink::default());
-        let fast = alternating(HostLink {
-            wake: Some(250_000_000_000),
-            sleep: Some(200_000_000_000),
-        });
+        let models = crate::zoo::zoo(2, 24 * GIB, 1).unwrap();
+        let slow = alternating(&models, HostLink::default());
+        let fast = alternating(
+            &models,
+            HostLink {
+                wake: Some(250_000_000_000),
+                sleep: Some(200_000_000_000),
+            },
+        );
         assert!(
             fast.outcomes
                 .iter()
@@ -1479,12 +1475,9 @@ mod link_tests {
             // The same schedule: each model woke for each of its requests.
             assert_eq!((s.wakes, s.preempted), (f.wakes, f.preempted), "{}", s.pod);
             assert!(s.wakes >= 4, "{}: {} wakes", s.pod, s.wakes);
-            let weights = crate::zoo::engine_config(
-                &crate::zoo::zoo(2, 24 * GIB, 1).unwrap()[s.model].1,
-                24 * GIB,
-            )
-            .unwrap()
-            .weights_bytes as f64;
+            let weights = engine_config(&models[s.model].1, 24 * GIB)
+                .unwrap()
+                .weights_bytes as f64;
             // Each level-1 wake saves its copy in, each level-1 sleep its copy out. The
             // first wake may reload from disk instead: an engine that booted before its
             // sidecar recorded it sleeps at level 2.
