@@ -17,6 +17,11 @@ pub struct Demand {
     pub ttft_seconds: f64,
     pub prefill_tokens_per_second: f64,
     pub tokens_per_second: f64,
+    /// A level-1 wake and sleep: the weights over the host link, plus the fixed costs.
+    pub wake_seconds: f64,
+    pub sleep_seconds: f64,
+    /// Sequences its engine runs at once.
+    pub max_sequences: usize,
 }
 
 impl Demand {
@@ -99,6 +104,7 @@ mod tests {
             ttft_seconds: 0.0,
             prefill_tokens_per_second: 0.0,
             tokens_per_second: 1.0,
+            ..Default::default()
         }
     }
 
@@ -165,6 +171,7 @@ mod tests {
             ttft_seconds: 0.02,
             prefill_tokens_per_second: 8000.0,
             tokens_per_second: 40.0,
+            ..Default::default()
         };
         let r = Request {
             at: Duration::ZERO,

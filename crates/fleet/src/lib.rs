@@ -3,6 +3,7 @@
 
 pub mod demand;
 pub mod faults;
+pub mod plan;
 pub mod report;
 pub mod rng;
 pub mod run;

@@ -93,6 +93,67 @@ pub struct Report {
     /// With `--faults`: what was injected and which invariants broke.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultsReport>,
+    /// With `--reference`: the same requests under the reference plan ([`crate::plan`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
+}
+
+/// What the reference plan ([`crate::plan::first_tokens_first`]) made of the requests:
+/// first tokens as the run's are counted, and what it cost the answers it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reference {
+    /// Requests with a first token within the SLO, over all requests.
+    pub slo_attainment: f64,
+    pub ttft_p50_seconds: Option<f64>,
+    pub ttft_p99_seconds: Option<f64>,
+    pub wakes: u64,
+    /// Over the answers that ended: the time each stood stopped between its first token
+    /// and its end.
+    pub pause_p50_seconds: Option<f64>,
+    pub pause_p90_seconds: Option<f64>,
+    pub pause_p99_seconds: Option<f64>,
+    pub pause_max_seconds: Option<f64>,
+    /// Answers stopped for more than a minute in all.
+    pub paused_over_a_minute: usize,
+    /// Answers not ended [`crate::plan::TAIL`] after the last arrival.
+    pub unfinished: usize,
+}
+
+/// [`Reference`] of `plan` at the SLO `slo`.
+pub fn reference(plan: &crate::plan::Plan, slo: Duration) -> Reference {
+    let secs = |v: &[Option<f64>]| {
+        let mut d: Vec<Duration> = v
+            .iter()
+            .flatten()
+            .map(|s| Duration::from_secs_f64(s.max(0.0)))
+            .collect();
+        d.sort();
+        d
+    };
+    let ttfts = secs(&plan.first_token);
+    let pauses = secs(&plan.paused);
+    let requests = plan.first_token.len();
+    let met = ttfts.iter().filter(|t| **t <= slo).count();
+    Reference {
+        slo_attainment: if requests == 0 {
+            1.0
+        } else {
+            met as f64 / requests as f64
+        },
+        ttft_p50_seconds: quantile(&ttfts, 0.5),
+        ttft_p99_seconds: quantile(&ttfts, 0.99),
+        wakes: plan.wakes,
+        pause_p50_seconds: quantile(&pauses, 0.5),
+        pause_p90_seconds: quantile(&pauses, 0.9),
+        pause_p99_seconds: quantile(&pauses, 0.99),
+        pause_max_seconds: pauses.last().map(Duration::as_secs_f64),
+        paused_over_a_minute: pauses
+            .iter()
+            .filter(|p| **p > Duration::from_secs(60))
+            .count(),
+        unfinished: plan.paused.iter().filter(|p| p.is_none()).count(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -247,6 +308,7 @@ pub fn report(
                 .collect(),
             violations: run.violations.iter().map(|v| v.to_string()).collect(),
         }),
+        reference: None,
     }
 }
 
@@ -410,6 +472,24 @@ impl Report {
             "requests by their model's state at arrival: {}\n",
             states.join(", ")
         ));
+        if let Some(r) = &self.reference {
+            let s = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} s"));
+            out.push_str(&format!(
+                "reference plan (first tokens first, one planner per GPU): {:.1} % within the SLO, \
+                 TTFT p50 {} p99 {}, {} wakes; answers stopped for p50 {} p90 {} p99 {} \
+                 max {}, {} over a minute, {} unfinished\n",
+                r.slo_attainment * 100.0,
+                s(r.ttft_p50_seconds),
+                s(r.ttft_p99_seconds),
+                r.wakes,
+                s(r.pause_p50_seconds),
+                s(r.pause_p90_seconds),
+                s(r.pause_p99_seconds),
+                s(r.pause_max_seconds),
+                r.paused_over_a_minute,
+                r.unfinished
+            ));
+        }
         if let Some(f) = &self.faults {
             out.push_str(&format!(
                 "faults (seed {}): {} injected, {} invariants broken\n",
@@ -435,6 +515,61 @@ mod tests {
     use greenthread_sidecar::state::State;
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn the_reference_counts_first_tokens_as_the_run_does_and_the_pauses_of_ended_answers() {
+        let plan = crate::plan::Plan {
+            first_token: vec![Some(1.0), Some(5.0), None, Some(2.0)],
+            paused: vec![Some(0.0), Some(90.0), None, Some(10.0)],
+            wakes: 3,
+        };
+        let r = reference(&plan, Duration::from_secs(3));
+        // Two of four within 3 s: one too late, one never.
+        assert_eq!(r.slo_attainment, 0.5);
+        assert_eq!(
+            (r.ttft_p50_seconds, r.ttft_p99_seconds),
+            (Some(2.0), Some(5.0))
+        );
+        assert_eq!(
+            (
+                r.pause_p50_seconds,
+                r.pause_p90_seconds,
+                r.pause_max_seconds
+            ),
+            (Some(10.0), Some(90.0), Some(90.0))
+        );
+        assert_eq!((r.paused_over_a_minute, r.unfinished, r.wakes), (1, 1, 3));
+        let mut report = report(
+            &Run {
+                outcomes: vec![],
+                replicas: vec![],
+                simulated: Duration::ZERO,
+                boot: Duration::ZERO,
+                arrived_to: vec![],
+                gpu_memory: vec![],
+                stranded_seconds: vec![],
+                oversubscribed_seconds: vec![],
+                demand: vec![],
+                injected: vec![],
+                violations: vec![],
+                faults_seed: None,
+            },
+            &[],
+            &[],
+            Duration::from_secs(3),
+            Duration::ZERO,
+        );
+        report.reference = Some(r);
+        assert!(
+            report.table().contains(
+                "reference plan (first tokens first, one planner per GPU): 50.0 % within the SLO"
+            ),
+            "{}",
+            report.table()
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["reference"]["pausedOverAMinute"], 1, "{json}");
+    }
 
     #[test]
     fn attainment_counts_refusals_as_misses_and_quantiles_are_nearest_rank() {
@@ -482,6 +617,7 @@ mod tests {
             gpu_memory: vec![16 * GIB, 32 * GIB],
             stranded_seconds: vec![12.0, 0.0],
             oversubscribed_seconds: vec![0.0, 25.0],
+            demand: vec![],
             simulated: s(100),
             boot: s(3),
             arrived_to: vec![

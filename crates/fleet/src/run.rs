@@ -179,6 +179,9 @@ pub struct Run {
     /// in progress, each served the moment it arrived, needed more than its memory
     /// ([`crate::demand`]).
     pub oversubscribed_seconds: Vec<f64>,
+    /// Each model (its first replica) as the workload's demand and the reference plan
+    /// see it ([`crate::demand`], [`crate::plan`]).
+    pub demand: Vec<crate::demand::Demand>,
     /// The faults injected, each when it struck (from the first arrival).
     pub injected: Vec<Injected>,
     /// Invariants broken (only checked when faults are injected).
@@ -712,12 +715,22 @@ fn demand_of(fleet: &Fleet, models: usize) -> Vec<crate::demand::Demand> {
     (0..models)
         .map(|m| {
             let slot = fleet.slots.iter().find(|s| s.model == m);
-            slot.map_or_else(Default::default, |s| crate::demand::Demand {
-                gpus: s.indices.clone(),
-                bytes: s.cfg.memory_bytes.unwrap_or(0),
-                ttft_seconds: s.engine.cfg.ttft.as_secs_f64(),
-                prefill_tokens_per_second: s.engine.cfg.prefill_tokens_per_second,
-                tokens_per_second: s.engine.cfg.tokens_per_second,
+            slot.map_or_else(Default::default, |s| {
+                let e = &s.engine.cfg;
+                crate::demand::Demand {
+                    gpus: s.indices.clone(),
+                    bytes: s.cfg.memory_bytes.unwrap_or(0),
+                    ttft_seconds: e.ttft.as_secs_f64(),
+                    prefill_tokens_per_second: e.prefill_tokens_per_second,
+                    tokens_per_second: e.tokens_per_second,
+                    wake_seconds: (SimConfig::transfer_time(e.weights_bytes, e.h2d_bandwidth)
+                        + e.wake_fixed)
+                        .as_secs_f64(),
+                    sleep_seconds: (SimConfig::transfer_time(e.weights_bytes, e.d2h_bandwidth)
+                        + e.sleep_fixed)
+                        .as_secs_f64(),
+                    max_sequences: e.max_num_seqs,
+                }
             })
         })
         .collect()
@@ -1328,6 +1341,7 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         .collect();
     let violations = std::mem::take(&mut *watch.violations.lock().unwrap());
     let injected = std::mem::take(&mut *watch.injected.lock().unwrap());
+    let demand = demand_of(&fleet, setup.models.len());
     Ok(Run {
         outcomes,
         replicas,
@@ -1338,9 +1352,10 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
         stranded_seconds,
         oversubscribed_seconds: crate::demand::oversubscribed_seconds(
             &setup.gpus,
-            &demand_of(&fleet, setup.models.len()),
+            &demand,
             &setup.requests,
         ),
+        demand,
         injected,
         violations,
         faults_seed: setup.faults.as_ref().map(|p| p.seed),

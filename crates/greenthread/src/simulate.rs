@@ -87,6 +87,12 @@ pub struct SimulateArgs {
     /// One JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also plans the same requests as one planner per GPU would, first tokens first
+    /// (stopped answers continued when memory is free), and prints what that gives
+    /// beside the run: how far the control plane's decisions are from such a plan.
+    /// Models of one replica on one GPU each.
+    #[arg(long, conflicts_with_all = ["find_gpus", "faults"])]
+    pub reference: bool,
     /// Searches for the fewest GPUs whose SLO attainment reaches `--target`.
     #[arg(long)]
     pub find_gpus: bool,
@@ -264,6 +270,7 @@ fn once(
         FaultPlan::generate(args.seed, replicas, span * 2 / 3, args.fault_every)
     });
     let models_of: Vec<usize> = requests.iter().map(|r| r.model).collect();
+    let planned = args.reference.then(|| requests.clone());
     let names: Vec<String> = models.iter().map(|m| m.0.clone()).collect();
     let wall = std::time::Instant::now();
     let ran = run(
@@ -283,13 +290,14 @@ fn once(
         },
         (!quiet).then(progress_line),
     )?;
-    Ok(report(
-        &ran,
-        &names,
-        &models_of,
-        args.ttft_slo,
-        wall.elapsed(),
-    ))
+    let mut r = report(&ran, &names, &models_of, args.ttft_slo, wall.elapsed());
+    if let Some(requests) = planned {
+        let plan =
+            greenthread_fleet::plan::first_tokens_first(&ran.gpu_memory, &ran.demand, &requests)
+                .map_err(|e| anyhow::anyhow!("--reference: {e}"))?;
+        r.reference = Some(greenthread_fleet::report::reference(&plan, args.ttft_slo));
+    }
+    Ok(r)
 }
 
 pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
@@ -310,6 +318,13 @@ pub fn main(args: SimulateArgs) -> anyhow::Result<()> {
     preemption
         .check(policy)
         .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    if args.reference
+        && let Some((name, _)) = models
+            .iter()
+            .find(|(_, m)| m.spec.replicas != 1 || m.spec.gpus_per_replica() != 1)
+    {
+        anyhow::bail!("--reference plans models of one replica on one GPU each; {name} has more");
+    }
     let gpus_of = |n: usize| vec![args.gpu_memory; n];
     if args.find_gpus {
         return find_gpus(&args, policy, preemption, &models, &w);

@@ -128,6 +128,71 @@ fn the_same_seed_gives_the_same_run_and_every_request_is_accounted_for() {
 }
 
 /// Five minutes of 2 requests/s to 8 zoo models, with `more` arguments, as JSON.
+#[test]
+fn the_reference_plan_sees_the_same_requests_and_gains_from_a_faster_link() {
+    let args = |more: &[&'static str]| {
+        let mut a = vec![
+            "--trace",
+            TRACE,
+            "--models",
+            "28",
+            "--gpus",
+            "4",
+            "--minutes",
+            "10",
+            "--reference",
+            "--json",
+        ];
+        a.extend_from_slice(more);
+        a
+    };
+    let a = simulate(&args(&[])).unwrap();
+    let b = simulate(&args(&[])).unwrap();
+    assert_eq!(
+        a["reference"], b["reference"],
+        "planned the same both times"
+    );
+    let r = &a["reference"];
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(r["unfinished"], 0, "{r}");
+    assert!(f(r, "wakes") > 28.0, "28 models on 4 GPUs take turns: {r}");
+    assert!((0.0..=1.0).contains(&f(r, "sloAttainment")), "{r}");
+    assert!(
+        f(r, "pauseP50Seconds") <= f(r, "pauseP99Seconds")
+            && f(r, "pauseP99Seconds") <= f(r, "pauseMaxSeconds"),
+        "{r}"
+    );
+    // Switches 16 times as fast: the plan's first tokens come within the SLO (over the
+    // hour, seeds 1-3: 100 %; docs/simulate.md).
+    let fast = simulate(&args(&[
+        "--wake-bandwidth",
+        "400",
+        "--sleep-bandwidth",
+        "320",
+    ]))
+    .unwrap();
+    let fast = &fast["reference"];
+    assert!(f(fast, "sloAttainment") >= 0.95, "{fast}");
+    assert!(
+        f(fast, "sloAttainment") >= f(r, "sloAttainment"),
+        "{fast} against {r}"
+    );
+    // Without the flag there is no reference.
+    let plain = simulate(&[
+        "--trace",
+        TRACE,
+        "--models",
+        "4",
+        "--gpus",
+        "1",
+        "--minutes",
+        "1",
+        "--json",
+    ])
+    .unwrap();
+    assert!(plain.get("reference").is_none(), "{plain}");
+}
+
 fn generated(more: &[&str]) -> Value {
     let mut args = vec!["--rate", "2", "--minutes", "5", "--models", "8", "--json"];
     args.extend_from_slice(more);
@@ -215,6 +280,20 @@ fn bad_input_is_refused_with_the_flag_or_the_line_named() {
             "more than a 16 GiB GPU",
         ),
         (&["--trace", TRACE, "--gpus", "1"], "--models"),
+        (
+            &[
+                "--rate",
+                "1",
+                "--models",
+                "4",
+                "--gpus",
+                "2",
+                "--tensor-parallel",
+                "2",
+                "--reference",
+            ],
+            "--reference plans models of one replica on one GPU each",
+        ),
         (
             &["--rate", "0", "--models", "2", "--gpus", "1"],
             "--rate must be above 0",
