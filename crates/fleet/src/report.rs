@@ -90,6 +90,9 @@ pub struct Report {
     pub by_state_at_arrival: BTreeMap<String, Totals>,
     pub models: Vec<ModelRow>,
     pub by_gpu: Vec<GpuRow>,
+    /// The run's answers: how long they stood stopped (`--preemption resume`).
+    #[serde(flatten)]
+    pub pauses: Pauses,
     /// With `--faults`: what was injected and which invariants broke.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultsReport>,
@@ -108,16 +111,53 @@ pub struct Reference {
     pub ttft_p50_seconds: Option<f64>,
     pub ttft_p99_seconds: Option<f64>,
     pub wakes: u64,
-    /// Over the answers that ended: the time each stood stopped between its first token
-    /// and its end.
+    #[serde(flatten)]
+    pub pauses: Pauses,
+    /// Answers not ended [`crate::plan::TAIL`] after the last arrival.
+    pub unfinished: usize,
+}
+
+/// How long answers stood stopped between their first token and their end, beyond the
+/// decoding they take (a preempted answer's wait for its next wake and its
+/// continuation's prefill, or a wait for a free sequence slot), over the answers that
+/// ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pauses {
     pub pause_p50_seconds: Option<f64>,
     pub pause_p90_seconds: Option<f64>,
     pub pause_p99_seconds: Option<f64>,
     pub pause_max_seconds: Option<f64>,
     /// Answers stopped for more than a minute in all.
     pub paused_over_a_minute: usize,
-    /// Answers not ended [`crate::plan::TAIL`] after the last arrival.
-    pub unfinished: usize,
+}
+
+/// [`Pauses`] of `sorted`.
+fn pauses(sorted: &[Duration]) -> Pauses {
+    Pauses {
+        pause_p50_seconds: quantile(sorted, 0.5),
+        pause_p90_seconds: quantile(sorted, 0.9),
+        pause_p99_seconds: quantile(sorted, 0.99),
+        pause_max_seconds: sorted.last().map(Duration::as_secs_f64),
+        paused_over_a_minute: sorted
+            .iter()
+            .filter(|p| **p > Duration::from_secs(60))
+            .count(),
+    }
+}
+
+impl Pauses {
+    fn line(&self) -> String {
+        let s = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} s"));
+        format!(
+            "p50 {} p90 {} p99 {} max {}, {} over a minute",
+            s(self.pause_p50_seconds),
+            s(self.pause_p90_seconds),
+            s(self.pause_p99_seconds),
+            s(self.pause_max_seconds),
+            self.paused_over_a_minute
+        )
+    }
 }
 
 /// [`Reference`] of `plan` at the SLO `slo`.
@@ -132,7 +172,7 @@ pub fn reference(plan: &crate::plan::Plan, slo: Duration) -> Reference {
         d
     };
     let ttfts = secs(&plan.first_token);
-    let pauses = secs(&plan.paused);
+    let stopped = secs(&plan.paused);
     let requests = plan.first_token.len();
     let met = ttfts.iter().filter(|t| **t <= slo).count();
     Reference {
@@ -144,14 +184,7 @@ pub fn reference(plan: &crate::plan::Plan, slo: Duration) -> Reference {
         ttft_p50_seconds: quantile(&ttfts, 0.5),
         ttft_p99_seconds: quantile(&ttfts, 0.99),
         wakes: plan.wakes,
-        pause_p50_seconds: quantile(&pauses, 0.5),
-        pause_p90_seconds: quantile(&pauses, 0.9),
-        pause_p99_seconds: quantile(&pauses, 0.99),
-        pause_max_seconds: pauses.last().map(Duration::as_secs_f64),
-        paused_over_a_minute: pauses
-            .iter()
-            .filter(|p| **p > Duration::from_secs(60))
-            .count(),
+        pauses: pauses(&stopped),
         unfinished: plan.paused.iter().filter(|p| p.is_none()).count(),
     }
 }
@@ -285,6 +318,18 @@ pub fn report(
             *rejections.entry(code.clone()).or_insert(0) += 1;
         }
     }
+    let mut stopped: Vec<Duration> = run
+        .outcomes
+        .iter()
+        .zip(&run.decode_seconds)
+        .filter_map(|(o, decode)| match o {
+            Outcome::Answered { ttft, total } => Some(Duration::from_secs_f64(
+                (total.as_secs_f64() - ttft.as_secs_f64() - decode).max(0.0),
+            )),
+            _ => None,
+        })
+        .collect();
+    stopped.sort();
     Report {
         totals: overall,
         ttft_slo_seconds: slo.as_secs_f64(),
@@ -295,6 +340,7 @@ pub fn report(
         by_state_at_arrival,
         models: rows,
         by_gpu: gpus,
+        pauses: pauses(&stopped),
         faults: run.faults_seed.map(|seed| FaultsReport {
             seed,
             injected: run
@@ -472,21 +518,20 @@ impl Report {
             "requests by their model's state at arrival: {}\n",
             states.join(", ")
         ));
+        out.push_str(&format!(
+            "answers stopped mid-way (beyond their decoding): {}\n",
+            self.pauses.line()
+        ));
         if let Some(r) = &self.reference {
             let s = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} s"));
             out.push_str(&format!(
                 "reference plan (first tokens first, one planner per GPU): {:.1} % within the SLO, \
-                 TTFT p50 {} p99 {}, {} wakes; answers stopped for p50 {} p90 {} p99 {} \
-                 max {}, {} over a minute, {} unfinished\n",
+                 TTFT p50 {} p99 {}, {} wakes; answers stopped {}, {} unfinished\n",
                 r.slo_attainment * 100.0,
                 s(r.ttft_p50_seconds),
                 s(r.ttft_p99_seconds),
                 r.wakes,
-                s(r.pause_p50_seconds),
-                s(r.pause_p90_seconds),
-                s(r.pause_p99_seconds),
-                s(r.pause_max_seconds),
-                r.paused_over_a_minute,
+                r.pauses.line(),
                 r.unfinished
             ));
         }
@@ -532,13 +577,16 @@ mod tests {
         );
         assert_eq!(
             (
-                r.pause_p50_seconds,
-                r.pause_p90_seconds,
-                r.pause_max_seconds
+                r.pauses.pause_p50_seconds,
+                r.pauses.pause_p90_seconds,
+                r.pauses.pause_max_seconds
             ),
             (Some(10.0), Some(90.0), Some(90.0))
         );
-        assert_eq!((r.paused_over_a_minute, r.unfinished, r.wakes), (1, 1, 3));
+        assert_eq!(
+            (r.pauses.paused_over_a_minute, r.unfinished, r.wakes),
+            (1, 1, 3)
+        );
         let mut report = report(
             &Run {
                 outcomes: vec![],
@@ -550,6 +598,7 @@ mod tests {
                 stranded_seconds: vec![],
                 oversubscribed_seconds: vec![],
                 demand: vec![],
+                decode_seconds: vec![],
                 injected: vec![],
                 violations: vec![],
                 faults_seed: None,
@@ -618,6 +667,7 @@ mod tests {
             stranded_seconds: vec![12.0, 0.0],
             oversubscribed_seconds: vec![0.0, 25.0],
             demand: vec![],
+            decode_seconds: vec![1.0, 0.5, 0.0, 3.0],
             simulated: s(100),
             boot: s(3),
             arrived_to: vec![
@@ -642,6 +692,13 @@ mod tests {
         assert_eq!(r.rejections.get("queue_full"), Some(&1));
         assert_eq!(r.models[0].totals.slo_attainment, 0.5);
         assert_eq!(r.models[1].totals.ttft_p50_seconds, Some(2.0));
+        // Answered after 2 s, 6 s and 9 s with first tokens at 1, 5 and 2 s and outputs
+        // of 1, 0.5 and 3 s to decode: stopped 0, 0.5 and 4 s.
+        assert_eq!(
+            (r.pauses.pause_p50_seconds, r.pauses.pause_max_seconds),
+            (Some(0.5), Some(4.0))
+        );
+        assert_eq!(r.pauses.paused_over_a_minute, 0);
         let json = serde_json::to_value(&r).unwrap();
         for key in [
             "requests",

@@ -182,6 +182,9 @@ pub struct Run {
     /// Each model (its first replica) as the workload's demand and the reference plan
     /// see it ([`crate::demand`], [`crate::plan`]).
     pub demand: Vec<crate::demand::Demand>,
+    /// Per request: the seconds its output takes to decode at its engine's rate, what an
+    /// answer never stopped takes from its first token to its last.
+    pub decode_seconds: Vec<f64>,
     /// The faults injected, each when it struck (from the first arrival).
     pub injected: Vec<Injected>,
     /// Invariants broken (only checked when faults are injected).
@@ -1342,6 +1345,18 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
     let violations = std::mem::take(&mut *watch.violations.lock().unwrap());
     let injected = std::mem::take(&mut *watch.injected.lock().unwrap());
     let demand = demand_of(&fleet, setup.models.len());
+    let decode_seconds = setup
+        .requests
+        .iter()
+        .map(|r| {
+            let rate = demand[r.model].tokens_per_second;
+            if rate > 0.0 {
+                f64::from(r.output_tokens) / rate
+            } else {
+                0.0
+            }
+        })
+        .collect();
     Ok(Run {
         outcomes,
         replicas,
@@ -1356,6 +1371,7 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
             &setup.requests,
         ),
         demand,
+        decode_seconds,
         injected,
         violations,
         faults_seed: setup.faults.as_ref().map(|p| p.seed),

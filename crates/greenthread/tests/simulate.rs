@@ -162,6 +162,24 @@ fn the_reference_plan_sees_the_same_requests_and_gains_from_a_faster_link() {
             && f(r, "pauseP99Seconds") <= f(r, "pauseMaxSeconds"),
         "{r}"
     );
+    // The run's own answers: stopped and continued under `resume` (the default), some
+    // for over a minute; never under `drain`, where an answer takes its decoding alone.
+    assert!(a["pausedOverAMinute"].as_u64().unwrap() > 0, "{a}");
+    let drained = simulate(&[
+        "--trace",
+        TRACE,
+        "--models",
+        "28",
+        "--gpus",
+        "4",
+        "--minutes",
+        "10",
+        "--preemption",
+        "drain",
+        "--json",
+    ])
+    .unwrap();
+    assert!(f(&drained, "pauseMaxSeconds") < 0.5, "{drained}");
     // Switches 16 times as fast: the plan's first tokens come within the SLO (over the
     // hour, seeds 1-3: 100 %; docs/simulate.md).
     let fast = simulate(&args(&[
