@@ -28,6 +28,24 @@ fn without_wall(mut v: Value) -> String {
     v.to_string()
 }
 
+/// The conversation trace's first ten minutes on 28 zoo models and 4 GPUs, with `more`
+/// arguments, as JSON.
+fn ten_minutes(more: &[&'static str]) -> Vec<&'static str> {
+    let mut a = vec![
+        "--trace",
+        TRACE,
+        "--models",
+        "28",
+        "--gpus",
+        "4",
+        "--minutes",
+        "10",
+        "--json",
+    ];
+    a.extend_from_slice(more);
+    a
+}
+
 /// Requests in the trace's first `minutes`, counted here from the file.
 fn rows_in_first(minutes: f64) -> usize {
     let text = std::fs::read_to_string(TRACE).unwrap();
@@ -46,24 +64,9 @@ fn rows_in_first(minutes: f64) -> usize {
 
 #[test]
 fn the_same_seed_gives_the_same_run_and_every_request_is_accounted_for() {
-    let args = |seed: &'static str| {
-        vec![
-            "--trace",
-            TRACE,
-            "--models",
-            "28",
-            "--gpus",
-            "4",
-            "--minutes",
-            "10",
-            "--seed",
-            seed,
-            "--json",
-        ]
-    };
-    let a = simulate(&args("1")).unwrap();
-    let b = simulate(&args("1")).unwrap();
-    let c = simulate(&args("2")).unwrap();
+    let a = simulate(&ten_minutes(&["--seed", "1"])).unwrap();
+    let b = simulate(&ten_minutes(&["--seed", "1"])).unwrap();
+    let c = simulate(&ten_minutes(&["--seed", "2"])).unwrap();
     assert_eq!(
         without_wall(a.clone()),
         without_wall(b),
@@ -127,27 +130,10 @@ fn the_same_seed_gives_the_same_run_and_every_request_is_accounted_for() {
     }
 }
 
-/// Five minutes of 2 requests/s to 8 zoo models, with `more` arguments, as JSON.
 #[test]
 fn the_reference_plan_sees_the_same_requests_and_gains_from_a_faster_link() {
-    let args = |more: &[&'static str]| {
-        let mut a = vec![
-            "--trace",
-            TRACE,
-            "--models",
-            "28",
-            "--gpus",
-            "4",
-            "--minutes",
-            "10",
-            "--reference",
-            "--json",
-        ];
-        a.extend_from_slice(more);
-        a
-    };
-    let a = simulate(&args(&[])).unwrap();
-    let b = simulate(&args(&[])).unwrap();
+    let a = simulate(&ten_minutes(&["--reference"])).unwrap();
+    let b = simulate(&ten_minutes(&["--reference"])).unwrap();
     assert_eq!(
         a["reference"], b["reference"],
         "planned the same both times"
@@ -165,24 +151,16 @@ fn the_reference_plan_sees_the_same_requests_and_gains_from_a_faster_link() {
     // The run's own answers: stopped and continued under `resume` (the default), some
     // for over a minute; never under `drain`, where an answer takes its decoding alone.
     assert!(a["pausedOverAMinute"].as_u64().unwrap() > 0, "{a}");
-    let drained = simulate(&[
-        "--trace",
-        TRACE,
-        "--models",
-        "28",
-        "--gpus",
-        "4",
-        "--minutes",
-        "10",
-        "--preemption",
-        "drain",
-        "--json",
-    ])
-    .unwrap();
+    let drained = simulate(&ten_minutes(&["--preemption", "drain"])).unwrap();
     assert!(f(&drained, "pauseMaxSeconds") < 0.5, "{drained}");
+    assert!(
+        drained.get("reference").is_none(),
+        "no reference unasked: {drained}"
+    );
     // Switches 16 times as fast: the plan's first tokens come within the SLO (over the
     // hour, seeds 1-3: 100 %; docs/simulate.md).
-    let fast = simulate(&args(&[
+    let fast = simulate(&ten_minutes(&[
+        "--reference",
         "--wake-bandwidth",
         "400",
         "--sleep-bandwidth",
@@ -195,22 +173,9 @@ fn the_reference_plan_sees_the_same_requests_and_gains_from_a_faster_link() {
         f(fast, "sloAttainment") >= f(r, "sloAttainment"),
         "{fast} against {r}"
     );
-    // Without the flag there is no reference.
-    let plain = simulate(&[
-        "--trace",
-        TRACE,
-        "--models",
-        "4",
-        "--gpus",
-        "1",
-        "--minutes",
-        "1",
-        "--json",
-    ])
-    .unwrap();
-    assert!(plain.get("reference").is_none(), "{plain}");
 }
 
+/// Five minutes of 2 requests/s to 8 zoo models, with `more` arguments, as JSON.
 fn generated(more: &[&str]) -> Value {
     let mut args = vec!["--rate", "2", "--minutes", "5", "--models", "8", "--json"];
     args.extend_from_slice(more);
