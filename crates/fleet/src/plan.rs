@@ -97,8 +97,9 @@ fn seconds(tokens: f64, rate: f64) -> f64 {
     if rate > 0.0 { tokens / rate } else { 0.0 }
 }
 
-/// Plans `requests` on GPUs of `memory` bytes (by position) for `models`, each on one
-/// GPU. Errs naming a model that spans more or fewer than one GPU.
+/// Plans `requests` (in arrival order, as a trace gives them) on GPUs of `memory` bytes
+/// (by position) for `models`, each on one GPU. Errs naming a model that spans more or
+/// fewer than one GPU.
 pub fn first_tokens_first(
     memory: &[u64],
     models: &[Demand],
