@@ -28,17 +28,22 @@ impl Demand {
     /// How long `r` holds the model, served at once: its first token, its prompt's
     /// prefill and its output at the engine's rates.
     pub fn service_seconds(&self, r: &Request) -> f64 {
-        let per = |tokens: u32, rate: f64| {
-            if rate > 0.0 {
-                f64::from(tokens) / rate
-            } else {
-                0.0
-            }
-        };
         self.ttft_seconds
-            + per(r.prompt_tokens, self.prefill_tokens_per_second)
-            + per(r.output_tokens, self.tokens_per_second)
+            + seconds(f64::from(r.prompt_tokens), self.prefill_tokens_per_second)
+            + self.decode_seconds(r)
     }
+
+    /// How long `r`'s output takes to decode at the engine's rate: what an answer never
+    /// stopped takes from its first token to its last.
+    pub fn decode_seconds(&self, r: &Request) -> f64 {
+        seconds(f64::from(r.output_tokens), self.tokens_per_second)
+    }
+}
+
+/// `tokens` at `rate` tokens a second; none when the rate is 0 (the engine does not
+/// model that step).
+pub fn seconds(tokens: f64, rate: f64) -> f64 {
+    if rate > 0.0 { tokens / rate } else { 0.0 }
 }
 
 /// Per GPU (by position, `memory[g]` bytes), the seconds during which the models there

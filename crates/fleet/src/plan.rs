@@ -22,7 +22,10 @@
 //! sequences at once), without the control plane's own latencies (heartbeats, ledger
 //! writes, drains of answers that cannot be continued). It knows nothing of the future.
 
-use crate::{demand::Demand, run::Request};
+use crate::{
+    demand::{Demand, seconds},
+    run::Request,
+};
 
 /// The planner's clock: every decision and every token count moves in steps of this.
 pub const TICK: f64 = 0.01;
@@ -91,10 +94,6 @@ impl Model<'_> {
             .map(|l| requests[l.req].at.as_secs_f64())
             .min_by(f64::total_cmp)
     }
-}
-
-fn seconds(tokens: f64, rate: f64) -> f64 {
-    if rate > 0.0 { tokens / rate } else { 0.0 }
 }
 
 /// Plans `requests` (in arrival order, as a trace gives them) on GPUs of `memory` bytes
@@ -204,8 +203,7 @@ fn serve(m: &mut Model, requests: &[Request], plan: &mut Plan, t: f64) -> usize 
         if l.generated + 1e-9 < f64::from(r.output_tokens) {
             return true;
         }
-        let decoding = seconds(f64::from(r.output_tokens), d.tokens_per_second);
-        plan.paused[l.req] = Some((t - first_at - decoding).max(0.0));
+        plan.paused[l.req] = Some((t - first_at - d.decode_seconds(r)).max(0.0));
         ended += 1;
         false
     });

@@ -1348,14 +1348,7 @@ async fn simulate(setup: Setup, progress: Option<OnProgress>) -> anyhow::Result<
     let decode_seconds = setup
         .requests
         .iter()
-        .map(|r| {
-            let rate = demand[r.model].tokens_per_second;
-            if rate > 0.0 {
-                f64::from(r.output_tokens) / rate
-            } else {
-                0.0
-            }
-        })
+        .map(|r| demand[r.model].decode_seconds(r))
         .collect();
     Ok(Run {
         outcomes,
