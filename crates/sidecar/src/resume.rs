@@ -130,6 +130,8 @@ pub(crate) struct Splice {
     before: u64,
     /// `[DONE]` or a finish reason went through: nothing to resume.
     pub(crate) finished: bool,
+    /// Something went out to the client.
+    started: bool,
 }
 
 impl Splice {
@@ -144,12 +146,19 @@ impl Splice {
             tokens: 0,
             before: 0,
             finished: false,
+            started: false,
         }
     }
 
     /// A continuation's stream starts: what is pending of the stopped one is dropped.
+    /// When nothing of the stopped one went out (stopped before its first event), the
+    /// continuation is the answer's first stream: its role, id and usage go out as the
+    /// engine writes them.
     pub(crate) fn next_leg(&mut self) {
         self.pending.clear();
+        if !self.started {
+            return;
+        }
         self.legs += 1;
         self.before = self.tokens;
     }
@@ -162,6 +171,7 @@ impl Splice {
             let event: Vec<u8> = self.pending.drain(..end).collect();
             self.event(&event, &mut out);
         }
+        self.started |= !out.is_empty();
         out
     }
 
@@ -399,5 +409,33 @@ mod tests {
         assert!(out.ends_with("data: [DONE]\n\n"));
         assert_eq!(s.text, "Hello world");
         assert!(s.finished);
+    }
+
+    #[test]
+    fn an_answer_stopped_before_anything_went_out_goes_out_as_its_continuation_wrote_it() {
+        let mut s = Splice::new(Kind::Chat);
+        // Stopped mid-event, before a whole one came.
+        let half = chunk("a", Some(""), true, None);
+        assert!(s.feed(&half.as_bytes()[..half.len() / 2]).is_empty());
+        s.next_leg();
+        let stream = format!(
+            "{}{}{}data: [DONE]\n\n",
+            chunk("b", Some(""), true, None),
+            chunk("b", Some("Hi"), false, None),
+            chunk("b", None, false, Some("stop")),
+        );
+        let out = String::from_utf8(s.feed(stream.as_bytes())).unwrap();
+        assert_eq!(
+            out, stream,
+            "the role, the id and the usage are the client's first"
+        );
+        assert_eq!((s.text.as_str(), s.tokens, s.finished), ("Hi", 1, true));
+
+        // Once something went out, the next stream is a continuation again.
+        let mut s = Splice::new(Kind::Chat);
+        s.feed(chunk("a", Some(""), true, None).as_bytes());
+        s.next_leg();
+        let out = String::from_utf8(s.feed(chunk("b", Some(""), true, None).as_bytes())).unwrap();
+        assert!(out.is_empty(), "the role is not said twice: {out}");
     }
 }

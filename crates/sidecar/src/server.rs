@@ -577,37 +577,46 @@ async fn pump(
     let mut splice = resume::Splice::new(r.kind());
     let mut legs = 0;
     loop {
-        let stopped = loop {
-            let frame = tokio::select! {
-                biased;
-                // The client went away: dropping the engine's stream aborts it there.
-                () = tx.closed() => return,
-                // An answer is stopped once: its continuation drains like an answer that
-                // cannot be continued. Stopped again and again, a long answer would take
-                // a share of every wake of its model and outlive its queue deadline
-                // (on the conversation trace, 86 answers a seed were cut off so); a
-                // crash still stops a continuation, below.
-                changed = pause.changed(), if legs == 0 => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    break true;
-                }
-                frame = upstream.frame() => frame,
-            };
-            match frame {
-                None => break false,
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        let out = splice.feed(&data);
-                        if !out.is_empty() && tx.send(out.into()).await.is_err() {
+        // A first leg admitted at a wake can reach here after its model was named a
+        // victim: the stop came between its admission and its subscription to the
+        // signal, which then missed it. It is read from the model's state instead
+        // (nothing wakes the model again before this slot is given back); without this
+        // the victim drains the answer in full before it sleeps.
+        let stopped = if legs == 0 && !sidecar.serving() {
+            true
+        } else {
+            loop {
+                let frame = tokio::select! {
+                    biased;
+                    // The client went away: dropping the engine's stream aborts it there.
+                    () = tx.closed() => return,
+                    // An answer is stopped once: its continuation drains like an answer that
+                    // cannot be continued. Stopped again and again, a long answer would take
+                    // a share of every wake of its model and outlive its queue deadline
+                    // (on the conversation trace, 86 answers a seed were cut off so); a
+                    // crash still stops a continuation, below.
+                    changed = pause.changed(), if legs == 0 => {
+                        if changed.is_err() {
                             return;
                         }
+                        break true;
                     }
+                    frame = upstream.frame() => frame,
+                };
+                match frame {
+                    None => break false,
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            let out = splice.feed(&data);
+                            if !out.is_empty() && tx.send(out.into()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // The engine went away mid-answer (it crashed): continued as after a
+                    // preemption, on the engine that comes back.
+                    Some(Err(_)) => break true,
                 }
-                // The engine went away mid-answer (it crashed): continued as after a
-                // preemption, on the engine that comes back.
-                Some(Err(_)) => break true,
             }
         };
         if !stopped || splice.finished {
