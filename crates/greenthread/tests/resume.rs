@@ -52,6 +52,21 @@ async fn a_preempted_stream_pauses_and_goes_on_as_one_answer_through_the_openai_
         resumed, 1.0,
         "the stream was continued once (its continuation drained at the second preemption)"
     );
+    // Its pause is measured: one, and it lasted (the other model's turn).
+    let pauses = m
+        .value(
+            "gthread_sidecar_generation_pause_seconds_count",
+            &[("pod", "slow-0")],
+        )
+        .unwrap();
+    assert_eq!(pauses, 1.0, "one stopped answer, one pause");
+    let paused = m
+        .value(
+            "gthread_sidecar_generation_pause_seconds_sum",
+            &[("pod", "slow-0")],
+        )
+        .unwrap();
+    assert!(paused > 0.0, "{paused}");
     let preempted = m
         .value(
             "gthread_sidecar_preemptions_total",

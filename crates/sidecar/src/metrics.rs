@@ -30,6 +30,16 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
+/// Buckets from 100 ms to 10 minutes: a stopped answer waits for another model's turn
+/// and its own wake, at worst for its queue deadline.
+pub const PAUSE_BUCKETS: [f64; 13] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+fn pause_histogram() -> Histogram {
+    Histogram::new(PAUSE_BUCKETS)
+}
+
 greenthread_api::metric_families! {
     /// The metric families of every sidecar in a process.
     pub struct SidecarFamilies {
@@ -72,6 +82,8 @@ greenthread_api::metric_families! {
             => ("gthread_sidecar_wake_failures", "Engine wake attempts that failed"),
         resumed: Family<Labels, Counter> = Family::default()
             => ("gthread_sidecar_generations_resumed", "Streamed answers stopped by a preemption or a lost engine and continued after the next wake"),
+        pauses: HistogramFamily = Family::new_with_constructor(pause_histogram)
+            => ("gthread_sidecar_generation_pause_seconds", "How long a stopped streamed answer stood still: from its stop to the first event of its continuation"),
         rejections: Family<Labels, Counter> = Family::default()
             => ("gthread_sidecar_rejections", "Requests refused without reaching the engine, by reason (queue_full, deadline, failed)"),
         adapter_loads: Family<Labels, Counter> = Family::default()
@@ -130,6 +142,8 @@ pub struct SidecarMetrics {
     pub engine_restarts: Counter,
     pub wake_failures: Counter,
     pub resumed: Counter,
+    /// How long stopped answers stood still (the client's pause in the stream).
+    pub pauses: Histogram,
     /// Sleeps at level 2 for lack of host memory.
     pub demotions: Counter,
 }
@@ -177,6 +191,7 @@ impl SidecarMetrics {
             engine_restarts: counter(&f.engine_restarts, &base),
             wake_failures: counter(&f.wake_failures, &base),
             resumed: counter(&f.resumed, &base),
+            pauses: hist(&f.pauses, &base),
             demotions: counter(&f.demotions, &base),
             families: families.clone(),
             registry: None,

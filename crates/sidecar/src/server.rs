@@ -576,6 +576,8 @@ async fn pump(
     use http_body_util::BodyExt;
     let mut splice = resume::Splice::new(r.kind());
     let mut legs = 0;
+    // When the answer was stopped, until its continuation's first event goes out.
+    let mut stopped_at: Option<tokio::time::Instant> = None;
     loop {
         // A first leg admitted at a wake can reach here after its model was named a
         // victim: the stop came between its admission and its subscription to the
@@ -608,7 +610,13 @@ async fn pump(
                     Some(Ok(frame)) => {
                         if let Ok(data) = frame.into_data() {
                             let out = splice.feed(&data);
-                            if !out.is_empty() && tx.send(out.into()).await.is_err() {
+                            if out.is_empty() {
+                                continue;
+                            }
+                            if let Some(at) = stopped_at.take() {
+                                sidecar.metrics.pauses.observe(at.elapsed().as_secs_f64());
+                            }
+                            if tx.send(out.into()).await.is_err() {
                                 return;
                             }
                         }
@@ -624,6 +632,7 @@ async fn pump(
         }
         // Gives back the slot (the drain does not wait for it) and the connection.
         drop(std::mem::replace(&mut upstream, Body::empty()));
+        stopped_at.get_or_insert_with(tokio::time::Instant::now);
         legs += 1;
         if legs > MAX_LEGS {
             let error = ApiError::unavailable("the answer was stopped too many times");
