@@ -148,13 +148,12 @@ fn pauses(sorted: &[Duration]) -> Pauses {
 
 impl Pauses {
     fn line(&self) -> String {
-        let s = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} s"));
         format!(
             "p50 {} p90 {} p99 {} max {}, {} over a minute",
-            s(self.pause_p50_seconds),
-            s(self.pause_p90_seconds),
-            s(self.pause_p99_seconds),
-            s(self.pause_max_seconds),
+            in_seconds(self.pause_p50_seconds),
+            in_seconds(self.pause_p90_seconds),
+            in_seconds(self.pause_p99_seconds),
+            in_seconds(self.pause_max_seconds),
             self.paused_over_a_minute
         )
     }
@@ -421,6 +420,11 @@ fn secs(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| format!("{s:.2}"))
 }
 
+/// `v` seconds in a sentence of the table's summary ("12.3 s"; "-" when there is none).
+fn in_seconds(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1} s"))
+}
+
 impl Report {
     /// The human table: one row per model, then the whole fleet.
     pub fn table(&self) -> String {
@@ -523,13 +527,12 @@ impl Report {
             self.pauses.line()
         ));
         if let Some(r) = &self.reference {
-            let s = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} s"));
             out.push_str(&format!(
                 "reference plan (first tokens first, one planner per GPU): {:.1} % within the SLO, \
                  TTFT p50 {} p99 {}, {} wakes; answers stopped {}, {} unfinished\n",
                 r.slo_attainment * 100.0,
-                s(r.ttft_p50_seconds),
-                s(r.ttft_p99_seconds),
+                in_seconds(r.ttft_p50_seconds),
+                in_seconds(r.ttft_p99_seconds),
                 r.wakes,
                 r.pauses.line(),
                 r.unfinished
