@@ -21,6 +21,13 @@
 //! times from the weights and the link, prefill and decode rates, at most so many
 //! sequences at once), without the control plane's own latencies (heartbeats, ledger
 //! writes, drains of answers that cannot be continued). It knows nothing of the future.
+//!
+//! With a lag it chooses victims from what it knew of them that long ago, as a waker in
+//! the control plane knows its own queue at once and the other models through their
+//! reports: their arrivals and first tokens are seen `lag` late (the models' phases, at
+//! once). A model whose request it has not seen yet may be taken as a victim, and that
+//! request is stopped before its first token; a first token it has not seen yet keeps
+//! its model from being one.
 
 use crate::{
     demand::{Demand, seconds},
@@ -94,15 +101,24 @@ impl Model<'_> {
             .map(|l| requests[l.req].at.as_secs_f64())
             .min_by(f64::total_cmp)
     }
+
+    /// Whether, as seen at `known`, an answer of its waits for a first token.
+    fn seen_waiting(&self, requests: &[Request], known: f64) -> bool {
+        self.live.iter().any(|l| {
+            requests[l.req].at.as_secs_f64() <= known && l.first_at.is_none_or(|f| f > known)
+        })
+    }
 }
 
 /// Plans `requests` (in arrival order, as a trace gives them) on GPUs of `memory` bytes
-/// (by position) for `models`, each on one GPU. Errs naming a model that spans more or
-/// fewer than one GPU.
+/// (by position) for `models`, each on one GPU, choosing victims from what it saw of
+/// them `lag` seconds ago (0: at once). Errs naming a model that spans more or fewer
+/// than one GPU.
 pub fn first_tokens_first(
     memory: &[u64],
     models: &[Demand],
     requests: &[Request],
+    lag: f64,
 ) -> Result<Plan, String> {
     if let Some((m, d)) = models.iter().enumerate().find(|(_, d)| d.gpus.len() != 1) {
         return Err(format!(
@@ -169,7 +185,7 @@ pub fn first_tokens_first(
             if switching_until[g] > t {
                 continue;
             }
-            if let Some(until) = switch(&mut state, models, memory[g], requests, t) {
+            if let Some(until) = switch(&mut state, models, memory[g], requests, t, t - lag) {
                 switching_until[g] = until;
                 plan.wakes += 1;
             }
@@ -214,14 +230,17 @@ fn serve(m: &mut Model, requests: &[Request], plan: &mut Plan, t: f64) -> usize 
 }
 
 /// The one switch a GPU starts now, if any: which sleeping model wakes, in place of
-/// whom. Returns when the wake will be done.
+/// whom, the victims chosen from what was seen of them by `known` (≤ `t`). Returns when
+/// the wake will be done.
 fn switch(
     state: &mut [Model],
     models: &[usize],
     memory: u64,
     requests: &[Request],
     t: f64,
+    known: f64,
 ) -> Option<f64> {
+    let arrived = |l: &Live| requests[l.req].at.as_secs_f64();
     // (continuation only, the oldest arrival waiting, model)
     let mut wanting: Vec<(bool, f64, usize)> = models
         .iter()
@@ -251,14 +270,14 @@ fn switch(
                 .filter(|v| {
                     let o = &state[*v];
                     o.phase == Phase::Awake
-                        && o.live.iter().all(|l| l.first_at.is_some())
-                        && (!continuation || o.live.is_empty())
+                        && !o.seen_waiting(requests, known)
+                        && (!continuation || o.live.iter().all(|l| arrived(l) > known))
                 })
                 .collect();
             candidates.sort_by(|a, b| {
                 let (a, b) = (&state[*a], &state[*b]);
-                a.recent(t)
-                    .cmp(&b.recent(t))
+                a.recent(known)
+                    .cmp(&b.recent(known))
                     .then(a.last_busy.total_cmp(&b.last_busy))
             });
             for v in candidates {
@@ -348,7 +367,7 @@ mod tests {
         // continuation starts 0.5 s later, at 22.0, after 12.0 s stopped.
         let models = [model(60, 8), model(60, 8)];
         let requests = [req(0, 0, 100), req(1, 10, 5)];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
         near(plan.first_token[0], 2.5, "A's first token");
         near(plan.first_token[1], 3.5, "B's first token");
         near(plan.paused[1], 0.0, "B's pause");
@@ -364,7 +383,7 @@ mod tests {
         // sleeps from 15 (1 s), C wakes (2 s), +0.5 s: 3.5 s after its arrival.
         let models = [model(60, 8), model(60, 8), model(60, 8)];
         let requests = [req(0, 0, 100), req(1, 10, 40), req(2, 15, 40)];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
         near(plan.first_token[1], 3.5, "B's first token");
         near(plan.first_token[2], 3.5, "C's first token");
         // C's answer ends at 18.5 + 40 = 58.5; then A (stopped since 10, the oldest)
@@ -393,7 +412,7 @@ mod tests {
             req(2, 30, 2),
             req(1, 31, 2),
         ];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
         near(plan.first_token[4], 3.5, "new's first token");
         near(plan.first_token[5], 5.5, "cold's first token again");
         near(plan.first_token[0], 2.5, "hot's first token");
@@ -430,7 +449,7 @@ mod tests {
             arrivals: vec![],
         })
         .collect();
-        let until = switch(&mut state, &[0, 1, 2], 80 * GI, &requests, 10.0);
+        let until = switch(&mut state, &[0, 1, 2], 80 * GI, &requests, 10.0, 10.0);
         assert_eq!(until, Some(10.0 + 1.0 + 2.0));
         assert_eq!(state[0].phase, Phase::Sleeping(11.0));
         assert_eq!(state[2].phase, Phase::Waking(13.0));
@@ -451,10 +470,45 @@ mod tests {
             req(2, 20, 2),
             req(0, 30, 2),
         ];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
         near(plan.first_token[3], 3.5, "new's first token");
         near(plan.first_token[4], 0.5, "small's next first token");
         assert_eq!(plan.wakes, 3);
+    }
+
+    #[test]
+    fn deciding_behind_victims_are_chosen_from_first_tokens_and_arrivals_seen_late() {
+        // A (60 GiB) answers a request from 0 (first token at 2.5) and gets another at
+        // 9.8; B (60 GiB) asks at 10.
+        let models = [model(60, 8), model(60, 8)];
+        let at = |model, secs: f64, tokens| Request {
+            at: Duration::from_secs_f64(secs),
+            ..req(model, 0, tokens)
+        };
+        let requests = [at(0, 0.0, 100), at(0, 9.8, 100), at(1, 10.0, 5)];
+        // Seeing at once: A's request of 9.8 waits for its first token (10.3), so B's
+        // switch waits for it too: 10.3 + 1 + 2 + 0.5.
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
+        near(
+            plan.first_token[1],
+            0.5,
+            "A's second first token, seeing at once",
+        );
+        near(
+            plan.first_token[2],
+            13.8 - 10.0,
+            "B's first token, seeing at once",
+        );
+        // Seeing a second late: at 10 A's request of 9.8 is not seen, A is taken at once
+        // and that request stopped before its first token. A wakes again in B's place
+        // once B's first token (13.5) is seen, at 14.5: 14.5 + 1 + 2 + 0.5 = 18.0.
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, 1.0).unwrap();
+        near(plan.first_token[2], 3.5, "B's first token, a second behind");
+        near(
+            plan.first_token[1],
+            18.0 - 9.8,
+            "A's second first token, a second behind",
+        );
     }
 
     #[test]
@@ -462,12 +516,12 @@ mod tests {
         // One sequence at a time: the second request starts when the first ends.
         let models = [model(10, 1)];
         let plan =
-            first_tokens_first(&[80 * GI], &models, &[req(0, 0, 10), req(0, 0, 10)]).unwrap();
+            first_tokens_first(&[80 * GI], &models, &[req(0, 0, 10), req(0, 0, 10)], 0.0).unwrap();
         near(plan.first_token[0], 2.5, "first");
         near(plan.first_token[1], 2.5 + 10.0 + 0.5, "second");
         let mut wide = model(10, 1);
         wide.gpus = vec![0, 1];
-        let err = first_tokens_first(&[80 * GI; 2], &[wide], &[]).unwrap_err();
+        let err = first_tokens_first(&[80 * GI; 2], &[wide], &[], 0.0).unwrap_err();
         assert!(err.contains("one GPU per model"), "{err}");
     }
 }

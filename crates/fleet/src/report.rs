@@ -106,6 +106,8 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reference {
+    /// How late the plan saw arrivals and first tokens (`--reference-lag`).
+    pub lag_seconds: f64,
     /// Requests with a first token within the SLO, over all requests.
     pub slo_attainment: f64,
     pub ttft_p50_seconds: Option<f64>,
@@ -159,8 +161,8 @@ impl Pauses {
     }
 }
 
-/// [`Reference`] of `plan` at the SLO `slo`.
-pub fn reference(plan: &crate::plan::Plan, slo: Duration) -> Reference {
+/// [`Reference`] of `plan` (made with `lag`) at the SLO `slo`.
+pub fn reference(plan: &crate::plan::Plan, slo: Duration, lag: Duration) -> Reference {
     let secs = |v: &[Option<f64>]| {
         let mut d: Vec<Duration> = v
             .iter()
@@ -175,6 +177,7 @@ pub fn reference(plan: &crate::plan::Plan, slo: Duration) -> Reference {
     let requests = plan.first_token.len();
     let met = ttfts.iter().filter(|t| **t <= slo).count();
     Reference {
+        lag_seconds: lag.as_secs_f64(),
         slo_attainment: if requests == 0 {
             1.0
         } else {
@@ -528,8 +531,13 @@ impl Report {
         ));
         if let Some(r) = &self.reference {
             out.push_str(&format!(
-                "reference plan (first tokens first, one planner per GPU): {:.1} % within the SLO, \
+                "reference plan (first tokens first, one planner per GPU{}): {:.1} % within the SLO, \
                  TTFT p50 {} p99 {}, {} wakes; answers stopped {}, {} unfinished\n",
+                if r.lag_seconds > 0.0 {
+                    format!(", deciding {} s behind", r.lag_seconds)
+                } else {
+                    String::new()
+                },
                 r.slo_attainment * 100.0,
                 in_seconds(r.ttft_p50_seconds),
                 in_seconds(r.ttft_p99_seconds),
@@ -571,7 +579,7 @@ mod tests {
             paused: vec![Some(0.0), Some(90.0), None, Some(10.0)],
             wakes: 3,
         };
-        let r = reference(&plan, Duration::from_secs(3));
+        let r = reference(&plan, Duration::from_secs(3), Duration::ZERO);
         // Two of four within 3 s: one too late, one never.
         assert_eq!(r.slo_attainment, 0.5);
         assert_eq!(

@@ -93,6 +93,10 @@ pub struct SimulateArgs {
     /// Models of one replica on one GPU each.
     #[arg(long, conflicts_with_all = ["find_gpus", "faults"])]
     pub reference: bool,
+    /// With `--reference`: the plan decides from what it saw this long ago (arrivals and
+    /// first tokens), as a control plane sees them through its reports.
+    #[arg(long, default_value = "0s", value_parser = arg::duration, requires = "reference")]
+    pub reference_lag: Duration,
     /// Searches for the fewest GPUs whose SLO attainment reaches `--target`.
     #[arg(long)]
     pub find_gpus: bool,
@@ -292,10 +296,18 @@ fn once(
     )?;
     let mut r = report(&ran, &names, &models_of, args.ttft_slo, wall.elapsed());
     if let Some(requests) = planned {
-        let plan =
-            greenthread_fleet::plan::first_tokens_first(&ran.gpu_memory, &ran.demand, &requests)
-                .map_err(|e| anyhow::anyhow!("--reference: {e}"))?;
-        r.reference = Some(greenthread_fleet::report::reference(&plan, args.ttft_slo));
+        let plan = greenthread_fleet::plan::first_tokens_first(
+            &ran.gpu_memory,
+            &ran.demand,
+            &requests,
+            args.reference_lag.as_secs_f64(),
+        )
+        .map_err(|e| anyhow::anyhow!("--reference: {e}"))?;
+        r.reference = Some(greenthread_fleet::report::reference(
+            &plan,
+            args.ttft_slo,
+            args.reference_lag,
+        ));
     }
     Ok(r)
 }
