@@ -251,3 +251,90 @@ async fn a_stream_whose_client_goes_away_stops_running_in_the_engine() {
     .await
     .expect("the sequence slot is freed well before the 25 s the answer would take");
 }
+
+/// The race 2f76342 closed, staged: under `preemption: resume`, a streamed request
+/// admitted by its model's wake is stopped by a preemption that comes between its
+/// admission and its own first step (it then marks the stop signal seen before it ever
+/// waits on it). It must stop there and go on after the next wake, not hold the victim
+/// for the whole answer.
+#[tokio::test(start_paused = true)]
+async fn an_answer_admitted_as_its_model_is_preempted_stops_instead_of_draining() {
+    let stop = Shutdown::new();
+    let mut sim = SimConfig::for_model("m");
+    sim.weights_bytes = 8 * GI;
+    // 20 tokens at one a second: drained whole, the answer holds the victim 20 s.
+    sim.tokens_per_second = 1.0;
+    let Rig {
+        pipe, sidecar, cfg, ..
+    } = rig(
+        sim,
+        &["--idle-timeout", "1h", "--preemption", "resume"],
+        &stop,
+    )
+    .await;
+    let (sidecar_addr, sidecar_listener) = memory("sidecar");
+    tokio::spawn(greenthread_edge::serve(
+        sidecar_listener,
+        public_router(AppState {
+            sidecar: sidecar.clone(),
+            forwarder: Arc::new(
+                engine_forwarder(&cfg, ENGINE_URL)
+                    .unwrap()
+                    .with_connector(pipe),
+            ),
+        }),
+        EdgeConfig::default(),
+        stop.clone(),
+    ));
+    sidecar.start().await.unwrap().unwrap();
+    let mut busy = sidecar.busy_changes();
+    busy.borrow_and_update();
+
+    let client = Forwarder::new("http://sidecar.in-memory:8080")
+        .unwrap()
+        .with_connector(Connector::Memory(sidecar_addr));
+    let answer = tokio::spawn(async move {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":20,"stream":true,"stream_options":{"include_usage":true}}"#;
+        let (parts, ()) = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let resp = client.forward(&parts, Bytes::from(body), ()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&body).into_owned()
+    });
+    // The wake admits the request and says so before the request's own task runs: the
+    // preemption comes then, between that admission and the request's first step. (A
+    // spawned task, queued in order; the test's own future is polled only between
+    // rounds of tasks, after the request's.)
+    let victim = sidecar.clone();
+    let held = tokio::spawn(async move {
+        busy.changed().await.unwrap();
+        assert_eq!(victim.state(), State::Serving);
+        let named = Instant::now();
+        victim.deactivate("preempted").await.unwrap();
+        named.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(
+        held < Duration::from_secs(5),
+        "the victim drained the answer instead of stopping it: asleep after {held:?}"
+    );
+    // The answer goes on after the next wake, one answer of all 20 tokens.
+    let body = answer.await.unwrap();
+    assert!(body.contains("\"completion_tokens\":20"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert_eq!(
+        sidecar.metrics.resumed.get(),
+        1,
+        "stopped once, continued once"
+    );
+
+    stop.trigger();
+    sidecar.shutdown().await;
+}

@@ -253,6 +253,12 @@ impl Sidecar {
         self.serving_now.load(Ordering::Acquire)
     }
 
+    /// Wakes when requests start being in flight and when none is any more (inside the
+    /// admission that starts them, before the admitted requests go on).
+    pub fn busy_changes(&self) -> greenthread_ledger::Subscriber<usize> {
+        self.admission.busy_changes()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<State> {
         self.state_tx.subscribe()
     }
