@@ -22,15 +22,19 @@ const GI: u64 = 1 << 30;
 const ENGINE_URL: &str = "http://engine.in-memory:8001";
 
 fn chat(model: &str) -> (http::request::Parts, Bytes) {
-    let body = format!(
+    chat_with(format!(
         r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4}}"#
-    );
+    ))
+}
+
+/// A chat completion request with `body`.
+fn chat_with(body: impl Into<Bytes>) -> (http::request::Parts, Bytes) {
     let (parts, ()) = http::Request::post("/v1/chat/completions")
         .header("content-type", "application/json")
         .body(())
         .unwrap()
         .into_parts();
-    (parts, Bytes::from(body))
+    (parts, body.into())
 }
 
 async fn send(client: &Forwarder, model: &str) -> (u16, String) {
@@ -105,6 +109,31 @@ async fn rig(sim: SimConfig, sidecar_args: &[&str], stop: &Shutdown) -> Rig {
     }
 }
 
+/// Serves `sidecar`'s public router (its engine over `pipe`) on an in-memory pipe, whose
+/// address it returns.
+fn serve_sidecar(
+    sidecar: &Arc<Sidecar>,
+    cfg: &SidecarConfig,
+    pipe: Connector,
+    stop: &Shutdown,
+) -> greenthread_edge::transport::MemoryAddr {
+    let (addr, listener) = memory("sidecar");
+    tokio::spawn(greenthread_edge::serve(
+        listener,
+        public_router(AppState {
+            sidecar: sidecar.clone(),
+            forwarder: Arc::new(
+                engine_forwarder(cfg, ENGINE_URL)
+                    .unwrap()
+                    .with_connector(pipe),
+            ),
+        }),
+        EdgeConfig::default(),
+        stop.clone(),
+    ));
+    addr
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
     let start = Instant::now();
@@ -122,20 +151,7 @@ async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
         cfg,
         ..
     } = rig(sim, &["--idle-timeout", "1h"], &stop).await;
-    let (sidecar_addr, sidecar_listener) = memory("sidecar");
-    tokio::spawn(greenthread_edge::serve(
-        sidecar_listener,
-        public_router(AppState {
-            sidecar: sidecar.clone(),
-            forwarder: Arc::new(
-                engine_forwarder(&cfg, ENGINE_URL)
-                    .unwrap()
-                    .with_connector(pipe),
-            ),
-        }),
-        EdgeConfig::default(),
-        stop.clone(),
-    ));
+    let sidecar_addr = serve_sidecar(&sidecar, &cfg, pipe, &stop);
     sidecar.start().await.unwrap().unwrap();
 
     // A client of the sidecar, as the API server is of a replica in a pod.
@@ -230,13 +246,10 @@ async fn a_stream_whose_client_goes_away_stops_running_in_the_engine() {
     // The engine alone: its sidecar is not started.
     let Rig { engine, pipe, .. } = rig(sim, &[], &stop).await;
     let client = Forwarder::new(ENGINE_URL).unwrap().with_connector(pipe);
-    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
-    let (parts, ()) = http::Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(())
-        .unwrap()
-        .into_parts();
-    let resp = client.forward(&parts, Bytes::from(body), ()).await.unwrap();
+    let (parts, body) = chat_with(
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#,
+    );
+    let resp = client.forward(&parts, body, ()).await.unwrap();
     let mut b = resp.into_body().into_data_stream();
     use futures_util::StreamExt;
     let _ = b.next().await;
@@ -272,20 +285,7 @@ async fn an_answer_admitted_as_its_model_is_preempted_stops_instead_of_draining(
         &stop,
     )
     .await;
-    let (sidecar_addr, sidecar_listener) = memory("sidecar");
-    tokio::spawn(greenthread_edge::serve(
-        sidecar_listener,
-        public_router(AppState {
-            sidecar: sidecar.clone(),
-            forwarder: Arc::new(
-                engine_forwarder(&cfg, ENGINE_URL)
-                    .unwrap()
-                    .with_connector(pipe),
-            ),
-        }),
-        EdgeConfig::default(),
-        stop.clone(),
-    ));
+    let sidecar_addr = serve_sidecar(&sidecar, &cfg, pipe, &stop);
     sidecar.start().await.unwrap().unwrap();
     let mut busy = sidecar.busy_changes();
     busy.borrow_and_update();
@@ -294,13 +294,10 @@ async fn an_answer_admitted_as_its_model_is_preempted_stops_instead_of_draining(
         .unwrap()
         .with_connector(Connector::Memory(sidecar_addr));
     let answer = tokio::spawn(async move {
-        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":20,"stream":true,"stream_options":{"include_usage":true}}"#;
-        let (parts, ()) = http::Request::post("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let resp = client.forward(&parts, Bytes::from(body), ()).await.unwrap();
+        let (parts, body) = chat_with(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":20,"stream":true,"stream_options":{"include_usage":true}}"#,
+        );
+        let resp = client.forward(&parts, body, ()).await.unwrap();
         assert_eq!(resp.status(), 200);
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
