@@ -109,14 +109,14 @@ async fn rig(sim: SimConfig, sidecar_args: &[&str], stop: &Shutdown) -> Rig {
     }
 }
 
-/// Serves `sidecar`'s public router (its engine over `pipe`) on an in-memory pipe, whose
-/// address it returns.
+/// Serves `sidecar`'s public router (its engine over `pipe`) on an in-memory pipe, and
+/// returns a client of it, as the API server is of a replica in a pod.
 fn serve_sidecar(
     sidecar: &Arc<Sidecar>,
     cfg: &SidecarConfig,
     pipe: Connector,
     stop: &Shutdown,
-) -> greenthread_edge::transport::MemoryAddr {
+) -> Forwarder {
     let (addr, listener) = memory("sidecar");
     tokio::spawn(greenthread_edge::serve(
         listener,
@@ -131,7 +131,9 @@ fn serve_sidecar(
         EdgeConfig::default(),
         stop.clone(),
     ));
-    addr
+    Forwarder::new("http://sidecar.in-memory:8080")
+        .unwrap()
+        .with_connector(Connector::Memory(addr))
 }
 
 #[tokio::test(start_paused = true)]
@@ -151,13 +153,9 @@ async fn a_request_wakes_a_simulated_engine_through_in_memory_pipes() {
         cfg,
         ..
     } = rig(sim, &["--idle-timeout", "1h"], &stop).await;
-    let sidecar_addr = serve_sidecar(&sidecar, &cfg, pipe, &stop);
+    let client = serve_sidecar(&sidecar, &cfg, pipe, &stop);
     sidecar.start().await.unwrap().unwrap();
 
-    // A client of the sidecar, as the API server is of a replica in a pod.
-    let client = Forwarder::new("http://sidecar.in-memory:8080")
-        .unwrap()
-        .with_connector(Connector::Memory(sidecar_addr));
     let (status, body) = send(&client, "m").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("chat.completion"), "{body}");
@@ -285,14 +283,11 @@ async fn an_answer_admitted_as_its_model_is_preempted_stops_instead_of_draining(
         &stop,
     )
     .await;
-    let sidecar_addr = serve_sidecar(&sidecar, &cfg, pipe, &stop);
+    let client = serve_sidecar(&sidecar, &cfg, pipe, &stop);
     sidecar.start().await.unwrap().unwrap();
     let mut busy = sidecar.busy_changes();
     busy.borrow_and_update();
 
-    let client = Forwarder::new("http://sidecar.in-memory:8080")
-        .unwrap()
-        .with_connector(Connector::Memory(sidecar_addr));
     let answer = tokio::spawn(async move {
         let (parts, body) = chat_with(
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":20,"stream":true,"stream_options":{"include_usage":true}}"#,
