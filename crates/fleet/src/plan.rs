@@ -24,8 +24,8 @@
 //!
 //! With a lag it chooses victims from what it knew of them that long ago, as a waker in
 //! the control plane knows its own queue at once and the other models through their
-//! reports: their arrivals and first tokens are seen `lag` late (the models' phases, at
-//! once). A model whose request it has not seen yet may be taken as a victim, and that
+//! reports: their arrivals and first tokens are seen `lag` late (the models' phases, and
+//! when each was last busy, the tie-breaker between equal victims, at once). A model whose request it has not seen yet may be taken as a victim, and that
 //! request is stopped before its first token; a first token it has not seen yet keeps
 //! its model from being one.
 
