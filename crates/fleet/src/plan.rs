@@ -28,6 +28,14 @@
 //! when each was last busy, the tie-breaker between equal victims, at once). A model whose request it has not seen yet may be taken as a victim, and that
 //! request is stopped before its first token; a first token it has not seen yet keeps
 //! its model from being one.
+//!
+//! Two of the control plane's rules may be added ([`Rules`]): the `cost-aware` standing
+//! (a waker for a first token stops only models in no more demand than it, until it has
+//! waited a bound) and a `minRuntime` (a model just woken is no victim). With both, the
+//! plan makes a third of the wakes it makes without them: what a per-GPU decider built
+//! on it would have to do to stay within the wakes the stage-1 goal allows.
+
+use greenthread_ledger::policy::SECONDS_PER_AGED_REQUEST;
 
 use crate::{
     demand::{Demand, seconds},
@@ -41,6 +49,22 @@ pub const TICK: f64 = 0.01;
 pub const TAIL: f64 = 3600.0;
 /// How far back a model's requests count when victims are chosen.
 pub const RECENT: f64 = 600.0;
+
+/// How the plan decides (`simulate --reference-lag`, `--reference-bound`,
+/// `--reference-min-stay`); the default is the plan of the module's first paragraphs.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Rules {
+    /// Seconds behind: victims are chosen from what was seen of them this long ago.
+    pub lag: f64,
+    /// `Some(bound)`: a waker for a first token stands as `cost-aware`'s does, at its
+    /// requests of the last [`RECENT`] seconds plus one for every
+    /// [`SECONDS_PER_AGED_REQUEST`] its oldest waiting request has waited, and stops
+    /// only models with no more recent requests than that, until that request has waited
+    /// `bound` seconds; then anyone. `None`: anyone at once.
+    pub standing_bound: Option<f64>,
+    /// A model woken less than this many seconds ago is no victim (a `minRuntime`).
+    pub min_stay: f64,
+}
 
 /// What the plan made of each request, in the order of the requests given.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -78,6 +102,8 @@ struct Model<'a> {
     phase: Phase,
     live: Vec<Live>,
     last_busy: f64,
+    /// When its last wake ended.
+    awake_since: f64,
     /// Its arrivals, in order: for its recent requests.
     arrivals: Vec<f64>,
 }
@@ -111,14 +137,13 @@ impl Model<'_> {
 }
 
 /// Plans `requests` (in arrival order, as a trace gives them) on GPUs of `memory` bytes
-/// (by position) for `models`, each on one GPU, choosing victims from what it saw of
-/// them `lag` seconds ago (0: at once). Errs naming a model that spans more or fewer
-/// than one GPU.
+/// (by position) for `models`, each on one GPU, by `rules`. Errs naming a model that
+/// spans more or fewer than one GPU.
 pub fn first_tokens_first(
     memory: &[u64],
     models: &[Demand],
     requests: &[Request],
-    lag: f64,
+    rules: &Rules,
 ) -> Result<Plan, String> {
     if let Some((m, d)) = models.iter().enumerate().find(|(_, d)| d.gpus.len() != 1) {
         return Err(format!(
@@ -133,6 +158,7 @@ pub fn first_tokens_first(
             phase: Phase::Asleep,
             live: Vec::new(),
             last_busy: f64::MIN,
+            awake_since: f64::MIN,
             arrivals: Vec::new(),
         })
         .collect();
@@ -173,7 +199,10 @@ pub fn first_tokens_first(
         }
         for m in state.iter_mut() {
             match m.phase {
-                Phase::Waking(until) if until <= t => m.phase = Phase::Awake,
+                Phase::Waking(until) if until <= t => {
+                    m.phase = Phase::Awake;
+                    m.awake_since = t;
+                }
                 Phase::Sleeping(until) if until <= t => m.phase = Phase::Asleep,
                 _ => {}
             }
@@ -185,7 +214,7 @@ pub fn first_tokens_first(
             if switching_until[g] > t {
                 continue;
             }
-            if let Some(until) = switch(&mut state, models, memory[g], requests, t, t - lag) {
+            if let Some(until) = switch(&mut state, models, memory[g], requests, t, rules) {
                 switching_until[g] = until;
                 plan.wakes += 1;
             }
@@ -230,16 +259,17 @@ fn serve(m: &mut Model, requests: &[Request], plan: &mut Plan, t: f64) -> usize 
 }
 
 /// The one switch a GPU starts now, if any: which sleeping model wakes, in place of
-/// whom, the victims chosen from what was seen of them by `known` (≤ `t`). Returns when
-/// the wake will be done.
+/// whom, the victims chosen by `rules` from what was seen of them `rules.lag` ago.
+/// Returns when the wake will be done.
 fn switch(
     state: &mut [Model],
     models: &[usize],
     memory: u64,
     requests: &[Request],
     t: f64,
-    known: f64,
+    rules: &Rules,
 ) -> Option<f64> {
+    let known = t - rules.lag;
     let arrived = |l: &Live| requests[l.req].at.as_secs_f64();
     // (continuation only, the oldest arrival waiting, model)
     let mut wanting: Vec<(bool, f64, usize)> = models
@@ -259,7 +289,15 @@ fn switch(
         .filter(|m| state[**m].holds_memory())
         .map(|m| state[*m].demand.bytes)
         .sum();
-    for (continuation, _, m) in wanting {
+    for (continuation, oldest, m) in wanting {
+        // Whom a first token may stop: with a standing, those in no more demand.
+        let standing = match rules.standing_bound {
+            Some(bound) if !continuation && t - oldest < bound => {
+                let aged = (t - oldest) / SECONDS_PER_AGED_REQUEST as f64;
+                state[m].recent(t) as f64 + aged.floor()
+            }
+            _ => f64::INFINITY,
+        };
         let need = state[m].demand.bytes;
         let mut free = memory.saturating_sub(held);
         let mut victims = Vec::new();
@@ -270,6 +308,8 @@ fn switch(
                 .filter(|v| {
                     let o = &state[*v];
                     o.phase == Phase::Awake
+                        && t - o.awake_since >= rules.min_stay
+                        && o.recent(known) as f64 <= standing
                         && !o.seen_waiting(requests, known)
                         && (!continuation || o.live.iter().all(|l| arrived(l) > known))
                 })
@@ -349,6 +389,13 @@ mod tests {
         }
     }
 
+    fn lag(secs: f64) -> Rules {
+        Rules {
+            lag: secs,
+            ..Rules::default()
+        }
+    }
+
     fn near(got: Option<f64>, want: f64, what: &str) {
         let got = got.unwrap_or_else(|| panic!("{what}: none"));
         assert!(
@@ -367,7 +414,7 @@ mod tests {
         // continuation starts 0.5 s later, at 22.0, after 12.0 s stopped.
         let models = [model(60, 8), model(60, 8)];
         let requests = [req(0, 0, 100), req(1, 10, 5)];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, &Rules::default()).unwrap();
         near(plan.first_token[0], 2.5, "A's first token");
         near(plan.first_token[1], 3.5, "B's first token");
         near(plan.paused[1], 0.0, "B's pause");
@@ -383,7 +430,7 @@ mod tests {
         // sleeps from 15 (1 s), C wakes (2 s), +0.5 s: 3.5 s after its arrival.
         let models = [model(60, 8), model(60, 8), model(60, 8)];
         let requests = [req(0, 0, 100), req(1, 10, 40), req(2, 15, 40)];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, &Rules::default()).unwrap();
         near(plan.first_token[1], 3.5, "B's first token");
         near(plan.first_token[2], 3.5, "C's first token");
         // C's answer ends at 18.5 + 40 = 58.5; then A (stopped since 10, the oldest)
@@ -412,7 +459,7 @@ mod tests {
             req(2, 30, 2),
             req(1, 31, 2),
         ];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, &Rules::default()).unwrap();
         near(plan.first_token[4], 3.5, "new's first token");
         near(plan.first_token[5], 5.5, "cold's first token again");
         near(plan.first_token[0], 2.5, "hot's first token");
@@ -446,10 +493,18 @@ mod tests {
             phase,
             live,
             last_busy: 0.0,
+            awake_since: 0.0,
             arrivals: vec![],
         })
         .collect();
-        let until = switch(&mut state, &[0, 1, 2], 80 * GI, &requests, 10.0, 10.0);
+        let until = switch(
+            &mut state,
+            &[0, 1, 2],
+            80 * GI,
+            &requests,
+            10.0,
+            &Rules::default(),
+        );
         assert_eq!(until, Some(10.0 + 1.0 + 2.0));
         assert_eq!(state[0].phase, Phase::Sleeping(11.0));
         assert_eq!(state[2].phase, Phase::Waking(13.0));
@@ -470,10 +525,46 @@ mod tests {
             req(2, 20, 2),
             req(0, 30, 2),
         ];
-        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, &Rules::default()).unwrap();
         near(plan.first_token[3], 3.5, "new's first token");
         near(plan.first_token[4], 0.5, "small's next first token");
         assert_eq!(plan.wakes, 3);
+    }
+
+    #[test]
+    fn with_a_standing_and_a_min_stay_a_cold_waker_waits_for_a_model_in_more_demand() {
+        // "hot" (60 GiB) answers five requests from 0 (awake at 2, idle from about 8);
+        // "cold" (60 GiB) asks at 20. Each row: the rules, and cold's time to first
+        // token. A switch is hot's sleep (1 s), cold's wake (2 s) and its prefill (0.5 s).
+        let models = [model(60, 8), model(60, 8)];
+        let mut requests: Vec<Request> = (0..5).map(|s| req(0, s, 2)).collect();
+        requests.push(req(1, 20, 2));
+        let rules = |standing_bound, min_stay| Rules {
+            standing_bound,
+            min_stay,
+            ..Rules::default()
+        };
+        let table = [
+            // Anyone at once.
+            (Rules::default(), 3.5),
+            // Cold stands at 1 + one per 3 s waited: above hot's 5 after 12 s.
+            (rules(Some(60.0), 0.0), 12.0 + 3.5),
+            // ...unless the bound comes first.
+            (rules(Some(6.0), 0.0), 6.0 + 3.5),
+            // Hot, awake since 2, is no victim before 27.
+            (rules(None, 25.0), 7.0 + 3.5),
+            // Both: the later of the two.
+            (rules(Some(6.0), 25.0), 7.0 + 3.5),
+        ];
+        for (rules, want) in table {
+            let plan = first_tokens_first(&[80 * GI], &models, &requests, &rules).unwrap();
+            near(
+                plan.first_token[5],
+                want,
+                &format!("cold's first token, {rules:?}"),
+            );
+            assert_eq!(plan.wakes, 2, "{rules:?}");
+        }
     }
 
     #[test]
@@ -488,7 +579,7 @@ mod tests {
         let requests = [at(0, 0.0, 100), at(0, 9.8, 100), at(1, 10.0, 5)];
         // Seeing at once: A's request of 9.8 waits for its first token (10.3), so B's
         // switch waits for it too: 10.3 + 1 + 2 + 0.5.
-        let plan = first_tokens_first(&[80 * GI], &models, &requests, 0.0).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, &Rules::default()).unwrap();
         near(
             plan.first_token[1],
             0.5,
@@ -502,7 +593,7 @@ mod tests {
         // Seeing a second late: at 10 A's request of 9.8 is not seen, A is taken at once
         // and that request stopped before its first token. A wakes again in B's place
         // once B's first token (13.5) is seen, at 14.5: 14.5 + 1 + 2 + 0.5 = 18.0.
-        let plan = first_tokens_first(&[80 * GI], &models, &requests, 1.0).unwrap();
+        let plan = first_tokens_first(&[80 * GI], &models, &requests, &lag(1.0)).unwrap();
         near(plan.first_token[2], 3.5, "B's first token, a second behind");
         near(
             plan.first_token[1],
@@ -515,13 +606,18 @@ mod tests {
     fn an_engine_runs_so_many_sequences_at_once_and_a_model_on_two_gpus_is_refused() {
         // One sequence at a time: the second request starts when the first ends.
         let models = [model(10, 1)];
-        let plan =
-            first_tokens_first(&[80 * GI], &models, &[req(0, 0, 10), req(0, 0, 10)], 0.0).unwrap();
+        let plan = first_tokens_first(
+            &[80 * GI],
+            &models,
+            &[req(0, 0, 10), req(0, 0, 10)],
+            &Rules::default(),
+        )
+        .unwrap();
         near(plan.first_token[0], 2.5, "first");
         near(plan.first_token[1], 2.5 + 10.0 + 0.5, "second");
         let mut wide = model(10, 1);
         wide.gpus = vec![0, 1];
-        let err = first_tokens_first(&[80 * GI; 2], &[wide], &[], 0.0).unwrap_err();
+        let err = first_tokens_first(&[80 * GI; 2], &[wide], &[], &Rules::default()).unwrap_err();
         assert!(err.contains("one GPU per model"), "{err}");
     }
 }

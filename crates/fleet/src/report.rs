@@ -108,6 +108,11 @@ pub struct Report {
 pub struct Reference {
     /// How late the plan saw arrivals and first tokens (`--reference-lag`).
     pub lag_seconds: f64,
+    /// The standing's bound (`--reference-bound`), when a waker stands on its demand.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_seconds: Option<f64>,
+    /// How long a model stays awake before it may be a victim (`--reference-min-stay`).
+    pub min_stay_seconds: f64,
     /// Requests with a first token within the SLO, over all requests.
     pub slo_attainment: f64,
     pub ttft_p50_seconds: Option<f64>,
@@ -161,8 +166,8 @@ impl Pauses {
     }
 }
 
-/// [`Reference`] of `plan` (made with `lag`) at the SLO `slo`.
-pub fn reference(plan: &crate::plan::Plan, slo: Duration, lag: Duration) -> Reference {
+/// [`Reference`] of `plan` (made by `rules`) at the SLO `slo`.
+pub fn reference(plan: &crate::plan::Plan, slo: Duration, rules: &crate::plan::Rules) -> Reference {
     let secs = |v: &[Option<f64>]| {
         let mut d: Vec<Duration> = v
             .iter()
@@ -177,7 +182,9 @@ pub fn reference(plan: &crate::plan::Plan, slo: Duration, lag: Duration) -> Refe
     let requests = plan.first_token.len();
     let met = ttfts.iter().filter(|t| **t <= slo).count();
     Reference {
-        lag_seconds: lag.as_secs_f64(),
+        lag_seconds: rules.lag,
+        bound_seconds: rules.standing_bound,
+        min_stay_seconds: rules.min_stay,
         slo_attainment: if requests == 0 {
             1.0
         } else {
@@ -533,11 +540,15 @@ impl Report {
             out.push_str(&format!(
                 "reference plan (first tokens first, one planner per GPU{}): {:.1} % within the SLO, \
                  TTFT p50 {} p99 {}, {} wakes; answers stopped {}, {} unfinished\n",
-                if r.lag_seconds > 0.0 {
-                    format!(", deciding {} s behind", r.lag_seconds)
-                } else {
-                    String::new()
-                },
+                [
+                    (r.lag_seconds > 0.0).then(|| format!(", deciding {} s behind", r.lag_seconds)),
+                    r.bound_seconds.map(|b| format!(", wakers standing on their demand for {b} s")),
+                    (r.min_stay_seconds > 0.0)
+                        .then(|| format!(", models awake {} s before they may be victims", r.min_stay_seconds)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<String>(),
                 r.slo_attainment * 100.0,
                 in_seconds(r.ttft_p50_seconds),
                 in_seconds(r.ttft_p99_seconds),
@@ -579,7 +590,11 @@ mod tests {
             paused: vec![Some(0.0), Some(90.0), None, Some(10.0)],
             wakes: 3,
         };
-        let r = reference(&plan, Duration::from_secs(3), Duration::ZERO);
+        let r = reference(
+            &plan,
+            Duration::from_secs(3),
+            &crate::plan::Rules::default(),
+        );
         // Two of four within 3 s: one too late, one never.
         assert_eq!(r.slo_attainment, 0.5);
         assert_eq!(

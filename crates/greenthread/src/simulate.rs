@@ -97,6 +97,16 @@ pub struct SimulateArgs {
     /// first tokens), as a control plane sees them through its reports.
     #[arg(long, default_value = "0s", value_parser = arg::duration, requires = "reference")]
     pub reference_lag: Duration,
+    /// With `--reference`: a waker for a first token stands as `cost-aware`'s does (its
+    /// requests of the last ten minutes plus one for every three seconds it has waited)
+    /// and stops only models in no more demand, until it has waited this long; then
+    /// anyone. Default: anyone at once.
+    #[arg(long, value_parser = arg::duration, requires = "reference")]
+    pub reference_bound: Option<Duration>,
+    /// With `--reference`: a model woken less than this long ago is no victim (a
+    /// `minRuntime`).
+    #[arg(long, default_value = "0s", value_parser = arg::duration, requires = "reference")]
+    pub reference_min_stay: Duration,
     /// Searches for the fewest GPUs whose SLO attainment reaches `--target`.
     #[arg(long)]
     pub find_gpus: bool,
@@ -296,17 +306,22 @@ fn once(
     )?;
     let mut r = report(&ran, &names, &models_of, args.ttft_slo, wall.elapsed());
     if let Some(requests) = planned {
+        let rules = greenthread_fleet::plan::Rules {
+            lag: args.reference_lag.as_secs_f64(),
+            standing_bound: args.reference_bound.map(|b| b.as_secs_f64()),
+            min_stay: args.reference_min_stay.as_secs_f64(),
+        };
         let plan = greenthread_fleet::plan::first_tokens_first(
             &ran.gpu_memory,
             &ran.demand,
             &requests,
-            args.reference_lag.as_secs_f64(),
+            &rules,
         )
         .map_err(|e| anyhow::anyhow!("--reference: {e}"))?;
         r.reference = Some(greenthread_fleet::report::reference(
             &plan,
             args.ttft_slo,
-            args.reference_lag,
+            &rules,
         ));
     }
     Ok(r)
