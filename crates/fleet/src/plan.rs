@@ -77,6 +77,8 @@ pub struct Plan {
     pub paused: Vec<Option<f64>>,
     /// Wakes planned.
     pub wakes: u64,
+    /// Wakes planned of each model, by its position.
+    pub wakes_by_model: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -177,6 +179,7 @@ pub fn first_tokens_first(
         first_token: vec![None; requests.len()],
         paused: vec![None; requests.len()],
         wakes: 0,
+        wakes_by_model: vec![0; models.len()],
     };
     let mut switching_until = vec![f64::MIN; memory.len()];
     let end = requests.last().map_or(0.0, |r| r.at.as_secs_f64()) + TAIL;
@@ -215,9 +218,11 @@ pub fn first_tokens_first(
             if switching_until[g] > t {
                 continue;
             }
-            if let Some(until) = switch(&mut state, models, memory[g], requests, t, rules) {
+            if let Some((woken, until)) = switch(&mut state, models, memory[g], requests, t, rules)
+            {
                 switching_until[g] = until;
                 plan.wakes += 1;
+                plan.wakes_by_model[woken] += 1;
             }
         }
     }
@@ -261,7 +266,7 @@ fn serve(m: &mut Model, requests: &[Request], plan: &mut Plan, t: f64) -> usize 
 
 /// The one switch a GPU starts now, if any: which sleeping model wakes, in place of
 /// whom, the victims chosen by `rules` from what was seen of them `rules.lag` ago.
-/// Returns when the wake will be done.
+/// Returns the model woken and when its wake will be done.
 fn switch(
     state: &mut [Model],
     models: &[usize],
@@ -269,7 +274,7 @@ fn switch(
     requests: &[Request],
     t: f64,
     rules: &Rules,
-) -> Option<f64> {
+) -> Option<(usize, f64)> {
     let known = t - rules.lag;
     let arrived = |l: &Live| requests[l.req].at.as_secs_f64();
     // (continuation only, the oldest arrival waiting, model)
@@ -353,7 +358,7 @@ fn switch(
         let o = &mut state[m];
         let until = start + o.demand.wake_seconds;
         o.phase = Phase::Waking(until);
-        return Some(until);
+        return Some((m, until));
     }
     None
 }
@@ -421,6 +426,7 @@ mod tests {
         near(plan.paused[1], 0.0, "B's pause");
         near(plan.paused[0], 22.0 - 10.0, "A's pause");
         assert_eq!(plan.wakes, 3);
+        assert_eq!(plan.wakes_by_model, [2, 1], "A woke twice, B once");
     }
 
     #[test]
@@ -506,7 +512,7 @@ mod tests {
             10.0,
             &Rules::default(),
         );
-        assert_eq!(until, Some(10.0 + 1.0 + 2.0));
+        assert_eq!(until, Some((2, 10.0 + 1.0 + 2.0)));
         assert_eq!(state[0].phase, Phase::Sleeping(11.0));
         assert_eq!(state[2].phase, Phase::Waking(13.0));
         assert_eq!(state[1].phase, Phase::Asleep);

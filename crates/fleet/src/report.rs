@@ -122,6 +122,20 @@ pub struct Reference {
     pub pauses: Pauses,
     /// Answers not ended [`crate::plan::TAIL`] after the last arrival.
     pub unfinished: usize,
+    /// Each model's part, in the order of the run's `models`: to read the plan against
+    /// the run model by model.
+    pub models: Vec<ReferenceModel>,
+}
+
+/// One model's requests and wakes under the reference plan.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceModel {
+    pub model: String,
+    pub requests: usize,
+    /// Its requests with a first token within the SLO, over its requests.
+    pub slo_attainment: f64,
+    pub wakes: u64,
 }
 
 /// How long answers stood stopped between their first token and their end, beyond the
@@ -166,8 +180,15 @@ impl Pauses {
     }
 }
 
-/// [`Reference`] of `plan` (made by `rules`) at the SLO `slo`.
-pub fn reference(plan: &crate::plan::Plan, slo: Duration, rules: &crate::plan::Rules) -> Reference {
+/// [`Reference`] of `plan` (made by `rules`) at the SLO `slo`; `names` are the models
+/// by position, `models_of` each request's model.
+pub fn reference(
+    plan: &crate::plan::Plan,
+    slo: Duration,
+    rules: &crate::plan::Rules,
+    names: &[String],
+    models_of: &[usize],
+) -> Reference {
     let secs = |v: &[Option<f64>]| {
         let mut d: Vec<Duration> = v
             .iter()
@@ -181,6 +202,30 @@ pub fn reference(plan: &crate::plan::Plan, slo: Duration, rules: &crate::plan::R
     let stopped = secs(&plan.paused);
     let requests = plan.first_token.len();
     let met = ttfts.iter().filter(|t| **t <= slo).count();
+    let in_time = |t: &Option<f64>| t.is_some_and(|t| Duration::from_secs_f64(t.max(0.0)) <= slo);
+    let models = names
+        .iter()
+        .enumerate()
+        .map(|(m, name)| {
+            let (asked, met) = models_of
+                .iter()
+                .zip(&plan.first_token)
+                .filter(|(of, _)| **of == m)
+                .fold((0, 0), |(n, ok), (_, t)| {
+                    (n + 1, ok + usize::from(in_time(t)))
+                });
+            ReferenceModel {
+                model: name.clone(),
+                requests: asked,
+                slo_attainment: if asked == 0 {
+                    1.0
+                } else {
+                    met as f64 / asked as f64
+                },
+                wakes: plan.wakes_by_model.get(m).copied().unwrap_or(0),
+            }
+        })
+        .collect();
     Reference {
         lag_seconds: rules.lag,
         bound_seconds: rules.standing_bound,
@@ -195,6 +240,7 @@ pub fn reference(plan: &crate::plan::Plan, slo: Duration, rules: &crate::plan::R
         wakes: plan.wakes,
         pauses: pauses(&stopped),
         unfinished: plan.paused.iter().filter(|p| p.is_none()).count(),
+        models,
     }
 }
 
@@ -589,12 +635,23 @@ mod tests {
             first_token: vec![Some(1.0), Some(5.0), None, Some(2.0)],
             paused: vec![Some(0.0), Some(90.0), None, Some(10.0)],
             wakes: 3,
+            wakes_by_model: vec![2, 1],
         };
+        let names = ["a".to_string(), "b".to_string()];
         let r = reference(
             &plan,
             Duration::from_secs(3),
             &crate::plan::Rules::default(),
+            &names,
+            &[0, 1, 1, 0],
         );
+        // By model: a's first tokens at 1 and 2 s, b's at 5 s and never.
+        let by_model: Vec<(&str, usize, f64, u64)> = r
+            .models
+            .iter()
+            .map(|m| (m.model.as_str(), m.requests, m.slo_attainment, m.wakes))
+            .collect();
+        assert_eq!(by_model, [("a", 2, 1.0, 2), ("b", 2, 0.0, 1)]);
         // Two of four within 3 s: one too late, one never.
         assert_eq!(r.slo_attainment, 0.5);
         assert_eq!(

@@ -322,6 +322,8 @@ fn once(
             &plan,
             args.ttft_slo,
             &rules,
+            &names,
+            &models_of,
         ));
     }
     Ok(r)
