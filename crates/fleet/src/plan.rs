@@ -25,9 +25,10 @@
 //! With a lag it chooses victims from what it knew of them that long ago, as a waker in
 //! the control plane knows its own queue at once and the other models through their
 //! reports: their arrivals and first tokens are seen `lag` late (the models' phases, and
-//! when each was last busy, the tie-breaker between equal victims, at once). A model whose request it has not seen yet may be taken as a victim, and that
-//! request is stopped before its first token; a first token it has not seen yet keeps
-//! its model from being one.
+//! when each was last busy, the tie-breaker between equal victims, at once). A model
+//! whose request it has not seen yet may be taken as a victim, and that request is
+//! stopped before its first token; a first token it has not seen yet keeps its model
+//! from being one.
 //!
 //! Two of the control plane's rules may be added ([`Rules`]): the `cost-aware` standing
 //! (a waker for a first token stops only models in no more demand than it, until it has

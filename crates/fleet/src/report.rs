@@ -202,39 +202,29 @@ pub fn reference(
     let stopped = secs(&plan.paused);
     let requests = plan.first_token.len();
     let met = ttfts.iter().filter(|t| **t <= slo).count();
-    let in_time = |t: &Option<f64>| t.is_some_and(|t| Duration::from_secs_f64(t.max(0.0)) <= slo);
+    // Each model's (requests, within the SLO), in one pass over the requests.
+    let mut by_model = vec![(0usize, 0usize); names.len()];
+    for (m, ttft) in models_of.iter().zip(&plan.first_token) {
+        let in_time = ttft.is_some_and(|t| Duration::from_secs_f64(t.max(0.0)) <= slo);
+        by_model[*m].0 += 1;
+        by_model[*m].1 += usize::from(in_time);
+    }
     let models = names
         .iter()
+        .zip(by_model)
         .enumerate()
-        .map(|(m, name)| {
-            let (asked, met) = models_of
-                .iter()
-                .zip(&plan.first_token)
-                .filter(|(of, _)| **of == m)
-                .fold((0, 0), |(n, ok), (_, t)| {
-                    (n + 1, ok + usize::from(in_time(t)))
-                });
-            ReferenceModel {
-                model: name.clone(),
-                requests: asked,
-                slo_attainment: if asked == 0 {
-                    1.0
-                } else {
-                    met as f64 / asked as f64
-                },
-                wakes: plan.wakes_by_model.get(m).copied().unwrap_or(0),
-            }
+        .map(|(m, (name, (asked, met)))| ReferenceModel {
+            model: name.clone(),
+            requests: asked,
+            slo_attainment: attainment(met, asked),
+            wakes: plan.wakes_by_model.get(m).copied().unwrap_or(0),
         })
         .collect();
     Reference {
         lag_seconds: rules.lag,
         bound_seconds: rules.standing_bound,
         min_stay_seconds: rules.min_stay,
-        slo_attainment: if requests == 0 {
-            1.0
-        } else {
-            met as f64 / requests as f64
-        },
+        slo_attainment: attainment(met, requests),
         ttft_p50_seconds: quantile(&ttfts, 0.5),
         ttft_p99_seconds: quantile(&ttfts, 0.99),
         wakes: plan.wakes,
@@ -305,12 +295,17 @@ fn totals<'a>(outcomes: impl Iterator<Item = &'a Outcome>, slo: Duration) -> Tot
     ttfts.sort();
     t.ttft_p50_seconds = quantile(&ttfts, 0.5);
     t.ttft_p99_seconds = quantile(&ttfts, 0.99);
-    t.slo_attainment = if t.requests == 0 {
+    t.slo_attainment = attainment(met, t.requests);
+    t
+}
+
+/// `met` of `requests` as a fraction; 1 when there were none.
+fn attainment(met: usize, requests: usize) -> f64 {
+    if requests == 0 {
         1.0
     } else {
-        met as f64 / t.requests as f64
-    };
-    t
+        met as f64 / requests as f64
+    }
 }
 
 pub fn report(
