@@ -120,6 +120,10 @@ pub struct Occupant {
     /// Requests in flight at its last report (0: idle, nothing to drain).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub in_flight: u32,
+    /// Of those, the ones a preemption cannot stop (answers already stopped once, and
+    /// requests that cannot be continued): they must finish before it sleeps.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub draining: u32,
     /// Requests that arrived in the ten minutes before its last report: how much it
     /// would be missed asleep.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -215,6 +219,7 @@ mod tests {
                 min_runtime: Duration::from_secs(10),
                 heartbeat: "2026-01-01T00:00:00Z".parse().unwrap(),
                 in_flight: 0,
+                draining: 0,
                 recent_requests: 0,
                 host_memory_bytes: 0,
                 pinned: false,

@@ -303,6 +303,7 @@ mod tests {
                         min_runtime: Default::default(),
                         heartbeat: jiff::Timestamp::now(),
                         in_flight: 0,
+                        draining: 0,
                         recent_requests: 0,
                         host_memory_bytes: 0,
                         pinned: false,

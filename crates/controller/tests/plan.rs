@@ -157,6 +157,7 @@ fn gpus(case: &Case) -> Vec<Gpu> {
                         min_runtime: Default::default(),
                         heartbeat: jiff::Timestamp::from_second(1_700_000_000).unwrap(),
                         in_flight: 0,
+                        draining: 0,
                         recent_requests: 0,
                         host_memory_bytes: 0,
                         pinned: false,

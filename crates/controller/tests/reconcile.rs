@@ -129,6 +129,7 @@ fn occupant(pod: &str, state: OccupantState, reserved: u64) -> Occupant {
         min_runtime: Duration::from_secs(10),
         heartbeat: jiff::Timestamp::now(),
         in_flight: 0,
+        draining: 0,
         recent_requests: 0,
         host_memory_bytes: 0,
         pinned: false,

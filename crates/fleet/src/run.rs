@@ -1397,6 +1397,7 @@ mod tests {
                 min_runtime: Duration::from_secs(10),
                 heartbeat: at,
                 in_flight: 0,
+                draining: 0,
                 recent_requests: 0,
                 host_memory_bytes: 0,
                 pinned: false,

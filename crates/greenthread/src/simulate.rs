@@ -42,6 +42,10 @@ pub struct SimulateArgs {
     /// group pool their memory for it.
     #[arg(long, default_value_t = 1, conflicts_with = "config")]
     pub tensor_parallel: u32,
+    /// With `--models`: every zoo model's `fairness.minRuntime` (how long a model just
+    /// woken is no victim). Default: a Model's, 10 s.
+    #[arg(long, value_parser = arg::duration, conflicts_with = "config")]
+    pub min_runtime: Option<Duration>,
     /// GPUs of `--gpu-memory` each.
     #[arg(long)]
     pub gpus: Option<usize>,
@@ -229,9 +233,15 @@ fn declared(args: &SimulateArgs) -> anyhow::Result<Declared> {
         (None, Some(n)) => {
             anyhow::ensure!(n > 0, "--models must be at least 1");
             let policy = args.policy.unwrap_or_default();
+            let mut models = zoo::zoo(n, args.gpu_memory, args.tensor_parallel)
+                .map_err(|e| anyhow::anyhow!("--tensor-parallel / --gpu-memory: {e}"))?;
+            if let Some(d) = args.min_runtime {
+                for (_, m) in &mut models {
+                    m.min_runtime = d;
+                }
+            }
             Ok(Declared {
-                models: zoo::zoo(n, args.gpu_memory, args.tensor_parallel)
-                    .map_err(|e| anyhow::anyhow!("--tensor-parallel / --gpu-memory: {e}"))?,
+                models,
                 gpus: None,
                 policy,
                 preemption: args.preemption.unwrap_or(default_preemption(policy)),

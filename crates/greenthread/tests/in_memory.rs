@@ -330,3 +330,65 @@ async fn an_answer_admitted_as_its_model_is_preempted_stops_instead_of_draining(
     stop.trigger();
     sidecar.shutdown().await;
 }
+
+/// What a preemption would have to wait for reaches the GPU record with the traffic
+/// report: `draining` counts the answers in flight that cannot be stopped — every answer
+/// under `preemption: drain`; under `resume` those that cannot be continued (here, not
+/// streamed), not a streamed first leg, which a preemption stops. The cost-aware policy
+/// spares such a model until the waker has waited its bound.
+#[tokio::test(start_paused = true)]
+async fn the_record_counts_the_answers_a_preemption_would_have_to_wait_for() {
+    // (preemption, streamed) → draining while one answer is in flight
+    let cases = [
+        ("drain", true, 1),
+        ("resume", true, 0),
+        ("resume", false, 1),
+    ];
+    for (preemption, streamed, draining) in cases {
+        let stop = Shutdown::new();
+        let mut sim = SimConfig::for_model("m");
+        sim.weights_bytes = 8 * GI;
+        // 20 tokens at one a second: in flight for 20 s.
+        sim.tokens_per_second = 1.0;
+        let Rig {
+            pipe,
+            sidecar,
+            cfg,
+            ledger,
+            ..
+        } = rig(
+            sim,
+            &["--idle-timeout", "1h", "--preemption", preemption],
+            &stop,
+        )
+        .await;
+        let client = serve_sidecar(&sidecar, &cfg, pipe, &stop);
+        sidecar.start().await.unwrap().unwrap();
+        let answer = tokio::spawn(async move {
+            let (parts, body) = chat_with(format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":20,"stream":{streamed}}}"#
+            ));
+            let resp = client.forward(&parts, body, ()).await.unwrap();
+            axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap()
+        });
+        // The report of the answer starting (within a second of it, by the sidecar's
+        // rule), awaited on the paused clock with a deadline well inside the answer.
+        let reported = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let gpu = ledger.gpu("g-0").unwrap();
+                if let Some(o) = gpu.status.occupants.first().filter(|o| o.in_flight == 1) {
+                    return o.draining;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the answer in flight is reported");
+        assert_eq!(reported, draining, "{preemption}, streamed {streamed}");
+        answer.await.unwrap();
+        stop.trigger();
+        sidecar.shutdown().await;
+    }
+}

@@ -73,8 +73,12 @@ async fn a_preempted_stream_pauses_and_goes_on_as_one_answer_through_the_openai_
             &[("pod", "slow-0"), ("role", "preempted")],
         )
         .unwrap();
+    // The stream is stopped by the first preemption. The continuation and the plain
+    // answer must finish before the model sleeps: a waker no longer names a model with
+    // such answers (it waits for them, `draining` in the GPU record), so a later turn
+    // may come as a preemption of the idle model or without one.
     assert!(
-        preempted >= 3.0,
-        "preempted three times (streamed, its continuation, then plain): {preempted}"
+        preempted >= 2.0,
+        "preempted for the stream and again after its continuation: {preempted}"
     );
 }

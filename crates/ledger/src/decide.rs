@@ -233,6 +233,7 @@ pub fn register(status: &GpuStatus, claim: &Claim, now: Timestamp) -> GpuStatus 
             min_runtime: claim.min_runtime,
             heartbeat: now,
             in_flight: 0,
+            draining: 0,
             recent_requests: claim.recent_requests,
             host_memory_bytes: 0,
             pinned: false,
@@ -341,6 +342,8 @@ pub struct Load {
     pub in_flight: u32,
     /// Requests that arrived in the last ten minutes.
     pub recent_requests: u32,
+    /// Requests in flight that a preemption cannot stop.
+    pub draining: u32,
 }
 
 /// Heartbeat, and the traffic victim choice goes by (access time, requests in flight
@@ -353,6 +356,7 @@ pub fn touch(status: &GpuStatus, pod: &str, load: Load, now: Timestamp) -> GpuSt
             o.last_accessed = load.accessed;
         }
         o.in_flight = load.in_flight;
+        o.draining = load.draining.min(load.in_flight);
         o.recent_requests = load.recent_requests;
     }
     next
@@ -969,6 +973,7 @@ mod tests {
             min_runtime: Duration::ZERO,
             heartbeat: t(0),
             in_flight: 0,
+            draining: 0,
             recent_requests: 0,
             host_memory_bytes: 0,
             pinned: false,

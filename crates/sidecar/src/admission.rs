@@ -36,6 +36,9 @@ struct Queue {
     waiters: VecDeque<Waiter>,
     next_id: u64,
     in_flight: usize,
+    /// Of those, the ones a preemption cannot stop: they must finish before the model
+    /// sleeps.
+    must_finish: usize,
     /// When a request last started or ended: the idle clock.
     last_activity: Instant,
     /// Requests that arrived, per minute, for the last [`RECENT_MINUTES`].
@@ -87,7 +90,24 @@ impl Arrivals {
 struct Waiter {
     id: u64,
     priority: Priority,
+    stoppable: bool,
     tx: oneshot::Sender<Result<InFlight, Failure>>,
+}
+
+/// How an entry counts.
+#[derive(Clone, Copy)]
+struct Kind {
+    /// A new arrival (a continuation is not: see [`Admission::load`]).
+    arrival: bool,
+    /// A preemption stops it rather than waits for it.
+    stoppable: bool,
+}
+
+impl Kind {
+    const ANSWER: Kind = Kind {
+        arrival: true,
+        stoppable: false,
+    };
 }
 
 /// What a queue does with a newcomer of priority `new`, given the priorities of those
@@ -148,6 +168,7 @@ pub enum Waited {
 /// when dropped, i.e. when the response body has been sent or abandoned.
 pub struct InFlight {
     admission: Arc<Admission>,
+    stoppable: bool,
 }
 
 impl Drop for InFlight {
@@ -155,6 +176,9 @@ impl Drop for InFlight {
         let a = &self.admission;
         let mut q = a.queue.lock().unwrap();
         q.in_flight -= 1;
+        if !self.stoppable {
+            q.must_finish -= 1;
+        }
         q.last_activity = Instant::now();
         a.set_in_flight(q.in_flight);
     }
@@ -203,6 +227,7 @@ impl Admission {
                 waiters: VecDeque::new(),
                 next_id: 0,
                 in_flight: 0,
+                must_finish: 0,
                 last_activity: Instant::now(),
                 arrivals: Arrivals::new(),
             }),
@@ -216,27 +241,41 @@ impl Admission {
 
     /// Admits a request at once when open, queues it otherwise (see [`place`]).
     pub fn enter(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
-        self.enter_counted(priority, true)
+        self.enter_as(priority, Kind::ANSWER)
+    }
+
+    /// [`Admission::enter`] for a request that a preemption stops (the first leg of an
+    /// answer that can be continued) rather than waits for.
+    pub fn enter_stoppable(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
+        self.enter_as(
+            priority,
+            Kind {
+                stoppable: true,
+                ..Kind::ANSWER
+            },
+        )
     }
 
     /// [`Admission::enter`] for the continuation of an answer already under way: it
     /// queues and is admitted like any request but is no new arrival (see
     /// [`Admission::load`]).
     pub fn enter_continuation(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
-        self.enter_counted(priority, false)
+        self.enter_as(
+            priority,
+            Kind {
+                arrival: false,
+                ..Kind::ANSWER
+            },
+        )
     }
 
-    fn enter_counted(
-        self: &Arc<Self>,
-        priority: Priority,
-        arrival: bool,
-    ) -> Result<Entry, QueueFull> {
+    fn enter_as(self: &Arc<Self>, priority: Priority, kind: Kind) -> Result<Entry, QueueFull> {
         let mut q = self.queue.lock().unwrap();
-        if arrival {
+        if kind.arrival {
             q.arrivals.count(Instant::now());
         }
         if q.open {
-            return Ok(Entry::Admitted(self.admit_locked(&mut q)));
+            return Ok(Entry::Admitted(self.admit_locked(&mut q, kind.stoppable)));
         }
         let waiting: Vec<Priority> = q.waiters.iter().map(|w| w.priority).collect();
         match place(&waiting, priority, self.max_queue) {
@@ -255,7 +294,12 @@ impl Admission {
         let (tx, rx) = oneshot::channel();
         let id = q.next_id;
         q.next_id += 1;
-        q.waiters.push_back(Waiter { id, priority, tx });
+        q.waiters.push_back(Waiter {
+            id,
+            priority,
+            stoppable: kind.stoppable,
+            tx,
+        });
         self.depth_gauge.set(q.waiters.len() as i64);
         Ok(Entry::Queued(Ticket {
             admission: self.clone(),
@@ -264,12 +308,16 @@ impl Admission {
         }))
     }
 
-    fn admit_locked(self: &Arc<Self>, q: &mut Queue) -> InFlight {
+    fn admit_locked(self: &Arc<Self>, q: &mut Queue, stoppable: bool) -> InFlight {
         q.in_flight += 1;
+        if !stoppable {
+            q.must_finish += 1;
+        }
         q.last_activity = Instant::now();
         self.set_in_flight(q.in_flight);
         InFlight {
             admission: self.clone(),
+            stoppable,
         }
     }
 
@@ -294,7 +342,7 @@ impl Admission {
             .make_contiguous()
             .sort_by_key(|w| (std::cmp::Reverse(w.priority), w.id));
         while let Some(w) = q.waiters.pop_front() {
-            let slot = self.admit_locked(&mut q);
+            let slot = self.admit_locked(&mut q, w.stoppable);
             // A waiter that left drops its slot with the unsent value.
             let _ = w.tx.send(Ok(slot));
         }
@@ -355,6 +403,12 @@ impl Admission {
     /// Wakes when requests start being in flight and when none is any more.
     pub fn busy_changes(&self) -> Subscriber<usize> {
         self.in_flight_tx.subscribe()
+    }
+
+    /// Requests in flight that a preemption cannot stop (admitted by
+    /// [`Admission::enter`] or [`Admission::enter_continuation`]): what it would wait for.
+    pub fn must_finish(&self) -> usize {
+        self.queue.lock().unwrap().must_finish
     }
 
     /// (waiting, in flight).

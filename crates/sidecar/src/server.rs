@@ -457,6 +457,8 @@ async fn relay_leg(
             sidecar.admit_batch().await
         } else if matches!(leg, Leg::Continuation(_)) {
             sidecar.admit_continuation(priority).await
+        } else if matches!(leg, Leg::Resumable(_)) {
+            sidecar.admit_resumable(priority).await
         } else {
             sidecar.admit_as(priority).await
         };

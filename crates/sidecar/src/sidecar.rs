@@ -409,7 +409,18 @@ impl Sidecar {
     pub async fn admit_as(self: &Arc<Self>, priority: Priority) -> Result<InFlight, Rejection> {
         // Someone besides batches wants the model: its wake claims as the model does.
         self.ledger.set_batch_only(false);
-        self.admit_queued(priority, true).await
+        self.admit_queued(priority, Admission::enter).await
+    }
+
+    /// [`Sidecar::admit_as`] for the first leg of an answer that a preemption stops, to
+    /// be continued after the next wake (`--preemption resume`), rather than waits for.
+    pub async fn admit_resumable(
+        self: &Arc<Self>,
+        priority: Priority,
+    ) -> Result<InFlight, Rejection> {
+        self.ledger.set_batch_only(false);
+        self.admit_queued(priority, Admission::enter_stoppable)
+            .await
     }
 
     /// [`Sidecar::admit_as`] for the continuation of an answer stopped by a preemption
@@ -421,7 +432,8 @@ impl Sidecar {
         priority: Priority,
     ) -> Result<InFlight, Rejection> {
         self.ledger.set_batch_only(false);
-        self.admit_queued(priority, false).await
+        self.admit_queued(priority, Admission::enter_continuation)
+            .await
     }
 
     /// Admits a request of a batch ([`greenthread_api::BATCH_HEADER`]) to capacity that
@@ -458,7 +470,8 @@ impl Sidecar {
                 return Err(self.rejected(Rejection::NotIdle { why }));
             }
         }
-        self.admit_queued(Priority::Sheddable, true).await
+        self.admit_queued(Priority::Sheddable, Admission::enter)
+            .await
     }
 
     /// Queues a request (`arrival`: a new one, counted among the recent requests) and
@@ -466,15 +479,10 @@ impl Sidecar {
     async fn admit_queued(
         self: &Arc<Self>,
         priority: Priority,
-        arrival: bool,
+        enter: fn(&Arc<Admission>, Priority) -> Result<Entry, crate::admission::QueueFull>,
     ) -> Result<InFlight, Rejection> {
         let arrived = Instant::now();
-        let entered = if arrival {
-            self.admission.enter(priority)
-        } else {
-            self.admission.enter_continuation(priority)
-        };
-        let entered = entered.map_err(|full| {
+        let entered = enter(&self.admission, priority).map_err(|full| {
             if full.priority == Priority::Sheddable && full.depth < self.cfg.max_queue {
                 Rejection::Shed {
                     why: format!(
@@ -1048,6 +1056,7 @@ impl Sidecar {
                     .and_then(|ago| self.ledger.now().checked_sub(ago).ok()),
                 in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
                 recent_requests: u32::try_from(recent).unwrap_or(u32::MAX),
+                draining: u32::try_from(self.admission.must_finish()).unwrap_or(u32::MAX),
             };
             self.ledger
                 .heartbeat(load, &|index| self.settled(index))

@@ -1,8 +1,14 @@
 //! `cost-aware`, the default, weighs demand. A waker *stands* at its requests
 //! of the last ten minutes plus one for every three seconds it has waited; it may preempt a
 //! serving model (not popular, past its `minRuntime`) whose recent requests do not
-//! exceed its standing, and does so at once (no `maxWaitTime`: waiting only adds to its
-//! requests' time to first token). Among those it takes the cheapest first: idle ones
+//! exceed its standing and that has no answer a preemption would have to wait for
+//! (`draining` in its record: answers drained under `preemption: drain`, or under
+//! `resume` continuations and answers that cannot be continued), and does so at once (no
+//! `maxWaitTime`: waiting only adds to its requests' time to first token). A victim whose
+//! answers must finish holds the waker's requests for as long as they take — at 40 tokens
+//! a second, often longer than the switch — so the waker waits for them to finish, or
+//! takes a model whose answers are stopped at once (on the conversation trace at 7 models
+//! per GPU, 74.2 % within 3 s and 78.9 % within 10 s instead of 73.6 % and 78.4 %). Among those it takes the cheapest first: idle ones
 //! (nothing to drain), then the fewest recent requests, then the least recently
 //! accessed. A model with little traffic thus waits for one with much to finish rather
 //! than evict it — evicting a busy model makes every request that arrives while it
@@ -114,6 +120,7 @@ fn choose(gpu: View, waker: &str, needed: u64) -> Result<Vec<String>, NoVictim> 
         .filter(|o| {
             crate::decide::eligible_at(o).is_some_and(|t| t <= now)
                 && u64::from(o.recent_requests) <= standing
+                && o.draining == 0
         })
         .collect();
     if eligible.is_empty() {
@@ -125,6 +132,11 @@ fn choose(gpu: View, waker: &str, needed: u64) -> Result<Vec<String>, NoVictim> 
                     format!(
                         "{} is in more demand ({} recent requests, this wake stands at {standing})",
                         o.model_name, o.recent_requests
+                    )
+                } else if o.draining > 0 {
+                    format!(
+                        "{} has {} answers to finish before it can sleep",
+                        o.model_name, o.draining
                     )
                 } else {
                     crate::decide::inside_min_runtime(o)

@@ -222,6 +222,7 @@ mod tests {
             min_runtime: Duration::from_secs(10),
             heartbeat: t(0),
             in_flight,
+            draining: 0,
             recent_requests: recent,
             host_memory_bytes: 0,
             pinned: false,
@@ -380,6 +381,52 @@ mod tests {
                 250,
                 40,
                 Ok(vec!["hot"]),
+            ),
+            (
+                "one whose answers must finish before it sleeps is spared for one whose \
+                 answers can be stopped, though in more demand",
+                vec![
+                    Occupant {
+                        draining: 2,
+                        ..serving("draining", 40, 0, 2, 5, 99)
+                    },
+                    serving("stoppable", 40, 0, 3, 10, 99),
+                ],
+                50,
+                100,
+                100,
+                24,
+                Ok(vec!["stoppable"]),
+            ),
+            (
+                "only such a one: the waker waits for its answers to finish",
+                vec![
+                    Occupant {
+                        draining: 1,
+                        ..serving("draining", 40, 0, 2, 5, 99)
+                    },
+                    serving("hot", 40, 0, 0, 800, 99),
+                ],
+                50,
+                100,
+                100,
+                24,
+                Err("draining has 1 answers to finish"),
+            ),
+            (
+                "past the bound, it is taken all the same",
+                vec![
+                    Occupant {
+                        draining: 1,
+                        ..serving("draining", 40, 0, 2, 5, 99)
+                    },
+                    serving("hot", 40, 0, 0, 800, 99),
+                ],
+                50,
+                100,
+                250,
+                24,
+                Ok(vec!["draining"]),
             ),
             (
                 "never a popular model, nor one inside its minRuntime",
