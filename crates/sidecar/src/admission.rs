@@ -239,7 +239,8 @@ impl Admission {
         })
     }
 
-    /// Admits a request at once when open, queues it otherwise (see [`place`]).
+    /// Admits a request at once when open, queues it otherwise (see [`place`]). In
+    /// flight, it counts among those a preemption must wait for ([`Admission::must_finish`]).
     pub fn enter(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
         self.enter_as(priority, Kind::ANSWER)
     }
