@@ -8,9 +8,9 @@
 //! answers must finish holds the waker's requests for as long as they take — at 40 tokens
 //! a second, often longer than the switch — so the waker waits for them to finish, or
 //! takes a model whose answers are stopped at once (on the conversation trace at 7 models
-//! per GPU, 74.2 % within 3 s and 78.9 % within 10 s instead of 73.6 % and 78.4 %). Among those it takes the cheapest first: idle ones
-//! (nothing to drain), then the fewest recent requests, then the least recently
-//! accessed. A model with little traffic thus waits for one with much to finish rather
+//! per GPU, 74.2 % within 3 s and 78.9 % within 10 s instead of 73.6 % and 78.4 %).
+//! Among those it takes the cheapest first: idle ones (nothing to drain), then the fewest
+//! recent requests, then the least recently accessed. A model with little traffic thus waits for one with much to finish rather
 //! than evict it — evicting a busy model makes every request that arrives while it
 //! drains, sleeps and wakes again wait — but not for ever: after two fifths of its
 //! requests' queue deadline it may preempt anyone, so that they are served well before

@@ -229,6 +229,15 @@ mod tests {
         }
     }
 
+    /// A 40 GiB serving occupant, past its `minRuntime`, with 2 answers in flight and 5
+    /// recent requests, `n` of those answers ones a preemption cannot stop.
+    fn draining(n: u32) -> Occupant {
+        Occupant {
+            draining: n,
+            ..serving("draining", 40, 0, 2, 5, 99)
+        }
+    }
+
     /// The waker, asleep, with `recent` requests, waiting since `since`.
     fn waker(recent: u32, since: i64) -> (Occupant, PreemptionIntent) {
         let mut o = serving("w", 0, 0, 0, recent, 0);
@@ -385,13 +394,7 @@ mod tests {
             (
                 "one whose answers must finish before it sleeps is spared for one whose \
                  answers can be stopped, though in more demand",
-                vec![
-                    Occupant {
-                        draining: 2,
-                        ..serving("draining", 40, 0, 2, 5, 99)
-                    },
-                    serving("stoppable", 40, 0, 3, 10, 99),
-                ],
+                vec![draining(2), serving("stoppable", 40, 0, 3, 10, 99)],
                 50,
                 100,
                 100,
@@ -400,13 +403,7 @@ mod tests {
             ),
             (
                 "only such a one: the waker waits for its answers to finish",
-                vec![
-                    Occupant {
-                        draining: 1,
-                        ..serving("draining", 40, 0, 2, 5, 99)
-                    },
-                    serving("hot", 40, 0, 0, 800, 99),
-                ],
+                vec![draining(1), serving("hot", 40, 0, 0, 800, 99)],
                 50,
                 100,
                 100,
@@ -415,13 +412,7 @@ mod tests {
             ),
             (
                 "past the bound, it is taken all the same",
-                vec![
-                    Occupant {
-                        draining: 1,
-                        ..serving("draining", 40, 0, 2, 5, 99)
-                    },
-                    serving("hot", 40, 0, 0, 800, 99),
-                ],
+                vec![draining(1), serving("hot", 40, 0, 0, 800, 99)],
                 50,
                 100,
                 250,
