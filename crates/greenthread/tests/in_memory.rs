@@ -334,17 +334,20 @@ async fn an_answer_admitted_as_its_model_is_preempted_stops_instead_of_draining(
 /// What a preemption would have to wait for reaches the GPU record with the traffic
 /// report: `draining` counts the answers in flight that cannot be stopped — every answer
 /// under `preemption: drain`; under `resume` those that cannot be continued (here, not
-/// streamed), not a streamed first leg, which a preemption stops. The cost-aware policy
-/// spares such a model until the waker has waited its bound.
+/// streamed), not a streamed first leg, which a preemption stops; a batch's request
+/// counts as any other. The cost-aware policy spares such a model until the waker has
+/// waited its bound.
 #[tokio::test(start_paused = true)]
 async fn the_record_counts_the_answers_a_preemption_would_have_to_wait_for() {
-    // (preemption, streamed) → draining while one answer is in flight
+    // (preemption, streamed, from a batch) → draining while one answer is in flight
     let cases = [
-        ("drain", true, 1),
-        ("resume", true, 0),
-        ("resume", false, 1),
+        ("drain", true, false, 1),
+        ("resume", true, false, 0),
+        ("resume", false, false, 1),
+        ("drain", true, true, 1),
+        ("resume", true, true, 0),
     ];
-    for (preemption, streamed, draining) in cases {
+    for (preemption, streamed, batch, draining) in cases {
         let stop = Shutdown::new();
         let mut sim = SimConfig::for_model("m");
         sim.weights_bytes = 8 * GI;
@@ -365,9 +368,15 @@ async fn the_record_counts_the_answers_a_preemption_would_have_to_wait_for() {
         let client = serve_sidecar(&sidecar, &cfg, pipe, &stop);
         sidecar.start().await.unwrap().unwrap();
         let answer = tokio::spawn(async move {
-            let (parts, body) = chat_with(format!(
+            let (mut parts, body) = chat_with(format!(
                 r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":20,"stream":{streamed}}}"#
             ));
+            if batch {
+                parts.headers.insert(
+                    greenthread_api::BATCH_HEADER,
+                    http::HeaderValue::from_static("batch_1"),
+                );
+            }
             let resp = client.forward(&parts, body, ()).await.unwrap();
             axum::body::to_bytes(resp.into_body(), 1 << 20)
                 .await
@@ -386,7 +395,10 @@ async fn the_record_counts_the_answers_a_preemption_would_have_to_wait_for() {
         })
         .await
         .expect("the answer in flight is reported");
-        assert_eq!(reported, draining, "{preemption}, streamed {streamed}");
+        assert_eq!(
+            reported, draining,
+            "{preemption}, streamed {streamed}, batch {batch}"
+        );
         answer.await.unwrap();
         stop.trigger();
         sidecar.shutdown().await;

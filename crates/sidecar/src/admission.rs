@@ -151,6 +151,23 @@ pub enum Entry {
     Queued(Ticket),
 }
 
+/// What the sidecar reports of its traffic ([`Admission::traffic`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// New requests (not continuations) lately, queued ones included, as [`Admission::load`]
+    /// counts them.
+    pub recent: usize,
+    /// Of those in flight, the ones a preemption cannot stop (admitted by
+    /// [`Admission::enter`] or [`Admission::enter_continuation`]): what it would wait for.
+    pub must_finish: usize,
+}
+
+/// How a request enters the admission: [`Admission::enter`],
+/// [`Admission::enter_stoppable`] or [`Admission::enter_continuation`].
+pub type Enter = fn(&Arc<Admission>, Priority) -> Result<Entry, QueueFull>;
+
 /// The queue is full (or, for a sheddable request, past half full).
 #[derive(Debug, Clone, Copy)]
 pub struct QueueFull {
@@ -240,7 +257,7 @@ impl Admission {
     }
 
     /// Admits a request at once when open, queues it otherwise (see [`place`]). In
-    /// flight, it counts among those a preemption must wait for ([`Admission::must_finish`]).
+    /// flight, it counts among those a preemption must wait for ([`Traffic::must_finish`]).
     pub fn enter(self: &Arc<Self>, priority: Priority) -> Result<Entry, QueueFull> {
         self.enter_as(priority, Kind::ANSWER)
     }
@@ -406,10 +423,15 @@ impl Admission {
         self.in_flight_tx.subscribe()
     }
 
-    /// Requests in flight that a preemption cannot stop (admitted by
-    /// [`Admission::enter`] or [`Admission::enter_continuation`]): what it would wait for.
-    pub fn must_finish(&self) -> usize {
-        self.queue.lock().unwrap().must_finish
+    /// [`Admission::load`] and the requests in flight that a preemption cannot stop, as
+    /// one snapshot (taken apart, the two could disagree by a request).
+    pub fn traffic(&self) -> Traffic {
+        let q = self.queue.lock().unwrap();
+        Traffic {
+            in_flight: q.in_flight,
+            recent: q.arrivals.recent(Instant::now()),
+            must_finish: q.must_finish,
+        }
     }
 
     /// (waiting, in flight).
@@ -471,6 +493,47 @@ mod tests {
         // A slot of the ring reused a lap later starts from zero.
         drop(a.enter(Priority::Standard));
         assert_eq!(a.load().1, 1);
+    }
+
+    /// What a preemption would wait for: answers that must finish and continuations,
+    /// not first legs it stops, admitted at once or from the queue.
+    #[tokio::test(start_paused = true)]
+    async fn the_traffic_counts_what_a_preemption_must_wait_for() {
+        let a = admission(8);
+        let traffic = |in_flight, recent, must_finish| Traffic {
+            in_flight,
+            recent,
+            must_finish,
+        };
+        let stopped_later = queued(a.enter_stoppable(Priority::Standard));
+        let finished_later = queued(a.enter(Priority::Standard));
+        assert_eq!(a.traffic(), traffic(0, 2, 0), "queued: not in flight yet");
+        a.open();
+        let s1 = stopped_later
+            .wait(Duration::from_secs(1))
+            .await
+            .ok()
+            .unwrap();
+        let s2 = finished_later
+            .wait(Duration::from_secs(1))
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(a.traffic(), traffic(2, 2, 1));
+        let answer = a.enter(Priority::Standard);
+        let continuation = a.enter_continuation(Priority::Standard);
+        let first_leg = a.enter_stoppable(Priority::Standard);
+        assert_eq!(a.traffic(), traffic(5, 4, 3));
+        drop((answer, s2));
+        assert_eq!(a.traffic(), traffic(3, 4, 1));
+        drop(continuation);
+        assert_eq!(
+            a.traffic(),
+            traffic(2, 4, 0),
+            "only stoppable first legs left"
+        );
+        drop((first_leg, s1));
+        assert_eq!(a.traffic(), traffic(0, 4, 0));
     }
 
     fn queued(e: Result<Entry, QueueFull>) -> Ticket {

@@ -452,9 +452,16 @@ async fn relay_leg(
         .unwrap_or_default();
     // Set by the API server's batch runner alone (clients' copies are removed there).
     let batch = parts.headers.contains_key(greenthread_api::BATCH_HEADER);
+    // How a batch's request counts (as any other: a continuation is no new arrival, a
+    // resumable first leg one a preemption stops rather than waits for).
+    let enter: crate::admission::Enter = match leg {
+        Leg::Continuation(_) => crate::admission::Admission::enter_continuation,
+        Leg::Resumable(_) => crate::admission::Admission::enter_stoppable,
+        Leg::Plain | Leg::OnDemand(_) => crate::admission::Admission::enter,
+    };
     for _ in 0..3 {
         let admitted = if batch {
-            sidecar.admit_batch().await
+            sidecar.admit_batch(enter).await
         } else if matches!(leg, Leg::Continuation(_)) {
             sidecar.admit_continuation(priority).await
         } else if matches!(leg, Leg::Resumable(_)) {

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     SidecarConfig,
-    admission::{Admission, Entry, InFlight, Waited},
+    admission::{Admission, Enter, Entry, InFlight, Waited},
     driver::EngineDriver,
     engine::EngineAdapter,
     error::{BootError, Failure, Rejection, SleepError, Stalled, WaitReason},
@@ -442,8 +442,9 @@ impl Sidecar {
     /// wakes it only when every GPU has the memory free and nobody else waits for it or
     /// is waking there ([`greenthread_ledger::decide::idle_room`]), and that wake preempts
     /// nobody; otherwise it is refused at once ([`Rejection::NotIdle`]) and its batch
-    /// tries again later.
-    pub async fn admit_batch(self: &Arc<Self>) -> Result<InFlight, Rejection> {
+    /// tries again later. `enter` counts it as any request of its kind is counted (a
+    /// continuation, a resumable first leg, an answer that must finish).
+    pub async fn admit_batch(self: &Arc<Self>, enter: Enter) -> Result<InFlight, Rejection> {
         let (state, boot_ready, bytes) = {
             let life = self.life.lock().unwrap();
             (life.state, life.boot_ready, life.reserve_bytes)
@@ -470,8 +471,7 @@ impl Sidecar {
                 return Err(self.rejected(Rejection::NotIdle { why }));
             }
         }
-        self.admit_queued(Priority::Sheddable, Admission::enter)
-            .await
+        self.admit_queued(Priority::Sheddable, enter).await
     }
 
     /// Queues a request (`arrival`: a new one, counted among the recent requests) and
@@ -479,7 +479,7 @@ impl Sidecar {
     async fn admit_queued(
         self: &Arc<Self>,
         priority: Priority,
-        enter: fn(&Arc<Admission>, Priority) -> Result<Entry, crate::admission::QueueFull>,
+        enter: Enter,
     ) -> Result<InFlight, Rejection> {
         let arrived = Instant::now();
         let entered = enter(&self.admission, priority).map_err(|full| {
@@ -1049,14 +1049,15 @@ impl Sidecar {
             last_report = Instant::now();
             self.check_engine_asleep();
             let (last_activity, _) = self.admission.activity();
-            let (in_flight, recent) = self.admission.load();
+            let traffic = self.admission.traffic();
+            let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
             let load = decide::Load {
                 accessed: jiff::SignedDuration::try_from(last_activity.elapsed())
                     .ok()
                     .and_then(|ago| self.ledger.now().checked_sub(ago).ok()),
-                in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
-                recent_requests: u32::try_from(recent).unwrap_or(u32::MAX),
-                draining: u32::try_from(self.admission.must_finish()).unwrap_or(u32::MAX),
+                in_flight: count(traffic.in_flight),
+                recent_requests: count(traffic.recent),
+                draining: count(traffic.must_finish),
             };
             self.ledger
                 .heartbeat(load, &|index| self.settled(index))
