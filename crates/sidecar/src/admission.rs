@@ -414,8 +414,8 @@ impl Admission {
     /// Requests in flight, and requests that arrived in the last [`RECENT_MINUTES`]: what
     /// the ledger is told so that preemption spares the models that would be missed most.
     pub fn load(&self) -> (usize, usize) {
-        let q = self.queue.lock().unwrap();
-        (q.in_flight, q.arrivals.recent(Instant::now()))
+        let t = self.traffic();
+        (t.in_flight, t.recent)
     }
 
     /// Wakes when requests start being in flight and when none is any more.

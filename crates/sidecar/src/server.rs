@@ -452,8 +452,8 @@ async fn relay_leg(
         .unwrap_or_default();
     // Set by the API server's batch runner alone (clients' copies are removed there).
     let batch = parts.headers.contains_key(greenthread_api::BATCH_HEADER);
-    // How a batch's request counts (as any other: a continuation is no new arrival, a
-    // resumable first leg one a preemption stops rather than waits for).
+    // How the request counts: a continuation is no new arrival, a resumable first leg
+    // one a preemption stops rather than waits for; the rest must finish.
     let enter: crate::admission::Enter = match leg {
         Leg::Continuation(_) => crate::admission::Admission::enter_continuation,
         Leg::Resumable(_) => crate::admission::Admission::enter_stoppable,
@@ -462,12 +462,8 @@ async fn relay_leg(
     for _ in 0..3 {
         let admitted = if batch {
             sidecar.admit_batch(enter).await
-        } else if matches!(leg, Leg::Continuation(_)) {
-            sidecar.admit_continuation(priority).await
-        } else if matches!(leg, Leg::Resumable(_)) {
-            sidecar.admit_resumable(priority).await
         } else {
-            sidecar.admit_as(priority).await
+            sidecar.admit_with(priority, enter).await
         };
         let slot = match admitted {
             Ok(slot) => slot,

@@ -407,33 +407,24 @@ impl Sidecar {
     /// [`Sidecar::admit`] for a request of `priority`: the queue admits the most
     /// important first and, under pressure, refuses the least important first.
     pub async fn admit_as(self: &Arc<Self>, priority: Priority) -> Result<InFlight, Rejection> {
+        self.admit_with(priority, Admission::enter).await
+    }
+
+    /// [`Sidecar::admit_as`] for a request that `enter` counts as its kind:
+    /// [`Admission::enter_stoppable`] for the first leg of an answer that a preemption
+    /// stops, to be continued after the next wake (`--preemption resume`), rather than
+    /// waits for; [`Admission::enter_continuation`] for that continuation, which is not
+    /// counted among the model's recent requests (its first token is out, so it is no
+    /// fresh demand: counted, a model would stand on its own stopped answers and preempt
+    /// back the waker that stopped them).
+    pub async fn admit_with(
+        self: &Arc<Self>,
+        priority: Priority,
+        enter: Enter,
+    ) -> Result<InFlight, Rejection> {
         // Someone besides batches wants the model: its wake claims as the model does.
         self.ledger.set_batch_only(false);
-        self.admit_queued(priority, Admission::enter).await
-    }
-
-    /// [`Sidecar::admit_as`] for the first leg of an answer that a preemption stops, to
-    /// be continued after the next wake (`--preemption resume`), rather than waits for.
-    pub async fn admit_resumable(
-        self: &Arc<Self>,
-        priority: Priority,
-    ) -> Result<InFlight, Rejection> {
-        self.ledger.set_batch_only(false);
-        self.admit_queued(priority, Admission::enter_stoppable)
-            .await
-    }
-
-    /// [`Sidecar::admit_as`] for the continuation of an answer stopped by a preemption
-    /// (`--preemption resume`): not counted among the model's recent requests. Its first
-    /// token is out, so it is no fresh demand: counted, a model would stand on its own
-    /// stopped answers and preempt back the waker that stopped them.
-    pub async fn admit_continuation(
-        self: &Arc<Self>,
-        priority: Priority,
-    ) -> Result<InFlight, Rejection> {
-        self.ledger.set_batch_only(false);
-        self.admit_queued(priority, Admission::enter_continuation)
-            .await
+        self.admit_queued(priority, enter).await
     }
 
     /// Admits a request of a batch ([`greenthread_api::BATCH_HEADER`]) to capacity that

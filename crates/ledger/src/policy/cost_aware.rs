@@ -10,11 +10,12 @@
 //! takes a model whose answers are stopped at once (on the conversation trace at 7 models
 //! per GPU, 74.2 % within 3 s and 78.9 % within 10 s instead of 73.6 % and 78.4 %).
 //! Among those it takes the cheapest first: idle ones (nothing to drain), then the fewest
-//! recent requests, then the least recently accessed. A model with little traffic thus waits for one with much to finish rather
-//! than evict it — evicting a busy model makes every request that arrives while it
-//! drains, sleeps and wakes again wait — but not for ever: after two fifths of its
-//! requests' queue deadline it may preempt anyone, so that they are served well before
-//! they time out (the rest of the deadline covers a victim's drain, sleep and wake).
+//! recent requests, then the least recently accessed. A model with little traffic thus
+//! waits for one with much to finish rather than evict it — evicting a busy model makes
+//! every request that arrives while it drains, sleeps and wakes again wait — but not for
+//! ever: after two fifths of its requests' queue deadline it may preempt anyone, so that
+//! they are served well before they time out (the rest of the deadline covers a victim's
+//! drain, sleep and wake).
 //! Past that bound it still takes the victims in least demand (busy or not), waiting a
 //! few seconds for cheap ones inside their `minRuntime` rather than evicting the busiest
 //! model, and the memory freed meanwhile is held for it: younger wakers on the GPU
