@@ -465,7 +465,7 @@ impl Sidecar {
         self.admit_queued(Priority::Sheddable, enter).await
     }
 
-    /// Queues a request (`arrival`: a new one, counted among the recent requests) and
+    /// Queues a request (`enter` counts it as its kind: see [`Sidecar::admit_with`]) and
     /// waits for its admission.
     async fn admit_queued(
         self: &Arc<Self>,
