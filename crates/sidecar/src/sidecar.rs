@@ -411,9 +411,9 @@ impl Sidecar {
     }
 
     /// [`Sidecar::admit_as`] for a request that `enter` counts as its kind:
-    /// [`Admission::enter_stoppable`] for the first leg of an answer that a preemption
+    /// `Admission::enter_stoppable` for the first leg of an answer that a preemption
     /// stops, to be continued after the next wake (`--preemption resume`), rather than
-    /// waits for; [`Admission::enter_continuation`] for that continuation, which is not
+    /// waits for; `Admission::enter_continuation` for that continuation, which is not
     /// counted among the model's recent requests (its first token is out, so it is no
     /// fresh demand: counted, a model would stand on its own stopped answers and preempt
     /// back the waker that stopped them).
